@@ -1,0 +1,1 @@
+"""The HTTP side: admin REST API, subscriber portal and block page, Prometheus metrics."""

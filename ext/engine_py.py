@@ -1,0 +1,639 @@
+"""The pure-Python twin of the compiled engine (``ext/engine.pyx``).
+
+It has the same interface and, by contract, the same results to the byte and
+to the minor unit: the property tests feed both the same streams and compare
+verdicts, events, counters and balances. It is written for clarity, not speed,
+with deliberately different data structures (a dict per prefix length instead
+of a multibit trie), so that agreement between the two means something. It is
+also the fallback where the extension is not built (``TOLLGATE_NO_EXT=1``).
+
+Semantics, shared by both engines
+---------------------------------
+Per packet (``process``):
+
+1. Parse the IP header (v4 or v6, walking IPv6 extension headers) for source,
+   destination, protocol and, for TCP/UDP/SCTP/UDP-Lite first fragments, the
+   ports. A packet that cannot be parsed is *malformed*: counted in
+   ``stats().malformed_*``, given ``malformed_verdict``, never charged. The
+   bytes counted are ``wirelen``, or the length the IP header states when that
+   is shorter (link-layer padding); a header that states more than ``wirelen``
+   is malformed.
+2. If the source belongs to a subscriber, the packet is that subscriber's
+   UPLOAD, rated in the zone of the destination; if the destination belongs to
+   a subscriber, it is that subscriber's DOWNLOAD, rated in the zone of the
+   source. Traffic between two subscribers is rated for both (upload first).
+   If the destination subscriber is blocked (and the packet not allow-listed
+   for it), the packet is dropped before anyone is charged. Neither side a
+   subscriber: *unknown*, counted apart and given ``unknown_verdict``.
+3. Zone: among the prefixes containing the remote address, from the longest
+   to the shortest, the first rule (in the order given) whose protocol and
+   port range match the packet; none: ``default_zone``. The port is the
+   remote side's port.
+4. A blocked subscriber's packets are dropped (counted as dropped) unless
+   they match the allow-list on the remote side; allow-listed packets of a
+   blocked subscriber are accepted, counted in their zone and never charged.
+5. Rating: the allowance buckets of the subscriber's tariff that cover the
+   (zone, direction) are drawn on in order; the rest of the bytes cost
+   ``price[zone][direction][slot]`` (minor units per byte, scaled by
+   ``PRICE_SCALE``), with the remainder carried per (subscriber, zone,
+   direction) so that packet-by-packet charging equals rating the same bytes
+   at once. If the cost would take the balance below ``-credit`` the packet is
+   dropped, nothing of it is charged or drawn, the subscriber is blocked
+   (``BLOCK_LIMIT``) and a block event names the packet.
+6. After a charge, each warning level (descending balances) that the balance
+   has fallen below emits one warn event.
+
+Control operations (``add_subscriber``, ``adjust_balance``, ``set_subscriber``)
+re-evaluate the limit: no headroom (``balance + credit <= 0``) sets
+``BLOCK_LIMIT``; headroom clears it. Warning levels re-arm silently when the
+balance rises above them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import NamedTuple, Sequence
+
+from .constants import (
+    BLOCK_LIMIT,
+    DOWNLOAD,
+    EV_BLOCK,
+    EV_UNBLOCK,
+    EV_WARN,
+    IPV6_AH,
+    IPV6_DSTOPTS,
+    IPV6_FRAGMENT,
+    IPV6_HOPOPTS,
+    IPV6_ROUTING,
+    MAX_BUCKETS,
+    MAX_PRICE,
+    MAX_SUBSCRIBER_ID,
+    MAX_WARN_LEVELS,
+    MAX_WIRE_LEN,
+    NF_ACCEPT,
+    NF_DROP,
+    PORT_PROTOCOLS,
+    PRICE_SCALE,
+    UPLOAD,
+)
+from .errors import EngineError
+
+INT64_MIN = -(1 << 63)
+
+
+class Event(NamedTuple):
+    """Something the policy layer must act on.
+
+    ``index`` is the packet's index in the batch for events raised by
+    ``process`` and -1 for those raised by control operations. ``reason`` is a
+    ``BLOCK_*`` bit for block/unblock and the level's index for warn.
+    """
+
+    kind: int
+    subscriber: int
+    index: int
+    reason: int
+    balance: int
+
+
+class ZoneRule(NamedTuple):
+    """``network`` (a CIDR string) maps to ``zone`` for packets of ``proto``
+    (0: any) whose remote port lies in ``[port_lo, port_hi]``."""
+
+    network: str
+    zone: int
+    proto: int = 0
+    port_lo: int = 0
+    port_hi: int = 65535
+
+
+class CounterRow(NamedTuple):
+    """Traffic of one subscriber in one zone and direction since the last drain."""
+
+    subscriber: int
+    zone: int
+    direction: int
+    bytes: int
+    packets: int
+    charged: int
+
+
+class SubscriberState(NamedTuple):
+    tariff: int
+    balance: int
+    credit: int
+    blocked: int  # mask of BLOCK_* bits; 0 = not blocked
+    allowance: tuple  # bytes left per bucket of the tariff
+    warned: int  # how many warning levels have fired
+    dropped_packets: int
+    dropped_bytes: int
+
+
+class EngineStats(NamedTuple):
+    packets: int
+    bytes: int
+    malformed_packets: int
+    malformed_bytes: int
+    unknown_packets: int
+    unknown_bytes: int
+    dropped_packets: int
+    dropped_bytes: int
+
+
+def parse_network(network: str) -> tuple[int, int, int]:
+    """``"100.64.0.0/10"`` -> (family 4|6, network as int, prefix length)."""
+    try:
+        net = ipaddress.ip_network(network, strict=True)
+    except ValueError as exc:
+        raise EngineError(f"bad network {network!r}: {exc}") from None
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def check_rule(rule: ZoneRule) -> None:
+    if not 0 <= rule.proto <= 255:
+        raise EngineError(f"rule {rule}: protocol must be 0..255")
+    if not 0 <= rule.port_lo <= rule.port_hi <= 65535:
+        raise EngineError(f"rule {rule}: port range must satisfy 0 <= lo <= hi <= 65535")
+
+
+def rule_matches(rule: ZoneRule, proto: int, has_ports: bool, port: int) -> bool:
+    if rule.proto and rule.proto != proto:
+        return False
+    if rule.port_lo == 0 and rule.port_hi == 65535:
+        return True
+    return has_ports and rule.port_lo <= port <= rule.port_hi
+
+
+class PrefixTable:
+    """Longest-prefix match with a dict per (family, prefix length)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[int, int], dict[int, object]] = {}
+        self.lengths = {4: [], 6: []}  # present lengths, longest first
+
+    def insert(self, family: int, net: int, plen: int, value: object) -> None:
+        table = self.tables.setdefault((family, plen), {})
+        table[net] = value
+        if plen not in self.lengths[family]:
+            self.lengths[family] = sorted(self.lengths[family] + [plen], reverse=True)
+
+    def get(self, family: int, net: int, plen: int):
+        return self.tables.get((family, plen), {}).get(net)
+
+    def remove(self, family: int, net: int, plen: int) -> None:
+        table = self.tables.get((family, plen), {})
+        table.pop(net, None)
+        if not table:
+            self.tables.pop((family, plen), None)
+            if plen in self.lengths[family]:
+                self.lengths[family].remove(plen)
+
+    def matches(self, family: int, addr: int):
+        """Values of all prefixes containing ``addr``, longest first."""
+        bits = 32 if family == 4 else 128
+        for plen in self.lengths[family]:
+            value = self.tables[(family, plen)].get(addr >> (bits - plen) << (bits - plen) if plen else 0)
+            if value is not None:
+                yield value
+
+
+class Tariff:
+    __slots__ = ("prices", "buckets", "warn_levels")
+
+    def __init__(self, prices, buckets, warn_levels) -> None:
+        self.prices = prices
+        self.buckets = buckets
+        self.warn_levels = warn_levels
+
+
+class Subscriber:
+    __slots__ = ("tariff", "balance", "credit", "blocked", "allowance", "warned",
+                 "dropped_packets", "dropped_bytes", "counters", "carry")
+
+    def __init__(self, tariff: int, balance: int, credit: int, allowance: list[int]) -> None:
+        self.tariff = tariff
+        self.balance = balance
+        self.credit = credit
+        self.blocked = 0
+        self.allowance = allowance
+        self.warned = 0
+        self.dropped_packets = 0
+        self.dropped_bytes = 0
+        self.counters: dict[tuple[int, int], list[int]] = {}  # (zone, dir) -> [bytes, packets, charged]
+        self.carry: dict[tuple[int, int], int] = {}  # survives drains
+
+
+class _Stats:
+    __slots__ = EngineStats._fields
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+_V4 = struct.Struct("!BxHxxHBBxx4s4s")
+_PORTS = struct.Struct("!HH")
+
+
+def parse_packet(data: bytes, wirelen: int):
+    """Parse an IP header: (family, src, dst, proto, has_ports, sport, dport, length)
+    or None if malformed. Addresses come back as ints."""
+    n = len(data)
+    if n < 1 or wirelen > MAX_WIRE_LEN:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        if n < 20:
+            return None
+        vihl, total, frag, _ttl, proto, src, dst = _V4.unpack_from(data)
+        ihl = (vihl & 0x0F) * 4
+        if ihl < 20 or total < ihl or total > wirelen:
+            return None
+        length = total
+        l4 = ihl
+        first_fragment = (frag & 0x1FFF) == 0
+        family = 4
+    elif version == 6:
+        if n < 40:
+            return None
+        payload = (data[4] << 8) | data[5]
+        # A zero payload length with a jumbo payload (RFC 2675) or BIG TCP:
+        # the header cannot tell the length, the wire length can.
+        length = wirelen if payload == 0 else 40 + payload
+        if length > wirelen:
+            return None
+        proto = data[6]
+        src, dst = data[8:24], data[24:40]
+        l4 = 40
+        first_fragment = True
+        family = 6
+        while proto in (IPV6_HOPOPTS, IPV6_ROUTING, IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_AH):
+            if l4 + 8 > n:
+                break  # chain runs past the copy range: no ports, not malformed
+            nxt = data[l4]
+            if proto == IPV6_FRAGMENT:
+                first_fragment = (((data[l4 + 2] << 8) | data[l4 + 3]) & 0xFFF8) == 0
+                hdrlen = 8
+            elif proto == IPV6_AH:
+                hdrlen = (data[l4 + 1] + 2) * 4
+            else:
+                hdrlen = (data[l4 + 1] + 1) * 8
+            proto = nxt
+            l4 += hdrlen
+    else:
+        return None
+    if length == 0:  # IPv4 BIG TCP (tot_len 0) - take the wire length
+        length = wirelen
+    has_ports = first_fragment and proto in PORT_PROTOCOLS and l4 + 4 <= n
+    sport, dport = _PORTS.unpack_from(data, l4) if has_ports else (0, 0)
+    return family, int.from_bytes(src, "big"), int.from_bytes(dst, "big"), proto, has_ports, sport, dport, length
+
+
+class EnginePy:
+    """Per-packet accounting and enforcement; see the module docstring."""
+
+    implementation = "py"
+
+    def __init__(self, n_zones: int, n_slots: int = 1, *, default_zone: int = 1,
+                 malformed_verdict: int = NF_ACCEPT, unknown_verdict: int = NF_ACCEPT) -> None:
+        if not 1 <= n_zones <= 64:
+            raise EngineError("n_zones must be 1..64")
+        if not 1 <= n_slots <= 256:
+            raise EngineError("n_slots must be 1..256")
+        if not 0 <= default_zone < n_zones:
+            raise EngineError("default_zone must be one of the zones")
+        for verdict in (malformed_verdict, unknown_verdict):
+            if verdict not in (NF_ACCEPT, NF_DROP):
+                raise EngineError("verdicts are NF_ACCEPT or NF_DROP")
+        self.n_zones = n_zones
+        self.n_slots = n_slots
+        self.default_zone = default_zone
+        self.malformed_verdict = malformed_verdict
+        self.unknown_verdict = unknown_verdict
+        self._zones = PrefixTable()
+        self._allow = PrefixTable()
+        self._owners = PrefixTable()
+        self._tariffs: dict[int, Tariff] = {}
+        self._subs: dict[int, Subscriber] = {}
+        self._timeline = ([INT64_MIN], [0])
+        self._stats = _Stats()
+
+    # ---- configuration -------------------------------------------------
+
+    def _rule_table(self, rules: Sequence[ZoneRule], check_zone: bool) -> PrefixTable:
+        table = PrefixTable()
+        for rule in rules:
+            rule = ZoneRule(*rule)
+            check_rule(rule)
+            if check_zone and not 0 <= rule.zone < self.n_zones:
+                raise EngineError(f"rule {rule}: zone out of range")
+            family, net, plen = parse_network(rule.network)
+            existing = table.get(family, net, plen)
+            if existing is None:
+                table.insert(family, net, plen, [rule])
+            else:
+                existing.append(rule)
+        return table
+
+    def set_zones(self, rules: Sequence[ZoneRule]) -> None:
+        """Replace the zone map (atomically: on error the old one stays)."""
+        self._zones = self._rule_table(rules, True)
+
+    def set_allowlist(self, rules: Sequence[ZoneRule]) -> None:
+        """Replace the allow-list for blocked subscribers (``zone`` is ignored)."""
+        self._allow = self._rule_table(rules, False)
+
+    def set_tariff(self, tariff: int, prices: Sequence[int], buckets: Sequence[tuple[int, int]] = (),
+                   warn_levels: Sequence[int] = ()) -> None:
+        """Define or redefine tariff ``tariff``.
+
+        ``prices`` is flat, indexed ``(zone * 2 + direction) * n_slots + slot``.
+        ``buckets`` are ``(zone_mask, direction_mask)`` pairs (bit z: zone z,
+        bit d: direction d), drawn on in order. ``warn_levels`` are balances,
+        highest first, below which a warn event fires once.
+        """
+        prices = [int(p) for p in prices]
+        if len(prices) != self.n_zones * 2 * self.n_slots:
+            raise EngineError(f"tariff {tariff}: expected {self.n_zones * 2 * self.n_slots} prices, got {len(prices)}")
+        if any(not 0 <= p <= MAX_PRICE for p in prices):
+            raise EngineError(f"tariff {tariff}: prices must be 0..{MAX_PRICE}")
+        if len(buckets) > MAX_BUCKETS:
+            raise EngineError(f"tariff {tariff}: at most {MAX_BUCKETS} allowance buckets")
+        buckets = [(int(z) & ((1 << self.n_zones) - 1), int(d) & 3) for z, d in buckets]
+        warn_levels = [int(w) for w in warn_levels]
+        if len(warn_levels) > MAX_WARN_LEVELS:
+            raise EngineError(f"tariff {tariff}: at most {MAX_WARN_LEVELS} warning levels")
+        if any(a <= b for a, b in zip(warn_levels, warn_levels[1:])):
+            raise EngineError(f"tariff {tariff}: warning levels must be strictly descending")
+        if not 0 <= tariff < 65536:
+            raise EngineError("tariff ids are 0..65535")
+        old = self._tariffs.get(tariff)
+        if old is not None and len(old.buckets) != len(buckets):
+            if any(s.tariff == tariff for s in self._subs.values()):
+                raise EngineError(f"tariff {tariff}: cannot change the number of buckets while subscribers use it")
+        self._tariffs[tariff] = Tariff(prices, buckets, warn_levels)
+
+    def set_timeline(self, starts: Sequence[int], slots: Sequence[int]) -> None:
+        """Time slots: ``slots[i]`` applies from ``starts[i]`` (ns, ascending)
+        to the next start; before the first start, ``slots[0]`` applies."""
+        starts = [int(s) for s in starts]
+        slots = [int(s) for s in slots]
+        if not starts or len(starts) != len(slots):
+            raise EngineError("timeline needs as many starts as slots, at least one")
+        if any(a >= b for a, b in zip(starts, starts[1:])):
+            raise EngineError("timeline starts must be strictly ascending")
+        if any(not 0 <= s < self.n_slots for s in slots):
+            raise EngineError("timeline slot out of range")
+        self._timeline = (starts, slots)
+
+    # ---- subscribers ---------------------------------------------------
+
+    def _sub(self, sid: int) -> Subscriber:
+        try:
+            return self._subs[sid]
+        except KeyError:
+            raise EngineError(f"unknown subscriber {sid}") from None
+
+    def _check_allowance(self, tariff: int, allowance: Sequence[int]) -> list[int]:
+        if tariff not in self._tariffs:
+            raise EngineError(f"unknown tariff {tariff}")
+        allowance = [int(a) for a in allowance]
+        if len(allowance) > len(self._tariffs[tariff].buckets) or any(a < 0 for a in allowance):
+            raise EngineError(f"allowance must be at most one non-negative volume per bucket of tariff {tariff}")
+        return allowance + [0] * (len(self._tariffs[tariff].buckets) - len(allowance))
+
+    def add_subscriber(self, sid: int, tariff: int, balance: int, credit: int = 0,
+                       allowance: Sequence[int] = ()) -> list[Event]:
+        if not 1 <= sid <= MAX_SUBSCRIBER_ID:
+            raise EngineError(f"subscriber ids are 1..{MAX_SUBSCRIBER_ID}")
+        if sid in self._subs:
+            raise EngineError(f"subscriber {sid} exists")
+        if credit < 0:
+            raise EngineError("credit must not be negative")
+        sub = Subscriber(tariff, int(balance), int(credit), self._check_allowance(tariff, allowance))
+        self._subs[sid] = sub
+        sub.warned = self._levels_below(sub)
+        if sub.balance + sub.credit <= 0:
+            sub.blocked |= BLOCK_LIMIT
+            return [Event(EV_BLOCK, sid, -1, BLOCK_LIMIT, sub.balance)]
+        return []
+
+    def remove_subscriber(self, sid: int) -> list[CounterRow]:
+        """Forget ``sid`` and its addresses; returns its undrained counters."""
+        sub = self._sub(sid)
+        for (family, plen), table in list(self._owners.tables.items()):
+            for net, owner in list(table.items()):
+                if owner == sid:
+                    self._owners.remove(family, net, plen)
+        del self._subs[sid]
+        return [CounterRow(sid, z, d, *c) for (z, d), c in sorted(sub.counters.items()) if any(c)]
+
+    def set_subscriber(self, sid: int, *, tariff: int | None = None, credit: int | None = None,
+                       allowance: Sequence[int] | None = None) -> list[Event]:
+        sub = self._sub(sid)
+        new_tariff = sub.tariff if tariff is None else tariff
+        if allowance is None:
+            allowance = sub.allowance if new_tariff == sub.tariff else ()
+        allowance = self._check_allowance(new_tariff, allowance)
+        if credit is not None and credit < 0:
+            raise EngineError("credit must not be negative")
+        sub.tariff = new_tariff
+        sub.allowance = allowance
+        if credit is not None:
+            sub.credit = int(credit)
+        return self._reevaluate(sid, sub)
+
+    def add_address(self, sid: int, network: str) -> None:
+        self._sub(sid)
+        family, net, plen = parse_network(network)
+        owner = self._owners.get(family, net, plen)
+        if owner is not None:
+            raise EngineError(f"{network} already belongs to subscriber {owner}")
+        self._owners.insert(family, net, plen, sid)
+
+    def remove_address(self, network: str) -> None:
+        family, net, plen = parse_network(network)
+        if self._owners.get(family, net, plen) is None:
+            raise EngineError(f"{network} belongs to no subscriber")
+        self._owners.remove(family, net, plen)
+
+    def adjust_balance(self, sid: int, delta: int) -> list[Event]:
+        """Add ``delta`` (a payment, or a negative adjustment) to the balance."""
+        sub = self._sub(sid)
+        sub.balance += int(delta)
+        return self._reevaluate(sid, sub)
+
+    def block(self, sid: int, reason: int) -> list[Event]:
+        sub = self._sub(sid)
+        if sub.blocked & reason:
+            return []
+        was = sub.blocked
+        sub.blocked |= reason
+        return [] if was else [Event(EV_BLOCK, sid, -1, reason, sub.balance)]
+
+    def unblock(self, sid: int, reason: int) -> list[Event]:
+        sub = self._sub(sid)
+        if not sub.blocked & reason:
+            return []
+        sub.blocked &= ~reason
+        return [] if sub.blocked else [Event(EV_UNBLOCK, sid, -1, reason, sub.balance)]
+
+    def _levels_below(self, sub: Subscriber) -> int:
+        return sum(1 for level in self._tariffs[sub.tariff].warn_levels if sub.balance < level)
+
+    def _reevaluate(self, sid: int, sub: Subscriber) -> list[Event]:
+        sub.warned = min(sub.warned, self._levels_below(sub))
+        if sub.balance + sub.credit <= 0:
+            return self.block(sid, BLOCK_LIMIT)
+        return self.unblock(sid, BLOCK_LIMIT)
+
+    # ---- queries ---------------------------------------------------------
+
+    def subscriber(self, sid: int) -> SubscriberState:
+        s = self._sub(sid)
+        return SubscriberState(s.tariff, s.balance, s.credit, s.blocked, tuple(s.allowance), s.warned,
+                               s.dropped_packets, s.dropped_bytes)
+
+    def subscribers(self) -> list[int]:
+        return sorted(self._subs)
+
+    def lookup_subscriber(self, address: str) -> int:
+        addr = ipaddress.ip_address(address)
+        return next(self._owners.matches(addr.version, int(addr)), 0)
+
+    def lookup_zone(self, address: str, proto: int = 0, port: int | None = None) -> int:
+        addr = ipaddress.ip_address(address)
+        return self._zone(addr.version, int(addr), proto, port is not None, port or 0)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(*(getattr(self._stats, f) for f in EngineStats._fields))
+
+    def drain(self) -> list[CounterRow]:
+        """Counters since the last drain, sorted, and reset to zero."""
+        rows = []
+        for sid in sorted(self._subs):
+            sub = self._subs[sid]
+            for (zone, direction), c in sorted(sub.counters.items()):
+                if any(c):
+                    rows.append(CounterRow(sid, zone, direction, *c))
+            sub.counters.clear()
+        return rows
+
+    # ---- the per-packet path --------------------------------------------
+
+    def _zone(self, family: int, addr: int, proto: int, has_ports: bool, port: int) -> int:
+        for rules in self._zones.matches(family, addr):
+            for rule in rules:
+                if rule_matches(rule, proto, has_ports, port):
+                    return rule.zone
+        return self.default_zone
+
+    def _allowed(self, family: int, addr: int, proto: int, has_ports: bool, port: int) -> bool:
+        return any(rule_matches(rule, proto, has_ports, port)
+                   for rules in self._allow.matches(family, addr) for rule in rules)
+
+    def _slot(self, ts: int) -> int:
+        starts, slots = self._timeline
+        lo, hi = 0, len(starts)
+        while lo < hi:  # rightmost start <= ts
+            mid = (lo + hi) // 2
+            if starts[mid] <= ts:
+                lo = mid + 1
+            else:
+                hi = mid
+        return slots[max(lo - 1, 0)]
+
+    def _drop(self, sub: Subscriber, length: int) -> int:
+        sub.dropped_packets += 1
+        sub.dropped_bytes += length
+        self._stats.dropped_packets += 1
+        self._stats.dropped_bytes += length
+        return NF_DROP
+
+    def _count(self, sub: Subscriber, zone: int, direction: int, length: int, cost: int) -> None:
+        c = sub.counters.setdefault((zone, direction), [0, 0, 0])
+        c[0] += length
+        c[1] += 1
+        c[2] += cost
+
+    def _rate(self, sid: int, sub: Subscriber, zone: int, direction: int, length: int, slot: int,
+              index: int, allowed: bool, events: list) -> int:
+        """Rate one side of a packet; returns its verdict."""
+        if sub.blocked:
+            if not allowed:
+                return self._drop(sub, length)
+            self._count(sub, zone, direction, length, 0)
+            return NF_ACCEPT
+        tariff = self._tariffs[sub.tariff]
+        remaining = length
+        drawn = []
+        for b, (zone_mask, dir_mask) in enumerate(tariff.buckets):
+            if remaining == 0:
+                break
+            if zone_mask >> zone & 1 and dir_mask >> direction & 1 and sub.allowance[b] > 0:
+                take = min(remaining, sub.allowance[b])
+                sub.allowance[b] -= take
+                remaining -= take
+                drawn.append((b, take))
+        price = tariff.prices[(zone * 2 + direction) * self.n_slots + slot]
+        key = (zone, direction)
+        amount = remaining * price + sub.carry.get(key, 0)
+        cost, carry = divmod(amount, PRICE_SCALE)
+        if cost > 0 and sub.balance - cost < -sub.credit:
+            for b, take in drawn:  # the packet is dropped: give back what it drew
+                sub.allowance[b] += take
+            sub.blocked |= BLOCK_LIMIT
+            events.append(Event(EV_BLOCK, sid, index, BLOCK_LIMIT, sub.balance))
+            return self._drop(sub, length)
+        sub.carry[key] = carry
+        sub.balance -= cost
+        self._count(sub, zone, direction, length, cost)
+        if cost > 0:
+            levels = tariff.warn_levels
+            while sub.warned < len(levels) and sub.balance < levels[sub.warned]:
+                events.append(Event(EV_WARN, sid, index, sub.warned, sub.balance))
+                sub.warned += 1
+        return NF_ACCEPT
+
+    def process(self, batch) -> list[Event]:
+        """Account every packet of ``batch``, write its verdicts, return events."""
+        events: list[Event] = []
+        stats = self._stats
+        buf = batch.buf
+        for i in range(batch.n):
+            off = batch.offset[i]
+            wirelen = batch.wirelen[i]
+            stats.packets += 1
+            stats.bytes += wirelen
+            parsed = parse_packet(bytes(buf[off:off + batch.caplen[i]]), wirelen)
+            if parsed is None:
+                stats.malformed_packets += 1
+                stats.malformed_bytes += wirelen
+                batch.verdict[i] = self.malformed_verdict
+                continue
+            family, src, dst, proto, has_ports, sport, dport, length = parsed
+            src_sid = next(self._owners.matches(family, src), 0)
+            dst_sid = next(self._owners.matches(family, dst), 0)
+            if not src_sid and not dst_sid:
+                stats.unknown_packets += 1
+                stats.unknown_bytes += length
+                batch.verdict[i] = self.unknown_verdict
+                continue
+            slot = self._slot(batch.ts[i])
+            verdict = NF_ACCEPT
+            if dst_sid:
+                dst_sub = self._subs[dst_sid]
+                dst_allowed = bool(dst_sub.blocked) and self._allowed(family, src, proto, has_ports, sport)
+                if dst_sub.blocked and not dst_allowed:
+                    verdict = self._drop(dst_sub, length)
+            if verdict == NF_ACCEPT and src_sid:
+                src_sub = self._subs[src_sid]
+                allowed = bool(src_sub.blocked) and self._allowed(family, dst, proto, has_ports, dport)
+                zone = self._zone(family, dst, proto, has_ports, dport)
+                verdict = self._rate(src_sid, src_sub, zone, UPLOAD, length, slot, i, allowed, events)
+            if verdict == NF_ACCEPT and dst_sid:
+                zone = self._zone(family, src, proto, has_ports, sport)
+                verdict = self._rate(dst_sid, dst_sub, zone, DOWNLOAD, length, slot, i, dst_allowed, events)
+            batch.verdict[i] = verdict
+        return events

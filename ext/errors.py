@@ -1,0 +1,45 @@
+"""The one exception hierarchy of Tollgate.
+
+Every error the project raises on purpose derives from :class:`TollgateError`,
+so a caller can catch the project's failures without catching its bugs. The
+module lives in ``ext/`` because that is the lowest layer: everything above it
+(accounting, policy, gateway, api) may import it, nothing here imports them.
+"""
+
+from __future__ import annotations
+
+
+class TollgateError(Exception):
+    """Root of all errors raised by Tollgate on purpose."""
+
+
+class ConfigError(TollgateError):
+    """A configuration value is missing or wrong.
+
+    ``field`` is the dotted path of the offending value (``tariffs[0].prices``)
+    so that the message points the operator at the exact line to fix.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+class EngineError(TollgateError):
+    """A control-plane call to the engine was given something inconsistent
+    (an unknown subscriber, a duplicate address, a price out of range)."""
+
+
+class CaptureError(TollgateError):
+    """A capture file cannot be read. ``offset`` is the byte offset in the file
+    where reading stopped, when known."""
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        self.offset = offset
+        super().__init__(message if offset is None else f"{message} (at byte {offset})")
+
+
+class LedgerError(TollgateError):
+    """The ledger refused an operation (unknown subscriber, bad amount, a
+    database that is not a Tollgate ledger)."""

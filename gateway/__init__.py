@@ -1,0 +1,1 @@
+"""The daemon and its sources, configuration, the command line and the lab."""
