@@ -1,0 +1,59 @@
+# Tollgate: two commands on a fresh machine.
+#   make demo   - install everything, then show the gateway at work
+#   make test   - install everything, then run the whole test suite
+# Everything lands in .venv (the project installed editable, so .venv/bin/tollgate exists).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages the gateway and its tests need (nft, the xtables NFQUEUE
+# fallback, traffic tools for the lab, libnftables for python-nftables).
+APT_PACKAGES := nftables libnftables1 iptables iproute2 iperf3 curl conntrack tcpdump
+
+.PHONY: all demo test test-unit test-linux deps system-deps build bench clean
+
+all: build
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:" $$missing; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install $$missing"; exit 1; fi; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: setup.py pyproject.toml | $(BIN)/python
+	@echo "==> installing Python packages into $(VENV)"
+	$(BIN)/pip install -q --upgrade pip setuptools wheel "cython>=3.0"
+	$(BIN)/pip install -q -e '.[test]' --no-build-isolation
+	@touch $@
+
+# The Cython build, in place, whenever a .pyx/.pxd/.h changes.
+$(VENV)/.built: $(VENV)/.deps $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+	@echo "==> building the Cython extensions"
+	$(BIN)/python setup.py -q build_ext --inplace
+	@touch $@
+
+deps: system-deps $(VENV)/.deps
+build: deps $(VENV)/.built
+
+test: build
+	$(BIN)/python -m pytest -q tests
+
+test-unit: build
+	$(BIN)/python -m pytest -q tests/unit
+
+test-linux: build
+	$(BIN)/python -m pytest -q tests/linux
+
+demo: build
+	$(BIN)/python -m gateway.demo
+
+bench: build
+	$(BIN)/python benches/bench_engine.py --markdown
+
+clean:
+	rm -rf build $(VENV) *.egg-info ext/*.c ext/*.so

@@ -1,0 +1,101 @@
+"""Time slots for time-of-day prices.
+
+A schedule names its slots ("day", "night", ...) and gives rules: a slot on
+some weekdays between two wall-clock times in the operator's time zone. The
+engine does not know about time zones or weekdays; it gets a *timeline*, the
+UTC instants at which the slot changes, computed here for the span of time it
+is about to see (``timeline(start, end)``). Wall-clock rules and daylight
+saving are resolved once per change, never per packet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+NS = 1_000_000_000
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class SlotRule:
+    """``slot`` applies on ``days`` (weekday numbers, Monday 0) from ``start``
+    to ``end`` minutes after midnight. ``end <= start`` wraps past midnight:
+    the part after midnight belongs to the rule of the day it started on."""
+
+    slot: int
+    days: frozenset
+    start: int
+    end: int
+
+    def covers(self, weekday: int, minute: int) -> bool:
+        if self.start < self.end:
+            return weekday in self.days and self.start <= minute < self.end
+        # wraps: [start, 24:00) today, [00:00, end) tomorrow
+        return (weekday in self.days and minute >= self.start) or (
+            (weekday - 1) % 7 in self.days and minute < self.end)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Slots by name (the first is the default) and the rules that pick them."""
+
+    slots: tuple
+    rules: tuple = ()
+    timezone: str = "UTC"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def slot_at(self, local: dt.datetime) -> int:
+        minute = local.hour * 60 + local.minute
+        for rule in self.rules:
+            if rule.covers(local.weekday(), minute):
+                return rule.slot
+        return 0
+
+    def _edges(self) -> list[int]:
+        """Minutes after midnight at which some rule starts or ends."""
+        edges = {0}
+        for rule in self.rules:
+            edges.add(rule.start)
+            edges.add(rule.end % 1440)
+        return sorted(edges)
+
+    def timeline(self, start_ns: int, end_ns: int) -> tuple[list[int], list[int]]:
+        """``(starts, slots)`` covering ``[start_ns, end_ns]`` for ``Engine.set_timeline``.
+
+        The first entry starts at or before ``start_ns``; consecutive entries
+        have different slots. Every wall-clock edge is converted to UTC with
+        the zone's rules, so a night tariff starts at 23:00 local time on both
+        sides of a daylight-saving change.
+        """
+        tz = self.tz
+        if len(self.slots) == 1 or not self.rules:
+            return [start_ns], [0]
+        first = dt.datetime.fromtimestamp(start_ns // NS, tz).date() - dt.timedelta(days=1)
+        last = dt.datetime.fromtimestamp(end_ns // NS, tz).date() + dt.timedelta(days=1)
+        edges = self._edges()
+        starts: list[int] = []
+        slots: list[int] = []
+        day = first
+        while day <= last:
+            for minute in edges:
+                local = dt.datetime(day.year, day.month, day.day, minute // 60, minute % 60, tzinfo=tz)
+                instant = int(local.timestamp()) * NS
+                # a wall time that does not exist (spring forward) maps past the gap;
+                # keep the timeline strictly ascending whatever the zone does
+                if starts and instant <= starts[-1]:
+                    continue
+                slot = self.slot_at(local)
+                if slots and slots[-1] == slot:
+                    continue
+                starts.append(instant)
+                slots.append(slot)
+            day += dt.timedelta(days=1)
+        # drop entries wholly before start_ns, keeping the one in force at start_ns
+        while len(starts) > 1 and starts[1] <= start_ns:
+            del starts[0], slots[0]
+        return starts, slots

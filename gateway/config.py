@@ -1,0 +1,298 @@
+"""The configuration file: one TOML document, documented by ``examples/tollgate.toml``.
+
+``load_config(path)`` parses and validates it into a :class:`Config`. Every
+problem is a :class:`ConfigError` whose ``field`` is the dotted path of the
+value at fault (``tariff[0].prices.external``), so the operator knows which
+line to fix. Nothing here touches the kernel or the ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from accounting import money
+from accounting.schedule import WEEKDAYS, Schedule, SlotRule
+from accounting.tariff import Tariff, parse_tariff
+from accounting.zones import RESERVED, ZoneMap, ZoneSpec
+from ext.constants import NF_ACCEPT, NF_DROP
+from ext.engine_py import ZoneRule
+from ext.errors import ConfigError
+
+VERDICTS = {"accept": NF_ACCEPT, "drop": NF_DROP}
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "udplite": 136}
+
+
+@dataclass
+class SubscriberSeed:
+    """A subscriber the config asks for; added to the ledger if it is not there."""
+
+    name: str
+    tariff: str
+    balance: int
+    credit_limit: int | None
+    addresses: tuple
+    contract: str | None = None
+
+
+@dataclass
+class Config:
+    path: str
+    currency: money.Currency
+    timezone: str
+    zones: ZoneMap
+    schedule: Schedule
+    tariffs: dict  # name -> Tariff
+    subscribers: list = field(default_factory=list)
+    allowlist: list = field(default_factory=list)  # ZoneRule, zone unused
+    malformed_verdict: int = NF_ACCEPT
+    unknown_verdict: int = NF_ACCEPT
+    database: str | None = None
+
+    def tariff_ids(self) -> dict[str, int]:
+        """Engine ids of the tariffs: their position in the file."""
+        return {name: i for i, name in enumerate(self.tariffs)}
+
+
+def _check_keys(table: dict, where: str, known: set) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}" if where else key,
+                              f"unknown setting (expected one of: {', '.join(sorted(known))})")
+
+
+def _table(doc: dict, key: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _list(doc: dict, key: str, where: str | None = None) -> list:
+    value = doc.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(where or key, "must be a list")
+    return value
+
+
+def _network(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(where, "must be a string such as \"198.18.0.0/16\"")
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ConfigError(where, f"not a network: {exc}") from None
+
+
+def _ports(value, where: str) -> tuple[int, int]:
+    text = str(value)
+    lo, _, hi = text.partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not a port or a range like \"8000-8999\"") from None
+    if not 0 <= lo_n <= hi_n <= 65535:
+        raise ConfigError(where, f"{text!r}: ports are 0..65535, low before high")
+    return lo_n, hi_n
+
+
+def _proto(value, where: str) -> int:
+    if isinstance(value, int) and 0 <= value <= 255:
+        return value
+    if isinstance(value, str) and value.lower() in PROTOCOLS:
+        return PROTOCOLS[value.lower()]
+    raise ConfigError(where, f"unknown protocol {value!r} (use {', '.join(PROTOCOLS)} or a number)")
+
+
+def _clock(value, where: str) -> int:
+    try:
+        t = dt.time.fromisoformat(str(value)) if str(value) != "24:00" else None
+    except ValueError:
+        raise ConfigError(where, f"{value!r} is not a time like \"23:00\"") from None
+    return 1440 if t is None else t.hour * 60 + t.minute
+
+
+def _zones(doc: dict, local_networks: list) -> ZoneMap:
+    specs = []
+    seen: dict[tuple, str] = {}
+    for i, raw in enumerate(_list(doc, "zone")):
+        where = f"zone[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(where, "must be a table ([[zone]])")
+        _check_keys(raw, where, {"name", "networks", "protocol", "ports"})
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where}.name", "needs a name made of letters, digits and _")
+        if name in RESERVED:
+            raise ConfigError(f"{where}.name", f"{name!r} is reserved (local: the local networks; external: the rest)")
+        nets = [_network(n, f"{where}.networks[{j}]") for j, n in enumerate(_list(raw, "networks", f"{where}.networks"))]
+        if not nets:
+            raise ConfigError(f"{where}.networks", "a zone needs at least one network")
+        proto = _proto(raw["protocol"], f"{where}.protocol") if "protocol" in raw else 0
+        lo, hi = _ports(raw["ports"], f"{where}.ports") if "ports" in raw else (0, 65535)
+        for j, net in enumerate(nets):
+            key = (net, proto, lo, hi)
+            if key in seen:
+                raise ConfigError(f"{where}.networks[{j}]", f"{net} is already in zone {seen[key]!r} with the same protocol and ports")
+            seen[key] = name
+        specs.append(ZoneSpec(name, tuple(nets), proto, lo, hi))
+    for net in local_networks:
+        if (net, 0, 0, 65535) in seen:
+            raise ConfigError("gateway.local_networks", f"{net} is also in zone {seen[(net, 0, 0, 65535)]!r}")
+    return ZoneMap(local_networks, specs)
+
+
+def _schedule(doc: dict, timezone: str) -> Schedule:
+    raw = _table(doc, "schedule")
+    _check_keys(raw, "schedule", {"slots", "rule"})
+    slots = raw.get("slots", ["all"])
+    if not isinstance(slots, list) or not slots or not all(isinstance(s, str) and s.isidentifier() for s in slots):
+        raise ConfigError("schedule.slots", "must be a non-empty list of slot names")
+    if len(set(slots)) != len(slots):
+        raise ConfigError("schedule.slots", "slot names must differ")
+    rules = []
+    for i, r in enumerate(_list(raw, "rule", "schedule.rule")):
+        where = f"schedule.rule[{i}]"
+        if not isinstance(r, dict):
+            raise ConfigError(where, "must be a table ([[schedule.rule]])")
+        _check_keys(r, where, {"slot", "days", "from", "to"})
+        if r.get("slot") not in slots:
+            raise ConfigError(f"{where}.slot", f"must be one of {slots}")
+        days = r.get("days", list(WEEKDAYS))
+        if not isinstance(days, list) or not all(isinstance(d, str) and d.lower()[:3] in WEEKDAYS for d in days):
+            raise ConfigError(f"{where}.days", f"must be a list of weekdays ({', '.join(WEEKDAYS)})")
+        for key in ("from", "to"):
+            if key not in r:
+                raise ConfigError(f"{where}.{key}", "missing (a time like \"23:00\")")
+        start, end = _clock(r["from"], f"{where}.from"), _clock(r["to"], f"{where}.to")
+        if start == end:
+            raise ConfigError(where, "from and to are equal: the rule covers no time")
+        rules.append(SlotRule(slots.index(r["slot"]), frozenset(WEEKDAYS.index(d.lower()[:3]) for d in days),
+                              start % 1440, end % 1440 if end != 1440 else 0))
+    _check_overlaps(rules, slots)
+    return Schedule(tuple(slots), tuple(rules), timezone)
+
+
+def _check_overlaps(rules: list, slots: list) -> None:
+    """Two rules giving different slots to the same minute make the schedule
+    depend on rule order: say so instead of guessing."""
+    for day in range(7):
+        for minute in range(0, 1440):
+            hits = {r.slot for r in rules if r.covers(day, minute)}
+            if len(hits) > 1:
+                names = sorted(slots[s] for s in hits)
+                raise ConfigError("schedule.rule", f"rules overlap on {WEEKDAYS[day]} at "
+                                  f"{minute // 60:02d}:{minute % 60:02d} with slots {', '.join(names)}")
+
+
+def _subscribers(doc: dict, cfg: Config) -> list[SubscriberSeed]:
+    seeds = []
+    names = set()
+    for i, raw in enumerate(_list(doc, "subscriber")):
+        where = f"subscriber[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(where, "must be a table ([[subscriber]])")
+        _check_keys(raw, where, {"name", "tariff", "balance", "credit_limit", "addresses", "contract"})
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "every subscriber needs a name")
+        if name in names:
+            raise ConfigError(f"{where}.name", f"duplicate subscriber {name!r}")
+        names.add(name)
+        tariff = raw.get("tariff")
+        if tariff not in cfg.tariffs:
+            raise ConfigError(f"{where}.tariff", f"unknown tariff {tariff!r} (tariffs: {', '.join(cfg.tariffs)})")
+        balance = _money(raw.get("balance", 0), f"{where}.balance", cfg.currency)
+        credit = _money(raw["credit_limit"], f"{where}.credit_limit", cfg.currency) if "credit_limit" in raw else None
+        if credit is not None and credit < 0:
+            raise ConfigError(f"{where}.credit_limit", "must not be negative")
+        addrs = tuple(_network(a, f"{where}.addresses[{j}]")
+                      for j, a in enumerate(_list(raw, "addresses", f"{where}.addresses")))
+        seeds.append(SubscriberSeed(name, tariff, balance, credit, addrs, raw.get("contract")))
+    return seeds
+
+
+def _money(value, where: str, currency: money.Currency) -> int:
+    try:
+        return money.parse_amount(value, currency)
+    except (ValueError, money.MoneyError) as exc:
+        raise ConfigError(where, str(exc)) from None
+
+
+def _allowlist(gw: dict) -> list[ZoneRule]:
+    rules = []
+    for i, raw in enumerate(_list(gw, "allow", "gateway.allow")):
+        where = f"gateway.allow[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(where, "must be a table like {network = \"100.64.0.1/32\", protocol = \"udp\", ports = \"53\"}")
+        _check_keys(raw, where, {"network", "protocol", "ports"})
+        net = _network(raw.get("network"), f"{where}.network")
+        proto = _proto(raw["protocol"], f"{where}.protocol") if "protocol" in raw else 0
+        lo, hi = _ports(raw["ports"], f"{where}.ports") if "ports" in raw else (0, 65535)
+        rules.append(ZoneRule(net, 0, proto, lo, hi))
+    return rules
+
+
+def parse_config(doc: dict, path: str = "<config>") -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "subscriber"})
+    gw = _table(doc, "gateway")
+    _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database"})
+    try:
+        currency = money.get_currency(gw.get("currency", "EUR"))
+    except (ValueError, money.MoneyError) as exc:
+        raise ConfigError("gateway.currency", str(exc)) from None
+    timezone = gw.get("timezone", "UTC")
+    try:
+        ZoneInfo(str(timezone))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("gateway.timezone", f"unknown time zone {timezone!r} (an IANA name like \"Europe/Berlin\")") from None
+    local = [_network(n, f"gateway.local_networks[{i}]")
+             for i, n in enumerate(_list(gw, "local_networks", "gateway.local_networks"))]
+    verdicts = {}
+    for key in ("malformed", "unknown"):
+        value = gw.get(key, "accept")
+        if value not in VERDICTS:
+            raise ConfigError(f"gateway.{key}", f"must be \"accept\" or \"drop\", not {value!r}")
+        verdicts[key] = VERDICTS[value]
+    zones = _zones(doc, local)
+    schedule = _schedule(doc, timezone)
+    tariffs: dict[str, Tariff] = {}
+    raw_tariffs = _list(doc, "tariff")
+    if not raw_tariffs:
+        raise ConfigError("tariff", "define at least one tariff ([[tariff]])")
+    for i, raw in enumerate(raw_tariffs):
+        tariff = parse_tariff(raw, f"tariff[{i}]", zones, schedule.slots, currency)
+        if tariff.name in tariffs:
+            raise ConfigError(f"tariff[{i}].name", f"duplicate tariff {tariff.name!r}")
+        tariffs[tariff.name] = tariff
+    database = gw.get("database")
+    if database is not None and not isinstance(database, str):
+        raise ConfigError("gateway.database", "must be a path")
+    cfg = Config(path, currency, timezone, zones, schedule, tariffs, [], _allowlist(gw),
+                 verdicts["malformed"], verdicts["unknown"], database)
+    cfg.subscribers = _subscribers(doc, cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at ``path``.
+
+    A missing or unreadable file is ``ConfigError("", ...)`` with the OS's
+    reason; TOML syntax errors carry the line and column.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: {exc}") from None
+    return parse_config(doc, str(path))
