@@ -50,7 +50,7 @@ test-linux: build
 	$(BIN)/python -m pytest -q tests/linux
 
 demo: build
-	$(BIN)/python -m gateway.demo
+	$(BIN)/python -m gateway.demo_replay
 
 bench: build
 	$(BIN)/python benches/bench_engine.py --markdown

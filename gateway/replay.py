@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from accounting.ledger import Ledger
 from ext.constants import BLOCK_LIMIT, DIRECTIONS, EV_BLOCK, EV_WARN
-from ext.errors import TollgateError
+from ext.errors import CaptureError, TollgateError
 
 from .config import Config
 from .pcap import CaptureReader
@@ -53,6 +53,7 @@ class ReplayResult:
     unknown_packets: int = 0
     non_ip: int = 0
     truncated: bool = False
+    stopped: str | None = None  # why reading stopped before the end of the file
     first_ts: int | None = None
     last_ts: int | None = None
     seconds: float = 0.0
@@ -120,7 +121,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
         if not dry_run and ledger is not None and ledger.has_import(digest):
             raise TollgateError(f"{capture} was already replayed into {db_path} (same contents); "
                                 f"use --dry-run to rate it again without charging")
-        result = _run(acct, reader, digest, dry_run, progress, batch_size, engine_label(acct))
+        result = _run(acct, reader, digest, dry_run, progress, batch_size)
         if not dry_run and ledger is not None:
             ledger.record_import(digest, os.path.abspath(capture), result.packets)
         return result
@@ -129,14 +130,9 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
             ledger.close()
 
 
-def engine_label(acct: Accountant) -> str:
-    return acct.engine.implementation
-
-
 def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, progress: bool,
-         batch_size: int, label: str) -> ReplayResult:
-    engine = acct.engine
-    result = ReplayResult(reader.path, label, dry_run)
+         batch_size: int) -> ReplayResult:
+    result = ReplayResult(reader.path, acct.engine.implementation, dry_run)
     reports = {sid: SubscriberReport(sid, info.name, info.tariff) for sid, info in acct.subscribers.items()}
     bar = Progress(reader.size, progress and reader.size > (8 << 20))
     started = time.monotonic()
@@ -152,34 +148,21 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
             c[1] += row.packets
             c[2] += row.charged
 
-    for batch in reader.batches(batch_size, split_at_minute=True):
-        if batch.n == 0:
-            continue
-        first = batch.ts[0]
-        if result.first_ts is None:
-            result.first_ts = first
-            acct.ensure_timeline(first, since_ns=first)
-        batch_minute = first - first % MINUTE_NS
-        if minute is not None and batch_minute != minute:
-            flush(minute, first)
-        minute = batch_minute
-        last = batch.ts[batch.n - 1]
-        acct.ensure_timeline(max(last, first))
-        base = result.packets
-        for ev in engine.process(batch):
-            report = reports[ev.subscriber]
-            if ev.kind == EV_BLOCK and report.blocked_at is None:
-                report.blocked_at = (base + ev.index + 1, batch.ts[ev.index], ev.reason)
-            elif ev.kind == EV_WARN:
-                report.warnings.append((base + ev.index + 1, batch.ts[ev.index], ev.reason))
-        result.packets += batch.n
-        result.last_ts = last
-        bar.update(reader.bytes_read, result.packets)
+    try:
+        for batch in reader.batches(batch_size, split_at_minute=True):
+            minute = _process(acct, batch, result, reports, minute, flush)
+            bar.update(reader.bytes_read, result.packets)
+    except CaptureError as exc:
+        if result.packets == 0:
+            raise
+        # a corrupt record mid-file: what came before is rated and flushed,
+        # the report says where reading stopped
+        result.stopped = str(exc)
     if minute is not None:
         flush(minute, result.last_ts)
     bar.close()
 
-    stats = engine.stats()
+    stats = acct.engine.stats()
     result.seconds = time.monotonic() - started
     result.bytes = stats.bytes
     result.malformed_packets = stats.malformed_packets
@@ -187,7 +170,7 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
     result.non_ip = reader.non_ip
     result.truncated = reader.truncated
     for sid, report in sorted(reports.items()):
-        state = engine.subscriber(sid)
+        state = acct.engine.subscriber(sid)
         report.balance = state.balance
         report.charged = sum(c[2] for c in report.usage.values())
         report.dropped_packets = state.dropped_packets
@@ -196,6 +179,30 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
             report.blocked_at = (0, None, BLOCK_LIMIT)  # blocked before the first packet
         result.subscribers.append(report)
     return result
+
+
+def _process(acct: Accountant, batch, result: ReplayResult, reports: dict, minute, flush):
+    """Rate one batch; flush first if it starts a new minute. Returns its minute."""
+    if batch.n == 0:
+        return minute
+    first = batch.ts[0]
+    if result.first_ts is None:
+        result.first_ts = first
+    batch_minute = first - first % MINUTE_NS
+    if minute is not None and batch_minute != minute:
+        flush(minute, first)
+    last = batch.ts[batch.n - 1]
+    acct.ensure_timeline(max(last, first), since_ns=first)
+    base = result.packets
+    for ev in acct.engine.process(batch):
+        report = reports[ev.subscriber]
+        if ev.kind == EV_BLOCK and report.blocked_at is None:
+            report.blocked_at = (base + ev.index + 1, batch.ts[ev.index], ev.reason)
+        elif ev.kind == EV_WARN:
+            report.warnings.append((base + ev.index + 1, batch.ts[ev.index], ev.reason))
+    result.packets += batch.n
+    result.last_ts = last
+    return batch_minute
 
 
 def result_json(result: ReplayResult, config: Config) -> dict:
@@ -225,7 +232,7 @@ def result_json(result: ReplayResult, config: Config) -> dict:
         "capture": result.path, "engine": result.engine, "dry_run": result.dry_run,
         "currency": cur.code, "packets": result.packets, "bytes": result.bytes,
         "malformed_packets": result.malformed_packets, "unknown_packets": result.unknown_packets,
-        "non_ip_frames": result.non_ip, "truncated_file": result.truncated,
+        "non_ip_frames": result.non_ip, "truncated_file": result.truncated, "stopped": result.stopped,
         "first_packet": iso(result.first_ts), "last_packet": iso(result.last_ts),
         "seconds": round(result.seconds, 3), "subscribers": subs,
     }
@@ -243,6 +250,8 @@ def result_text(result: ReplayResult, config: Config) -> str:
         f"{result.non_ip:,} non-IP frames skipped" + (", file truncated at the end" if result.truncated else ""),
         f"  {result.seconds:.2f} s, {pps:,.0f} packets/s",
     ]
+    if result.stopped:
+        lines.append(f"  reading stopped early: {result.stopped}")
     for s in doc["subscribers"]:
         lines.append("")
         lines.append(f"{s['name']} (id {s['id']}, tariff {s['tariff']})")

@@ -1,0 +1,138 @@
+"""The config file: the documented example loads, and every kind of mistake is
+reported with the path of the field at fault."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from accounting.schedule import NS
+from ext.constants import PRICE_SCALE
+from ext.errors import ConfigError
+from gateway.config import load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "tollgate.toml"
+
+
+def example() -> dict:
+    return tomllib.loads(EXAMPLE.read_text())
+
+
+def test_example_loads():
+    cfg = load_config(EXAMPLE)
+    assert cfg.zones.names == ["local", "external", "peering", "video"]
+    assert cfg.schedule.slots == ("day", "night")
+    basic = cfg.tariffs["basic"]
+    # 2.00 EUR per GB download = 2 nano-EUR per byte
+    assert basic.prices[(1, 1, 0)] == 2 * PRICE_SCALE
+    assert basic.prices[(1, 1, 1)] == PRICE_SCALE // 2  # night
+    assert basic.prices[(0, 0, 0)] == 0  # local is free unless priced
+    assert basic.allowance() == [10 ** 9]
+    assert basic.warn_levels == [5 * 10 ** 9, 10 ** 9]
+    assert [s.name for s in cfg.subscribers] == ["alice", "bob"]
+
+
+def test_cli_config_check_accepts_the_example():
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "-c", str(EXAMPLE)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
+
+
+def mutate(path: list, value):
+    doc = example()
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+BAD = [
+    (["gateway", "currency"], "EURO", "gateway.currency"),
+    (["gateway", "timezone"], "Mars/Olympus", "gateway.timezone"),
+    (["gateway", "local_networks"], ["100.64.0.0/33"], "gateway.local_networks[0]"),
+    (["gateway", "local_networks"], ["100.64.0.1/10"], "gateway.local_networks[0]"),
+    (["gateway", "malformed"], "ignore", "gateway.malformed"),
+    (["gateway", "colour"], "blue", "gateway.colour"),
+    (["zone", 0, "name"], "local", "zone[0].name"),
+    (["zone", 1, "ports"], "70000", "zone[1].ports"),
+    (["zone", 1, "ports"], "90-80", "zone[1].ports"),
+    (["zone", 1, "protocol"], "tcpp", "zone[1].protocol"),
+    (["zone", 0, "networks"], [], "zone[0].networks"),
+    (["schedule", "rule", 0, "slot"], "evening", "schedule.rule[0].slot"),
+    (["schedule", "rule", 0, "from"], "25:00", "schedule.rule[0].from"),
+    (["schedule", "rule", 0, "days"], ["funday"], "schedule.rule[0].days"),
+    (["tariff", 0, "prices", "peering"], "-0.20", "tariff[0].prices.peering"),
+    (["tariff", 0, "prices", "peering"], 0.2, "tariff[0].prices.peering"),
+    (["tariff", 0, "prices", "mars"], "1", "tariff[0].prices.mars"),
+    (["tariff", 0, "prices", "external.evening"], "1", "tariff[0].prices.external.evening"),
+    (["tariff", 0, "prices", "external"], {"upload": "1"}, "tariff[0].prices.external"),
+    (["tariff", 0, "prices", "video"], KeyError, "tariff[0].prices"),
+    (["tariff", 0, "free", 0, "volume"], "lots", "tariff[0].free[0].volume"),
+    (["tariff", 0, "free", 0, "zones"], ["mars"], "tariff[0].free[0].zones"),
+    (["tariff", 0, "credit_limit"], "-1", "tariff[0].credit_limit"),
+    (["tariff", 1, "name"], "basic", "tariff[1].name"),
+    (["subscriber", 0, "tariff"], "gold", "subscriber[0].tariff"),
+    (["subscriber", 0, "balance"], "ten", "subscriber[0].balance"),
+    (["subscriber", 1, "addresses"], ["100.64.2.1/29"], "subscriber[1].addresses[0]"),
+    (["subscriber", 1, "name"], "alice", "subscriber[1].name"),
+]
+
+
+@pytest.mark.parametrize("path,value,field", BAD, ids=[b[2] + "=" + str(b[1])[:12] for b in BAD])
+def test_bad_value_names_the_field(path, value, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(mutate(path, value))
+    assert err.value.field == field, str(err.value)
+    assert str(err.value).startswith(field)
+
+
+def test_overlapping_schedule_rules_are_refused():
+    doc = example()
+    doc["schedule"]["rule"].append({"slot": "day", "from": "06:00", "to": "23:30"})
+    with pytest.raises(ConfigError, match="overlap on mon at 23:00"):
+        parse_config(doc)
+
+
+def test_unreadable_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[gateway\ncurrency = 'EUR'\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_config(broken)
+
+
+def test_cli_broken_config_exit_2(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text(EXAMPLE.read_text().replace('currency = "EUR"', 'currency = 12'))
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "-c", str(broken)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "gateway.currency" in proc.stderr
+
+
+def test_night_timeline_follows_daylight_saving():
+    doc = example()
+    doc["gateway"]["timezone"] = "Europe/Berlin"
+    cfg = parse_config(doc)
+    # 2026-10-25: Berlin leaves summer time at 03:00 CEST -> 02:00 CET
+    start = int(dt.datetime(2026, 10, 24, 12, tzinfo=dt.timezone.utc).timestamp()) * NS
+    starts, slots = cfg.schedule.timeline(start, start + 2 * 86400 * NS)
+    nights = [dt.datetime.fromtimestamp(s // NS, dt.timezone.utc) for s, slot in zip(starts, slots) if slot == 1]
+    mornings = [dt.datetime.fromtimestamp(s // NS, dt.timezone.utc) for s, slot in zip(starts, slots) if slot == 0]
+    # 23:00 local is 21:00 UTC in summer time, 22:00 UTC in winter time
+    assert dt.datetime(2026, 10, 24, 21, tzinfo=dt.timezone.utc) in nights
+    assert dt.datetime(2026, 10, 25, 22, tzinfo=dt.timezone.utc) in nights
+    # 07:00 local on the 25th is already winter time: 06:00 UTC
+    assert dt.datetime(2026, 10, 25, 6, tzinfo=dt.timezone.utc) in mornings
