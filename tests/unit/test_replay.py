@@ -31,7 +31,7 @@ CONFIG = """
 [gateway]
 currency = "EUR"
 timezone = "UTC"
-local_networks = ["100.64.0.0/10", "2001:db8:100::/40"]
+local_networks = ["100.64.0.0/10", "2001:db8:100::/48"]
 
 [[zone]]
 name = "peering"

@@ -1,0 +1,255 @@
+"""The engine's rules, case by case, with expectations worked out by hand.
+
+Packets are built with scapy, so the bytes counted are checked against what
+scapy says the IP packet is, not against the engine's own parser. Every test
+runs on both implementations (ids ``c`` and ``py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.all import ICMP, IP, TCP, UDP, IPv6, Raw
+from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+
+import ext
+from ext import PacketBatch, ZoneRule
+from ext.constants import (BLOCK_LIMIT, BLOCK_MANUAL, DOWNLOAD, EV_BLOCK, EV_UNBLOCK, EV_WARN, NF_ACCEPT,
+                           NF_DROP, PRICE_SCALE, UPLOAD)
+from ext.errors import EngineError
+
+LOCAL, EXTERNAL, PEERING, VIDEO = range(4)
+T = 1_800_000_000 * 10 ** 9
+
+
+@pytest.fixture(params=["c", "py"])
+def make(request):
+    cls = ext.ENGINES.get(request.param)
+    if cls is None:
+        pytest.fail(f"engine {request.param!r} is not built: {ext.EXT_IMPORT_ERROR}")
+
+    def build(prices=None, n_slots=1, buckets=(), warn=(), **kw):
+        e = cls(4, n_slots, **kw)
+        e.set_zones([
+            ZoneRule("100.64.0.0/10", LOCAL), ZoneRule("2001:db8:100::/40", LOCAL),
+            ZoneRule("198.18.0.0/15", PEERING), ZoneRule("2001:db8:198::/48", PEERING),
+            ZoneRule("198.19.0.0/16", VIDEO, 6, 443, 443),  # tcp/443 inside the peering /15
+            ZoneRule("198.19.128.0/17", EXTERNAL),  # nested: longer prefix wins
+        ])
+        if prices is None:  # 1 minor unit per byte everywhere except local
+            prices = [0] * (2 * n_slots) + [PRICE_SCALE] * (6 * n_slots)
+        e.set_tariff(1, prices, buckets, warn)
+        return e
+
+    return build
+
+
+def batch(*pkts, ts=T):
+    return PacketBatch.of([(bytes(p), len(p), ts + i) for i, p in enumerate(pkts)])
+
+
+def add(e, sid, balance, *nets, credit=0, allowance=()):
+    events = e.add_subscriber(sid, 1, balance, credit, allowance)
+    for n in nets:
+        e.add_address(sid, n)
+    return events
+
+
+def test_zones_longest_prefix_then_port_rule(make):
+    e = make()
+    assert e.lookup_zone("100.64.9.9") == LOCAL
+    assert e.lookup_zone("198.18.1.1") == PEERING
+    assert e.lookup_zone("198.19.1.1", 6, 443) == VIDEO
+    assert e.lookup_zone("198.19.1.1", 17, 443) == PEERING  # udp: the /16 rule does not match, falls back to /15
+    assert e.lookup_zone("198.19.1.1", 6, 80) == PEERING
+    assert e.lookup_zone("198.19.200.1", 6, 443) == EXTERNAL  # the /17 is longer than the /16
+    assert e.lookup_zone("8.8.8.8") == EXTERNAL  # default zone
+    assert e.lookup_zone("2001:db8:198:ff::1") == PEERING
+    assert e.lookup_zone("2001:db8:beef::1") == EXTERNAL
+
+
+def test_bytes_directions_and_zones(make):
+    e = make()
+    add(e, 7, 10 ** 9, "100.64.1.2/32", "2001:db8:100:1::/64")
+    up = IP(src="100.64.1.2", dst="198.19.1.1") / TCP(dport=443) / Raw(bytes(100))
+    down = IPv6(src="2001:db8:198::1", dst="2001:db8:100:1::99") / UDP(sport=53) / Raw(bytes(300))
+    other = IP(src="203.0.113.1", dst="198.51.100.1") / ICMP()
+    b = batch(up, down, other)
+    assert e.process(b) == []
+    assert list(b.verdict) == [NF_ACCEPT] * 3
+    rows = {(r.zone, r.direction): (r.bytes, r.packets, r.charged) for r in e.drain()}
+    assert rows == {(VIDEO, UPLOAD): (len(up), 1, len(up)), (PEERING, DOWNLOAD): (len(down), 1, len(down))}
+    assert e.stats().unknown_packets == 1
+    assert e.subscriber(7).balance == 10 ** 9 - len(up) - len(down)
+    assert e.drain() == []  # drained means reset
+
+
+def test_link_padding_is_not_counted_and_longer_headers_are_malformed(make):
+    e = make()
+    add(e, 1, 10 ** 9, "100.64.1.2/32")
+    p = bytes(IP(src="100.64.1.2", dst="8.8.8.8") / ICMP())  # 28 bytes
+    b = PacketBatch.of([(p + bytes(18), 46, T), (p, 20, T)])  # padded frame; a header claiming more than the wire
+    e.process(b)
+    assert [r.bytes for r in e.drain()] == [28]
+    assert e.stats().malformed_packets == 1
+
+
+def test_ipv6_extension_headers_and_fragments(make):
+    e = make()
+    add(e, 1, 10 ** 9, "2001:db8:100:1::/64")
+    base = IPv6(src="2001:db8:100:1::2", dst="2001:db8:198::80")
+    chained = base / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() / TCP(dport=443) / Raw(bytes(10))
+    first = base / IPv6ExtHdrFragment(offset=0, m=1) / UDP(dport=53) / Raw(bytes(64))
+    later = base / IPv6ExtHdrFragment(offset=100, nh=17) / Raw(bytes(64))
+    e.process(batch(chained, first, later))
+    rows = e.drain()
+    assert sum(r.bytes for r in rows) == len(chained) + len(first) + len(later)
+    assert e.stats().malformed_packets == 0
+
+
+def test_garbage_is_counted_not_fatal(make):
+    e = make(malformed_verdict=NF_DROP)
+    add(e, 1, 10 ** 9, "100.64.1.2/32")
+    junk = [b"", b"\x45", b"\x45" + bytes(30), b"\x60" + bytes(10), b"\x99" * 60, b"\x4f" + bytes(59)]
+    b = PacketBatch.of([(j, max(len(j), 1), T) for j in junk])
+    assert e.process(b) == []
+    assert list(b.verdict) == [NF_DROP] * len(junk)
+    assert e.stats().malformed_packets == len(junk)
+    assert e.drain() == []
+
+
+def test_no_overspending_blocks_at_the_breaching_packet(make):
+    e = make()
+    add(e, 3, 250, "100.64.3.3/32")
+    pkt = IP(src="198.18.0.1", dst="100.64.3.3") / UDP() / Raw(bytes(72))  # 100 bytes = 100 units
+    b = batch(*[pkt] * 5)
+    events = e.process(b)
+    assert list(b.verdict) == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_DROP, NF_DROP]
+    assert events == [ext.Event(EV_BLOCK, 3, 2, BLOCK_LIMIT, 50)]
+    s = e.subscriber(3)
+    assert (s.balance, s.blocked, s.dropped_packets, s.dropped_bytes) == (50, BLOCK_LIMIT, 3, 300)
+    # a top-up lifts the block; a further payment changes nothing more
+    assert e.adjust_balance(3, 1000) == [ext.Event(EV_UNBLOCK, 3, -1, BLOCK_LIMIT, 1050)]
+    assert e.adjust_balance(3, 1) == []
+    b = batch(pkt)
+    e.process(b)
+    assert list(b.verdict) == [NF_ACCEPT]
+
+
+def test_credit_limit_lets_the_balance_go_negative(make):
+    e = make()
+    add(e, 3, 100, "100.64.3.3/32", credit=150)
+    pkt = IP(src="100.64.3.3", dst="198.18.0.1") / UDP() / Raw(bytes(72))  # 100 units
+    b = batch(*[pkt] * 3)
+    e.process(b)
+    assert list(b.verdict) == [NF_ACCEPT, NF_ACCEPT, NF_DROP]
+    assert e.subscriber(3).balance == -100
+
+
+def test_blocked_subscriber_keeps_the_allow_list(make):
+    e = make()
+    e.set_allowlist([ZoneRule("100.64.0.1/32", 0, 17, 53, 53)])
+    add(e, 3, 0, "100.64.3.3/32")  # nothing to spend: blocked from the start
+    assert e.subscriber(3).blocked == BLOCK_LIMIT
+    dns = IP(src="100.64.3.3", dst="100.64.0.1") / UDP(dport=53) / Raw(bytes(30))
+    web = IP(src="100.64.3.3", dst="100.64.0.1") / TCP(dport=80)
+    reply = IP(src="100.64.0.1", dst="100.64.3.3") / UDP(sport=53)
+    b = batch(dns, web, reply)
+    e.process(b)
+    assert list(b.verdict) == [NF_ACCEPT, NF_DROP, NF_ACCEPT]
+
+
+def test_manual_block_and_limit_are_independent(make):
+    e = make()
+    add(e, 3, 1000, "100.64.3.3/32")
+    assert e.block(3, BLOCK_MANUAL) == [ext.Event(EV_BLOCK, 3, -1, BLOCK_MANUAL, 1000)]
+    b = batch(IP(src="100.64.3.3", dst="8.8.8.8") / ICMP())
+    e.process(b)
+    assert list(b.verdict) == [NF_DROP]
+    assert e.unblock(3, BLOCK_MANUAL) == [ext.Event(EV_UNBLOCK, 3, -1, BLOCK_MANUAL, 1000)]
+
+
+def test_internal_traffic_counts_for_both_sides(make):
+    e = make()
+    add(e, 1, 1000, "100.64.1.2/32")
+    add(e, 2, 1000, "100.64.2.0/29")
+    p = IP(src="100.64.1.2", dst="100.64.2.5") / UDP() / Raw(bytes(100))
+    e.process(batch(p))
+    rows = {(r.subscriber, r.zone, r.direction): r.bytes for r in e.drain()}
+    assert rows == {(1, LOCAL, UPLOAD): len(p), (2, LOCAL, DOWNLOAD): len(p)}
+
+
+def test_allowance_runs_out_in_the_middle_of_a_packet(make):
+    e = make(buckets=[(1 << PEERING, 0b11)])
+    add(e, 1, 10_000, "100.64.1.2/32", allowance=[150])
+    p = IP(src="198.18.0.1", dst="100.64.1.2") / UDP() / Raw(bytes(72))  # 100 bytes
+    e.process(batch(p, p))
+    # first packet free, second: 50 free bytes + 50 paid
+    assert e.subscriber(1).allowance == (0,)
+    assert e.subscriber(1).balance == 10_000 - 50
+
+
+def test_remainder_is_carried_not_rounded(make):
+    third = PRICE_SCALE // 3  # a third of a unit per byte, truncated at the price scale
+    e = make(prices=[0, 0] + [third] * 6)
+    add(e, 1, 10 ** 9, "100.64.1.2/32")
+    p = IP(src="198.18.0.1", dst="100.64.1.2") / UDP() / Raw(bytes(72))  # 100 bytes
+    e.process(batch(*[p] * 30))
+    charged = sum(r.charged for r in e.drain())
+    assert charged == 30 * 100 * third // PRICE_SCALE  # 999: one-shot rating of the same bytes
+
+
+def test_time_slots_price_by_packet_time(make):
+    prices = [0, 0, 0, 0] + [PRICE_SCALE, 2 * PRICE_SCALE] * 6  # slot 0: 1/byte, slot 1: 2/byte
+    e = make(prices=prices, n_slots=2)
+    e.set_timeline([0, T + 2], [0, 1])
+    add(e, 1, 10 ** 9, "100.64.1.2/32")
+    p = IP(src="198.18.0.1", dst="100.64.1.2") / UDP() / Raw(bytes(72))
+    e.process(batch(p, p, p, p))  # times T, T+1 (slot 0), T+2, T+3 (slot 1)
+    assert sum(r.charged for r in e.drain()) == 2 * 100 + 2 * 200
+
+
+def test_warning_levels_fire_once_and_rearm(make):
+    e = make(warn=[500, 200])
+    add(e, 1, 1000, "100.64.1.2/32")
+    p = IP(src="198.18.0.1", dst="100.64.1.2") / UDP() / Raw(bytes(72))  # 100 units
+    events = e.process(batch(*[p] * 9))
+    assert [(ev.kind, ev.index, ev.reason) for ev in events] == [(EV_WARN, 5, 0), (EV_WARN, 8, 1)]
+    e.adjust_balance(1, 1000)  # 1100: both re-armed
+    events = e.process(batch(*[p] * 7))
+    assert [(ev.kind, ev.index, ev.reason) for ev in events] == [(EV_WARN, 6, 0)]
+
+
+def test_longest_prefix_owner_and_address_changes(make):
+    e = make()
+    add(e, 1, 1000, "100.64.0.0/16")
+    add(e, 2, 1000, "100.64.5.0/24")
+    add(e, 3, 1000, "100.64.5.7/32")
+    assert [e.lookup_subscriber(a) for a in ("100.64.1.1", "100.64.5.1", "100.64.5.7", "198.18.0.1")] == [1, 2, 3, 0]
+    e.remove_address("100.64.5.0/24")
+    assert e.lookup_subscriber("100.64.5.1") == 1
+    assert e.lookup_subscriber("100.64.5.7") == 3
+    e.add_address(2, "100.64.5.0/24")
+    assert e.lookup_subscriber("100.64.5.1") == 2
+    with pytest.raises(EngineError):
+        e.add_address(3, "100.64.5.0/24")
+    with pytest.raises(EngineError):
+        e.remove_address("100.64.6.0/24")
+    with pytest.raises(EngineError):
+        e.add_subscriber(1, 1, 0)
+    with pytest.raises(EngineError):
+        e.adjust_balance(99, 1)
+
+
+def test_bad_tables_are_refused_and_change_nothing(make):
+    e = make()
+    with pytest.raises(EngineError):
+        e.set_zones([ZoneRule("198.18.0.0/15", 9)])
+    with pytest.raises(EngineError):
+        e.set_zones([ZoneRule("198.18.0.1/15", 1)])
+    with pytest.raises(EngineError):
+        e.set_tariff(2, [-1] * 8)
+    with pytest.raises(EngineError):
+        e.set_tariff(2, [0] * 7)
+    with pytest.raises(EngineError):
+        e.set_timeline([5, 5], [0, 0])
+    assert e.lookup_zone("198.18.1.1") == PEERING
