@@ -63,6 +63,80 @@ def cmd_replay(args) -> int:
     return EXIT_OK
 
 
+def _ledger(args, cfg=None):
+    from accounting.ledger import Ledger
+
+    db = args.db or (cfg.database if cfg else None)
+    if db is None:
+        raise ConfigError("gateway.database", "no ledger: give --db FILE or set gateway.database")
+    return Ledger.open(db)
+
+
+def cmd_topup(args) -> int:
+    from accounting.money import format_amount, parse_amount
+
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        sub = ledger.get_subscriber(args.subscriber)
+        if sub is None:
+            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
+        amount = parse_amount(args.amount, cfg.currency)
+        if amount <= 0:
+            return _fail("a top-up must be positive", EXIT_USAGE)
+        ledger.add_payment(sub["id"], amount, method="cli", comment=args.comment, idempotency_key=args.key)
+        balance = ledger.balance(sub["id"])
+    print(f"{sub['name']}: +{format_amount(amount, cfg.currency)}, ledger balance {format_amount(balance, cfg.currency)}"
+          " (a running gateway applies it within a second)")
+    return EXIT_OK
+
+
+def cmd_subscribers(args) -> int:
+    from accounting.money import format_amount
+
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        rows = ledger.subscribers()
+    print(f"{'id':>4}  {'name':<16} {'tariff':<14} {'balance':>16}  addresses")
+    for s in rows:
+        print(f"{s['id']:>4}  {s['name']:<16} {s['tariff']:<14} {format_amount(s['balance'], cfg.currency):>16}  "
+              f"{' '.join(s['addresses'])}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .daemon import RunOptions, run
+
+    cfg = _config(args)
+    db = args.db or cfg.database
+    if db is None:
+        return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
+    queues = _queues(args.queues)
+    return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine))
+
+
+def _queues(text: str) -> tuple:
+    lo, _, hi = text.partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError("--queues", f"{text!r} is not a queue number or a range like 0-1") from None
+    if not 0 <= lo_n <= hi_n <= 65535 or hi_n - lo_n >= 64:
+        raise ConfigError("--queues", f"{text!r}: queues are 0..65535, at most 64 of them")
+    return tuple(range(lo_n, hi_n + 1))
+
+
+def cmd_lab(args) -> int:
+    from . import lab
+
+    if args.action == "up":
+        lab.lab_up(args.subscribers, prefix=args.prefix)
+    elif args.action == "down":
+        lab.lab_down(prefix=args.prefix)
+    else:
+        lab.lab_status(prefix=args.prefix)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tollgate",
@@ -93,6 +167,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_replay)
+
+    p = with_config(sub.add_parser(
+        "run", help="run the gateway (nfqueue accounting, nftables enforcement, block page, metrics)",
+        description="Run the live gateway until SIGTERM. SIGHUP reloads the config. Blocks stay in the "
+                    "kernel when it stops."))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--queues", default="0", help="nfqueue number or range, one thread each (default: 0)")
+    p.add_argument("--fail-closed", action="store_true",
+                   help="drop subscriber traffic while no reader is bound (default: fail-open, traffic flows; "
+                        "blocks hold either way)")
+    p.add_argument("--listen", default="0.0.0.0", help="address of the portal/metrics HTTP service")
+    p.add_argument("--port", type=int, default=8080, help="port of the portal/metrics HTTP service (default 8080)")
+    p.add_argument("--engine", choices=("c", "py"), help="engine implementation (default: c)")
+    p.set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("topup", help="record a payment; a running gateway applies it within a second"))
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("amount", help='amount in the currency, e.g. "10.00"')
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--comment")
+    p.add_argument("--key", help="idempotency key: the same key twice records one payment")
+    p.set_defaults(func=cmd_topup)
+
+    p = with_config(sub.add_parser("subscribers", help="list subscribers with balances"))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_subscribers)
+
+    p = sub.add_parser("lab", help="network-namespace lab: subscribers, gateway and upstream on this machine",
+                       description="Build or remove a lab of network namespaces joined by veth pairs "
+                                   "(only 100.64.0.0/10, 198.18.0.0/15 and 2001:db8:100::/40, 2001:db8:198::/48).")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--subscribers", "-n", type=int, default=4, help="how many subscriber namespaces (default 4)")
+    p.add_argument("--prefix", default="tg", help="name prefix of the namespaces (default tg)")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("config", help="work with the configuration file")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
