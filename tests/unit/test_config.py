@@ -100,7 +100,7 @@ def test_bad_value_names_the_field(path, value, field):
 def test_overlapping_schedule_rules_are_refused():
     doc = example()
     doc["schedule"]["rule"].append({"slot": "day", "from": "06:00", "to": "23:30"})
-    with pytest.raises(ConfigError, match="overlap on mon at 23:00"):
+    with pytest.raises(ConfigError, match="overlap on mon at 06:00"):
         parse_config(doc)
 
 
