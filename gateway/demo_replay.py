@@ -42,7 +42,7 @@ def make_capture(path: Path, packets: int = 30000) -> None:
                 pkt = ip(src=remote, dst=local) / TCP(sport=443, dport=50000) / Raw(bytes(size))
             else:
                 pkt = ip(src=local, dst=remote) / UDP(sport=50000, dport=443) / Raw(bytes(size // 4))
-            frame = Ether() / pkt
+            frame = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / pkt
             frame.time = t
             out.write(frame)
 

@@ -20,6 +20,11 @@ from scapy.layers.inet6 import ICMPv6EchoRequest
 from ext import ENGINES
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def ETH(**kw):
+    # explicit addresses: without them scapy looks up routes and ARP for every frame
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", **kw)
 TOLLGATE = [sys.executable, "-m", "gateway.cli"]
 ENGINE_IDS = ["c", "py"]
 
@@ -158,7 +163,7 @@ def build_capture(path: Path, seed: int = 7) -> Expect:
         payload = Raw(bytes(rng.randint(0, 1400)))
         ip = _ip(src, dst) / l4 / payload
         raw = bytes(ip)
-        frame = Ether() / (Dot1Q(vlan=7) / ip if rng.random() < 0.1 else ip)
+        frame = ETH() / (Dot1Q(vlan=7) / ip if rng.random() < 0.1 else ip)
         frame.time = t
         frames.append(frame)
         night = t >= NIGHT
@@ -169,7 +174,7 @@ def build_capture(path: Path, seed: int = 7) -> Expect:
             exp.add(other, "local", "download" if direction == "upload" else "upload", len(raw), night)
         if rng.random() < 0.02:  # garbage claiming to be IPv4, and a cut IPv6 header
             for junk in (b"\x45\x00\x01" + bytes(rng.randrange(256) for _ in range(9)), b"\x60\x00\x00"):
-                g = Ether(type=0x86DD if junk[0] == 0x60 else 0x0800) / Raw(junk)
+                g = ETH(type=0x86DD if junk[0] == 0x60 else 0x0800) / Raw(junk)
                 g.time = t
                 frames.append(g)
                 exp.packets += 1
@@ -177,11 +182,11 @@ def build_capture(path: Path, seed: int = 7) -> Expect:
     # carol: a v6 prefix, and a balance worth ~1 kB of external download; the tiny
     # ICMP echo keeps the Ethernet minimum-frame padding in play
     for i in range(20):
-        frame = Ether() / IPv6(src="2001:db8:beef::1", dst="2001:db8:100:3ff::9") / UDP(sport=443, dport=5000) / Raw(bytes(200))
+        frame = ETH() / IPv6(src="2001:db8:beef::1", dst="2001:db8:100:3ff::9") / UDP(sport=443, dport=5000) / Raw(bytes(200))
         frame.time = Fraction(NIGHT + 100) + i
         frames.append(frame)
     # 42 bytes of frame padded to Ethernet's 60: the padding is not IP bytes
-    pad = Ether(bytes(Ether() / IP(src="100.64.1.2", dst="203.0.113.7") / ICMP()) + bytes(18))
+    pad = Ether(bytes(ETH() / IP(src="100.64.1.2", dst="203.0.113.7") / ICMP()) + bytes(18))
     pad.time = Fraction(NIGHT + 130)
     frames.append(pad)
     exp.packets += 21
