@@ -165,6 +165,84 @@ def rule_matches(rule: ZoneRule, proto: int, has_ports: bool, port: int) -> bool
     return has_ports and rule.port_lo <= port <= rule.port_hi
 
 
+def validate_tariff(n_zones: int, n_slots: int, tariff: int, prices, buckets, warn_levels):
+    """Normalised (prices, buckets, warn_levels) for ``set_tariff``, or EngineError."""
+    if not 0 <= tariff < 65536:
+        raise EngineError("tariff ids are 0..65535")
+    prices = [int(p) for p in prices]
+    if len(prices) != n_zones * 2 * n_slots:
+        raise EngineError(f"tariff {tariff}: expected {n_zones * 2 * n_slots} prices, got {len(prices)}")
+    if any(not 0 <= p <= MAX_PRICE for p in prices):
+        raise EngineError(f"tariff {tariff}: prices must be 0..{MAX_PRICE}")
+    if len(buckets) > MAX_BUCKETS:
+        raise EngineError(f"tariff {tariff}: at most {MAX_BUCKETS} allowance buckets")
+    buckets = [(int(z) & ((1 << n_zones) - 1), int(d) & 3) for z, d in buckets]
+    warn_levels = [int(w) for w in warn_levels]
+    if len(warn_levels) > MAX_WARN_LEVELS:
+        raise EngineError(f"tariff {tariff}: at most {MAX_WARN_LEVELS} warning levels")
+    if any(a <= b for a, b in zip(warn_levels, warn_levels[1:])):
+        raise EngineError(f"tariff {tariff}: warning levels must be strictly descending")
+    return prices, buckets, warn_levels
+
+
+def validate_timeline(n_slots: int, starts, slots):
+    """Normalised (starts, slots) for ``set_timeline``, or EngineError."""
+    starts = [int(s) for s in starts]
+    slots = [int(s) for s in slots]
+    if not starts or len(starts) != len(slots):
+        raise EngineError("timeline needs as many starts as slots, at least one")
+    if any(a >= b for a, b in zip(starts, starts[1:])):
+        raise EngineError("timeline starts must be strictly ascending")
+    if any(not 0 <= s < n_slots for s in slots):
+        raise EngineError("timeline slot out of range")
+    return starts, slots
+
+
+def validate_engine_args(n_zones: int, n_slots: int, default_zone: int, malformed_verdict: int,
+                         unknown_verdict: int) -> None:
+    if not 1 <= n_zones <= 64:
+        raise EngineError("n_zones must be 1..64")
+    if not 1 <= n_slots <= 256:
+        raise EngineError("n_slots must be 1..256")
+    if not 0 <= default_zone < n_zones:
+        raise EngineError("default_zone must be one of the zones")
+    for verdict in (malformed_verdict, unknown_verdict):
+        if verdict not in (NF_ACCEPT, NF_DROP):
+            raise EngineError("verdicts are NF_ACCEPT or NF_DROP")
+
+
+def compile_rules(rules, n_zones: int | None):
+    """Rules -> prefix groups for a trie: a list of ``(family, net, plen,
+    [rules...], fallback group index or -1)``; the fallback of a prefix is
+    the group of the longest shorter prefix containing it. ``n_zones`` None:
+    zones are not checked (the allow-list)."""
+    groups: dict[tuple[int, int, int], list] = {}
+    for rule in rules:
+        rule = ZoneRule(*rule)
+        check_rule(rule)
+        if n_zones is not None and not 0 <= rule.zone < n_zones:
+            raise EngineError(f"rule {rule}: zone out of range")
+        groups.setdefault(parse_network(rule.network), []).append(rule)
+    keys = list(groups)
+    index = {k: i for i, k in enumerate(keys)}
+    out = []
+    for family, net, plen in keys:
+        bits = 32 if family == 4 else 128
+        fallback = -1
+        for shorter in range(plen - 1, -1, -1):
+            masked = net >> (bits - shorter) << (bits - shorter) if shorter else 0
+            if (family, masked, shorter) in index:
+                fallback = index[(family, masked, shorter)]
+                break
+        out.append((family, net, plen, groups[(family, net, plen)], fallback))
+    return out
+
+
+def check_subscriber_id(sid: int) -> None:
+    if not 1 <= sid <= MAX_SUBSCRIBER_ID:
+        raise EngineError(f"subscriber ids are 1..{MAX_SUBSCRIBER_ID}")
+
+
 class PrefixTable:
     """Longest-prefix match with a dict per (family, prefix length)."""
 
@@ -297,15 +375,7 @@ class EnginePy:
 
     def __init__(self, n_zones: int, n_slots: int = 1, *, default_zone: int = 1,
                  malformed_verdict: int = NF_ACCEPT, unknown_verdict: int = NF_ACCEPT) -> None:
-        if not 1 <= n_zones <= 64:
-            raise EngineError("n_zones must be 1..64")
-        if not 1 <= n_slots <= 256:
-            raise EngineError("n_slots must be 1..256")
-        if not 0 <= default_zone < n_zones:
-            raise EngineError("default_zone must be one of the zones")
-        for verdict in (malformed_verdict, unknown_verdict):
-            if verdict not in (NF_ACCEPT, NF_DROP):
-                raise EngineError("verdicts are NF_ACCEPT or NF_DROP")
+        validate_engine_args(n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict)
         self.n_zones = n_zones
         self.n_slots = n_slots
         self.default_zone = default_zone
@@ -353,21 +423,8 @@ class EnginePy:
         bit d: direction d), drawn on in order. ``warn_levels`` are balances,
         highest first, below which a warn event fires once.
         """
-        prices = [int(p) for p in prices]
-        if len(prices) != self.n_zones * 2 * self.n_slots:
-            raise EngineError(f"tariff {tariff}: expected {self.n_zones * 2 * self.n_slots} prices, got {len(prices)}")
-        if any(not 0 <= p <= MAX_PRICE for p in prices):
-            raise EngineError(f"tariff {tariff}: prices must be 0..{MAX_PRICE}")
-        if len(buckets) > MAX_BUCKETS:
-            raise EngineError(f"tariff {tariff}: at most {MAX_BUCKETS} allowance buckets")
-        buckets = [(int(z) & ((1 << self.n_zones) - 1), int(d) & 3) for z, d in buckets]
-        warn_levels = [int(w) for w in warn_levels]
-        if len(warn_levels) > MAX_WARN_LEVELS:
-            raise EngineError(f"tariff {tariff}: at most {MAX_WARN_LEVELS} warning levels")
-        if any(a <= b for a, b in zip(warn_levels, warn_levels[1:])):
-            raise EngineError(f"tariff {tariff}: warning levels must be strictly descending")
-        if not 0 <= tariff < 65536:
-            raise EngineError("tariff ids are 0..65535")
+        prices, buckets, warn_levels = validate_tariff(self.n_zones, self.n_slots, tariff, prices, buckets,
+                                                       warn_levels)
         old = self._tariffs.get(tariff)
         if old is not None and len(old.buckets) != len(buckets):
             if any(s.tariff == tariff for s in self._subs.values()):
@@ -377,14 +434,7 @@ class EnginePy:
     def set_timeline(self, starts: Sequence[int], slots: Sequence[int]) -> None:
         """Time slots: ``slots[i]`` applies from ``starts[i]`` (ns, ascending)
         to the next start; before the first start, ``slots[0]`` applies."""
-        starts = [int(s) for s in starts]
-        slots = [int(s) for s in slots]
-        if not starts or len(starts) != len(slots):
-            raise EngineError("timeline needs as many starts as slots, at least one")
-        if any(a >= b for a, b in zip(starts, starts[1:])):
-            raise EngineError("timeline starts must be strictly ascending")
-        if any(not 0 <= s < self.n_slots for s in slots):
-            raise EngineError("timeline slot out of range")
+        starts, slots = validate_timeline(self.n_slots, starts, slots)
         self._timeline = (starts, slots)
 
     # ---- subscribers ---------------------------------------------------
@@ -405,8 +455,7 @@ class EnginePy:
 
     def add_subscriber(self, sid: int, tariff: int, balance: int, credit: int = 0,
                        allowance: Sequence[int] = ()) -> list[Event]:
-        if not 1 <= sid <= MAX_SUBSCRIBER_ID:
-            raise EngineError(f"subscriber ids are 1..{MAX_SUBSCRIBER_ID}")
+        check_subscriber_id(sid)
         if sid in self._subs:
             raise EngineError(f"subscriber {sid} exists")
         if credit < 0:
