@@ -1,0 +1,135 @@
+# The compiled engine's C-level contract, for other Cython modules (the
+# nfqueue reader calls process_c from its own nogil loop, one thread per queue).
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+
+cdef enum:
+    TG_MAX_EVENTS_PER_PACKET = 8   # 2 subscribers x (1 block or up to 4 warns)
+    TG_MAX_BUCKETS = 4
+    TG_MAX_WARN = 4
+
+# One batch of packet headers (see ext/batch.py for the Python side).
+cdef struct tg_batch:
+    const unsigned char *buf     # packet i starts at buf + offset[i]
+    const uint32_t *offset
+    const uint32_t *caplen
+    const uint32_t *wirelen
+    const int64_t *ts            # ns since the epoch
+    uint8_t *verdict             # written: NF_ACCEPT (1) / NF_DROP (0)
+    uint32_t n
+
+cdef struct tg_event:
+    int kind
+    uint32_t subscriber
+    int64_t index
+    int reason
+    int64_t balance
+
+# A multibit trie, stride 8, leaf-pushed: each slot holds the child node (0:
+# none; the root is never a child) and the value of the longest prefix
+# covering it, packed as value << 8 | prefix length.
+cdef struct tg_slot:
+    uint32_t child
+    uint32_t vp
+
+cdef struct tg_trie:
+    tg_slot *nodes               # n_nodes * 256 slots; node 0 is the root
+    uint32_t n_nodes
+    uint32_t cap_nodes
+    uint32_t depth               # 4 (IPv4) or 16 (IPv6) bytes
+
+# Rules hung on a prefix: first match wins, else the fallback group (the
+# longest shorter prefix), else the default.
+cdef struct tg_rules:
+    uint32_t *start
+    uint32_t *count
+    int32_t *fallback
+    uint8_t *proto
+    uint16_t *port_lo
+    uint16_t *port_hi
+    uint8_t *zone
+    uint32_t n_groups
+
+cdef struct tg_tariff:
+    int64_t *prices              # (zone * 2 + direction) * n_slots + slot
+    uint64_t bucket_zones[TG_MAX_BUCKETS]
+    uint8_t bucket_dirs[TG_MAX_BUCKETS]
+    int n_buckets
+    int64_t warn[TG_MAX_WARN]
+    int n_warn
+    bint defined
+
+cdef struct tg_sub:
+    int64_t balance
+    int64_t credit
+    uint64_t dropped_bytes
+    uint32_t dropped_packets
+    uint16_t tariff
+    uint8_t blocked
+    uint8_t warned
+    uint8_t lock
+    uint8_t dirty
+    uint8_t exists
+
+# Counters of one (subscriber, zone, direction) since the last drain; the
+# carry (remainder below one minor unit, scaled) survives drains.
+cdef struct tg_counter:
+    uint64_t bytes
+    int64_t charged
+    uint32_t packets
+    uint32_t carry
+
+cdef struct tg_stats:
+    uint64_t packets
+    uint64_t bytes
+    uint64_t malformed_packets
+    uint64_t malformed_bytes
+    uint64_t unknown_packets
+    uint64_t unknown_bytes
+    uint64_t dropped_packets
+    uint64_t dropped_bytes
+
+cdef class EngineC:
+    cdef pthread_rwlock_t rwlock
+    cdef readonly int n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict
+    cdef tg_trie owners4, owners6, zones4, zones6, allow4, allow6
+    cdef tg_rules zone_rules, allow_rules
+    cdef tg_tariff *tariffs          # 65536 entries, by id
+    cdef tg_sub *subs
+    cdef tg_counter *counters        # cap_subs * n_zones * 2
+    cdef int64_t *allowance          # cap_subs * bucket_stride
+    cdef int bucket_stride
+    cdef uint32_t cap_subs
+    cdef uint32_t *dirty
+    cdef uint32_t n_dirty
+    cdef int64_t *tl_starts
+    cdef uint8_t *tl_slots
+    cdef uint32_t tl_len
+    cdef tg_stats stats_
+    cdef object owner_prefixes       # {(family, net, plen): sid}: the control plane's view
+    cdef object tariff_buckets       # {tariff: n_buckets}
+
+    cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil
+
+    # internals (Cython wants every C method of the type declared here)
+    cdef int _grow(self, uint32_t cap) except -1
+    cdef int _widen_buckets(self, int stride) except -1
+    cdef int _load_rules(self, object rules, object n_zones, tg_trie *t4, tg_trie *t6, tg_rules *r) except -1
+    cdef tg_sub *_sub(self, sid) except NULL
+    cdef list _check_allowance(self, int tariff, allowance)
+    cdef int _set_allowance(self, uint32_t sid, list allowance) except -1
+    cdef int _levels_below(self, tg_sub *s) noexcept nogil
+    cdef tuple _allowance_of(self, uint32_t sid)
+    cdef _remove_prefix(self, key)
+    cdef list _reevaluate(self, sid)
+    cdef list _take_counters(self, uint32_t sid)
+    cdef bint _allowed(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports,
+                       uint16_t port) noexcept nogil
+    cdef int _zone(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports, uint16_t port) noexcept nogil
+    cdef void _mark(self, uint32_t sid, tg_sub *s) noexcept nogil
+    cdef int _drop(self, tg_sub *s, uint32_t length, tg_stats *st) noexcept nogil
+    cdef int _rate(self, uint32_t sid, int zone, int direction, uint32_t length, int slot, int64_t index,
+                   bint allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil
