@@ -135,6 +135,16 @@ def test_no_overspending_blocks_at_the_breaching_packet(make):
     assert list(b.verdict) == [NF_ACCEPT]
 
 
+def test_the_balance_may_reach_exactly_zero(make):
+    e = make()
+    add(e, 3, 200, "100.64.3.3/32")
+    pkt = IP(src="198.18.0.1", dst="100.64.3.3") / UDP() / Raw(bytes(72))  # 100 units
+    b = batch(*[pkt] * 3)
+    e.process(b)
+    assert list(b.verdict) == [NF_ACCEPT, NF_ACCEPT, NF_DROP]
+    assert e.subscriber(3).balance == 0
+
+
 def test_credit_limit_lets_the_balance_go_negative(make):
     e = make()
     add(e, 3, 100, "100.64.3.3/32", credit=150)
