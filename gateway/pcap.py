@@ -275,7 +275,16 @@ class CaptureReader:
         batch = PacketBatch(batch_size, self.snaplen)
         minute = None
         last_ts = 0
-        for iface, frame, orig, ts in self.records():
+        records = self.records()
+        while True:
+            try:
+                iface, frame, orig, ts = next(records)
+            except StopIteration:
+                break
+            except CaptureError:
+                if batch.n:  # the packets before the corrupt record are good: hand them over first
+                    yield batch
+                raise
             off = ip_offset(iface.linktype, frame)
             if off < 0:
                 if off == -1:
