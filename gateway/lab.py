@@ -1,0 +1,233 @@
+"""The network-namespace lab: subscribers, a gateway and an upstream on one machine.
+
+``lab_up(n)`` builds namespaces ``<prefix>-s1..sN`` (subscribers),
+``<prefix>-gw`` (the box Tollgate runs on) and ``<prefix>-up`` (the
+Internet), joined by veth pairs, IPv4 and IPv6, with masquerade on the
+gateway's upstream side as on a real box. The upstream runs an HTTP server
+(with a file of known size) and an iperf3 server; the gateway runs a tiny DNS
+responder so that blocked subscribers' DNS can be shown to keep working.
+Only the ranges of DESIGN.md are used; the host's own namespace is never
+touched beyond creating the namespaces and veth pairs. ``lab_down`` removes
+everything it made, whatever state it is in.
+
+Subscriber i: 100.64.i.2/24 and 2001:db8:100:i::2/64 (i in hex), its gateway
+100.64.i.1 and 2001:db8:100:i::1. Upstream: 198.18.0.2/24 and 2001:db8:198::2/64;
+gateway's upstream side 198.18.0.1 and 2001:db8:198::1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_SUBSCRIBERS = 200
+UPSTREAM4, UPSTREAM6 = "198.18.0.2", "2001:db8:198::2"
+GATEWAY_UP4, GATEWAY_UP6 = "198.18.0.1", "2001:db8:198::1"
+BIG_FILE = 8 * 1024 * 1024  # bytes of /big.bin on the upstream HTTP server
+
+
+@dataclass(frozen=True)
+class Lab:
+    prefix: str
+    n: int
+
+    @property
+    def gw(self) -> str:
+        return f"{self.prefix}-gw"
+
+    @property
+    def up(self) -> str:
+        return f"{self.prefix}-up"
+
+    def sub(self, i: int) -> str:
+        return f"{self.prefix}-s{i}"
+
+    @staticmethod
+    def sub_addr4(i: int) -> str:
+        return f"100.64.{i}.2"
+
+    @staticmethod
+    def sub_addr6(i: int) -> str:
+        return f"2001:db8:100:{i:x}::2"
+
+    @staticmethod
+    def gw_addr4(i: int) -> str:
+        return f"100.64.{i}.1"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(f"/run/tollgate-lab-{self.prefix}")
+
+
+def say(text: str) -> None:
+    print(f"  lab: {text}", flush=True)
+
+
+def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subprocess.CompletedProcess:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def spawn(lab: Lab, name: str, ns: str, *args: str) -> int:
+    """Start a background process in ``ns``; its pid goes into the lab's run dir."""
+    log = open(lab.run_dir / f"{name}.log", "w")
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    (lab.run_dir / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def namespaces() -> set[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def lab_up(n: int = 4, prefix: str = "tg") -> Lab:
+    """Build the lab; returns its description. Refuses if it exists already."""
+    if not 1 <= n <= MAX_SUBSCRIBERS:
+        raise ValueError(f"the lab takes 1..{MAX_SUBSCRIBERS} subscribers, not {n}")
+    if os.geteuid() != 0:
+        raise PermissionError("the lab needs root (network namespaces)")
+    lab = Lab(prefix, n)
+    if lab.gw in namespaces():
+        raise RuntimeError(f"a lab named {prefix!r} is up already: `tollgate lab down --prefix {prefix}` first")
+    lab.run_dir.mkdir(parents=True, exist_ok=True)
+    (lab.run_dir / "lab.json").write_text(json.dumps({"prefix": prefix, "n": n}))
+    try:
+        _build(lab)
+    except BaseException:
+        lab_down(prefix)
+        raise
+    return lab
+
+
+def _build(lab: Lab) -> None:
+    say(f"namespaces {lab.gw}, {lab.up} and {lab.n} subscribers")
+    for ns in [lab.gw, lab.up] + [lab.sub(i) for i in range(1, lab.n + 1)]:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+    for ns in (lab.gw,):
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=ns)
+    # upstream link
+    say("uplink gw <-> upstream, masquerade on the gateway's upstream side")
+    sh("ip", "link", "add", "uplink", "netns", lab.gw, "type", "veth", "peer", "name", "eth0", "netns", lab.up)
+    _addr(lab.gw, "uplink", f"{GATEWAY_UP4}/24", f"{GATEWAY_UP6}/64")
+    _addr(lab.up, "eth0", f"{UPSTREAM4}/24", f"{UPSTREAM6}/64")
+    sh("nft", "-f", "-", ns=lab.gw, input=(
+        "table inet lab {\n"
+        "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;\n"
+        "    oifname \"uplink\" masquerade\n  }\n}\n"))
+    for i in range(1, lab.n + 1):
+        sh("ip", "link", "add", f"s{i}", "netns", lab.gw, "type", "veth", "peer", "name", "eth0", "netns", lab.sub(i))
+        _addr(lab.gw, f"s{i}", f"{lab.gw_addr4(i)}/24", f"2001:db8:100:{i:x}::1/64")
+        _addr(lab.sub(i), "eth0", f"{lab.sub_addr4(i)}/24", f"{lab.sub_addr6(i)}/64")
+        sh("ip", "route", "add", "default", "via", lab.gw_addr4(i), ns=lab.sub(i))
+        sh("ip", "-6", "route", "add", "default", "via", f"2001:db8:100:{i:x}::1", ns=lab.sub(i))
+    say(f"subscribers 100.64.1..{lab.n}.2 and 2001:db8:100:1..{lab.n:x}::2 routed through the gateway")
+    www = lab.run_dir / "www"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text("<h1>upstream</h1>\n")
+    with open(www / "big.bin", "wb") as f:
+        f.write(os.urandom(BIG_FILE))
+    spawn(lab, "http", lab.up, sys.executable, "-m", "http.server", "80", "--bind", "::", "--directory", str(www))
+    spawn(lab, "iperf3", lab.up, "iperf3", "-s")
+    spawn(lab, "dns", lab.gw, sys.executable, "-m", "gateway.labdns", UPSTREAM4, UPSTREAM6)
+    _wait_port(lab.up, 80)
+    _wait_port(lab.up, 5201)
+    say(f"upstream serves http://{UPSTREAM4}/big.bin ({BIG_FILE} bytes) and iperf3; DNS answers on the gateway")
+    _settle_ipv6(lab)
+
+
+def _addr(ns: str, dev: str, v4: str, v6: str) -> None:
+    sh("ip", "addr", "add", v4, "dev", dev, ns=ns)
+    sh("ip", "-6", "addr", "add", v6, "dev", dev, "nodad", ns=ns)
+    sh("ip", "link", "set", dev, "up", ns=ns)
+
+
+def _wait_port(ns: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f":{port} " in sh("ss", "-Hltn", ns=ns, check=False).stdout:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} in {ns} after {timeout} s")
+
+
+def _settle_ipv6(lab: Lab, timeout: float = 5.0) -> None:
+    """Wait until subscriber 1 reaches the upstream over IPv6 (neighbour discovery)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sh("ping", "-6", "-c1", "-W1", UPSTREAM6, ns=lab.sub(1), check=False).returncode == 0:
+            return
+    raise RuntimeError("IPv6 does not come up in the lab")
+
+
+def lab_down(prefix: str = "tg") -> None:
+    """Stop the lab's processes and delete its namespaces (idempotent)."""
+    run_dir = Path(f"/run/tollgate-lab-{prefix}")
+    if run_dir.exists():
+        for pidfile in run_dir.glob("*.pid"):
+            try:
+                os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+    mine = sorted(ns for ns in namespaces() if ns.startswith(f"{prefix}-"))
+    for ns in mine:
+        # processes left in a namespace (a gateway started by hand) go with it
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        sh("ip", "netns", "del", ns, check=False)
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+    if mine:
+        say(f"removed {len(mine)} namespaces")
+
+
+def lab_status(prefix: str = "tg") -> dict:
+    mine = sorted(ns for ns in namespaces() if ns.startswith(f"{prefix}-"))
+    run_dir = Path(f"/run/tollgate-lab-{prefix}")
+    procs = {}
+    for pidfile in sorted(run_dir.glob("*.pid")) if run_dir.exists() else []:
+        pid = int(pidfile.read_text())
+        procs[pidfile.stem] = (pid, Path(f"/proc/{pid}").exists())
+    if not mine:
+        print(f"no lab named {prefix!r}")
+    for ns in mine:
+        addrs = sh("ip", "-br", "addr", ns=ns, check=False).stdout.strip().replace("\n", "; ")
+        print(f"{ns}: {addrs}")
+    for name, (pid, alive) in procs.items():
+        print(f"process {name}: pid {pid} {'running' if alive else 'gone'}")
+    return {"namespaces": mine, "processes": procs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gateway.lab", description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=("up", "down", "status"))
+    ap.add_argument("--subscribers", "-n", type=int, default=4)
+    ap.add_argument("--prefix", default="tg")
+    args = ap.parse_args(argv)
+    if args.action == "up":
+        lab_up(args.subscribers, args.prefix)
+    elif args.action == "down":
+        lab_down(args.prefix)
+    else:
+        lab_status(args.prefix)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
