@@ -90,6 +90,7 @@ class Gateway:
         self.acct = Accountant(self.config, self.ledger, opts.engine)
         self.boot = uuid.uuid4().hex[:12]
         self.flush_seq = 0
+        self.pending: tuple | None = None  # a drained flush not yet in the ledger
         self.events: queue.Queue = queue.Queue()
         self.ledger_jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
@@ -123,13 +124,13 @@ class Gateway:
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
         self.enforcer = Enforcer(queues=self.opts.queues, fail_open=self.opts.fail_open,
-                                 portal_port=self.opts.port)
-        self.enforcer.install(self.config)
+                                 portal_port=self.opts.port, local_networks=self.config.zones.local_networks)
+        self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
         log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
                  len(self._blocked_networks()))
         for ev in events:
-            self._record_event(ev, time.time_ns())
+            self._record_event(ev, None, time.time_ns())
         self._start_readers()
         self._spawn("policy", self._policy_loop)
         self._spawn("flusher", self._flush_loop)
@@ -211,14 +212,14 @@ class Gateway:
                 continue
             self._push(self._take_events(first))
 
-    def _take_events(self, first) -> list:
-        batch = list(first) if isinstance(first, list) else [first]
+    def _take_events(self, first: list) -> list:
+        """Everything queued now: one kernel update for a burst of events."""
+        batch = list(first)
         while True:
             try:
-                more = self.events.get_nowait()
+                batch += self.events.get_nowait()
             except queue.Empty:
                 return batch
-            batch += more if isinstance(more, list) else [more]
 
     def _drain_events(self) -> None:
         try:
@@ -228,9 +229,9 @@ class Gateway:
         self._push(self._take_events(first))
 
     def _push(self, events: list) -> None:
-        """One batched kernel update for a burst of events."""
+        """One batched kernel update for ``(Event, packet ts)`` pairs."""
         block, unblock = [], []
-        for ev in events:
+        for ev, _ts in events:
             if ev.kind == EV_BLOCK:
                 block += self._networks(ev.subscriber)
             elif ev.kind == EV_UNBLOCK and not self.acct.engine.subscriber(ev.subscriber).blocked:
@@ -243,15 +244,15 @@ class Gateway:
         done = time.time_ns()
         if block or unblock:
             self.m_nft_latency.observe(time.perf_counter() - started)
-        for ev in events:
-            self._record_event(ev, done)
+        for ev, ts in events:
+            self._record_event(ev, ts, done)
 
-    def _record_event(self, ev, done_ns: int) -> None:
+    def _record_event(self, ev, packet_ts: int | None, done_ns: int) -> None:
         reason = BLOCK_REASONS.get(ev.reason, str(ev.reason))
         if ev.kind == EV_BLOCK:
             self.m_blocks.labels(reason).inc()
-            if ev.index >= 0 and getattr(ev, "ts", None):
-                latency = (done_ns - ev.ts) / NS
+            if packet_ts:  # from the breaching packet to the set holding the subscriber
+                latency = (done_ns - packet_ts) / NS
                 self.m_block_latency.observe(latency)
                 self.block_latencies.append(latency)
             log.info("blocked subscriber %s (%s), balance %s", ev.subscriber, reason, ev.balance)
@@ -272,20 +273,34 @@ class Gateway:
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
-            except Exception:  # keep flushing; the next round retries with the same counters lost? no: see _flush
-                log.exception("flush round failed")
+            except Exception:  # the ledger may be busy or full: drained rows wait in self.pending
+                log.exception("flush round failed; retrying next round")
 
     def _flush(self) -> None:
+        """Write block records and the engine's counters to the ledger.
+
+        Drained rows get their flush id before the write; if the write fails
+        they stay pending and the same id is retried, so they are neither
+        lost nor charged twice."""
         while True:
             try:
-                job = self.ledger_jobs.get_nowait()
+                _kind, sid, what, reason, ts = self.ledger_jobs.get_nowait()
             except queue.Empty:
                 break
-            _kind, sid, what, reason, ts = job
             self.ledger.record_block(sid, what, reason, ts)
-        self.flush_seq += 1
-        now = time.time_ns()
-        self.acct.flush(f"{self.boot}:{self.flush_seq}", now - now % MINUTE_NS, now, "nfqueue")
+        if self.pending is None:
+            rows = self.acct.engine.drain()
+            if not rows:
+                self.last_flush = time.time()
+                return
+            self.flush_seq += 1
+            now = time.time_ns()
+            minute = (now - now % MINUTE_NS) // NS
+            self.pending = (f"{self.boot}:{self.flush_seq}", now,
+                            [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows])
+        flush_id, now, rows = self.pending
+        self.ledger.apply_flush(flush_id, rows, now, source="nfqueue")
+        self.pending = None
         self.last_flush = time.time()
 
     def _apply_payments(self) -> None:
@@ -297,7 +312,7 @@ class Gateway:
             with self.engine_lock:
                 events = self.acct.engine.adjust_balance(pay["subscriber_id"], pay["amount"])
             if events:
-                self.events.put(events)
+                self.events.put([(ev, None) for ev in events])
 
     # ---- HTTP ----------------------------------------------------------------
 
