@@ -317,9 +317,13 @@ class Gateway:
     # ---- HTTP ----------------------------------------------------------------
 
     def health(self) -> dict:
+        lat = sorted(self.block_latencies)
+        pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else (lambda q: None)
         return {"status": "stopping" if self.stopping.is_set() else "ok", "boot": self.boot,
                 "engine": self.acct.engine.implementation, "subscribers": len(self.acct.subscribers),
-                "queues": list(self.opts.queues), "flush_lag_seconds": round(time.time() - self.last_flush, 3)}
+                "queues": list(self.opts.queues), "flush_lag_seconds": round(time.time() - self.last_flush, 3),
+                "block_latency_ms": {"n": len(lat), "p50": pct(0.5), "p99": pct(0.99)},
+                "queue": {r.queue_num: r.stats() for r in self.readers}}
 
     def subscriber_page(self, address: str) -> dict | None:
         try:

@@ -1,0 +1,95 @@
+"""Helpers for the root tests: commands in namespaces, a lab config, and
+``tollgate run`` as a separate process in the lab's gateway namespace."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TOLLGATE = [sys.executable, "-m", "gateway.cli"]
+
+
+def netns(ns: str, *cmd: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{ns}: {' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def lab_config(n: int, balances: dict[int, str], price_mb: str = "0.01", upload_free: bool = False) -> str:
+    """A config for the lab: subscriber i gets balances[i] (EUR)."""
+    upload = "0" if upload_free else price_mb
+    subs = "".join(
+        f'[[subscriber]]\nname = "s{i}"\ntariff = "lab"\nbalance = "{balances.get(i, "100.00")}"\n'
+        f'addresses = ["100.64.{i}.2/32", "2001:db8:100:{i:x}::/64"]\n\n'
+        for i in range(1, n + 1))
+    allow = ", ".join(f'{{ network = "100.64.{i}.1/32", protocol = "udp", ports = "53" }}' for i in range(1, n + 1))
+    return f"""
+[gateway]
+currency = "EUR"
+local_networks = ["100.64.0.0/10", "2001:db8:100::/48"]
+allow = [{allow}]
+
+[[tariff]]
+name = "lab"
+price_unit = "MB"
+[tariff.prices]
+external = {{ upload = "{upload}", download = "{price_mb}" }}
+
+{subs}"""
+
+
+class Gateway:
+    """``tollgate run`` in the lab's gateway namespace."""
+
+    def __init__(self, ns: str, workdir: Path, config: str, extra=()) -> None:
+        self.ns = ns
+        self.dir = workdir
+        self.config = workdir / "tollgate.toml"
+        self.config.write_text(config)
+        self.db = workdir / "ledger.db"
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Gateway":
+        log = open(self.dir / "gateway.log", "a")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *TOLLGATE, "-v", "run", "-c", str(self.config),
+                                      "--db", str(self.db), *self.extra], cwd=REPO, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-2000:]}")
+            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-2000:]}")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def tollgate(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*TOLLGATE, *args, "-c", str(self.config), "--db", str(self.db)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    def metrics(self) -> str:
+        return netns(self.ns, "curl", "-s", "-m", "2", "http://127.0.0.1:8080/metrics").stdout
+
+    def kernel_counters(self) -> dict:
+        code = ("import json; from policy.nft import Enforcer; "
+                "print(json.dumps(Enforcer().counters()))")
+        import json
+
+        out = netns(self.ns, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}",
+                    check=True).stdout
+        return json.loads(out)
