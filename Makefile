@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 # fallback, traffic tools for the lab, libnftables for python-nftables).
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump
 
-.PHONY: all demo test test-unit test-linux deps system-deps build bench clean
+.PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
 
 all: build
 
@@ -50,6 +50,9 @@ test-linux: build
 	$(BIN)/python -m pytest -q tests/linux
 
 demo: build
+	$(BIN)/python -m gateway.demo
+
+demo-replay: build
 	$(BIN)/python -m gateway.demo_replay
 
 bench: build
