@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -58,10 +59,26 @@ def tcp_gbps(seconds: float) -> float:
     return iperf([], seconds)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def udp_pps(seconds: float) -> tuple[float, float]:
-    res = iperf(["-u", "-b", "0", "-l", "36"], seconds)["end"]["sum"]  # 36 + 8 + 20 = 64 IP bytes
-    received = res["packets"] - res["lost_packets"]
-    return received / res["seconds"], res["lost_percent"]
+BLAST = Path(tempfile.gettempdir()) / "tollgate-udpblast"
+SINK = ("table inet sink {\n chain c {\n  type filter hook prerouting priority -300; policy accept;\n"
+        "  udp dport 9 counter drop\n }\n}\n")
+
+
+def udp_pps(seconds: float, senders: int = 1) -> tuple[float, float]:
+    """64-byte IP packets (36 bytes of payload) from ``senders`` subscribers at
+    full speed; returns (packets/s received upstream, % lost on the way)."""
+    subprocess.run(["ip", "netns", "exec", f"{PREFIX}-up", "nft", "-f", "-"], input=SINK, text=True, check=True)
+    try:
+        procs = [subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-s{i}", str(BLAST), UPSTREAM4, "9",
+                                   str(seconds), "36"], stdout=subprocess.PIPE, text=True)
+                 for i in range(1, senders + 1)]
+        sent = sum(int(p.communicate(timeout=seconds + 30)[0] or 0) for p in procs)
+        out = ns("up", "nft", "-j", "list", "table", "inet", "sink").stdout
+        received = next(item["counter"]["packets"] for rule in json.loads(out)["nftables"] if "rule" in rule
+                        for item in rule["rule"]["expr"] if "counter" in item)
+    finally:
+        ns("up", "nft", "delete", "table", "inet", "sink")
+    return received / seconds, 100.0 * (sent - received) / max(sent, 1)
 
 
 def queue_drops() -> tuple[int, int]:
@@ -70,14 +87,25 @@ def queue_drops() -> tuple[int, int]:
     return (int(text[5]), int(text[6])) if len(text) >= 7 else (0, 0)
 
 
-def measure(label: str, seconds: float) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (and its threads) so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(label: str, seconds: float, senders: int = 1, consumer: int | None = None) -> dict:
     say(f"  {label}: TCP bulk")
     gbps = tcp_gbps(seconds)
-    say(f"  {label}: small UDP")
-    pps, lost = udp_pps(seconds)
+    say(f"  {label}: small UDP from {senders} subscriber(s)")
+    cpu0 = cpu_seconds(consumer)
+    pps, lost = udp_pps(seconds, senders)
+    cpu = cpu_seconds(consumer) - cpu0
     qd, ud = queue_drops()
     return {"label": label, "tcp_gbps": gbps, "udp_pps": pps, "udp_lost_percent": lost,
-            "queue_dropped": qd, "user_dropped": ud}
+            "queue_dropped": qd, "user_dropped": ud,
+            "us_per_packet": (cpu / (pps * seconds) * 1e6) if consumer and pps else None}
 
 
 def config(n: int, balance: str) -> str:
@@ -87,10 +115,10 @@ def config(n: int, balance: str) -> str:
             '[[tariff]]\nname = "t"\nprice_unit = "GB"\n[tariff.prices]\nexternal = "0.01"\n' + subs)
 
 
-def start_gateway(work: Path, cfg: str, db: str) -> subprocess.Popen:
+def start_gateway(work: Path, cfg: str, db: str, queues: str = "0") -> subprocess.Popen:
     (work / "t.toml").write_text(cfg)
     proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-gw", sys.executable, "-m", "gateway.cli", "run",
-                             "-c", str(work / "t.toml"), "--db", db], cwd=REPO,
+                             "-c", str(work / "t.toml"), "--db", db, "--queues", queues], cwd=REPO,
                             stdout=open(work / "gw.log", "a"), stderr=subprocess.STDOUT)
     for _ in range(100):
         if ns("gw", "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
@@ -108,16 +136,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def block_latency(work: Path, rounds: int) -> dict:
-    """Run 4 subscribers out of money ``rounds`` times each; the gateway times each block."""
+    """Run both subscribers out of money ``rounds`` times each; the gateway times each block."""
     db = str(work / "lat.db")
-    gw = start_gateway(work, config(4, "0.0001").replace('"0.01"', '"10.00"'), db)  # 0.0001 EUR = 10 kB
+    gw = start_gateway(work, config(2, "0.0001").replace('"0.01"', '"10.00"'), db)  # 0.0001 EUR = 10 kB
     try:
         for r in range(rounds):
             procs = [subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-s{i}", "curl", "-s", "-m", "2", "-o",
-                                       "/dev/null", f"http://{UPSTREAM4}/big.bin"]) for i in range(1, 5)]
+                                       "/dev/null", f"http://{UPSTREAM4}/big.bin"]) for i in range(1, 3)]
             for p in procs:
                 p.wait()
-            for i in range(1, 5):
+            for i in range(1, 3):
                 subprocess.run([sys.executable, "-m", "gateway.cli", "topup", f"s{i}", "0.0001", "-c",
                                 str(work / "t.toml"), "--db", db], cwd=REPO, capture_output=True)
             time.sleep(1.2)  # the flusher applies the top-ups
@@ -133,6 +161,7 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    subprocess.run(["gcc", "-O2", "-o", str(BLAST), str(REPO / "benches" / "udpblast.c")], check=True)
     lab_down(PREFIX)
     lab_up(2, PREFIX)
     rows = []
@@ -143,7 +172,15 @@ def main() -> int:
         say("Tollgate inline (nfqueue, 1 queue, batch 64, compiled engine)")
         gw = start_gateway(work, config(2, "1000000"), str(work / "ledger.db"))
         try:
-            rows.append(measure("Tollgate", args.seconds))
+            rows.append(measure("Tollgate", args.seconds, consumer=gw.pid))
+        finally:
+            stop(gw)
+        ns("gw", "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+        say("Tollgate inline, 2 queues (queue-balance, one thread each), 2 senders")
+        gw = start_gateway(work, config(2, "1000000"), str(work / "ledger2.db"), queues="0-1")
+        try:
+            two = measure("Tollgate, 2 queues, 2 senders", args.seconds, senders=2, consumer=gw.pid)
         finally:
             stop(gw)
         ns("gw", "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
@@ -153,7 +190,7 @@ def main() -> int:
         base = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-gw", sys.executable, "-c", NFQ_BASELINE])
         time.sleep(1)
         try:
-            rows.append(measure("NetfilterQueue (Python)", args.seconds))
+            rows.append(measure("NetfilterQueue (Python)", args.seconds, consumer=base.pid))
         finally:
             base.terminate()
             base.wait(timeout=10)
@@ -165,11 +202,14 @@ def main() -> int:
         lab_down(PREFIX)
 
     bare, tg, nfq = rows
-    head = ["path", "TCP bulk Gbit/s", "vs bare", "64-byte UDP kpps", "vs NetfilterQueue", "UDP lost %",
-            "queue dropped", "user dropped"]
+    rows.insert(2, two)
+    head = ["path", "TCP bulk Gbit/s", "vs bare", "64-byte UDP kpps received", "vs NetfilterQueue", "UDP lost %",
+            "queue dropped", "user dropped", "consumer CPU us/packet", "packets per CPU-s vs NetfilterQueue"]
     lines = [[r["label"], f"{r['tcp_gbps']:.2f}", f"{r['tcp_gbps'] / bare['tcp_gbps']:.0%}",
               f"{r['udp_pps'] / 1e3:.0f}", f"{r['udp_pps'] / nfq['udp_pps']:.1f}x", f"{r['udp_lost_percent']:.1f}",
-              str(r["queue_dropped"]), str(r["user_dropped"])] for r in rows]
+              str(r["queue_dropped"]), str(r["user_dropped"]),
+              f"{r['us_per_packet']:.2f}" if r["us_per_packet"] else "-",
+              f"{nfq['us_per_packet'] / r['us_per_packet']:.1f}x" if r["us_per_packet"] else "-"] for r in rows]
     if args.markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for line in lines:
