@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway.lab import UPSTREAM4, lab_down, lab_up  # noqa: E402
+from gateway.lab import UPSTREAM4, lab_config, lab_down, lab_up  # noqa: E402
 
 PREFIX = "tgbench"
 NFQ_BASELINE = """
@@ -108,13 +108,6 @@ def measure(label: str, seconds: float, senders: int = 1, consumer: int | None =
             "us_per_packet": (cpu / (pps * seconds) * 1e6) if consumer and pps else None}
 
 
-def config(n: int, balance: str) -> str:
-    subs = "".join(f'[[subscriber]]\nname = "s{i}"\ntariff = "t"\nbalance = "{balance}"\n'
-                   f'addresses = ["100.64.{i}.2/32", "2001:db8:100:{i:x}::/64"]\n' for i in range(1, n + 1))
-    return ('[gateway]\ncurrency = "EUR"\nlocal_networks = ["100.64.0.0/10", "2001:db8:100::/48"]\n'
-            '[[tariff]]\nname = "t"\nprice_unit = "GB"\n[tariff.prices]\nexternal = "0.01"\n' + subs)
-
-
 def start_gateway(work: Path, cfg: str, db: str, queues: str = "0") -> subprocess.Popen:
     (work / "t.toml").write_text(cfg)
     proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-gw", sys.executable, "-m", "gateway.cli", "run",
@@ -138,7 +131,7 @@ def stop(proc: subprocess.Popen) -> None:
 def block_latency(work: Path, rounds: int) -> dict:
     """Run both subscribers out of money ``rounds`` times each; the gateway times each block."""
     db = str(work / "lat.db")
-    gw = start_gateway(work, config(2, "0.0001").replace('"0.01"', '"10.00"'), db)  # 0.0001 EUR = 10 kB
+    gw = start_gateway(work, lab_config(2, {1: "0.0001", 2: "0.0001"}), db)  # 0.0001 EUR = 10 kB at 0.01 EUR/MB
     try:
         for r in range(rounds):
             procs = [subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-s{i}", "curl", "-s", "-m", "2", "-o",
@@ -170,7 +163,7 @@ def main() -> int:
         rows.append(measure("bare forwarding", args.seconds))
 
         say("Tollgate inline (nfqueue, 1 queue, batch 64, compiled engine)")
-        gw = start_gateway(work, config(2, "1000000"), str(work / "ledger.db"))
+        gw = start_gateway(work, lab_config(2, {1: "1000000", 2: "1000000"}), str(work / "ledger.db"))
         try:
             rows.append(measure("Tollgate", args.seconds, consumer=gw.pid))
         finally:
@@ -178,7 +171,7 @@ def main() -> int:
         ns("gw", "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
 
         say("Tollgate inline, 2 queues (queue-balance, one thread each), 2 senders")
-        gw = start_gateway(work, config(2, "1000000"), str(work / "ledger2.db"), queues="0-1")
+        gw = start_gateway(work, lab_config(2, {1: "1000000", 2: "1000000"}), str(work / "ledger2.db"), queues="0-1")
         try:
             two = measure("Tollgate, 2 queues, 2 senders", args.seconds, senders=2, consumer=gw.pid)
         finally:

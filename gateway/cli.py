@@ -125,6 +125,19 @@ def _queues(text: str) -> tuple:
     return tuple(range(lo_n, hi_n + 1))
 
 
+def cmd_policy(args) -> int:
+    from policy.nft import Enforcer
+
+    cfg = _config(args)
+    enforcer = Enforcer(local_networks=cfg.zones.local_networks)
+    if args.action == "remove":
+        enforcer.remove()
+        print("removed table inet tollgate and its queue rules; nothing else was touched")
+    else:
+        print(enforcer.dump() or "no table inet tollgate")
+    return EXIT_OK
+
+
 def cmd_lab(args) -> int:
     from . import lab
 
@@ -193,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("subscribers", help="list subscribers with balances"))
     p.add_argument("--db", help="the ledger (default: gateway.database)")
     p.set_defaults(func=cmd_subscribers)
+
+    p = with_config(sub.add_parser(
+        "policy", help="show or remove the kernel side (table inet tollgate and the queue rules)",
+        description="`tollgate run` leaves its table in place when it stops, so blocks hold while it is "
+                    "down. `policy remove` takes the table and the queue rules away (blocks end)."))
+    p.add_argument("action", choices=("show", "remove"))
+    p.set_defaults(func=cmd_policy)
 
     p = sub.add_parser("lab", help="network-namespace lab: subscribers, gateway and upstream on this machine",
                        description="Build or remove a lab of network namespaces joined by veth pairs "

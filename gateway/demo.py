@@ -25,45 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = "tgdemo"
 UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 
-CONFIG = """
-[gateway]
-currency = "EUR"
-local_networks = ["100.64.0.0/10", "2001:db8:100::/48"]
-allow = [{allow}]
-
-[[tariff]]
-name = "demo"
-price_unit = "MB"
-warn = ["0.05"]
-[tariff.prices]
-external = {{ upload = "0.01", download = "0.02" }}
-
-[[subscriber]]
-name = "alice"
-tariff = "demo"
-balance = "5.00"
-addresses = ["100.64.1.2/32", "2001:db8:100:1::/64"]
-
-[[subscriber]]
-name = "bob"
-tariff = "demo"
-balance = "5.00"
-addresses = ["100.64.2.2/32", "2001:db8:100:2::/64"]
-
-[[subscriber]]
-name = "carol"
-tariff = "demo"
-balance = "0.30"
-addresses = ["100.64.3.2/32", "2001:db8:100:3::/64"]
-
-[[subscriber]]
-name = "dave"
-tariff = "demo"
-balance = "5.00"
-addresses = ["100.64.4.2/32", "2001:db8:100:4::/64"]
-"""
-
-
 def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
@@ -87,18 +48,18 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root: it builds network namespaces", file=sys.stderr)
         return 2
-    from .lab import lab_down, lab_up
+    from .lab import lab_config, lab_down, lab_up
 
     work = Path(tempfile.mkdtemp(prefix="tollgate-demo-"))
     config, db = work / "tollgate.toml", work / "ledger.db"
-    allow = ", ".join(f'{{ network = "100.64.{i}.1/32", protocol = "udp", ports = "53" }}' for i in range(1, 5))
-    config.write_text(CONFIG.format(allow=allow))
+    config.write_text(lab_config(4, {3: "0.30"}, price_mb="0.02", names=["alice", "bob", "carol", "dave"],
+                                 warn="0.05"))
     gateway = None
     try:
         say("building the lab: 4 subscribers, a gateway and an upstream, in network namespaces")
         lab_down(PREFIX)
         lab_up(4, PREFIX)
-        say(f"starting `tollgate run` in the gateway (config {config}); tariff: 0.02 EUR/MB down, 0.01 up; "
+        say(f"starting `tollgate run` in the gateway (config {config}); tariff: 0.02 EUR per MB either way; "
             "carol has 0.30 EUR")
         log = open(work / "gateway.log", "w")
         gateway = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-gw", sys.executable, "-m", "gateway.cli",

@@ -66,6 +66,27 @@ class Lab:
         return Path(f"/run/tollgate-lab-{self.prefix}")
 
 
+def lab_config(n: int, balances: dict | None = None, price_mb: str = "0.01", upload_free: bool = False,
+               names: list[str] | None = None, warn: str | None = None) -> str:
+    """A Tollgate config for a lab of ``n`` subscribers: subscriber i (named
+    ``names[i-1]`` or ``s<i>``) owns its lab addresses and gets
+    ``balances[i]`` EUR (default 100.00); one tariff, external traffic at
+    ``price_mb`` EUR per MB; DNS on the gateway allowed while blocked."""
+    balances = balances or {}
+    upload = "0" if upload_free else price_mb
+    subs = "".join(
+        f'[[subscriber]]\nname = "{names[i - 1] if names else f"s{i}"}"\ntariff = "lab"\n'
+        f'balance = "{balances.get(i, "100.00")}"\n'
+        f'addresses = ["{Lab.sub_addr4(i)}/32", "2001:db8:100:{i:x}::/64"]\n\n'
+        for i in range(1, n + 1))
+    allow = ", ".join(f'{{ network = "{Lab.gw_addr4(i)}/32", protocol = "udp", ports = "53" }}'
+                      for i in range(1, n + 1))
+    return (f'[gateway]\ncurrency = "EUR"\nlocal_networks = ["100.64.0.0/10", "2001:db8:100::/48"]\n'
+            f"allow = [{allow}]\n\n[[tariff]]\nname = \"lab\"\nprice_unit = \"MB\"\n"
+            + (f'warn = ["{warn}"]\n' if warn else "")
+            + f'[tariff.prices]\nexternal = {{ upload = "{upload}", download = "{price_mb}" }}\n\n' + subs)
+
+
 def say(text: str) -> None:
     print(f"  lab: {text}", flush=True)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import shlex
 import subprocess
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from ext.errors import TollgateError
 
 log = logging.getLogger("tollgate.policy")
 TABLE = "tollgate"
+COMMENT = "tollgate"  # marks our xtables queue rules
 
 
 class PolicyError(TollgateError):
@@ -115,7 +117,7 @@ class Enforcer:
 
     def _iptables_rules(self) -> list[tuple[str, list[str]]]:
         q = self.queue
-        target = ["-j", "NFQUEUE"] + (["--queue-balance", f"{q.first}:{q.last}"] if q.last > q.first
+        target = ["-m", "comment", "--comment", COMMENT, "-j", "NFQUEUE"] + (["--queue-balance", f"{q.first}:{q.last}"] if q.last > q.first
                                       else ["--queue-num", str(q.first)])
         if q.fail_open:
             target.append("--queue-bypass")
@@ -127,14 +129,21 @@ class Enforcer:
         return rules
 
     def _iptables(self, add: bool) -> None:
+        """Add our queue rules (once), or delete every rule carrying our comment,
+        whatever queues it was made with."""
+        if not add:
+            for tool in ("iptables-nft", "ip6tables-nft"):
+                listing = subprocess.run([tool, "-S", "FORWARD"], capture_output=True, text=True).stdout
+                for line in listing.splitlines():
+                    if f"--comment {COMMENT}" in line and line.startswith("-A FORWARD "):
+                        subprocess.run([tool, "-D", "FORWARD", *shlex.split(line)[2:]], capture_output=True)
+            return
         for tool, rule in self._iptables_rules():
-            present = subprocess.run([tool, "-C", "FORWARD"] + rule, capture_output=True).returncode == 0
-            if add and not present:
-                proc = subprocess.run([tool, "-A", "FORWARD"] + rule, capture_output=True, text=True)
-                if proc.returncode:
-                    raise PolicyError(f"{tool} -A FORWARD {' '.join(rule)}: {proc.stderr.strip()}")
-            elif not add and present:
-                subprocess.run([tool, "-D", "FORWARD"] + rule, capture_output=True)
+            if subprocess.run([tool, "-C", "FORWARD"] + rule, capture_output=True).returncode == 0:
+                continue
+            proc = subprocess.run([tool, "-A", "FORWARD"] + rule, capture_output=True, text=True)
+            if proc.returncode:
+                raise PolicyError(f"{tool} -A FORWARD {' '.join(rule)}: {proc.stderr.strip()}")
 
     # ---- the ruleset -----------------------------------------------------------
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.lab import lab_config  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 TOLLGATE = [sys.executable, "-m", "gateway.cli"]
 
@@ -18,29 +20,6 @@ def netns(ns: str, *cmd: str, timeout: float = 60, check: bool = False) -> subpr
     if check and proc.returncode:
         raise AssertionError(f"{ns}: {' '.join(cmd)} failed: {proc.stderr.strip()}")
     return proc
-
-
-def lab_config(n: int, balances: dict[int, str], price_mb: str = "0.01", upload_free: bool = False) -> str:
-    """A config for the lab: subscriber i gets balances[i] (EUR)."""
-    upload = "0" if upload_free else price_mb
-    subs = "".join(
-        f'[[subscriber]]\nname = "s{i}"\ntariff = "lab"\nbalance = "{balances.get(i, "100.00")}"\n'
-        f'addresses = ["100.64.{i}.2/32", "2001:db8:100:{i:x}::/64"]\n\n'
-        for i in range(1, n + 1))
-    allow = ", ".join(f'{{ network = "100.64.{i}.1/32", protocol = "udp", ports = "53" }}' for i in range(1, n + 1))
-    return f"""
-[gateway]
-currency = "EUR"
-local_networks = ["100.64.0.0/10", "2001:db8:100::/48"]
-allow = [{allow}]
-
-[[tariff]]
-name = "lab"
-price_unit = "MB"
-[tariff.prices]
-external = {{ upload = "{upload}", download = "{price_mb}" }}
-
-{subs}"""
 
 
 class Gateway:
