@@ -133,7 +133,7 @@ def block_latency(work: Path, rounds: int) -> dict:
     db = str(work / "lat.db")
     gw = start_gateway(work, lab_config(2, {1: "0.0001", 2: "0.0001"}), db)  # 0.0001 EUR = 10 kB at 0.01 EUR/MB
     try:
-        for r in range(rounds):
+        for _ in range(rounds):
             procs = [subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-s{i}", "curl", "-s", "-m", "2", "-o",
                                        "/dev/null", f"http://{UPSTREAM4}/big.bin"]) for i in range(1, 3)]
             for p in procs:

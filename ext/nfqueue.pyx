@@ -167,7 +167,7 @@ cdef class QueueReader:
     cdef _open(self, int copy_range, int queue_maxlen, int rcvbuf, bint gso):
         cdef sockaddr_nl addr
         cdef timeval tv
-        cdef int one = 1, zero = 0, rc
+        cdef int zero = 0, rc
         self.fd = socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
         if self.fd < 0:
             raise QueueError(errno, f"netlink socket: {os.strerror(errno)}")

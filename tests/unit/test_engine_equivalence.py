@@ -199,7 +199,7 @@ def test_batching_does_not_change_results(world, pkts, cuts):
         for stream in (stream_one, pieces):
             e, _ = build(cls, world)
             verdicts = []
-            for _kind, ev, v in (r for r in run(e, stream, T) if r[0] == "events"):
+            for _kind, _events, v in (r for r in run(e, stream, T) if r[0] == "events"):
                 verdicts += v
             drained = {}
             for row in e.drain():
