@@ -263,3 +263,38 @@ def test_bad_tables_are_refused_and_change_nothing(make):
     with pytest.raises(EngineError):
         e.set_timeline([5, 5], [0, 0])
     assert e.lookup_zone("198.18.1.1") == PEERING
+
+
+def test_threads_sharing_one_engine_never_overspend():
+    """Several queue threads rate one subscriber at once: the balance check and
+    decrement is one atomic step, so together they never spend more than the
+    balance, and every packet is either charged and accepted or dropped."""
+    import threading
+
+    if ext.EngineC is None:
+        pytest.fail(f"the compiled engine is not built: {ext.EXT_IMPORT_ERROR}")
+    e = ext.EngineC(4, 1)
+    e.set_tariff(1, [0, 0] + [PRICE_SCALE] * 6)  # 1 unit per byte outside local
+    pkt = bytes(IP(src="198.18.0.1", dst="100.64.3.3") / UDP() / Raw(bytes(72)))  # 100 bytes = 100 units
+    k = 12_345  # the balance buys exactly this many packets
+    e.add_subscriber(3, 1, 100 * k)
+    e.add_address(3, "100.64.3.3/32")
+    batches = [[PacketBatch.of([(pkt, len(pkt), T)] * 256) for _ in range(40)] for _ in range(4)]
+    accepted = [0] * 4
+
+    def worker(i):
+        for b in batches[i]:
+            e.process(b)  # releases the GIL for the batch
+            accepted[i] += sum(b.verdict[:b.n])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = 4 * 40 * 256
+    state = e.subscriber(3)
+    assert sum(accepted) == k
+    assert state.balance == 0
+    assert state.dropped_packets == total - k
+    assert sum(r.charged for r in e.drain()) == 100 * k
