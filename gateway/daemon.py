@@ -112,6 +112,7 @@ class Gateway:
         self.m_flush_lag.set_function(lambda: time.time() - self.last_flush)
         self.registry.register(EngineCollector(self))
         self.block_latencies: list[float] = []  # kept for the lab's report
+        self.http_local = threading.local()  # per-thread read connections to the ledger
 
     # ---- start and stop --------------------------------------------------
 
@@ -343,9 +344,11 @@ class Gateway:
                 "usage": usage}
 
     def ledger_usage(self, sid: int) -> list[dict]:
-        # the HTTP thread reads through its own connection: SQLite objects stay in their thread
-        with Ledger.open(self.opts.db_path) as ledger:
-            return ledger.usage_by_zone(sid)
+        # HTTP threads read through connections of their own (the flusher owns the writing one)
+        ledger = getattr(self.http_local, "ledger", None)
+        if ledger is None:
+            ledger = self.http_local.ledger = Ledger.open(self.opts.db_path)
+        return ledger.usage_by_zone(sid)
 
     def _serve_http(self) -> None:
         import uvicorn
