@@ -47,8 +47,8 @@ def wait_flushed(gw: Gateway) -> None:
 def gateway(lab, tmp_path):
     gws = []
 
-    def start(balances=None, **kw) -> Gateway:
-        gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, balances or {}, **kw)).start()
+    def start(balances=None, extra=(), **kw) -> Gateway:
+        gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, balances or {}, **kw), extra).start()
         gws.append(gw)
         return gw
 
@@ -168,3 +168,13 @@ def test_sigkill_keeps_blocks_and_restart_restores_without_duplicates(lab, gatew
 
     with Ledger.open(gw.db) as led:
         assert led.check_invariants() == []
+
+
+def test_fail_closed_stops_subscriber_traffic_while_the_daemon_is_down(lab, gateway):
+    gw = gateway(extra=["--fail-closed"])
+    assert netns(lab.sub(1), "curl", "-s", "-m", "3", "-o", "/dev/null", f"http://{UP4}/").returncode == 0
+    gw.stop(signal.SIGKILL)
+    # no reader bound and no bypass: the kernel drops queued traffic
+    assert netns(lab.sub(1), "curl", "-s", "-m", "2", "-o", "/dev/null", f"http://{UP4}/").returncode != 0
+    gw.start()
+    assert netns(lab.sub(1), "curl", "-s", "-m", "3", "-o", "/dev/null", f"http://{UP4}/").returncode == 0
