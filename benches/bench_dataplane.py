@@ -103,6 +103,12 @@ def measure(label: str, seconds: float, senders: int = 1, consumer: int | None =
     pps, lost = udp_pps(seconds, senders)
     cpu = cpu_seconds(consumer) - cpu0
     qd, ud = queue_drops()
+    health = ns("gw", "curl", "-s", "-m", "2", "http://127.0.0.1:8080/healthz")
+    if health.returncode == 0:
+        q = json.loads(health.stdout).get("queue", {})
+        packets = sum(v["packets"] for v in q.values())
+        batches = sum(v["batches"] for v in q.values())
+        say(f"    reader: {packets} packets in {batches} batches ({packets / max(batches, 1):.1f} per batch)")
     return {"label": label, "tcp_gbps": gbps, "udp_pps": pps, "udp_lost_percent": lost,
             "queue_dropped": qd, "user_dropped": ud,
             "us_per_packet": (cpu / (pps * seconds) * 1e6) if consumer and pps else None}

@@ -223,16 +223,20 @@ cdef class QueueReader:
         batches that produced events."""
         cdef Py_ssize_t n_events
         cdef uint64_t start = self.n_packets
+        cdef uint64_t until = start + stop_after_packets if stop_after_packets else 0
         while not self.stopping:
+            # stay without the GIL batch after batch; come back only to hand over events
             with nogil:
-                n_events = self._one_batch()
+                n_events = 0
+                while n_events == 0 and not self.stopping and (until == 0 or self.n_packets < until):
+                    n_events = self._one_batch()
             if n_events > 0:
                 self.n_events += n_events
                 if self.on_events is not None:
                     self.on_events([(Event(self.events[k].kind, self.events[k].subscriber, self.events[k].index,
                                            self.events[k].reason, self.events[k].balance),
                                      self.ts[self.events[k].index]) for k in range(n_events)])
-            if stop_after_packets and self.n_packets - start >= stop_after_packets:
+            if until and self.n_packets >= until:
                 break
 
     cdef Py_ssize_t _one_batch(self) noexcept nogil:
