@@ -114,10 +114,10 @@ def measure(label: str, seconds: float, senders: int = 1, consumer: int | None =
             "us_per_packet": (cpu / (pps * seconds) * 1e6) if consumer and pps else None}
 
 
-def start_gateway(work: Path, cfg: str, db: str, queues: str = "0") -> subprocess.Popen:
+def start_gateway(work: Path, cfg: str, db: str, queues: str = "0", extra=()) -> subprocess.Popen:
     (work / "t.toml").write_text(cfg)
     proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-gw", sys.executable, "-m", "gateway.cli", "run",
-                             "-c", str(work / "t.toml"), "--db", db, "--queues", queues], cwd=REPO,
+                             "-c", str(work / "t.toml"), "--db", db, "--queues", queues, *extra], cwd=REPO,
                             stdout=open(work / "gw.log", "a"), stderr=subprocess.STDOUT)
     for _ in range(100):
         if ns("gw", "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
@@ -176,6 +176,15 @@ def main() -> int:
             stop(gw)
         ns("gw", "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
 
+        say("Tollgate inline, 1 queue, lingering 50 us on thin batches")
+        gw = start_gateway(work, lab_config(2, {1: "1000000", 2: "1000000"}), str(work / "ledger3.db"),
+                           extra=["--linger-us", "50"])
+        try:
+            linger = measure("Tollgate, linger 50 us", args.seconds, consumer=gw.pid)
+        finally:
+            stop(gw)
+        ns("gw", "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
         say("Tollgate inline, 2 queues (queue-balance, one thread each), 2 senders")
         gw = start_gateway(work, lab_config(2, {1: "1000000", 2: "1000000"}), str(work / "ledger2.db"), queues="0-1")
         try:
@@ -201,7 +210,8 @@ def main() -> int:
         lab_down(PREFIX)
 
     bare, tg, nfq = rows
-    rows.insert(2, two)
+    rows.insert(2, linger)
+    rows.insert(3, two)
     head = ["path", "TCP bulk Gbit/s", "vs bare", "64-byte UDP kpps received", "vs NetfilterQueue", "UDP lost %",
             "queue dropped", "user dropped", "consumer CPU us/packet", "packets per CPU-s vs NetfilterQueue"]
     lines = [[r["label"], f"{r['tcp_gbps']:.2f}", f"{r['tcp_gbps'] / bare['tcp_gbps']:.0%}",

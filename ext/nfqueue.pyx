@@ -51,6 +51,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int, int, int, const void *, unsigned int)
     int bind(int, const void *, unsigned int)
     int recvmmsg(int, mmsghdr *, unsigned int, int, timespec *)
+    enum:
+        MSG_DONTWAIT
     ssize_t sendto(int, const void *, size_t, int, const void *, unsigned int)
     int close(int)
     enum:
@@ -61,6 +63,14 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_RCVTIMEO
         MSG_WAITFORONE
         MSG_TRUNC
+
+cdef extern from "<time.h>" nogil:
+    int nanosleep(const timespec *, timespec *)
+
+cdef extern from "<sys/prctl.h>" nogil:
+    int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long)
+    enum:
+        PR_SET_TIMERSLACK
 
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
@@ -112,6 +122,7 @@ cdef class QueueReader:
     """One nfqueue, read in batches into the compiled engine. See the module docstring."""
 
     cdef readonly int queue_num, batch_size, fd
+    cdef readonly long linger_ns
     cdef readonly bint fail_open
     cdef EngineC engine
     cdef object on_events
@@ -131,8 +142,10 @@ cdef class QueueReader:
     cdef uint64_t n_send_errors, n_events
 
     def __cinit__(self, int queue_num, EngineC engine not None, *, int batch_size=64, int copy_range=128,
-                  int queue_maxlen=8192, int rcvbuf=64 << 20, bint fail_open=True, bint gso=True, on_events=None):
+                  int queue_maxlen=8192, int rcvbuf=64 << 20, bint fail_open=True, bint gso=True, on_events=None,
+                  int linger_us=0):
         self.fd = -1
+        self.linger_ns = linger_us * 1000
         if not 1 <= batch_size <= 1024:
             raise ValueError("batch_size must be 1..1024")
         cdef int cap = batch_size * MAX_PER_DATAGRAM
@@ -224,6 +237,8 @@ cdef class QueueReader:
         cdef Py_ssize_t n_events
         cdef uint64_t start = self.n_packets
         cdef uint64_t until = start + stop_after_packets if stop_after_packets else 0
+        if self.linger_ns:
+            prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)  # this thread's sleeps may be late by 1 us, not 50
         while not self.stopping:
             # stay without the GIL batch after batch; come back only to hand over events
             with nogil:
@@ -242,6 +257,8 @@ cdef class QueueReader:
     cdef Py_ssize_t _one_batch(self) noexcept nogil:
         """One recvmmsg, one engine call, one sendto. Returns the number of events."""
         cdef int n = recvmmsg(self.fd, self.msgs, self.batch_size, MSG_WAITFORONE, NULL)
+        cdef int more
+        cdef timespec pause
         cdef int i, rc, remaining
         cdef uint32_t k = 0
         cdef const char *base
@@ -257,6 +274,15 @@ cdef class QueueReader:
             elif errno != EAGAIN and errno != EINTR:
                 self.n_recv_errors += 1
             return 0
+        if self.linger_ns and 0 < n < self.batch_size // 4:
+            # a thin batch: let a few more packets queue up, then take them in the
+            # same recvmmsg, so that system calls are paid per batch, not per packet
+            pause.tv_sec = 0
+            pause.tv_nsec = self.linger_ns
+            nanosleep(&pause, NULL)
+            more = recvmmsg(self.fd, self.msgs + n, self.batch_size - n, MSG_DONTWAIT, NULL)
+            if more > 0:
+                n += more
         now = tg_now_ns()
         for i in range(n):
             base = self.rx + <size_t> i * SLOT

@@ -111,7 +111,10 @@ def cmd_run(args) -> int:
     if db is None:
         return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
     queues = _queues(args.queues)
-    return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine))
+    if not 0 <= args.linger_us <= 1000:
+        return _fail("--linger-us is 0..1000", EXIT_USAGE)
+    return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine,
+                          linger_us=args.linger_us))
 
 
 def _queues(text: str) -> tuple:
@@ -193,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0", help="address of the portal/metrics HTTP service")
     p.add_argument("--port", type=int, default=8080, help="port of the portal/metrics HTTP service (default 8080)")
     p.add_argument("--engine", choices=("c", "py"), help="engine implementation (default: c)")
+    p.add_argument("--linger-us", type=int, default=0,
+                   help="when a batch is thin, wait this long for more packets before rating it: fewer system "
+                        "calls per packet, this much more latency (default 0: never wait)")
     p.set_defaults(func=cmd_run)
 
     p = with_config(sub.add_parser("topup", help="record a payment; a running gateway applies it within a second"))

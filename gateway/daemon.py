@@ -54,6 +54,7 @@ class RunOptions:
     engine: str | None = None
     flush_interval: float = 1.0
     batch_size: int = 64
+    linger_us: int = 0
 
 
 class EngineCollector:
@@ -147,7 +148,8 @@ class Gateway:
 
         for q in self.opts.queues:
             reader = QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
-                                 fail_open=self.opts.fail_open, on_events=self.events.put)
+                                 fail_open=self.opts.fail_open, on_events=self.events.put,
+                                 linger_us=self.opts.linger_us)
             self.readers.append(reader)
             self._spawn(f"queue{q}", reader.run)
 
