@@ -181,16 +181,8 @@ class Gateway:
             log.error("reload refused: the number of zones or time slots changed; restart to apply")
             return
         with self.engine_lock:
-            e = self.acct.engine
-            e.set_zones(cfg.zones.rules())
-            e.set_allowlist(cfg.allowlist)
-            for name, tid in cfg.tariff_ids().items():
-                t = cfg.tariffs[name]
-                e.set_tariff(tid, t.engine_prices(len(cfg.zones), len(cfg.schedule.slots)), t.engine_buckets(),
-                             t.warn_levels)
-            self.config = self.acct.config = cfg
-            self.acct.tariff_ids = cfg.tariff_ids()
-            self.acct._timeline_end = None
+            self.acct.load_tables(cfg)
+            self.config = cfg
             now = time.time_ns()
             self.acct.ensure_timeline(now, since_ns=now)
         log.info("config reloaded from %s", self.opts.config_path)

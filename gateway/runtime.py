@@ -52,14 +52,21 @@ class Accountant:
         cls = engine_class(self.engine_name)
         self.engine = cls(len(cfg.zones), len(cfg.schedule.slots),
                           malformed_verdict=cfg.malformed_verdict, unknown_verdict=cfg.unknown_verdict)
+        self._timeline_end: int | None = None
+        self.load_tables(cfg)
+
+    def load_tables(self, cfg: Config) -> None:
+        """Zones, allow-list and tariffs of ``cfg`` into the engine (start and SIGHUP).
+        The number of zones and time slots is fixed for an engine's life."""
         self.engine.set_zones(cfg.zones.rules())
         self.engine.set_allowlist(cfg.allowlist)
-        self.tariff_ids = cfg.tariff_ids()
-        for name, tid in self.tariff_ids.items():
+        for name, tid in cfg.tariff_ids().items():
             t = cfg.tariffs[name]
             self.engine.set_tariff(tid, t.engine_prices(len(cfg.zones), len(cfg.schedule.slots)),
                                    t.engine_buckets(), t.warn_levels)
-        self._timeline_end: int | None = None
+        self.config = cfg
+        self.tariff_ids = cfg.tariff_ids()
+        self._timeline_end = None  # recomputed from the (maybe new) schedule on next use
 
     # ---- subscribers -----------------------------------------------------
 
