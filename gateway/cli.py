@@ -113,8 +113,10 @@ def cmd_run(args) -> int:
     queues = _queues(args.queues)
     if not 0 <= args.linger_us <= 1000:
         return _fail("--linger-us is 0..1000", EXIT_USAGE)
+    if args.drift_interval <= 0:
+        return _fail("--drift-interval must be positive", EXIT_USAGE)
     return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine,
-                          linger_us=args.linger_us))
+                          linger_us=args.linger_us, drift_interval=args.drift_interval))
 
 
 def _queues(text: str) -> tuple:
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger-us", type=int, default=0,
                    help="when a batch is thin, wait this long for more packets before rating it: fewer system "
                         "calls per packet, this much more latency (default 0: never wait)")
+    p.add_argument("--drift-interval", type=float, default=10.0,
+                   help="seconds between comparisons of the engine's per-subscriber bytes with the kernel's "
+                        "(default 10); a gap is logged and exported as tollgate_drift_bytes")
     p.set_defaults(func=cmd_run)
 
     p = with_config(sub.add_parser("topup", help="record a payment; a running gateway applies it within a second"))

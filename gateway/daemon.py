@@ -55,6 +55,8 @@ class RunOptions:
     flush_interval: float = 1.0
     batch_size: int = 64
     linger_us: int = 0
+    drift_interval: float = 10.0  # seconds between engine-vs-kernel comparisons
+    drift_min_bytes: int = 64 * 1024  # a drift below this (or 0.5% of the kernel's count) is noise
 
 
 class EngineCollector:
@@ -114,6 +116,15 @@ class Gateway:
         self.registry.register(EngineCollector(self))
         self.block_latencies: list[float] = []  # kept for the lab's report
         self.http_local = threading.local()  # per-thread read connections to the ledger
+        self.enforcer_lock = threading.Lock()  # one libnftables context, used by two threads
+        self.engine_bytes: dict[int, int] = {}  # bytes drained from the engine since start, per subscriber
+        self.drift: dict[str, int] = {}  # subscriber -> kernel minus engine bytes, where beyond noise
+        self.next_drift_check = time.monotonic() + opts.drift_interval
+        self.m_drift = Gauge("tollgate_drift_bytes", "kernel minus engine bytes since start, for subscribers "
+                             "beyond the noise threshold (traffic that bypassed the queue)", ["subscriber"],
+                             registry=self.registry)
+        self.m_drift_alarms = Counter("tollgate_drift_alarms", "drift checks that found a subscriber beyond "
+                                      "the threshold", registry=self.registry)
 
     # ---- start and stop --------------------------------------------------
 
@@ -232,10 +243,11 @@ class Gateway:
             elif ev.kind == EV_UNBLOCK and not self.acct.engine.subscriber(ev.subscriber).blocked:
                 unblock += self._networks(ev.subscriber)
         started = time.perf_counter()
-        if block:
-            self.enforcer.block(block)
-        if unblock:
-            self.enforcer.unblock(unblock)
+        with self.enforcer_lock:
+            if block:
+                self.enforcer.block(block)
+            if unblock:
+                self.enforcer.unblock(unblock)
         done = time.time_ns()
         if block or unblock:
             self.m_nft_latency.observe(time.perf_counter() - started)
@@ -263,7 +275,11 @@ class Gateway:
     def _flush_loop(self) -> None:
         while not self.stopping.wait(self.opts.flush_interval):
             try:
+                # the kernel counts a packet just after the engine does: read it first, drain second
+                kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
                 self._flush()
+                if kernel is not None:
+                    self._check_drift(kernel)
                 self._apply_payments()
                 now = time.time_ns()
                 with self.engine_lock:
@@ -285,6 +301,8 @@ class Gateway:
             self.ledger.record_block(sid, what, reason, ts)
         if self.pending is None:
             rows = self.acct.engine.drain()
+            for r in rows:
+                self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
             if not rows:
                 self.last_flush = time.time()
                 return
@@ -297,6 +315,36 @@ class Gateway:
         self.ledger.apply_flush(flush_id, rows, now, source="nfqueue")
         self.pending = None
         self.last_flush = time.time()
+
+    def _kernel_bytes(self) -> dict[int, int]:
+        with self.enforcer_lock:
+            counters = self.enforcer.counters()
+        out = {}
+        for sid, info in self.acct.subscribers.items():
+            rows = [counters[n] for n in info.addresses if n in counters]
+            out[sid] = sum(r["up_bytes"] + r["down_bytes"] for r in rows)
+        return out
+
+    def _check_drift(self, kernel: dict[int, int]) -> None:
+        """Compare the engine with the kernel's per-subscriber counters. A gap
+        means traffic the engine never rated: the queue bypassed on overflow
+        or while down (fail-open), offload, a rule the operator added."""
+        self.next_drift_check = time.monotonic() + self.opts.drift_interval
+        drift = {}
+        for sid, kernel_bytes in kernel.items():
+            gap = kernel_bytes - self.engine_bytes.get(sid, 0)
+            if abs(gap) > max(self.opts.drift_min_bytes, kernel_bytes // 200):
+                drift[self.acct.subscribers[sid].name] = gap
+        for name in set(self.drift) - set(drift):
+            self.m_drift.remove(name)
+        for name, gap in drift.items():
+            self.m_drift.labels(name).set(gap)
+            if self.drift.get(name) != gap:
+                log.warning("drift: subscriber %s has %d bytes in the kernel's counters that the engine did not "
+                            "rate", name, gap)
+        if drift:
+            self.m_drift_alarms.inc()
+        self.drift = drift
 
     def _apply_payments(self) -> None:
         """Payments written to the ledger by others (CLI, API) reach the live balance."""
@@ -318,6 +366,7 @@ class Gateway:
                 "engine": self.acct.engine.implementation, "subscribers": len(self.acct.subscribers),
                 "queues": list(self.opts.queues), "flush_lag_seconds": round(time.time() - self.last_flush, 3),
                 "block_latency_ms": {"n": len(lat), "p50": pct(0.5), "p99": pct(0.99)},
+                "drift_bytes": self.drift,
                 "queue": {r.queue_num: r.stats() for r in self.readers}}
 
     def subscriber_page(self, address: str) -> dict | None:

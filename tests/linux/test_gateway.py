@@ -178,3 +178,22 @@ def test_fail_closed_stops_subscriber_traffic_while_the_daemon_is_down(lab, gate
     assert netns(lab.sub(1), "curl", "-s", "-m", "2", "-o", "/dev/null", f"http://{UP4}/").returncode != 0
     gw.start()
     assert netns(lab.sub(1), "curl", "-s", "-m", "3", "-o", "/dev/null", f"http://{UP4}/").returncode == 0
+
+
+def test_drift_alarm_when_traffic_bypasses_the_engine(lab, gateway):
+    gw = gateway(extra=["--drift-interval", "1"])
+    assert netns(lab.sub(2), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+    time.sleep(2.5)
+    assert health(gw)["drift_bytes"] == {}  # everything the kernel counted, the engine rated
+    # an operator's rule lets s2 skip the queue: the kernel still counts it, the engine never sees it
+    for flag in ("-s", "-d"):
+        netns(lab.gw, "iptables-nft", "-I", "FORWARD", "1", flag, lab.sub_addr4(2), "-j", "ACCEPT", check=True)
+    try:
+        assert netns(lab.sub(2), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+        time.sleep(2.5)
+        drift = health(gw)["drift_bytes"]
+        assert set(drift) == {"s2"} and drift["s2"] > BIG
+        assert 'tollgate_drift_bytes{subscriber="s2"}' in gw.metrics()
+    finally:
+        for flag in ("-s", "-d"):
+            netns(lab.gw, "iptables-nft", "-D", "FORWARD", flag, lab.sub_addr4(2), "-j", "ACCEPT")
