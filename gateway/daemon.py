@@ -57,6 +57,7 @@ class RunOptions:
     linger_us: int = 0
     drift_interval: float = 10.0  # seconds between engine-vs-kernel comparisons
     drift_min_bytes: int = 64 * 1024  # a drift below this (or 0.5% of the kernel's count) is noise
+    metrics_subscribers: int = 1000  # cap on per-subscriber series in /metrics
 
 
 class EngineCollector:
@@ -81,6 +82,46 @@ class EngineCollector:
             for key, value in reader.stats().items():
                 q.add_metric([str(reader.queue_num), key], value)
         yield q
+        drops = CounterMetricFamily("tollgate_queue_kernel_drops", "packets the kernel dropped for a queue "
+                                    "(/proc/net/netfilter/nfnetlink_queue)", labels=["queue", "where"])
+        for queue_num, queue_dropped, user_dropped in kernel_queue_drops():
+            drops.add_metric([str(queue_num), "queue_full"], queue_dropped)
+            drops.add_metric([str(queue_num), "socket"], user_dropped)
+        yield drops
+        yield from self.subscribers()
+
+    def subscribers(self):
+        """Bytes and balance of the busiest subscribers. The series are capped
+        (``--metrics-subscribers``, default 1000) so a large network cannot
+        swamp Prometheus; totals for everyone are in the ledger."""
+        gw = self.gw
+        top = sorted(gw.engine_bytes.items(), key=lambda kv: -kv[1])[:gw.opts.metrics_subscribers]
+        nbytes = CounterMetricFamily("tollgate_subscriber_bytes", "IP bytes rated for the subscriber since the "
+                                     "gateway started", labels=["subscriber"])
+        balance = GaugeMetricFamily("tollgate_subscriber_balance", "live balance in internal units (nano-units "
+                                    "of the currency, or bytes)", labels=["subscriber"])
+        for sid, total in top:
+            info = gw.acct.subscribers.get(sid)
+            if info is None:
+                continue
+            nbytes.add_metric([info.name], total)
+            balance.add_metric([info.name], gw.acct.engine.subscriber(sid).balance)
+        yield nbytes
+        yield balance
+
+
+def kernel_queue_drops() -> list[tuple[int, int, int]]:
+    """(queue, dropped because full, dropped because our socket was full) per bound queue."""
+    out = []
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 7:
+                    out.append((int(fields[0]), int(fields[5]), int(fields[6])))
+    except OSError:
+        pass
+    return out
 
 
 class Gateway:

@@ -80,6 +80,11 @@ def test_bytes_per_subscriber_equal_the_kernel_counters(lab, gateway):
         assert counted[f"s{i}"] == kernel, f"s{i}: engine {counted[f's{i}']} != kernel {kernel}"
     q = health(gw)["queue"]["0"]
     assert q["enobufs"] == 0 and q["recv_errors"] == 0
+    # what Prometheus scrapes agrees with the kernel too
+    metrics = gw.metrics()
+    for i in range(1, 5):
+        line = next(m for m in metrics.splitlines() if m.startswith(f'tollgate_subscriber_bytes_total{{subscriber="s{i}"}}'))
+        assert float(line.split()[-1]) == kernel_bytes(gw, i)
 
 
 def dns_answers(lab, i: int) -> bool:
