@@ -109,7 +109,7 @@ cdef class EngineC:
     cdef uint8_t *tl_slots
     cdef uint32_t tl_len
     cdef tg_stats stats_
-    cdef object owner_prefixes       # {(family, net, plen): sid}: the control plane's view
+    cdef object owner_prefixes       # {packed prefix: sid}: the control plane's view (see _pack)
     cdef object tariff_buckets       # {tariff: n_buckets}
 
     cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil

@@ -211,6 +211,17 @@ def _key(int family, object net):
     return (<object> net).to_bytes(4 if family == 4 else 16, "big")
 
 
+# The control plane's index of owned prefixes is a dict keyed by one int per
+# prefix (network << 9 | length << 1 | is_v6): a third of the memory of
+# (family, network, length) tuples at a million subscribers.
+def _pack(int family, object net, int plen):
+    return (net << 9) | (plen << 1) | (family == 6)
+
+
+def _unpack(object packed):
+    return (6 if packed & 1 else 4), packed >> 9, (packed >> 1) & 0xFF
+
+
 # ---- packets -----------------------------------------------------------------
 
 cdef struct tg_packet:
@@ -577,9 +588,9 @@ cdef class EngineC:
     def remove_subscriber(self, sid):
         """Forget ``sid`` and its addresses; returns its undrained counters."""
         self._sub(sid)
-        for key, owner in list(self.owner_prefixes.items()):
+        for packed, owner in list(self.owner_prefixes.items()):
             if owner == sid:
-                self._remove_prefix(key)
+                self._remove_prefix(_unpack(packed))
         rows = self._take_counters(sid)
         with nogil:
             pthread_rwlock_wrlock(&self.rwlock)
@@ -610,11 +621,10 @@ cdef class EngineC:
 
     def add_address(self, sid, str network):
         self._sub(sid)
-        key = parse_network(network)
-        owner = self.owner_prefixes.get(key)
+        family, net, plen = parse_network(network)
+        owner = self.owner_prefixes.get(_pack(family, net, plen))
         if owner is not None:
             raise EngineError(f"{network} already belongs to subscriber {owner}")
-        family, net, plen = key
         cdef bytes k = _key(family, net) + bytes(16)
         with nogil:
             pthread_rwlock_wrlock(&self.rwlock)
@@ -622,23 +632,23 @@ cdef class EngineC:
             trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, sid, False, 0)
         finally:
             pthread_rwlock_unlock(&self.rwlock)
-        self.owner_prefixes[key] = sid
+        self.owner_prefixes[_pack(family, net, plen)] = sid
 
     def remove_address(self, str network):
         key = parse_network(network)
-        if key not in self.owner_prefixes:
+        if _pack(*key) not in self.owner_prefixes:
             raise EngineError(f"{network} belongs to no subscriber")
         self._remove_prefix(key)
 
     cdef _remove_prefix(self, key):
         family, net, plen = key
-        del self.owner_prefixes[key]
+        del self.owner_prefixes[_pack(family, net, plen)]
         # what covered this prefix before it was added: the longest shorter prefix still owned
         cdef uint32_t repl = 0
         bits = 32 if family == 4 else 128
         for shorter in range(plen - 1, -1, -1):
             masked = net >> (bits - shorter) << (bits - shorter) if shorter else 0
-            owner = self.owner_prefixes.get((family, masked, shorter))
+            owner = self.owner_prefixes.get(_pack(family, masked, shorter))
             if owner is not None:
                 repl = (<uint32_t> owner << 8) | <uint32_t> shorter
                 break
