@@ -9,9 +9,10 @@ Threads, each with one job:
   changes at once (the kernel drops the subscriber from then on, even if this
   process dies) and times each from the breaching packet to the set holding it;
 * the **flusher**: once a second drains the engine's counters into the ledger
-  (idempotent flush ids), applies payments that appeared in the ledger (a
-  top-up from the CLI or the API unblocks within a second), records blocks,
-  and keeps the time-slot timeline ahead of the clock;
+  (idempotent flush ids), records blocks, compares the engine with the
+  kernel's counters (drift) and keeps the time-slot timeline ahead of the
+  clock; five times a second it applies payments that appeared in the ledger
+  (a top-up from the CLI or the API unblocks well within a second);
 * the **HTTP service**: health, ``/metrics`` and the block page.
 
 SIGTERM/SIGINT: stop the readers, flush, leave the kernel table and its blocks
@@ -41,6 +42,7 @@ from .config import Config, load_config
 from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
 
 log = logging.getLogger("tollgate.daemon")
+PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
 
 
 @dataclass
@@ -314,14 +316,21 @@ class Gateway:
     # ---- ledger -------------------------------------------------------------
 
     def _flush_loop(self) -> None:
-        while not self.stopping.wait(self.opts.flush_interval):
+        """Every PAYMENT_POLL seconds: payments from the ledger reach the live
+        balances (a top-up unblocks well within a second); every
+        ``flush_interval``: counters to the ledger, drift check, timeline."""
+        next_flush = time.monotonic() + self.opts.flush_interval
+        while not self.stopping.wait(PAYMENT_POLL):
             try:
+                self._apply_payments()
+                if time.monotonic() < next_flush:
+                    continue
+                next_flush = time.monotonic() + self.opts.flush_interval
                 # the kernel counts a packet just after the engine does: read it first, drain second
                 kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
                 self._flush()
                 if kernel is not None:
                     self._check_drift(kernel)
-                self._apply_payments()
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
