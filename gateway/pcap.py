@@ -217,7 +217,7 @@ class CaptureReader:
                     break
                 body = view[i + 8:i + blen - 4]
                 if btype == PCAPNG_IDB:
-                    ifaces.append(self._idb(body, order, pos + i))
+                    ifaces.append(self._idb(body, order))
                 elif btype in (PCAPNG_EPB, PCAPNG_OPB):
                     if btype == PCAPNG_EPB:
                         if_id, ts_hi, ts_lo, incl, orig = struct.unpack_from(order + "IIIII", body)
@@ -242,7 +242,7 @@ class CaptureReader:
             self.truncated = True
             self.truncated_at = pos
 
-    def _idb(self, body: memoryview, order: str, offset: int) -> _Interface:
+    def _idb(self, body: memoryview, order: str) -> _Interface:
         linktype = struct.unpack_from(order + "H", body)[0]
         self.link_types.add(LINK_NAMES.get(linktype, linktype))
         iface = _Interface(linktype, 1000, 1)  # default resolution: microseconds
