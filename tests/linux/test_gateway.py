@@ -12,6 +12,7 @@ import json
 import signal
 import sqlite3
 import struct
+import sys
 import time
 
 import pytest
@@ -20,6 +21,18 @@ from lablib import Gateway, lab_config, netns
 
 UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 BIG = 8 * 1024 * 1024
+
+
+SCAPY_SEND = f"""
+from scapy.all import IP, IPv6, UDP, Raw, send, conf
+from scapy.layers.inet import IPOption_NOP
+from scapy.layers.inet6 import IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt
+conf.verb = 0
+src6 = "2001:db8:100:2::2"
+send(IPv6(src=src6, dst="{UP6}") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(dport=9) / Raw(bytes(300)), count=10)
+send(IP(src="100.64.2.2", dst="{UP4}", options=[IPOption_NOP()] * 4) / UDP(dport=9) / Raw(bytes(200)), count=10)
+send(IP(src="100.64.2.2", dst="{UP4}", proto=253) / Raw(bytes(100)), count=10)
+"""
 
 
 def ledger_bytes(db) -> dict[str, int]:
@@ -70,6 +83,10 @@ def test_bytes_per_subscriber_equal_the_kernel_counters(lab, gateway):
         netns(s(3), "curl", "-s", "-o", "/dev/null", f"http://[{UP6}]/big.bin"),
         netns(s(4), "iperf3", "-c", UP6, "-t", "1", "-R"),
         netns(s(4), "ping", "-c", "3", "-i", "0.05", "-s", "1400", UP4),
+        netns(s(4), "ping", "-c", "3", "-i", "0.05", "-s", "3000", UP4),  # fragments
+        netns(s(1), "ping", "-6", "-c", "3", "-i", "0.05", "-s", "3000", UP6),
+        # scapy: IPv6 with extension headers, IPv4 with options, an unknown protocol
+        netns(s(2), sys.executable, "-c", SCAPY_SEND),
     ]
     assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs if p.returncode]
     wait_flushed(gw)
