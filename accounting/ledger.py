@@ -6,15 +6,29 @@ in one transaction or not at all, and a flush whose id is known changes
 nothing, so a crash between "drained" and "written" never charges twice when
 the same flush is written again, and replaying a capture is idempotent.
 
-The database runs in WAL mode with ``synchronous=FULL``: a committed flush
-survives a crash of the process and of the machine; readers (the portal, the
-CLI) never block the flusher. The schema is versioned; ``Ledger.open``
-applies pending ``migrations/NNNN_*.sql`` in order, each in a transaction.
+Units. Amounts are integers in the currency's internal unit (nano-units of
+money, or bytes in volume accounting; see :mod:`accounting.money`). Every
+timestamp (``ts``, columns ending in ``_ns``) is integer nanoseconds since the
+Unix epoch, UTC; only ``usage.minute`` is in seconds: the epoch second its
+minute starts (a multiple of 60).
+
+Durability. WAL mode, so readers (portal, CLI, API) never block the flusher
+and the flusher never blocks them. ``synchronous=FULL``: in WAL mode NORMAL
+keeps the file consistent but may lose the last commits on a power cut, and
+a lost commit here is a payment the customer was told about, or a flush the
+engine has already forgotten (traffic never charged). FULL costs one fsync
+per commit; the gateway commits about once a second, so that is nothing.
+
+Schema. Versioned by ``migrations/NNNN_*.sql``, applied in order on open,
+each in its own transaction with its ``schema_version`` row. A file that is
+not a Tollgate ledger (SQLite ``application_id``), or whose version is newer
+than this code, is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -23,25 +37,52 @@ import sqlite_utils
 
 from ext.errors import LedgerError
 
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "Ledger"]
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 APPLICATION_ID = 0x546F6C6C  # "Toll": marks a SQLite file as a Tollgate ledger
 
+USAGE_GROUPS = ("subscriber_id", "zone", "direction", "minute")
 
-def _migrations() -> list[tuple[int, Path]]:
+
+def _migrations(folder: Path | None = None) -> list[tuple[int, Path]]:
     found = []
-    for path in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+    for path in sorted((folder or MIGRATIONS).glob("[0-9][0-9][0-9][0-9]_*.sql")):
         found.append((int(path.name[:4]), path))
+    versions = [v for v, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise LedgerError(f"migrations in {folder or MIGRATIONS} are not numbered 1, 2, 3...: {versions}")
     return found
 
 
-def _int(value, what: str) -> int:
+def _int(value, what: str, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise LedgerError(f"{what} must be an integer number of internal units, not {value!r}")
+        raise LedgerError(f"{what} must be an integer (internal units, nanoseconds or a count), not {value!r}")
+    if minimum is not None and value < minimum:
+        raise LedgerError(f"{what} must be at least {minimum}, not {value}")
+    return value
+
+
+def _ts(value, what: str = "ts") -> int:
+    """A timestamp in ns; None means now."""
+    return time.time_ns() if value is None else _int(value, f"{what} (integer nanoseconds since the epoch)", 0)
+
+
+def _text(value, what: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise LedgerError(f"{what} must be a non-empty string, not {value!r}")
     return value
 
 
 class Ledger:
-    """A Tollgate ledger in one SQLite file. Use ``Ledger.open(path)``."""
+    """A Tollgate ledger in one SQLite file. Use ``Ledger.open(path)``.
+
+    One ``Ledger`` is one connection; give each thread its own. Every
+    writing method is one transaction: it does everything or, raising
+    :class:`LedgerError`, nothing.
+    """
 
     def __init__(self, db: sqlite_utils.Database, path: str) -> None:
         self.db = db
@@ -50,52 +91,78 @@ class Ledger:
     # ---- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path) -> "Ledger":
-        """Open (creating if needed) and migrate the ledger at ``path``."""
+    def open(cls, path, migrations: Path | None = None) -> Ledger:
+        """Open (creating if needed) and migrate the ledger at ``path``.
+
+        ``migrations`` is another folder of migrations, for tests.
+        """
         path = str(path)
+        conn = None
         try:
+            # autocommit; transactions are explicit (BEGIN IMMEDIATE, see _Transaction)
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             db = sqlite_utils.Database(conn)
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA synchronous = FULL")
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
             tables = db.table_names()
+            if tables and app_id != APPLICATION_ID:
+                raise LedgerError(f"{path} is an SQLite database but not a Tollgate ledger")
+            db.enable_wal()
+            ledger = cls(db, path)
+            ledger._migrate(_migrations(migrations))
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
             raise LedgerError(f"{path}: not a usable SQLite database ({exc})") from None
-        if tables and app_id != APPLICATION_ID:
-            raise LedgerError(f"{path} is an SQLite database but not a Tollgate ledger")
-        db.enable_wal()
-        ledger = cls(db, path)
-        ledger._migrate()
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         return ledger
 
-    def _migrate(self) -> None:
-        db = self.db
-        if "schema_version" not in db.table_names():
-            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_ns INTEGER NOT NULL)")
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        known = _migrations()
+    def _migrate(self, known: list[tuple[int, Path]]) -> None:
         newest = known[-1][0] if known else 0
+        current = self._current_version()
+        if current == newest:
+            return  # the usual open: no write lock taken
+        for version, script in known:
+            with self._tx():  # re-read inside: another process may be migrating the same file
+                current = self._current_version()
+                if current > newest:
+                    raise LedgerError(f"{self.path} has schema version {current}; this Tollgate knows up to "
+                                      f"{newest}: upgrade Tollgate")
+                if version <= current:
+                    continue
+                if current == 0:
+                    # marks the file as ours in the same transaction as the first schema
+                    self.db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                                    "(version INTEGER PRIMARY KEY, applied_ns INTEGER NOT NULL)")
+                    self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                try:
+                    for statement in _statements(script.read_text()):
+                        self.db.execute(statement)
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"migration {script.name} failed on {self.path}: {exc}") from None
+                self.db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time_ns()))
+        current = self._current_version()
         if current > newest:
             raise LedgerError(f"{self.path} has schema version {current}; this Tollgate knows up to {newest}: "
                               f"upgrade Tollgate")
-        for version, path in known:
-            if version <= current:
-                continue
-            script = path.read_text()
-            with self._tx():
-                for statement in _statements(script):
-                    self.db.execute(statement)
-                self.db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time_ns()))
 
-    def _tx(self):
+    def _current_version(self) -> int:
+        if "schema_version" not in self.db.table_names():
+            return 0
+        return self.db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+    def _tx(self) -> _Transaction:
         return _Transaction(self.db.conn)
 
     def close(self) -> None:
+        """Close the connection (a committed ledger needs nothing else)."""
         self.db.conn.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -103,18 +170,36 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        return self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        """The schema version of the open file."""
+        return self._current_version()
 
     # ---- subscribers -----------------------------------------------------
 
+    _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
+             "created_ns")
+
     def add_subscriber(self, name: str, tariff: str, currency: str, opening_balance: int = 0,
                        credit_limit: int = 0, contract: str | None = None, addresses=()) -> int:
-        """Create a subscriber; returns its id. Addresses are CIDR strings."""
-        if not isinstance(name, str) or not name:
-            raise LedgerError("a subscriber needs a name")
+        """Create a subscriber; returns its id.
+
+        ``currency`` is a code that :func:`accounting.money.get_currency` knows
+        (stored upper case); ``opening_balance`` and ``credit_limit`` are in its
+        internal units; ``addresses`` are IPv4/IPv6 addresses or prefixes that
+        no other subscriber holds.
+        """
+        from . import money
+
+        _text(name, "a subscriber's name")
+        _text(tariff, "a subscriber's tariff")
+        _text(contract, "contract", optional=True)
+        try:
+            code = money.get_currency(currency).code
+        except money.MoneyError as exc:
+            raise LedgerError(str(exc)) from None
         _int(opening_balance, "opening balance")
-        if _int(credit_limit, "credit limit") < 0:
-            raise LedgerError("credit limit must not be negative")
+        _int(credit_limit, "credit limit", 0)
+        if isinstance(addresses, str):
+            addresses = [addresses]
         nets = [_network(a) for a in addresses]
         with self._tx():
             if self.db.execute("SELECT 1 FROM subscribers WHERE name = ?", (name,)).fetchone():
@@ -122,50 +207,41 @@ class Ledger:
             cur = self.db.execute(
                 "INSERT INTO subscribers (name, contract, tariff, currency, opening_balance, balance, credit_limit,"
                 " created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, contract, tariff, currency, opening_balance, opening_balance, credit_limit, time.time_ns()))
+                (name, contract, tariff, code, opening_balance, opening_balance, credit_limit, time.time_ns()))
             sid = cur.lastrowid
             for net in nets:
                 self._insert_address(sid, net)
         return sid
 
-    def _insert_address(self, sid: int, network: str) -> None:
-        owner = self.db.execute("SELECT subscriber_id FROM addresses WHERE network = ?", (network,)).fetchone()
-        if owner:
-            raise LedgerError(f"{network} already belongs to subscriber {owner[0]}")
-        self.db.execute("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", (network, sid))
+    def get_subscriber(self, key) -> dict | None:
+        """By id (int) or name (str; a name of digits that is nobody's name is
+        taken as an id); None if there is no such subscriber.
 
-    def add_address(self, subscriber, network: str) -> None:
-        sid = self._sid(subscriber)
-        with self._tx():
-            self._insert_address(sid, _network(network))
+        The dict has the ``subscribers`` columns and ``addresses``, a sorted list.
+        """
+        cols = ", ".join(self._COLS)
+        if isinstance(key, bool):
+            return None
+        if isinstance(key, int):
+            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?", (key,)).fetchone()
+        elif isinstance(key, str):
+            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE name = ?", (key,)).fetchone()
+            if row is None and key.isdigit():
+                row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?", (int(key),)).fetchone()
+        else:
+            return None
+        return None if row is None else self._subscriber(row)
 
-    def remove_address(self, network: str) -> None:
-        with self._tx():
-            cur = self.db.execute("DELETE FROM addresses WHERE network = ?", (_network(network),))
-            if cur.rowcount == 0:
-                raise LedgerError(f"{network} belongs to no subscriber")
+    def subscribers(self) -> list[dict]:
+        """All subscribers, by id, as :meth:`get_subscriber` returns them."""
+        rows = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers ORDER BY id").fetchall()
+        return [self._subscriber(r) for r in rows]
 
-    def _row(self, row: sqlite3.Row | tuple, cols) -> dict:
-        d = dict(zip(cols, row))
+    def _subscriber(self, row) -> dict:
+        d = dict(zip(self._COLS, row))
         d["addresses"] = [n for (n,) in self.db.execute(
             "SELECT network FROM addresses WHERE subscriber_id = ? ORDER BY network", (d["id"],))]
         return d
-
-    _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active")
-
-    def get_subscriber(self, key) -> dict | None:
-        """By id (int) or name (str); None if there is no such subscriber."""
-        col = "id" if isinstance(key, int) else "name"
-        if isinstance(key, str) and key.isdigit():
-            row = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers WHERE name = ? OR id = ?",
-                                  (key, int(key))).fetchone()
-        else:
-            row = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers WHERE {col} = ?", (key,)).fetchone()
-        return None if row is None else self._row(row, self._COLS)
-
-    def subscribers(self) -> list[dict]:
-        rows = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers ORDER BY id").fetchall()
-        return [self._row(r, self._COLS) for r in rows]
 
     def _sid(self, subscriber) -> int:
         sub = self.get_subscriber(subscriber)
@@ -173,48 +249,165 @@ class Ledger:
             raise LedgerError(f"no subscriber {subscriber!r}")
         return sub["id"]
 
+    def set_active(self, subscriber, active: bool) -> None:
+        """Mark a subscriber active or not (an inactive one is not loaded into the engine)."""
+        sid = self._sid(subscriber)
+        with self._tx():
+            self.db.execute("UPDATE subscribers SET active = ? WHERE id = ?", (1 if active else 0, sid))
+
     def balance(self, subscriber) -> int:
-        return self.get_subscriber(self._sid(subscriber))["balance"]
+        """The ledger's balance (internal units): opening + payments + adjustments - charges."""
+        return self.db.execute("SELECT balance FROM subscribers WHERE id = ?", (self._sid(subscriber),)).fetchone()[0]
+
+    # ---- addresses ---------------------------------------------------------
+
+    def _insert_address(self, sid: int, network: str) -> None:
+        owner = self.db.execute("SELECT a.subscriber_id, s.name FROM addresses a JOIN subscribers s "
+                                "ON s.id = a.subscriber_id WHERE a.network = ?", (network,)).fetchone()
+        if owner:
+            raise LedgerError(f"{network} already belongs to subscriber {owner[0]} ({owner[1]})")
+        self.db.execute("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", (network, sid))
+
+    def add_address(self, subscriber, network: str) -> None:
+        """Give ``network`` (an address or prefix, host bits zero) to a subscriber.
+
+        The same prefix may belong to one subscriber only. Overlapping prefixes
+        of different length may (the engine takes the longest match).
+        """
+        sid = self._sid(subscriber)
+        net = _network(network)
+        with self._tx():
+            self._insert_address(sid, net)
+
+    def remove_address(self, network: str) -> None:
+        """Take ``network`` from whoever holds it; an error if nobody does."""
+        net = _network(network)
+        with self._tx():
+            cur = self.db.execute("DELETE FROM addresses WHERE network = ?", (net,))
+            if cur.rowcount == 0:
+                raise LedgerError(f"{network} belongs to no subscriber")
+
+    def set_addresses(self, subscriber, networks) -> None:
+        """Replace all of a subscriber's addresses with ``networks``, at once."""
+        sid = self._sid(subscriber)
+        if isinstance(networks, str):
+            networks = [networks]
+        nets = sorted({_network(n) for n in networks})
+        with self._tx():
+            self.db.execute("DELETE FROM addresses WHERE subscriber_id = ?", (sid,))
+            for net in nets:
+                self._insert_address(sid, net)
+
+    # ---- tariffs and zones ---------------------------------------------------
+
+    def set_tariff(self, name: str, spec) -> int:
+        """Record ``spec`` (anything JSON can hold) as the tariff ``name``;
+        returns its version. The same spec as the newest version keeps that
+        version; a different one becomes the next version."""
+        _text(name, "a tariff's name")
+        try:
+            text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"tariff {name!r}: spec is not JSON-serialisable ({exc})") from None
+        with self._tx():
+            row = self.db.execute("SELECT version, spec FROM tariffs WHERE name = ? ORDER BY version DESC LIMIT 1",
+                                  (name,)).fetchone()
+            if row and row[1] == text:
+                return row[0]
+            version = row[0] + 1 if row else 1
+            self.db.execute("INSERT INTO tariffs (name, version, spec, created_ns) VALUES (?, ?, ?, ?)",
+                            (name, version, text, time.time_ns()))
+            return version
+
+    def tariff(self, name: str, version: int | None = None) -> dict | None:
+        """``{"name", "version", "spec", "created_ns"}`` of the newest (or the
+        given) version of a tariff; None if unknown."""
+        if version is None:
+            row = self.db.execute("SELECT name, version, spec, created_ns FROM tariffs WHERE name = ? "
+                                  "ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+        else:
+            row = self.db.execute("SELECT name, version, spec, created_ns FROM tariffs WHERE name = ? AND version = ?",
+                                  (name, version)).fetchone()
+        if row is None:
+            return None
+        return {"name": row[0], "version": row[1], "spec": json.loads(row[2]), "created_ns": row[3]}
+
+    def set_zones(self, names) -> None:
+        """Name the engine's zone numbers: ``names[i]`` is zone ``i``.
+
+        A zone number keeps its name for the life of the ledger, since usage
+        rows refer to it: renaming a number already named is an error.
+        """
+        names = list(names)
+        for n in names:
+            _text(n, "a zone name")
+        if len(set(names)) != len(names):
+            raise LedgerError(f"zone names repeat: {names}")
+        with self._tx():
+            known = dict(self.db.execute("SELECT id, name FROM zones").fetchall())
+            for zid, name in enumerate(names):
+                if zid in known:
+                    if known[zid] != name:
+                        raise LedgerError(f"zone {zid} is {known[zid]!r} in the ledger, not {name!r}: "
+                                          "zone numbers are history; add new zones at the end")
+                    continue
+                try:
+                    self.db.execute("INSERT INTO zones (id, name) VALUES (?, ?)", (zid, name))
+                except sqlite3.IntegrityError:
+                    raise LedgerError(f"zone name {name!r} already names another zone number") from None
+
+    def zones(self) -> dict[int, str]:
+        """Zone number -> name, as registered by :meth:`set_zones`."""
+        return dict(self.db.execute("SELECT id, name FROM zones ORDER BY id").fetchall())
 
     # ---- money ---------------------------------------------------------------
 
-    def add_payment(self, subscriber, amount: int, ts_ns: int | None = None, method: str = "manual",
+    def add_payment(self, subscriber, amount: int, ts: int | None = None, method: str = "manual",
                     comment: str | None = None, idempotency_key: str | None = None) -> int:
-        """Record a payment; returns its id.
+        """Record a payment of ``amount`` (> 0, internal units); returns its id.
 
         The same ``idempotency_key`` again returns the first payment's id and
         changes nothing; with a different subscriber or amount it is an error.
+        A refund is a negative adjustment, not a payment.
         """
         sid = self._sid(subscriber)
-        _int(amount, "amount")
+        _int(amount, "payment amount", 1)
+        ts = _ts(ts)
+        _text(method, "payment method")
+        _text(idempotency_key, "idempotency key", optional=True)
         with self._tx():
             if idempotency_key is not None:
                 prior = self.db.execute("SELECT id, subscriber_id, amount FROM payments WHERE idempotency_key = ?",
                                         (idempotency_key,)).fetchone()
                 if prior:
                     if (prior[1], prior[2]) != (sid, amount):
-                        raise LedgerError(f"idempotency key {idempotency_key!r} was used for another payment")
+                        raise LedgerError(f"idempotency key {idempotency_key!r} was used for another payment "
+                                          f"(id {prior[0]}: subscriber {prior[1]}, amount {prior[2]})")
                     return prior[0]
             cur = self.db.execute(
                 "INSERT INTO payments (subscriber_id, amount, ts_ns, method, comment, idempotency_key)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (sid, amount, ts_ns or time.time_ns(), method, comment, idempotency_key))
+                " VALUES (?, ?, ?, ?, ?, ?)", (sid, amount, ts, method, comment, idempotency_key))
             self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
             return cur.lastrowid
 
-    def add_adjustment(self, subscriber, amount: int, reason: str, author: str) -> int:
-        """A correction by an operator, with a reason (positive or negative)."""
+    def add_adjustment(self, subscriber, amount: int, reason: str, author: str, ts: int | None = None) -> int:
+        """A correction by an operator (positive or negative, not zero), with a
+        reason and an author; returns its id."""
         sid = self._sid(subscriber)
-        _int(amount, "amount")
-        if not reason:
-            raise LedgerError("an adjustment needs a reason")
+        _int(amount, "adjustment amount")
+        if amount == 0:
+            raise LedgerError("an adjustment of zero changes nothing; leave it out")
+        _text(reason, "an adjustment's reason")
+        _text(author, "an adjustment's author")
+        ts = _ts(ts)
         with self._tx():
             cur = self.db.execute("INSERT INTO adjustments (subscriber_id, amount, ts_ns, reason, author)"
-                                  " VALUES (?, ?, ?, ?, ?)", (sid, amount, time.time_ns(), reason, author))
+                                  " VALUES (?, ?, ?, ?, ?)", (sid, amount, ts, reason, author))
             self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
             return cur.lastrowid
 
     def last_payment_id(self) -> int:
+        """The highest payment id so far (0 if none)."""
         return self.db.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()[0]
 
     def payments_since(self, payment_id: int) -> list[dict]:
@@ -223,75 +416,170 @@ class Ledger:
         rows = self.db.execute(f"SELECT {', '.join(cols)} FROM payments WHERE id > ? ORDER BY id", (payment_id,))
         return [dict(zip(cols, r)) for r in rows]
 
-    def payments(self, subscriber) -> list[dict]:
-        cols = ("id", "amount", "ts_ns", "method", "comment")
-        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM payments WHERE subscriber_id = ? ORDER BY id",
-                               (self._sid(subscriber),))
+    def payments(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
+        """Payments (of one subscriber, or all) with ``since <= ts_ns < until``, oldest first."""
+        return self._history("payments", ("id", "subscriber_id", "amount", "ts_ns", "method", "comment",
+                                           "idempotency_key"), subscriber, since, until)
+
+    def adjustments(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
+        """Adjustments (of one subscriber, or all) with ``since <= ts_ns < until``, oldest first."""
+        return self._history("adjustments", ("id", "subscriber_id", "amount", "ts_ns", "reason", "author"),
+                             subscriber, since, until)
+
+    def charges(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
+        """Charges (one per subscriber per flush) with ``since <= ts_ns < until``, oldest first."""
+        return self._history("charges", ("id", "subscriber_id", "flush_id", "amount", "ts_ns"),
+                             subscriber, since, until)
+
+    def blocks(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
+        """Block and unblock records, oldest first."""
+        return self._history("blocks", ("id", "subscriber_id", "kind", "reason", "ts_ns", "packet_ts_ns", "balance"),
+                             subscriber, since, until)
+
+    def _history(self, table: str, cols, subscriber, since, until) -> list[dict]:
+        where, args = self._where(subscriber, since, until, "ts_ns")
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM {table}{where} ORDER BY ts_ns, id", args)
         return [dict(zip(cols, r)) for r in rows]
+
+    def _where(self, subscriber, since, until, column: str) -> tuple[str, list]:
+        clauses, args = [], []
+        if subscriber is not None:
+            clauses.append("subscriber_id = ?")
+            args.append(self._sid(subscriber))
+        if since is not None:
+            clauses.append(f"{column} >= ?")
+            args.append(_int(since, "since"))
+        if until is not None:
+            clauses.append(f"{column} < ?")
+            args.append(_int(until, "until"))
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     # ---- flushes -------------------------------------------------------------
 
-    def apply_flush(self, flush_id: str, rows, ts_ns: int, source: str = "engine") -> bool:
-        """Write the engine's counters: ``rows`` of (subscriber, zone, direction,
-        minute, bytes, packets, charged). One transaction; False (and nothing
-        changed) if ``flush_id`` was applied before."""
-        rows = list(rows)
+    def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine") -> bool:
+        """Write the engine's counters; True if written, False if ``flush_id``
+        was applied before (then nothing changes, whatever ``rows`` hold).
+
+        ``rows`` are ``(subscriber, zone, direction, minute, bytes, packets,
+        charged)`` integers: minute in epoch seconds (a multiple of 60),
+        direction 0 upload / 1 download, charged in internal units. In one
+        transaction: the flush id, usage added into its minute rows, one
+        charge per subscriber with the sum charged (if not zero) and the
+        balance cache. An unknown subscriber or a malformed row is a
+        LedgerError and nothing is written.
+        """
+        _text(flush_id, "flush id")
+        _ts(ts, "flush ts")
+        _text(source, "flush source")
+        rows = [tuple(r) for r in rows]
+        per_sub: dict[int, int] = {}
         for r in rows:
             if len(r) != 7 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
-                raise LedgerError(f"bad flush row {r!r}: expected 7 integers")
+                raise LedgerError(f"bad flush row {r!r}: expected 7 integers "
+                                  "(subscriber, zone, direction, minute, bytes, packets, charged)")
+            sid, zone, direction, minute, nbytes, packets, charged = r
+            if direction not in (0, 1):
+                raise LedgerError(f"bad flush row {r!r}: direction is 0 (upload) or 1 (download)")
+            if minute % 60:
+                raise LedgerError(f"bad flush row {r!r}: minute {minute} is not the epoch second a minute starts")
+            if min(zone, minute, nbytes, packets, charged) < 0:
+                raise LedgerError(f"bad flush row {r!r}: zone, minute, bytes, packets and charged are >= 0")
+            per_sub[sid] = per_sub.get(sid, 0) + charged
         with self._tx():
-            try:
-                self.db.execute("INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?)",
-                                (flush_id, ts_ns, len(rows), source))
-            except sqlite3.IntegrityError:
+            if per_sub:  # checked before the replay test, so bad rows are an error whether or not replayed
+                marks = ", ".join("?" * len(per_sub))
+                known = {s for (s,) in self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({marks})",
+                                                       list(per_sub))}
+                unknown = sorted(set(per_sub) - known)
+                if unknown:
+                    raise LedgerError(f"flush {flush_id!r} has rows for unknown subscribers {unknown}")
+            if self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
                 return False
-            per_sub: dict[int, int] = {}
+            self.db.execute("INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?)",
+                            (flush_id, ts, len(rows), source))
             self.db.conn.executemany(
                 "INSERT INTO usage (subscriber_id, zone, direction, minute, bytes, packets, amount)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute) DO UPDATE SET"
                 " bytes = bytes + excluded.bytes, packets = packets + excluded.packets,"
                 " amount = amount + excluded.amount", rows)
-            for r in rows:
-                per_sub[r[0]] = per_sub.get(r[0], 0) + r[6]
-            for sid, amount in per_sub.items():
+            for sid, amount in sorted(per_sub.items()):
                 if amount:
                     self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
-                                    (sid, flush_id, amount, ts_ns))
+                                    (sid, flush_id, amount, ts))
                     self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
         return True
 
     def has_flush(self, flush_id: str) -> bool:
+        """True if a flush with this id was applied."""
         return self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone() is not None
 
-    def record_block(self, subscriber, kind: str, reason: str, ts_ns: int) -> None:
+    def record_block(self, subscriber, kind: str, reason: str, ts: int | None = None,
+                     packet_ts: int | None = None, balance: int | None = None) -> int:
+        """Record that a subscriber was blocked or unblocked (``kind``) and
+        why; ``packet_ts`` is the time of the packet that caused it and
+        ``balance`` the engine's balance then, when known. Returns the id."""
+        sid = self._sid(subscriber)
+        if kind not in ("block", "unblock"):
+            raise LedgerError(f"block kind is 'block' or 'unblock', not {kind!r}")
+        _text(reason, "block reason")
+        ts = _ts(ts)
+        if packet_ts is not None:
+            _ts(packet_ts, "packet_ts")
+        if balance is not None:
+            _int(balance, "balance")
         with self._tx():
-            self.db.execute("INSERT INTO blocks (subscriber_id, kind, reason, ts_ns) VALUES (?, ?, ?, ?)",
-                            (self._sid(subscriber), kind, reason, ts_ns))
+            cur = self.db.execute("INSERT INTO blocks (subscriber_id, kind, reason, ts_ns, packet_ts_ns, balance)"
+                                  " VALUES (?, ?, ?, ?, ?, ?)", (sid, kind, reason, ts, packet_ts, balance))
+            return cur.lastrowid
+
+    def usage(self, subscriber=None, since: int | None = None, until: int | None = None,
+              group_by=("subscriber_id", "zone", "direction")) -> list[dict]:
+        """Usage totals: ``bytes``, ``packets`` and ``amount`` summed over the
+        minutes with ``since <= minute < until`` (epoch seconds), of one
+        subscriber or all, per ``group_by`` (any of subscriber_id, zone,
+        direction, minute; empty: one grand total)."""
+        if isinstance(group_by, str):
+            group_by = (group_by,)
+        group_by = tuple(group_by)
+        bad = [g for g in group_by if g not in USAGE_GROUPS]
+        if bad:
+            raise LedgerError(f"usage can be grouped by {', '.join(USAGE_GROUPS)}, not {', '.join(map(str, bad))}")
+        where, args = self._where(subscriber, since, until, "minute")
+        keys = ", ".join(group_by)
+        sql = (f"SELECT {keys + ', ' if keys else ''}coalesce(sum(bytes), 0), coalesce(sum(packets), 0), "
+               f"coalesce(sum(amount), 0) FROM usage{where}")
+        if keys:
+            sql += f" GROUP BY {keys} ORDER BY {keys}"
+        cols = group_by + ("bytes", "packets", "amount")
+        return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
 
     def usage_by_zone(self, subscriber, since_minute: int = 0) -> list[dict]:
-        cols = ("zone", "direction", "bytes", "packets", "amount")
-        rows = self.db.execute(
-            "SELECT zone, direction, sum(bytes), sum(packets), sum(amount) FROM usage"
-            " WHERE subscriber_id = ? AND minute >= ? GROUP BY zone, direction ORDER BY zone, direction",
-            (self._sid(subscriber), since_minute))
-        return [dict(zip(cols, r)) for r in rows]
+        """One subscriber's usage per zone and direction since ``since_minute`` (the block page)."""
+        return [{k: v for k, v in u.items() if k != "subscriber_id"}
+                for u in self.usage(subscriber, since=since_minute, group_by=("zone", "direction"))]
 
     # ---- imports ---------------------------------------------------------------
 
     def has_import(self, digest: str) -> bool:
+        """True if a capture with this digest was imported."""
         return self.db.execute("SELECT 1 FROM imports WHERE digest = ?", (digest,)).fetchone() is not None
 
     def record_import(self, digest: str, path: str, packets: int) -> bool:
+        """Remember a replayed capture; False if its digest was recorded before."""
+        _text(digest, "import digest")
+        _int(packets, "packets", 0)
         with self._tx():
             cur = self.db.execute("INSERT OR IGNORE INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)",
-                                  (digest, path, packets, time.time_ns()))
+                                  (digest, str(path), packets, time.time_ns()))
             return cur.rowcount == 1
 
     # ---- checks ------------------------------------------------------------------
 
     def check_invariants(self) -> list[str]:
-        """Problems found; empty when every balance is opening + payments +
-        adjustments - charges and usage amounts add up to the charges."""
+        """Problems found; empty when, for every subscriber, the balance is
+        opening + payments + adjustments - charges and the usage amounts add
+        up to the charges, every flush's charges match the rows it wrote and no
+        row refers to something missing."""
         problems = []
         rows = self.db.execute("""
             SELECT s.id, s.name, s.balance, s.opening_balance,
@@ -307,12 +595,18 @@ class Ledger:
                                 f"{paid} + adjustments {adjusted} - charges {charged} = {expected}")
             if used != charged:
                 problems.append(f"subscriber {sid} ({name}): usage amounts {used} != charges {charged}")
+        for flush_id, n in self.db.execute(
+                "SELECT c.flush_id, count(*) FROM charges c GROUP BY c.flush_id, c.subscriber_id HAVING count(*) > 1"):
+            problems.append(f"flush {flush_id!r} charged a subscriber {n} times")
+        for table, rowid, parent, _fk in self.db.execute("PRAGMA foreign_key_check"):
+            problems.append(f"{table} row {rowid} refers to a missing {parent} row")
         return problems
 
 
 class _Transaction:
     """BEGIN IMMEDIATE .. COMMIT/ROLLBACK on an autocommit connection: writers
-    queue up at BEGIN (busy timeout) instead of failing half-way."""
+    queue up at BEGIN (busy timeout) instead of failing half-way, and an
+    error anywhere, the COMMIT included, leaves nothing behind."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -321,17 +615,31 @@ class _Transaction:
         self.conn.execute("BEGIN IMMEDIATE")
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
+            try:
+                self.conn.execute("COMMIT")
+                return False
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.IntegrityError):  # a constraint the checks above missed: still bad input
+            raise LedgerError(f"refused by the database: {exc}") from exc
+        return False
 
 
 def _network(text) -> str:
+    """An address or prefix -> canonical CIDR text; host bits must be zero."""
+    if isinstance(text, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(text)
+    if not isinstance(text, str):
+        raise LedgerError(f"bad address {text!r}: give a string such as \"100.64.0.2/32\" or \"2001:db8:100::/64\"")
     try:
-        return str(ipaddress.ip_network(text, strict=True))
-    except (ValueError, TypeError) as exc:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError as exc:
         raise LedgerError(f"bad address {text!r}: {exc}") from None
 
 
@@ -339,7 +647,7 @@ def _statements(script: str):
     """Split a migration into statements (sqlite3 runs one per execute)."""
     buf = ""
     for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--"):
+        if not buf and line.strip().startswith("--"):
             continue
         buf += line
         if sqlite3.complete_statement(buf):

@@ -20,8 +20,17 @@ from fractions import Fraction
 from ext.constants import MAX_PRICE, PRICE_SCALE
 from ext.errors import TollgateError
 
-__all__ = ["NANO", "Currency", "MoneyError", "get_currency", "parse_amount", "format_amount", "format_volume",
-           "parse_volume", "parse_price"]
+__all__ = [
+    "NANO",
+    "Currency",
+    "MoneyError",
+    "format_amount",
+    "format_volume",
+    "get_currency",
+    "parse_amount",
+    "parse_price",
+    "parse_volume",
+]
 
 
 class MoneyError(TollgateError, ValueError):

@@ -9,8 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accounting.money import (NANO, Currency, MoneyError, format_amount, format_volume, get_currency, parse_amount,
-                              parse_price, parse_volume)
+from accounting.money import (
+    NANO,
+    Currency,
+    MoneyError,
+    format_amount,
+    format_volume,
+    get_currency,
+    parse_amount,
+    parse_price,
+    parse_volume,
+)
 from ext.constants import MAX_PRICE, PRICE_SCALE
 from ext.errors import TollgateError
 
