@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -346,6 +347,7 @@ def test_balances_after_random_operations(tmp_path_factory, ops):
 # the SIGKILL: the kill lands at a known step instead of wherever it happens to.
 CRASHER = r"""
 import sys
+import threading
 sys.path.insert(0, sys.argv[2])
 from accounting.ledger import Ledger
 led = Ledger.open(sys.argv[1])
@@ -435,3 +437,40 @@ def test_sigkill_at_random_moments_leaves_whole_flushes(tmp_path):
         applied = _check_whole_flushes(path)
         assert set(range(1, target + 1)) <= applied  # what the child reported committed survived the kill
         last = max(applied)
+
+
+def test_two_writers_on_one_file(tmp_path):
+    """The flusher and a top-up (CLI, API) write through connections of their
+    own at the same time: every write lands once, nothing is lost to a lock."""
+    path = tmp_path / "l.db"
+    with Ledger.open(path) as led:
+        sid = led.add_subscriber("a", "t", "EUR")
+    errors = []
+
+    def flusher():
+        try:
+            with Ledger.open(path) as led:
+                for i in range(200):
+                    led.apply_flush(f"f{i}", [(sid, 0, i % 2, i * M, 100, 1, 3)], i)
+        except Exception as exc:  # reported below; a thread's exception would vanish otherwise
+            errors.append(exc)
+
+    def payer():
+        try:
+            with Ledger.open(path) as led:
+                for i in range(200):
+                    led.add_payment(sid, 5, idempotency_key=f"p{i}")
+                    led.balance(sid)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flusher), threading.Thread(target=payer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    with Ledger.open(path) as led:
+        assert led.balance(sid) == 200 * 5 - 200 * 3
+        assert led.usage(group_by=()) == [{"bytes": 200 * 100, "packets": 200, "amount": 600}]
+        assert led.check_invariants() == []
