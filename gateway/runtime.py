@@ -138,5 +138,5 @@ class Accountant:
         if self.ledger is not None and rows:
             minute = minute_ns // NS
             self.ledger.apply_flush(flush_id, [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged)
-                                               for r in rows], ts_ns // NS, source=source)
+                                               for r in rows], ts_ns, source=source)
         return rows
