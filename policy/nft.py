@@ -1,88 +1,182 @@
 """Enforcement in the kernel: one nftables table of ours, ``inet tollgate``.
 
-The table, evaluated in the forward hook, around the queue:
+Layout (``Enforcer.ruleset()`` is the exact text; ``tollgate policy show``
+prints what is installed)::
 
-* priority -10 ``block``: packets from a blocked subscriber are rejected at
-  once (TCP reset, ICMP administratively prohibited) so applications fail
-  fast; packets to one are dropped. This runs before the queue, so a block
-  holds while the daemon is down.
-* priority 0: the queue. Where the kernel has the native ``queue`` statement
-  it is a rule of ours (``queue num A-B fanout bypass``); where it has not
-  (this kernel) it is the xtables NFQUEUE target, added with iptables-nft to
-  the ``filter FORWARD`` chain and removed with the table. Only traffic of the
-  local networks is queued.
-* priority 10 ``account``: per-subscriber kernel counters (sets with a
-  counter per element), uploads by source and downloads by destination. A
-  packet the queue drops never gets here, so these count exactly the IP bytes
-  that went through: the ground truth the engine is checked against.
+  sets     blocked4/blocked6   ipv4_addr/ipv6_addr, interval   blocked subscribers' networks
+           up4/up6, down4/down6 same, with a counter per element the per-subscriber counters
+  forward  block    priority -10   before the queue
+           (queue   priority   0   native ``queue`` statement, or iptables' filter FORWARD)
+           account  priority  10   after the queue
+  input    local    priority -10   what a blocked subscriber may reach on the gateway
+  prerouting portal priority dstnat  a blocked subscriber's tcp/80 goes to the portal
 
-In prerouting, a blocked subscriber's HTTP (tcp/80) is redirected to the
-portal on the gateway, which shows the block page.
+* ``block`` (forward, -10): a packet *from* a blocked network is rejected at
+  once (TCP reset, ICMP/ICMPv6 administratively prohibited) so applications
+  fail fast instead of timing out; a packet *to* one is dropped. The
+  operator's allow-list (``allow=``) is let through in both directions. This
+  runs before the queue, so a block holds while the daemon is down or slow.
+* the queue (0): native ``queue num A-B fanout bypass`` where the kernel has
+  the statement (probed once, in a throwaway table); otherwise the xtables
+  NFQUEUE target, added with iptables-nft/ip6tables-nft to the ``filter
+  FORWARD`` chain (priority 0, so after ``block``), tagged with the comment
+  ``tollgate`` and removed by tag. Only traffic from or to the local
+  (subscriber) networks is queued; other forwarded traffic is not slowed.
+  The fallback rules are appended: the operator's own FORWARD rules keep
+  precedence (a packet they accept earlier is not queued, which the daemon's
+  drift check reports).
+* ``account`` (forward, 10): ``ip saddr @up4`` / ``ip daddr @down4`` (and v6).
+  Each element's counter counts the packets and bytes of every forwarded
+  packet whose source (upload) or destination (download) lies in that
+  network and that got past the queue (a packet the queue drops is never
+  counted). Bytes are ``skb->len`` at the forward hook: the IP header and
+  everything after it, no link layer. A GSO/GRO aggregate counts as one
+  packet with one IP header, exactly as it is queued to the daemon and as it
+  crosses a veth. Traffic to or from the gateway itself (DNS, portal) is not
+  forwarded and not counted. A packet between two subscribers counts as
+  upload for one and download for the other.
+* ``local`` (input, -10): a blocked subscriber may reach DNS (udp and tcp 53)
+  and the portal port on the gateway's addresses, IPv6 neighbour discovery,
+  and the allow-list; everything else is rejected.
+* ``portal`` (prerouting nat): a blocked subscriber's new tcp/80 connections
+  not to the allow-list are redirected to the portal port on the gateway.
 
 Every change goes through one reused libnftables context (python-nftables,
-JSON), never by forking ``nft``; element changes are batched into one
-transaction per call.
+JSON for elements), never by forking ``nft``; a batch of elements is one
+transaction. Everything applies to the network namespace of the process.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass
 
 import nftables
 
+from ext.constants import IPPROTO_TCP, IPPROTO_UDP, PORT_PROTOCOLS
 from ext.errors import TollgateError
 
 log = logging.getLogger("tollgate.policy")
 TABLE = "tollgate"
 COMMENT = "tollgate"  # marks our xtables queue rules
+COUNTED_SETS = ("up4", "down4", "up6", "down6")
+ALL_SETS = ("blocked4", "blocked6") + COUNTED_SETS
 
 
 class PolicyError(TollgateError):
-    """The kernel refused a ruleset change."""
+    """The kernel refused a ruleset change, or an address given to the
+    enforcer is not a network; nothing was changed."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueueSpec:
     first: int = 0
     last: int = 0
     fail_open: bool = True
 
 
+@dataclass(frozen=True)
+class AllowRule:
+    """Traffic a blocked subscriber may still exchange: ``network`` (CIDR),
+    ``proto`` (IP protocol number, 0 = any) and, for port protocols, the
+    remote port range."""
+
+    network: str
+    proto: int = 0
+    port_lo: int = 0
+    port_hi: int = 65535
+
+    @classmethod
+    def of(cls, rule) -> "AllowRule":
+        """From an ``AllowRule``, a config ``ZoneRule`` (attributes network,
+        proto, port_lo, port_hi) or a tuple ``(network, proto, lo, hi)``."""
+        if isinstance(rule, cls):
+            return rule
+        if hasattr(rule, "network"):
+            return cls(str(rule.network), rule.proto, rule.port_lo, rule.port_hi)
+        return cls(*rule)
+
+    def match(self, direction: str) -> str:
+        """nft match text; ``direction`` is ``d`` (to the rule's network) or
+        ``s`` (replies from it)."""
+        net = ipaddress.ip_network(self.network, strict=False)
+        text = f"{'ip' if net.version == 4 else 'ip6'} {direction}addr {net}"
+        if self.proto:
+            text += f" meta l4proto {self.proto}"
+            if self.proto in PORT_PROTOCOLS and (self.port_lo, self.port_hi) != (0, 65535):
+                ports = str(self.port_lo) if self.port_lo == self.port_hi else f"{self.port_lo}-{self.port_hi}"
+                text += f" th {direction}port {ports}"
+        return text
+
+    def covers_http(self) -> bool:
+        return self.proto in (0, IPPROTO_TCP) and self.port_lo <= 80 <= self.port_hi
+
+
 def _split(networks) -> tuple[list, list]:
+    """Networks as nft JSON set elements, IPv4 and IPv6 apart."""
     v4, v6 = [], []
     for n in networks:
-        net = ipaddress.ip_network(n, strict=False)
+        try:
+            net = ipaddress.ip_network(n, strict=False)
+        except (TypeError, ValueError) as exc:
+            raise PolicyError(f"{n!r} is not an address or network: {exc}") from None
         elem = str(net.network_address) if net.prefixlen == net.max_prefixlen else \
             {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
         (v4 if net.version == 4 else v6).append(elem)
     return v4, v6
 
 
+def _canon(network) -> str:
+    """The key networks are reported under: ``100.64.1.2/32``, ``2001:db8:100:1::/64``."""
+    return str(ipaddress.ip_network(network, strict=False))
+
+
+def _value(elem):
+    """A listed element's value: counted sets wrap it as ``{"elem": {"val": ..., "counter": ...}}``."""
+    return elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+
+
 def _elem_key(elem) -> str:
+    elem = _value(elem)
     if isinstance(elem, dict):
         p = elem.get("prefix")
         if p:
             return f"{p['addr']}/{p['len']}"
         r = elem.get("range")
-        if r:  # an interval the kernel merged; name it by its start
+        if r:  # an interval the kernel merged; name it by its ends
             return f"{r[0]}-{r[1]}"
-    return str(ipaddress.ip_network(elem))
+    return _canon(elem)
 
 
 class Enforcer:
-    """Our table in the current network namespace; see the module docstring."""
+    """Owns ``table inet tollgate`` (and the xtables queue rules where the
+    native queue statement is missing) in the current network namespace.
+
+    ``queues``: the NFQUEUE numbers the daemon reads (a contiguous range);
+    ``fail_open``: let traffic pass when no reader is there (``bypass``);
+    ``portal_port``: the block page's tcp port on the gateway;
+    ``local_networks``: the subscriber networks whose traffic is queued;
+    ``allow``: what blocked subscribers may still reach (``AllowRule``,
+    config ``ZoneRule`` or ``(network, proto, lo, hi)``);
+    ``dns_port``: DNS on the gateway, always allowed to blocked subscribers.
+    """
 
     def __init__(self, queues=(0,), fail_open: bool = True, portal_port: int = 8080,
-                 local_networks=("100.64.0.0/10",)) -> None:
+                 local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53) -> None:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
-        self.queue = QueueSpec(min(queues), max(queues), fail_open)
-        self.portal_port = portal_port
-        self.local_networks = list(local_networks)
+        queues = sorted(queues)
+        if not queues or queues != list(range(queues[0], queues[-1] + 1)) or not 0 <= queues[0] <= queues[-1] <= 65535:
+            raise PolicyError(f"queues must be a contiguous range of 0..65535, not {queues}")
+        self.queue = QueueSpec(queues[0], queues[-1], fail_open)
+        self.portal_port = int(portal_port)
+        self.dns_port = int(dns_port)
+        self.local_networks = [_canon(n) for n in local_networks]
+        self.allow = [AllowRule.of(r) for r in allow]
         self.native_queue: bool | None = None
 
     # ---- plumbing ------------------------------------------------------------
@@ -99,9 +193,10 @@ class Enforcer:
             raise PolicyError(f"nftables refused the ruleset: {err.strip()}")
 
     def has_native_queue(self) -> bool:
-        """Whether the kernel has the nft ``queue`` statement (probed once, in a throwaway table)."""
+        """Whether the kernel has the nft ``queue`` statement: probed once, by
+        adding a queue rule to a throwaway table that is deleted again."""
         if self.native_queue is None:
-            probe = "tollgate_probe"
+            probe = f"tollgate_probe_{os.getpid()}"
             rc, _o, _e = self.nft.cmd(f"add table inet {probe}\n"
                                       f"add chain inet {probe} c {{ type filter hook forward priority 0; }}\n"
                                       f"add rule inet {probe} c queue num 0 bypass")
@@ -117,8 +212,8 @@ class Enforcer:
 
     def _iptables_rules(self) -> list[tuple[str, list[str]]]:
         q = self.queue
-        target = ["-m", "comment", "--comment", COMMENT, "-j", "NFQUEUE"] + (["--queue-balance", f"{q.first}:{q.last}"] if q.last > q.first
-                                      else ["--queue-num", str(q.first)])
+        target = ["-m", "comment", "--comment", COMMENT, "-j", "NFQUEUE"]
+        target += (["--queue-balance", f"{q.first}:{q.last}"] if q.last > q.first else ["--queue-num", str(q.first)])
         if q.fail_open:
             target.append("--queue-bypass")
         rules = []
@@ -128,115 +223,169 @@ class Enforcer:
             rules.append((tool, ["-d", net] + target))
         return rules
 
-    def _iptables(self, add: bool) -> None:
-        """Add our queue rules (once), or delete every rule carrying our comment,
-        whatever queues it was made with."""
-        if not add:
-            for tool in ("iptables-nft", "ip6tables-nft"):
-                listing = subprocess.run([tool, "-S", "FORWARD"], capture_output=True, text=True).stdout
-                for line in listing.splitlines():
-                    if f"--comment {COMMENT}" in line and line.startswith("-A FORWARD "):
-                        subprocess.run([tool, "-D", "FORWARD", *shlex.split(line)[2:]], capture_output=True)
-            return
-        for tool, rule in self._iptables_rules():
+    @staticmethod
+    def _our_xtables_rules() -> list[tuple[str, list[str]]]:
+        """Every FORWARD rule carrying our comment, whatever queues it was made with."""
+        found = []
+        for tool in ("iptables-nft", "ip6tables-nft"):
+            listing = subprocess.run([tool, "-S", "FORWARD"], capture_output=True, text=True).stdout
+            for line in listing.splitlines():
+                if line.startswith("-A FORWARD ") and f"--comment {COMMENT}" in line:
+                    found.append((tool, shlex.split(line)[2:]))
+        return found
+
+    def _xtables_install(self) -> None:
+        """Make the FORWARD queue rules exactly ours for this configuration:
+        stale ones (other queues, other networks) go, missing ones are appended."""
+        wanted = self._iptables_rules()
+        canon = {(tool, " ".join(r)) for tool, r in wanted}
+        for tool, rule in self._our_xtables_rules():
+            # iptables -S prints "-s 100.64.0.0/10"; compare on that form
+            if (tool, " ".join(rule)) not in canon:
+                subprocess.run([tool, "-D", "FORWARD", *rule], capture_output=True)
+        for tool, rule in wanted:
             if subprocess.run([tool, "-C", "FORWARD"] + rule, capture_output=True).returncode == 0:
                 continue
             proc = subprocess.run([tool, "-A", "FORWARD"] + rule, capture_output=True, text=True)
             if proc.returncode:
                 raise PolicyError(f"{tool} -A FORWARD {' '.join(rule)}: {proc.stderr.strip()}")
 
+    def _xtables_remove(self) -> None:
+        for tool, rule in self._our_xtables_rules():
+            subprocess.run([tool, "-D", "FORWARD", *rule], capture_output=True)
+
     # ---- the ruleset -----------------------------------------------------------
 
     def ruleset(self) -> str:
-        local4 = [n for n in self.local_networks if ":" not in n]
-        local6 = [n for n in self.local_networks if ":" in n]
-        queue = ""
-        if self.has_native_queue():
-            lines = []
-            if local4:
-                lines.append(f"ip saddr {{ {', '.join(local4)} }} {self._queue_stmt()}")
-                lines.append(f"ip daddr {{ {', '.join(local4)} }} {self._queue_stmt()}")
-            if local6:
-                lines.append(f"ip6 saddr {{ {', '.join(local6)} }} {self._queue_stmt()}")
-                lines.append(f"ip6 daddr {{ {', '.join(local6)} }} {self._queue_stmt()}")
-            queue = ("  chain queue {\n    type filter hook forward priority 0; policy accept;\n"
-                     + "".join(f"    {line}\n" for line in lines) + "  }\n")
+        """The table as nft text (what ``install`` loads)."""
+        def lines(items) -> str:
+            return "".join(f"    {item}\n" for item in items)
+
         sets = "".join(
             f"  set {name} {{ type {kind}; flags interval;{' counter;' if counted else ''} }}\n"
             for name, kind, counted in (
                 ("blocked4", "ipv4_addr", False), ("blocked6", "ipv6_addr", False),
                 ("up4", "ipv4_addr", True), ("down4", "ipv4_addr", True),
                 ("up6", "ipv6_addr", True), ("down6", "ipv6_addr", True)))
+        queue = ""
+        if self.has_native_queue():
+            stmts = []
+            for net in self.local_networks:
+                fam = "ip6" if ":" in net else "ip"
+                stmts += [f"{fam} saddr {net} {self._queue_stmt()}", f"{fam} daddr {net} {self._queue_stmt()}"]
+            queue = ("  chain queue {\n    type filter hook forward priority 0; policy accept;\n"
+                     + lines(stmts) + "  }\n")
+        reject = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
+        local_allowed = [
+            f"meta l4proto {{ tcp, udp }} th dport {self.dns_port} accept",
+            f"tcp dport {self.portal_port} accept",
+            # without neighbour discovery a blocked IPv6 subscriber could not reach the portal at all
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+        ]
         return (
             f"table inet {TABLE} {{\n"
             + sets
             + "  chain block {\n    type filter hook forward priority -10; policy accept;\n"
-              "    ip saddr @blocked4 jump blocked_out\n    ip6 saddr @blocked6 jump blocked_out\n"
-              "    ip daddr @blocked4 drop\n    ip6 daddr @blocked6 drop\n  }\n"
-              "  chain blocked_out {\n    meta l4proto tcp reject with tcp reset\n"
-              "    reject with icmpx type admin-prohibited\n  }\n"
+            + lines(["ip saddr @blocked4 jump blocked_out", "ip6 saddr @blocked6 jump blocked_out",
+                     "ip daddr @blocked4 jump blocked_in", "ip6 daddr @blocked6 jump blocked_in"])
+            + "  }\n  chain blocked_out {\n"
+            + lines([f"{r.match('d')} accept" for r in self.allow] + reject)
+            + "  }\n  chain blocked_in {\n"
+            + lines([f"{r.match('s')} accept" for r in self.allow] + ["drop"])
+            + "  }\n"
             + queue
             + "  chain account {\n    type filter hook forward priority 10; policy accept;\n"
-              "    ip saddr @up4\n    ip daddr @down4\n    ip6 saddr @up6\n    ip6 daddr @down6\n  }\n"
-              "  chain portal {\n    type nat hook prerouting priority dstnat; policy accept;\n"
-              f"    ip saddr @blocked4 tcp dport 80 redirect to :{self.portal_port}\n"
-              f"    ip6 saddr @blocked6 tcp dport 80 redirect to :{self.portal_port}\n  }}\n"
-              "}\n")
+            + lines(["ip saddr @up4", "ip daddr @down4", "ip6 saddr @up6", "ip6 daddr @down6"])
+            + "  }\n  chain local {\n    type filter hook input priority -10; policy accept;\n"
+            + lines(["ip saddr @blocked4 jump blocked_local", "ip6 saddr @blocked6 jump blocked_local"])
+            + "  }\n  chain blocked_local {\n"
+            + lines(local_allowed + [f"{r.match('d')} accept" for r in self.allow] + reject)
+            + "  }\n  chain portal {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+            + lines(["ip saddr @blocked4 tcp dport 80 jump portal_redirect",
+                     "ip6 saddr @blocked6 tcp dport 80 jump portal_redirect"])
+            + "  }\n  chain portal_redirect {\n"
+            + lines([f"{r.match('d')} return" for r in self.allow if r.covers_http()]
+                    + [f"tcp dport 80 redirect to :{self.portal_port}"])
+            + "  }\n}\n")
 
     def install(self) -> None:
-        """Create (or replace) our table atomically, and the queue rule."""
+        """Create or replace our table in one transaction, and the queue rules.
+        Set elements do not survive a replace: call ``restore`` afterwards."""
         self._text(f"table inet {TABLE}\ndelete table inet {TABLE}\n" + self.ruleset())
-        if not self.has_native_queue():
-            self._iptables(add=True)
-        log.info("installed table inet %s (%s queue %s)", TABLE,
-                 "native" if self.native_queue else "xtables NFQUEUE", self._queue_stmt())
+        if self.has_native_queue():
+            self._xtables_remove()  # left by an earlier run on another kernel's rules
+        else:
+            self._xtables_install()
+        log.info("installed table inet %s (%s, %s)", TABLE,
+                 "native queue" if self.native_queue else "xtables NFQUEUE fallback", self._queue_stmt())
+
+    def installed(self) -> bool:
+        """Whether our table exists in this namespace."""
+        rc, _out, _err = self.nft.cmd(f"list table inet {TABLE}")
+        return rc == 0
 
     def remove(self) -> None:
         """Delete our table and our queue rules; nothing else. Idempotent."""
         self.nft.cmd(f"table inet {TABLE}\ndelete table inet {TABLE}")
-        if not self.has_native_queue():
-            self._iptables(add=False)
+        self._xtables_remove()
 
     # ---- elements ----------------------------------------------------------------
 
-    def _elements(self, verb: str, set4: str, set6: str, networks) -> None:
-        v4, v6 = _split(networks)
+    def _element_cmds(self, verb: str, set4: str, set6: str, networks) -> list:
         cmds = []
-        for name, elems in ((set4, v4), (set6, v6)):
+        for name, elems in zip((set4, set6), _split(networks)):
             if elems:
                 cmds.append({verb: {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}})
+        return cmds
+
+    def _present(self, networks, names) -> list:
+        """The given networks that are elements of the named sets (nft 1.0.6
+        has no ``destroy``: deleting an absent element fails the batch)."""
+        have = {_elem_key(e) for name in names for e in self._set(name)}
+        return [n for n in networks if _canon(n) in have]
+
+    def block(self, networks) -> None:
+        """Add networks to the blocked sets, all in one transaction.
+        Already blocked ones are no error."""
+        self._run(self._element_cmds("add", "blocked4", "blocked6", networks))
+
+    def unblock(self, networks) -> None:
+        """Remove networks from the blocked sets in one transaction; ones
+        not blocked are skipped."""
+        _split(networks)  # validate before reading the kernel
+        self._run(self._element_cmds("delete", "blocked4", "blocked6",
+                                     self._present(networks, ("blocked4", "blocked6"))))
+
+    def add_subscriber_addresses(self, networks) -> None:
+        """Start counting these subscriber networks (one transaction)."""
+        self._run(self._element_cmds("add", "up4", "up6", networks)
+                  + self._element_cmds("add", "down4", "down6", networks))
+
+    def remove_subscriber_addresses(self, networks) -> None:
+        """Stop counting these networks (their counters go with them)."""
+        _split(networks)
+        present = self._present(networks, ("up4", "up6"))
+        self._run(self._element_cmds("delete", "up4", "up6", present)
+                  + self._element_cmds("delete", "down4", "down6", present))
+
+    add_subscribers = add_subscriber_addresses
+    remove_subscribers = remove_subscriber_addresses
+
+    def _run(self, cmds: list) -> None:
         if cmds:
             self._json(cmds)
 
-    def block(self, networks) -> None:
-        """Add subscribers' addresses to the blocked sets (one transaction)."""
-        self._elements("add", "blocked4", "blocked6", networks)
-
-    def unblock(self, networks) -> None:
-        present = self.blocked()
-        self._elements("delete", "blocked4", "blocked6",
-                       [n for n in networks if str(ipaddress.ip_network(n, strict=False)) in present])
-
-    def add_subscribers(self, networks) -> None:
-        self._elements("add", "up4", "up6", networks)
-        self._elements("add", "down4", "down6", networks)
-
-    def remove_subscribers(self, networks) -> None:
-        self._elements("delete", "up4", "up6", networks)
-        self._elements("delete", "down4", "down6", networks)
-
     def restore(self, blocked, subscribers) -> None:
-        """Bring the sets to exactly this state (on start, from the ledger):
-        flush and refill in one transaction, so running it twice changes nothing."""
-        cmds = [{"flush": {"set": {"family": "inet", "table": TABLE, "name": n}}}
-                for n in ("blocked4", "blocked6", "up4", "down4", "up6", "down6")]
-        for verb_sets, nets in ((("blocked4", "blocked6"), blocked), (("up4", "up6"), subscribers),
-                                (("down4", "down6"), subscribers)):
-            v4, v6 = _split(nets)
-            for name, elems in zip(verb_sets, (v4, v6)):
-                if elems:
-                    cmds.append({"add": {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}})
+        """Bring the sets to exactly this state (the daemon calls it on start,
+        from the ledger): flush and refill in one transaction, so running it
+        twice leaves the same elements, and resets the counters."""
+        cmds = [{"flush": {"set": {"family": "inet", "table": TABLE, "name": n}}} for n in ALL_SETS]
+        cmds += self._element_cmds("add", "blocked4", "blocked6", blocked)
+        cmds += self._element_cmds("add", "up4", "up6", subscribers)
+        cmds += self._element_cmds("add", "down4", "down6", subscribers)
         self._json(cmds)
+
+    # ---- reading back ------------------------------------------------------------
 
     def _set(self, name: str) -> list:
         out = self._json([{"list": {"set": {"family": "inet", "table": TABLE, "name": name}}}])
@@ -246,22 +395,30 @@ class Enforcer:
         return []
 
     def blocked(self) -> set[str]:
+        """The blocked networks, as ``100.64.1.2/32`` / ``2001:db8:100:1::/64``."""
         return {_elem_key(e) for name in ("blocked4", "blocked6") for e in self._set(name)}
 
     def counters(self) -> dict[str, dict]:
-        """Per subscriber network: bytes and packets up and down, from the kernel."""
-        out: dict[str, dict] = {}
-        for name, key in (("up4", "up"), ("up6", "up"), ("down4", "down"), ("down6", "down")):
-            for e in self._set(name):
-                elem = e.get("elem", e)
-                counter = elem.get("counter") or {}
-                row = out.setdefault(_elem_key(elem.get("val", elem)),
-                                     {"up_bytes": 0, "up_packets": 0, "down_bytes": 0, "down_packets": 0})
+        """The kernel's per-network counters, read in one call:
+        ``{"100.64.1.2/32": {"up_bytes", "up_packets", "down_bytes", "down_packets"}}``
+        (what they count: see the module docstring)."""
+        out = self._json([{"list": {"table": {"family": "inet", "name": TABLE}}}])
+        rows: dict[str, dict] = {}
+        for item in out.get("nftables", []):
+            s = item.get("set")
+            if not s or s["name"] not in COUNTED_SETS:
+                continue
+            key = s["name"][:-1]  # up4 -> up
+            for e in s.get("elem", []):
+                counter = (e["elem"].get("counter") if isinstance(e, dict) and "elem" in e else None) or {}
+                row = rows.setdefault(_elem_key(e), {"up_bytes": 0, "up_packets": 0,
+                                                       "down_bytes": 0, "down_packets": 0})
                 row[f"{key}_bytes"] = counter.get("bytes", 0)
                 row[f"{key}_packets"] = counter.get("packets", 0)
-        return out
+        return rows
 
     def dump(self) -> str:
+        """Our table as nft text, or '' when it is not installed."""
         self.nft.set_json_output(False)
         try:
             _rc, out, _err = self.nft.cmd(f"list table inet {TABLE}")
