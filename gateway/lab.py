@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,10 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ext.errors import ConfigError, TollgateError
+
 MAX_SUBSCRIBERS = 200
+PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,11}")  # a short name: netns names and /run paths stay simple
 UPSTREAM4, UPSTREAM6 = "198.18.0.2", "2001:db8:198::2"
 GATEWAY_UP4, GATEWAY_UP6 = "198.18.0.1", "2001:db8:198::1"
 BIG_FILE = 8 * 1024 * 1024  # bytes of /big.bin on the upstream HTTP server
+
+
+class LabError(TollgateError):
+    """The lab cannot be built or a command in it failed."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subproces
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise LabError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
@@ -113,15 +121,29 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def _check_prefix(prefix: str) -> None:
+    if not PREFIX_RE.fullmatch(prefix or ""):
+        raise ConfigError("--prefix", f"{prefix!r}: 1-12 lowercase letters and digits, starting with a letter")
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    """The namespaces of lab ``prefix`` that exist: exactly the names it
+    makes (``tg-gw``, ``tg-up``, ``tg-s<i>``), never another lab's ``tg-x-gw``."""
+    mine = re.compile(rf"{re.escape(prefix)}-(gw|up|s\d+)")
+    return sorted((ns for ns in namespaces() if mine.fullmatch(ns)),
+                  key=lambda ns: (len(ns), ns))
+
+
 def lab_up(n: int = 4, prefix: str = "tg") -> Lab:
     """Build the lab; returns its description. Refuses if it exists already."""
-    if not 1 <= n <= MAX_SUBSCRIBERS:
-        raise ValueError(f"the lab takes 1..{MAX_SUBSCRIBERS} subscribers, not {n}")
+    _check_prefix(prefix)
+    if not isinstance(n, int) or not 1 <= n <= MAX_SUBSCRIBERS:
+        raise ConfigError("--subscribers", f"the lab takes 1..{MAX_SUBSCRIBERS} subscribers, not {n}")
     if os.geteuid() != 0:
-        raise PermissionError("the lab needs root (network namespaces)")
+        raise LabError("the lab needs root (network namespaces)")
     lab = Lab(prefix, n)
-    if lab.gw in namespaces():
-        raise RuntimeError(f"a lab named {prefix!r} is up already: `tollgate lab down --prefix {prefix}` first")
+    if lab_namespaces(prefix):
+        raise LabError(f"a lab named {prefix!r} is up already: `tollgate lab down --prefix {prefix}` first")
     lab.run_dir.mkdir(parents=True, exist_ok=True)
     (lab.run_dir / "lab.json").write_text(json.dumps({"prefix": prefix, "n": n}))
     try:
@@ -182,7 +204,7 @@ def _wait_port(ns: str, port: int, timeout: float = 10.0) -> None:
         if f":{port} " in sh("ss", "-Hltn", ns=ns, check=False).stdout:
             return
         time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} in {ns} after {timeout} s")
+    raise LabError(f"nothing listens on port {port} in {ns} after {timeout} s")
 
 
 def _settle_ipv6(lab: Lab, timeout: float = 5.0) -> None:
@@ -191,19 +213,22 @@ def _settle_ipv6(lab: Lab, timeout: float = 5.0) -> None:
     while time.monotonic() < deadline:
         if sh("ping", "-6", "-c1", "-W1", UPSTREAM6, ns=lab.sub(1), check=False).returncode == 0:
             return
-    raise RuntimeError("IPv6 does not come up in the lab")
+    raise LabError("IPv6 does not come up in the lab")
 
 
 def lab_down(prefix: str = "tg") -> None:
     """Stop the lab's processes and delete its namespaces (idempotent)."""
+    _check_prefix(prefix)
     run_dir = Path(f"/run/tollgate-lab-{prefix}")
     if run_dir.exists():
         for pidfile in run_dir.glob("*.pid"):
-            try:
+            try:  # each was started in a session of its own: its group is exactly that process tree
                 os.killpg(int(pidfile.read_text()), signal.SIGTERM)
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
-    mine = sorted(ns for ns in namespaces() if ns.startswith(f"{prefix}-"))
+    mine = lab_namespaces(prefix)
+    if mine:
+        say(f"stopping processes in and deleting {len(mine)} namespaces of lab {prefix!r}")
     for ns in mine:
         # processes left in a namespace (a gateway started by hand) go with it
         for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
@@ -219,7 +244,9 @@ def lab_down(prefix: str = "tg") -> None:
 
 
 def lab_status(prefix: str = "tg") -> dict:
-    mine = sorted(ns for ns in namespaces() if ns.startswith(f"{prefix}-"))
+    """Print and return the lab's namespaces (with their addresses) and processes."""
+    _check_prefix(prefix)
+    mine = lab_namespaces(prefix)
     run_dir = Path(f"/run/tollgate-lab-{prefix}")
     procs = {}
     for pidfile in sorted(run_dir.glob("*.pid")) if run_dir.exists() else []:
@@ -227,12 +254,15 @@ def lab_status(prefix: str = "tg") -> dict:
         procs[pidfile.stem] = (pid, Path(f"/proc/{pid}").exists())
     if not mine:
         print(f"no lab named {prefix!r}")
+    addresses = {}
     for ns in mine:
-        addrs = sh("ip", "-br", "addr", ns=ns, check=False).stdout.strip().replace("\n", "; ")
-        print(f"{ns}: {addrs}")
+        out = sh("ip", "-br", "addr", ns=ns, check=False).stdout
+        addresses[ns] = [a for line in out.splitlines() if not line.startswith("lo ")
+                         for a in line.split()[2:] if not a.startswith("fe80:")]
+        print(f"{ns}: {' '.join(addresses[ns])}")
     for name, (pid, alive) in procs.items():
         print(f"process {name}: pid {pid} {'running' if alive else 'gone'}")
-    return {"namespaces": mine, "processes": procs}
+    return {"namespaces": mine, "addresses": addresses, "processes": procs}
 
 
 def main(argv=None) -> int:
@@ -241,12 +271,16 @@ def main(argv=None) -> int:
     ap.add_argument("--subscribers", "-n", type=int, default=4)
     ap.add_argument("--prefix", default="tg")
     args = ap.parse_args(argv)
-    if args.action == "up":
-        lab_up(args.subscribers, args.prefix)
-    elif args.action == "down":
-        lab_down(args.prefix)
-    else:
-        lab_status(args.prefix)
+    try:
+        if args.action == "up":
+            lab_up(args.subscribers, args.prefix)
+        elif args.action == "down":
+            lab_down(args.prefix)
+        else:
+            lab_status(args.prefix)
+    except TollgateError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
