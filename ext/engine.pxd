@@ -66,7 +66,7 @@ cdef struct tg_sub:
     int64_t balance
     int64_t credit
     uint64_t dropped_bytes
-    uint32_t dropped_packets
+    uint64_t dropped_packets     # cumulative: 32 bits would wrap in an hour at 1 Mpps
     uint16_t tariff
     uint8_t blocked
     uint8_t warned
@@ -74,13 +74,26 @@ cdef struct tg_sub:
     uint8_t dirty
     uint8_t exists
 
-# Counters of one (subscriber, zone, direction) since the last drain; the
-# carry (remainder below one minor unit, scaled) survives drains.
+# Counters of one (subscriber, zone, direction) since the last drain. The
+# packet count and the carry (remainder below one minor unit, scaled by
+# PRICE_SCALE < 2**20) share one word: packets << 20 | carry, so the record
+# stays 24 bytes without a 32-bit packet count that could wrap between
+# drains. The carry survives drains.
 cdef struct tg_counter:
     uint64_t bytes
     int64_t charged
-    uint32_t packets
-    uint32_t carry
+    uint64_t packets_carry
+
+# One parsed packet header (pointers into the batch buffer).
+cdef struct tg_packet:
+    const uint8_t *src
+    const uint8_t *dst
+    uint32_t length
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t v6
+    uint8_t has_ports
 
 cdef struct tg_stats:
     uint64_t packets
@@ -110,7 +123,6 @@ cdef class EngineC:
     cdef uint32_t tl_len
     cdef tg_stats stats_
     cdef object owner_prefixes       # {packed prefix: sid}: the control plane's view (see _pack)
-    cdef object tariff_buckets       # {tariff: n_buckets}
 
     cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil
 
@@ -123,13 +135,13 @@ cdef class EngineC:
     cdef int _set_allowance(self, uint32_t sid, list allowance) except -1
     cdef int _levels_below(self, tg_sub *s) noexcept nogil
     cdef tuple _allowance_of(self, uint32_t sid)
-    cdef _remove_prefix(self, key)
-    cdef list _reevaluate(self, sid)
+    cdef int _remove_prefix_locked(self, object key) except -1
+    cdef list _reevaluate(self, uint32_t sid)
     cdef list _take_counters(self, uint32_t sid)
     cdef bint _allowed(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports,
                        uint16_t port) noexcept nogil
     cdef int _zone(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports, uint16_t port) noexcept nogil
     cdef void _mark(self, uint32_t sid, tg_sub *s) noexcept nogil
     cdef int _drop(self, tg_sub *s, uint32_t length, tg_stats *st) noexcept nogil
-    cdef int _rate(self, uint32_t sid, int zone, int direction, uint32_t length, int slot, int64_t index,
-                   bint allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil
+    cdef int _rate(self, uint32_t sid, int zone, int direction, const tg_packet *pk, int slot, int64_t index,
+                   int allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil

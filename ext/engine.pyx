@@ -16,7 +16,7 @@ the write side.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memset
 
 import ipaddress
@@ -35,7 +35,14 @@ cdef extern from "engine_atomic.h" nogil:
     uint8_t tg_load_u8(const uint8_t *p)
 
 cdef extern from "<pthread.h>" nogil:
-    int pthread_rwlock_init(pthread_rwlock_t *, void *)
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *)
+    # glibc; Python.h has defined _GNU_SOURCE before pthread.h is read
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *, int)
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    int pthread_rwlock_init(pthread_rwlock_t *, const pthread_rwlockattr_t *)
     int pthread_rwlock_destroy(pthread_rwlock_t *)
     int pthread_rwlock_rdlock(pthread_rwlock_t *)
     int pthread_rwlock_wrlock(pthread_rwlock_t *)
@@ -64,6 +71,12 @@ cdef enum:
 
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
+    bint __builtin_add_overflow(int64_t a, int64_t b, int64_t *res) nogil
+
+cdef enum:
+    CARRY_BITS = 20                     # tg_counter.packets_carry: packets << 20 | carry
+    CARRY_MASK = (1 << CARRY_BITS) - 1  # PRICE_SCALE (10**6) < 2**20
+    DRAIN_CHUNK = 4096                  # subscribers drained per read-lock hold
 
 cdef int64_t PRICE_SCALE = 1000000
 cdef uint32_t MAX_WIRE_LEN = 1 << 20
@@ -207,6 +220,39 @@ cdef inline int rules_find(const tg_rules *r, uint32_t group_plus1, uint8_t prot
     return -1
 
 
+cdef int64_t as_int64(value, str what) except? -1:
+    """``value`` as an int64, or EngineError: the C state holds money and
+    volumes in 64 bits, where the twin has Python's unbounded ints."""
+    value = int(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise EngineError(f"{what} {value} does not fit in 64 bits")
+    return value
+
+
+cdef inline bint no_headroom(const tg_sub *s) noexcept nogil:
+    """balance + credit <= 0, without overflowing (credit is >= 0, so the sum
+    can only overflow upwards, where there is headroom)."""
+    cdef int64_t sum_
+    if __builtin_add_overflow(s.balance, s.credit, &sum_):
+        return False
+    return sum_ <= 0
+
+
+cdef inline bint breaches(const tg_sub *s, int64_t cost) noexcept nogil:
+    """balance - cost < -credit, i.e. balance + credit < cost, overflow-safe."""
+    cdef int64_t sum_
+    if __builtin_add_overflow(s.balance, s.credit, &sum_):
+        return False
+    return sum_ < cost
+
+
+cdef inline void wrlock(EngineC e) noexcept:
+    """Take the write side of the engine's rwlock, letting the GIL go while
+    waiting (a queue thread holding the read side never needs the GIL)."""
+    with nogil:
+        pthread_rwlock_wrlock(&e.rwlock)
+
+
 def _key(int family, object net):
     return (<object> net).to_bytes(4 if family == 4 else 16, "big")
 
@@ -223,17 +269,6 @@ def _unpack(object packed):
 
 
 # ---- packets -----------------------------------------------------------------
-
-cdef struct tg_packet:
-    const uint8_t *src
-    const uint8_t *dst
-    uint32_t length
-    uint16_t sport
-    uint16_t dport
-    uint8_t proto
-    uint8_t v6
-    uint8_t has_ports
-
 
 cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, tg_packet *out) noexcept nogil:
     """The twin's ``parse_packet`` in C; False for a malformed packet."""
@@ -312,7 +347,13 @@ cdef class EngineC:
     implementation = "c"
 
     def __cinit__(self, *args, **kwargs):
-        pthread_rwlock_init(&self.rwlock, NULL)
+        # Writers first: several queue threads keep the read side busy almost
+        # all the time, and a control operation must not starve behind them.
+        cdef pthread_rwlockattr_t attr
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.rwlock, &attr)
+        pthread_rwlockattr_destroy(&attr)
         trie_init(&self.owners4, 4); trie_init(&self.owners6, 16)
         trie_init(&self.zones4, 4); trie_init(&self.zones6, 16)
         trie_init(&self.allow4, 4); trie_init(&self.allow6, 16)
@@ -333,7 +374,6 @@ cdef class EngineC:
         self.malformed_verdict = malformed_verdict
         self.unknown_verdict = unknown_verdict
         self.owner_prefixes = {}
-        self.tariff_buckets = {}
         self._grow(1024)
 
     def __dealloc__(self):
@@ -417,6 +457,13 @@ cdef class EngineC:
                 + self.bucket_stride * sizeof(int64_t))
 
     # ---- configuration ---------------------------------------------------
+    #
+    # Every control operation that changes tables or may move arrays runs
+    # under the write side of the rwlock, validation included, so that two
+    # Python threads driving the control plane cannot interleave between a
+    # check and the change it guards (the GIL is released while waiting for
+    # the lock). adjust_balance/block/unblock touch one subscriber record and
+    # need only its spinlock.
 
     cdef int _load_rules(self, object rules, object n_zones, tg_trie *t4, tg_trie *t6, tg_rules *r) except -1:
         groups = compile_rules(rules, n_zones)
@@ -433,11 +480,15 @@ cdef class EngineC:
         fresh.port_hi = <uint16_t *> calloc(nr, sizeof(uint16_t))
         fresh.zone = <uint8_t *> calloc(nr, sizeof(uint8_t))
         fresh.n_groups = len(groups)
-        trie_init(&f4, 4)
-        trie_init(&f6, 16)
+        f4.nodes = f6.nodes = NULL
         cdef uint32_t k = 0
         cdef bytes key
         try:
+            if (fresh.start == NULL or fresh.count == NULL or fresh.fallback == NULL or fresh.proto == NULL
+                    or fresh.port_lo == NULL or fresh.port_hi == NULL or fresh.zone == NULL):
+                raise MemoryError()
+            trie_init(&f4, 4)
+            trie_init(&f6, 16)
             for g, (family, net, plen, group_rules, fallback) in enumerate(groups):
                 fresh.start[g] = k
                 fresh.count[g] = len(group_rules)
@@ -453,8 +504,8 @@ cdef class EngineC:
         except BaseException:
             rules_free(&fresh); trie_free(&f4); trie_free(&f6)
             raise
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+        # the tables are built apart; the swap is all the write lock covers
+        wrlock(self)
         rules_free(r); trie_free(t4); trie_free(t6)
         r[0] = fresh
         t4[0] = f4
@@ -470,27 +521,33 @@ cdef class EngineC:
         """Replace the allow-list for blocked subscribers (``zone`` is ignored)."""
         self._load_rules(rules, None, &self.allow4, &self.allow6, &self.allow_rules)
 
-    def set_tariff(self, int tariff, prices, buckets=(), warn_levels=()):
+    def set_tariff(self, tariff, prices, buckets=(), warn_levels=()):
+        """Define or redefine a tariff; see ``EnginePy.set_tariff``."""
         prices, buckets, warn_levels = validate_tariff(self.n_zones, self.n_slots, tariff, prices, buckets,
                                                        warn_levels)
-        old = self.tariff_buckets.get(tariff)
-        if old is not None and old != len(buckets):
-            if any(self.subs[sid].exists and self.subs[sid].tariff == tariff for sid in range(self.cap_subs)):
-                raise EngineError(f"tariff {tariff}: cannot change the number of buckets while subscribers use it")
+        cdef int tid = tariff
         cdef int64_t *p = <int64_t *> calloc(len(prices), sizeof(int64_t))
         if p == NULL:
             raise MemoryError()
         for i, price in enumerate(prices):
             p[i] = price
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+        cdef tg_tariff *t = &self.tariffs[tid]
+        cdef uint32_t sid
+        cdef bint used = False
+        wrlock(self)
         try:
+            if t.defined and t.n_buckets != len(buckets):
+                for sid in range(1, self.cap_subs):
+                    if self.subs[sid].exists and self.subs[sid].tariff == tid:
+                        used = True
+                        break
+                if used:
+                    raise EngineError(f"tariff {tid}: cannot change the number of buckets while subscribers use it")
             self._widen_buckets(len(buckets))
         except BaseException:
             pthread_rwlock_unlock(&self.rwlock)
             free(p)
             raise
-        cdef tg_tariff *t = &self.tariffs[tariff]
         free(t.prices)
         t.prices = p
         t.n_buckets = len(buckets)
@@ -502,11 +559,13 @@ cdef class EngineC:
             t.warn[w] = level
         t.defined = True
         pthread_rwlock_unlock(&self.rwlock)
-        self.tariff_buckets[tariff] = len(buckets)
 
     def set_timeline(self, starts, slots):
+        """Time slots; see ``EnginePy.set_timeline``."""
         starts, slots = validate_timeline(self.n_slots, starts, slots)
         cdef size_t n = len(starts)
+        for start in starts:
+            as_int64(start, "timeline start")
         cdef int64_t *s = <int64_t *> calloc(n, sizeof(int64_t))
         cdef uint8_t *k = <uint8_t *> calloc(n, sizeof(uint8_t))
         if s == NULL or k == NULL:
@@ -515,8 +574,7 @@ cdef class EngineC:
         for i in range(n):
             s[i] = starts[i]
             k[i] = slots[i]
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+        wrlock(self)
         free(self.tl_starts); free(self.tl_slots)
         self.tl_starts = s
         self.tl_slots = k
@@ -537,12 +595,15 @@ cdef class EngineC:
         cdef int n = self.tariffs[tariff].n_buckets
         if len(allowance) > n or any(a < 0 for a in allowance):
             raise EngineError(f"allowance must be at most one non-negative volume per bucket of tariff {tariff}")
+        for a in allowance:
+            as_int64(a, "allowance")
         return allowance + [0] * (n - len(allowance))
 
     cdef int _set_allowance(self, uint32_t sid, list allowance) except -1:
         cdef int b
+        cdef int64_t *allow = self.allowance + <size_t> sid * self.bucket_stride
         for b in range(self.bucket_stride):
-            self.allowance[sid * self.bucket_stride + b] = allowance[b] if b < len(allowance) else 0
+            allow[b] = allowance[b] if b < len(allowance) else 0
         return 0
 
     cdef int _levels_below(self, tg_sub *s) noexcept nogil:
@@ -553,97 +614,125 @@ cdef class EngineC:
                 n += 1
         return n
 
-    def add_subscriber(self, sid, int tariff, balance, credit=0, allowance=()):
+    def add_subscriber(self, sid, tariff, balance, credit=0, allowance=()):
+        """Add a subscriber (no addresses yet); a block event if it has no headroom."""
         check_subscriber_id(sid)
-        if sid < self.cap_subs and self.subs[<uint32_t> sid].exists:
-            raise EngineError(f"subscriber {sid} exists")
-        if credit < 0:
-            raise EngineError("credit must not be negative")
-        allowance = self._check_allowance(tariff, allowance)
-        cdef uint32_t cap = self.cap_subs
-        while cap <= sid:
-            cap *= 2
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+        cdef int64_t bal = as_int64(balance, "balance"), cred = as_int64(credit, "credit")
+        cdef uint32_t id_ = sid
+        cdef uint32_t cap
+        cdef tg_sub *s
+        cdef uint8_t dirty
+        cdef bint blocked = False
+        wrlock(self)
         try:
+            if id_ < self.cap_subs and self.subs[id_].exists:
+                raise EngineError(f"subscriber {sid} exists")
+            if cred < 0:
+                raise EngineError("credit must not be negative")
+            if not isinstance(tariff, int) or not 0 <= tariff < 65536:
+                raise EngineError(f"unknown tariff {tariff}")
+            allowance = self._check_allowance(tariff, allowance)
+            cap = self.cap_subs
+            while cap <= id_:
+                cap *= 2
             self._grow(min(cap, MAX_SUBSCRIBER_ID + 1))
-            s = &self.subs[<uint32_t> sid]
+            s = &self.subs[id_]
             dirty = s.dirty  # it may still sit in the dirty list from a removed namesake
             memset(s, 0, sizeof(tg_sub))
             s.dirty = dirty
-            memset(self.counters + <size_t> sid * self.n_zones * 2, 0, self.n_zones * 2 * sizeof(tg_counter))
-            s.tariff = tariff
-            s.balance = balance
-            s.credit = credit
-            s.exists = 1
-            self._set_allowance(sid, allowance)
+            memset(self.counters + <size_t> id_ * self.n_zones * 2, 0, self.n_zones * 2 * sizeof(tg_counter))
+            s.tariff = <uint16_t> tariff
+            s.balance = bal
+            s.credit = cred
+            self._set_allowance(id_, allowance)
             s.warned = self._levels_below(s)
-            if s.balance + s.credit <= 0:
+            if no_headroom(s):
                 s.blocked |= BLOCK_LIMIT
-                return [Event(_EV_BLOCK, sid, -1, _BLOCK_LIMIT, s.balance)]
-            return []
+                blocked = True
+            s.exists = 1
         finally:
             pthread_rwlock_unlock(&self.rwlock)
+        if blocked:
+            return [Event(_EV_BLOCK, sid, -1, _BLOCK_LIMIT, bal)]
+        return []
 
     def remove_subscriber(self, sid):
         """Forget ``sid`` and its addresses; returns its undrained counters."""
-        self._sub(sid)
-        for packed, owner in list(self.owner_prefixes.items()):
-            if owner == sid:
-                self._remove_prefix(_unpack(packed))
-        rows = self._take_counters(sid)
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
-        self.subs[<uint32_t> sid].exists = 0
-        pthread_rwlock_unlock(&self.rwlock)
+        cdef list rows
+        wrlock(self)
+        try:
+            self._sub(sid)
+            for packed, owner in list(self.owner_prefixes.items()):
+                if owner == sid:
+                    self._remove_prefix_locked(_unpack(packed))
+            rows = self._take_counters(sid)
+            self.subs[<uint32_t> sid].exists = 0
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
         return rows
 
     def set_subscriber(self, sid, *, tariff=None, credit=None, allowance=None):
-        cdef tg_sub *s = self._sub(sid)
-        new_tariff = s.tariff if tariff is None else tariff
-        if allowance is None:
-            allowance = self._allowance_of(sid) if new_tariff == s.tariff else ()
-        allowance = self._check_allowance(new_tariff, allowance)
-        if credit is not None and credit < 0:
-            raise EngineError("credit must not be negative")
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
-        s.tariff = new_tariff
-        self._set_allowance(sid, allowance)
-        if credit is not None:
-            s.credit = credit
-        pthread_rwlock_unlock(&self.rwlock)
+        """Change tariff, credit limit or allowance; re-evaluates the limit."""
+        cdef tg_sub *s
+        wrlock(self)
+        try:
+            s = self._sub(sid)
+            new_tariff = s.tariff if tariff is None else tariff
+            if not isinstance(new_tariff, int) or not 0 <= new_tariff < 65536:
+                raise EngineError(f"unknown tariff {new_tariff}")
+            if allowance is None:
+                allowance = self._allowance_of(sid) if new_tariff == s.tariff else ()
+            allowance = self._check_allowance(new_tariff, allowance)
+            if credit is not None:
+                credit = as_int64(credit, "credit")
+                if credit < 0:
+                    raise EngineError("credit must not be negative")
+            tg_lock(&s.lock)
+            s.tariff = <uint16_t> new_tariff
+            self._set_allowance(sid, allowance)
+            if credit is not None:
+                s.credit = credit
+            tg_unlock(&s.lock)
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
         return self._reevaluate(sid)
 
     cdef tuple _allowance_of(self, uint32_t sid):
         cdef int n = self.tariffs[self.subs[sid].tariff].n_buckets
-        return tuple(self.allowance[sid * self.bucket_stride + b] for b in range(n))
+        cdef int64_t *allow = self.allowance + <size_t> sid * self.bucket_stride
+        return tuple([allow[b] for b in range(n)])
 
     def add_address(self, sid, str network):
-        self._sub(sid)
+        """Give ``network`` (a CIDR prefix) to ``sid``; longest prefix wins."""
         family, net, plen = parse_network(network)
-        owner = self.owner_prefixes.get(_pack(family, net, plen))
-        if owner is not None:
-            raise EngineError(f"{network} already belongs to subscriber {owner}")
         cdef bytes k = _key(family, net) + bytes(16)
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+        wrlock(self)
         try:
+            self._sub(sid)
+            owner = self.owner_prefixes.get(_pack(family, net, plen))
+            if owner is not None:
+                raise EngineError(f"{network} already belongs to subscriber {owner}")
             trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, sid, False, 0)
+            self.owner_prefixes[_pack(family, net, plen)] = sid
         finally:
             pthread_rwlock_unlock(&self.rwlock)
-        self.owner_prefixes[_pack(family, net, plen)] = sid
 
     def remove_address(self, str network):
+        """Take ``network`` away from its subscriber."""
         key = parse_network(network)
-        if _pack(*key) not in self.owner_prefixes:
-            raise EngineError(f"{network} belongs to no subscriber")
-        self._remove_prefix(key)
+        wrlock(self)
+        try:
+            if _pack(*key) not in self.owner_prefixes:
+                raise EngineError(f"{network} belongs to no subscriber")
+            self._remove_prefix_locked(key)
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
 
-    cdef _remove_prefix(self, key):
+    cdef int _remove_prefix_locked(self, object key) except -1:
+        """Take a prefix out of the owners' trie (under the write lock): its
+        slots go back to the longest shorter prefix still owned, which the
+        control plane's index knows without walking the trie."""
         family, net, plen = key
-        del self.owner_prefixes[_pack(family, net, plen)]
-        # what covered this prefix before it was added: the longest shorter prefix still owned
         cdef uint32_t repl = 0
         bits = 32 if family == 4 else 128
         for shorter in range(plen - 1, -1, -1):
@@ -653,23 +742,26 @@ cdef class EngineC:
                 repl = (<uint32_t> owner << 8) | <uint32_t> shorter
                 break
         cdef bytes k = _key(family, net) + bytes(16)
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
-        try:
-            trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, 0, True, repl)
-        finally:
-            pthread_rwlock_unlock(&self.rwlock)
+        trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, 0, True, repl)
+        del self.owner_prefixes[_pack(family, net, plen)]
+        return 0
 
     def adjust_balance(self, sid, delta):
         """Add ``delta`` (a payment, or a negative adjustment) to the balance."""
+        cdef int64_t d = as_int64(delta, "delta"), result
         cdef tg_sub *s = self._sub(sid)
-        cdef int64_t d = delta
+        cdef bint overflow
         tg_lock(&s.lock)
-        s.balance += d
+        overflow = __builtin_add_overflow(s.balance, d, &result)
+        if not overflow:
+            s.balance = result
         tg_unlock(&s.lock)
+        if overflow:
+            raise EngineError(f"balance of subscriber {sid} would leave the 64-bit range")
         return self._reevaluate(sid)
 
     def block(self, sid, int reason):
+        """Block for ``reason`` (a BLOCK_* bit); an event if it was not blocked at all."""
         cdef tg_sub *s = self._sub(sid)
         tg_lock(&s.lock)
         cdef uint8_t was = s.blocked
@@ -681,6 +773,7 @@ cdef class EngineC:
         return [Event(_EV_BLOCK, sid, -1, reason, balance)]
 
     def unblock(self, sid, int reason):
+        """Lift ``reason``; an event when no reason is left."""
         cdef tg_sub *s = self._sub(sid)
         tg_lock(&s.lock)
         cdef uint8_t was = s.blocked
@@ -692,34 +785,64 @@ cdef class EngineC:
             return []
         return [Event(_EV_UNBLOCK, sid, -1, reason, balance)]
 
-    cdef list _reevaluate(self, sid):
-        cdef tg_sub *s = self._sub(sid)
+    cdef list _reevaluate(self, uint32_t sid):
+        """Re-arm warnings and set or lift BLOCK_LIMIT from the headroom, in
+        one step under the subscriber's lock (a queue thread may be rating it)."""
+        cdef tg_sub *s = &self.subs[sid]
+        cdef int kind = 0
         tg_lock(&s.lock)
         cdef int below = self._levels_below(s)
         if s.warned > below:
             s.warned = below
-        cdef bint no_headroom = s.balance + s.credit <= 0
+        cdef uint8_t was = s.blocked
+        if no_headroom(s):
+            s.blocked |= BLOCK_LIMIT
+            if not was:
+                kind = EV_BLOCK
+        else:
+            s.blocked &= ~BLOCK_LIMIT
+            if was == BLOCK_LIMIT:
+                kind = EV_UNBLOCK
+        cdef int64_t balance = s.balance
         tg_unlock(&s.lock)
-        if no_headroom:
-            return self.block(sid, _BLOCK_LIMIT)
-        return self.unblock(sid, _BLOCK_LIMIT)
+        return [Event(kind, sid, -1, _BLOCK_LIMIT, balance)] if kind else []
 
     # ---- queries -----------------------------------------------------------
 
     def subscriber(self, sid):
+        """The subscriber's state, read in one step under its lock."""
         cdef tg_sub *s = self._sub(sid)
-        return SubscriberState(s.tariff, s.balance, s.credit, s.blocked, self._allowance_of(sid), s.warned,
-                               s.dropped_packets, s.dropped_bytes)
+        cdef tg_sub copy
+        cdef int64_t allow[TG_MAX_BUCKETS]
+        cdef int64_t *src = self.allowance + <size_t> (<uint32_t> sid) * self.bucket_stride
+        cdef int b, n
+        tg_lock(&s.lock)
+        copy = s[0]
+        n = self.tariffs[copy.tariff].n_buckets
+        for b in range(n):
+            allow[b] = src[b]
+        tg_unlock(&s.lock)
+        return SubscriberState(copy.tariff, copy.balance, copy.credit, copy.blocked,
+                               tuple([allow[b] for b in range(n)]), copy.warned, copy.dropped_packets,
+                               copy.dropped_bytes)
 
     def subscribers(self):
-        return [sid for sid in range(1, self.cap_subs) if self.subs[sid].exists]
+        """Ids of all subscribers, ascending."""
+        cdef list out = []
+        cdef uint32_t sid
+        for sid in range(1, self.cap_subs):
+            if self.subs[sid].exists:
+                out.append(sid)
+        return out
 
     def lookup_subscriber(self, str address):
+        """The subscriber owning ``address`` (longest prefix), 0 for none."""
         addr = ipaddress.ip_address(address)
         cdef bytes key = addr.packed
         return trie_lookup(&self.owners4 if addr.version == 4 else &self.owners6, key)
 
     def lookup_zone(self, str address, int proto=0, port=None):
+        """The zone of a remote ``address`` for ``proto``/``port``."""
         addr = ipaddress.ip_address(address)
         cdef bytes key = addr.packed
         cdef uint32_t g = trie_lookup(&self.zones4 if addr.version == 4 else &self.zones6, key)
@@ -727,39 +850,92 @@ cdef class EngineC:
         return self.default_zone if zone < 0 else zone
 
     def stats(self):
+        """Engine-wide packet and byte counts since the engine was made."""
         s = self.stats_
         return EngineStats(s.packets, s.bytes, s.malformed_packets, s.malformed_bytes, s.unknown_packets,
                            s.unknown_bytes, s.dropped_packets, s.dropped_bytes)
 
     cdef list _take_counters(self, uint32_t sid):
+        """Rows of ``sid``'s non-zero counters, which are reset (the carry
+        stays). Under the write lock, or the read lock and the subscriber's."""
         cdef list rows = []
-        cdef tg_counter *c
-        cdef int z, d
-        for z in range(self.n_zones):
-            for d in range(2):
-                c = &self.counters[(<size_t> sid * self.n_zones + z) * 2 + d]
-                if c.bytes or c.packets or c.charged:
-                    rows.append(CounterRow(sid, z, d, c.bytes, c.packets, c.charged))
-                c.bytes = 0
-                c.packets = 0
-                c.charged = 0
+        cdef tg_counter *c = self.counters + <size_t> sid * self.n_zones * 2
+        cdef int k
+        cdef uint64_t packets
+        for k in range(self.n_zones * 2):
+            packets = c[k].packets_carry >> CARRY_BITS
+            if c[k].bytes or packets or c[k].charged:
+                rows.append(CounterRow(sid, k >> 1, k & 1, c[k].bytes, packets, c[k].charged))
+                c[k].bytes = 0
+                c[k].charged = 0
+                c[k].packets_carry &= CARRY_MASK
         return rows
 
     def drain(self):
-        """Counters since the last drain, sorted, and reset to zero."""
+        """Counters since the last drain, sorted, and reset to zero.
+
+        Only subscribers on the dirty list are visited. The write lock is
+        held just to take the list; the counters are then read and reset a
+        chunk of subscribers at a time under the read lock and each
+        subscriber's spinlock, so queue threads keep rating meanwhile (a
+        packet rated in between lands in this drain or the next, never both).
+        """
         cdef list rows = []
-        cdef uint32_t i, sid
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
-        try:
-            for i in range(self.n_dirty):
-                sid = self.dirty[i]
-                self.subs[sid].dirty = 0
-                if self.subs[sid].exists:
-                    rows += self._take_counters(sid)
-            self.n_dirty = 0
-        finally:
+        cdef uint32_t *taken
+        cdef uint32_t *fresh
+        cdef uint32_t n_taken, i, j, end, sid
+        cdef tg_sub *s
+        cdef tg_counter *c
+        cdef tg_counter *out
+        cdef uint32_t *out_key  # sid * per + counter index
+        cdef uint32_t n_out
+        cdef int k, per = self.n_zones * 2
+        wrlock(self)
+        fresh = <uint32_t *> malloc(<size_t> self.cap_subs * sizeof(uint32_t))
+        if fresh == NULL:
             pthread_rwlock_unlock(&self.rwlock)
+            raise MemoryError()
+        taken = self.dirty
+        n_taken = self.n_dirty
+        self.dirty = fresh
+        self.n_dirty = 0
+        for i in range(n_taken):
+            self.subs[taken[i]].dirty = 0
+        pthread_rwlock_unlock(&self.rwlock)
+        out = <tg_counter *> malloc(<size_t> DRAIN_CHUNK * per * sizeof(tg_counter))
+        out_key = <uint32_t *> malloc(<size_t> DRAIN_CHUNK * per * sizeof(uint32_t))
+        try:
+            if out == NULL or out_key == NULL:
+                raise MemoryError()
+            i = 0
+            while i < n_taken:
+                end = i + DRAIN_CHUNK if i + DRAIN_CHUNK < n_taken else n_taken
+                n_out = 0
+                with nogil:
+                    pthread_rwlock_rdlock(&self.rwlock)
+                    for j in range(i, end):
+                        sid = taken[j]
+                        s = &self.subs[sid]
+                        tg_lock(&s.lock)
+                        if s.exists:
+                            c = self.counters + <size_t> sid * per
+                            for k in range(per):
+                                if c[k].bytes or c[k].packets_carry >> CARRY_BITS or c[k].charged:
+                                    out[n_out] = c[k]
+                                    out_key[n_out] = sid * per + k
+                                    n_out += 1
+                                    c[k].bytes = 0
+                                    c[k].charged = 0
+                                    c[k].packets_carry &= CARRY_MASK
+                        tg_unlock(&s.lock)
+                    pthread_rwlock_unlock(&self.rwlock)
+                for j in range(n_out):
+                    k = out_key[j] % per
+                    rows.append(CounterRow(out_key[j] // per, k >> 1, k & 1, out[j].bytes,
+                                           out[j].packets_carry >> CARRY_BITS, out[j].charged))
+                i = end
+        finally:
+            free(taken); free(out); free(out_key)
         rows.sort()
         return rows
 
@@ -788,12 +964,16 @@ cdef class EngineC:
         st.dropped_bytes += length
         return NF_DROP
 
-    cdef int _rate(self, uint32_t sid, int zone, int direction, uint32_t length, int slot, int64_t index,
-                          bint allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil:
-        """Rate one side of a packet under the subscriber's lock; returns its verdict."""
+    cdef int _rate(self, uint32_t sid, int zone, int direction, const tg_packet *pk, int slot, int64_t index,
+                   int allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil:
+        """Rate one side of a packet under the subscriber's lock; returns its
+        verdict. ``allowed``: whether the remote side is allow-listed, or -1
+        when the caller has not looked (it saw the subscriber unblocked; if a
+        block landed since, the allow-list is consulted here, under the lock)."""
         cdef tg_sub *s = &self.subs[sid]
         cdef tg_counter *c = &self.counters[(<size_t> sid * self.n_zones + zone) * 2 + direction]
         cdef const tg_tariff *t
+        cdef uint32_t length = pk.length
         cdef int64_t remaining = length, take, cost, amount
         cdef int64_t drawn[TG_MAX_BUCKETS]
         cdef int64_t *allow
@@ -801,11 +981,16 @@ cdef class EngineC:
         cdef tg_event *ev
         tg_lock(&s.lock)
         if s.blocked:
+            if allowed < 0:
+                if direction == UPLOAD:
+                    allowed = self._allowed(pk.dst, pk.v6, pk.proto, pk.has_ports, pk.dport)
+                else:
+                    allowed = self._allowed(pk.src, pk.v6, pk.proto, pk.has_ports, pk.sport)
             if not allowed:
                 verdict = self._drop(s, length, st)
             else:
                 c.bytes += length
-                c.packets += 1
+                c.packets_carry += 1 << CARRY_BITS
                 self._mark(sid, s)
             tg_unlock(&s.lock)
             return verdict
@@ -821,9 +1006,11 @@ cdef class EngineC:
                 allow[b] -= take
                 remaining -= take
                 drawn[b] = take
-        amount = remaining * t.prices[(zone * 2 + direction) * self.n_slots + slot] + c.carry
+        # remaining <= MAX_WIRE_LEN (2**20) and price <= MAX_PRICE (2**40 - 1): no overflow
+        amount = remaining * t.prices[(zone * 2 + direction) * self.n_slots + slot] + <int64_t> (
+            c.packets_carry & CARRY_MASK)
         cost = amount // PRICE_SCALE
-        if cost > 0 and s.balance - cost < -s.credit:
+        if cost > 0 and breaches(s, cost):
             for b in range(t.n_buckets):
                 allow[b] += drawn[b]
             s.blocked |= BLOCK_LIMIT
@@ -837,11 +1024,10 @@ cdef class EngineC:
             verdict = self._drop(s, length, st)
             tg_unlock(&s.lock)
             return verdict
-        c.carry = <uint32_t> (amount % PRICE_SCALE)
         s.balance -= cost
         c.bytes += length
-        c.packets += 1
         c.charged += cost
+        c.packets_carry = ((c.packets_carry >> CARRY_BITS) + 1) << CARRY_BITS | <uint64_t> (amount % PRICE_SCALE)
         self._mark(sid, s)
         if cost > 0:
             while s.warned < t.n_warn and s.balance < t.warn[s.warned]:
@@ -878,7 +1064,7 @@ cdef class EngineC:
         cdef Py_ssize_t n_events = 0
         cdef uint32_t i, j, base, end, wirelen, sid
         cdef int verdict, cur_slot = 0
-        cdef bint dst_allowed, allowed
+        cdef int dst_allowed
         cdef int64_t ts, lo_ts = 1, hi_ts = 0  # cached timeline interval [lo_ts, hi_ts)
         cdef uint32_t lo, hi, mid
         cdef const tg_trie *owners
@@ -945,8 +1131,10 @@ cdef class EngineC:
                 if kind[j] != KIND_RATE:
                     continue
                 verdict = NF_ACCEPT
-                dst_allowed = False
+                dst_allowed = -1
                 if dst_sid[j]:
+                    # a blocked destination drops the packet before anyone is
+                    # charged; the allow-list is only looked at when blocked
                     if tg_load_u8(&self.subs[dst_sid[j]].blocked):
                         dst_allowed = self._allowed(pk[j].src, pk[j].v6, pk[j].proto, pk[j].has_ports, pk[j].sport)
                         if not dst_allowed:
@@ -954,13 +1142,10 @@ cdef class EngineC:
                             verdict = self._drop(&self.subs[dst_sid[j]], pk[j].length, &st)
                             tg_unlock(&self.subs[dst_sid[j]].lock)
                 if verdict == NF_ACCEPT and src_sid[j]:
-                    allowed = False
-                    if tg_load_u8(&self.subs[src_sid[j]].blocked):
-                        allowed = self._allowed(pk[j].dst, pk[j].v6, pk[j].proto, pk[j].has_ports, pk[j].dport)
-                    verdict = self._rate(src_sid[j], up_zone[j], UPLOAD, pk[j].length, slot[j], i, allowed, events,
+                    verdict = self._rate(src_sid[j], up_zone[j], UPLOAD, &pk[j], slot[j], i, -1, events,
                                          &n_events, &st)
                 if verdict == NF_ACCEPT and dst_sid[j]:
-                    verdict = self._rate(dst_sid[j], down_zone[j], DOWNLOAD, pk[j].length, slot[j], i, dst_allowed,
+                    verdict = self._rate(dst_sid[j], down_zone[j], DOWNLOAD, &pk[j], slot[j], i, dst_allowed,
                                          events, &n_events, &st)
                 b.verdict[i] = verdict
             base = end
