@@ -66,7 +66,7 @@ def worlds(draw):
     starts = sorted(set(draw(st.lists(st.integers(-5, 400), min_size=1, max_size=4))))
     timeline = ([T + s * 10 ** 6 for s in starts], [draw(st.integers(0, n_slots - 1)) for _ in starts])
     subs = []
-    for sid in draw(st.lists(st.integers(1, 40), min_size=1, max_size=8, unique=True)):
+    for sid in draw(st.lists(st.integers(1, 40), min_size=1, max_size=20, unique=True)):
         tid = draw(st.integers(0, len(tariffs) - 1))
         n_b = len(tariffs[tid][1])
         balance = draw(st.one_of(st.sampled_from([0, 100, 200, 300, 1000]), st.integers(-100, 6000)))
@@ -75,9 +75,10 @@ def worlds(draw):
     return n_zones, n_slots, rules, allow, tariffs, timeline, subs
 
 
-def ipv4(src, dst, proto, l4, pad, frag):
-    total = 20 + len(l4)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, frag, 64, proto, 0, src, dst) + l4, pad
+def ipv4(src, dst, proto, l4, pad, frag, options=b""):
+    total = 20 + len(options) + len(l4)
+    vihl = 0x40 | (5 + len(options) // 4)
+    return struct.pack("!BBHHHBBH4s4s", vihl, 0, total, 0, frag, 64, proto, 0, src, dst) + options + l4, pad
 
 
 def ipv6(src, dst, proto, l4, ext_headers, pad):
@@ -86,6 +87,8 @@ def ipv6(src, dst, proto, l4, ext_headers, pad):
     for kind, frag_offset in reversed(ext_headers):
         if kind == 44:
             chain = struct.pack("!BBHI", nxt, 0, frag_offset << 3, 1) + chain
+        elif kind == 51:  # AH counts 4-octet units, minus 2 (RFC 4302)
+            chain = struct.pack("!BBH8x", nxt, 1, 0) + chain
         else:
             chain = struct.pack("!BB6x", nxt, 0) + chain
         nxt = kind
@@ -104,9 +107,12 @@ def packets(draw):
     pad = draw(st.sampled_from([0, 0, 0, 6, 18]))
     if kind == "v4":
         frag = draw(st.sampled_from([0, 0, 0x2000, 10]))
-        data, pad = ipv4(draw(st.sampled_from(V4_POOL)), draw(st.sampled_from(V4_POOL)), proto, l4, pad, frag)
+        options = draw(st.sampled_from([b"", b"", b"", b"\x01\x01\x01\x00", bytes(8)]))  # NOPs, EOLs
+        data, pad = ipv4(draw(st.sampled_from(V4_POOL)), draw(st.sampled_from(V4_POOL)), proto, l4, pad, frag,
+                         options)
     elif kind == "v6":
-        exts = draw(st.lists(st.tuples(st.sampled_from([0, 43, 60, 44]), st.sampled_from([0, 0, 7])), max_size=3))
+        exts = draw(st.lists(st.tuples(st.sampled_from([0, 43, 60, 44, 51]), st.sampled_from([0, 0, 7])),
+                             max_size=3))
         data, pad = ipv6(draw(st.sampled_from(V6_POOL)), draw(st.sampled_from(V6_POOL)), proto, l4, exts, pad)
     else:
         data = draw(st.binary(max_size=60))
@@ -114,12 +120,17 @@ def packets(draw):
     cut = draw(st.sampled_from([None, None, None, 128, 30, 10]))  # copy range / truncation
     if draw(st.integers(0, 30)) == 0:
         wirelen = max(0, wirelen - draw(st.integers(1, 40)))  # header claims more than the wire
-    return (data[:cut] if cut else data), wirelen
+    # mostly in time order, sometimes out of it (several queues, clock steps)
+    jitter = draw(st.one_of(st.just(0), st.just(0), st.integers(-200, 450)))
+    return (data[:cut] if cut else data), wirelen, jitter * 10 ** 6
 
 
 ops = st.one_of(
     st.tuples(st.just("batch"), st.lists(packets(), min_size=1, max_size=40)),
     st.tuples(st.just("adjust_balance"), st.integers(0, 41), st.integers(-3000, 3000)),
+    st.tuples(st.just("set_tariff"), st.integers(0, 3), st.integers(0, 2 * PRICE_SCALE), st.integers(0, 2),
+              st.lists(st.integers(-100, 2000), max_size=2)),
+    st.tuples(st.just("set_timeline"), st.lists(st.integers(-5, 400), min_size=1, max_size=3), st.integers(0, 2)),
     st.tuples(st.just("block"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL])),
     st.tuples(st.just("unblock"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL])),
     st.tuples(st.just("add_address"), st.integers(0, 41), prefixes),
@@ -156,9 +167,19 @@ def run(e, stream, clock):
     for op in stream:
         name, args = op[0], op[1:]
         if name == "batch":
-            batch = PacketBatch.of([(data, wirelen, clock + 3_000_000 * k) for k, (data, wirelen) in enumerate(args[0])])
+            batch = PacketBatch.of([(data, wirelen, clock + 3_000_000 * k + jitter)
+                                    for k, (data, wirelen, jitter) in enumerate(args[0])])
             out.append(("events", e.process(batch), list(batch.verdict[:batch.n])))
             clock += 3_000_000 * len(args[0])
+        elif name == "set_tariff":
+            tid, price, n_buckets, warn = args
+            n_zones, n_slots = e.n_zones, e.n_slots
+            out.append(outcome(e.set_tariff, tid, [price] * (n_zones * 2 * n_slots),
+                               [((1 << n_zones) - 1, 3)] * n_buckets, sorted(set(warn), reverse=True)))
+        elif name == "set_timeline":
+            starts, slot = args
+            starts = sorted(set(starts))
+            out.append(outcome(e.set_timeline, [T + s * 10 ** 6 for s in starts], [slot] * len(starts)))
         elif name == "set_subscriber":
             sid, tariff, credit = args
             out.append(outcome(e.set_subscriber, sid, tariff=tariff, credit=None if credit < 0 else credit))
@@ -224,3 +245,112 @@ def test_per_packet_charging_equals_one_shot_rating(price, sizes):
         e.process(PacketBatch.of([(d, len(d), T) for d in pkts]))
         total_bytes = sum(len(d) for d in pkts)
         assert sum(r.charged for r in e.drain()) == total_bytes * price // PRICE_SCALE
+
+
+# ---- several threads on one compiled engine ------------------------------------
+
+def _threads(targets):
+    import threading
+
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_two_threads_never_overspend():
+    """Two threads rate one subscriber at once (the GIL is released for each
+    batch): the balance buys exactly K packets, and together they take exactly
+    K, charge exactly their cost, never go below -credit, and drop the rest."""
+    e = ext.EngineC(2, 1, default_zone=1)
+    e.set_tariff(0, [0, 0, PRICE_SCALE, PRICE_SCALE])  # 1 unit per byte outside zone 0
+    credit, k, size = 5_000, 7_777, 120
+    e.add_subscriber(1, 0, size * k - credit, credit)
+    e.add_address(1, "100.64.0.1/32")
+    e.add_address(1, "2001:db8:100:1::/64")
+    up = ipv4(bytes([100, 64, 0, 1]), bytes([198, 18, 0, 1]), 17, struct.pack("!HH", 1, 2) + bytes(size - 24), 0, 0)[0]
+    down = ipv6(bytes.fromhex("20010db8019800000000000000000001"), bytes.fromhex("20010db8010000010000000000000001"),
+                6, struct.pack("!HH", 80, 9) + bytes(size - 44), [], 0)[0]
+    assert len(up) == len(down) == size
+    n_batches = 40
+    work = [[PacketBatch.of([(p, size, T)] * 256) for _ in range(n_batches)] for p in (up, down)]
+    results = [[], []]
+
+    def worker(i):
+        def run_batches():
+            for b in work[i]:
+                events = e.process(b)
+                results[i].append((events, sum(b.verdict[:b.n])))
+        return run_batches
+
+    lowest = []
+    threads = _threads([worker(0), worker(1)])
+    while any(t.is_alive() for t in threads) and len(lowest) < 100_000:  # watch the balance meanwhile
+        lowest.append(e.subscriber(1).balance)
+    for t in threads:
+        t.join()
+    accepted = sum(a for r in results for _ev, a in r)
+    events = [ev for r in results for evs, _a in r for ev in evs]
+    total = 2 * n_batches * 256
+    state = e.subscriber(1)
+    assert accepted == k
+    assert min(lowest + [state.balance]) >= -credit
+    assert state.balance == -credit
+    assert state.dropped_packets == total - k and state.dropped_bytes == (total - k) * size
+    assert accepted + state.dropped_packets == total
+    assert sum(r.charged for r in e.drain()) == k * size  # the cost of the accepted packets, no more
+    assert [ev.kind for ev in events] == [ext.constants.EV_BLOCK]  # the one breaching packet
+    assert e.stats().dropped_packets == total - k
+
+
+def test_drain_while_two_threads_rate():
+    """Draining while queue threads rate loses and doubles nothing: the rows
+    drained meanwhile and at the end add up to what was sent, and the carried
+    remainder makes the charge floor(total bytes * price / scale)."""
+    price = PRICE_SCALE // 7 + 3
+    e = ext.EngineC(2, 1, default_zone=1)
+    e.set_tariff(0, [price] * 4)
+    n_subs = 50
+    for sid in range(1, n_subs + 1):
+        e.add_subscriber(sid, 0, 10 ** 15)
+        e.add_address(sid, f"100.64.1.{sid}/32")
+    sizes = [40 + (7 * i) % 1400 for i in range(256)]
+    batches = [[PacketBatch.of([(ipv4(bytes([100, 64, 1, 1 + (i + j + t) % n_subs]), bytes([198, 18, 0, 1]), 17,
+                                      struct.pack("!HH", 1, 2) + bytes(s - 24), 0, 0)[0], s, T)
+                                for i, s in enumerate(sizes)]) for j in range(30)] for t in range(2)]
+    sent = {}
+    for per_thread in batches:
+        for b in per_thread:
+            for i in range(b.n):
+                sid = b.packet(i)[15]
+                sent[sid] = sent.get(sid, 0) + b.wirelen[i]
+    drained = {}
+
+    def take(rows):
+        for r in rows:
+            assert (r.zone, r.direction) == (1, 0)
+            got = drained.setdefault(r.subscriber, [0, 0, 0])
+            got[0] += r.bytes
+            got[1] += r.packets
+            got[2] += r.charged
+
+    def worker(t):
+        def run_batches():
+            for b in batches[t]:
+                e.process(b)
+        return run_batches
+
+    threads = _threads([worker(0), worker(1)])
+    for _ in range(10_000):  # bounded; drains as often as it can while they run
+        take(e.drain())
+        if not any(t.is_alive() for t in threads):
+            break
+    for t in threads:
+        t.join()
+    take(e.drain())
+    assert {sid: v[0] for sid, v in drained.items()} == sent
+    assert sum(v[1] for v in drained.values()) == 2 * 30 * 256
+    for sid, (nbytes, _packets, charged) in drained.items():
+        assert charged == nbytes * price // PRICE_SCALE
+        assert e.subscriber(sid).balance == 10 ** 15 - charged
+    assert e.drain() == []
