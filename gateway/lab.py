@@ -217,30 +217,44 @@ def _settle_ipv6(lab: Lab, timeout: float = 5.0) -> None:
 
 
 def lab_down(prefix: str = "tg") -> None:
-    """Stop the lab's processes and delete its namespaces (idempotent)."""
+    """Stop the lab's processes and delete its namespaces (idempotent).
+
+    The processes stopped are those living in the lab's namespaces (``ip
+    netns pids``): the ones ``up`` recorded in pidfiles, and anything started
+    there by hand (a gateway, a test server). A pidfile alone is not trusted:
+    after a crash its pid may belong to someone else by now."""
     _check_prefix(prefix)
     run_dir = Path(f"/run/tollgate-lab-{prefix}")
-    if run_dir.exists():
-        for pidfile in run_dir.glob("*.pid"):
-            try:  # each was started in a session of its own: its group is exactly that process tree
-                os.killpg(int(pidfile.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
     mine = lab_namespaces(prefix)
     if mine:
         say(f"stopping processes in and deleting {len(mine)} namespaces of lab {prefix!r}")
-    for ns in mine:
-        # processes left in a namespace (a gateway started by hand) go with it
-        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+    pids = [int(pid) for ns in mine for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        for pid in pids:
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
+                os.kill(pid, sig)
+            except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + grace
+        while (pids := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pids:
+            break
+    for ns in mine:
         sh("ip", "netns", "del", ns, check=False)
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=False)
     if mine:
         say(f"removed {len(mine)} namespaces")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def lab_status(prefix: str = "tg") -> dict:
@@ -251,7 +265,7 @@ def lab_status(prefix: str = "tg") -> dict:
     procs = {}
     for pidfile in sorted(run_dir.glob("*.pid")) if run_dir.exists() else []:
         pid = int(pidfile.read_text())
-        procs[pidfile.stem] = (pid, Path(f"/proc/{pid}").exists())
+        procs[pidfile.stem] = (pid, _alive(pid))
     if not mine:
         print(f"no lab named {prefix!r}")
     addresses = {}

@@ -1,5 +1,6 @@
 """Fixtures for tests that need root: a lab of network namespaces per test
-module (unique prefix), torn down whatever happens."""
+module, under a prefix unique to the module and the run, torn down whatever
+happens."""
 
 from __future__ import annotations
 
@@ -10,17 +11,26 @@ import pytest
 
 if os.geteuid() != 0:
     pytest.skip("tests/linux need root (network namespaces)", allow_module_level=True)
-for tool in ("ip", "nft", "iptables-nft", "iperf3", "curl", "ping"):
+for tool in ("ip", "nft", "iptables-nft", "ip6tables-nft", "iperf3", "curl", "ping", "ss", "conntrack"):
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed: run `make system-deps`", pytrace=False)
+
+
+def lab_prefix(module: str) -> str:
+    """``t`` + 5 letters of the module + 3 digits of the pid: two runs at
+    once (two helpers, CI and a developer) never share namespaces."""
+    letters = "".join(c for c in module.split(".")[-1].removeprefix("test_") if c.isalnum())
+    return f"t{letters[:5].lower()}{os.getpid() % 1000:03d}"
 
 
 @pytest.fixture(scope="module")
 def lab(request):
     from gateway.lab import lab_down, lab_up
 
-    prefix = "t" + request.module.__name__.split(".")[-1][-6:].replace("_", "")
+    prefix = lab_prefix(request.module.__name__)
     lab_down(prefix)
     lab = lab_up(4, prefix)
-    yield lab
-    lab_down(prefix)
+    try:
+        yield lab
+    finally:
+        lab_down(prefix)
