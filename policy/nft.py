@@ -205,6 +205,12 @@ class Enforcer:
         self.allow = [AllowRule.of(r) for r in allow]
         self.native_queue: bool | None = None
 
+    @classmethod
+    def from_config(cls, config, **kw) -> "Enforcer":
+        """One for a gateway ``Config``: its local networks and allow-list;
+        ``kw`` (queues, fail_open, portal_port) as for the constructor."""
+        return cls(local_networks=config.zones.local_networks, allow=config.allowlist, **kw)
+
     # ---- plumbing ------------------------------------------------------------
 
     def _json(self, commands: list) -> dict:
@@ -339,9 +345,15 @@ class Enforcer:
             + "  }\n}\n")
 
     def install(self) -> None:
-        """Create or replace our table in one transaction, and the queue rules.
-        Set elements do not survive a replace: call ``restore`` afterwards."""
-        self._text(f"table inet {TABLE}\ndelete table inet {TABLE}\n" + self.ruleset())
+        """Create our table, or renew its rules (the allow-list, the portal
+        port, the queues may have changed) in one transaction; and the queue
+        rules. Set elements and their counters are kept, so a config reload
+        neither unblocks anyone nor resets the counters. A table of another
+        layout (an older version) is replaced whole, elements and all: call
+        ``restore`` after ``install`` on start."""
+        rc, _out, _err = self.nft.cmd(f"add table inet {TABLE}\nflush table inet {TABLE}\n" + self.ruleset())
+        if rc != 0:
+            self._text(f"table inet {TABLE}\ndelete table inet {TABLE}\n" + self.ruleset())
         if self.has_native_queue():
             self._xtables_remove()  # left by an earlier run on another kernel's rules
         else:
@@ -357,7 +369,23 @@ class Enforcer:
     def remove(self) -> None:
         """Delete our table and our queue rules; nothing else. Idempotent."""
         self.nft.cmd(f"table inet {TABLE}\ndelete table inet {TABLE}")
-        self._xtables_remove()
+        if self._our_xtables_rules():
+            self._xtables_remove()
+            self._drop_empty_xtables_tables()
+
+    def _drop_empty_xtables_tables(self) -> None:
+        """iptables-nft made ``ip filter``/``ip6 filter`` to hold our queue
+        rules; delete them again when they are exactly what it made: one
+        empty FORWARD chain with policy accept (nothing anyone else uses)."""
+        for family in ("ip", "ip6"):
+            rc, out, _err = self.nft.json_cmd({"nftables": [{"list": {"table": {"family": family, "name": "filter"}}}]})
+            if rc != 0:
+                continue
+            items = out.get("nftables", [])
+            chains = [i["chain"] for i in items if "chain" in i]
+            if (not any("rule" in i or "set" in i or "map" in i for i in items) and len(chains) == 1
+                    and chains[0]["name"] == "FORWARD" and chains[0].get("policy") == "accept"):
+                self.nft.cmd(f"delete table {family} filter")
 
     # ---- elements ----------------------------------------------------------------
 
