@@ -110,7 +110,7 @@ class AllowRule:
     port_hi: int = 65535
 
     @classmethod
-    def of(cls, rule) -> "AllowRule":
+    def of(cls, rule) -> AllowRule:
         """From an ``AllowRule``, a config ``ZoneRule`` (attributes network,
         proto, port_lo, port_hi) or a tuple ``(network, proto, lo, hi)``."""
         if isinstance(rule, cls):
@@ -206,7 +206,7 @@ class Enforcer:
         self.native_queue: bool | None = None
 
     @classmethod
-    def from_config(cls, config, **kw) -> "Enforcer":
+    def from_config(cls, config, **kw) -> Enforcer:
         """One for a gateway ``Config``: its local networks and allow-list;
         ``kw`` (queues, fail_open, portal_port) as for the constructor."""
         return cls(local_networks=config.zones.local_networks, allow=config.allowlist, **kw)

@@ -12,12 +12,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from lablib import netns
 
 from ext.errors import ConfigError
-from gateway.lab import (BIG_FILE, GATEWAY_UP4, GATEWAY_UP6, UPSTREAM4, UPSTREAM6, LabError, _alive, lab_down,
-                         lab_namespaces, lab_status, lab_up)
+from gateway.lab import (
+    BIG_FILE,
+    GATEWAY_UP4,
+    GATEWAY_UP6,
+    UPSTREAM4,
+    UPSTREAM6,
+    LabError,
+    _alive,
+    lab_down,
+    lab_namespaces,
+    lab_status,
+    lab_up,
+)
 
 
 def test_ping_both_families_from_every_subscriber(lab):

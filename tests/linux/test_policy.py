@@ -211,7 +211,9 @@ def test_kernel_counters_equal_the_far_end_and_known_sizes(lab, clean):
     subprocess.run(["ip", "netns", "exec", lab.up, "nft", "-f", "-"], input=FAR_END, text=True, check=True)
     try:
         enforcer(lab, f"e.install(); e.restore([], {SUB1 + SUB2!r})", local_networks=LOCAL)
-        counters = lambda: json.loads(enforcer(lab, "print(json.dumps(e.counters()))"))  # noqa: E731
+        def counters() -> dict:
+            return json.loads(enforcer(lab, "print(json.dumps(e.counters()))"))
+
         # 1. packets of known size: 20 echo requests of 1000 bytes each way are 20 x (1000 + 8 + 20) IPv4
         #    bytes and 20 x (1000 + 8 + 40) IPv6 bytes
         assert ping(lab, 1, UP4, count=20, size=1000).returncode == 0
