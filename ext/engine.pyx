@@ -525,6 +525,8 @@ cdef class EngineC:
         """Define or redefine a tariff; see ``EnginePy.set_tariff``."""
         prices, buckets, warn_levels = validate_tariff(self.n_zones, self.n_slots, tariff, prices, buckets,
                                                        warn_levels)
+        for level in warn_levels:
+            as_int64(level, "warning level")
         cdef int tid = tariff
         cdef int64_t *p = <int64_t *> calloc(len(prices), sizeof(int64_t))
         if p == NULL:
