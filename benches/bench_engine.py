@@ -6,9 +6,11 @@ four zones, every subscriber an IPv4 /32 and most an IPv6 /64 or /56), a
 realistic packet mix (70% IPv4, TCP/UDP/ICMP, 40..1500 bytes, both
 directions, subscribers picked at random), pre-built into batches of 256,
 then times ``Engine.process`` over it: best of ``--repeat`` runs. Memory per
-subscriber is the growth of the process's resident set while subscribers are
-added (so it includes the control plane's address index), and separately the
-engine's own C state per subscriber (subscriber record, counters, dirty list).
+subscriber is the growth of the process's resident set (/proc/self/statm)
+while subscribers are added, measured in two steps: the subscribers alone (the
+engine's per-subscriber state), then their addresses (tries and the control
+plane's prefix index); and, computed, the engine's own C state per subscriber
+slot (record, counters, dirty-list entry, allowance).
 
     .venv/bin/python benches/bench_engine.py                 # 1k, 100k, 1M
     .venv/bin/python benches/bench_engine.py --subscribers 1000 --markdown
@@ -85,16 +87,21 @@ def build_engine(cls, n_subs: int, rules: list[ZoneRule]):
     prices = [0, 0, 0, 0] + [PRICE_SCALE // 1000, PRICE_SCALE // 2000] * 6
     e.set_tariff(1, prices, [(1 << 2, 3)], [10 ** 6])
     e.set_timeline([0, T + 10 ** 9], [0, 1])
+    # Subscribers first, then their addresses, so that the resident set's
+    # growth separates the per-subscriber state from the address storage
+    # (the tries and the control plane's prefix index).
     before = rss()
     for sid in range(1, n_subs + 1):
-        v4, v6 = subscriber_addresses(sid)
         e.add_subscriber(sid, 1, 10 ** 15, 0, [10 ** 9])
+    middle = rss()
+    for sid in range(1, n_subs + 1):
+        v4, v6 = subscriber_addresses(sid)
         e.add_address(sid, v4)
         if v6:
             e.add_address(sid, v6)
         if sid % 100_000 == 0:
             say(f"    {sid:,} subscribers")
-    return e, rss() - before
+    return e, middle - before, rss() - middle
 
 
 def make_batches(rng: random.Random, n_subs: int, rules: list[ZoneRule], n_packets: int,
@@ -173,7 +180,7 @@ def main() -> int:
         say(f"== {n:,} subscribers, {len(rules)} zone prefixes")
         gc.collect()
         say("  building the compiled engine")
-        c, c_rss = build_engine(EngineC, n, rules)
+        c, c_rss, c_addr_rss = build_engine(EngineC, n, rules)
         say(f"  building {args.packets:,} packets (random, and in flow trains of {args.train})")
         batches = make_batches(rng, n, rules, args.packets)
         trains = make_batches(rng, n, rules, args.packets, args.train)
@@ -184,22 +191,23 @@ def main() -> int:
         py_pps = None
         if n <= 100_000:
             say("  timing the Python twin")
-            p, _ = build_engine(EnginePy, n, rules)
+            p, _, _ = build_engine(EnginePy, n, rules)
             py_batches = batches[: max(1, args.py_packets // BATCH)]
             py_pps = run(p, py_batches, 1)
             del p
-        rows.append((n, c_pps, c_train_pps, py_pps, c_rss / n, c_state))
+        rows.append((n, c_pps, c_train_pps, py_pps, c_rss / n, c_addr_rss / n, c_state))
         del c, batches, trains
     base = rows[0][1]
     base_train = rows[0][2]
     head = ["subscribers", "compiled Mpps (random)", "ns/packet", "vs first row", "compiled Mpps (trains)",
-            "vs first row", "twin kpps", "compiled/twin", "RSS growth B/sub", "engine state B/sub"]
+            "vs first row", "twin kpps", "compiled/twin", "RSS B/sub (state)", "RSS B/sub (addresses)",
+            "engine state B/sub"]
     lines = []
-    for n, c_pps, c_train_pps, py_pps, per_rss, per_state in rows:
+    for n, c_pps, c_train_pps, py_pps, per_rss, per_addr, per_state in rows:
         lines.append([f"{n:,}", f"{c_pps / 1e6:.2f}", f"{1e9 / c_pps:.0f}", f"{base / c_pps:.2f}x",
                       f"{c_train_pps / 1e6:.2f}", f"{base_train / c_train_pps:.2f}x",
                       f"{py_pps / 1e3:.1f}" if py_pps else "-", f"{c_pps / py_pps:.0f}x" if py_pps else "-",
-                      f"{per_rss:.0f}", f"{per_state:.0f}"])
+                      f"{per_rss:.0f}", f"{per_addr:.0f}", f"{per_state:.0f}"])
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
