@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ext import EngineC, EnginePy, PacketBatch, ZoneRule  # noqa: E402
-from ext.constants import PRICE_SCALE  # noqa: E402
+from ext import EngineC, EnginePy, PacketBatch, ZoneRule
+from ext.constants import PRICE_SCALE
 
 T = 1_800_000_000 * 10 ** 9
 BATCH = 256

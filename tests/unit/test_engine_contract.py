@@ -3,6 +3,7 @@ refused call is an EngineError in both engines that changes nothing."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -10,12 +11,21 @@ import pytest
 import ext
 import ext.errors
 from ext import PacketBatch, ZoneRule, constants
-from ext.constants import BLOCK_LIMIT, BLOCK_MANUAL, MAX_PRICE, MAX_SUBSCRIBER_ID, NF_ACCEPT, PRICE_SCALE
+from ext.constants import (
+    BLOCK_LIMIT,
+    BLOCK_MANUAL,
+    MAX_PRICE,
+    MAX_SUBSCRIBER_ID,
+    NF_ACCEPT,
+    PRICE_SCALE,
+)
 from ext.errors import EngineError
 
 T = 1_800_000_000 * 10 ** 9
 
 if ext.EngineC is None:
+    if os.environ.get("TOLLGATE_NO_EXT", "") not in ("", "0"):  # asked for the twin alone: nothing to compare
+        pytest.skip("TOLLGATE_NO_EXT is set and ext.engine is not built", allow_module_level=True)
     pytest.fail(f"the compiled engine is not built: {ext.EXT_IMPORT_ERROR}", pytrace=False)
 
 ENGINES = pytest.mark.parametrize("cls", [ext.EngineC, ext.EnginePy], ids=["c", "py"])
@@ -188,6 +198,6 @@ def test_extreme_balances_never_wrap():
         e.adjust_balance(1, -(1 << 63) + 10)  # 10 above the bottom of int64: blocked for the limit
         assert e.subscriber(1).blocked == BLOCK_LIMIT
         e.unblock(1, BLOCK_LIMIT)  # an operator lifts it anyway: the next charge must still be refused
-        events, verdicts, *_ = probe(e)
+        _events, verdicts, *_ = probe(e)
         assert verdicts[0] != NF_ACCEPT
         assert e.subscriber(1).balance == -(1 << 63) + 10

@@ -11,6 +11,7 @@ and statistics. 1,000+ examples in all.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -23,6 +24,8 @@ from ext.constants import BLOCK_LIMIT, BLOCK_MANUAL, PRICE_SCALE
 from ext.errors import EngineError
 
 if ext.EngineC is None:
+    if os.environ.get("TOLLGATE_NO_EXT", "") not in ("", "0"):  # asked for the twin alone: nothing to compare
+        pytest.skip("TOLLGATE_NO_EXT is set and ext.engine is not built", allow_module_level=True)
     pytest.fail(f"the compiled engine is not built: {ext.EXT_IMPORT_ERROR}", pytrace=False)
 
 T = 1_800_000_000 * 10 ** 9
