@@ -13,21 +13,42 @@ memoryviews without creating a Python object per packet:
   (``NFQA_CAP_LEN`` / the pcap original length less the link header);
 * ``ts``       - its time in nanoseconds since the epoch (UTC);
 * ``verdict``  - written by the engine: ``NF_ACCEPT`` or ``NF_DROP``.
+
+A batch made with ``aggregates=True`` carries flow records (conntrack,
+NetFlow/IPFIX, spool files) instead: each entry stands for ``packets[i]``
+packets of ``wirelen[i]`` bytes in all, behind a made-up header that gives the
+addresses, protocol and ports (see :meth:`PacketBatch.append_flow`). The
+engine rates such an entry like a packet of that length, except that the
+traffic has already passed: it is charged even past the limit (see
+``EnginePy``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import struct
 from array import array
+
+from .constants import MAX_WIRE_LEN, PORT_PROTOCOLS
+
+_V4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+_V6_HEADER = struct.Struct("!IHBB16s16s")
+_PORTS = struct.Struct("!HH")
 
 
 class PacketBatch:
     """A reusable batch of up to ``capacity`` packets of up to ``snaplen`` bytes."""
 
-    __slots__ = ("capacity", "snaplen", "n", "buf", "offset", "caplen", "wirelen", "ts", "verdict", "_fill")
+    __slots__ = ("capacity", "snaplen", "n", "buf", "offset", "caplen", "wirelen", "ts", "verdict", "aggregates",
+                 "packets", "_fill")
 
-    def __init__(self, capacity: int = 1024, snaplen: int = 128) -> None:
+    def __init__(self, capacity: int = 1024, snaplen: int = 128, *, aggregates: bool = False) -> None:
         if capacity <= 0 or snaplen <= 0:
             raise ValueError("capacity and snaplen must be positive")
+        if aggregates and snaplen < 44:
+            raise ValueError("a batch of flow records needs a snaplen of at least 44 (IPv6 header and ports)")
+        self.aggregates = aggregates
+        self.packets = array("I", bytes(4 * capacity)) if aggregates else None
         self.capacity = capacity
         self.snaplen = snaplen
         self.n = 0
@@ -63,9 +84,38 @@ class PacketBatch:
         self.wirelen[i] = wirelen
         self.ts[i] = ts_ns
         self.verdict[i] = 0
+        if self.packets is not None:
+            self.packets[i] = 1
         self._fill = start + k
         self.n = i + 1
         return i
+
+    def append_flow(self, src: str, dst: str, proto: int, sport: int, dport: int, nbytes: int, npackets: int,
+                    ts_ns: int) -> int:
+        """Add a flow record of ``nbytes`` over ``npackets``; returns the entries it took.
+
+        A record longer than the engine's ``MAX_WIRE_LEN`` is split into
+        entries of at most that many bytes (the packets spread over them), so
+        that rating one entry stays within 64-bit arithmetic. The caller
+        checks :meth:`room` first; a record that does not fit raises
+        ``IndexError`` and adds nothing.
+        """
+        if not self.aggregates:
+            raise ValueError("append_flow needs a batch made with aggregates=True")
+        if nbytes < 0 or npackets < 0:
+            raise ValueError(f"a flow of {nbytes} bytes and {npackets} packets")
+        header = flow_header(src, dst, proto, sport, dport)
+        pieces = max(1, -(-nbytes // MAX_WIRE_LEN))
+        if self.n + pieces > self.capacity:
+            raise IndexError(f"a flow of {pieces} entries does not fit: {self.capacity - self.n} left")
+        packets_each, packets_extra = divmod(npackets, pieces)
+        for k in range(pieces):
+            i = self.append(header, min(MAX_WIRE_LEN, nbytes - k * MAX_WIRE_LEN), ts_ns)
+            self.packets[i] = packets_each + (k < packets_extra)
+        return pieces
+
+    def room(self) -> int:
+        return self.capacity - self.n
 
     def packet(self, i: int) -> bytes:
         """The captured bytes of packet ``i`` (for tests and debugging)."""
@@ -85,3 +135,20 @@ class PacketBatch:
         for data, wirelen, ts in packets:
             batch.append(data, wirelen, ts)
         return batch
+
+
+def flow_header(src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
+    """An IP header (and the ports, for a protocol that has them) naming a flow.
+
+    Only its addresses, protocol and ports mean anything: the engine takes an
+    aggregate's length from the batch. Bad addresses raise ``ValueError``.
+    """
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if a.version != b.version:
+        raise ValueError(f"a flow from {src} to {dst} mixes address families")
+    if not 0 <= proto <= 255 or not 0 <= sport <= 65535 or not 0 <= dport <= 65535:
+        raise ValueError(f"protocol {proto} or port {sport}/{dport} out of range")
+    ports = _PORTS.pack(sport, dport) if proto in PORT_PROTOCOLS else b""
+    if a.version == 4:
+        return _V4_HEADER.pack(0x45, 0, 20 + len(ports), 0, 0, 64, proto, 0, a.packed, b.packed) + ports
+    return _V6_HEADER.pack(6 << 28, len(ports), proto, 64, a.packed, b.packed) + ports

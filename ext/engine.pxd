@@ -19,6 +19,7 @@ cdef struct tg_batch:
     const uint32_t *wirelen
     const int64_t *ts            # ns since the epoch
     uint8_t *verdict             # written: NF_ACCEPT (1) / NF_DROP (0)
+    const uint32_t *packets      # NULL: real packets; else flow aggregates of packets[i] packets
     uint32_t n
 
 cdef struct tg_event:
@@ -89,11 +90,13 @@ cdef struct tg_packet:
     const uint8_t *src
     const uint8_t *dst
     uint32_t length
+    uint32_t count               # packets it stands for (1 unless an aggregate)
     uint16_t sport
     uint16_t dport
     uint8_t proto
     uint8_t v6
     uint8_t has_ports
+    uint8_t aggregate            # traffic that already passed (a flow source): see EnginePy
 
 cdef struct tg_stats:
     uint64_t packets
@@ -142,6 +145,6 @@ cdef class EngineC:
                        uint16_t port) noexcept nogil
     cdef int _zone(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports, uint16_t port) noexcept nogil
     cdef void _mark(self, uint32_t sid, tg_sub *s) noexcept nogil
-    cdef int _drop(self, tg_sub *s, uint32_t length, tg_stats *st) noexcept nogil
+    cdef int _drop(self, tg_sub *s, const tg_packet *pk, tg_stats *st) noexcept nogil
     cdef int _rate(self, uint32_t sid, int zone, int direction, const tg_packet *pk, int slot, int64_t index,
                    int allowed, tg_event *events, Py_ssize_t *n_events, tg_stats *st) noexcept nogil

@@ -270,7 +270,8 @@ def _unpack(object packed):
 
 # ---- packets -----------------------------------------------------------------
 
-cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, tg_packet *out) noexcept nogil:
+cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, bint aggregate,
+                              tg_packet *out) noexcept nogil:
     """The twin's ``parse_packet`` in C; False for a malformed packet."""
     cdef uint32_t ihl, total, length, l4, payload, hdrlen
     cdef uint8_t proto, nxt
@@ -283,7 +284,7 @@ cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, tg
             return False
         ihl = (p[0] & 0x0F) * 4
         total = (<uint32_t> p[2] << 8) | p[3]
-        if ihl < 20 or total < ihl or total > wirelen:
+        if ihl < 20 or total < ihl or (total > wirelen and not aggregate):
             return False
         length = total
         l4 = ihl
@@ -297,7 +298,7 @@ cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, tg
             return False
         payload = (<uint32_t> p[4] << 8) | p[5]
         length = wirelen if payload == 0 else 40 + payload
-        if length > wirelen:
+        if length > wirelen and not aggregate:
             return False
         proto = p[6]
         out.src = p + 8
@@ -320,9 +321,10 @@ cdef inline bint parse_packet(const uint8_t *p, uint32_t n, uint32_t wirelen, tg
             l4 += hdrlen
     else:
         return False
-    if length == 0:
+    if length == 0 or aggregate:
         length = wirelen
     out.length = length
+    out.aggregate = aggregate
     out.proto = proto
     out.has_ports = first_fragment and (proto == 6 or proto == 17 or proto == 132 or proto == 136) and l4 + 4 <= n
     if out.has_ports:
@@ -959,11 +961,11 @@ cdef class EngineC:
             s.dirty = 1
             self.dirty[tg_fetch_add_u32(&self.n_dirty, 1)] = sid
 
-    cdef int _drop(self, tg_sub *s, uint32_t length, tg_stats *st) noexcept nogil:
-        s.dropped_packets += 1
-        s.dropped_bytes += length
-        st.dropped_packets += 1
-        st.dropped_bytes += length
+    cdef int _drop(self, tg_sub *s, const tg_packet *pk, tg_stats *st) noexcept nogil:
+        s.dropped_packets += pk.count
+        s.dropped_bytes += pk.length
+        st.dropped_packets += pk.count
+        st.dropped_bytes += pk.length
         return NF_DROP
 
     cdef int _rate(self, uint32_t sid, int zone, int direction, const tg_packet *pk, int slot, int64_t index,
@@ -988,14 +990,17 @@ cdef class EngineC:
                     allowed = self._allowed(pk.dst, pk.v6, pk.proto, pk.has_ports, pk.dport)
                 else:
                     allowed = self._allowed(pk.src, pk.v6, pk.proto, pk.has_ports, pk.sport)
-            if not allowed:
-                verdict = self._drop(s, length, st)
-            else:
+            if allowed:
                 c.bytes += length
-                c.packets_carry += 1 << CARRY_BITS
+                c.packets_carry += <uint64_t> pk.count << CARRY_BITS
                 self._mark(sid, s)
-            tg_unlock(&s.lock)
-            return verdict
+                tg_unlock(&s.lock)
+                return verdict
+            if not pk.aggregate:
+                verdict = self._drop(s, pk, st)
+                tg_unlock(&s.lock)
+                return verdict
+            # an aggregate of a blocked subscriber already passed: rated below
         t = &self.tariffs[s.tariff]
         allow = self.allowance + <size_t> sid * self.bucket_stride
         for b in range(t.n_buckets):
@@ -1013,23 +1018,27 @@ cdef class EngineC:
             c.packets_carry & CARRY_MASK)
         cost = amount // PRICE_SCALE
         if cost > 0 and breaches(s, cost):
-            for b in range(t.n_buckets):
-                allow[b] += drawn[b]
-            s.blocked |= BLOCK_LIMIT
-            ev = &events[n_events[0]]
-            n_events[0] += 1
-            ev.kind = EV_BLOCK
-            ev.subscriber = sid
-            ev.index = index
-            ev.reason = BLOCK_LIMIT
-            ev.balance = s.balance
-            verdict = self._drop(s, length, st)
-            tg_unlock(&s.lock)
-            return verdict
+            if not s.blocked & BLOCK_LIMIT:
+                s.blocked |= BLOCK_LIMIT
+                ev = &events[n_events[0]]
+                n_events[0] += 1
+                ev.kind = EV_BLOCK
+                ev.subscriber = sid
+                ev.index = index
+                ev.reason = BLOCK_LIMIT
+                ev.balance = s.balance
+            if not pk.aggregate:
+                for b in range(t.n_buckets):
+                    allow[b] += drawn[b]
+                verdict = self._drop(s, pk, st)
+                tg_unlock(&s.lock)
+                return verdict
+            verdict = NF_DROP  # charged all the same: the traffic already passed
         s.balance -= cost
         c.bytes += length
         c.charged += cost
-        c.packets_carry = ((c.packets_carry >> CARRY_BITS) + 1) << CARRY_BITS | <uint64_t> (amount % PRICE_SCALE)
+        c.packets_carry = ((c.packets_carry >> CARRY_BITS) + pk.count) << CARRY_BITS | <uint64_t> (
+            amount % PRICE_SCALE)
         self._mark(sid, s)
         if cost > 0:
             while s.warned < t.n_warn and s.balance < t.warn[s.warned]:
@@ -1064,7 +1073,7 @@ cdef class EngineC:
         cdef uint8_t kind[CHUNK]     # KIND_*
         cdef int slot[CHUNK]
         cdef Py_ssize_t n_events = 0
-        cdef uint32_t i, j, base, end, wirelen, sid
+        cdef uint32_t i, j, base, end, wirelen, sid, count
         cdef int verdict, cur_slot = 0
         cdef int dst_allowed
         cdef int64_t ts, lo_ts = 1, hi_ts = 0  # cached timeline interval [lo_ts, hi_ts)
@@ -1079,19 +1088,21 @@ cdef class EngineC:
             for i in range(base, end):
                 j = i - base
                 wirelen = b.wirelen[i]
-                st.packets += 1
+                count = b.packets[i] if b.packets != NULL else 1
+                st.packets += count
                 st.bytes += wirelen
-                if not parse_packet(b.buf + b.offset[i], b.caplen[i], wirelen, &pk[j]):
-                    st.malformed_packets += 1
+                if not parse_packet(b.buf + b.offset[i], b.caplen[i], wirelen, b.packets != NULL, &pk[j]):
+                    st.malformed_packets += count
                     st.malformed_bytes += wirelen
                     b.verdict[i] = self.malformed_verdict
                     kind[j] = KIND_DONE
                     continue
+                pk[j].count = count
                 owners = &self.owners6 if pk[j].v6 else &self.owners4
                 src_sid[j] = trie_lookup(owners, pk[j].src)
                 dst_sid[j] = trie_lookup(owners, pk[j].dst)
                 if src_sid[j] == 0 and dst_sid[j] == 0:
-                    st.unknown_packets += 1
+                    st.unknown_packets += count
                     st.unknown_bytes += pk[j].length
                     b.verdict[i] = self.unknown_verdict
                     kind[j] = KIND_DONE
@@ -1137,18 +1148,19 @@ cdef class EngineC:
                 if dst_sid[j]:
                     # a blocked destination drops the packet before anyone is
                     # charged; the allow-list is only looked at when blocked
-                    if tg_load_u8(&self.subs[dst_sid[j]].blocked):
+                    if not pk[j].aggregate and tg_load_u8(&self.subs[dst_sid[j]].blocked):
                         dst_allowed = self._allowed(pk[j].src, pk[j].v6, pk[j].proto, pk[j].has_ports, pk[j].sport)
                         if not dst_allowed:
                             tg_lock(&self.subs[dst_sid[j]].lock)
-                            verdict = self._drop(&self.subs[dst_sid[j]], pk[j].length, &st)
+                            verdict = self._drop(&self.subs[dst_sid[j]], &pk[j], &st)
                             tg_unlock(&self.subs[dst_sid[j]].lock)
                 if verdict == NF_ACCEPT and src_sid[j]:
                     verdict = self._rate(src_sid[j], up_zone[j], UPLOAD, &pk[j], slot[j], i, -1, events,
                                          &n_events, &st)
-                if verdict == NF_ACCEPT and dst_sid[j]:
-                    verdict = self._rate(dst_sid[j], down_zone[j], DOWNLOAD, &pk[j], slot[j], i, dst_allowed,
-                                         events, &n_events, &st)
+                if dst_sid[j] and (verdict == NF_ACCEPT or pk[j].aggregate):
+                    if self._rate(dst_sid[j], down_zone[j], DOWNLOAD, &pk[j], slot[j], i, dst_allowed,
+                                  events, &n_events, &st) == NF_DROP:
+                        verdict = NF_DROP
                 b.verdict[i] = verdict
             base = end
         pthread_rwlock_unlock(&self.rwlock)
@@ -1173,8 +1185,9 @@ cdef class EngineC:
         cdef const uint32_t[::1] wirelen = batch.wirelen
         cdef const int64_t[::1] ts = batch.ts
         cdef uint8_t[::1] verdict = batch.verdict
+        cdef const uint32_t[::1] packets = batch.packets if batch.aggregates else None
         if n > offset.shape[0] or n > caplen.shape[0] or n > wirelen.shape[0] or n > ts.shape[0] \
-                or n > verdict.shape[0]:
+                or n > verdict.shape[0] or (packets is not None and n > packets.shape[0]):
             raise EngineError("batch.n exceeds the batch arrays")
         cdef uint32_t i
         for i in range(n):  # a bad offset must not read outside the buffer
@@ -1187,6 +1200,7 @@ cdef class EngineC:
         b.wirelen = &wirelen[0]
         b.ts = &ts[0]
         b.verdict = &verdict[0]
+        b.packets = &packets[0] if packets is not None else NULL
         b.n = n
         cdef tg_event *events = <tg_event *> PyMem_Malloc(<size_t> n * TG_MAX_EVENTS_PER_PACKET * sizeof(tg_event))
         if events == NULL:

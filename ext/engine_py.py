@@ -42,6 +42,15 @@ Per packet (``process``):
    (``BLOCK_LIMIT``) and a block event names the packet.
 6. After a charge, each warning level (descending balances) that the balance
    has fallen below emits one warn event.
+7. An *aggregate* (a batch made with ``aggregates=True``: flow records from
+   conntrack, NetFlow or a spool file) stands for ``packets[i]`` packets of
+   ``wirelen`` bytes in all that have already passed. It is rated like a
+   packet of that length except that nothing can be dropped any more: it is
+   counted and charged even when its subscriber is blocked or the charge takes
+   the balance past the limit (the overshoot of a passive source is a debt,
+   not lost revenue); the entry that breaches still blocks and emits the block
+   event (once), and its verdict is ``NF_DROP``. Allow-listed traffic of a
+   blocked subscriber stays free.
 
 Control operations (``add_subscriber``, ``adjust_balance``, ``set_subscriber``)
 re-evaluate the limit: no headroom (``balance + credit <= 0``) sets
@@ -314,9 +323,10 @@ _V4 = struct.Struct("!BxHxxHBBxx4s4s")
 _PORTS = struct.Struct("!HH")
 
 
-def parse_packet(data: bytes, wirelen: int):
+def parse_packet(data: bytes, wirelen: int, aggregate: bool = False):
     """Parse an IP header: (family, src, dst, proto, has_ports, sport, dport, length)
-    or None if malformed. Addresses come back as ints."""
+    or None if malformed. Addresses come back as ints. An aggregate's length is
+    ``wirelen``, whatever its (made-up) header says."""
     n = len(data)
     if n < 1 or wirelen > MAX_WIRE_LEN:
         return None
@@ -326,7 +336,7 @@ def parse_packet(data: bytes, wirelen: int):
             return None
         vihl, total, frag, _ttl, proto, src, dst = _V4.unpack_from(data)
         ihl = (vihl & 0x0F) * 4
-        if ihl < 20 or total < ihl or total > wirelen:
+        if ihl < 20 or total < ihl or (total > wirelen and not aggregate):
             return None
         length = total
         l4 = ihl
@@ -339,7 +349,7 @@ def parse_packet(data: bytes, wirelen: int):
         # A zero payload length with a jumbo payload (RFC 2675) or BIG TCP:
         # the header cannot tell the length, the wire length can.
         length = wirelen if payload == 0 else 40 + payload
-        if length > wirelen:
+        if length > wirelen and not aggregate:
             return None
         proto = data[6]
         src, dst = data[8:24], data[24:40]
@@ -361,7 +371,7 @@ def parse_packet(data: bytes, wirelen: int):
             l4 += hdrlen
     else:
         return None
-    if length == 0:  # IPv4 BIG TCP (tot_len 0) - take the wire length
+    if length == 0 or aggregate:  # IPv4 BIG TCP (tot_len 0) - take the wire length
         length = wirelen
     has_ports = first_fragment and proto in PORT_PROTOCOLS and l4 + 4 <= n
     sport, dport = _PORTS.unpack_from(data, l4) if has_ports else (0, 0)
@@ -593,27 +603,28 @@ class EnginePy:
                 hi = mid
         return slots[max(lo - 1, 0)]
 
-    def _drop(self, sub: Subscriber, length: int) -> int:
-        sub.dropped_packets += 1
+    def _drop(self, sub: Subscriber, length: int, count: int) -> int:
+        sub.dropped_packets += count
         sub.dropped_bytes += length
-        self._stats.dropped_packets += 1
+        self._stats.dropped_packets += count
         self._stats.dropped_bytes += length
         return NF_DROP
 
-    def _count(self, sub: Subscriber, zone: int, direction: int, length: int, cost: int) -> None:
+    def _count(self, sub: Subscriber, zone: int, direction: int, length: int, count: int, cost: int) -> None:
         c = sub.counters.setdefault((zone, direction), [0, 0, 0])
         c[0] += length
-        c[1] += 1
+        c[1] += count
         c[2] += cost
 
-    def _rate(self, sid: int, sub: Subscriber, zone: int, direction: int, length: int, slot: int,
-              index: int, allowed: bool, events: list) -> int:
-        """Rate one side of a packet; returns its verdict."""
+    def _rate(self, sid: int, sub: Subscriber, zone: int, direction: int, length: int, count: int,
+              aggregate: bool, slot: int, index: int, allowed: bool, events: list) -> int:
+        """Rate one side of a packet (or of an aggregate of ``count``); returns its verdict."""
         if sub.blocked:
-            if not allowed:
-                return self._drop(sub, length)
-            self._count(sub, zone, direction, length, 0)
-            return NF_ACCEPT
+            if allowed:
+                self._count(sub, zone, direction, length, count, 0)
+                return NF_ACCEPT
+            if not aggregate:
+                return self._drop(sub, length, count)
         tariff = self._tariffs[sub.tariff]
         remaining = length
         drawn = []
@@ -629,35 +640,41 @@ class EnginePy:
         key = (zone, direction)
         amount = remaining * price + sub.carry.get(key, 0)
         cost, carry = divmod(amount, PRICE_SCALE)
+        verdict = NF_ACCEPT
         if cost > 0 and sub.balance - cost < -sub.credit:
-            for b, take in drawn:  # the packet is dropped: give back what it drew
-                sub.allowance[b] += take
-            sub.blocked |= BLOCK_LIMIT
-            events.append(Event(EV_BLOCK, sid, index, BLOCK_LIMIT, sub.balance))
-            return self._drop(sub, length)
+            if not sub.blocked & BLOCK_LIMIT:
+                sub.blocked |= BLOCK_LIMIT
+                events.append(Event(EV_BLOCK, sid, index, BLOCK_LIMIT, sub.balance))
+            if not aggregate:
+                for b, take in drawn:  # the packet is dropped: give back what it drew
+                    sub.allowance[b] += take
+                return self._drop(sub, length, count)
+            verdict = NF_DROP  # an aggregate is charged all the same: it already passed
         sub.carry[key] = carry
         sub.balance -= cost
-        self._count(sub, zone, direction, length, cost)
+        self._count(sub, zone, direction, length, count, cost)
         if cost > 0:
             levels = tariff.warn_levels
             while sub.warned < len(levels) and sub.balance < levels[sub.warned]:
                 events.append(Event(EV_WARN, sid, index, sub.warned, sub.balance))
                 sub.warned += 1
-        return NF_ACCEPT
+        return verdict
 
     def process(self, batch) -> list[Event]:
         """Account every packet of ``batch``, write its verdicts, return events."""
         events: list[Event] = []
         stats = self._stats
         buf = batch.buf
+        aggregate = batch.aggregates
         for i in range(batch.n):
             off = batch.offset[i]
             wirelen = batch.wirelen[i]
-            stats.packets += 1
+            count = batch.packets[i] if aggregate else 1
+            stats.packets += count
             stats.bytes += wirelen
-            parsed = parse_packet(bytes(buf[off:off + batch.caplen[i]]), wirelen)
+            parsed = parse_packet(bytes(buf[off:off + batch.caplen[i]]), wirelen, aggregate)
             if parsed is None:
-                stats.malformed_packets += 1
+                stats.malformed_packets += count
                 stats.malformed_bytes += wirelen
                 batch.verdict[i] = self.malformed_verdict
                 continue
@@ -665,7 +682,7 @@ class EnginePy:
             src_sid = next(self._owners.matches(family, src), 0)
             dst_sid = next(self._owners.matches(family, dst), 0)
             if not src_sid and not dst_sid:
-                stats.unknown_packets += 1
+                stats.unknown_packets += count
                 stats.unknown_bytes += length
                 batch.verdict[i] = self.unknown_verdict
                 continue
@@ -674,15 +691,20 @@ class EnginePy:
             if dst_sid:
                 dst_sub = self._subs[dst_sid]
                 dst_allowed = bool(dst_sub.blocked) and self._allowed(family, src, proto, has_ports, sport)
-                if dst_sub.blocked and not dst_allowed:
-                    verdict = self._drop(dst_sub, length)
+                if dst_sub.blocked and not dst_allowed and not aggregate:
+                    verdict = self._drop(dst_sub, length, count)
             if verdict == NF_ACCEPT and src_sid:
                 src_sub = self._subs[src_sid]
                 allowed = bool(src_sub.blocked) and self._allowed(family, dst, proto, has_ports, dport)
                 zone = self._zone(family, dst, proto, has_ports, dport)
-                verdict = self._rate(src_sid, src_sub, zone, UPLOAD, length, slot, i, allowed, events)
-            if verdict == NF_ACCEPT and dst_sid:
+                verdict = self._rate(src_sid, src_sub, zone, UPLOAD, length, count, aggregate, slot, i, allowed,
+                                     events)
+            if dst_sid and (verdict == NF_ACCEPT or aggregate):
+                # looked at again: rating the upload of an aggregate may have blocked this same subscriber
+                dst_allowed = bool(dst_sub.blocked) and self._allowed(family, src, proto, has_ports, sport)
                 zone = self._zone(family, src, proto, has_ports, sport)
-                verdict = self._rate(dst_sid, dst_sub, zone, DOWNLOAD, length, slot, i, dst_allowed, events)
+                if self._rate(dst_sid, dst_sub, zone, DOWNLOAD, length, count, aggregate, slot, i, dst_allowed,
+                              events) == NF_DROP:
+                    verdict = NF_DROP
             batch.verdict[i] = verdict
         return events

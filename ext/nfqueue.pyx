@@ -312,6 +312,7 @@ cdef class QueueReader:
         b.wirelen = self.wirelen
         b.ts = self.ts
         b.verdict = self.verdict
+        b.packets = NULL  # real packets
         b.n = k
         n_events = self.engine.process_c(&b, self.events)
         # verdicts: one batch verdict per run of equal verdicts, in id order

@@ -128,8 +128,24 @@ def packets(draw):
     return (data[:cut] if cut else data), wirelen, jitter * 10 ** 6
 
 
+def address(raw: bytes) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_address(raw))
+
+
+# flow records (conntrack, NetFlow): sizes past MAX_WIRE_LEN are split into several entries
+flows = st.one_of(
+    st.tuples(st.sampled_from(V4_POOL).map(address), st.sampled_from(V4_POOL).map(address)),
+    st.tuples(st.sampled_from(V6_POOL).map(address), st.sampled_from(V6_POOL).map(address)),
+).flatmap(lambda ends: st.tuples(st.just(ends[0]), st.just(ends[1]), st.sampled_from([6, 17, 1, 58, 132]),
+                                 st.integers(0, 120), st.integers(0, 120),
+                                 st.one_of(st.sampled_from([0, 100, 200]), st.integers(0, 3 << 20)),
+                                 st.integers(0, 3000), st.integers(-200, 450)))
+
 ops = st.one_of(
     st.tuples(st.just("batch"), st.lists(packets(), min_size=1, max_size=40)),
+    st.tuples(st.just("flows"), st.lists(flows, min_size=1, max_size=10)),
     st.tuples(st.just("adjust_balance"), st.integers(0, 41), st.integers(-3000, 3000)),
     st.tuples(st.just("set_tariff"), st.integers(0, 3), st.integers(0, 2 * PRICE_SCALE), st.integers(0, 2),
               st.lists(st.integers(-100, 2000), max_size=2)),
@@ -173,6 +189,12 @@ def run(e, stream, clock):
             batch = PacketBatch.of([(data, wirelen, clock + 3_000_000 * k + jitter)
                                     for k, (data, wirelen, jitter) in enumerate(args[0])])
             out.append(("events", e.process(batch), list(batch.verdict[:batch.n])))
+            clock += 3_000_000 * len(args[0])
+        elif name == "flows":
+            batch = PacketBatch(64, aggregates=True)
+            for k, (src, dst, proto, sport, dport, nbytes, npackets, jitter) in enumerate(args[0]):
+                batch.append_flow(src, dst, proto, sport, dport, nbytes, npackets, clock + 3_000_000 * k + jitter)
+            out.append(("events", e.process(batch), list(batch.verdict[:batch.n]), list(batch.packets[:batch.n])))
             clock += 3_000_000 * len(args[0])
         elif name == "set_tariff":
             tid, price, n_buckets, warn = args
@@ -223,8 +245,9 @@ def test_batching_does_not_change_results(world, pkts, cuts):
         for stream in (stream_one, pieces):
             e, _ = build(cls, world)
             verdicts = []
-            for _kind, _events, v in (r for r in run(e, stream, T) if r[0] == "events"):
-                verdicts += v
+            for r in run(e, stream, T):
+                if r[0] == "events":
+                    verdicts += r[2]
             drained = {}
             for row in e.drain():
                 key = (row.subscriber, row.zone, row.direction)

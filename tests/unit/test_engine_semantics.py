@@ -155,6 +155,61 @@ def test_credit_limit_lets_the_balance_go_negative(make):
     assert e.subscriber(3).balance == -100
 
 
+def test_flow_records_are_rated_like_their_packets(make):
+    """A flow record of 3 MiB + 10 bytes over 2,500 packets: four entries, the
+    same bytes, packets and charge as the packets themselves would have had."""
+    e = make(buckets=[(1 << PEERING, 0b11)])
+    add(e, 3, 10 ** 9, "100.64.3.3/32", "2001:db8:100:3::/64", allowance=[1000])
+    b = PacketBatch(16, aggregates=True)
+    nbytes = 3 * 2 ** 20 + 10
+    assert b.append_flow("198.18.0.1", "100.64.3.3", 6, 443, 5000, nbytes, 2500, T) == 4
+    assert list(b.packets[:4]) == [625] * 4
+    assert b.append_flow("100.64.3.3", "198.19.0.9", 6, 40000, 443, 700, 3, T + 1) == 1  # tcp/443: VIDEO
+    assert b.append_flow("2001:db8:100:3::9", "2001:db8:198::1", 17, 1, 2, 0, 1, T + 2) == 1  # zero bytes, one packet
+    assert e.process(b) == []
+    assert list(b.verdict[:b.n]) == [NF_ACCEPT] * 6
+    rows = {(r.subscriber, r.zone, r.direction): (r.bytes, r.packets, r.charged) for r in e.drain()}
+    assert rows == {(3, PEERING, DOWNLOAD): (nbytes, 2500, nbytes - 1000), (3, VIDEO, UPLOAD): (700, 3, 700),
+                    (3, PEERING, UPLOAD): (0, 1, 0)}
+    assert e.stats().packets == 2504
+
+
+def test_flow_records_past_the_limit_are_charged_and_block_once(make):
+    """Traffic a passive source reports has already passed: it is a debt, not
+    dropped. The entry that breaches blocks (one event); later entries are
+    charged too, except allow-listed ones."""
+    e = make()
+    e.set_allowlist([ZoneRule("100.64.0.1/32", 0, 17, 53, 53)])
+    add(e, 3, 250, "100.64.3.3/32")
+    b = PacketBatch(8, aggregates=True)
+    for _ in range(3):
+        b.append_flow("198.18.0.1", "100.64.3.3", 17, 9, 9, 100, 1, T)
+    b.append_flow("100.64.3.3", "100.64.0.1", 17, 5000, 53, 60, 1, T)  # DNS to the allow-listed resolver
+    assert e.process(b) == [ext.Event(EV_BLOCK, 3, 2, BLOCK_LIMIT, 50)]
+    assert list(b.verdict[:b.n]) == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_ACCEPT]
+    s = e.subscriber(3)
+    assert (s.balance, s.blocked, s.dropped_packets) == (-50, BLOCK_LIMIT, 0)
+    b.clear()
+    b.append_flow("198.18.0.1", "100.64.3.3", 17, 9, 9, 40, 1, T)
+    assert e.process(b) == []  # already blocked: no second event, still charged
+    assert e.subscriber(3).balance == -90
+
+
+def test_flow_records_refuse_bad_input():
+    b = PacketBatch(2, aggregates=True)
+    for args in [("10.0.0.1", "2001:db8::1", 6, 1, 1), ("10.0.0.1", "x", 6, 1, 1), ("10.0.0.1", "10.0.0.2", 256, 1, 1),
+                 ("10.0.0.1", "10.0.0.2", 6, 70000, 1)]:
+        with pytest.raises(ValueError):
+            b.append_flow(*args, 100, 1, T)
+    with pytest.raises(ValueError):
+        b.append_flow("10.0.0.1", "10.0.0.2", 6, 1, 1, -1, 1, T)
+    with pytest.raises(IndexError):  # 3 entries, room for 2: nothing added
+        b.append_flow("10.0.0.1", "10.0.0.2", 6, 1, 1, 3 * 2 ** 20, 1, T)
+    assert b.n == 0
+    with pytest.raises(ValueError):
+        PacketBatch(2).append_flow("10.0.0.1", "10.0.0.2", 6, 1, 1, 1, 1, T)
+
+
 def test_blocked_subscriber_keeps_the_allow_list(make):
     e = make()
     e.set_allowlist([ZoneRule("100.64.0.1/32", 0, 17, 53, 53)])
