@@ -13,6 +13,7 @@ import os
 import sys
 
 from ext.errors import CaptureError, ConfigError, LedgerError, TollgateError
+from .sources import parse_source_options, source_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "/etc/tollgate/tollgate.toml"
@@ -115,8 +116,10 @@ def cmd_run(args) -> int:
         return _fail("--linger-us is 0..1000", EXIT_USAGE)
     if args.drift_interval <= 0:
         return _fail("--drift-interval must be positive", EXIT_USAGE)
+    source_options = parse_source_options(args.source, args.source_option)
     return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine,
-                          linger_us=args.linger_us, drift_interval=args.drift_interval))
+                          linger_us=args.linger_us, drift_interval=args.drift_interval, source=args.source,
+                          source_options=source_options))
 
 
 def _queues(text: str) -> tuple:
@@ -191,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the live gateway until SIGTERM. SIGHUP reloads the config. Blocks stay in the "
                     "kernel when it stops."))
     p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--source", default="nfqueue", choices=source_names(),
+                   help="where traffic is counted: nfqueue (inline, default; stops a subscriber at the exact "
+                        "packet) or a passive source (see gateway/sources)")
+    p.add_argument("--source-option", "-o", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of a passive source, e.g. -o listen=0.0.0.0:2055 (repeatable; a wrong name "
+                        "lists the source's options)")
     p.add_argument("--queues", default="0", help="nfqueue number or range, one thread each (default: 0)")
     p.add_argument("--fail-closed", action="store_true",
                    help="drop subscriber traffic while no reader is bound (default: fail-open, traffic flows; "

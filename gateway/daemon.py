@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -60,6 +60,12 @@ class RunOptions:
     drift_interval: float = 10.0  # seconds between engine-vs-kernel comparisons
     drift_min_bytes: int = 64 * 1024  # a drift below this (or 0.5% of the kernel's count) is noise
     metrics_subscribers: int = 1000  # cap on per-subscriber series in /metrics
+    source: str = "nfqueue"  # see gateway/sources
+    source_options: dict = field(default_factory=dict)
+
+    @property
+    def inline(self) -> bool:
+        return self.source == "nfqueue"
 
 
 class EngineCollector:
@@ -179,7 +185,7 @@ class Gateway:
         self.last_payment = self.ledger.last_payment_id()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
-        self.enforcer = Enforcer(queues=self.opts.queues, fail_open=self.opts.fail_open,
+        self.enforcer = Enforcer(queues=self.opts.queues if self.opts.inline else (), fail_open=self.opts.fail_open,
                                  portal_port=self.opts.port, local_networks=self.config.zones.local_networks)
         self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
@@ -200,6 +206,13 @@ class Gateway:
     def _start_readers(self) -> None:
         from ext.nfqueue import QueueReader
 
+        from .sources import source_class
+
+        if not self.opts.inline:
+            reader = source_class(self.opts.source)(self.acct.engine, self.events.put, **self.opts.source_options)
+            self.readers.append(reader)
+            self._spawn(self.opts.source, reader.run)
+            return
         for q in self.opts.queues:
             reader = QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
                                  fail_open=self.opts.fail_open, on_events=self.events.put,
