@@ -196,9 +196,10 @@ class Enforcer:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
         queues = sorted(queues)
-        if not queues or queues != list(range(queues[0], queues[-1] + 1)) or not 0 <= queues[0] <= queues[-1] <= 65535:
+        if queues and (queues != list(range(queues[0], queues[-1] + 1)) or not 0 <= queues[0] <= queues[-1] <= 65535):
             raise PolicyError(f"queues must be a contiguous range of 0..65535, not {queues}")
-        self.queue = QueueSpec(queues[0], queues[-1], fail_open)
+        # no queues: a passive source counts the traffic, nothing is queued
+        self.queue = QueueSpec(queues[0], queues[-1], fail_open) if queues else None
         self.portal_port = int(portal_port)
         self.dns_port = int(dns_port)
         self.local_networks = [_canon(n) for n in local_networks]
@@ -244,6 +245,8 @@ class Enforcer:
 
     def _iptables_rules(self) -> list[tuple[str, list[str]]]:
         q = self.queue
+        if q is None:
+            return []
         target = ["-m", "comment", "--comment", COMMENT, "-j", "NFQUEUE"]
         target += (["--queue-balance", f"{q.first}:{q.last}"] if q.last > q.first else ["--queue-num", str(q.first)])
         if q.fail_open:
@@ -303,7 +306,7 @@ class Enforcer:
                     for fam, suffix, _kind, _plen, mask in SLOTS]
 
         queue = ""
-        if self.has_native_queue():
+        if self.queue is not None and self.has_native_queue():
             stmts = []
             for net in self.local_networks:
                 fam = "ip6" if ":" in net else "ip"
@@ -358,8 +361,8 @@ class Enforcer:
             self._xtables_remove()  # left by an earlier run on another kernel's rules
         else:
             self._xtables_install()
-        log.info("installed table inet %s (%s, %s)", TABLE,
-                 "native queue" if self.native_queue else "xtables NFQUEUE fallback", self._queue_stmt())
+        log.info("installed table inet %s (%s)", TABLE, "no queue" if self.queue is None else
+                 ("native queue " if self.native_queue else "xtables NFQUEUE fallback ") + self._queue_stmt())
 
     def installed(self) -> bool:
         """Whether our table exists in this namespace."""
