@@ -410,6 +410,27 @@ class Ledger:
         """The highest payment id so far (0 if none)."""
         return self.db.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()[0]
 
+    def last_adjustment_id(self) -> int:
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM adjustments").fetchone()[0]
+
+    def balance_changes_since(self, payment_id: int, adjustment_id: int) -> list[dict]:
+        """Payments and adjustments past the given ids (``kind``, ``id``,
+        ``subscriber_id``, ``amount``), each kind oldest first: the daemon
+        applies them to the live balances."""
+        rows = self.db.execute(
+            "SELECT 'payment', id, subscriber_id, amount FROM payments WHERE id > ?"
+            " UNION ALL SELECT 'adjustment', id, subscriber_id, amount FROM adjustments WHERE id > ?"
+            " ORDER BY 1 DESC, 2", (payment_id, adjustment_id))
+        return [dict(zip(("kind", "id", "subscriber_id", "amount"), r)) for r in rows]
+
+    def manually_blocked(self) -> list[int]:
+        """Subscribers whose last manual block record (reason ``manual...``) is a block."""
+        rows = self.db.execute(
+            "SELECT b.subscriber_id FROM blocks b WHERE b.reason LIKE 'manual%' AND b.kind = 'block' AND b.id ="
+            " (SELECT max(id) FROM blocks WHERE subscriber_id = b.subscriber_id AND reason LIKE 'manual%')"
+            " ORDER BY 1")
+        return [sid for (sid,) in rows]
+
     def payments_since(self, payment_id: int) -> list[dict]:
         """Payments with an id above ``payment_id``, oldest first (the daemon applies them live)."""
         cols = ("id", "subscriber_id", "amount", "ts_ns", "method")

@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from accounting.ledger import Ledger
 from accounting.money import format_amount
-from ext.constants import BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_UNBLOCK
+from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_UNBLOCK
 from ext.errors import TollgateError
 
 from .config import Config, load_config
@@ -150,6 +150,8 @@ class Gateway:
         self.threads: list[threading.Thread] = []
         self.engine_lock = threading.Lock()  # control operations; the C engine also locks inside
         self.last_payment = 0
+        self.last_adjustment = 0
+        self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -178,25 +180,33 @@ class Gateway:
     # ---- start and stop --------------------------------------------------
 
     def start(self) -> None:
-        from policy.nft import Enforcer
-
         self.acct.seed_ledger()
         events = self.acct.load_subscribers(ledger_rows(self.ledger))
         self.last_payment = self.ledger.last_payment_id()
+        self.last_adjustment = self.ledger.last_adjustment_id()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
-        self.enforcer = Enforcer(queues=self.opts.queues if self.opts.inline else (), fail_open=self.opts.fail_open,
-                                 portal_port=self.opts.port, local_networks=self.config.zones.local_networks)
+        self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
         log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
                  len(self._blocked_networks()))
         for ev in events:
             self._record_event(ev, None, time.time_ns())
+        for sid in self.ledger.manually_blocked():  # a manual block outlives restarts
+            if sid in self.acct.subscribers:
+                self.acct.engine.block(sid, BLOCK_MANUAL)
+                self.enforcer.block(self._networks(sid))
         self._start_readers()
         self._spawn("policy", self._policy_loop)
         self._spawn("flusher", self._flush_loop)
         self._spawn("http", self._serve_http)
+
+    def _enforcer(self, cfg: Config):
+        from policy.nft import Enforcer
+
+        return Enforcer.from_config(cfg, queues=self.opts.queues if self.opts.inline else (),
+                                    fail_open=self.opts.fail_open, portal_port=self.opts.port)
 
     def _spawn(self, name: str, target) -> None:
         t = threading.Thread(target=target, name=f"tollgate-{name}", daemon=True)
@@ -247,12 +257,101 @@ class Gateway:
         if len(cfg.zones) != len(self.config.zones) or len(cfg.schedule.slots) != len(self.config.schedule.slots):
             log.error("reload refused: the number of zones or time slots changed; restart to apply")
             return
+        try:
+            enforcer = self._enforcer(cfg)
+            with self.enforcer_lock:
+                enforcer.install()  # the new allow-list in the kernel; blocks and counters stay
+                self.enforcer = enforcer
+        except TollgateError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
         with self.engine_lock:
             self.acct.load_tables(cfg)
             self.config = cfg
             now = time.time_ns()
             self.acct.ensure_timeline(now, since_ns=now)
         log.info("config reloaded from %s", self.opts.config_path)
+
+    # ---- changes made by the admin API -----------------------------------------
+
+    def refresh_subscriber(self, sid: int) -> None:
+        """Bring one subscriber in the engine and the kernel in line with the
+        ledger: added, deactivated, new addresses, tariff or credit limit. The
+        live balance stays the engine's (the ledger's lags by a flush)."""
+        row = self._reader().get_subscriber(sid)
+        active = row is not None and row.get("active", 1)
+        info = self.acct.subscribers.get(sid)
+        with self.engine_lock:
+            if info is None and not active:
+                return
+            if info is None:
+                events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"])}])
+                with self.enforcer_lock:
+                    self.enforcer.add_subscriber_addresses(row["addresses"])
+                if events:
+                    self.events.put([(ev, None) for ev in events])
+                log.info("subscriber %s added live", row["name"])
+                return
+            old = set(info.addresses)
+            new = set(row["addresses"]) if active else set()
+            with self.enforcer_lock:
+                self.enforcer.unblock(sorted(old - new))
+                self.enforcer.remove_subscriber_addresses(sorted(old - new))
+            if not active:
+                self.orphan_rows += self.acct.engine.remove_subscriber(sid)
+                del self.acct.subscribers[sid]
+                log.info("subscriber %s deactivated live", info.name)
+                return
+            for net in sorted(old - new):
+                self.acct.engine.remove_address(net)
+            for net in sorted(new - old):
+                self.acct.engine.add_address(sid, net)
+            tariff = self.acct.tariff_ids.get(row["tariff"])
+            if tariff is None:
+                raise TollgateError(f"subscriber {row['name']!r}: tariff {row['tariff']!r} is not in the config")
+            events = self.acct.engine.set_subscriber(sid, tariff=tariff, credit=row["credit_limit"])
+            info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
+            with self.enforcer_lock:
+                self.enforcer.add_subscriber_addresses(sorted(new - old))
+                if self.acct.engine.subscriber(sid).blocked:
+                    self.enforcer.block(sorted(new))
+        if events:
+            self.events.put([(ev, None) for ev in events])
+
+    def _sync_subscribers(self) -> None:
+        """Subscribers changed in the ledger by another process (``tollgate
+        subscriber ...``): one scan a flush round, cheap next to the flush."""
+        wanted = {}
+        for row in self.ledger.subscribers():
+            if row.get("active", 1):
+                wanted[row["id"]] = (row["tariff"], row["credit_limit"], tuple(sorted(row["addresses"])))
+        for sid in set(wanted) | set(self.acct.subscribers):
+            info = self.acct.subscribers.get(sid)
+            have = None if info is None else (info.tariff, self.acct.engine.subscriber(sid).credit,
+                                              tuple(sorted(info.addresses)))
+            if have != wanted.get(sid):
+                try:
+                    self.refresh_subscriber(sid)
+                except TollgateError as exc:
+                    log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
+
+    def manual_block(self, sid: int, reason: str) -> None:
+        """An operator's block, until :meth:`manual_unblock`; recorded at once
+        (it must survive a restart), enforced by the policy pusher."""
+        self._manual(sid, "block", reason)
+
+    def manual_unblock(self, sid: int, reason: str = "lifted") -> None:
+        self._manual(sid, "unblock", reason)
+
+    def _manual(self, sid: int, kind: str, reason: str) -> None:
+        if sid not in self.acct.subscribers:
+            raise TollgateError(f"subscriber {sid} is not active in the gateway")
+        self._reader().record_block(sid, kind, f"manual: {reason}", time.time_ns())
+        with self.engine_lock:
+            change = self.acct.engine.block if kind == "block" else self.acct.engine.unblock
+            events = change(sid, BLOCK_MANUAL)
+        if events:
+            self.events.put([(ev, None) for ev in events])
 
     # ---- kernel state ------------------------------------------------------
 
@@ -324,7 +423,9 @@ class Gateway:
             log.info("unblocked subscriber %s (%s)", ev.subscriber, reason)
         else:
             return
-        self.ledger_jobs.put(("block", ev.subscriber, "block" if ev.kind == EV_BLOCK else "unblock", reason, done_ns))
+        if ev.reason != BLOCK_MANUAL:  # manual ones are recorded when asked for, with the operator's reason
+            self.ledger_jobs.put(("block", ev.subscriber, "block" if ev.kind == EV_BLOCK else "unblock", reason,
+                                  done_ns))
 
     # ---- ledger -------------------------------------------------------------
 
@@ -339,6 +440,7 @@ class Gateway:
                 if time.monotonic() < next_flush:
                     continue
                 next_flush = time.monotonic() + self.opts.flush_interval
+                self._sync_subscribers()
                 # the kernel counts a packet just after the engine does: read it first, drain second
                 kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
                 self._flush()
@@ -363,7 +465,9 @@ class Gateway:
                 break
             self.ledger.record_block(sid, what, reason, ts)
         if self.pending is None:
-            rows = self.acct.engine.drain()
+            with self.engine_lock:
+                rows = self.acct.engine.drain() + self.orphan_rows
+                self.orphan_rows = []
             for r in rows:
                 self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
             if not rows:
@@ -375,7 +479,7 @@ class Gateway:
             self.pending = (f"{self.boot}:{self.flush_seq}", now,
                             [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows])
         flush_id, now, rows = self.pending
-        self.ledger.apply_flush(flush_id, rows, now, source="nfqueue")
+        self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source)
         self.pending = None
         self.last_flush = time.time()
 
@@ -410,13 +514,18 @@ class Gateway:
         self.drift = drift
 
     def _apply_payments(self) -> None:
-        """Payments written to the ledger by others (CLI, API) reach the live balance."""
-        for pay in self.ledger.payments_since(self.last_payment):
-            self.last_payment = max(self.last_payment, pay["id"])
-            if pay["subscriber_id"] not in self.acct.subscribers:
+        """Payments and adjustments written to the ledger by others (CLI, API)
+        reach the live balance."""
+        changes = self.ledger.balance_changes_since(self.last_payment, self.last_adjustment)
+        for change in changes:
+            if change["kind"] == "payment":
+                self.last_payment = max(self.last_payment, change["id"])
+            else:
+                self.last_adjustment = max(self.last_adjustment, change["id"])
+            if change["subscriber_id"] not in self.acct.subscribers:
                 continue
             with self.engine_lock:
-                events = self.acct.engine.adjust_balance(pay["subscriber_id"], pay["amount"])
+                events = self.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
             if events:
                 self.events.put([(ev, None) for ev in events])
 
@@ -430,7 +539,8 @@ class Gateway:
                 "queues": list(self.opts.queues), "flush_lag_seconds": round(time.time() - self.last_flush, 3),
                 "block_latency_ms": {"n": len(lat), "p50": pct(0.5), "p99": pct(0.99)},
                 "drift_bytes": self.drift,
-                "queue": {r.queue_num: r.stats() for r in self.readers}}
+                "source": self.opts.source,
+                "queue": {getattr(r, "queue_num", self.opts.source): r.stats() for r in self.readers}}
 
     def subscriber_page(self, address: str) -> dict | None:
         try:
@@ -450,11 +560,14 @@ class Gateway:
                 "usage": usage}
 
     def ledger_usage(self, sid: int) -> list[dict]:
-        # HTTP threads read through connections of their own (the flusher owns the writing one)
+        return self._reader().usage_by_zone(sid)
+
+    def _reader(self) -> Ledger:
+        """This HTTP thread's own connection to the ledger (the flusher owns its own)."""
         ledger = getattr(self.http_local, "ledger", None)
         if ledger is None:
             ledger = self.http_local.ledger = Ledger.open(self.opts.db_path)
-        return ledger.usage_by_zone(sid)
+        return ledger
 
     def _serve_http(self) -> None:
         import uvicorn

@@ -219,3 +219,58 @@ def test_drift_alarm_when_traffic_bypasses_the_engine(lab, gateway):
     finally:
         for flag in ("-s", "-d"):
             netns(lab.gw, "iptables-nft", "-D", "FORWARD", flag, lab.sub_addr4(2), "-j", "ACCEPT")
+
+
+def wait_for(check, timeout: float = 5.0) -> float:
+    """Seconds until ``check()`` held; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {check.__doc__ or check}"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def reaches_upstream(lab, i: int) -> bool:
+    """An HTTP request gets the upstream's page (a blocked one gets the block page, 511)."""
+    return netns(lab.sub(i), "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
+                 f"http://{UP4}/index.html").stdout == "200"
+
+
+def test_ledger_changes_reach_the_running_gateway(lab, tmp_path):
+    """Another process (the CLI, an admin tool) changes the ledger: a new
+    subscriber is counted, an adjustment blocks, a deactivated one stops being
+    counted; a manual block outlives a restart."""
+    from accounting.ledger import Ledger
+
+    gw = Gateway(lab.gw, tmp_path, lab_config(3)).start()  # s4 is not in the config
+    try:
+        assert "100.64.4.2/32" not in gw.kernel_counters()
+        ledger = Ledger.open(gw.db)
+        s4 = ledger.add_subscriber("s4", "lab", "EUR", opening_balance=10 ** 9,
+                                   addresses=[f"{lab.sub_addr4(4)}/32", "2001:db8:100:4::/64"])
+        wait_for(lambda: "100.64.4.2/32" in gw.kernel_counters())
+        assert netns(lab.sub(4), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+        wait_flushed(gw)
+        assert ledger_bytes(gw.db)["s4"] == kernel_bytes(gw, 4) > BIG
+
+        # an adjustment that takes the balance below zero blocks at once; one that restores it unblocks
+        ledger.add_adjustment(s4, -2 * 10 ** 9, "test: chargeback", "tests")
+        wait_for(lambda: not reaches_upstream(lab, 4))
+        ledger.add_adjustment(s4, 5 * 10 ** 9, "test: goodwill", "tests")
+        wait_for(lambda: reaches_upstream(lab, 4))
+
+        # deactivated: out of the kernel's sets and the engine, its last counters flushed
+        ledger.set_active("s2", False)
+        wait_for(lambda: "100.64.2.2/32" not in gw.kernel_counters())
+        assert reaches_upstream(lab, 2)  # unknown traffic passes (unknown_verdict accept), uncounted
+
+        # a manual block recorded in the ledger holds after a restart
+        ledger.record_block("s3", "block", "manual: tests")
+        ledger.close()
+        gw.stop()
+        gw.start()
+        assert not reaches_upstream(lab, 3)
+        assert reaches_upstream(lab, 1)
+    finally:
+        gw.stop()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
