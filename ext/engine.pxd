@@ -58,6 +58,7 @@ cdef struct tg_tariff:
     int64_t *prices              # (zone * 2 + direction) * n_slots + slot
     uint64_t bucket_zones[TG_MAX_BUCKETS]
     uint8_t bucket_dirs[TG_MAX_BUCKETS]
+    int64_t bucket_price[TG_MAX_BUCKETS]   # price of a byte drawn from the bucket (0: free volume)
     int n_buckets
     int64_t warn[TG_MAX_WARN]
     int n_warn

@@ -555,9 +555,10 @@ cdef class EngineC:
         free(t.prices)
         t.prices = p
         t.n_buckets = len(buckets)
-        for b, (zones, dirs) in enumerate(buckets):
+        for b, (zones, dirs, price) in enumerate(buckets):
             t.bucket_zones[b] = zones
             t.bucket_dirs[b] = dirs
+            t.bucket_price[b] = price
         t.n_warn = len(warn_levels)
         for w, level in enumerate(warn_levels):
             t.warn[w] = level
@@ -1005,6 +1006,7 @@ cdef class EngineC:
         allow = self.allowance + <size_t> sid * self.bucket_stride
         for b in range(t.n_buckets):
             drawn[b] = 0
+        amount = 0
         for b in range(t.n_buckets):
             if remaining == 0:
                 break
@@ -1013,8 +1015,10 @@ cdef class EngineC:
                 allow[b] -= take
                 remaining -= take
                 drawn[b] = take
-        # remaining <= MAX_WIRE_LEN (2**20) and price <= MAX_PRICE (2**40 - 1): no overflow
-        amount = remaining * t.prices[(zone * 2 + direction) * self.n_slots + slot] + <int64_t> (
+                amount += take * t.bucket_price[b]
+        # the bytes drawn plus the rest are <= MAX_WIRE_LEN (2**20), every price <= MAX_PRICE (2**40 - 1):
+        # the sum stays below 2**60, no overflow
+        amount += remaining * t.prices[(zone * 2 + direction) * self.n_slots + slot] + <int64_t> (
             c.packets_carry & CARRY_MASK)
         cost = amount // PRICE_SCALE
         if cost > 0 and breaches(s, cost):

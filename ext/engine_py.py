@@ -33,7 +33,9 @@ Per packet (``process``):
    they match the allow-list on the remote side; allow-listed packets of a
    blocked subscriber are accepted, counted in their zone and never charged.
 5. Rating: the allowance buckets of the subscriber's tariff that cover the
-   (zone, direction) are drawn on in order; the rest of the bytes cost
+   (zone, direction) are drawn on in order, a byte drawn from a bucket costing
+   the bucket's own price (0: free volume; else a volume tier, whatever the
+   zone's price or time slot); the rest of the bytes cost
    ``price[zone][direction][slot]`` (minor units per byte, scaled by
    ``PRICE_SCALE``), with the remainder carried per (subscriber, zone,
    direction) so that packet-by-packet charging equals rating the same bytes
@@ -185,7 +187,15 @@ def validate_tariff(n_zones: int, n_slots: int, tariff: int, prices, buckets, wa
         raise EngineError(f"tariff {tariff}: prices must be 0..{MAX_PRICE}")
     if len(buckets) > MAX_BUCKETS:
         raise EngineError(f"tariff {tariff}: at most {MAX_BUCKETS} allowance buckets")
-    buckets = [(int(z) & ((1 << n_zones) - 1), int(d) & 3) for z, d in buckets]
+    normal = []
+    for bucket in buckets:
+        if len(bucket) not in (2, 3):
+            raise EngineError(f"tariff {tariff}: a bucket is (zone mask, direction mask[, price])")
+        price = int(bucket[2]) if len(bucket) == 3 else 0
+        if not 0 <= price <= MAX_PRICE:
+            raise EngineError(f"tariff {tariff}: bucket prices must be 0..{MAX_PRICE}")
+        normal.append((int(bucket[0]) & ((1 << n_zones) - 1), int(bucket[1]) & 3, price))
+    buckets = normal
     warn_levels = [int(w) for w in warn_levels]
     if len(warn_levels) > MAX_WARN_LEVELS:
         raise EngineError(f"tariff {tariff}: at most {MAX_WARN_LEVELS} warning levels")
@@ -628,17 +638,19 @@ class EnginePy:
         tariff = self._tariffs[sub.tariff]
         remaining = length
         drawn = []
-        for b, (zone_mask, dir_mask) in enumerate(tariff.buckets):
+        amount = 0
+        for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
             if remaining == 0:
                 break
             if zone_mask >> zone & 1 and dir_mask >> direction & 1 and sub.allowance[b] > 0:
                 take = min(remaining, sub.allowance[b])
                 sub.allowance[b] -= take
                 remaining -= take
+                amount += take * bucket_price
                 drawn.append((b, take))
         price = tariff.prices[(zone * 2 + direction) * self.n_slots + slot]
         key = (zone, direction)
-        amount = remaining * price + sub.carry.get(key, 0)
+        amount += remaining * price + sub.carry.get(key, 0)
         cost, carry = divmod(amount, PRICE_SCALE)
         verdict = NF_ACCEPT
         if cost > 0 and sub.balance - cost < -sub.credit:

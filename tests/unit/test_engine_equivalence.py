@@ -62,7 +62,10 @@ def worlds(draw):
                                     st.sampled_from([0, 6, 17]), ports), max_size=3))
     tariffs = {}
     for tid in range(draw(st.integers(1, 3))):
-        buckets = draw(st.lists(st.tuples(st.integers(0, (1 << n_zones) - 1), st.integers(0, 3)), max_size=3))
+        buckets = draw(st.lists(st.one_of(
+            st.tuples(st.integers(0, (1 << n_zones) - 1), st.integers(0, 3)),  # free volume
+            st.tuples(st.integers(0, (1 << n_zones) - 1), st.integers(0, 3), prices)),  # a volume tier
+            max_size=3))
         warn = sorted(set(draw(st.lists(st.integers(-200, 3000), max_size=3))), reverse=True)
         tariffs[tid] = (draw(st.lists(prices, min_size=n_zones * 2 * n_slots, max_size=n_zones * 2 * n_slots)),
                         buckets, warn)

@@ -253,6 +253,19 @@ def test_allowance_runs_out_in_the_middle_of_a_packet(make):
     assert e.subscriber(1).balance == 10_000 - 50
 
 
+def test_a_volume_tier_ends_in_the_middle_of_a_packet(make):
+    """The first 150 bytes of peering cost 2 units a byte (the tier), the rest
+    the zone's price of 1: 100 + 100 bytes cost 200 + (50 * 2 + 50 * 1)."""
+    e = make(buckets=[(1 << PEERING, 0b11, 2 * PRICE_SCALE)])
+    add(e, 1, 10_000, "100.64.1.2/32", allowance=[150])
+    p = IP(src="198.18.0.1", dst="100.64.1.2") / UDP() / Raw(bytes(72))  # 100 bytes
+    e.process(batch(p))
+    assert e.subscriber(1).balance == 10_000 - 200
+    e.process(batch(p))
+    assert e.subscriber(1).balance == 10_000 - 200 - 150
+    assert e.subscriber(1).allowance == (0,)
+
+
 def test_remainder_is_carried_not_rounded(make):
     third = PRICE_SCALE // 3  # a third of a unit per byte, truncated at the price scale
     e = make(prices=[0, 0] + [third] * 6)
