@@ -176,7 +176,7 @@ class Ledger:
     # ---- subscribers -----------------------------------------------------
 
     _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
-             "created_ns")
+             "created_ns", "billing_since_ns")
 
     def add_subscriber(self, name: str, tariff: str, currency: str, opening_balance: int = 0,
                        credit_limit: int = 0, contract: str | None = None, addresses=()) -> int:
@@ -410,6 +410,28 @@ class Ledger:
         """The highest payment id so far (0 if none)."""
         return self.db.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()[0]
 
+    def add_posting(self, subscriber, kind: str, amount: int, ts: int, key: str, detail: str = "") -> bool:
+        """Record a fee, refund or settlement (``accounting.billing.Posting``)
+        and take it off the balance; False (and nothing changed) when ``key``
+        is recorded already."""
+        sid = self._sid(subscriber)
+        _text(kind, "posting kind")
+        _text(key, "posting key")
+        _int(amount, "amount")
+        ts = _ts(ts)
+        with self._tx():
+            cur = self.db.execute("INSERT OR IGNORE INTO postings (subscriber_id, kind, amount, ts_ns, key, detail)"
+                                  " VALUES (?, ?, ?, ?, ?, ?)", (sid, kind, amount, ts, key, detail))
+            if cur.rowcount == 0:
+                return False
+            self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
+            return True
+
+    def postings(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
+        """Fees, refunds and settlements with ``since <= ts_ns < until``, oldest first."""
+        return self._history("postings", ("id", "subscriber_id", "kind", "amount", "ts_ns", "key", "detail"),
+                             subscriber, since, until)
+
     def last_adjustment_id(self) -> int:
         return self.db.execute("SELECT coalesce(max(id), 0) FROM adjustments").fetchone()[0]
 
@@ -598,7 +620,7 @@ class Ledger:
 
     def check_invariants(self) -> list[str]:
         """Problems found; empty when, for every subscriber, the balance is
-        opening + payments + adjustments - charges and the usage amounts add
+        opening + payments + adjustments - charges - postings and the usage amounts add
         up to the charges, every flush's charges match the rows it wrote and no
         row refers to something missing."""
         problems = []
@@ -607,13 +629,15 @@ class Ledger:
                    (SELECT coalesce(sum(amount), 0) FROM payments p WHERE p.subscriber_id = s.id),
                    (SELECT coalesce(sum(amount), 0) FROM adjustments a WHERE a.subscriber_id = s.id),
                    (SELECT coalesce(sum(amount), 0) FROM charges c WHERE c.subscriber_id = s.id),
-                   (SELECT coalesce(sum(amount), 0) FROM usage u WHERE u.subscriber_id = s.id)
+                   (SELECT coalesce(sum(amount), 0) FROM usage u WHERE u.subscriber_id = s.id),
+                   (SELECT coalesce(sum(amount), 0) FROM postings b WHERE b.subscriber_id = s.id)
             FROM subscribers s ORDER BY s.id""").fetchall()
-        for sid, name, balance, opening, paid, adjusted, charged, used in rows:
-            expected = opening + paid + adjusted - charged
+        for sid, name, balance, opening, paid, adjusted, charged, used, posted in rows:
+            expected = opening + paid + adjusted - charged - posted
             if balance != expected:
                 problems.append(f"subscriber {sid} ({name}): balance {balance} != opening {opening} + payments "
-                                f"{paid} + adjustments {adjusted} - charges {charged} = {expected}")
+                                f"{paid} + adjustments {adjusted} - charges {charged} - fees and settlements "
+                                f"{posted} = {expected}")
             if used != charged:
                 problems.append(f"subscriber {sid} ({name}): usage amounts {used} != charges {charged}")
         for flush_id, n in self.db.execute(
