@@ -255,6 +255,13 @@ class Ledger:
         with self._tx():
             self.db.execute("UPDATE subscribers SET active = ? WHERE id = ?", (1 if active else 0, sid))
 
+    def set_billing_since(self, subscriber, ts: int) -> None:
+        """When the subscriber's billing under its current tariff began (fees prorate from here)."""
+        sid = self._sid(subscriber)
+        ts = _ts(ts)
+        with self._tx():
+            self.db.execute("UPDATE subscribers SET billing_since_ns = ? WHERE id = ?", (ts, sid))
+
     def balance(self, subscriber) -> int:
         """The ledger's balance (internal units): opening + payments + adjustments - charges."""
         return self.db.execute("SELECT balance FROM subscribers WHERE id = ?", (self._sid(subscriber),)).fetchone()[0]

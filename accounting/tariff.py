@@ -19,16 +19,21 @@ from ext.constants import DIRECTIONS, MAX_BUCKETS, MAX_WARN_LEVELS
 from ext.errors import ConfigError
 
 from . import money
+from .billing import FEE_MODES, FULL, PERIODS, SCHEMES, Plan, discounted
+from .schedule import WEEKDAYS
 from .zones import LOCAL, ZoneMap
 
 
 @dataclass(frozen=True)
 class Bucket:
-    """Free volume: ``volume`` bytes in ``zones`` and ``directions``, per subscriber."""
+    """``volume`` bytes per period in ``zones`` and ``directions``, per
+    subscriber, drawn on before the zone's price: at ``price`` (engine units)
+    a byte, 0 for free (prepaid) volume, more or less for a volume tier."""
 
     zones: tuple
     directions: tuple
     volume: int
+    price: int = 0
 
 
 @dataclass
@@ -38,15 +43,30 @@ class Tariff:
     buckets: list = field(default_factory=list)
     credit_limit: int = 0
     warn_levels: list = field(default_factory=list)
+    plan: Plan = field(default_factory=Plan)
+    discount: int = 0  # basis points
 
-    def engine_prices(self, n_zones: int, n_slots: int) -> list[int]:
-        return [self.prices[(z, d, s)] for z in range(n_zones) for d in (0, 1) for s in range(n_slots)]
+    def _rated_by_engine(self, zone: int, direction: int) -> bool:
+        """Postpaid traffic, and the prevailing pairs, are only counted by the
+        engine: the biller charges them (see accounting.billing)."""
+        if self.plan.scheme == "postpaid":
+            return False
+        return (zone, direction) not in self.plan.prevailing
 
-    def engine_buckets(self) -> list[tuple[int, int]]:
-        return [(sum(1 << z for z in b.zones), sum(1 << d for d in b.directions)) for b in self.buckets]
+    def engine_prices(self, n_zones: int, n_slots: int, discount: int | None = None) -> list[int]:
+        off = self.discount if discount is None else discount
+        return [discounted(self.prices[(z, d, s)], off) if self._rated_by_engine(z, d) else 0
+                for z in range(n_zones) for d in (0, 1) for s in range(n_slots)]
+
+    def engine_buckets(self, discount: int | None = None) -> list[tuple[int, int, int]]:
+        if self.plan.scheme == "postpaid":
+            return []  # the prepaid volume is taken into account at the period end
+        off = self.discount if discount is None else discount
+        return [(sum(1 << z for z in b.zones), sum(1 << d for d in b.directions), discounted(b.price, off))
+                for b in self.buckets]
 
     def allowance(self) -> list[int]:
-        return [b.volume for b in self.buckets]
+        return [] if self.plan.scheme == "postpaid" else [b.volume for b in self.buckets]
 
 
 def _as_table(value, where: str) -> dict:
@@ -66,7 +86,8 @@ def _names(value, where: str) -> list[str]:
 def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: money.Currency) -> Tariff:
     """Build a :class:`Tariff` from its TOML table; errors name the field."""
     raw = _as_table(raw, where)
-    known = {"name", "price_unit", "prices", "free", "credit_limit", "warn"}
+    known = {"name", "price_unit", "prices", "free", "tier", "credit_limit", "warn", "period", "anchor", "fee",
+             "fee_mode", "scheme", "prevailing", "discount"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")
@@ -76,11 +97,14 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     unit = raw.get("price_unit", "GB")
     prices_raw = _as_table(raw.get("prices", {}), f"{where}.prices")
 
-    def price(text, key: str) -> int:
+    def price_at(text, field: str) -> int:
         try:
             return money.parse_price(text, unit, currency)
         except (ValueError, money.MoneyError) as exc:
-            raise ConfigError(f"{where}.prices.{key}", str(exc)) from None
+            raise ConfigError(field, str(exc)) from None
+
+    def price(text, key: str) -> int:
+        return price_at(text, f"{where}.prices.{key}")
 
     given: dict[tuple[int, int | None], tuple[int, int]] = {}  # (zone, slot or None) -> (up, down)
     for key, value in prices_raw.items():
@@ -117,29 +141,14 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
             prices[(z, 0, s)], prices[(z, 1, s)] = pair
 
     buckets = []
-    free = raw.get("free", [])
-    if not isinstance(free, list):
-        raise ConfigError(f"{where}.free", "must be a list of tables ([[tariff.free]])")
-    if len(free) > MAX_BUCKETS:
-        raise ConfigError(f"{where}.free", f"at most {MAX_BUCKETS} free-volume entries")
-    for i, entry in enumerate(free):
-        at = f"{where}.free[{i}]"
-        entry = _as_table(entry, at)
-        zone_names = _names(entry.get("zones", [n for n in zones.names if n != "local"]), f"{at}.zones")
-        for n in zone_names:
-            if n not in zones.names:
-                raise ConfigError(f"{at}.zones", f"unknown zone {n!r}")
-        dirs = _names(entry.get("directions", list(DIRECTIONS)), f"{at}.directions")
-        for d in dirs:
-            if d not in DIRECTIONS:
-                raise ConfigError(f"{at}.directions", f"unknown direction {d!r} (upload or download)")
-        if "volume" not in entry:
-            raise ConfigError(f"{at}.volume", "missing")
-        try:
-            volume = money.parse_volume(entry["volume"])
-        except (ValueError, money.MoneyError) as exc:
-            raise ConfigError(f"{at}.volume", str(exc)) from None
-        buckets.append(Bucket(tuple(zones.id(n) for n in zone_names), tuple(DIRECTIONS.index(d) for d in dirs), volume))
+    for section in ("free", "tier"):  # free volume first, then the tiers, each in the file's order
+        entries = raw.get(section, [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{where}.{section}", f"must be a list of tables ([[tariff.{section}]])")
+        for i, entry in enumerate(entries):
+            buckets.append(_bucket(entry, f"{where}.{section}[{i}]", zones, section == "tier", price_at))
+    if len(buckets) > MAX_BUCKETS:
+        raise ConfigError(f"{where}.tier", f"at most {MAX_BUCKETS} free-volume and tier entries together")
 
     credit = _amount(raw.get("credit_limit", 0), f"{where}.credit_limit", currency)
     if credit < 0:
@@ -153,7 +162,108 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     warn.sort(reverse=True)
     if len(set(warn)) != len(warn):
         raise ConfigError(f"{where}.warn", "warning levels must differ")
-    return Tariff(name, prices, buckets, credit, warn)
+    plan = _plan(raw, where, zones, slots, prices_raw, buckets, currency)
+    return Tariff(name, prices, buckets, credit, warn, plan, parse_discount(raw.get("discount", "0%"), f"{where}.discount"))
+
+
+def _bucket(entry, at: str, zones: ZoneMap, tier: bool, price) -> Bucket:
+    entry = _as_table(entry, at)
+    known = {"zones", "directions", "volume"} | ({"price"} if tier else set())
+    for key in entry:
+        if key not in known:
+            raise ConfigError(f"{at}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")
+    zone_names = _names(entry.get("zones", [n for n in zones.names if n != "local"]), f"{at}.zones")
+    for n in zone_names:
+        if n not in zones.names:
+            raise ConfigError(f"{at}.zones", f"unknown zone {n!r}")
+    dirs = _names(entry.get("directions", list(DIRECTIONS)), f"{at}.directions")
+    for d in dirs:
+        if d not in DIRECTIONS:
+            raise ConfigError(f"{at}.directions", f"unknown direction {d!r} (upload or download)")
+    if "volume" not in entry:
+        raise ConfigError(f"{at}.volume", "missing")
+    try:
+        volume = money.parse_volume(entry["volume"])
+    except (ValueError, money.MoneyError) as exc:
+        raise ConfigError(f"{at}.volume", str(exc)) from None
+    if tier and "price" not in entry:
+        raise ConfigError(f"{at}.price", "missing (the price of a byte within the tier, in the tariff's price_unit)")
+    cost = price(entry["price"], f"{at}.price") if tier else 0
+    return Bucket(tuple(zones.id(n) for n in zone_names), tuple(DIRECTIONS.index(d) for d in dirs), volume, cost)
+
+
+def parse_discount(value, where: str) -> int:
+    """"12.5%" -> 1250 basis points."""
+    text = str(value).strip()
+    if not text.endswith("%"):
+        raise ConfigError(where, f"{value!r} is not a percentage like \"10%\"")
+    try:
+        bp = _basis_points(text[:-1])
+    except ValueError:
+        raise ConfigError(where, f"{value!r} is not a percentage like \"10%\"") from None
+    if not 0 <= bp <= FULL:
+        raise ConfigError(where, "a discount is 0% to 100%")
+    return bp
+
+
+def _basis_points(text: str) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        d = Decimal(text) * 100
+    except InvalidOperation:
+        raise ValueError(text) from None
+    if d != d.to_integral_value():
+        raise ValueError(text)
+    return int(d)
+
+
+def _plan(raw: dict, where: str, zones: ZoneMap, slots: tuple, prices_raw: dict, buckets: list,
+          currency: money.Currency) -> Plan:
+    period = raw.get("period", "monthly")
+    if period not in PERIODS:
+        raise ConfigError(f"{where}.period", f"{period!r}: one of {', '.join(PERIODS)}")
+    anchor = raw.get("anchor", 1 if period == "monthly" else "mon")
+    if period == "monthly":
+        if not isinstance(anchor, int) or not 1 <= anchor <= 28:
+            raise ConfigError(f"{where}.anchor", "a monthly period starts on day 1..28 of the month")
+    elif period == "weekly":
+        if not isinstance(anchor, str) or anchor.lower()[:3] not in WEEKDAYS:
+            raise ConfigError(f"{where}.anchor", f"a weekly period starts on a weekday ({', '.join(WEEKDAYS)})")
+        anchor = WEEKDAYS.index(anchor.lower()[:3])
+    elif "anchor" in raw:
+        raise ConfigError(f"{where}.anchor", "a daily period has no anchor")
+    else:
+        anchor = 0
+    fee = _amount(raw.get("fee", 0), f"{where}.fee", currency)
+    if fee < 0:
+        raise ConfigError(f"{where}.fee", "must not be negative")
+    fee_mode = raw.get("fee_mode", "start")
+    if fee_mode not in FEE_MODES:
+        raise ConfigError(f"{where}.fee_mode", f"{fee_mode!r}: one of {', '.join(FEE_MODES)}")
+    scheme = raw.get("scheme", "regular")
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{where}.scheme", f"{scheme!r}: one of {', '.join(SCHEMES)}")
+    pairs = ()
+    if scheme == "prevailing":
+        names = raw.get("prevailing", ["external.upload", "external.download"])
+        if not isinstance(names, list) or len(names) != 2 or len(set(map(str, names))) != 2:
+            raise ConfigError(f"{where}.prevailing", 'two different "zone.direction" names, e.g. '
+                                                     '["external.upload", "external.download"]')
+        parsed = []
+        for name in names:
+            zone, _, direction = str(name).partition(".")
+            if zone not in zones.names or direction not in DIRECTIONS:
+                raise ConfigError(f"{where}.prevailing", f"{name!r} is not \"zone.direction\" with a known zone")
+            parsed.append((zones.id(zone), DIRECTIONS.index(direction)))
+        pairs = tuple(parsed)
+        if buckets:
+            raise ConfigError(f"{where}.free", "a prevailing-traffic tariff has no free volume or tiers")
+    elif "prevailing" in raw:
+        raise ConfigError(f"{where}.prevailing", 'only for scheme = "prevailing"')
+    if scheme != "regular" and len(slots) > 1 and any("." in key for key in prices_raw):
+        raise ConfigError(f"{where}.prices", f"a {scheme} tariff rates volumes over the period: no time-slot prices")
+    return Plan(period, anchor, fee, fee_mode, scheme, pairs)
 
 
 def _amount(value, where: str, currency: money.Currency) -> int:

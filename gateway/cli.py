@@ -54,8 +54,13 @@ def cmd_replay(args) -> int:
         return _fail(f"cannot read {args.capture}: no such file", EXIT_USAGE)
     if not os.access(args.capture, os.R_OK) or os.path.isdir(args.capture):
         return _fail(f"cannot read {args.capture}: not a readable file", EXIT_USAGE)
+    bill_until = None
+    if args.bill_until:
+        from .config import parse_instant
+
+        bill_until = parse_instant(args.bill_until, "--bill-until", cfg.timezone)
     result = replay(cfg, args.capture, db, engine=args.engine, dry_run=args.dry_run,
-                    progress=not args.quiet and not args.json)
+                    progress=not args.quiet and not args.json, bill_until=bill_until)
     if args.json:
         json.dump(result_json(result, cfg), sys.stdout, indent=2)
         print()
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate without writing to the ledger (balances start from the ledger if it exists)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--bill-until", metavar="DATE",
+                   help="run the billing calendar on past the last packet to this date or local time (e.g. "
+                        "2026-12-01: the end of November, with its postpaid or prevailing settlement)")
     p.set_defaults(func=cmd_replay)
 
     p = with_config(sub.add_parser(

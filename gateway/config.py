@@ -37,6 +37,22 @@ class SubscriberSeed:
     credit_limit: int | None
     addresses: tuple
     contract: str | None = None
+    group: str | None = None
+    discount: int | None = None  # basis points; None: the group's, else the tariff's
+    discount_until: int | None = None  # ns
+    credit_until: int | None = None  # ns
+    since: int | None = None  # ns: billing starts (default: when the ledger gets the subscriber)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Settings that a group's subscribers share unless they set their own."""
+
+    name: str
+    discount: int | None = None
+    discount_until: int | None = None
+    credit_limit: int | None = None
+    credit_until: int | None = None
 
 
 @dataclass
@@ -52,6 +68,7 @@ class Config:
     malformed_verdict: int = NF_ACCEPT
     unknown_verdict: int = NF_ACCEPT
     database: str | None = None
+    groups: dict = field(default_factory=dict)  # name -> Group
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -196,7 +213,8 @@ def _subscribers(doc: dict, cfg: Config) -> list[SubscriberSeed]:
         where = f"subscriber[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(where, "must be a table ([[subscriber]])")
-        _check_keys(raw, where, {"name", "tariff", "balance", "credit_limit", "addresses", "contract"})
+        _check_keys(raw, where, {"name", "tariff", "balance", "credit_limit", "addresses", "contract", "group",
+                                 "discount", "discount_until", "credit_until", "since"})
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name", "every subscriber needs a name")
@@ -212,8 +230,58 @@ def _subscribers(doc: dict, cfg: Config) -> list[SubscriberSeed]:
             raise ConfigError(f"{where}.credit_limit", "must not be negative")
         addrs = tuple(_network(a, f"{where}.addresses[{j}]")
                       for j, a in enumerate(_list(raw, "addresses", f"{where}.addresses")))
-        seeds.append(SubscriberSeed(name, tariff, balance, credit, addrs, raw.get("contract")))
+        group = raw.get("group")
+        if group is not None and group not in cfg.groups:
+            raise ConfigError(f"{where}.group", f"unknown group {group!r} (groups: {', '.join(cfg.groups) or 'none'})")
+        terms = _terms(raw, where, cfg)
+        since = parse_instant(raw["since"], f"{where}.since", cfg.timezone) if "since" in raw else None
+        seeds.append(SubscriberSeed(name, tariff, balance, credit, addrs, raw.get("contract"), group,
+                                    terms["discount"], terms["discount_until"], terms["credit_until"], since))
     return seeds
+
+
+def parse_instant(value, where: str, timezone: str) -> int:
+    """A date ("2026-12-01": its midnight) or local time ("2026-12-01T08:00") in the gateway's zone, as ns."""
+    try:
+        when = value if isinstance(value, dt.datetime) else (
+            dt.datetime.combine(value, dt.time()) if isinstance(value, dt.date) else dt.datetime.fromisoformat(str(value)))
+    except ValueError:
+        raise ConfigError(where, f"{value!r} is not a date like \"2026-12-01\" or \"2026-12-01T08:00\"") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=ZoneInfo(timezone))
+    return int(when.timestamp()) * 1_000_000_000
+
+
+def _terms(raw: dict, where: str, cfg: Config) -> dict:
+    """discount, discount_until and credit_until of a subscriber or group (None where not given)."""
+    from accounting.tariff import parse_discount
+
+    out = {"discount": parse_discount(raw["discount"], f"{where}.discount") if "discount" in raw else None}
+    for key in ("discount_until", "credit_until"):
+        out[key] = parse_instant(raw[key], f"{where}.{key}", cfg.timezone) if key in raw else None
+    if out["discount_until"] is not None and out["discount"] is None:
+        raise ConfigError(f"{where}.discount_until", "a discount_until needs a discount")
+    return out
+
+
+def _groups(doc: dict, cfg: Config) -> dict:
+    groups = {}
+    for i, raw in enumerate(_list(doc, "group")):
+        where = f"group[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(where, "must be a table ([[group]])")
+        _check_keys(raw, where, {"name", "discount", "discount_until", "credit_limit", "credit_until"})
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "every group needs a name")
+        if name in groups:
+            raise ConfigError(f"{where}.name", f"duplicate group {name!r}")
+        credit = _money(raw["credit_limit"], f"{where}.credit_limit", cfg.currency) if "credit_limit" in raw else None
+        if credit is not None and credit < 0:
+            raise ConfigError(f"{where}.credit_limit", "must not be negative")
+        t = _terms(raw, where, cfg)
+        groups[name] = Group(name, t["discount"], t["discount_until"], credit, t["credit_until"])
+    return groups
 
 
 def _money(value, where: str, currency: money.Currency) -> int:
@@ -239,7 +307,7 @@ def _allowlist(gw: dict) -> list[ZoneRule]:
 
 def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "subscriber"})
+    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database"})
     try:
@@ -275,6 +343,7 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
         raise ConfigError("gateway.database", "must be a path")
     cfg = Config(path, currency, timezone, zones, schedule, tariffs, [], _allowlist(gw),
                  verdicts["malformed"], verdicts["unknown"], database)
+    cfg.groups = _groups(doc, cfg)
     cfg.subscribers = _subscribers(doc, cfg)
     return cfg
 

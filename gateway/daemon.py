@@ -186,6 +186,8 @@ class Gateway:
         self.last_adjustment = self.ledger.last_adjustment_id()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
+        self.acct.start_billing(now)
+        events += self.acct.bill(now)[1]  # fees and period ends that fell due while stopped
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
@@ -285,7 +287,9 @@ class Gateway:
             if info is None and not active:
                 return
             if info is None:
-                events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"])}])
+                events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
+                                                      "since": row["billing_since_ns"] or row["created_ns"]}])
+                self.acct.open_billing(sid, time.time_ns())
                 with self.enforcer_lock:
                     self.enforcer.add_subscriber_addresses(row["addresses"])
                 if events:
@@ -298,6 +302,7 @@ class Gateway:
                 self.enforcer.unblock(sorted(old - new))
                 self.enforcer.remove_subscriber_addresses(sorted(old - new))
             if not active:
+                self.acct.close_billing(sid, time.time_ns())
                 self.orphan_rows += self.acct.engine.remove_subscriber(sid)
                 del self.acct.subscribers[sid]
                 log.info("subscriber %s deactivated live", info.name)
@@ -306,10 +311,12 @@ class Gateway:
                 self.acct.engine.remove_address(net)
             for net in sorted(new - old):
                 self.acct.engine.add_address(sid, net)
-            tariff = self.acct.tariff_ids.get(row["tariff"])
-            if tariff is None:
+            if row["tariff"] not in self.acct.tariff_ids:
                 raise TollgateError(f"subscriber {row['name']!r}: tariff {row['tariff']!r} is not in the config")
-            events = self.acct.engine.set_subscriber(sid, tariff=tariff, credit=row["credit_limit"])
+            if row["tariff"] != info.tariff:
+                events = self.acct.change_billing(sid, row["tariff"], row["credit_limit"], time.time_ns())[1]
+            else:
+                events = self.acct.engine.set_subscriber(sid, credit=row["credit_limit"])
             info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
             with self.enforcer_lock:
                 self.enforcer.add_subscriber_addresses(sorted(new - old))
@@ -449,6 +456,12 @@ class Gateway:
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
+                    postings, events = self.acct.bill(now)
+                for p in postings:
+                    log.info("billing: subscriber %s %s %s (%s)", p.subscriber, p.kind,
+                             format_amount(p.amount, self.config.currency), p.detail)
+                if events:
+                    self.events.put([(ev, None) for ev in events])
             except Exception:  # the ledger may be busy or full: drained rows wait in self.pending
                 log.exception("flush round failed; retrying next round")
 
@@ -468,6 +481,7 @@ class Gateway:
             with self.engine_lock:
                 rows = self.acct.engine.drain() + self.orphan_rows
                 self.orphan_rows = []
+                self.acct.biller.observe(rows)
             for r in rows:
                 self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
             if not rows:

@@ -38,6 +38,7 @@ class SubscriberReport:
     balance: int = 0
     blocked_at: tuple | None = None  # (packet number, ts_ns, reason)
     warnings: list = field(default_factory=list)  # (packet number, ts_ns, level)
+    postings: list = field(default_factory=list)  # accounting.billing.Posting: fees, settlements
     dropped_packets: int = 0
     dropped_bytes: int = 0
 
@@ -56,6 +57,7 @@ class ReplayResult:
     stopped: str | None = None  # why reading stopped before the end of the file
     first_ts: int | None = None
     last_ts: int | None = None
+    billed_to: int | None = None  # the billing calendar has run up to here
     seconds: float = 0.0
     subscribers: list = field(default_factory=list)
 
@@ -93,8 +95,13 @@ class Progress:
 
 
 def replay(config: Config, capture: str, db_path: str | None, *, engine: str | None = None,
-           dry_run: bool = False, progress: bool = True, batch_size: int = 1024) -> ReplayResult:
-    """Run ``capture`` through the engine; write to the ledger at ``db_path`` unless ``dry_run``."""
+           dry_run: bool = False, progress: bool = True, batch_size: int = 1024,
+           bill_until: int | None = None) -> ReplayResult:
+    """Run ``capture`` through the engine; write to the ledger at ``db_path`` unless ``dry_run``.
+
+    The billing calendar (fees, period ends) follows the packets' clock from
+    the first packet, and after the last one up to ``bill_until`` (ns) if
+    given: e.g. the end of the month, to see its postpaid settlement."""
     if not os.path.isfile(capture) or not os.access(capture, os.R_OK):
         raise FileNotFoundError(capture)
     reader = CaptureReader(capture)
@@ -121,7 +128,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
         if not dry_run and ledger is not None and ledger.has_import(digest):
             raise TollgateError(f"{capture} was already replayed into {db_path} (same contents); "
                                 f"use --dry-run to rate it again without charging")
-        result = _run(acct, reader, digest, dry_run, progress, batch_size)
+        result = _run(acct, reader, digest, dry_run, progress, batch_size, bill_until)
         if not dry_run and ledger is not None:
             ledger.record_import(digest, os.path.abspath(capture), result.packets)
         return result
@@ -131,7 +138,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
 
 
 def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, progress: bool,
-         batch_size: int) -> ReplayResult:
+         batch_size: int, bill_until: int | None = None) -> ReplayResult:
     result = ReplayResult(reader.path, acct.engine.implementation, dry_run)
     reports = {sid: SubscriberReport(sid, info.name, info.tariff) for sid, info in acct.subscribers.items()}
     bar = Progress(reader.size, progress and reader.size > (8 << 20))
@@ -148,8 +155,27 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
             c[1] += row.packets
             c[2] += row.charged
 
+    def bill(until: int) -> None:
+        """The calendar up to ``until``: every boundary on the way, each after
+        the traffic before it is counted (batches never straddle a minute)."""
+        while True:
+            due = acct.biller.next_event(result.billed_to)
+            step = until if due is None or due > until else due
+            flush(minute if minute is not None else step, step)
+            postings, _events = acct.bill(step)
+            for p in postings:
+                reports[p.subscriber].postings.append(p)
+            result.billed_to = step
+            if step == until:
+                return
+
     try:
         for batch in reader.batches(batch_size, split_at_minute=True):
+            if batch.n and result.billed_to is None:
+                acct.start_billing(batch.ts[0])
+                result.billed_to = batch.ts[0]
+            if batch.n and batch.ts[0] > result.billed_to:
+                bill(batch.ts[0])
             minute = _process(acct, batch, result, reports, minute, flush)
             bar.update(reader.bytes_read, result.packets)
     except CaptureError as exc:
@@ -160,6 +186,8 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
         result.stopped = str(exc)
     if minute is not None:
         flush(minute, result.last_ts)
+    if result.billed_to is not None:
+        bill(max(result.billed_to, bill_until or result.last_ts))
     bar.close()
 
     stats = acct.engine.stats()
@@ -226,6 +254,8 @@ def result_json(result: ReplayResult, config: Config) -> dict:
             "blocked": None if r.blocked_at is None else {
                 "packet": r.blocked_at[0], "ts_ns": r.blocked_at[1], "time": iso(r.blocked_at[1])},
             "warnings": [{"packet": p, "time": iso(t), "level": lvl} for p, t, lvl in r.warnings],
+            "postings": [{"kind": p.kind, "amount": p.amount, "amount_text": format_amount(p.amount, cur),
+                          "time": iso(p.ts), "detail": p.detail} for p in r.postings],
             "dropped_packets": r.dropped_packets, "dropped_bytes": r.dropped_bytes,
         })
     return {
@@ -261,7 +291,9 @@ def result_text(result: ReplayResult, config: Config) -> str:
                 lines.append(f"  {u['zone']:<12} {u['direction']:<9} {u['packets']:>10,} {u['bytes']:>14,} {u['charged_text']:>16}")
         else:
             lines.append("  no traffic")
-        lines.append(f"  charged {s['charged_text']}, balance {s['balance_text']}")
+        for p in s["postings"]:
+            lines.append(f"  {p['kind']:<16} {p['amount_text']:>16}  {p['time']}  {p['detail']}")
+        lines.append(f"  traffic charged {s['charged_text']}, balance {s['balance_text']}")
         if s["blocked"]:
             b = s["blocked"]
             where = f"packet {b['packet']:,} at {b['time']}" if b["packet"] else "before the first packet"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from accounting.billing import Biller, Posting, Terms
 from accounting.ledger import Ledger
 from ext import engine_class
 from ext.errors import EngineError, TollgateError
@@ -26,7 +27,8 @@ TIMELINE_SPAN_NS = 8 * DAY_NS  # how far ahead the timeline is computed each tim
 def ledger_rows(ledger: Ledger) -> list[dict]:
     """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them."""
     return [{"id": s["id"], "name": s["name"], "tariff": s["tariff"], "balance": s["balance"],
-             "credit_limit": s["credit_limit"], "addresses": list(s["addresses"])}
+             "credit_limit": s["credit_limit"], "addresses": list(s["addresses"]),
+             "since": s["billing_since_ns"] or s["created_ns"]}
             for s in ledger.subscribers() if s.get("active", 1)]
 
 
@@ -53,6 +55,9 @@ class Accountant:
         self.engine = cls(len(cfg.zones), len(cfg.schedule.slots),
                           malformed_verdict=cfg.malformed_verdict, unknown_verdict=cfg.unknown_verdict)
         self._timeline_end: int | None = None
+        self.biller = Biller(cfg.tariffs, cfg.timezone)
+        self.terms: dict[int, Terms] = {}
+        self.since: dict[int, int | None] = {}  # id -> when its billing started, if known before the first packet
         self.load_tables(cfg)
 
     def load_tables(self, cfg: Config) -> None:
@@ -60,13 +65,44 @@ class Accountant:
         The number of zones and time slots is fixed for an engine's life."""
         self.engine.set_zones(cfg.zones.rules())
         self.engine.set_allowlist(cfg.allowlist)
-        for name, tid in cfg.tariff_ids().items():
-            t = cfg.tariffs[name]
-            self.engine.set_tariff(tid, t.engine_prices(len(cfg.zones), len(cfg.schedule.slots)),
-                                   t.engine_buckets(), t.warn_levels)
         self.config = cfg
         self.tariff_ids = cfg.tariff_ids()
+        known = getattr(self, "engine_tariffs", {})  # a reload re-prices the discounted copies in place
+        self.engine_tariffs: dict[tuple[str, int], int] = {}
+        for name in self.tariff_ids:
+            self.engine_tariff(name, cfg.tariffs[name].discount)
+        for (name, discount), tid in known.items():
+            if name in cfg.tariffs and (name, discount) not in self.engine_tariffs:
+                self.engine_tariff(name, discount, tid)
+        self.biller.tariffs = cfg.tariffs
         self._timeline_end = None  # recomputed from the (maybe new) schedule on next use
+
+    def engine_tariff(self, name: str, discount: int, tid: int | None = None) -> int:
+        """The engine's id for tariff ``name`` at ``discount`` basis points:
+        the tariff's own id at its own discount, else one made for the pair
+        (after the config's tariffs)."""
+        key = (name, discount)
+        if key not in self.engine_tariffs:
+            tariff = self.config.tariffs[name]
+            if tid is None:
+                tid = self.tariff_ids[name] if discount == tariff.discount else \
+                    max([len(self.tariff_ids) - 1, *self.engine_tariffs.values()]) + 1
+            self.engine.set_tariff(tid, tariff.engine_prices(len(self.config.zones), len(self.config.schedule.slots),
+                                                             discount),
+                                   tariff.engine_buckets(discount), tariff.warn_levels)
+            self.engine_tariffs[key] = tid
+        return self.engine_tariffs[key]
+
+    def terms_for(self, name: str, tariff: str, credit_limit: int) -> Terms:
+        """Billing terms: the subscriber's own settings, else its group's, else the tariff's."""
+        seed = next((s for s in self.config.subscribers if s.name == name), None)
+        group = self.config.groups.get(seed.group) if seed and seed.group else None
+        discount, discount_until = self.config.tariffs[tariff].discount, None
+        for source in (group, seed):
+            if source is not None and source.discount is not None:
+                discount, discount_until = source.discount, source.discount_until
+        credit_until = (seed.credit_until if seed else None) or (group.credit_until if group else None)
+        return Terms(tariff, discount, discount_until, credit_limit, credit_until)
 
     # ---- subscribers -----------------------------------------------------
 
@@ -76,10 +112,11 @@ class Accountant:
         for seed in self.config.subscribers:
             if self.ledger.get_subscriber(seed.name) is not None:
                 continue
-            credit = seed.credit_limit if seed.credit_limit is not None else self.config.tariffs[seed.tariff].credit_limit
-            self.ledger.add_subscriber(seed.name, seed.tariff, self.config.currency.code,
-                                       opening_balance=seed.balance, credit_limit=credit,
-                                       contract=seed.contract, addresses=seed.addresses)
+            sid = self.ledger.add_subscriber(seed.name, seed.tariff, self.config.currency.code,
+                                             opening_balance=seed.balance, credit_limit=self._seed_credit(seed),
+                                             contract=seed.contract, addresses=seed.addresses)
+            if seed.since is not None:
+                self.ledger.set_billing_since(sid, seed.since)
             added.append(seed.name)
         return added
 
@@ -96,8 +133,11 @@ class Accountant:
                 raise TollgateError(f"subscriber {row['name']!r} has tariff {row['tariff']!r}, "
                                     f"which the config does not define")
             tariff = self.config.tariffs[row["tariff"]]
-            events += self.engine.add_subscriber(row["id"], self.tariff_ids[row["tariff"]], row["balance"],
-                                                 row["credit_limit"], tariff.allowance())
+            terms = self.terms_for(row["name"], row["tariff"], row["credit_limit"])
+            self.terms[row["id"]] = terms
+            self.since[row["id"]] = row.get("since")
+            events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
+                                                 row["balance"], row["credit_limit"], tariff.allowance())
             for network in row["addresses"]:
                 try:
                     self.engine.add_address(row["id"], network)
@@ -108,12 +148,79 @@ class Accountant:
 
     def config_rows(self) -> list[dict]:
         """Subscribers straight from the config (a dry run with no ledger)."""
-        rows = []
-        for i, seed in enumerate(self.config.subscribers, start=1):
-            credit = seed.credit_limit if seed.credit_limit is not None else self.config.tariffs[seed.tariff].credit_limit
-            rows.append({"id": i, "name": seed.name, "tariff": seed.tariff, "balance": seed.balance,
-                         "credit_limit": credit, "addresses": list(seed.addresses)})
-        return rows
+        return [{"id": i, "name": seed.name, "tariff": seed.tariff, "balance": seed.balance,
+                 "credit_limit": self._seed_credit(seed), "addresses": list(seed.addresses), "since": seed.since}
+                for i, seed in enumerate(self.config.subscribers, start=1)]
+
+    def _seed_credit(self, seed) -> int:
+        group = self.config.groups.get(seed.group) if seed.group else None
+        for credit in (seed.credit_limit, group.credit_limit if group else None):
+            if credit is not None:
+                return credit
+        return self.config.tariffs[seed.tariff].credit_limit
+
+    # ---- billing -----------------------------------------------------------
+
+    def start_billing(self, default_since: int) -> None:
+        """Open every loaded subscriber's billing, from when it started (the
+        ledger's record) or else ``default_since`` (a replay: its first packet)."""
+        for sid in self.terms:
+            self.open_billing(sid, default_since)
+
+    def open_billing(self, sid: int, default_since: int) -> None:
+        """Follow one loaded subscriber's billing (its postings come with the next :meth:`bill`)."""
+        self.biller.open(sid, self.terms[sid], self.since.get(sid) or default_since)
+        self._apply_terms(sid)
+
+    def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:
+        """A new tariff mid-period: the old one settled, the new one prorated."""
+        terms = self.terms[sid] = self.terms_for(self.subscribers[sid].name, tariff, credit_limit)
+        if self.ledger is not None:
+            self.ledger.set_billing_since(sid, now)
+        state = self.engine.subscriber(sid)
+        self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
+                                   allowance=self.config.tariffs[tariff].allowance())
+        return self._post(self.biller.change_tariff(sid, terms, now)) if state else ([], [])
+
+    def close_billing(self, sid: int, now: int) -> tuple[list[Posting], list]:
+        """The subscriber leaves: its period settled, unused fee days refunded."""
+        self.terms.pop(sid, None)
+        return self._post(self.biller.close(sid, now))
+
+    def _apply_terms(self, sid: int) -> list:
+        """The engine tariff and credit limit that the biller says are in force."""
+        acct = self.biller.accounts[sid]
+        state = self.engine.subscriber(sid)
+        tid = self.engine_tariff(acct.terms.tariff, self.biller.discount(acct))
+        credit = acct.terms.credit_limit if acct.credit_on else 0
+        if tid == state.tariff and credit == state.credit:
+            return []
+        return self.engine.set_subscriber(sid, tariff=tid, credit=credit, allowance=state.allowance)
+
+    def bill(self, now: int) -> tuple[list[Posting], list]:
+        """What the billing calendar has due up to ``now``: postings (each
+        recorded once in the ledger, then taken off the live balance) and
+        engine changes. Returns the postings applied and the engine's events."""
+        postings, changes = self.biller.advance(now)
+        events = []
+        for change in changes:
+            if change.what == "renew":
+                tariff = self.config.tariffs[self.biller.accounts[change.subscriber].terms.tariff]
+                events += self.engine.set_subscriber(change.subscriber, allowance=tariff.allowance())
+            else:
+                events += self._apply_terms(change.subscriber)
+        applied, more = self._post(postings)
+        return applied, events + more
+
+    def _post(self, postings: list[Posting]) -> tuple[list[Posting], list]:
+        applied, events = [], []
+        for p in postings:
+            if self.ledger is not None and not self.ledger.add_posting(p.subscriber, p.kind, p.amount, p.ts, p.key,
+                                                                       p.detail):
+                continue  # recorded before (a restart, the same file again): already in the balance
+            events += self.engine.adjust_balance(p.subscriber, -p.amount)
+            applied.append(p)
+        return applied, events
 
     # ---- time --------------------------------------------------------------
 
@@ -135,6 +242,7 @@ class Accountant:
         Returns the drained rows (also in a dry run, where nothing is written).
         """
         rows = self.engine.drain()
+        self.biller.observe(rows)
         if self.ledger is not None and rows:
             minute = minute_ns // NS
             self.ledger.apply_flush(flush_id, [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged)

@@ -1,0 +1,355 @@
+"""Billing periods: subscription fees, the three tariffication schemes,
+discounts and credit limits that run out.
+
+The engine rates traffic packet by packet against the balance. What depends
+on the calendar is here: a :class:`Biller` follows each subscriber's billing
+period (monthly on an anchor day, weekly, daily, in the operator's time zone)
+and, as the clock moves (the packets' clock in a replay, the wall clock in
+the daemon), says what is due as :class:`Posting` s and engine changes:
+
+* **regular**: traffic is charged by the engine as it passes; the fee is
+  charged whole at the period start (``fee_mode = "start"``), prorated by days
+  for a subscriber who joins, changes tariff or leaves mid-period, or spread
+  over the days of the period (``"daily"``), one day at a time;
+* **postpaid**: the engine only counts (the tariff's engine prices are 0); at
+  the period end the volume per zone and direction is rated at the tariff's
+  prices (first time slot), the prepaid volume and tiers drawn first (zones in
+  their order, upload before download), plus the fee for the days active;
+* **prevailing**: of two (zone, direction) pairs, usually external upload and
+  download, only the one with the larger volume since the period start is
+  charged: provisionally as it goes (each :meth:`Biller.advance` posts the
+  change), finally at the period end. The engine prices both pairs at 0.
+
+Free volume (the tariff's buckets) is renewed at each period start. A
+posting's ``key`` is unique and stable (the same period, day or volume give
+the same key), so the ledger records each once even when billing runs again
+after a crash or over a replayed file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from ext.constants import PRICE_SCALE
+
+NS = 1_000_000_000
+PERIODS = ("monthly", "weekly", "daily")
+SCHEMES = ("regular", "postpaid", "prevailing")
+FEE_MODES = ("start", "daily")
+FULL = 10_000  # discounts are in basis points of this
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The calendar side of a tariff."""
+
+    period: str = "monthly"
+    anchor: int = 1  # monthly: day of the month (1..28); weekly: weekday (Monday 0)
+    fee: int = 0  # per period, in the currency's internal units
+    fee_mode: str = "start"
+    scheme: str = "regular"
+    prevailing: tuple = ()  # two (zone, direction) pairs
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What one subscriber is billed under: a tariff and its own settings."""
+
+    tariff: str
+    discount: int = 0  # basis points off fees and traffic
+    discount_until: int | None = None  # ns; the discount ends then
+    credit_limit: int = 0
+    credit_until: int | None = None  # ns; the credit limit drops to 0 then
+
+
+@dataclass(frozen=True)
+class Posting:
+    """A charge (``amount`` > 0) or refund (< 0) that is not traffic rated by the engine."""
+
+    subscriber: int
+    kind: str  # fee, fee-refund, postpaid, prevailing
+    amount: int
+    ts: int  # ns
+    key: str  # unique: the ledger records a key once
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class EngineChange:
+    """What the engine must be told: ``renew`` the free volume, a new
+    ``credit`` limit, a new ``discount`` (a differently priced engine tariff)."""
+
+    subscriber: int
+    what: str
+    value: int = 0
+    ts: int = 0
+
+
+# ---- the calendar ---------------------------------------------------------------
+
+def _local(ts: int, tz: ZoneInfo) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts // NS, tz)
+
+
+def _instant(day: dt.date, tz: ZoneInfo) -> int:
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()) * NS
+
+
+def _add_months(day: dt.date, months: int) -> dt.date:
+    y, m = divmod(day.month - 1 + months, 12)
+    return day.replace(year=day.year + y, month=m + 1)
+
+
+def period_days(plan: Plan, ts: int, tz: ZoneInfo) -> tuple[dt.date, dt.date]:
+    """First day of the period containing ``ts`` and first day of the next."""
+    today = _local(ts, tz).date()
+    if plan.period == "daily":
+        return today, today + dt.timedelta(days=1)
+    if plan.period == "weekly":
+        start = today - dt.timedelta(days=(today.weekday() - plan.anchor) % 7)
+        return start, start + dt.timedelta(days=7)
+    start = today.replace(day=plan.anchor)
+    if start > today:
+        start = _add_months(start, -1)
+    return start, _add_months(start, 1)
+
+
+def period_of(plan: Plan, ts: int, tz: ZoneInfo) -> tuple[int, int]:
+    """``[start, end)`` in ns of the period containing ``ts``: midnights, local time."""
+    first, nxt = period_days(plan, ts, tz)
+    return _instant(first, tz), _instant(nxt, tz)
+
+
+def _days(a: dt.date, b: dt.date) -> int:
+    return (b - a).days
+
+
+def prorate(amount: int, part: int, whole: int) -> int:
+    """``amount * part / whole``, rounded down to the internal unit."""
+    return amount * part // whole
+
+
+def discounted(amount: int, discount: int) -> int:
+    return amount * (FULL - discount) // FULL
+
+
+# ---- rating volumes (postpaid, prevailing) ------------------------------------
+
+def rate_volumes(tariff, volumes: dict, discount: int = 0) -> int:
+    """The cost of ``volumes`` ({(zone, direction): bytes}) under ``tariff``
+    (an ``accounting.tariff.Tariff``): buckets first, in order, drawing on the
+    pairs in (zone, direction) order; the rest at the first slot's price."""
+    left = {k: v for k, v in sorted(volumes.items()) if v > 0}
+    scaled = 0
+    for bucket in tariff.buckets:
+        room = bucket.volume
+        for (zone, direction), v in left.items():
+            if room == 0:
+                break
+            if zone in bucket.zones and direction in bucket.directions and v:
+                take = min(v, room)
+                left[(zone, direction)] -= take
+                room -= take
+                scaled += take * bucket.price
+    for (zone, direction), v in left.items():
+        scaled += v * tariff.prices[(zone, direction, 0)]
+    return discounted(scaled // PRICE_SCALE, discount)
+
+
+def prevailing_cost(tariff, pairs: tuple, volumes: dict, discount: int = 0) -> tuple[int, tuple]:
+    """The cost of the pair with the larger volume (the first on a tie), and that pair."""
+    a, b = pairs
+    pick = a if volumes.get(a, 0) >= volumes.get(b, 0) else b
+    return discounted(volumes.get(pick, 0) * tariff.prices[(*pick, 0)] // PRICE_SCALE, discount), pick
+
+
+# ---- following subscribers ----------------------------------------------------------
+
+@dataclass
+class Account:
+    """Billing state of one subscriber in its current period."""
+
+    sid: int
+    terms: Terms
+    joined: int  # ns; billing for this tariff started then
+    start: int = 0  # current period [start, end)
+    end: int = 0
+    volumes: dict = field(default_factory=dict)  # (zone, direction) -> bytes this period
+    prevailing_charged: int = 0  # provisional charges posted this period
+    fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
+    discount_on: bool = True
+    credit_on: bool = True
+
+
+class Biller:
+    """Follows subscribers through their periods; see the module docstring.
+
+    ``tariffs`` maps names to ``accounting.tariff.Tariff`` (each with a
+    ``plan``); ``timezone`` is an IANA name.
+    """
+
+    def __init__(self, tariffs: dict, timezone: str = "UTC") -> None:
+        self.tariffs = tariffs
+        self.tz = ZoneInfo(timezone)
+        self.accounts: dict[int, Account] = {}
+
+    def _plan(self, acct: Account) -> Plan:
+        return self.tariffs[acct.terms.tariff].plan
+
+    def discount(self, acct: Account) -> int:
+        return acct.terms.discount if acct.discount_on else 0
+
+    # ---- joining, changing, leaving ------------------------------------------------
+
+    def open(self, sid: int, terms: Terms, since: int) -> list[Posting]:
+        """Bill ``sid`` under ``terms`` from ``since`` (when it joined or took
+        this tariff; a restart opens with the same ``since`` and gets the
+        same keys). Then :meth:`advance` to the present."""
+        acct = Account(sid, terms, since)
+        acct.discount_on = terms.discount_until is None or since < terms.discount_until
+        acct.credit_on = terms.credit_until is None or since < terms.credit_until
+        self.accounts[sid] = acct
+        self._enter_period(acct, since, first=True)
+        return self._fee_at_start(acct, since)
+
+    def change_tariff(self, sid: int, terms: Terms, now: int) -> list[Posting]:
+        """Mid-period: settle the old tariff up to ``now`` (unused days of a fee
+        paid at the start come back), then start the new one prorated."""
+        out = self.close(sid, now)
+        return out + self.open(sid, terms, now)
+
+    def close(self, sid: int, now: int) -> list[Posting]:
+        """Stop billing ``sid`` at ``now`` (it leaves or changes tariff)."""
+        acct = self.accounts.pop(sid)
+        out = self._daily_fees(acct, now) + self._settle(acct, now, final=True)
+        plan = self._plan(acct)
+        if plan.fee and plan.fee_mode == "start" and plan.scheme != "postpaid":
+            first, nxt = period_days(plan, acct.start, self.tz)
+            unused = _days(_local(now, self.tz).date() + dt.timedelta(days=1), nxt)
+            if unused > 0:
+                refund = prorate(discounted(plan.fee, self.discount(acct)), unused, _days(first, nxt))
+                out.append(Posting(sid, "fee-refund", -refund, now, f"fee-refund:{sid}:{acct.start}:{now}",
+                                   f"{unused} unused days of the period"))
+        return out
+
+    # ---- traffic ----------------------------------------------------------------------
+
+    def observe(self, rows) -> None:
+        """Drained engine counters (``CounterRow``): volumes for postpaid and prevailing."""
+        for r in rows:
+            acct = self.accounts.get(r.subscriber)
+            if acct is not None and self._plan(acct).scheme != "regular":
+                key = (r.zone, r.direction)
+                acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
+
+    # ---- the clock ------------------------------------------------------------------------
+
+    def next_event(self, now: int) -> int | None:
+        """The earliest instant after ``now`` at which something falls due
+        (a period or day boundary, an expiry): a replay bills there first."""
+        times = []
+        for acct in self.accounts.values():
+            plan = self._plan(acct)
+            times.append(acct.end)
+            if plan.fee and plan.fee_mode == "daily":
+                times.append(_instant(_local(now, self.tz).date() + dt.timedelta(days=1), self.tz))
+            for until, on in ((acct.terms.discount_until, acct.discount_on), (acct.terms.credit_until, acct.credit_on)):
+                if on and until is not None:
+                    times.append(until)
+        later = [t for t in times if t > now]
+        return min(later) if later else None
+
+    def advance(self, now: int) -> tuple[list[Posting], list[EngineChange]]:
+        """Everything due up to ``now``, in time order per subscriber."""
+        postings: list[Posting] = []
+        changes: list[EngineChange] = []
+        for acct in list(self.accounts.values()):
+            terms = acct.terms
+            if acct.discount_on and terms.discount_until is not None and now >= terms.discount_until:
+                acct.discount_on = False
+                changes.append(EngineChange(acct.sid, "discount", 0, terms.discount_until))
+            if acct.credit_on and terms.credit_until is not None and now >= terms.credit_until:
+                acct.credit_on = False
+                changes.append(EngineChange(acct.sid, "credit", 0, terms.credit_until))
+            while now >= acct.end:
+                boundary = acct.end
+                postings += self._daily_fees(acct, boundary)
+                postings += self._settle(acct, boundary, final=True)
+                self._enter_period(acct, boundary)
+                changes.append(EngineChange(acct.sid, "renew", 0, boundary))
+                postings += self._fee_at_start(acct, boundary)
+            postings += self._daily_fees(acct, now)
+            postings += self._settle(acct, now, final=False)
+        return postings, changes
+
+    # ---- inside ---------------------------------------------------------------------------
+
+    def _enter_period(self, acct: Account, ts: int, first: bool = False) -> None:
+        acct.start, acct.end = period_of(self._plan(acct), ts, self.tz)
+        acct.volumes = {}
+        acct.prevailing_charged = 0
+        acct.fee_days_done = _local(ts, self.tz).date() if first else period_days(self._plan(acct), ts, self.tz)[0]
+
+    def _fee_at_start(self, acct: Account, ts: int) -> list[Posting]:
+        """The fee for the rest of the period, when it is charged at the start."""
+        plan = self._plan(acct)
+        if not plan.fee or plan.fee_mode != "start" or plan.scheme == "postpaid":
+            return []
+        first, nxt = period_days(plan, ts, self.tz)
+        days_left = _days(_local(ts, self.tz).date(), nxt)
+        amount = prorate(discounted(plan.fee, self.discount(acct)), days_left, _days(first, nxt))
+        detail = "fee" if days_left == _days(first, nxt) else f"fee for {days_left} of {_days(first, nxt)} days"
+        return [Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{acct.start}:{acct.joined}", detail)]
+
+    def _daily_fees(self, acct: Account, now: int) -> list[Posting]:
+        """Daily mode: each day that has begun by ``now`` pays its share; the
+        shares of a period add up to the fee exactly."""
+        plan = self._plan(acct)
+        if not plan.fee or plan.fee_mode != "daily" or plan.scheme == "postpaid":
+            return []
+        first, nxt = period_days(plan, acct.start, self.tz)
+        whole = _days(first, nxt)
+        fee = discounted(plan.fee, self.discount(acct))
+        today = min(_local(now, self.tz).date(), nxt - dt.timedelta(days=1)) if now < acct.end else \
+            nxt - dt.timedelta(days=1)
+        out = []
+        day = acct.fee_days_done
+        while day <= today:
+            k = _days(first, day)
+            amount = prorate(fee, k + 1, whole) - prorate(fee, k, whole)
+            ts = max(_instant(day, self.tz), acct.joined)
+            out.append(Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{day.isoformat()}",
+                               f"fee for {day.isoformat()}"))
+            day += dt.timedelta(days=1)
+        acct.fee_days_done = day
+        return out
+
+    def _settle(self, acct: Account, now: int, final: bool) -> list[Posting]:
+        """Postpaid at the period end; prevailing provisionally and at the end."""
+        plan = self._plan(acct)
+        tariff = self.tariffs[acct.terms.tariff]
+        discount = self.discount(acct)
+        if plan.scheme == "postpaid" and final:
+            first, nxt = period_days(plan, acct.start, self.tz)
+            active_from = max(first, _local(acct.joined, self.tz).date())
+            last_day = min(nxt, _local(now - 1, self.tz).date() + dt.timedelta(days=1))
+            fee = prorate(discounted(plan.fee, discount), max(0, _days(active_from, last_day)), _days(first, nxt))
+            traffic = rate_volumes(tariff, acct.volumes, discount)
+            detail = ", ".join(f"zone {z} {'up' if d == 0 else 'down'} {v} B" for (z, d), v in sorted(acct.volumes.items()))
+            return [Posting(acct.sid, "postpaid", fee + traffic, now, f"postpaid:{acct.sid}:{acct.start}:{acct.joined}",
+                            f"fee {fee}, traffic {traffic}" + (f" ({detail})" if detail else ""))]
+        if plan.scheme == "prevailing":
+            cost, pick = prevailing_cost(tariff, plan.prevailing, acct.volumes, discount)
+            delta = cost - acct.prevailing_charged
+            if delta == 0 and not final:
+                return []
+            acct.prevailing_charged = cost
+            vols = ":".join(str(acct.volumes.get(p, 0)) for p in plan.prevailing)
+            kind = "prevailing" if not final else "prevailing-final"
+            if delta == 0:
+                return []
+            return [Posting(acct.sid, kind, delta, now, f"{kind}:{acct.sid}:{acct.start}:{vols}",
+                            f"zone {pick[0]} {'up' if pick[1] == 0 else 'down'} prevails")]
+        return []
