@@ -217,17 +217,20 @@ class Biller:
     def change_tariff(self, sid: int, terms: Terms, now: int) -> list[Posting]:
         """Mid-period: settle the old tariff up to ``now`` (unused days of a fee
         paid at the start come back), then start the new one prorated."""
-        out = self.close(sid, now)
+        out = self.close(sid, now, leaving=False)
         return out + self.open(sid, terms, now)
 
-    def close(self, sid: int, now: int) -> list[Posting]:
-        """Stop billing ``sid`` at ``now`` (it leaves or changes tariff)."""
+    def close(self, sid: int, now: int, leaving: bool = True) -> list[Posting]:
+        """Stop billing ``sid`` at ``now``. Fees go by whole days: the day it
+        leaves is paid; the day of a tariff change goes to the new tariff."""
         acct = self.accounts.pop(sid)
-        out = self._daily_fees(acct, now) + self._settle(acct, now, final=True)
+        # daily fees: up to the day it leaves, or up to the day before a tariff change
+        paid_to = now if leaving else _instant(_local(now, self.tz).date(), self.tz) - 1
+        out = self._daily_fees(acct, paid_to) + self._settle(acct, now, final=True)
         plan = self._plan(acct)
         if plan.fee and plan.fee_mode == "start" and plan.scheme != "postpaid":
             first, nxt = period_days(plan, acct.start, self.tz)
-            unused = _days(_local(now, self.tz).date() + dt.timedelta(days=1), nxt)
+            unused = _days(_local(now, self.tz).date() + dt.timedelta(days=1 if leaving else 0), nxt)
             if unused > 0:
                 refund = prorate(discounted(plan.fee, self.discount(acct)), unused, _days(first, nxt))
                 out.append(Posting(sid, "fee-refund", -refund, now, f"fee-refund:{sid}:{acct.start}:{now}",

@@ -13,6 +13,7 @@ import os
 import sys
 
 from ext.errors import CaptureError, ConfigError, LedgerError, TollgateError
+
 from .sources import parse_source_options, source_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

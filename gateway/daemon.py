@@ -186,7 +186,7 @@ class Gateway:
         self.last_adjustment = self.ledger.last_adjustment_id()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
-        self.acct.start_billing(now)
+        events += self.acct.start_billing(now)[1]
         events += self.acct.bill(now)[1]  # fees and period ends that fell due while stopped
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
@@ -289,7 +289,7 @@ class Gateway:
             if info is None:
                 events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
                                                       "since": row["billing_since_ns"] or row["created_ns"]}])
-                self.acct.open_billing(sid, time.time_ns())
+                events += self.acct.open_billing(sid, time.time_ns())[1]
                 with self.enforcer_lock:
                     self.enforcer.add_subscriber_addresses(row["addresses"])
                 if events:

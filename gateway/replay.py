@@ -115,7 +115,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
         else:
             if not dry_run:
                 acct.seed_ledger()
-            rows = ledger_rows(ledger)
+            rows = ledger_rows(ledger, created_is_since=False)
             # a dry run against a ledger that lacks some of the config's subscribers still rates them
             known = {r["name"] for r in rows}
             next_id = max((r["id"] for r in rows), default=0)
@@ -172,7 +172,8 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
     try:
         for batch in reader.batches(batch_size, split_at_minute=True):
             if batch.n and result.billed_to is None:
-                acct.start_billing(batch.ts[0])
+                for p in acct.start_billing(batch.ts[0])[0]:
+                    reports[p.subscriber].postings.append(p)
                 result.billed_to = batch.ts[0]
             if batch.n and batch.ts[0] > result.billed_to:
                 bill(batch.ts[0])

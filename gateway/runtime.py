@@ -24,11 +24,13 @@ DAY_NS = 86400 * NS
 TIMELINE_SPAN_NS = 8 * DAY_NS  # how far ahead the timeline is computed each time
 
 
-def ledger_rows(ledger: Ledger) -> list[dict]:
-    """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them."""
+def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
+    """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them.
+    Billing runs from ``billing_since_ns``, else (unless ``created_is_since``
+    is false: a replay of older traffic) from when the subscriber was created."""
     return [{"id": s["id"], "name": s["name"], "tariff": s["tariff"], "balance": s["balance"],
              "credit_limit": s["credit_limit"], "addresses": list(s["addresses"]),
-             "since": s["billing_since_ns"] or s["created_ns"]}
+             "since": s["billing_since_ns"] or (s["created_ns"] if created_is_since else None)}
             for s in ledger.subscribers() if s.get("active", 1)]
 
 
@@ -161,16 +163,23 @@ class Accountant:
 
     # ---- billing -----------------------------------------------------------
 
-    def start_billing(self, default_since: int) -> None:
+    def start_billing(self, default_since: int) -> tuple[list[Posting], list]:
         """Open every loaded subscriber's billing, from when it started (the
-        ledger's record) or else ``default_since`` (a replay: its first packet)."""
+        ledger's record) or else ``default_since`` (a replay: its first packet).
+        Returns the postings applied (a first fee) and the engine's events."""
+        applied, events = [], []
         for sid in self.terms:
-            self.open_billing(sid, default_since)
+            more = self.open_billing(sid, default_since)
+            applied += more[0]
+            events += more[1]
+        return applied, events
 
-    def open_billing(self, sid: int, default_since: int) -> None:
-        """Follow one loaded subscriber's billing (its postings come with the next :meth:`bill`)."""
-        self.biller.open(sid, self.terms[sid], self.since.get(sid) or default_since)
-        self._apply_terms(sid)
+    def open_billing(self, sid: int, default_since: int) -> tuple[list[Posting], list]:
+        """Follow one loaded subscriber's billing; then :meth:`bill` brings it up to date."""
+        postings = self.biller.open(sid, self.terms[sid], self.since.get(sid) or default_since)
+        events = self._apply_terms(sid)
+        applied, more = self._post(postings)
+        return applied, events + more
 
     def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:
         """A new tariff mid-period: the old one settled, the new one prorated."""
