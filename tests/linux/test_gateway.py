@@ -274,3 +274,32 @@ def test_ledger_changes_reach_the_running_gateway(lab, tmp_path):
     finally:
         gw.stop()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+@pytest.mark.parametrize("broken,problem", [
+    ('external = { upload = "-0.01", download = "0.01" }', "must not be negative"),
+    ('mars = "0.01"', "unknown zone"),
+])
+def test_an_inconsistent_tariff_is_refused_and_the_previous_stays_in_force(lab, tmp_path, broken, problem):
+    """SIGHUP with a broken tariff: refused with the field named, and traffic
+    is still charged at the tariff in force (0.01 EUR per MB downloaded)."""
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n)).start()
+    try:
+        good = lab_config(lab.n)
+        gw.config.write_text(good.replace('external = { upload = "0.01", download = "0.01" }', broken))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in (tmp_path / "gateway.log").read_text())
+        log = (tmp_path / "gateway.log").read_text()
+        assert "tariff[0].prices" in log and problem in log
+        assert netns(lab.sub(1), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+        wait_flushed(gw)
+        con = sqlite3.connect(gw.db)
+        (charged,) = con.execute("SELECT sum(u.amount) FROM usage u JOIN subscribers s ON s.id = u.subscriber_id "
+                                 "WHERE s.name = 's1' AND u.direction = 1").fetchone()
+        (down,) = con.execute("SELECT sum(u.bytes) FROM usage u JOIN subscribers s ON s.id = u.subscriber_id "
+                              "WHERE s.name = 's1' AND u.direction = 1").fetchone()
+        con.close()
+        assert down > BIG and charged == down * 10 ** 7 // 10 ** 6  # 0.01 EUR = 10**7 nano-EUR per 10**6 bytes
+    finally:
+        gw.stop()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")

@@ -33,9 +33,14 @@ def test_example_loads():
     assert basic.prices[(1, 1, 0)] == 2 * PRICE_SCALE
     assert basic.prices[(1, 1, 1)] == PRICE_SCALE // 2  # night
     assert basic.prices[(0, 0, 0)] == 0  # local is free unless priced
-    assert basic.allowance() == [10 ** 9]
+    assert basic.allowance() == [10 ** 9, 10 * 10 ** 9]  # free peering, then the external tier
+    assert basic.engine_buckets()[1] == (1 << 1, 0b11, 3 * PRICE_SCALE)  # 3.00 EUR per GB = 3 nano-EUR a byte
     assert basic.warn_levels == [5 * 10 ** 9, 10 ** 9]
+    assert (basic.plan.period, basic.plan.anchor, basic.plan.fee, basic.plan.scheme) == ("monthly", 1, 5 * 10 ** 9,
+                                                                                          "regular")
     assert [s.name for s in cfg.subscribers] == ["alice", "bob"]
+    bob = cfg.subscribers[1]
+    assert (bob.group, bob.discount, cfg.groups["staff"].discount) == ("staff", 1000, 5000)
 
 
 def test_cli_config_check_accepts_the_example():
@@ -86,6 +91,20 @@ BAD = [
     (["subscriber", 0, "balance"], "ten", "subscriber[0].balance"),
     (["subscriber", 1, "addresses"], ["100.64.2.1/29"], "subscriber[1].addresses[0]"),
     (["subscriber", 1, "name"], "alice", "subscriber[1].name"),
+    (["tariff", 0, "period"], "yearly", "tariff[0].period"),
+    (["tariff", 0, "anchor"], 31, "tariff[0].anchor"),
+    (["tariff", 0, "fee"], "-5", "tariff[0].fee"),
+    (["tariff", 0, "fee_mode"], "end", "tariff[0].fee_mode"),
+    (["tariff", 0, "scheme"], "flat", "tariff[0].scheme"),
+    (["tariff", 0, "prevailing"], ["external.upload"], "tariff[0].prevailing"),
+    (["tariff", 0, "discount"], "110%", "tariff[0].discount"),
+    (["tariff", 0, "discount"], "ten", "tariff[0].discount"),
+    (["tariff", 0, "tier", 0, "price"], KeyError, "tariff[0].tier[0].price"),
+    (["tariff", 0, "tier", 0, "price"], "-1", "tariff[0].tier[0].price"),
+    (["tariff", 0, "tier", 0, "zones"], ["mars"], "tariff[0].tier[0].zones"),
+    (["group", 0, "discount_until"], "someday", "group[0].discount_until"),
+    (["subscriber", 1, "group"], "nobody", "subscriber[1].group"),
+    (["subscriber", 1, "since"], "2026-13-01", "subscriber[1].since"),
 ]
 
 
