@@ -303,7 +303,7 @@ class Biller:
         first, nxt = period_days(plan, ts, self.tz)
         days_left = _days(_local(ts, self.tz).date(), nxt)
         amount = prorate(discounted(plan.fee, self.discount(acct)), days_left, _days(first, nxt))
-        detail = "fee" if days_left == _days(first, nxt) else f"fee for {days_left} of {_days(first, nxt)} days"
+        detail = "" if days_left == _days(first, nxt) else f"{days_left} of {_days(first, nxt)} days"
         return [Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{acct.start}:{acct.joined}", detail)]
 
     def _daily_fees(self, acct: Account, now: int) -> list[Posting]:
@@ -324,7 +324,7 @@ class Biller:
             amount = prorate(fee, k + 1, whole) - prorate(fee, k, whole)
             ts = max(_instant(day, self.tz), acct.joined)
             out.append(Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{day.isoformat()}",
-                               f"fee for {day.isoformat()}"))
+                               f"day {k + 1} of {whole}"))
             day += dt.timedelta(days=1)
         acct.fee_days_done = day
         return out

@@ -45,6 +45,7 @@ class Tariff:
     warn_levels: list = field(default_factory=list)
     plan: Plan = field(default_factory=Plan)
     discount: int = 0  # basis points
+    spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
 
     def _rated_by_engine(self, zone: int, direction: int) -> bool:
         """Postpaid traffic, and the prevailing pairs, are only counted by the
@@ -163,7 +164,8 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     if len(set(warn)) != len(warn):
         raise ConfigError(f"{where}.warn", "warning levels must differ")
     plan = _plan(raw, where, zones, slots, prices_raw, buckets, currency)
-    return Tariff(name, prices, buckets, credit, warn, plan, parse_discount(raw.get("discount", "0%"), f"{where}.discount"))
+    return Tariff(name, prices, buckets, credit, warn, plan, parse_discount(raw.get("discount", "0%"), f"{where}.discount"),
+                  raw)
 
 
 def _bucket(entry, at: str, zones: ZoneMap, tier: bool, price) -> Bucket:

@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import sys
+import time
 
 from ext.errors import CaptureError, ConfigError, LedgerError, TollgateError
 
+from .config import parse_instant
 from .sources import parse_source_options, source_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -57,8 +59,6 @@ def cmd_replay(args) -> int:
         return _fail(f"cannot read {args.capture}: not a readable file", EXIT_USAGE)
     bill_until = None
     if args.bill_until:
-        from .config import parse_instant
-
         bill_until = parse_instant(args.bill_until, "--bill-until", cfg.timezone)
     result = replay(cfg, args.capture, db, engine=args.engine, dry_run=args.dry_run,
                     progress=not args.quiet and not args.json, bill_until=bill_until)
@@ -94,6 +94,39 @@ def cmd_topup(args) -> int:
         balance = ledger.balance(sub["id"])
     print(f"{sub['name']}: +{format_amount(amount, cfg.currency)}, ledger balance {format_amount(balance, cfg.currency)}"
           " (a running gateway applies it within a second)")
+    return EXIT_OK
+
+
+def cmd_invoice(args) -> int:
+    from accounting.billing import period_of
+    from accounting.invoice import build_invoice, render_html, render_pdf
+
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        sub = ledger.get_subscriber(args.subscriber)
+        if sub is None:
+            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
+        tariff = cfg.tariffs.get(sub["tariff"])
+        if tariff is None:
+            return _fail(f"{sub['name']} has tariff {sub['tariff']!r}, which the config does not define", EXIT_USAGE)
+        from zoneinfo import ZoneInfo
+
+        tz = ZoneInfo(cfg.timezone)
+        when = parse_instant(args.at, "--at", cfg.timezone) if args.at else None
+        if when is None:  # the last period that has ended
+            when = period_of(tariff.plan, time.time_ns(), tz)[0] - 1
+        start, end = period_of(tariff.plan, when, tz)
+        invoice = build_invoice(ledger, sub["id"], start, end, cfg.timezone)
+    if args.pdf:
+        with open(args.pdf, "wb") as f:
+            f.write(render_pdf(invoice))
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(render_html(invoice))
+    print(f"invoice {invoice.number}: {invoice.subscriber}, {invoice.period_text}: charges "
+          f"{invoice.money(invoice.charges)}, payments and credits {invoice.money(invoice.credits)}, balance "
+          f"{invoice.money(invoice.opening)} -> {invoice.money(invoice.closing)}"
+          + "".join(f"; wrote {f}" for f in (args.pdf, args.html) if f))
     return EXIT_OK
 
 
@@ -231,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment")
     p.add_argument("--key", help="idempotency key: the same key twice records one payment")
     p.set_defaults(func=cmd_topup)
+
+    p = with_config(sub.add_parser(
+        "invoice", help="a subscriber's invoice for a billing period, as PDF and/or HTML",
+        epilog="example:\n  tollgate invoice alice --at 2026-03-15 --pdf alice-2026-03.pdf",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("--at", metavar="DATE", help="a date inside the period (default: the last period that has ended)")
+    p.add_argument("--pdf", metavar="FILE", help="write the invoice as PDF")
+    p.add_argument("--html", metavar="FILE", help="write the invoice as HTML")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_invoice)
 
     p = with_config(sub.add_parser("subscribers", help="list subscribers with balances"))
     p.add_argument("--db", help="the ledger (default: gateway.database)")

@@ -109,7 +109,11 @@ class Accountant:
     # ---- subscribers -----------------------------------------------------
 
     def seed_ledger(self) -> list[str]:
-        """Add the config's subscribers that the ledger does not know yet."""
+        """Name the zones and record the tariffs (a new version when one
+        changed) in the ledger; add the config's subscribers it does not know yet."""
+        self.ledger.set_zones(self.config.zones.names)
+        for name, tariff in self.config.tariffs.items():
+            self.ledger.set_tariff(name, tariff.spec)
         added = []
         for seed in self.config.subscribers:
             if self.ledger.get_subscriber(seed.name) is not None:
