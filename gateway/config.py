@@ -16,6 +16,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from accounting import money
+from accounting.notify import NotifySettings
 from accounting.schedule import WEEKDAYS, Schedule, SlotRule
 from accounting.tariff import Tariff, parse_tariff
 from accounting.zones import RESERVED, ZoneMap, ZoneSpec
@@ -69,6 +70,7 @@ class Config:
     unknown_verdict: int = NF_ACCEPT
     database: str | None = None
     groups: dict = field(default_factory=dict)  # name -> Group
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -307,7 +309,7 @@ def _allowlist(gw: dict) -> list[ZoneRule]:
 
 def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber"})
+    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database"})
     try:
@@ -345,7 +347,26 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
                  verdicts["malformed"], verdicts["unknown"], database)
     cfg.groups = _groups(doc, cfg)
     cfg.subscribers = _subscribers(doc, cfg)
+    cfg.notify = _notify(doc)
     return cfg
+
+
+def _notify(doc: dict) -> NotifySettings:
+    raw = _table(doc, "notify")
+    _check_keys(raw, "notify", {"webhook", "command", "max_attempts", "quota_levels"})
+    webhook = raw.get("webhook")
+    if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
+        raise ConfigError("notify.webhook", "must be an http:// or https:// URL")
+    command = raw.get("command")
+    if command is not None and (not isinstance(command, str) or not command.strip()):
+        raise ConfigError("notify.command", "must be a command line")
+    attempts = raw.get("max_attempts", 6)
+    if not isinstance(attempts, int) or not 1 <= attempts <= 100:
+        raise ConfigError("notify.max_attempts", "must be 1..100")
+    levels = raw.get("quota_levels", [80, 100])
+    if not isinstance(levels, list) or not all(isinstance(x, int) and 1 <= x <= 100 for x in levels):
+        raise ConfigError("notify.quota_levels", "must be a list of percentages 1..100")
+    return NotifySettings(webhook, command, attempts, quota_levels=tuple(sorted(set(levels))))
 
 
 def load_config(path: str | Path) -> Config:

@@ -34,8 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from accounting.ledger import Ledger
+from accounting.notify import Notifier, enqueue
 from accounting.money import format_amount
-from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_UNBLOCK
+from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
 from ext.errors import TollgateError
 
 from .config import Config, load_config
@@ -152,6 +153,7 @@ class Gateway:
         self.last_payment = 0
         self.last_adjustment = 0
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
+        self.quota_noted: set = set()  # quota notification keys queued by this process
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -203,6 +205,8 @@ class Gateway:
         self._spawn("policy", self._policy_loop)
         self._spawn("flusher", self._flush_loop)
         self._spawn("http", self._serve_http)
+        if self.config.notify.webhook or self.config.notify.command:
+            self._spawn("notify", self._notify_loop)
 
     def _enforcer(self, cfg: Config):
         from policy.nft import Enforcer
@@ -428,11 +432,46 @@ class Gateway:
         elif ev.kind == EV_UNBLOCK:
             self.m_unblocks.labels(reason).inc()
             log.info("unblocked subscriber %s (%s)", ev.subscriber, reason)
+        elif ev.kind == EV_WARN:
+            log.info("subscriber %s: balance %s fell below warning level %d", ev.subscriber, ev.balance, ev.reason + 1)
         else:
             return
-        if ev.reason != BLOCK_MANUAL:  # manual ones are recorded when asked for, with the operator's reason
-            self.ledger_jobs.put(("block", ev.subscriber, "block" if ev.kind == EV_BLOCK else "unblock", reason,
-                                  done_ns))
+        event = {EV_BLOCK: "block", EV_UNBLOCK: "unblock", EV_WARN: "warn"}[ev.kind]
+        if ev.kind != EV_WARN and ev.reason != BLOCK_MANUAL:  # manual ones are recorded when asked for
+            self.ledger_jobs.put(("block", ev.subscriber, event, reason, done_ns))
+        detail = {"level": ev.reason + 1} if ev.kind == EV_WARN else {"reason": reason}
+        self.ledger_jobs.put(("notify", f"{event}:{ev.subscriber}:{done_ns}", event, ev.subscriber,
+                              self._payload(ev.subscriber, done_ns, balance=ev.balance, **detail)))
+
+    def _payload(self, sid: int, ts: int, balance: int | None = None, **detail) -> dict:
+        info = self.acct.subscribers.get(sid)
+        out = {"subscriber": info.name if info else str(sid), "subscriber_id": sid,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts // NS)), **detail}
+        if balance is not None:
+            out["balance"] = format_amount(balance, self.config.currency)
+        return out
+
+    def _check_quotas(self) -> None:
+        """A notification when a period's free volume is used to each of the configured levels (once a period)."""
+        levels = self.config.notify.quota_levels
+        for sid, acct in self.acct.biller.accounts.items():
+            total = sum(self.config.tariffs[acct.terms.tariff].allowance())
+            if not total or sid not in self.acct.subscribers:
+                continue
+            used = 100 * (total - sum(self.acct.engine.subscriber(sid).allowance)) // total
+            for level in (lvl for lvl in levels if used >= lvl):
+                key = f"quota:{sid}:{acct.start}:{level}"
+                if key not in self.quota_noted:
+                    self.quota_noted.add(key)
+                    enqueue(self.ledger, key, "quota", sid, self._payload(sid, time.time_ns(), percent=level))
+
+    def _notify_loop(self) -> None:
+        notifier = Notifier(Ledger.open(self.opts.db_path), self.config.notify)
+        while not self.stopping.wait(1.0):
+            try:
+                notifier.deliver_due()
+            except Exception:
+                log.exception("notification round failed; retrying")
 
     # ---- ledger -------------------------------------------------------------
 
@@ -462,6 +501,7 @@ class Gateway:
                              format_amount(p.amount, self.config.currency), p.detail)
                 if events:
                     self.events.put([(ev, None) for ev in events])
+                self._check_quotas()
             except Exception:  # the ledger may be busy or full: drained rows wait in self.pending
                 log.exception("flush round failed; retrying next round")
 
@@ -473,10 +513,15 @@ class Gateway:
         lost nor charged twice."""
         while True:
             try:
-                _kind, sid, what, reason, ts = self.ledger_jobs.get_nowait()
+                job = self.ledger_jobs.get_nowait()
             except queue.Empty:
                 break
-            self.ledger.record_block(sid, what, reason, ts)
+            if job[0] == "block":
+                _kind, sid, what, reason, ts = job
+                self.ledger.record_block(sid, what, reason, ts)
+            else:
+                _kind, key, event, sid, payload = job
+                enqueue(self.ledger, key, event, sid, payload)
         if self.pending is None:
             with self.engine_lock:
                 rows = self.acct.engine.drain() + self.orphan_rows

@@ -303,3 +303,48 @@ def test_an_inconsistent_tariff_is_refused_and_the_previous_stays_in_force(lab, 
     finally:
         gw.stop()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+WEBHOOK = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(sys.argv[1], "a") as f:
+            f.write(json.dumps({"key": self.headers["Idempotency-Key"], "body": json.loads(body)}) + "\\n")
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+HTTPServer(("127.0.0.1", 8099), H).serve_forever()
+"""
+
+
+def test_warning_and_block_reach_the_webhook(lab, tmp_path):
+    """s1 has 0.02 EUR, a warning level at 0.01: its download crosses the
+    level, then runs out; the operator's webhook hears of both, once each."""
+    import subprocess
+
+    got = tmp_path / "webhook.jsonl"
+    hook = subprocess.Popen(["ip", "netns", "exec", lab.gw, sys.executable, "-c", WEBHOOK, str(got)])
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, {1: "0.02"}, upload_free=True, warn="0.01")
+                 + '\n[notify]\nwebhook = "http://127.0.0.1:8099/tollgate"\n').start()
+    try:
+        netns(lab.sub(1), "curl", "-s", "-m", "5", "-o", "/dev/null", f"http://{UP4}/big.bin")
+
+        def delivered():
+            lines = got.read_text().splitlines() if got.exists() else []
+            return {json.loads(line)["body"]["event"] for line in lines} >= {"warn", "block"}
+        wait_for(delivered, timeout=10)
+        events = [json.loads(line) for line in got.read_text().splitlines()]
+        assert len({e["key"] for e in events}) == len(events)  # no duplicates
+        block = next(e["body"] for e in events if e["body"]["event"] == "block")
+        assert block["subscriber"] == "s1" and block["reason"] == "limit"
+        warn = next(e["body"] for e in events if e["body"]["event"] == "warn")
+        assert warn["level"] == 1 and warn["subscriber"] == "s1"
+    finally:
+        gw.stop()
+        hook.kill()
+        hook.wait()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
