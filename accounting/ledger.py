@@ -326,6 +326,50 @@ class Ledger:
                             (name, version, text, time.time_ns()))
             return version
 
+    def tariff_versions(self, name: str | None = None) -> list[dict]:
+        """Every recorded version (of one tariff, or all): name, version, created_ns."""
+        where, args = (" WHERE name = ?", [name]) if name else ("", [])
+        rows = self.db.execute(f"SELECT name, version, created_ns FROM tariffs{where} ORDER BY name, version", args)
+        return [dict(zip(("name", "version", "created_ns"), r)) for r in rows]
+
+    def assign_tariff(self, subscriber, tariff: str, since: int) -> None:
+        """The subscriber is billed under ``tariff`` from ``since`` (ns)."""
+        sid = self._sid(subscriber)
+        _text(tariff, "a subscriber's tariff")
+        since = _ts(since)
+        with self._tx():
+            self.db.execute("UPDATE subscribers SET tariff = ?, billing_since_ns = ? WHERE id = ?",
+                            (tariff, since, sid))
+
+    def schedule_tariff(self, subscriber, tariff: str, effective: int) -> int:
+        """A tariff change that the gateway applies at ``effective`` (ns); returns its id.
+        A later schedule for the same subscriber replaces one still to come."""
+        sid = self._sid(subscriber)
+        _text(tariff, "a subscriber's tariff")
+        effective = _ts(effective)
+        with self._tx():
+            self.db.execute("DELETE FROM tariff_changes WHERE subscriber_id = ? AND applied_ns IS NULL", (sid,))
+            cur = self.db.execute("INSERT INTO tariff_changes (subscriber_id, tariff, effective_ns, created_ns)"
+                                  " VALUES (?, ?, ?, ?)", (sid, tariff, effective, time.time_ns()))
+            return cur.lastrowid
+
+    def due_tariff_changes(self, now: int) -> list[dict]:
+        cols = ("id", "subscriber_id", "tariff", "effective_ns")
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM tariff_changes WHERE applied_ns IS NULL"
+                               " AND effective_ns <= ? ORDER BY effective_ns, id", (now,))
+        return [dict(zip(cols, r)) for r in rows]
+
+    def apply_tariff_change(self, change_id: int, now: int) -> None:
+        """Assign the scheduled tariff and mark the change applied, at once."""
+        with self._tx():
+            row = self.db.execute("SELECT subscriber_id, tariff, effective_ns FROM tariff_changes WHERE id = ?"
+                                  " AND applied_ns IS NULL", (change_id,)).fetchone()
+            if row is None:
+                return
+            self.db.execute("UPDATE subscribers SET tariff = ?, billing_since_ns = ? WHERE id = ?",
+                            (row[1], row[2], row[0]))
+            self.db.execute("UPDATE tariff_changes SET applied_ns = ? WHERE id = ?", (now, change_id))
+
     def tariff(self, name: str, version: int | None = None) -> dict | None:
         """``{"name", "version", "spec", "created_ns"}`` of the newest (or the
         given) version of a tariff; None if unknown."""

@@ -60,6 +60,14 @@ def cmd_replay(args) -> int:
     bill_until = None
     if args.bill_until:
         bill_until = parse_instant(args.bill_until, "--bill-until", cfg.timezone)
+    if args.tariff:
+        if not args.dry_run:
+            return _fail("--tariff rates with another version: only with --dry-run (nothing charged)", EXIT_USAGE)
+        if db is None or not os.path.exists(db):
+            return _fail("--tariff NAME@VERSION reads the versions from the ledger: give --db", EXIT_USAGE)
+        with _ledger(args, cfg) as ledger:
+            for choice in args.tariff:
+                _use_tariff_version(cfg, ledger, choice)
     result = replay(cfg, args.capture, db, engine=args.engine, dry_run=args.dry_run,
                     progress=not args.quiet and not args.json, bill_until=bill_until)
     if args.json:
@@ -68,6 +76,21 @@ def cmd_replay(args) -> int:
     else:
         print(result_text(result, cfg))
     return EXIT_OK
+
+
+def _use_tariff_version(cfg, ledger, choice: str) -> None:
+    """``NAME@VERSION``: the recorded version of a tariff instead of the config's."""
+    from accounting.tariff import parse_tariff
+
+    name, _, version = choice.partition("@")
+    if not version.isdigit():
+        raise ConfigError("--tariff", f"{choice!r} is not NAME@VERSION (see `tollgate tariff versions`)")
+    recorded = ledger.tariff(name, int(version))
+    if recorded is None:
+        raise ConfigError("--tariff", f"no version {version} of tariff {name!r} in the ledger")
+    if name not in cfg.tariffs:
+        raise ConfigError("--tariff", f"tariff {name!r} is not in the config: its subscribers are not either")
+    cfg.tariffs[name] = parse_tariff(recorded["spec"], f"{name}@{version}", cfg.zones, cfg.schedule.slots, cfg.currency)
 
 
 def _ledger(args, cfg=None):
@@ -127,6 +150,40 @@ def cmd_invoice(args) -> int:
           f"{invoice.money(invoice.charges)}, payments and credits {invoice.money(invoice.credits)}, balance "
           f"{invoice.money(invoice.opening)} -> {invoice.money(invoice.closing)}"
           + "".join(f"; wrote {f}" for f in (args.pdf, args.html) if f))
+    return EXIT_OK
+
+
+def cmd_tariff(args) -> int:
+    from zoneinfo import ZoneInfo
+
+    from accounting.billing import period_of
+
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        if args.action == "versions":
+            rows = ledger.tariff_versions(args.subscriber)
+            if not rows:
+                print("no tariff versions recorded (the gateway records them when it starts)")
+            for r in rows:
+                print(f"{r['name']}@{r['version']}  recorded {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['created_ns'] // 10 ** 9))} UTC")
+            return EXIT_OK
+        if not args.subscriber or not args.name:
+            return _fail("tariff change needs SUBSCRIBER and TARIFF", EXIT_USAGE)
+        sub = ledger.get_subscriber(args.subscriber)
+        if sub is None:
+            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
+        if args.name not in cfg.tariffs:
+            return _fail(f"unknown tariff {args.name!r} (tariffs: {', '.join(cfg.tariffs)})", EXIT_USAGE)
+        now = time.time_ns()
+        if args.at == "now":
+            when = now
+        elif args.at == "next-period":
+            when = period_of(cfg.tariffs[sub["tariff"]].plan, now, ZoneInfo(cfg.timezone))[1]
+        else:
+            when = parse_instant(args.at, "--at", cfg.timezone)
+        ledger.schedule_tariff(sub["id"], args.name, when)
+    print(f"{sub['name']}: tariff {args.name} from "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when // 10 ** 9))} (a running gateway applies it then)")
     return EXIT_OK
 
 
@@ -226,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate without writing to the ledger (balances start from the ledger if it exists)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--tariff", action="append", default=[], metavar="NAME@VERSION",
+                   help="rate with a version of a tariff recorded in the ledger instead of the config's (with "
+                        "--dry-run: what would this traffic have cost then?); repeatable")
     p.add_argument("--bill-until", metavar="DATE",
                    help="run the billing calendar on past the last packet to this date or local time (e.g. "
                         "2026-12-01: the end of November, with its postpaid or prevailing settlement)")
@@ -264,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment")
     p.add_argument("--key", help="idempotency key: the same key twice records one payment")
     p.set_defaults(func=cmd_topup)
+
+    p = with_config(sub.add_parser(
+        "tariff", help="tariff versions recorded in the ledger; schedule a subscriber's tariff change",
+        epilog="examples:\n  tollgate tariff versions basic\n"
+               "  tollgate tariff change alice premium --at next-period\n"
+               "  tollgate replay -c tollgate.toml --db ledger.db --dry-run --tariff basic@1 march.pcap",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("action", choices=("versions", "change"))
+    p.add_argument("subscriber", nargs="?", help="change: name or id; versions: a tariff name (optional)")
+    p.add_argument("name", nargs="?", help="change: the new tariff")
+    p.add_argument("--at", default="next-period",
+                   help="change: next-period (default), now, or a date / local time like 2027-01-01")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_tariff)
 
     p = with_config(sub.add_parser(
         "invoice", help="a subscriber's invoice for a billing period, as PDF and/or HTML",

@@ -154,6 +154,7 @@ class Gateway:
         self.last_adjustment = 0
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.quota_noted: set = set()  # quota notification keys queued by this process
+        self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -281,10 +282,15 @@ class Gateway:
     # ---- changes made by the admin API -----------------------------------------
 
     def refresh_subscriber(self, sid: int) -> None:
-        """Bring one subscriber in the engine and the kernel in line with the
-        ledger: added, deactivated, new addresses, tariff or credit limit. The
-        live balance stays the engine's (the ledger's lags by a flush)."""
-        row = self._reader().get_subscriber(sid)
+        """Ask for one subscriber in the engine and the kernel to be brought in
+        line with the ledger (the API changed it): done by the flusher thread,
+        which owns the ledger connection, within PAYMENT_POLL seconds."""
+        self.refresh_requests.put(sid)
+
+    def _refresh_subscriber(self, sid: int) -> None:
+        """Added, deactivated, new addresses, tariff or credit limit. The live
+        balance stays the engine's (the ledger's lags by a flush)."""
+        row = self.ledger.get_subscriber(sid)
         active = row is not None and row.get("active", 1)
         info = self.acct.subscribers.get(sid)
         with self.engine_lock:
@@ -329,6 +335,36 @@ class Gateway:
         if events:
             self.events.put([(ev, None) for ev in events])
 
+    def _apply_refresh_requests(self) -> None:
+        while True:
+            try:
+                sid = self.refresh_requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._refresh_subscriber(sid)
+            except TollgateError as exc:
+                log.error("subscriber %s: the change cannot be applied: %s", sid, exc)
+
+    def _apply_tariff_changes(self, now: int) -> None:
+        """Tariff changes scheduled in the ledger that fell due: billing under
+        the new tariff from the change's own time (the next period's start)."""
+        for change in self.ledger.due_tariff_changes(now):
+            sid = change["subscriber_id"]
+            self.ledger.apply_tariff_change(change["id"], now)
+            info = self.acct.subscribers.get(sid)
+            if info is None or change["tariff"] not in self.acct.tariff_ids:
+                continue
+            with self.engine_lock:
+                postings, events = self.acct.change_billing(sid, change["tariff"],
+                                                            self.acct.engine.subscriber(sid).credit,
+                                                            change["effective_ns"])
+                info.tariff = change["tariff"]
+            log.info("subscriber %s: tariff %s from %s as scheduled", info.name, change["tariff"],
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(change["effective_ns"] // NS)))
+            if events:
+                self.events.put([(ev, None) for ev in events])
+
     def _sync_subscribers(self) -> None:
         """Subscribers changed in the ledger by another process (``tollgate
         subscriber ...``): one scan a flush round, cheap next to the flush."""
@@ -342,7 +378,7 @@ class Gateway:
                                               tuple(sorted(info.addresses)))
             if have != wanted.get(sid):
                 try:
-                    self.refresh_subscriber(sid)
+                    self._refresh_subscriber(sid)
                 except TollgateError as exc:
                     log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
 
@@ -483,9 +519,11 @@ class Gateway:
         while not self.stopping.wait(PAYMENT_POLL):
             try:
                 self._apply_payments()
+                self._apply_refresh_requests()
                 if time.monotonic() < next_flush:
                     continue
                 next_flush = time.monotonic() + self.opts.flush_interval
+                self._apply_tariff_changes(time.time_ns())
                 self._sync_subscribers()
                 # the kernel counts a packet just after the engine does: read it first, drain second
                 kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None

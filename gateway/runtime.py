@@ -186,10 +186,10 @@ class Accountant:
         return applied, events + more
 
     def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:
-        """A new tariff mid-period: the old one settled, the new one prorated."""
+        """A new tariff from ``now``: the old one settled, the new one prorated."""
         terms = self.terms[sid] = self.terms_for(self.subscribers[sid].name, tariff, credit_limit)
         if self.ledger is not None:
-            self.ledger.set_billing_since(sid, now)
+            self.ledger.assign_tariff(sid, tariff, now)
         state = self.engine.subscriber(sid)
         self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
                                    allowance=self.config.tariffs[tariff].allowance())

@@ -348,3 +348,31 @@ def test_warning_and_block_reach_the_webhook(lab, tmp_path):
         hook.kill()
         hook.wait()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+def test_a_scheduled_tariff_change_applies_when_due(lab, tmp_path):
+    """A change to a flat tariff, scheduled two seconds ahead: from then on
+    s1 pays the flat fee (prorated by days) and no more traffic charges."""
+    from accounting.ledger import Ledger
+
+    flat = '\n[[tariff]]\nname = "flat"\nfee = "3.00"\n[tariff.prices]\nexternal = "0"\n'
+    gw = Gateway(lab.gw, tmp_path, lab_config(1) + flat).start()
+    try:
+        with Ledger.open(gw.db) as ledger:
+            ledger.schedule_tariff("s1", "flat", time.time_ns() + 2 * 10 ** 9)
+
+            def switched():
+                return ledger.get_subscriber("s1")["tariff"] == "flat"
+            wait_for(switched, timeout=6)
+            wait_for(lambda: ledger.postings("s1"), timeout=3)
+            (fee,) = ledger.postings("s1")
+            assert fee["kind"] == "fee" and 0 < fee["amount"] <= 3 * 10 ** 9
+            before = ledger.balance("s1")
+            assert netns(lab.sub(1), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+            wait_flushed(gw)
+            assert ledger.balance("s1") == before  # flat: the download is free
+            assert ledger_bytes(gw.db)["s1"] > BIG
+        assert "tariff flat from" in (tmp_path / "gateway.log").read_text()
+    finally:
+        gw.stop()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")

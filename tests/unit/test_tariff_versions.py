@@ -1,0 +1,94 @@
+"""Tariff versions in the ledger, re-rating under an older one, scheduled changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from decimal import Decimal
+
+from scapy.all import IP, wrpcap
+
+from accounting.ledger import Ledger
+from gateway.config import parse_config
+from gateway.runtime import Accountant
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_tariff_scenarios import BASE, MB, NS, at, packet, traffic  # noqa: E402
+
+
+def config(price: str) -> str:
+    return BASE.format(currency="EUR") + f"""
+[[tariff]]
+name = "home"
+price_unit = "MB"
+[tariff.prices]
+external = "{price}"
+peering = "{price}"
+
+[[tariff]]
+name = "premium"
+price_unit = "MB"
+fee = "30.00"
+[tariff.prices]
+external = "0"
+peering = "0"
+
+[[subscriber]]
+name = "alice"
+tariff = "home"
+balance = "100.00"
+addresses = ["100.64.0.2/32"]
+"""
+
+
+def tollgate(*args):
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True)
+
+
+def test_replay_dry_run_under_an_older_version(tmp_path):
+    db = tmp_path / "ledger.db"
+    with Ledger.open(db) as ledger:
+        for price in ("1.00", "2.00", "2.00"):  # the same tariff twice is one version
+            Accountant(parse_config(tomllib.loads(config(price))), ledger).seed_ledger()
+        assert [v["version"] for v in ledger.tariff_versions("home")] == [1, 2]
+    (tmp_path / "now.toml").write_text(config("2.00"))
+    frames = []
+    for t, remote, up, size in traffic("2026-03-05T12:00", MB):
+        frame = IP(packet(remote, up, size))
+        frame.time = Decimal(t) / NS
+        frames.append(frame)
+    wrpcap(str(tmp_path / "march.pcap"), frames, linktype=228)
+    base = ["replay", "-c", str(tmp_path / "now.toml"), "--db", str(db), "--dry-run", "--json", "-q"]
+    now = json.loads(tollgate(*base, str(tmp_path / "march.pcap")).stdout)
+    then = json.loads(tollgate(*base, "--tariff", "home@1", str(tmp_path / "march.pcap")).stdout)
+    assert now["subscribers"][0]["charged_text"] == "2.00 EUR"
+    assert then["subscribers"][0]["charged_text"] == "1.00 EUR"
+    listing = tollgate("tariff", "versions", "home", "-c", str(tmp_path / "now.toml"), "--db", str(db))
+    assert "home@1" in listing.stdout and "home@2" in listing.stdout
+    for bad, message in ((["--tariff", "home@9"], "no version 9"), (["--tariff", "home"], "NAME@VERSION")):
+        out = tollgate(*base, *bad, str(tmp_path / "march.pcap"))
+        assert out.returncode == 2 and message in out.stderr
+    charged = tollgate(*[a for a in base if a != "--dry-run"], "--tariff", "home@1", str(tmp_path / "march.pcap"))
+    assert charged.returncode == 2 and "only with --dry-run" in charged.stderr
+
+
+def test_a_change_scheduled_for_the_next_period(tmp_path):
+    db = tmp_path / "ledger.db"
+    (tmp_path / "t.toml").write_text(config("1.00"))
+    with Ledger.open(db) as ledger:
+        Accountant(parse_config(tomllib.loads(config("1.00"))), ledger).seed_ledger()
+    out = tollgate("tariff", "change", "alice", "premium", "-c", str(tmp_path / "t.toml"), "--db", str(db))
+    assert out.returncode == 0, out.stderr
+    with Ledger.open(db) as ledger:
+        (change,) = ledger.due_tariff_changes(at("2100-01-01"))
+        assert change["tariff"] == "premium"
+        assert ledger.due_tariff_changes(change["effective_ns"] - 1) == []  # not before the next period
+        ledger.apply_tariff_change(change["id"], change["effective_ns"])
+        ledger.apply_tariff_change(change["id"], change["effective_ns"])  # once only
+        sub = ledger.get_subscriber("alice")
+        assert (sub["tariff"], sub["billing_since_ns"]) == ("premium", change["effective_ns"])
+        assert ledger.due_tariff_changes(at("2100-01-01")) == []
+    bad = tollgate("tariff", "change", "alice", "gold", "-c", str(tmp_path / "t.toml"), "--db", str(db))
+    assert bad.returncode == 2 and "unknown tariff 'gold'" in bad.stderr
