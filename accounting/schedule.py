@@ -16,25 +16,27 @@ from zoneinfo import ZoneInfo
 
 NS = 1_000_000_000
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+HOLIDAY = 7  # a day in the schedule's holidays: only rules that name "holiday" apply on it
 
 
 @dataclass(frozen=True)
 class SlotRule:
-    """``slot`` applies on ``days`` (weekday numbers, Monday 0) from ``start``
-    to ``end`` minutes after midnight. ``end <= start`` wraps past midnight:
-    the part after midnight belongs to the rule of the day it started on."""
+    """``slot`` applies on ``days`` (weekday numbers, Monday 0; HOLIDAY) from
+    ``start`` to ``end`` minutes after midnight. ``end <= start`` wraps past
+    midnight: the part after midnight belongs to the rule of the day it
+    started on. ``today``/``yesterday`` are the kinds of day: a weekday
+    number, or HOLIDAY."""
 
     slot: int
     days: frozenset
     start: int
     end: int
 
-    def covers(self, weekday: int, minute: int) -> bool:
+    def covers(self, today: int, yesterday: int, minute: int) -> bool:
         if self.start < self.end:
-            return weekday in self.days and self.start <= minute < self.end
+            return today in self.days and self.start <= minute < self.end
         # wraps: [start, 24:00) today, [00:00, end) tomorrow
-        return (weekday in self.days and minute >= self.start) or (
-            (weekday - 1) % 7 in self.days and minute < self.end)
+        return (today in self.days and minute >= self.start) or (yesterday in self.days and minute < self.end)
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,21 @@ class Schedule:
     slots: tuple
     rules: tuple = ()
     timezone: str = "UTC"
+    holidays: frozenset = frozenset()  # dates
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    def day_kind(self, day: dt.date) -> int:
+        return HOLIDAY if day in self.holidays else day.weekday()
+
     def slot_at(self, local: dt.datetime) -> int:
         minute = local.hour * 60 + local.minute
+        today = self.day_kind(local.date())
+        yesterday = self.day_kind(local.date() - dt.timedelta(days=1))
         for rule in self.rules:
-            if rule.covers(local.weekday(), minute):
+            if rule.covers(today, yesterday, minute):
                 return rule.slot
         return 0
 

@@ -18,6 +18,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from accounting import money
 from accounting.notify import NotifySettings
 from accounting.schedule import WEEKDAYS, Schedule, SlotRule
+
+DAY_NAMES = (*WEEKDAYS, "hol")  # index: weekday number, or HOLIDAY
+DAY_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "holiday")
+
+
+def _day(name) -> int | None:
+    """"mon" or "Monday" -> 0 ... "holiday" -> HOLIDAY; None if not a day."""
+    name = str(name).lower()
+    for names in (DAY_NAMES, DAY_WORDS):
+        if name in names:
+            return names.index(name)
+    return None
 from accounting.tariff import Tariff, parse_tariff
 from accounting.zones import RESERVED, ZoneMap, ZoneSpec
 from ext.constants import NF_ACCEPT, NF_DROP
@@ -167,7 +179,7 @@ def _zones(doc: dict, local_networks: list) -> ZoneMap:
 
 def _schedule(doc: dict, timezone: str) -> Schedule:
     raw = _table(doc, "schedule")
-    _check_keys(raw, "schedule", {"slots", "rule"})
+    _check_keys(raw, "schedule", {"slots", "rule", "holidays"})
     slots = raw.get("slots", ["all"])
     if not isinstance(slots, list) or not slots or not all(isinstance(s, str) and s.isidentifier() for s in slots):
         raise ConfigError("schedule.slots", "must be a non-empty list of slot names")
@@ -182,30 +194,39 @@ def _schedule(doc: dict, timezone: str) -> Schedule:
         if r.get("slot") not in slots:
             raise ConfigError(f"{where}.slot", f"must be one of {slots}")
         days = r.get("days", list(WEEKDAYS))
-        if not isinstance(days, list) or not all(isinstance(d, str) and d.lower()[:3] in WEEKDAYS for d in days):
-            raise ConfigError(f"{where}.days", f"must be a list of weekdays ({', '.join(WEEKDAYS)})")
+        if not isinstance(days, list) or not all(isinstance(d, str) and _day(d) is not None for d in days):
+            raise ConfigError(f"{where}.days", f"must be a list of weekdays ({', '.join(WEEKDAYS)}) or \"holiday\"")
         for key in ("from", "to"):
             if key not in r:
                 raise ConfigError(f"{where}.{key}", "missing (a time like \"23:00\")")
         start, end = _clock(r["from"], f"{where}.from"), _clock(r["to"], f"{where}.to")
         if start == end:
             raise ConfigError(where, "from and to are equal: the rule covers no time")
-        rules.append(SlotRule(slots.index(r["slot"]), frozenset(WEEKDAYS.index(d.lower()[:3]) for d in days),
+        rules.append(SlotRule(slots.index(r["slot"]), frozenset(_day(d) for d in days),
                               start % 1440, end % 1440 if end != 1440 else 0))
     _check_overlaps(rules, slots)
-    return Schedule(tuple(slots), tuple(rules), timezone)
+    holidays = set()
+    for i, day in enumerate(_list(raw, "holidays", "schedule.holidays")):
+        try:
+            holidays.add(day if isinstance(day, dt.date) else dt.date.fromisoformat(str(day)))
+        except ValueError:
+            raise ConfigError(f"schedule.holidays[{i}]", f"{day!r} is not a date like \"2026-12-25\"") from None
+    return Schedule(tuple(slots), tuple(rules), timezone, frozenset(holidays))
 
 
 def _check_overlaps(rules: list, slots: list) -> None:
     """Two rules giving different slots to the same minute make the schedule
     depend on rule order: say so instead of guessing."""
-    for day in range(7):
-        for minute in range(0, 1440):
-            hits = {r.slot for r in rules if r.covers(day, minute)}
-            if len(hits) > 1:
-                names = sorted(slots[s] for s in hits)
-                raise ConfigError("schedule.rule", f"rules overlap on {WEEKDAYS[day]} at "
-                                  f"{minute // 60:02d}:{minute % 60:02d} with slots {', '.join(names)}")
+    # coverage only changes where a rule starts or ends: those minutes are enough
+    edges = sorted({0} | {r.start for r in rules} | {r.end for r in rules})
+    for day in range(len(DAY_NAMES)):
+        for before in range(len(DAY_NAMES)):
+            for minute in edges:
+                hits = {r.slot for r in rules if r.covers(day, before, minute)}
+                if len(hits) > 1:
+                    names = sorted(slots[s] for s in hits)
+                    raise ConfigError("schedule.rule", f"rules overlap on {DAY_NAMES[day]} at "
+                                      f"{minute // 60:02d}:{minute % 60:02d} with slots {', '.join(names)}")
 
 
 def _subscribers(doc: dict, cfg: Config) -> list[SubscriberSeed]:

@@ -105,6 +105,8 @@ BAD = [
     (["group", 0, "discount_until"], "someday", "group[0].discount_until"),
     (["subscriber", 1, "group"], "nobody", "subscriber[1].group"),
     (["subscriber", 1, "since"], "2026-13-01", "subscriber[1].since"),
+    (["schedule", "holidays"], ["2026-02-30"], "schedule.holidays[0]"),
+    (["schedule", "rule", 0, "days"], ["holyday"], "schedule.rule[0].days"),
     (["notify", "webhook"], "ftp://x", "notify.webhook"),
     (["notify", "max_attempts"], 0, "notify.max_attempts"),
     (["notify", "quota_levels"], [120], "notify.quota_levels"),

@@ -49,13 +49,14 @@ networks = ["198.18.0.0/16"]
 
 [schedule]
 slots = ["day", "night"]
+holidays = ["2026-04-03"]
 [[schedule.rule]]
 slot = "night"
 from = "23:00"
 to = "07:00"
 [[schedule.rule]]
 slot = "night"
-days = ["sat", "sun"]
+days = ["sat", "sun", "holiday"]
 from = "00:00"
 to = "24:00"
 """
@@ -100,6 +101,10 @@ S = [
     ("weekend-is-night-price",
      'price_unit = "MB"\n[tariff.prices]\nexternal = "1.00"\n"external.night" = "0.20"\npeering = "1.00"',
      "", traffic("2026-03-07T12:00", MB), "2026-03-08", "99.80"),
+    # Good Friday is a holiday: night prices all day; the Thursday before is a working day
+    ("holiday-is-night-price",
+     'price_unit = "MB"\n[tariff.prices]\nexternal = "1.00"\n"external.night" = "0.20"\npeering = "1.00"',
+     "", traffic("2026-04-02T12:00", MB) + traffic("2026-04-03T12:00", MB), "2026-04-04", "98.80"),
     ("free-volume-first",
      'price_unit = "MB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"\n'
      '[[tariff.free]]\ndirections = ["download"]\nvolume = "1 MB"',
