@@ -176,7 +176,8 @@ class Ledger:
     # ---- subscribers -----------------------------------------------------
 
     _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
-             "created_ns", "billing_since_ns")
+             "created_ns", "billing_since_ns", "group_name", "discount_bp", "discount_until_ns", "credit_until_ns")
+    TERMS = ("group_name", "discount_bp", "discount_until_ns", "credit_until_ns", "credit_limit")
 
     def add_subscriber(self, name: str, tariff: str, currency: str, opening_balance: int = 0,
                        credit_limit: int = 0, contract: str | None = None, addresses=()) -> int:
@@ -254,6 +255,28 @@ class Ledger:
         sid = self._sid(subscriber)
         with self._tx():
             self.db.execute("UPDATE subscribers SET active = ? WHERE id = ?", (1 if active else 0, sid))
+
+    def set_terms(self, subscriber, **terms) -> None:
+        """Set a subscriber's own billing terms (``TERMS``; None clears one):
+        the running gateway applies them within a second."""
+        sid = self._sid(subscriber)
+        bad = set(terms) - set(self.TERMS)
+        if bad:
+            raise LedgerError(f"unknown terms {', '.join(sorted(bad))} (known: {', '.join(self.TERMS)})")
+        for key, value in terms.items():
+            if key == "group_name":
+                _text(value, "group", optional=True)
+            elif value is not None:
+                _int(value, key, 0)
+        if terms.get("discount_bp") is not None and terms["discount_bp"] > 10000:
+            raise LedgerError("a discount is 0..10000 basis points")
+        if terms.get("credit_limit", 0) is None:
+            raise LedgerError("credit_limit cannot be cleared: set 0")
+        if not terms:
+            return
+        with self._tx():
+            self.db.execute(f"UPDATE subscribers SET {', '.join(f'{k} = ?' for k in terms)} WHERE id = ?",
+                            (*terms.values(), sid))
 
     def set_billing_since(self, subscriber, ts: int) -> None:
         """When the subscriber's billing under its current tariff began (fees prorate from here)."""

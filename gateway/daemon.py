@@ -326,7 +326,7 @@ class Gateway:
             if row["tariff"] != info.tariff:
                 events = self.acct.change_billing(sid, row["tariff"], row["credit_limit"], time.time_ns())[1]
             else:
-                events = self.acct.engine.set_subscriber(sid, credit=row["credit_limit"])
+                events = self.acct.update_terms(sid, row)
             info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
             with self.enforcer_lock:
                 self.enforcer.add_subscriber_addresses(sorted(new - old))
@@ -371,11 +371,14 @@ class Gateway:
         wanted = {}
         for row in self.ledger.subscribers():
             if row.get("active", 1):
-                wanted[row["id"]] = (row["tariff"], row["credit_limit"], tuple(sorted(row["addresses"])))
+                try:
+                    terms = self.acct.terms_for(row)
+                except TollgateError:
+                    terms = None  # _refresh_subscriber says why
+                wanted[row["id"]] = (row["tariff"], terms, tuple(sorted(row["addresses"])))
         for sid in set(wanted) | set(self.acct.subscribers):
             info = self.acct.subscribers.get(sid)
-            have = None if info is None else (info.tariff, self.acct.engine.subscriber(sid).credit,
-                                              tuple(sorted(info.addresses)))
+            have = None if info is None else (info.tariff, self.acct.terms.get(sid), tuple(sorted(info.addresses)))
             if have != wanted.get(sid):
                 try:
                     self._refresh_subscriber(sid)

@@ -28,8 +28,8 @@ def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
     """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them.
     Billing runs from ``billing_since_ns``, else (unless ``created_is_since``
     is false: a replay of older traffic) from when the subscriber was created."""
-    return [{"id": s["id"], "name": s["name"], "tariff": s["tariff"], "balance": s["balance"],
-             "credit_limit": s["credit_limit"], "addresses": list(s["addresses"]),
+    return [{**{k: s[k] for k in ("id", "name", "tariff", "balance", *Ledger.TERMS)},
+             "addresses": list(s["addresses"]),
              "since": s["billing_since_ns"] or (s["created_ns"] if created_is_since else None)}
             for s in ledger.subscribers() if s.get("active", 1)]
 
@@ -95,16 +95,37 @@ class Accountant:
             self.engine_tariffs[key] = tid
         return self.engine_tariffs[key]
 
-    def terms_for(self, name: str, tariff: str, credit_limit: int) -> Terms:
-        """Billing terms: the subscriber's own settings, else its group's, else the tariff's."""
-        seed = next((s for s in self.config.subscribers if s.name == name), None)
-        group = self.config.groups.get(seed.group) if seed and seed.group else None
+    def terms_for(self, row: dict, tariff: str | None = None) -> Terms:
+        """Billing terms of a subscriber ``row`` (as :func:`ledger_rows` gives
+        it): what the ledger sets for it, else its config entry, else its
+        group's, else its tariff's (``tariff`` overrides the row's)."""
+        tariff = tariff or row["tariff"]
+        seed = next((s for s in self.config.subscribers if s.name == row["name"]), None)
+        group_name = row.get("group_name") or (seed.group if seed else None)
+        group = self.config.groups.get(group_name) if group_name else None
+        if group_name and group is None:
+            raise TollgateError(f"subscriber {row['name']!r} is in group {group_name!r}, which the config does not define")
         discount, discount_until = self.config.tariffs[tariff].discount, None
         for source in (group, seed):
             if source is not None and source.discount is not None:
                 discount, discount_until = source.discount, source.discount_until
-        credit_until = (seed.credit_until if seed else None) or (group.credit_until if group else None)
-        return Terms(tariff, discount, discount_until, credit_limit, credit_until)
+        if row.get("discount_bp") is not None:
+            discount, discount_until = row["discount_bp"], row.get("discount_until_ns")
+        credit_until = row.get("credit_until_ns") or (seed.credit_until if seed else None) or (
+            group.credit_until if group else None)
+        return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until)
+
+    def update_terms(self, sid: int, row: dict) -> list:
+        """New terms for a subscriber whose tariff stays (a discount, a group,
+        a credit limit or its expiry changed): the engine follows at once."""
+        terms = self.terms[sid] = self.terms_for(row)
+        acct = self.biller.accounts.get(sid)
+        if acct is None:
+            return []
+        acct.terms = terms
+        acct.discount_on = terms.discount_until is None or acct.joined < terms.discount_until
+        acct.credit_on = terms.credit_until is None or acct.joined < terms.credit_until
+        return self._apply_terms(sid)
 
     # ---- subscribers -----------------------------------------------------
 
@@ -139,7 +160,7 @@ class Accountant:
                 raise TollgateError(f"subscriber {row['name']!r} has tariff {row['tariff']!r}, "
                                     f"which the config does not define")
             tariff = self.config.tariffs[row["tariff"]]
-            terms = self.terms_for(row["name"], row["tariff"], row["credit_limit"])
+            terms = self.terms_for(row)
             self.terms[row["id"]] = terms
             self.since[row["id"]] = row.get("since")
             events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
@@ -187,7 +208,10 @@ class Accountant:
 
     def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:
         """A new tariff from ``now``: the old one settled, the new one prorated."""
-        terms = self.terms[sid] = self.terms_for(self.subscribers[sid].name, tariff, credit_limit)
+        row = {"name": self.subscribers[sid].name, "credit_limit": credit_limit}
+        if self.ledger is not None:  # the subscriber's own terms stay with it
+            row = {**(self.ledger.get_subscriber(sid) or {}), **row}
+        terms = self.terms[sid] = self.terms_for(row, tariff)
         if self.ledger is not None:
             self.ledger.assign_tariff(sid, tariff, now)
         state = self.engine.subscriber(sid)

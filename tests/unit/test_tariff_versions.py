@@ -92,3 +92,30 @@ def test_a_change_scheduled_for_the_next_period(tmp_path):
         assert ledger.due_tariff_changes(at("2100-01-01")) == []
     bad = tollgate("tariff", "change", "alice", "gold", "-c", str(tmp_path / "t.toml"), "--db", str(db))
     assert bad.returncode == 2 and "unknown tariff 'gold'" in bad.stderr
+
+
+def test_terms_set_in_the_ledger_win_over_the_config(tmp_path):
+    """An operator gives alice half price and a group in the ledger: replay rates with them."""
+    db = tmp_path / "ledger.db"
+    cfg_text = config("1.00") + '\n[[group]]\nname = "staff"\ncredit_limit = "5.00"\ncredit_until = "2026-03-01"\n'
+    cfg = parse_config(tomllib.loads(cfg_text))
+    with Ledger.open(db) as ledger:
+        Accountant(cfg, ledger).seed_ledger()
+        ledger.set_terms("alice", discount_bp=5000, group_name="staff")
+        for bad in ({"discount_bp": 10001}, {"colour": "red"}, {"credit_limit": None}):
+            try:
+                ledger.set_terms("alice", **bad)
+            except Exception as exc:  # LedgerError, with what is wrong
+                assert "discount" in str(exc) or "unknown terms" in str(exc) or "credit_limit" in str(exc)
+            else:
+                raise AssertionError(f"{bad} accepted")
+    frames = []
+    for t, remote, up, size in traffic("2026-03-05T12:00", MB):
+        frame = IP(packet(remote, up, size))
+        frame.time = Decimal(t) / NS
+        frames.append(frame)
+    wrpcap(str(tmp_path / "march.pcap"), frames, linktype=228)
+    (tmp_path / "t.toml").write_text(cfg_text)
+    out = json.loads(tollgate("replay", "-c", str(tmp_path / "t.toml"), "--db", str(db), "--dry-run", "--json", "-q",
+                              str(tmp_path / "march.pcap")).stdout)
+    assert out["subscribers"][0]["charged_text"] == "0.50 EUR"
