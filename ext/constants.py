@@ -18,7 +18,10 @@ DIRECTIONS = ("upload", "download")
 # balance can hold at the same time and be lifted independently.
 BLOCK_LIMIT = 1  # balance would fall below minus the credit limit
 BLOCK_MANUAL = 2  # an operator said so
-BLOCK_REASONS = {BLOCK_LIMIT: "limit", BLOCK_MANUAL: "manual"}
+BLOCK_VOLUME = 4  # the period's volume limit is used up
+BLOCK_SCHEDULE = 8  # outside the hours when access is allowed
+BLOCK_REASONS = {BLOCK_LIMIT: "limit", BLOCK_MANUAL: "manual", BLOCK_VOLUME: "volume", BLOCK_SCHEDULE: "schedule"}
+BLOCK_ANY = BLOCK_LIMIT | BLOCK_MANUAL | BLOCK_VOLUME | BLOCK_SCHEDULE
 
 # Event kinds emitted by the engine.
 EV_BLOCK = 1

@@ -23,7 +23,7 @@ import ipaddress
 
 from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, EV_BLOCK as _EV_BLOCK, EV_UNBLOCK as _EV_UNBLOCK,
                         MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
-from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_subscriber_id, compile_rules,
+from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_reason, check_subscriber_id, compile_rules,
                         parse_network, validate_engine_args, validate_tariff, validate_timeline)
 from .errors import EngineError
 
@@ -765,28 +765,32 @@ cdef class EngineC:
             raise EngineError(f"balance of subscriber {sid} would leave the 64-bit range")
         return self._reevaluate(sid)
 
-    def block(self, sid, int reason):
+    def block(self, sid, reason):
         """Block for ``reason`` (a BLOCK_* bit); an event if it was not blocked at all."""
+        check_reason(reason)
+        cdef uint8_t bits = reason
         cdef tg_sub *s = self._sub(sid)
         tg_lock(&s.lock)
         cdef uint8_t was = s.blocked
-        s.blocked |= reason
+        s.blocked |= bits
         cdef int64_t balance = s.balance
         tg_unlock(&s.lock)
         if was:  # already blocked (for this or another reason): nothing new to enforce
             return []
         return [Event(_EV_BLOCK, sid, -1, reason, balance)]
 
-    def unblock(self, sid, int reason):
+    def unblock(self, sid, reason):
         """Lift ``reason``; an event when no reason is left."""
+        check_reason(reason)
+        cdef uint8_t bits = reason
         cdef tg_sub *s = self._sub(sid)
         tg_lock(&s.lock)
         cdef uint8_t was = s.blocked
-        s.blocked &= ~reason
+        s.blocked &= ~bits
         cdef uint8_t now = s.blocked
         cdef int64_t balance = s.balance
         tg_unlock(&s.lock)
-        if not was & reason or now:
+        if not was & bits or now:
             return []
         return [Event(_EV_UNBLOCK, sid, -1, reason, balance)]
 

@@ -67,6 +67,7 @@ import struct
 from typing import NamedTuple, Sequence
 
 from .constants import (
+    BLOCK_ANY,
     BLOCK_LIMIT,
     DOWNLOAD,
     EV_BLOCK,
@@ -255,6 +256,12 @@ def compile_rules(rules, n_zones: int | None):
                 break
         out.append((family, net, plen, groups[(family, net, plen)], fallback))
     return out
+
+
+def check_reason(reason) -> None:
+    """A block reason is one or more of the BLOCK_* bits."""
+    if isinstance(reason, bool) or not isinstance(reason, int) or reason <= 0 or reason & ~BLOCK_ANY:
+        raise EngineError(f"a block reason is a combination of the BLOCK_* bits (1..{BLOCK_ANY}), not {reason!r}")
 
 
 def check_subscriber_id(sid: int) -> None:
@@ -534,14 +541,14 @@ class EnginePy:
         return self._reevaluate(sid, sub)
 
     def block(self, sid: int, reason: int) -> list[Event]:
+        check_reason(reason)
         sub = self._sub(sid)
-        if sub.blocked & reason:
-            return []
         was = sub.blocked
         sub.blocked |= reason
         return [] if was else [Event(EV_BLOCK, sid, -1, reason, sub.balance)]
 
     def unblock(self, sid: int, reason: int) -> list[Event]:
+        check_reason(reason)
         sub = self._sub(sid)
         if not sub.blocked & reason:
             return []

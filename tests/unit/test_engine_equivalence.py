@@ -153,8 +153,9 @@ ops = st.one_of(
     st.tuples(st.just("set_tariff"), st.integers(0, 3), st.integers(0, 2 * PRICE_SCALE), st.integers(0, 2),
               st.lists(st.integers(-100, 2000), max_size=2)),
     st.tuples(st.just("set_timeline"), st.lists(st.integers(-5, 400), min_size=1, max_size=3), st.integers(0, 2)),
-    st.tuples(st.just("block"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL])),
-    st.tuples(st.just("unblock"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL])),
+    # reasons: the bits alone and together, and values that are no reason (refused alike)
+    st.tuples(st.just("block"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL, 4, 8, 3, 0, 16, 256])),
+    st.tuples(st.just("unblock"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL, 4, 8, 12, 0, 16])),
     st.tuples(st.just("add_address"), st.integers(0, 41), prefixes),
     st.tuples(st.just("remove_address"), prefixes),
     st.tuples(st.just("set_subscriber"), st.integers(0, 41), st.integers(0, 3), st.integers(-1, 300)),
