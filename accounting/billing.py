@@ -34,6 +34,8 @@ from zoneinfo import ZoneInfo
 
 from ext.constants import PRICE_SCALE
 
+from .zones import LOCAL
+
 NS = 1_000_000_000
 PERIODS = ("monthly", "weekly", "daily")
 SCHEMES = ("regular", "postpaid", "prevailing")
@@ -62,6 +64,7 @@ class Terms:
     discount_until: int | None = None  # ns; the discount ends then
     credit_limit: int = 0
     credit_until: int | None = None  # ns; the credit limit drops to 0 then
+    volume_limit: int | None = None  # bytes a period outside the local zone; then blocked until the next
 
 
 @dataclass(frozen=True)
@@ -240,12 +243,18 @@ class Biller:
     # ---- traffic ----------------------------------------------------------------------
 
     def observe(self, rows) -> None:
-        """Drained engine counters (``CounterRow``): volumes for postpaid and prevailing."""
+        """Drained engine counters (``CounterRow``): the period's volumes (postpaid,
+        prevailing, volume limits)."""
         for r in rows:
             acct = self.accounts.get(r.subscriber)
-            if acct is not None and self._plan(acct).scheme != "regular":
+            if acct is not None:
                 key = (r.zone, r.direction)
                 acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
+
+    def over_volume(self) -> list[int]:
+        """Subscribers whose volume outside the local zone reached their limit this period."""
+        return [sid for sid, acct in self.accounts.items() if acct.terms.volume_limit is not None
+                and sum(v for (zone, _d), v in acct.volumes.items() if zone != LOCAL) >= acct.terms.volume_limit]
 
     # ---- the clock ------------------------------------------------------------------------
 

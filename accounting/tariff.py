@@ -46,6 +46,7 @@ class Tariff:
     plan: Plan = field(default_factory=Plan)
     discount: int = 0  # basis points
     spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
+    volume_limit: int | None = None  # bytes a period outside the local zone (see accounting.billing.Terms)
 
     def _rated_by_engine(self, zone: int, direction: int) -> bool:
         """Postpaid traffic, and the prevailing pairs, are only counted by the
@@ -88,7 +89,7 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     """Build a :class:`Tariff` from its TOML table; errors name the field."""
     raw = _as_table(raw, where)
     known = {"name", "price_unit", "prices", "free", "tier", "credit_limit", "warn", "period", "anchor", "fee",
-             "fee_mode", "scheme", "prevailing", "discount"}
+             "fee_mode", "scheme", "prevailing", "discount", "volume_limit"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")
@@ -164,8 +165,14 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     if len(set(warn)) != len(warn):
         raise ConfigError(f"{where}.warn", "warning levels must differ")
     plan = _plan(raw, where, zones, slots, prices_raw, buckets, currency)
+    volume_limit = None
+    if "volume_limit" in raw:
+        try:
+            volume_limit = money.parse_volume(raw["volume_limit"])
+        except (ValueError, money.MoneyError) as exc:
+            raise ConfigError(f"{where}.volume_limit", str(exc)) from None
     return Tariff(name, prices, buckets, credit, warn, plan, parse_discount(raw.get("discount", "0%"), f"{where}.discount"),
-                  raw)
+                  raw, volume_limit)
 
 
 def _bucket(entry, at: str, zones: ZoneMap, tier: bool, price) -> Bucket:

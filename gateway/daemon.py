@@ -191,6 +191,7 @@ class Gateway:
         self.acct.ensure_timeline(now, since_ns=now)
         events += self.acct.start_billing(now)[1]
         events += self.acct.bill(now)[1]  # fees and period ends that fell due while stopped
+        self.acct.resume_from_ledger(now)
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
@@ -491,18 +492,25 @@ class Gateway:
         return out
 
     def _check_quotas(self) -> None:
-        """A notification when a period's free volume is used to each of the configured levels (once a period)."""
+        """A notification when a period's free volume ("quota") or volume limit
+        ("volume") is used to each of the configured levels, once a period."""
         levels = self.config.notify.quota_levels
         for sid, acct in self.acct.biller.accounts.items():
-            total = sum(self.config.tariffs[acct.terms.tariff].allowance())
-            if not total or sid not in self.acct.subscribers:
+            if sid not in self.acct.subscribers:
                 continue
-            used = 100 * (total - sum(self.acct.engine.subscriber(sid).allowance)) // total
-            for level in (lvl for lvl in levels if used >= lvl):
-                key = f"quota:{sid}:{acct.start}:{level}"
-                if key not in self.quota_noted:
-                    self.quota_noted.add(key)
-                    enqueue(self.ledger, key, "quota", sid, self._payload(sid, time.time_ns(), percent=level))
+            used = {}  # event -> percent used this period
+            total = sum(self.config.tariffs[acct.terms.tariff].allowance())
+            if total:
+                used["quota"] = 100 * (total - sum(self.acct.engine.subscriber(sid).allowance)) // total
+            if acct.terms.volume_limit:
+                volume = sum(v for (zone, _d), v in acct.volumes.items() if zone != 0)
+                used["volume"] = 100 * volume // acct.terms.volume_limit
+            for event, percent in used.items():
+                for level in (lvl for lvl in levels if percent >= lvl):
+                    key = f"{event}:{sid}:{acct.start}:{level}"
+                    if key not in self.quota_noted:
+                        self.quota_noted.add(key)
+                        enqueue(self.ledger, key, event, sid, self._payload(sid, time.time_ns(), percent=level))
 
     def _notify_loop(self) -> None:
         notifier = Notifier(Ledger.open(self.opts.db_path), self.config.notify)

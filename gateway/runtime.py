@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from accounting.billing import Biller, Posting, Terms
 from accounting.ledger import Ledger
 from ext import engine_class
+from ext.constants import BLOCK_VOLUME
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
@@ -113,7 +114,10 @@ class Accountant:
             discount, discount_until = row["discount_bp"], row.get("discount_until_ns")
         credit_until = row.get("credit_until_ns") or (seed.credit_until if seed else None) or (
             group.credit_until if group else None)
-        return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until)
+        volume_limit = row.get("volume_limit")
+        if volume_limit is None:
+            volume_limit = self.config.tariffs[tariff].volume_limit
+        return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until, volume_limit)
 
     def update_terms(self, sid: int, row: dict) -> list:
         """New terms for a subscriber whose tariff stays (a discount, a group,
@@ -244,10 +248,24 @@ class Accountant:
             if change.what == "renew":
                 tariff = self.config.tariffs[self.biller.accounts[change.subscriber].terms.tariff]
                 events += self.engine.set_subscriber(change.subscriber, allowance=tariff.allowance())
+                events += self.engine.unblock(change.subscriber, BLOCK_VOLUME)
             else:
                 events += self._apply_terms(change.subscriber)
         applied, more = self._post(postings)
+        for sid in self.biller.over_volume():
+            more += self.engine.block(sid, BLOCK_VOLUME)
         return applied, events + more
+
+    def resume_from_ledger(self, now: int) -> None:
+        """After a restart: the current period's volumes and provisional
+        prevailing charges from the ledger, so that settlements and volume
+        limits count what came before the restart."""
+        for sid, acct in self.biller.accounts.items():
+            for u in self.ledger.usage(sid, since=acct.start // NS, until=now // NS + 60,
+                                       group_by=("zone", "direction")):
+                acct.volumes[(u["zone"], u["direction"])] = u["bytes"]
+            acct.prevailing_charged = sum(p["amount"] for p in self.ledger.postings(sid, since=acct.start, until=now)
+                                          if p["kind"] == "prevailing")
 
     def _post(self, postings: list[Posting]) -> tuple[list[Posting], list]:
         applied, events = [], []

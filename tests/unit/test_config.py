@@ -107,6 +107,7 @@ BAD = [
     (["subscriber", 1, "since"], "2026-13-01", "subscriber[1].since"),
     (["schedule", "holidays"], ["2026-02-30"], "schedule.holidays[0]"),
     (["schedule", "rule", 0, "days"], ["holyday"], "schedule.rule[0].days"),
+    (["tariff", 0, "volume_limit"], "lots", "tariff[0].volume_limit"),
     (["notify", "webhook"], "ftp://x", "notify.webhook"),
     (["notify", "max_attempts"], 0, "notify.max_attempts"),
     (["notify", "quota_levels"], [120], "notify.quota_levels"),

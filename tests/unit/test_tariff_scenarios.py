@@ -212,6 +212,11 @@ S = [
      'balance = "0.50"\ncredit_limit = "1.00"\ncredit_until = "2026-03-10"',
      traffic("2026-03-05T12:00", 800_000) + traffic("2026-03-11T12:00", MB),
      "2026-03-12", "-0.30"),
+    # 1 MB a month: March's first MB is used up, the next is refused (not charged); April opens again
+    ("volume-limit-blocks-until-the-next-period",
+     'price_unit = "MB"\nvolume_limit = "1 MB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-05T12:00", MB) + traffic("2026-03-05T12:05", MB)
+     + traffic("2026-04-02T12:00", MB), "2026-04-03", "98.00"),
     ("volume-only-accounting",
      'price_unit = "MB"\n[tariff.prices]\nexternal = "1"\npeering = "0.5"',
      'balance = "100"', traffic("2026-03-05T12:00", 2 * MB) + traffic("2026-03-05T13:00", 2 * MB, PEERING),

@@ -1,0 +1,5 @@
+-- Tollgate ledger, schema 7: a subscriber's own volume limit per billing
+-- period (bytes of traffic outside the local zone), set by an operator or by
+-- the subscriber; NULL: the tariff's, if any.
+
+ALTER TABLE subscribers ADD COLUMN volume_limit INTEGER CHECK (volume_limit >= 0);
