@@ -197,7 +197,7 @@ def validate_tariff(n_zones: int, n_slots: int, tariff: int, prices, buckets, wa
             raise EngineError(f"tariff {tariff}: bucket prices must be 0..{MAX_PRICE}")
         normal.append((int(bucket[0]) & ((1 << n_zones) - 1), int(bucket[1]) & 3, price))
     buckets = normal
-    warn_levels = [int(w) for w in warn_levels]
+    warn_levels = [as_int64(w, "warning level") for w in warn_levels]
     if len(warn_levels) > MAX_WARN_LEVELS:
         raise EngineError(f"tariff {tariff}: at most {MAX_WARN_LEVELS} warning levels")
     if any(a <= b for a, b in zip(warn_levels, warn_levels[1:])):
@@ -207,7 +207,7 @@ def validate_tariff(n_zones: int, n_slots: int, tariff: int, prices, buckets, wa
 
 def validate_timeline(n_slots: int, starts, slots):
     """Normalised (starts, slots) for ``set_timeline``, or EngineError."""
-    starts = [int(s) for s in starts]
+    starts = [as_int64(s, "timeline start") for s in starts]
     slots = [int(s) for s in slots]
     if not starts or len(starts) != len(slots):
         raise EngineError("timeline needs as many starts as slots, at least one")
@@ -256,6 +256,17 @@ def compile_rules(rules, n_zones: int | None):
                 break
         out.append((family, net, plen, groups[(family, net, plen)], fallback))
     return out
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def as_int64(value, what: str) -> int:
+    """``value`` as an int that the compiled engine can hold, or EngineError."""
+    value = int(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise EngineError(f"{what} {value} does not fit in 64 bits")
+    return value
 
 
 def check_reason(reason) -> None:
@@ -475,7 +486,7 @@ class EnginePy:
     def _check_allowance(self, tariff: int, allowance: Sequence[int]) -> list[int]:
         if tariff not in self._tariffs:
             raise EngineError(f"unknown tariff {tariff}")
-        allowance = [int(a) for a in allowance]
+        allowance = [as_int64(a, "allowance") for a in allowance]
         if len(allowance) > len(self._tariffs[tariff].buckets) or any(a < 0 for a in allowance):
             raise EngineError(f"allowance must be at most one non-negative volume per bucket of tariff {tariff}")
         return allowance + [0] * (len(self._tariffs[tariff].buckets) - len(allowance))
@@ -485,9 +496,10 @@ class EnginePy:
         check_subscriber_id(sid)
         if sid in self._subs:
             raise EngineError(f"subscriber {sid} exists")
+        balance, credit = as_int64(balance, "balance"), as_int64(credit, "credit")
         if credit < 0:
             raise EngineError("credit must not be negative")
-        sub = Subscriber(tariff, int(balance), int(credit), self._check_allowance(tariff, allowance))
+        sub = Subscriber(tariff, balance, credit, self._check_allowance(tariff, allowance))
         self._subs[sid] = sub
         sub.warned = self._levels_below(sub)
         if sub.balance + sub.credit <= 0:
@@ -512,8 +524,10 @@ class EnginePy:
         if allowance is None:
             allowance = sub.allowance if new_tariff == sub.tariff else ()
         allowance = self._check_allowance(new_tariff, allowance)
-        if credit is not None and credit < 0:
-            raise EngineError("credit must not be negative")
+        if credit is not None:
+            credit = as_int64(credit, "credit")
+            if credit < 0:
+                raise EngineError("credit must not be negative")
         sub.tariff = new_tariff
         sub.allowance = allowance
         if credit is not None:
@@ -537,7 +551,10 @@ class EnginePy:
     def adjust_balance(self, sid: int, delta: int) -> list[Event]:
         """Add ``delta`` (a payment, or a negative adjustment) to the balance."""
         sub = self._sub(sid)
-        sub.balance += int(delta)
+        balance = sub.balance + as_int64(delta, "delta")
+        if not INT64_MIN <= balance <= INT64_MAX:
+            raise EngineError(f"balance of subscriber {sid} would leave the 64-bit range")
+        sub.balance = balance
         return self._reevaluate(sid, sub)
 
     def block(self, sid: int, reason: int) -> list[Event]:
@@ -685,6 +702,9 @@ class EnginePy:
         stats = self._stats
         buf = batch.buf
         aggregate = batch.aggregates
+        for i in range(batch.n):  # a bad offset must not read outside the buffer (the compiled engine checks too)
+            if batch.offset[i] + batch.caplen[i] > len(buf):
+                raise EngineError(f"packet {i} lies outside the batch buffer")
         for i in range(batch.n):
             off = batch.offset[i]
             wirelen = batch.wirelen[i]

@@ -174,15 +174,29 @@ def test_bad_constructor_arguments(cls):
     ("adjust_balance", (1, (1 << 63) - 1), {}),                      # 1000 + that leaves int64
     ("adjust_balance", (1, -(1 << 64)), {}),
     ("set_subscriber", (1,), {"credit": 1 << 63}),
+    ("set_timeline", ([1 << 63], [0]), {}),
+    ("set_tariff", (2, [0] * 16, (), [1 << 63]), {}),
 ])
-def test_compiled_engine_refuses_values_beyond_64_bits(call):
-    """The twin's ints are unbounded; the compiled engine's state is 64-bit and
-    says so with an EngineError (never an OverflowError, never a wrap)."""
+@pytest.mark.parametrize("engine", ["c", "py"])
+def test_both_engines_refuse_values_beyond_64_bits(call, engine):
+    """The compiled engine's state is 64-bit; both say so with an EngineError
+    (never an OverflowError, never a wrap) and change nothing."""
     name, args, kw = call
-    e = world(ext.EngineC)
+    cls = ext.ENGINES[engine]
+    e = world(cls)
     with pytest.raises(EngineError, match="64"):
         getattr(e, name)(*args, **kw)
-    assert probe(e) == probe(world(ext.EngineC))
+    assert probe(e) == probe(world(cls))
+
+
+@pytest.mark.parametrize("engine", ["c", "py"])
+def test_a_packet_outside_the_batch_buffer_is_refused(engine):
+    e = world(ext.ENGINES[engine])
+    batch = ext.PacketBatch(2)
+    batch.append(bytes([0x45]) + bytes(39), 40, 0)
+    batch.offset[0] = 10 ** 6
+    with pytest.raises(EngineError, match="outside the batch buffer"):
+        e.process(batch)
 
 
 def test_extreme_balances_never_wrap():
