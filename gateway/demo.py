@@ -115,6 +115,13 @@ def main() -> int:
         print(f"    carol's traffic flows again after {time.monotonic() - t0:.2f} s")
         time.sleep(1.2)
         print(usage_table(db))
+
+        say("carol's invoice for this month so far, as PDF and HTML (tollgate invoice)")
+        month = time.strftime("%Y-%m-%d")
+        invoice = subprocess.run([sys.executable, "-m", "gateway.cli", "invoice", "carol", "-c", str(config),
+                                  "--db", str(db), "--at", month, "--pdf", str(work / "carol.pdf"),
+                                  "--html", str(work / "carol.html")], cwd=REPO, capture_output=True, text=True)
+        print("    " + (invoice.stdout or invoice.stderr).strip())
         return 0
     finally:
         say("cleaning up: stopping the gateway, removing the lab")
