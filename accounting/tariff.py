@@ -47,6 +47,7 @@ class Tariff:
     discount: int = 0  # basis points
     spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
     volume_limit: int | None = None  # bytes a period outside the local zone (see accounting.billing.Terms)
+    access: object = None  # accounting.schedule.AccessHours: hours when access is allowed; None: always
 
     def _rated_by_engine(self, zone: int, direction: int) -> bool:
         """Postpaid traffic, and the prevailing pairs, are only counted by the
@@ -89,7 +90,7 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     """Build a :class:`Tariff` from its TOML table; errors name the field."""
     raw = _as_table(raw, where)
     known = {"name", "price_unit", "prices", "free", "tier", "credit_limit", "warn", "period", "anchor", "fee",
-             "fee_mode", "scheme", "prevailing", "discount", "volume_limit"}
+             "fee_mode", "scheme", "prevailing", "discount", "volume_limit", "access"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")

@@ -215,7 +215,7 @@ def cmd_run(args) -> int:
     source_options = parse_source_options(args.source, args.source_option)
     return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine,
                           linger_us=args.linger_us, drift_interval=args.drift_interval, source=args.source,
-                          source_options=source_options))
+                          source_options=source_options, clock_offset=args.clock_offset))
 
 
 def _queues(text: str) -> tuple:
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger-us", type=int, default=0,
                    help="when a batch is thin, wait this long for more packets before rating it: fewer system "
                         "calls per packet, this much more latency (default 0: never wait)")
+    p.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                   help="shift the clock of the billing calendar and the access hours by this much (drills and "
+                        "tests: see what 08:00 does at 07:59); packets keep the kernel's time. Default 0")
     p.add_argument("--drift-interval", type=float, default=10.0,
                    help="seconds between comparisons of the engine's per-subscriber bytes with the kernel's "
                         "(default 10); a gap is logged and exported as tollgate_drift_bytes")

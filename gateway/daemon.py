@@ -61,6 +61,7 @@ class RunOptions:
     drift_interval: float = 10.0  # seconds between engine-vs-kernel comparisons
     drift_min_bytes: int = 64 * 1024  # a drift below this (or 0.5% of the kernel's count) is noise
     metrics_subscribers: int = 1000  # cap on per-subscriber series in /metrics
+    clock_offset: float = 0.0  # seconds added to the calendar's clock (see Gateway.calendar_now)
     source: str = "nfqueue"  # see gateway/sources
     source_options: dict = field(default_factory=dict)
 
@@ -189,9 +190,9 @@ class Gateway:
         self.last_adjustment = self.ledger.last_adjustment_id()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
-        events += self.acct.start_billing(now)[1]
-        events += self.acct.bill(now)[1]  # fees and period ends that fell due while stopped
-        self.acct.resume_from_ledger(now)
+        events += self.acct.start_billing(self.calendar_now())[1]
+        events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
+        self.acct.resume_from_ledger(self.calendar_now())
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
@@ -215,6 +216,11 @@ class Gateway:
 
         return Enforcer.from_config(cfg, queues=self.opts.queues if self.opts.inline else (),
                                     fail_open=self.opts.fail_open, portal_port=self.opts.port)
+
+    def calendar_now(self) -> int:
+        """The clock of the billing calendar and the access hours: the system's,
+        shifted by ``--clock-offset`` (drills and tests; packets keep the kernel's time)."""
+        return time.time_ns() + int(self.opts.clock_offset * NS)
 
     def _spawn(self, name: str, target) -> None:
         t = threading.Thread(target=target, name=f"tollgate-{name}", daemon=True)
@@ -300,7 +306,7 @@ class Gateway:
             if info is None:
                 events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
                                                       "since": row["billing_since_ns"] or row["created_ns"]}])
-                events += self.acct.open_billing(sid, time.time_ns())[1]
+                events += self.acct.open_billing(sid, self.calendar_now())[1]
                 with self.enforcer_lock:
                     self.enforcer.add_subscriber_addresses(row["addresses"])
                 if events:
@@ -313,7 +319,7 @@ class Gateway:
                 self.enforcer.unblock(sorted(old - new))
                 self.enforcer.remove_subscriber_addresses(sorted(old - new))
             if not active:
-                self.acct.close_billing(sid, time.time_ns())
+                self.acct.close_billing(sid, self.calendar_now())
                 self.orphan_rows += self.acct.engine.remove_subscriber(sid)
                 del self.acct.subscribers[sid]
                 log.info("subscriber %s deactivated live", info.name)
@@ -325,7 +331,7 @@ class Gateway:
             if row["tariff"] not in self.acct.tariff_ids:
                 raise TollgateError(f"subscriber {row['name']!r}: tariff {row['tariff']!r} is not in the config")
             if row["tariff"] != info.tariff:
-                events = self.acct.change_billing(sid, row["tariff"], row["credit_limit"], time.time_ns())[1]
+                events = self.acct.change_billing(sid, row["tariff"], row["credit_limit"], self.calendar_now())[1]
             else:
                 events = self.acct.update_terms(sid, row)
             info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
@@ -534,7 +540,7 @@ class Gateway:
                 if time.monotonic() < next_flush:
                     continue
                 next_flush = time.monotonic() + self.opts.flush_interval
-                self._apply_tariff_changes(time.time_ns())
+                self._apply_tariff_changes(self.calendar_now())
                 self._sync_subscribers()
                 # the kernel counts a packet just after the engine does: read it first, drain second
                 kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
@@ -544,7 +550,7 @@ class Gateway:
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
-                    postings, events = self.acct.bill(now)
+                    postings, events = self.acct.bill(self.calendar_now())
                 for p in postings:
                     log.info("billing: subscriber %s %s %s (%s)", p.subscriber, p.kind,
                              format_amount(p.amount, self.config.currency), p.detail)

@@ -159,7 +159,7 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
         """The calendar up to ``until``: every boundary on the way, each after
         the traffic before it is counted (batches never straddle a minute)."""
         while True:
-            due = acct.biller.next_event(result.billed_to)
+            due = acct.next_event(result.billed_to)
             step = until if due is None or due > until else due
             flush(minute if minute is not None else step, step)
             postings, _events = acct.bill(step)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from accounting.billing import Biller, Posting, Terms
 from accounting.ledger import Ledger
 from ext import engine_class
-from ext.constants import BLOCK_VOLUME
+from ext.constants import BLOCK_SCHEDULE, BLOCK_VOLUME
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
@@ -201,7 +201,7 @@ class Accountant:
             more = self.open_billing(sid, default_since)
             applied += more[0]
             events += more[1]
-        return applied, events
+        return applied, events + self.check_access(default_since)
 
     def open_billing(self, sid: int, default_since: int) -> tuple[list[Posting], list]:
         """Follow one loaded subscriber's billing; then :meth:`bill` brings it up to date."""
@@ -254,7 +254,24 @@ class Accountant:
         applied, more = self._post(postings)
         for sid in self.biller.over_volume():
             more += self.engine.block(sid, BLOCK_VOLUME)
-        return applied, events + more
+        return applied, events + more + self.check_access(now)
+
+    def next_event(self, now: int) -> int | None:
+        """The next instant after ``now`` when billing or access hours change something."""
+        times = [self.biller.next_event(now)] + [t.access.next_change(now) for t in self.config.tariffs.values()
+                                                  if t.access is not None]
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    def check_access(self, now: int) -> list:
+        """Block (BLOCK_SCHEDULE) the subscribers whose tariff's access hours
+        do not include ``now``, lift it for those whose hours do."""
+        events = []
+        verdicts = {name: t.access.allowed(now) for name, t in self.config.tariffs.items() if t.access is not None}
+        for sid, info in self.subscribers.items():
+            allowed = verdicts.get(info.tariff, True)
+            events += self.engine.unblock(sid, BLOCK_SCHEDULE) if allowed else self.engine.block(sid, BLOCK_SCHEDULE)
+        return events
 
     def resume_from_ledger(self, now: int) -> None:
         """After a restart: the current period's volumes and provisional

@@ -376,3 +376,31 @@ def test_a_scheduled_tariff_change_applies_when_due(lab, tmp_path):
     finally:
         gw.stop()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+def _offset_to(local_hms: str) -> float:
+    """Seconds to add to now for the gateway's calendar to read ``local_hms`` today (the lab's zone is UTC)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    h, m, s = map(int, local_hms.split(":"))
+    return (now.replace(hour=h, minute=m, second=s, microsecond=0) - now).total_seconds()
+
+
+@pytest.mark.parametrize("start,opens", [("07:59:50", True), ("08:00:50", False)])
+def test_access_hours_follow_the_clock(lab, tmp_path, start, opens):
+    """Access 08:00-08:01 every day, the gateway's calendar clock set to 07:59:50
+    (closed, then open at 08:00) or to 08:00:50 (open, then closed at 08:01)."""
+    access = '\naccess = [{ from = "08:00", to = "08:01" }]\n'
+    config = lab_config(1).replace('price_unit = "MB"\n', 'price_unit = "MB"' + access, 1)
+    assert access in config
+    gw = Gateway(lab.gw, tmp_path, config, ["--clock-offset", str(_offset_to(start))]).start()
+    try:
+        assert reaches_upstream(lab, 1) is not opens  # before the edge
+        waited = wait_for(lambda: reaches_upstream(lab, 1) is opens, timeout=20)
+        assert waited > 2  # it changed at the edge, not at once
+        log = (tmp_path / "gateway.log").read_text()
+        assert ("unblocked subscriber 1 (schedule)" if opens else "blocked subscriber 1 (schedule)") in log
+    finally:
+        gw.stop()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")

@@ -217,6 +217,12 @@ S = [
      'price_unit = "MB"\nvolume_limit = "1 MB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
      'since = "2026-03-01"', traffic("2026-03-05T12:00", MB) + traffic("2026-03-05T12:05", MB)
      + traffic("2026-04-02T12:00", MB), "2026-04-03", "98.00"),
+    # access only 08:00-20:00 on working days: the 07:59 and 20:00 downloads are refused, the noon one passes
+    ("access-hours",
+     'price_unit = "MB"\naccess = [{ days = ["mon", "tue", "wed", "thu", "fri"], from = "08:00", to = "20:00" }]\n'
+     '[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     "", traffic("2026-03-05T07:59", MB) + traffic("2026-03-05T12:00", MB) + traffic("2026-03-05T20:00", MB),
+     "2026-03-06", "99.00"),
     ("volume-only-accounting",
      'price_unit = "MB"\n[tariff.prices]\nexternal = "1"\npeering = "0.5"',
      'balance = "100"', traffic("2026-03-05T12:00", 2 * MB) + traffic("2026-03-05T13:00", 2 * MB, PEERING),
@@ -269,7 +275,7 @@ def run_engine(scenario, engine: str) -> int:
     def bill_to(t: int) -> None:
         nonlocal billed
         while billed < t:
-            due = acct.biller.next_event(billed)
+            due = acct.next_event(billed)
             step = t if due is None or due > t else due
             acct.flush("scenario", step - step % MINUTE_NS, step, "scenario")
             acct.bill(step)
