@@ -48,6 +48,9 @@ class Tariff:
     spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
     volume_limit: int | None = None  # bytes a period outside the local zone (see accounting.billing.Terms)
     access: object = None  # accounting.schedule.AccessHours: hours when access is allowed; None: always
+    speed_up: int | None = None  # bits per second, shaped by policy.rates; None: not limited
+    speed_down: int | None = None
+    max_connections: int | None = None
 
     def _rated_by_engine(self, zone: int, direction: int) -> bool:
         """Postpaid traffic, and the prevailing pairs, are only counted by the
@@ -90,7 +93,7 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     """Build a :class:`Tariff` from its TOML table; errors name the field."""
     raw = _as_table(raw, where)
     known = {"name", "price_unit", "prices", "free", "tier", "credit_limit", "warn", "period", "anchor", "fee",
-             "fee_mode", "scheme", "prevailing", "discount", "volume_limit", "access"}
+             "fee_mode", "scheme", "prevailing", "discount", "volume_limit", "access", "speed", "max_connections"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")
@@ -172,8 +175,22 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
             volume_limit = money.parse_volume(raw["volume_limit"])
         except (ValueError, money.MoneyError) as exc:
             raise ConfigError(f"{where}.volume_limit", str(exc)) from None
-    return Tariff(name, prices, buckets, credit, warn, plan, parse_discount(raw.get("discount", "0%"), f"{where}.discount"),
-                  raw, volume_limit)
+    tariff = Tariff(name, prices, buckets, credit, warn, plan,
+                    parse_discount(raw.get("discount", "0%"), f"{where}.discount"), raw, volume_limit)
+    speed = raw.get("speed", {})
+    if not isinstance(speed, dict) or set(speed) - {"up", "down"}:
+        raise ConfigError(f"{where}.speed", 'a table { up = "10M", down = "20M" } (bits per second)')
+    for key, value in speed.items():
+        try:
+            setattr(tariff, f"speed_{key}", money.parse_rate(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.speed.{key}", str(exc)) from None
+    if "max_connections" in raw:
+        n = raw["max_connections"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
+            raise ConfigError(f"{where}.max_connections", "a number of connections, 1..1000000")
+        tariff.max_connections = n
+    return tariff
 
 
 def _bucket(entry, at: str, zones: ZoneMap, tier: bool, price) -> Bucket:

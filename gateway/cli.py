@@ -235,8 +235,12 @@ def cmd_policy(args) -> int:
     cfg = _config(args)
     enforcer = Enforcer(local_networks=cfg.zones.local_networks)
     if args.action == "remove":
+        from policy.rates import RateLimiter
+
         enforcer.remove()
-        print("removed table inet tollgate and its queue rules; nothing else was touched")
+        RateLimiter(cfg.lan_interfaces, cfg.wan_interfaces).remove()
+        print("removed tables inet tollgate and tollgate_rates, the queue rules and the shaping on "
+              f"{', '.join(cfg.lan_interfaces + cfg.wan_interfaces) or 'no interface'}; nothing else was touched")
     else:
         print(enforcer.dump() or "no table inet tollgate")
     return EXIT_OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class Config:
     database: str | None = None
     groups: dict = field(default_factory=dict)  # name -> Group
     notify: NotifySettings = field(default_factory=NotifySettings)
+    lan_interfaces: tuple = ()  # subscriber-facing: downloads are shaped here
+    wan_interfaces: tuple = ()  # upstream: uploads are shaped here
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -349,7 +352,8 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify"})
     gw = _table(doc, "gateway")
-    _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database"})
+    _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database",
+                                "lan_interfaces", "wan_interfaces"})
     try:
         currency = money.get_currency(gw.get("currency", "EUR"))
     except (ValueError, money.MoneyError) as exc:
@@ -384,6 +388,16 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
         raise ConfigError("gateway.database", "must be a path")
     cfg = Config(path, currency, timezone, zones, schedule, tariffs, [], _allowlist(gw),
                  verdicts["malformed"], verdicts["unknown"], database)
+    for key in ("lan_interfaces", "wan_interfaces"):
+        names = gw.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and re.fullmatch(r"[\w.@-]{1,15}", n)
+                                                  for n in names):
+            raise ConfigError(f"gateway.{key}", "must be a list of interface names")
+        setattr(cfg, key, tuple(names))
+    for i, t in enumerate(tariffs.values()):
+        if (t.speed_up or t.speed_down) and not (cfg.lan_interfaces and cfg.wan_interfaces):
+            raise ConfigError(f"tariff[{i}].speed", "speed limits shape on the gateway's interfaces: set "
+                                                    "gateway.lan_interfaces and gateway.wan_interfaces")
     cfg.groups = _groups(doc, cfg)
     cfg.subscribers = _subscribers(doc, cfg)
     cfg.notify = _notify(doc)

@@ -156,6 +156,7 @@ class Gateway:
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
+        self.rates = None  # policy.rates.RateLimiter, once some tariff limits speed or connections
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -195,6 +196,7 @@ class Gateway:
         self.acct.resume_from_ledger(self.calendar_now())
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
+        self._restore_limits()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
         log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
                  len(self._blocked_networks()))
@@ -216,6 +218,42 @@ class Gateway:
 
         return Enforcer.from_config(cfg, queues=self.opts.queues if self.opts.inline else (),
                                     fail_open=self.opts.fail_open, portal_port=self.opts.port)
+
+    # ---- speed and connection limits (policy/rates.py) ------------------------------
+
+    def _limits(self, sid: int):
+        from policy.rates import Limits
+
+        t = self.config.tariffs[self.acct.subscribers[sid].tariff]
+        return Limits(t.speed_up, t.speed_down, t.max_connections)
+
+    def _restore_limits(self) -> None:
+        """Our rates table and HTB classes, rebuilt for every subscriber whose
+        tariff limits speed or connections (none: nothing installed)."""
+        from policy.rates import RateLimiter
+
+        limited = [(sid, info.addresses, self._limits(sid)) for sid, info in self.acct.subscribers.items()]
+        limited = [entry for entry in limited if entry[2]]
+        if not limited and self.rates is None:
+            return
+        if self.rates is None:
+            self.rates = RateLimiter(self.config.lan_interfaces, self.config.wan_interfaces)
+        with self.enforcer_lock:
+            self.rates.lan, self.rates.wan = list(self.config.lan_interfaces), list(self.config.wan_interfaces)
+            self.rates.restore(limited)
+        log.info("speed and connection limits for %d subscribers", len(limited))
+
+    def _update_limits(self, sid: int) -> None:
+        if self.rates is None and not (sid in self.acct.subscribers and self._limits(sid)):
+            return
+        if self.rates is None:
+            self._restore_limits()
+            return
+        with self.enforcer_lock:
+            if sid in self.acct.subscribers:
+                self.rates.set_subscriber(sid, self.acct.subscribers[sid].addresses, self._limits(sid))
+            else:
+                self.rates.remove_subscriber(sid)
 
     def calendar_now(self) -> int:
         """The clock of the billing calendar and the access hours: the system's,
@@ -284,6 +322,7 @@ class Gateway:
             self.config = cfg
             now = time.time_ns()
             self.acct.ensure_timeline(now, since_ns=now)
+        self._restore_limits()  # the tariffs' speeds and connection limits may have changed
         log.info("config reloaded from %s", self.opts.config_path)
 
     # ---- changes made by the admin API -----------------------------------------
@@ -295,8 +334,15 @@ class Gateway:
         self.refresh_requests.put(sid)
 
     def _refresh_subscriber(self, sid: int) -> None:
-        """Added, deactivated, new addresses, tariff or credit limit. The live
-        balance stays the engine's (the ledger's lags by a flush)."""
+        """Added, deactivated, new addresses, tariff or terms: the engine, the
+        kernel's sets and the speed/connection limits follow the ledger."""
+        try:
+            self._refresh_engine_and_sets(sid)
+        finally:
+            self._update_limits(sid)
+
+    def _refresh_engine_and_sets(self, sid: int) -> None:
+        """The live balance stays the engine's (the ledger's lags by a flush)."""
         row = self.ledger.get_subscriber(sid)
         active = row is not None and row.get("active", 1)
         info = self.acct.subscribers.get(sid)
@@ -367,6 +413,7 @@ class Gateway:
                                                             self.acct.engine.subscriber(sid).credit,
                                                             change["effective_ns"])
                 info.tariff = change["tariff"]
+            self._update_limits(sid)
             log.info("subscriber %s: tariff %s from %s as scheduled", info.name, change["tariff"],
                      time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(change["effective_ns"] // NS)))
             if events:

@@ -108,6 +108,10 @@ BAD = [
     (["schedule", "holidays"], ["2026-02-30"], "schedule.holidays[0]"),
     (["schedule", "rule", 0, "days"], ["holyday"], "schedule.rule[0].days"),
     (["tariff", 0, "volume_limit"], "lots", "tariff[0].volume_limit"),
+    (["tariff", 0, "speed"], {"up": "fast"}, "tariff[0].speed.up"),
+    (["tariff", 0, "speed"], {"sideways": "1M"}, "tariff[0].speed"),
+    (["tariff", 0, "max_connections"], 0, "tariff[0].max_connections"),
+    (["gateway", "lan_interfaces"], ["eth 1"], "gateway.lan_interfaces"),
     (["tariff", 0, "access"], [{"from": "08:00"}], "tariff[0].access[0].to"),
     (["tariff", 0, "access"], [{"from": "08:00", "to": "20:00", "slot": "day"}], "tariff[0].access[0].slot"),
     (["tariff", 0, "access"], "always", "tariff[0].access"),
@@ -164,3 +168,12 @@ def test_night_timeline_follows_daylight_saving():
     assert dt.datetime(2026, 10, 25, 22, tzinfo=dt.timezone.utc) in nights
     # 07:00 local on the 25th is already winter time: 06:00 UTC
     assert dt.datetime(2026, 10, 25, 6, tzinfo=dt.timezone.utc) in mornings
+
+
+def test_speed_limits_need_the_interfaces_to_shape_on():
+    doc = mutate(["tariff", 0, "speed"], {"up": "10M", "down": "50M"})
+    parse_config(doc)
+    del doc["gateway"]["wan_interfaces"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert err.value.field == "tariff[0].speed" and "wan_interfaces" in str(err.value)
