@@ -732,10 +732,17 @@ class _Transaction:
         self.conn = conn
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        # inside another transaction of this connection: part of it (it commits or rolls back all)
+        self.nested = self.conn.in_transaction
+        if not self.nested:
+            self.conn.execute("BEGIN IMMEDIATE")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.nested:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise LedgerError(f"refused by the database: {exc}") from exc
+            return False
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")

@@ -187,6 +187,35 @@ def cmd_tariff(args) -> int:
     return EXIT_OK
 
 
+def cmd_cards(args) -> int:
+    from accounting import prepaid
+    from accounting.money import format_amount, parse_amount
+
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        try:
+            if args.action == "generate":
+                if not (args.count and args.value and args.expires):
+                    return _fail("cards generate needs --count, --value and --expires", EXIT_USAGE)
+                value = parse_amount(args.value, cfg.currency)
+                expires = parse_instant(args.expires, "--expires", cfg.timezone)
+                cards = prepaid.generate(ledger, args.count, value, cfg.currency.code, expires, args.batch)
+                print(f"# {len(cards)} cards of {format_amount(value, cfg.currency)}, valid until {args.expires}; "
+                      "the codes are not kept anywhere else: print or store them now")
+                print("serial,code")
+                for serial, code in cards:
+                    print(f"{serial},{code}")
+                return EXIT_OK
+            if not (args.subscriber and args.code):
+                return _fail("cards activate needs SUBSCRIBER and CODE", EXIT_USAGE)
+            done = prepaid.activate(ledger, args.subscriber, args.code)
+        except prepaid.CardError as exc:
+            return _fail(str(exc), EXIT_FAILED)
+    print(f"card {done['serial']}: +{format_amount(done['value'], cfg.currency)} for {args.subscriber} "
+          "(a running gateway applies it within a second)")
+    return EXIT_OK
+
+
 def cmd_subscribers(args) -> int:
     from accounting.money import format_amount
 
@@ -331,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment")
     p.add_argument("--key", help="idempotency key: the same key twice records one payment")
     p.set_defaults(func=cmd_topup)
+
+    p = with_config(sub.add_parser(
+        "cards", help="prepaid cards: generate a batch, activate one for a subscriber",
+        epilog="examples:\n  tollgate cards generate --count 100 --value 10.00 --expires 2027-06-30 > batch.csv\n"
+               "  tollgate cards activate alice 7K2M-QX9D-4TPH-8WNC",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("action", choices=("generate", "activate"))
+    p.add_argument("subscriber", nargs="?", help="activate: name or id")
+    p.add_argument("code", nargs="?", help="activate: the card's code (dashes, spaces and case do not matter)")
+    p.add_argument("--count", type=int, help="generate: how many cards")
+    p.add_argument("--value", help='generate: face value, e.g. "10.00"')
+    p.add_argument("--expires", metavar="DATE", help="generate: last day of validity (its midnight, local time)")
+    p.add_argument("--batch", help="generate: a name for the batch (default: the time)")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_cards)
 
     p = with_config(sub.add_parser(
         "tariff", help="tariff versions recorded in the ledger; schedule a subscriber's tariff change",

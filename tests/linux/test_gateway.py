@@ -9,6 +9,7 @@ gateway namespace, a separate process, as an operator would run it.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import struct
@@ -401,6 +402,24 @@ def test_access_hours_follow_the_clock(lab, tmp_path, start, opens):
         assert waited > 2  # it changed at the edge, not at once
         log = (tmp_path / "gateway.log").read_text()
         assert ("unblocked subscriber 1 (schedule)" if opens else "blocked subscriber 1 (schedule)") in log
+    finally:
+        gw.stop()
+        netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+def test_a_prepaid_card_unblocks_within_a_second(lab, tmp_path):
+    gw = Gateway(lab.gw, tmp_path, lab_config(1, {1: "0"})).start()  # s1 has nothing: blocked
+    try:
+        assert not reaches_upstream(lab, 1)
+        made = gw.tollgate("cards", "generate", "--count", "2", "--value", "1.00", "--expires", "2099-01-01")
+        assert made.returncode == 0, made.stderr
+        codes = [line.split(",")[1] for line in made.stdout.splitlines() if re.match(r"\d{8},", line)]
+        assert gw.tollgate("cards", "activate", "s1", "WRONG-CODE").returncode == 1
+        assert gw.tollgate("cards", "activate", "s1", codes[0]).returncode == 0
+        waited = wait_for(lambda: reaches_upstream(lab, 1), timeout=3)
+        assert waited < 1.0, f"unblocked only after {waited:.2f} s"
+        again = gw.tollgate("cards", "activate", "s1", codes[0])
+        assert again.returncode == 1 and "has been used" in again.stderr
     finally:
         gw.stop()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")

@@ -1,0 +1,105 @@
+"""Prepaid cards: batches of codes with a face value and an expiry.
+
+A code is 16 characters of Crockford's base 32 (no I, L, O, U: nothing to
+misread), 80 random bits from ``secrets``, printed as ``XXXX-XXXX-XXXX-XXXX``
+beside a serial number. The ledger keeps only the code's SHA-256. Activating
+a card is a payment to the subscriber (method ``card``), recorded in the same
+transaction that marks the card used, so a card pays once, even when two
+activations race. Guessing is limited per subscriber: after
+``MAX_FAILURES`` wrong codes in ``WINDOW_NS``, activations are refused until
+the window has passed, right codes included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from ext.errors import TollgateError
+
+from .ledger import Ledger
+
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base 32
+CODE_LENGTH = 16
+MAX_FAILURES = 5
+WINDOW_NS = 15 * 60 * 10 ** 9
+_READ_AS = str.maketrans({"O": "0", "I": "1", "L": "1", "-": None, " ": None})
+
+
+class CardError(TollgateError):
+    """A card cannot be generated or activated; the message says why."""
+
+
+def normalise(code: str) -> str:
+    """What the subscriber typed -> the code as generated (dashes, spaces, case and look-alikes forgiven)."""
+    return str(code).upper().translate(_READ_AS)
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(normalise(code).encode()).hexdigest()
+
+
+def generate(ledger: Ledger, count: int, value: int, currency: str, expires_ns: int,
+             batch: str | None = None) -> list[tuple[str, str]]:
+    """Make ``count`` cards of ``value`` (internal units of ``currency``);
+    returns ``(serial, code)`` pairs: the only time the codes exist in clear."""
+    if not 1 <= count <= 100_000:
+        raise CardError("a batch has 1 to 100000 cards")
+    if value <= 0:
+        raise CardError("a card's value must be positive")
+    now = time.time_ns()
+    if expires_ns <= now:
+        raise CardError("the expiry must be in the future")
+    batch = batch or time.strftime("%Y%m%d-%H%M%S", time.gmtime(now // 10 ** 9))
+    cards = []
+    with ledger._tx():
+        start = ledger.db.execute("SELECT coalesce(max(id), 0) FROM cards").fetchone()[0]
+        for k in range(count):
+            code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+            serial = f"{start + k + 1:08d}"
+            ledger.db.execute("INSERT INTO cards (batch, serial, code_sha256, value, currency, created_ns, expires_ns)"
+                              " VALUES (?, ?, ?, ?, ?, ?, ?)", (batch, serial, _digest(code), value, currency, now,
+                                                                expires_ns))
+            cards.append((serial, "-".join(code[i:i + 4] for i in range(0, CODE_LENGTH, 4))))
+    return cards
+
+
+def activate(ledger: Ledger, subscriber, code: str, now: int | None = None) -> dict:
+    """Pay the card's value to ``subscriber``; returns ``{"serial", "value", "payment_id"}``.
+    Raises CardError (wrong, used or expired code, too many attempts)."""
+    now = time.time_ns() if now is None else now
+    sub = ledger.get_subscriber(subscriber)
+    if sub is None:
+        raise CardError(f"no subscriber {subscriber!r}")
+    sid = sub["id"]
+    failures = ledger.db.execute("SELECT count(*) FROM card_attempts WHERE subscriber_id = ? AND ok = 0 AND ts_ns > ?",
+                                 (sid, now - WINDOW_NS)).fetchone()[0]
+    if failures >= MAX_FAILURES:
+        raise CardError(f"too many wrong codes: try again in {WINDOW_NS // 60 // 10 ** 9} minutes")
+    try:
+        with ledger._tx():
+            card = ledger.db.execute("SELECT id, serial, value, currency, expires_ns, used_ns FROM cards"
+                                     " WHERE code_sha256 = ?", (_digest(code),)).fetchone()
+            if card is None:
+                raise CardError("no card has this code")
+            card_id, serial, value, currency, expires_ns, used_ns = card
+            if used_ns is not None:
+                raise CardError(f"card {serial} has been used")
+            if now >= expires_ns:
+                raise CardError(f"card {serial} expired")
+            if currency != sub["currency"]:
+                raise CardError(f"card {serial} is in {currency}, the account in {sub['currency']}")
+            payment = ledger.add_payment(sid, value, ts=now, method="card", comment=f"prepaid card {serial}",
+                                         idempotency_key=f"card:{serial}")
+            used = ledger.db.execute("UPDATE cards SET used_ns = ?, used_by = ?, payment_id = ? WHERE id = ?"
+                                     " AND used_ns IS NULL", (now, sid, payment, card_id))
+            if used.rowcount != 1:
+                raise CardError(f"card {serial} has been used")
+    except CardError:
+        with ledger._tx():
+            ledger.db.execute("INSERT INTO card_attempts (subscriber_id, ts_ns, ok) VALUES (?, ?, 0)", (sid, now))
+        raise
+    with ledger._tx():
+        ledger.db.execute("INSERT INTO card_attempts (subscriber_id, ts_ns, ok) VALUES (?, ?, 1)", (sid, now))
+    return {"serial": serial, "value": value, "payment_id": payment}
