@@ -65,6 +65,9 @@ class Terms:
     credit_limit: int = 0
     credit_until: int | None = None  # ns; the credit limit drops to 0 then
     volume_limit: int | None = None  # bytes a period outside the local zone; then blocked until the next
+    speed_up: int | None = None  # bits per second (policy.rates); None: not limited
+    speed_down: int | None = None
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,9 @@ class Ledger:
 
     _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
              "created_ns", "billing_since_ns", "group_name", "discount_bp", "discount_until_ns", "credit_until_ns",
-             "volume_limit")
-    TERMS = ("group_name", "discount_bp", "discount_until_ns", "credit_until_ns", "credit_limit", "volume_limit")
+             "volume_limit", "speed_up_bps", "speed_down_bps", "max_connections")
+    TERMS = ("group_name", "discount_bp", "discount_until_ns", "credit_until_ns", "credit_limit", "volume_limit",
+             "speed_up_bps", "speed_down_bps", "max_connections")
 
     def add_subscriber(self, name: str, tariff: str, currency: str, opening_balance: int = 0,
                        credit_limit: int = 0, contract: str | None = None, addresses=()) -> int:

@@ -216,6 +216,49 @@ def cmd_cards(args) -> int:
     return EXIT_OK
 
 
+def cmd_terms(args) -> int:
+    """A subscriber's own billing terms and limits: shown, or set (the running gateway follows within a second)."""
+    from accounting.money import format_amount, parse_rate, parse_volume
+    from accounting.tariff import parse_discount
+
+    cfg = _config(args)
+
+    def maybe(value, parse):
+        return None if value in (None, "none", "tariff") else parse(value)
+
+    changes = {}
+    try:
+        if args.group is not None:
+            changes["group_name"] = None if args.group == "none" else args.group
+            if args.group != "none" and args.group not in cfg.groups:
+                return _fail(f"unknown group {args.group!r} (groups: {', '.join(cfg.groups) or 'none'})", EXIT_USAGE)
+        if args.discount is not None:
+            changes["discount_bp"] = maybe(args.discount, lambda v: parse_discount(v, "--discount"))
+            changes["discount_until_ns"] = maybe(args.until, lambda v: parse_instant(v, "--until", cfg.timezone))
+        if args.credit_until is not None:
+            changes["credit_until_ns"] = maybe(args.credit_until,
+                                               lambda v: parse_instant(v, "--credit-until", cfg.timezone))
+        for opt, key, parse in (("volume_limit", "volume_limit", parse_volume), ("speed_up", "speed_up_bps", parse_rate),
+                                ("speed_down", "speed_down_bps", parse_rate),
+                                ("max_connections", "max_connections", int)):
+            if getattr(args, opt) is not None:
+                changes[key] = maybe(getattr(args, opt), parse)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with _ledger(args, cfg) as ledger:
+        sub = ledger.get_subscriber(args.subscriber)
+        if sub is None:
+            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
+        if changes:
+            ledger.set_terms(sub["id"], **changes)
+            sub = ledger.get_subscriber(sub["id"])
+    shown = {k: sub[k] for k in ledger.TERMS}
+    shown["credit_limit"] = format_amount(shown["credit_limit"], cfg.currency)
+    print(f"{sub['name']} (tariff {sub['tariff']}): " + ", ".join(
+        f"{k} {'(tariff/group)' if v is None else v}" for k, v in shown.items()))
+    return EXIT_OK
+
+
 def cmd_subscribers(args) -> int:
     from accounting.money import format_amount
 
@@ -360,6 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment")
     p.add_argument("--key", help="idempotency key: the same key twice records one payment")
     p.set_defaults(func=cmd_topup)
+
+    p = with_config(sub.add_parser(
+        "terms", help="show or set a subscriber's own discount, group, volume, speed and connection limits",
+        description="Without options: show them. \"none\" clears a setting (the group's or tariff's applies).",
+        epilog="example:\n  tollgate terms alice --discount 20%% --until 2027-01-01 --speed-down 50M --volume-limit '100 GB'",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("--group", help="a [[group]] of the config, or none")
+    p.add_argument("--discount", help='e.g. "15%%", or none')
+    p.add_argument("--until", metavar="DATE", help="with --discount: when it ends")
+    p.add_argument("--credit-until", metavar="DATE", help="the credit limit is 0 from then on, or none")
+    p.add_argument("--volume-limit", help='per period, e.g. "100 GB", or none')
+    p.add_argument("--speed-up", help='bits per second, e.g. "10M", or none')
+    p.add_argument("--speed-down", help='bits per second, e.g. "50M", or none')
+    p.add_argument("--max-connections", help="a number, or none")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_terms)
 
     p = with_config(sub.add_parser(
         "cards", help="prepaid cards: generate a batch, activate one for a subscriber",

@@ -224,8 +224,8 @@ class Gateway:
     def _limits(self, sid: int):
         from policy.rates import Limits
 
-        t = self.config.tariffs[self.acct.subscribers[sid].tariff]
-        return Limits(t.speed_up, t.speed_down, t.max_connections)
+        terms = self.acct.terms[sid]
+        return Limits(terms.speed_up, terms.speed_down, terms.max_connections)
 
     def _restore_limits(self) -> None:
         """Our rates table and HTB classes, rebuilt for every subscriber whose
@@ -236,6 +236,9 @@ class Gateway:
         limited = [entry for entry in limited if entry[2]]
         if not limited and self.rates is None:
             return
+        if any(lim.up_bps or lim.down_bps for _sid, _n, lim in limited) and not (
+                self.config.lan_interfaces and self.config.wan_interfaces):
+            log.error("speed limits need gateway.lan_interfaces and gateway.wan_interfaces: not shaped")
         if self.rates is None:
             self.rates = RateLimiter(self.config.lan_interfaces, self.config.wan_interfaces)
         with self.enforcer_lock:

@@ -114,10 +114,14 @@ class Accountant:
             discount, discount_until = row["discount_bp"], row.get("discount_until_ns")
         credit_until = row.get("credit_until_ns") or (seed.credit_until if seed else None) or (
             group.credit_until if group else None)
-        volume_limit = row.get("volume_limit")
-        if volume_limit is None:
-            volume_limit = self.config.tariffs[tariff].volume_limit
-        return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until, volume_limit)
+        t = self.config.tariffs[tariff]
+
+        def own(key: str, default):
+            return default if row.get(key) is None else row[key]
+
+        return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until,
+                     own("volume_limit", t.volume_limit), own("speed_up_bps", t.speed_up),
+                     own("speed_down_bps", t.speed_down), own("max_connections", t.max_connections))
 
     def update_terms(self, sid: int, row: dict) -> list:
         """New terms for a subscriber whose tariff stays (a discount, a group,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -101,6 +102,12 @@ def test_the_gateway_applies_its_tariffs_limits(lab, tmp_path):
         assert abs(down - 16 * M) <= 0.1 * 16 * M
         got = json.loads(netns(lab.sub(2), sys.executable, "-c", CONNECT, UP4, check=True, timeout=30).stdout)
         assert got["held"] == [True, True, True] and got["fourth"] in ("ConnectionRefusedError", "OSError")
+        # the operator gives s1 a speed of its own: the running gateway follows
+        assert gw.tollgate("terms", "s1", "--speed-down", "8M").returncode == 0
+        time.sleep(2.5)
+        own = iperf(lab, 1, UP4, reverse=True)
+        print(f"  after `tollgate terms s1 --speed-down 8M`: {own / M:.2f} Mbit/s")
+        assert abs(own - 8 * M) <= 0.1 * 8 * M
     finally:
         gw.stop()
         netns(lab.gw, "sh", "-c", "nft delete table inet tollgate; nft delete table inet tollgate_rates; "
