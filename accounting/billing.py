@@ -132,6 +132,11 @@ def _days(a: dt.date, b: dt.date) -> int:
     return (b - a).days
 
 
+def _off(discount: int) -> str:
+    """How a discount reads on an invoice line: "12.5% off", or nothing."""
+    return f"{discount / 100:g}% off" if discount else ""
+
+
 def prorate(amount: int, part: int, whole: int) -> int:
     """``amount * part / whole``, rounded down to the internal unit."""
     return amount * part // whole
@@ -315,7 +320,8 @@ class Biller:
         first, nxt = period_days(plan, ts, self.tz)
         days_left = _days(_local(ts, self.tz).date(), nxt)
         amount = prorate(discounted(plan.fee, self.discount(acct)), days_left, _days(first, nxt))
-        detail = "" if days_left == _days(first, nxt) else f"{days_left} of {_days(first, nxt)} days"
+        detail = ", ".join(x for x in ("" if days_left == _days(first, nxt) else f"{days_left} of {_days(first, nxt)} days",
+                                       _off(self.discount(acct))) if x)
         return [Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{acct.start}:{acct.joined}", detail)]
 
     def _daily_fees(self, acct: Account, now: int) -> list[Posting]:
@@ -336,7 +342,7 @@ class Biller:
             amount = prorate(fee, k + 1, whole) - prorate(fee, k, whole)
             ts = max(_instant(day, self.tz), acct.joined)
             out.append(Posting(acct.sid, "fee", amount, ts, f"fee:{acct.sid}:{day.isoformat()}",
-                               f"day {k + 1} of {whole}"))
+                               ", ".join(x for x in (f"day {k + 1} of {whole}", _off(self.discount(acct))) if x)))
             day += dt.timedelta(days=1)
         acct.fee_days_done = day
         return out

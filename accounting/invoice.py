@@ -92,6 +92,9 @@ def build_invoice(ledger: Ledger, subscriber, start: int, end: int, timezone: st
     number = f"{sid:06d}-{dt.datetime.fromtimestamp(start // NS, ZoneInfo(timezone)):%Y%m%d}"
     inv = Invoice(number, sub["name"], sub["contract"], currency.code, start, end, timezone,
                   balance_at(ledger, sid, start))
+    if sub.get("discount_bp"):
+        inv.lines.append(Line("charges", f"Your discount of {sub['discount_bp'] / 100:g}% is in the prices below",
+                              "", 0))
     for p in ledger.postings(sid, since=start, until=end):
         section = "credits" if p["amount"] < 0 else "charges"
         label = {"fee": "Subscription fee", "fee-refund": "Fee for unused days", "postpaid": "Postpaid period",
