@@ -10,6 +10,7 @@ gateway namespace, as the daemon would.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import subprocess
@@ -231,3 +232,56 @@ def test_parse_rate():
                      ("1.0005k", "whole number"), ("", "not a rate"), (None, "not a rate"), (True, "not a rate")):
         with pytest.raises(PolicyError, match=why.replace("?", r"\?")):
             parse_rate(bad)
+
+
+# ---- access hours with a faked clock ---------------------------------------------------------
+
+# The gateway's side of access hours, as the daemon does it once a second: evaluate
+# the schedule on the system clock, block or unblock the subscriber in policy.nft's
+# table. It runs under faketime, so the clock it reads is the one the test chose.
+EVALUATOR = f"""
+import json, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from accounting.access import allowed, next_change, parse_access
+from policy.nft import Enforcer
+schedule, networks, seconds = parse_access(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
+enforcer = Enforcer(queues=(), local_networks=["100.64.0.0/10", "2001:db8:100::/48"])
+enforcer.install()
+was, end = None, time.monotonic() + seconds
+while time.monotonic() < end:
+    now = time.time_ns()
+    is_open = allowed(schedule, now, "Europe/Berlin")
+    if is_open != was:
+        (enforcer.unblock if is_open else enforcer.block)(networks)
+        print("open" if is_open else "closed", now, next_change(schedule, now, "Europe/Berlin"), flush=True)
+        was = is_open
+    time.sleep(0.1)
+"""
+
+
+def reaches_upstream(lab) -> list[bool]:
+    """Whether subscriber 1 gets the upstream's page over IPv4 and over IPv6."""
+    return [netns(lab.sub(1), "curl", "-s", "-m", "2", "-g", url, timeout=10).stdout.startswith("<h1>upstream")
+            for url in (f"http://{UP4}/", f"http://[{UP6}]/")]
+
+
+@pytest.mark.parametrize("clock, before, after", [
+    ("2026-03-02 06:59:56", "closed", "open"),  # Monday 07:59:56 in Berlin (CET): opens at 08:00
+    ("2026-03-06 18:59:56", "open", "closed"),  # Friday 19:59:56: closes at 20:00 for the weekend
+], ids=["opens-at-8", "closes-at-20"])
+def test_access_hours_enforced_with_a_faked_clock(lab, clock, before, after):
+    edge = int(dt.datetime.fromisoformat(clock).replace(tzinfo=dt.UTC).timestamp() + 4) * 10 ** 9
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.gw, "env", "TZ=UTC", "faketime", "-f", f"@{clock}",
+                             sys.executable, "-c", EVALUATOR, "Mon-Fri 08:00-20:00", json.dumps(SUB1), "7"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        state, now, change = proc.stdout.readline().split()
+        assert state == before and int(now) < edge and int(change) == edge
+        assert reaches_upstream(lab) == [before == "open"] * 2
+        state, now, _change = proc.stdout.readline().split()  # about 4 s later, by the faked clock
+        assert state == after and edge <= int(now) < edge + 10 ** 9
+        assert reaches_upstream(lab) == [after == "open"] * 2
+    finally:
+        proc.wait(timeout=15)
+        netns(lab.gw, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                                            "from policy.nft import Enforcer; Enforcer().remove()", check=True)
