@@ -242,17 +242,3 @@ def parse_price(value, unit: str = "GB", currency="EUR") -> int:
         raise MoneyError(f"price {value!r} {currency.code} per {unit} exceeds the largest price the engine holds "
                          f"({MAX_PRICE} / {PRICE_SCALE} internal units per byte)")
     return int(scaled)
-
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:bit|bps|b)?(?:/s)?\s*$")
-
-
-def parse_rate(text) -> int:
-    """"10M", "512k", "1.5G", "800000" -> bits per second (SI prefixes)."""
-    m = _RATE.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a rate like \"10M\", \"512k\" or \"1G\" (bits per second)")
-    value = Decimal(m.group(1)) * {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}[m.group(2).lower()]
-    if not 8_000 <= value <= 100 * 10 ** 9:
-        raise ValueError(f"{text!r}: a rate is 8k to 100G bits per second")
-    return int(value)

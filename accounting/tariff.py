@@ -48,7 +48,7 @@ class Tariff:
     spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
     volume_limit: int | None = None  # bytes a period outside the local zone (see accounting.billing.Terms)
     access: object = None  # accounting.schedule.AccessHours: hours when access is allowed; None: always
-    speed_up: int | None = None  # bits per second, shaped by policy.rates; None: not limited
+    speed_up: int | None = None  # bits per second, shaped by policy.limits; None: not limited (gateway.config sets it)
     speed_down: int | None = None
     max_connections: int | None = None
 
@@ -177,14 +177,6 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
             raise ConfigError(f"{where}.volume_limit", str(exc)) from None
     tariff = Tariff(name, prices, buckets, credit, warn, plan,
                     parse_discount(raw.get("discount", "0%"), f"{where}.discount"), raw, volume_limit)
-    speed = raw.get("speed", {})
-    if not isinstance(speed, dict) or set(speed) - {"up", "down"}:
-        raise ConfigError(f"{where}.speed", 'a table { up = "10M", down = "20M" } (bits per second)')
-    for key, value in speed.items():
-        try:
-            setattr(tariff, f"speed_{key}", money.parse_rate(value))
-        except ValueError as exc:
-            raise ConfigError(f"{where}.speed.{key}", str(exc)) from None
     if "max_connections" in raw:
         n = raw["max_connections"]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:

@@ -218,8 +218,9 @@ def cmd_cards(args) -> int:
 
 def cmd_terms(args) -> int:
     """A subscriber's own billing terms and limits: shown, or set (the running gateway follows within a second)."""
-    from accounting.money import format_amount, parse_rate, parse_volume
+    from accounting.money import format_amount, parse_volume
     from accounting.tariff import parse_discount
+    from policy.limits import parse_rate
 
     cfg = _config(args)
 
@@ -307,11 +308,12 @@ def cmd_policy(args) -> int:
     cfg = _config(args)
     enforcer = Enforcer(local_networks=cfg.zones.local_networks)
     if args.action == "remove":
-        from policy.rates import RateLimiter
+        from policy.limits import Limits
 
         enforcer.remove()
-        RateLimiter(cfg.lan_interfaces, cfg.wan_interfaces).remove()
-        print("removed tables inet tollgate and tollgate_rates, the queue rules and the shaping on "
+        if cfg.lan_interfaces and cfg.wan_interfaces:
+            Limits(cfg.lan_interfaces, cfg.wan_interfaces).remove()
+        print("removed tables inet tollgate and tollgate_limits, the queue rules and the shaping on "
               f"{', '.join(cfg.lan_interfaces + cfg.wan_interfaces) or 'no interface'}; nothing else was touched")
     else:
         print(enforcer.dump() or "no table inet tollgate")

@@ -222,6 +222,22 @@ def _rule(r, where: str, slots: list, slot_key: bool) -> SlotRule:
     return SlotRule(slots.index(slot), frozenset(_day(d) for d in days), start % 1440, end % 1440 if end != 1440 else 0)
 
 
+def _speed(raw, where: str) -> tuple:
+    """``{ up = "10M", down = "20M" }`` -> (up, down) bits per second, None where not given."""
+    from policy.limits import parse_rate
+    from policy.nft import PolicyError
+
+    if not isinstance(raw, dict) or set(raw) - {"up", "down"}:
+        raise ConfigError(where, 'a table { up = "10M", down = "20M" } (bits per second)')
+    out = []
+    for key in ("up", "down"):
+        try:
+            out.append(parse_rate(raw[key]) if key in raw else None)
+        except PolicyError as exc:
+            raise ConfigError(f"{where}.{key}", str(exc)) from None
+    return tuple(out)
+
+
 def access_hours(raw, where: str, schedule: Schedule) -> AccessHours | None:
     """A tariff's ``access = [{days = [...], from = "08:00", to = "20:00"}, ...]``:
     the hours when its subscribers may use the network (holidays as in the
@@ -380,6 +396,7 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     for i, raw in enumerate(raw_tariffs):
         tariff = parse_tariff(raw, f"tariff[{i}]", zones, schedule.slots, currency)
         tariff.access = access_hours(raw.get("access"), f"tariff[{i}].access", schedule)
+        tariff.speed_up, tariff.speed_down = _speed(raw.get("speed", {}), f"tariff[{i}].speed")
         if tariff.name in tariffs:
             raise ConfigError(f"tariff[{i}].name", f"duplicate tariff {tariff.name!r}")
         tariffs[tariff.name] = tariff

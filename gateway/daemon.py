@@ -156,7 +156,7 @@ class Gateway:
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
-        self.rates = None  # policy.rates.RateLimiter, once some tariff limits speed or connections
+        self.rates = None  # policy.limits.Limits, once some subscriber's speed or connections are limited
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -219,42 +219,42 @@ class Gateway:
         return Enforcer.from_config(cfg, queues=self.opts.queues if self.opts.inline else (),
                                     fail_open=self.opts.fail_open, portal_port=self.opts.port)
 
-    # ---- speed and connection limits (policy/rates.py) ------------------------------
+    # ---- speed and connection limits (policy/limits.py) ------------------------------
 
-    def _limits(self, sid: int):
-        from policy.rates import Limits
-
+    def _limits(self, sid: int) -> tuple:
+        """(up bit/s, down bit/s, connections) of the subscriber's terms; None: no limit."""
         terms = self.acct.terms[sid]
-        return Limits(terms.speed_up, terms.speed_down, terms.max_connections)
+        return terms.speed_up, terms.speed_down, terms.max_connections
 
     def _restore_limits(self) -> None:
-        """Our rates table and HTB classes, rebuilt for every subscriber whose
-        tariff limits speed or connections (none: nothing installed)."""
-        from policy.rates import RateLimiter
+        """Our limits table and HTB classes made to hold exactly the subscribers
+        whose terms limit speed or connections (none ever: nothing installed)."""
+        from policy.limits import Limits
 
-        limited = [(sid, info.addresses, self._limits(sid)) for sid, info in self.acct.subscribers.items()]
-        limited = [entry for entry in limited if entry[2]]
+        limited = [(sid, info.addresses, *self._limits(sid)) for sid, info in self.acct.subscribers.items()
+                   if any(v is not None for v in self._limits(sid))]
         if not limited and self.rates is None:
             return
-        if any(lim.up_bps or lim.down_bps for _sid, _n, lim in limited) and not (
-                self.config.lan_interfaces and self.config.wan_interfaces):
-            log.error("speed limits need gateway.lan_interfaces and gateway.wan_interfaces: not shaped")
-        if self.rates is None:
-            self.rates = RateLimiter(self.config.lan_interfaces, self.config.wan_interfaces)
+        if not (self.config.lan_interfaces and self.config.wan_interfaces):
+            log.error("speed and connection limits need gateway.lan_interfaces and gateway.wan_interfaces: "
+                      "%d subscribers left unlimited", len(limited))
+            return
         with self.enforcer_lock:
-            self.rates.lan, self.rates.wan = list(self.config.lan_interfaces), list(self.config.wan_interfaces)
+            if self.rates is None or (self.rates.lan, self.rates.wan) != (self.config.lan_interfaces,
+                                                                          self.config.wan_interfaces):
+                self.rates = Limits(self.config.lan_interfaces, self.config.wan_interfaces)
+                self.rates.install()
             self.rates.restore(limited)
         log.info("speed and connection limits for %d subscribers", len(limited))
 
     def _update_limits(self, sid: int) -> None:
-        if self.rates is None and not (sid in self.acct.subscribers and self._limits(sid)):
-            return
         if self.rates is None:
-            self._restore_limits()
+            if sid in self.acct.subscribers and any(v is not None for v in self._limits(sid)):
+                self._restore_limits()
             return
         with self.enforcer_lock:
             if sid in self.acct.subscribers:
-                self.rates.set_subscriber(sid, self.acct.subscribers[sid].addresses, self._limits(sid))
+                self.rates.set_subscriber(sid, self.acct.subscribers[sid].addresses, *self._limits(sid))
             else:
                 self.rates.remove_subscriber(sid)
 
