@@ -107,19 +107,3 @@ class Schedule:
         while len(starts) > 1 and starts[1] <= start_ns:
             del starts[0], slots[0]
         return starts, slots
-
-
-@dataclass(frozen=True)
-class AccessHours:
-    """When a tariff's subscribers may use the network: the "open" slot of a
-    two-slot schedule (the rules say when it is open; outside them, closed)."""
-
-    schedule: Schedule
-
-    def allowed(self, ts_ns: int) -> bool:
-        return self.schedule.slot_at(dt.datetime.fromtimestamp(ts_ns / NS, self.schedule.tz)) == 1
-
-    def next_change(self, ts_ns: int) -> int | None:
-        """The first instant after ``ts_ns`` when access opens or closes (within 8 days)."""
-        starts, _slots = self.schedule.timeline(ts_ns, ts_ns + 8 * 86400 * NS)
-        return next((t for t in starts if t > ts_ns), None)

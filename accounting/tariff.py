@@ -47,7 +47,7 @@ class Tariff:
     discount: int = 0  # basis points
     spec: dict = field(default_factory=dict)  # the config's table, as the ledger records the tariff's versions
     volume_limit: int | None = None  # bytes a period outside the local zone (see accounting.billing.Terms)
-    access: object = None  # accounting.schedule.AccessHours: hours when access is allowed; None: always
+    access: object = None  # accounting.access.AccessSchedule: hours when access is allowed; None: always
     speed_up: int | None = None  # bits per second, shaped by policy.limits; None: not limited (gateway.config sets it)
     speed_down: int | None = None
     max_connections: int | None = None

@@ -18,7 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from accounting import money
 from accounting.notify import NotifySettings
-from accounting.schedule import WEEKDAYS, AccessHours, Schedule, SlotRule
+from accounting.access import parse_access
+from accounting.schedule import WEEKDAYS, Schedule, SlotRule
 
 DAY_NAMES = (*WEEKDAYS, "hol")  # index: weekday number, or HOLIDAY
 DAY_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "holiday")
@@ -188,7 +189,7 @@ def _schedule(doc: dict, timezone: str) -> Schedule:
         raise ConfigError("schedule.slots", "must be a non-empty list of slot names")
     if len(set(slots)) != len(slots):
         raise ConfigError("schedule.slots", "slot names must differ")
-    rules = [_rule(r, f"schedule.rule[{i}]", slots, slot_key=True)
+    rules = [_rule(r, f"schedule.rule[{i}]", slots)
              for i, r in enumerate(_list(raw, "rule", "schedule.rule"))]
     _check_overlaps(rules, slots)
     holidays = set()
@@ -200,16 +201,13 @@ def _schedule(doc: dict, timezone: str) -> Schedule:
     return Schedule(tuple(slots), tuple(rules), timezone, frozenset(holidays))
 
 
-def _rule(r, where: str, slots: list, slot_key: bool) -> SlotRule:
-    """One ``{slot, days, from, to}`` table (``slot`` only in the price schedule)."""
+def _rule(r, where: str, slots: list) -> SlotRule:
+    """One ``[[schedule.rule]]``: ``{slot, days, from, to}``."""
     if not isinstance(r, dict):
-        raise ConfigError(where, "must be a table")
-    _check_keys(r, where, {"slot", "days", "from", "to"} if slot_key else {"days", "from", "to"})
-    slot = slots[-1]
-    if slot_key:
-        if r.get("slot") not in slots:
-            raise ConfigError(f"{where}.slot", f"must be one of {slots}")
-        slot = r["slot"]
+        raise ConfigError(where, "must be a table ([[schedule.rule]])")
+    _check_keys(r, where, {"slot", "days", "from", "to"})
+    if r.get("slot") not in slots:
+        raise ConfigError(f"{where}.slot", f"must be one of {slots}")
     days = r.get("days", list(WEEKDAYS))
     if not isinstance(days, list) or not all(isinstance(d, str) and _day(d) is not None for d in days):
         raise ConfigError(f"{where}.days", f"must be a list of weekdays ({', '.join(WEEKDAYS)}) or \"holiday\"")
@@ -219,7 +217,8 @@ def _rule(r, where: str, slots: list, slot_key: bool) -> SlotRule:
     start, end = _clock(r["from"], f"{where}.from"), _clock(r["to"], f"{where}.to")
     if start == end:
         raise ConfigError(where, "from and to are equal: the rule covers no time")
-    return SlotRule(slots.index(slot), frozenset(_day(d) for d in days), start % 1440, end % 1440 if end != 1440 else 0)
+    return SlotRule(slots.index(r["slot"]), frozenset(_day(d) for d in days), start % 1440,
+                    end % 1440 if end != 1440 else 0)
 
 
 def _speed(raw, where: str) -> tuple:
@@ -236,18 +235,6 @@ def _speed(raw, where: str) -> tuple:
         except PolicyError as exc:
             raise ConfigError(f"{where}.{key}", str(exc)) from None
     return tuple(out)
-
-
-def access_hours(raw, where: str, schedule: Schedule) -> AccessHours | None:
-    """A tariff's ``access = [{days = [...], from = "08:00", to = "20:00"}, ...]``:
-    the hours when its subscribers may use the network (holidays as in the
-    price schedule). Rules may overlap: access is their union."""
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(where, "must be a non-empty list of {days, from, to} tables")
-    rules = tuple(_rule(r, f"{where}[{i}]", ["closed", "open"], slot_key=False) for i, r in enumerate(raw))
-    return AccessHours(Schedule(("closed", "open"), rules, schedule.timezone, schedule.holidays))
 
 
 def _check_overlaps(rules: list, slots: list) -> None:
@@ -395,7 +382,8 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
         raise ConfigError("tariff", "define at least one tariff ([[tariff]])")
     for i, raw in enumerate(raw_tariffs):
         tariff = parse_tariff(raw, f"tariff[{i}]", zones, schedule.slots, currency)
-        tariff.access = access_hours(raw.get("access"), f"tariff[{i}].access", schedule)
+        if "access" in raw:
+            tariff.access = parse_access(raw["access"], f"tariff[{i}].access")
         tariff.speed_up, tariff.speed_down = _speed(raw.get("speed", {}), f"tariff[{i}].speed")
         if tariff.name in tariffs:
             raise ConfigError(f"tariff[{i}].name", f"duplicate tariff {tariff.name!r}")

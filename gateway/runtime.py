@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from accounting import access
 from accounting.billing import Biller, Posting, Terms
 from accounting.ledger import Ledger
 from ext import engine_class
@@ -262,8 +263,9 @@ class Accountant:
 
     def next_event(self, now: int) -> int | None:
         """The next instant after ``now`` when billing or access hours change something."""
-        times = [self.biller.next_event(now)] + [t.access.next_change(now) for t in self.config.tariffs.values()
-                                                  if t.access is not None]
+        tz = self.config.timezone
+        times = [self.biller.next_event(now)] + [access.next_change(t.access, now, tz)
+                                                  for t in self.config.tariffs.values() if t.access is not None]
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
@@ -271,7 +273,8 @@ class Accountant:
         """Block (BLOCK_SCHEDULE) the subscribers whose tariff's access hours
         do not include ``now``, lift it for those whose hours do."""
         events = []
-        verdicts = {name: t.access.allowed(now) for name, t in self.config.tariffs.items() if t.access is not None}
+        verdicts = {name: access.allowed(t.access, now, self.config.timezone)
+                    for name, t in self.config.tariffs.items() if t.access is not None}
         for sid, info in self.subscribers.items():
             allowed = verdicts.get(info.tariff, True)
             events += self.engine.unblock(sid, BLOCK_SCHEDULE) if allowed else self.engine.block(sid, BLOCK_SCHEDULE)

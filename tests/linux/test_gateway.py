@@ -392,7 +392,7 @@ def _offset_to(local_hms: str) -> float:
 def test_access_hours_follow_the_clock(lab, tmp_path, start, opens):
     """Access 08:00-08:01 every day, the gateway's calendar clock set to 07:59:50
     (closed, then open at 08:00) or to 08:00:50 (open, then closed at 08:01)."""
-    access = '\naccess = [{ from = "08:00", to = "08:01" }]\n'
+    access = '\naccess = "08:00-08:01"\n'
     config = lab_config(1).replace('price_unit = "MB"\n', 'price_unit = "MB"' + access, 1)
     assert access in config
     gw = Gateway(lab.gw, tmp_path, config, ["--clock-offset", str(_offset_to(start))]).start()

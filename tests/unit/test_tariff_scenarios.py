@@ -219,7 +219,7 @@ S = [
      + traffic("2026-04-02T12:00", MB), "2026-04-03", "98.00"),
     # access only 08:00-20:00 on working days: the 07:59 and 20:00 downloads are refused, the noon one passes
     ("access-hours",
-     'price_unit = "MB"\naccess = [{ days = ["mon", "tue", "wed", "thu", "fri"], from = "08:00", to = "20:00" }]\n'
+     'price_unit = "MB"\naccess = "Mon-Fri 08:00-20:00"\n'
      '[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
      "", traffic("2026-03-05T07:59", MB) + traffic("2026-03-05T12:00", MB) + traffic("2026-03-05T20:00", MB),
      "2026-03-06", "99.00"),
