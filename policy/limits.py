@@ -34,6 +34,8 @@ instead, so TCP sees delay, not loss, and settles at the limit.
   1500 is about 95 % of the limit (1448 payload bytes per 1514-byte frame).
 * Traffic between two subscribers leaves by a LAN interface: it is shaped by
   the receiver's download limit, not by the sender's upload limit.
+* Networks of different subscribers must not overlap (as in ``policy.nft``:
+  the engine refuses it too); the same network twice is refused here.
 
 Connections: a new connection (``ct state new``) from a subscriber's address
 jumps, by a verdict map, to the subscriber's own chain ``conn_<sid>`` holding
@@ -337,11 +339,15 @@ class Limits:
             self.owner.update((n, sid) for n in limits.networks)
 
     def _rates(self, devs) -> dict[int, int]:
-        """Class minor -> rate in bit/s, from the first of ``devs`` (all carry the same classes;
-        tc prints no JSON for HTB classes, and rounds the rate: a rounded one is set again, exactly)."""
-        out = self._show("class", "show", "dev", devs[0])
-        return {int(minor, 16): _tc_rate(rate) for minor, rate in
-                re.findall(rf"^class htb {HTB_MAJOR:x}:([0-9a-f]+) .*? rate (\S+)", out, re.MULTILINE)}
+        """Class minor -> rate in bit/s, for the classes that have the same rate on every one of
+        ``devs`` (an interface added to the configuration lacks them: they are set again there).
+        tc prints no JSON for HTB classes, and rounds the rate: a rounded one is set again, exactly."""
+        per_dev = []
+        for dev in devs:
+            out = self._show("class", "show", "dev", dev)
+            per_dev.append({int(minor, 16): _tc_rate(rate) for minor, rate in
+                            re.findall(rf"^class htb {HTB_MAJOR:x}:([0-9a-f]+) .*? rate (\S+)", out, re.MULTILINE)})
+        return {minor: rate for minor, rate in per_dev[0].items() if all(d.get(minor) == rate for d in per_dev)}
 
     # ---- subscribers ----------------------------------------------------------
 
@@ -449,8 +455,7 @@ class Limits:
                     continue
                 tc_set.append(f"class replace dev {dev} parent {HTB_MAJOR:x}: classid {classid} htb "
                               f"rate {rate}bit ceil {rate}bit quantum {min(max(rate // 80, 1514), 200_000)}")
-                if old_rate is None:
-                    tc_set.append(f"qdisc replace dev {dev} parent {classid} {self._leaf(rate)}")
+                tc_set.append(f"qdisc replace dev {dev} parent {classid} {self._leaf(rate)}")  # sized by the rate
 
     def _leaf(self, rate: int) -> str:
         if self.leaf_kind == "fq_codel":

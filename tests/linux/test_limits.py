@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -185,9 +186,20 @@ def test_restore_sets_and_removes(lab, limited, connector):
     assert "class htb 1:1 " not in state(lab)
 
 
+def test_interface_added_to_the_configuration_gets_the_classes(lab):
+    sub1 = f"dict(sid=1, networks={SUB1!r}, down_bps='16M')"
+    code = "l = Limits({lan!r}, 'uplink'); l.install(); l.restore([" + sub1 + "])"
+    limits(lab, code.format(lan=["s1", "s2"]))
+    assert "1:1" not in netns(lab.gw, "tc", "class", "show", "dev", "s3").stdout
+    limits(lab, code.format(lan=["s1", "s2", "s3"]))
+    assert "class htb 1:1 root leaf" in netns(lab.gw, "tc", "class", "show", "dev", "s3").stdout
+    limits(lab, "l.remove()")
+
+
 def test_install_twice_and_remove_leave_only_what_was_there(lab):
     before = state(lab)
     limits(lab, f"l.install(); l.set_subscriber(5, {SUB2!r}, down_bps='1G'); l.remove_subscriber(5); "
+                f"l.set_subscriber(6, {SUB2!r}); assert not l.subscribers; "
                 f"l.set_subscriber(5, {SUB2!r}, up_bps='2M'); l.remove(); l.remove()")
     assert state(lab) == before
     assert "table inet lab" in before
@@ -270,6 +282,8 @@ def reaches_upstream(lab) -> list[bool]:
     ("2026-03-06 18:59:56", "open", "closed"),  # Friday 19:59:56: closes at 20:00 for the weekend
 ], ids=["opens-at-8", "closes-at-20"])
 def test_access_hours_enforced_with_a_faked_clock(lab, clock, before, after):
+    if shutil.which("faketime") is None:
+        pytest.fail("faketime is not installed: run `make system-deps`", pytrace=False)
     edge = int(dt.datetime.fromisoformat(clock).replace(tzinfo=dt.UTC).timestamp() + 4) * 10 ** 9
     proc = subprocess.Popen(["ip", "netns", "exec", lab.gw, "env", "TZ=UTC", "faketime", "-f", f"@{clock}",
                              sys.executable, "-c", EVALUATOR, "Mon-Fri 08:00-20:00", json.dumps(SUB1), "7"],
