@@ -8,10 +8,8 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from decimal import Decimal
 
 import pytest
-from scapy.all import wrpcap
 
 from accounting.invoice import build_invoice, render_html, render_pdf
 from accounting.ledger import Ledger
@@ -19,7 +17,7 @@ from gateway.config import parse_config
 from gateway.replay import replay
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_tariff_scenarios import BASE, EXTERNAL, MB, NS, PEERING, at, packet, traffic  # noqa: E402
+from test_tariff_scenarios import BASE, MB, PEERING, at, traffic, write_capture  # noqa: E402
 
 CONFIG = BASE.format(currency="EUR") + """
 [[tariff]]
@@ -48,16 +46,9 @@ def march(tmp_path):
     """March 2026 for alice: fee 10.00; 3 MB external downloaded (1 MB free, 2.00); 2 MB uploaded to the
     peering zone (0.20); a payment of 20.00 and a late fee of 1.50. Replayed to April 1st 12:00, so
     April's fee is in the ledger too (and not on March's invoice)."""
-    from scapy.all import IP
-
     cfg = parse_config(tomllib.loads(CONFIG))
-    frames = []
-    for t, remote, up, size in traffic("2026-03-05T12:00", 3 * MB) + traffic("2026-03-10T12:00", 2 * MB, PEERING,
-                                                                            up=True):
-        frame = IP(packet(remote, up, size))
-        frame.time = Decimal(t) / NS
-        frames.append(frame)
-    wrpcap(str(tmp_path / "march.pcap"), frames, linktype=228)
+    write_capture(tmp_path / "march.pcap",
+                  traffic("2026-03-05T12:00", 3 * MB) + traffic("2026-03-10T12:00", 2 * MB, PEERING, up=True))
     db = tmp_path / "ledger.db"
     replay(cfg, str(tmp_path / "march.pcap"), str(db), progress=False, bill_until=at("2026-04-01T12:00"))
     ledger = Ledger.open(db)

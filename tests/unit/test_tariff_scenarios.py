@@ -260,6 +260,16 @@ def packet(remote: str, up: bool, size: int) -> bytes:
     return bytes(IP(src=src, dst=dst) / UDP(sport=5000, dport=443) / Raw(bytes(size - 28)))
 
 
+def write_capture(path, packets) -> None:
+    """A pcap (raw IPv4) of ``(ts_ns, remote, up, size)`` packets of subscriber ``a``."""
+    frames = []
+    for t, remote, up, size in packets:
+        frame = IP(packet(remote, up, size))
+        frame.time = Decimal(t) / NS
+        frames.append(frame)
+    wrpcap(str(path), frames, linktype=228)
+
+
 def run_engine(scenario, engine: str) -> int:
     """Packet by packet through one engine, the billing calendar beside it,
     the way replay drives them: counters drained before each calendar step."""
@@ -327,16 +337,13 @@ def test_scenario_through_the_engines(name, engine):
 def test_scenario_through_replay(name, tmp_path):
     scenario = SCENARIOS[name]
     cfg = parse_config(tomllib.loads(config_text(scenario)))
-    frames = []
-    for t, remote, up, size in scenario[3]:
-        frame = IP(packet(remote, up, size))
-        frame.time = Decimal(t) / NS
-        frames.append(frame)
     capture = tmp_path / "scenario.pcap"
-    if not frames:  # a calendar-only scenario: one packet of nobody's, at the start
-        frames = [IP(src="192.0.2.1", dst="192.0.2.2") / UDP()]
-        frames[0].time = Decimal(min(cfg.subscribers[0].since or at(scenario[4]), at(scenario[4]))) / NS
-    wrpcap(str(capture), frames, linktype=228)  # raw IPv4
+    if scenario[3]:
+        write_capture(capture, scenario[3])
+    else:  # a calendar-only scenario: one packet of nobody's, at the start
+        frame = IP(src="192.0.2.1", dst="192.0.2.2") / UDP()
+        frame.time = Decimal(min(cfg.subscribers[0].since or at(scenario[4]), at(scenario[4]))) / NS
+        wrpcap(str(capture), [frame], linktype=228)  # raw IPv4
     db = tmp_path / "ledger.db"
     result = replay(cfg, str(capture), str(db), progress=False, bill_until=at(scenario[4]))
     assert result.subscribers[0].balance == expected(scenario), name
