@@ -13,7 +13,13 @@ the limit adds:
 * nft ``limit rate over ... drop``: a policer, with nft's default burst (5
   packets) and with 100 ms of burst.
 
-    sudo .venv/bin/python benches/bench_limits.py [--seconds 3] [--up 10M] [--down 20M] [--markdown]
+Then, with ``--scale N[,N...]``, the control plane: how long ``restore``
+takes to install N limited subscribers (two LAN interfaces and the WAN one:
+three HTB classes and leaves, two address maps and a connection-limit chain
+each), to read them back in a new process, to restore the same again (a
+restart), to change one, and to remove everything.
+
+    sudo .venv/bin/python benches/bench_limits.py [--seconds 3] [--up 10M] [--down 20M] [--scale 1000,5000] [--markdown]
 """
 
 from __future__ import annotations
@@ -110,11 +116,39 @@ def measure(server: str, reverse: bool, seconds: int) -> dict:
             "rtt_ms": statistics.median(rtts) if rtts else float("nan")}
 
 
+SCALE = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from policy.limits import Limits
+n = {n}
+subs = [dict(sid=i, networks=[f"100.65.{{i // 250}}.{{i % 250 + 1}}/32", f"2001:db8:101:{{i:x}}::/64"],
+             up_bps="5M", down_bps="20M", max_connections=200) for i in range(1, n + 1)]
+times = {{}}
+def timed(name, fn):
+    t = time.perf_counter(); fn(); times[name] = time.perf_counter() - t
+first = Limits(["s1", "s2"], "uplink")
+timed("install", first.install)
+timed("restore", lambda: first.restore(subs))
+second = Limits(["s1", "s2"], "uplink")
+timed("read back", second.install)
+assert second.subscribers == first.subscribers
+timed("restore unchanged", lambda: second.restore(subs))
+timed("change one", lambda: second.set_subscriber(7, subs[6]["networks"], up_bps="6M", down_bps="20M"))
+timed("remove", second.remove)
+print(json.dumps(times))
+"""
+
+
+def scale(n: int) -> dict:
+    return json.loads(ns("gw", sys.executable, "-c", SCALE.format(repo=str(REPO), n=n), timeout=900).stdout)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--up", default="10M")
     ap.add_argument("--down", default="20M")
+    ap.add_argument("--scale", default="", help="subscriber counts for the control-plane timings, e.g. 1000,5000")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     up, down = parse_rate(args.up), parse_rate(args.down)
@@ -137,6 +171,10 @@ def main(argv=None) -> int:
             finally:
                 mode.undo()
             time.sleep(0.5)
+        scaled = []
+        for n in [int(x) for x in args.scale.split(",") if x]:
+            scaled.append((n, scale(n)))
+            say(f"{n} subscribers: " + ", ".join(f"{k} {v:.2f} s" for k, v in scaled[-1][1].items()))
     finally:
         lab_down(PREFIX)
     if args.markdown:
@@ -145,6 +183,12 @@ def main(argv=None) -> int:
         for name, family, direction, limit, m in rows:
             print(f"| {name} | {family} | {direction} | {limit / 1e6:g} Mbit/s | {m['bps'] / 1e6:.2f} Mbit/s | "
                   f"{m['bps'] / limit:.3f} | {m['retransmits']} | {m['rtt_ms']:.1f} ms |")
+        if scaled:
+            keys = list(scaled[0][1])
+            print("\n| subscribers | " + " | ".join(keys) + " |")
+            print("| --- |" + " --- |" * len(keys))
+            for n, times in scaled:
+                print(f"| {n} | " + " | ".join(f"{times[k]:.2f} s" for k in keys) + " |")
     return 0
 
 
