@@ -252,7 +252,7 @@ class Limits:
         def names(devs) -> str:
             return "{ " + ", ".join(f'"{d}"' for d in devs) + " }"
 
-        maps = ["map subscribers { type mark : classid; }"]
+        maps = ["set shaped { type ifname; }", "map subscribers { type mark : classid; }"]
         maps += [f"map {kind}{suffix} {{ type {key} : {value};{'' if plen else ' flags interval;'} }}"
                  for kind, value in (("class", "classid"), ("conn", "verdict"))
                  for suffix, _fam, key, plen, _mask in SLOTS]
@@ -275,30 +275,51 @@ class Limits:
         already holds (subscribers, their classes and connection counts), and
         read that state back. Idempotent."""
         for dev in self.lan + self.wan:
-            try:
-                socket.if_nametoindex(dev)
-            except OSError:
-                raise PolicyError(f"no interface {dev!r} in this network namespace") from None
+            if not self._exists(dev):
+                raise PolicyError(f"no interface {dev!r} in this network namespace")
+        before = self._shaped()
         # declaring what exists already changes nothing (maps keep their elements, chains
-        # conn_<sid> are not named); the two fixed chains are emptied and refilled in the same transaction
-        flush = f"flush chain inet {TABLE} forward\nflush chain inet {TABLE} refuse\n" if self.installed() else ""
-        self._nft(flush + self.ruleset())
+        # conn_<sid> are not named); the fixed chains and the set of shaped interfaces are
+        # emptied and refilled in the same transaction
+        flush = "".join(f"flush {what} inet {TABLE} {name}\n" for what, name in
+                        (("chain", "forward"), ("chain", "refuse"), ("set", "shaped"))) if self.installed() else ""
+        devs = ", ".join(f'"{dev}"' for dev in self.lan + self.wan)
+        self._nft(flush + self.ruleset() + f"add element inet {TABLE} shaped {{ {devs} }}\n")
+        # an interface left out of the configuration since the last install loses our qdisc
+        self._tc([f"qdisc del dev {dev} root" for dev in sorted(set(before) - set(self.lan + self.wan))
+                  if self._exists(dev) and self._root_is_ours(dev)])
         self._tc([f"qdisc replace dev {dev} root handle {HTB_MAJOR:x}: htb default 0"
                   for dev in self.lan + self.wan if not self._root_is_ours(dev)])
         if self.leaf_kind is None:
             self.leaf_kind = self._probe_leaf()
         self._load()
 
+    @staticmethod
+    def _exists(dev: str) -> bool:
+        try:
+            socket.if_nametoindex(dev)
+            return True
+        except OSError:
+            return False
+
+    def _shaped(self) -> list[str]:
+        """The interfaces the last install put our HTB on (none if the table is not there)."""
+        rc, out, _err = self.nft.cmd(f"list set inet {TABLE} shaped")
+        return [e for item in json.loads(out)["nftables"] if "set" in item
+                for e in item["set"].get("elem", [])] if rc == 0 else []
+
     def installed(self) -> bool:
         rc, _out, _err = self.nft.cmd(f"list table inet {TABLE}")
         return rc == 0
 
     def remove(self) -> None:
-        """Take away our table and the HTB qdiscs of our interfaces (only if
-        they are ours); nothing else. Idempotent."""
+        """Take away our table and the HTB qdiscs of our interfaces (the
+        configured ones and those the table names; only if they are ours);
+        nothing else. Idempotent."""
+        devs = sorted(set(self.lan + self.wan + tuple(self._shaped())))
         if self.installed():
             self._nft(f"delete table inet {TABLE}")
-        self._tc([f"qdisc del dev {dev} root" for dev in self.lan + self.wan if self._root_is_ours(dev)])
+        self._tc([f"qdisc del dev {dev} root" for dev in devs if self._exists(dev) and self._root_is_ours(dev)])
         self.subscribers.clear()
         self.minor.clear()
         self.owner.clear()

@@ -193,6 +193,13 @@ def test_interface_added_to_the_configuration_gets_the_classes(lab):
     assert "1:1" not in netns(lab.gw, "tc", "class", "show", "dev", "s3").stdout
     limits(lab, code.format(lan=["s1", "s2", "s3"]))
     assert "class htb 1:1 root leaf" in netns(lab.gw, "tc", "class", "show", "dev", "s3").stdout
+    # and one left out loses our qdisc, the others keep theirs
+    netns(lab.gw, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.limits import "
+                                        f"Limits; l = Limits(['s1', 's3'], 'uplink'); l.install(); l.restore([{sub1}])",
+          check=True)
+    roots = {dev: netns(lab.gw, "tc", "qdisc", "show", "dev", dev, "root").stdout.split()[1]
+             for dev in ("s1", "s2", "s3", "s4", "uplink")}
+    assert roots == {"s1": "htb", "s2": "noqueue", "s3": "htb", "s4": "noqueue", "uplink": "htb"}
     limits(lab, "l.remove()")
 
 
