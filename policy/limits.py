@@ -2,10 +2,14 @@
 table ``inet tollgate_limits`` and an HTB qdisc on each gateway interface.
 
 Speed: tc HTB, not nft ``limit rate``. A policer drops every packet above the
-rate; TCP reads each burst of drops as congestion, halves its window and ends
-well under the limit, with a saw-tooth around it (see ``benches/README.md``,
-"Speed limits", for the two measured side by side). HTB queues the excess
-instead, so TCP sees delay, not loss, and settles at the limit.
+rate; TCP reads each burst of drops as congestion and halves its window, so
+at real round-trip times it runs under the limit and saw-tooths around it.
+Measured in the lab (``benches/README.md``, "HTB against an nft policer"),
+where the round trip is 0.05 ms and TCP recovers at once, the policer does
+reach the rate, but one packet in three to six is dropped and sent again (a
+dropped download packet has already crossed, and cost, the upstream link).
+HTB queues the excess instead, so TCP sees delay, not loss, and settles at
+the limit, with next to no retransmissions.
 
 * Downloads are shaped on the way out of the subscriber-facing (LAN)
   interfaces, uploads on the way out of the upstream (WAN) interface(s), each
@@ -42,23 +46,29 @@ jumps, by a verdict map, to the subscriber's own chain ``conn_<sid>`` holding
 one ``ct count over N`` rule. The count is the rule's own (a conncount list
 per rule), so all of the subscriber's addresses, IPv4 and IPv6, share it; the
 connection beyond N is refused at once (TCP reset, otherwise ICMP
-administratively prohibited), and a closed connection leaves the count as
-conntrack forgets it. Changing a subscriber's N starts a new count: its open
+administratively prohibited); a connection leaves the count once conntrack
+has seen it closed (TIME_WAIT or CLOSE). Changing a subscriber's N starts a new count: its open
 connections are not counted until they close, so it may briefly hold more.
 
 Subscriber ids and classes: the map ``subscribers`` (sid -> class) records
-which class minor each limited subscriber has, and the address maps record
-its networks, so the kernel itself holds the whole state. A new ``Limits``
-reads it back (``install``): after a restart, ``set_subscriber`` and
-``restore`` change only what differs; an unchanged connection limit keeps its
-count, an unchanged class its queue.
+which class minor each limited subscriber has, the address maps record its
+networks and the set ``shaped`` the interfaces carrying our qdiscs, so the
+kernel itself holds the whole state. A new ``Limits`` reads it back
+(``install``): after a restart, ``set_subscriber`` and ``restore`` change
+only what differs; an unchanged connection limit keeps its count, an
+unchanged class its queue. This matters beyond the counts: the kernel's cost
+of adding an HTB class grows with the classes already there, so restoring
+10,000 subscribers from nothing takes about 30 s, and 0.5 s when the kernel
+holds them already (``benches/README.md``).
 
 Address maps come in the five slots of ``policy.nft`` (hash maps for /32,
 /128 and /64 keys, interval maps for other prefix lengths), for the reason
 given there: nft 1.0.6 rewrites interval sets element by element.
 
 Changes: one nft transaction per call through one reused libnftables context
-(elements of a call in one batch), and one ``tc -batch`` per call. The table
+(elements of a call in one batch), with one ``tc -batch`` before it (classes
+that packets are about to be steered to) and one after (classes no longer
+used). Not thread-safe: one caller at a time. The table
 and the qdiscs stay when the daemon stops, so limits hold while it is down;
 ``remove`` takes away our table and the HTB qdiscs of our interfaces.
 Everything applies to the network namespace of the process.
