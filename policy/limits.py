@@ -199,9 +199,11 @@ def _classid(minor: int) -> str:
 class Limits:
     """Owns ``table inet tollgate_limits`` and the root HTB qdiscs of
     ``lan_interfaces`` (subscriber-facing: downloads) and ``wan_interfaces``
-    (upstream: uploads; a name or a list) in the current network namespace."""
+    (upstream: uploads; a name or a list) in the current network namespace.
+    ``install`` needs at least one of each; ``Limits().remove()`` takes away
+    whatever an earlier install left, without knowing its interfaces."""
 
-    def __init__(self, lan_interfaces, wan_interfaces) -> None:
+    def __init__(self, lan_interfaces=(), wan_interfaces=()) -> None:
         self.lan = self._ifnames(lan_interfaces, "lan_interfaces")
         self.wan = self._ifnames(wan_interfaces, "wan_interfaces")
         if set(self.lan) & set(self.wan):
@@ -216,8 +218,6 @@ class Limits:
     @staticmethod
     def _ifnames(names, what: str) -> tuple:
         names = (names,) if isinstance(names, str) else tuple(names or ())
-        if not names:
-            raise PolicyError(f"{what}: name at least one interface")
         for name in names:
             if not isinstance(name, str) or not IFNAME.fullmatch(name):
                 raise PolicyError(f"{what}: {name!r} is not an interface name")
@@ -284,6 +284,9 @@ class Limits:
         """Create or update the table and the qdiscs, keeping what the kernel
         already holds (subscribers, their classes and connection counts), and
         read that state back. Idempotent."""
+        for devs, what in ((self.lan, "lan_interfaces"), (self.wan, "wan_interfaces")):
+            if not devs:
+                raise PolicyError(f"{what}: name at least one interface")
         for dev in self.lan + self.wan:
             if not self._exists(dev):
                 raise PolicyError(f"no interface {dev!r} in this network namespace")

@@ -209,6 +209,9 @@ def test_install_twice_and_remove_leave_only_what_was_there(lab):
                 f"l.set_subscriber(6, {SUB2!r}); assert not l.subscribers; "
                 f"l.set_subscriber(5, {SUB2!r}, up_bps='2M'); l.remove(); l.remove()")
     assert state(lab) == before
+    # without knowing the interfaces (a configuration that no longer names them): the table knows them
+    limits(lab, f"l.set_subscriber(5, {SUB2!r}, up_bps='2M'); Limits().remove(); Limits().remove()")
+    assert state(lab) == before
     assert "table inet lab" in before
 
 
@@ -225,6 +228,7 @@ def test_install_twice_and_remove_leave_only_what_was_there(lab):
     ("l.restore([(2, ['100.64.2.2'], '1M'), (2, ['100.64.3.2'], '1M')])", "given twice"),
     ("Limits(['s1'], ['s1'])", "both ways"),
     ("Limits(['s1 ; flush ruleset'], ['uplink'])", "not an interface name"),
+    ("Limits(['s1'], []).install()", "wan_interfaces: name at least one"),
     ("Limits(['s1'], ['nosuchdev']).install()", "no interface 'nosuchdev'"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(lab, limited, call, message):
