@@ -39,6 +39,24 @@ class SlotRule:
         return (today in self.days and minute >= self.start) or (yesterday in self.days and minute < self.end)
 
 
+def first_instant(local: dt.datetime) -> int:
+    """The first instant (ns) at which the wall clock of ``local``'s zone reads
+    ``local`` or later: the instant itself, or, for a wall time skipped when
+    clocks go forward (02:30 on a spring-forward night), the jump past it."""
+    naive = local.replace(tzinfo=None)
+    t0 = int(local.timestamp())
+    if dt.datetime.fromtimestamp(t0, local.tzinfo).replace(tzinfo=None) == naive:
+        return t0 * NS
+    lo, hi = sorted((t0, int(local.replace(fold=1).timestamp())))
+    while lo < hi:  # the wall clock only moves forward in between: find where it passes ``naive``
+        mid = (lo + hi) // 2
+        if dt.datetime.fromtimestamp(mid, local.tzinfo).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo * NS
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Slots by name (the first is the default) and the rules that pick them."""
@@ -92,8 +110,7 @@ class Schedule:
         while day <= last:
             for minute in edges:
                 local = dt.datetime(day.year, day.month, day.day, minute // 60, minute % 60, tzinfo=tz)
-                instant = int(local.timestamp()) * NS
-                # a wall time that does not exist (spring forward) maps past the gap;
+                instant = first_instant(local)
                 # keep the timeline strictly ascending whatever the zone does
                 if starts and instant <= starts[-1]:
                     continue

@@ -311,8 +311,7 @@ def cmd_policy(args) -> int:
         from policy.limits import Limits
 
         enforcer.remove()
-        if cfg.lan_interfaces and cfg.wan_interfaces:
-            Limits(cfg.lan_interfaces, cfg.wan_interfaces).remove()
+        Limits().remove()  # it knows the interfaces it shaped from its own table
         print("removed tables inet tollgate and tollgate_limits, the queue rules and the shaping on "
               f"{', '.join(cfg.lan_interfaces + cfg.wan_interfaces) or 'no interface'}; nothing else was touched")
     else:

@@ -233,11 +233,16 @@ class Gateway:
 
         limited = [(sid, info.addresses, *self._limits(sid)) for sid, info in self.acct.subscribers.items()
                    if any(v is not None for v in self._limits(sid))]
-        if not limited and self.rates is None:
-            return
-        if not (self.config.lan_interfaces and self.config.wan_interfaces):
-            log.error("speed and connection limits need gateway.lan_interfaces and gateway.wan_interfaces: "
-                      "%d subscribers left unlimited", len(limited))
+        interfaces = self.config.lan_interfaces and self.config.wan_interfaces
+        if self.rates is None and (not limited or not interfaces):
+            leftover = Limits()
+            if leftover.installed():  # limits of an earlier run that no longer apply
+                with self.enforcer_lock:
+                    leftover.remove()
+                log.info("removed the limits table of an earlier run")
+            if limited:
+                log.error("speed and connection limits need gateway.lan_interfaces and gateway.wan_interfaces: "
+                          "%d subscribers left unlimited", len(limited))
             return
         with self.enforcer_lock:
             if self.rates is None or (self.rates.lan, self.rates.wan) != (self.config.lan_interfaces,

@@ -170,6 +170,20 @@ def test_night_timeline_follows_daylight_saving():
     assert dt.datetime(2026, 10, 25, 6, tzinfo=dt.timezone.utc) in mornings
 
 
+def test_a_slot_starting_in_the_skipped_hour_starts_at_the_jump():
+    """Berlin, 2026-03-29: clocks jump from 02:00 CET to 03:00 CEST at 01:00 UTC,
+    so a slot from 02:30 starts then (the wall clock passes 02:30), not at 01:30 UTC."""
+    doc = example()
+    doc["gateway"]["timezone"] = "Europe/Berlin"
+    doc["schedule"]["rule"] = [{"slot": "night", "from": "02:30", "to": "05:00"}]
+    cfg = parse_config(doc)
+    start = int(dt.datetime(2026, 3, 28, 12, tzinfo=dt.timezone.utc).timestamp()) * NS
+    starts, slots = cfg.schedule.timeline(start, start + 86400 * NS)
+    nights = [dt.datetime.fromtimestamp(t // NS, dt.timezone.utc) for t, slot in zip(starts, slots) if slot == 1]
+    assert dt.datetime(2026, 3, 29, 1, tzinfo=dt.timezone.utc) in nights
+    assert all(s == sorted(starts)[i] for i, s in enumerate(starts))
+
+
 def test_speed_limits_need_the_interfaces_to_shape_on():
     doc = mutate(["tariff", 0, "speed"], {"up": "10M", "down": "50M"})
     parse_config(doc)
