@@ -68,6 +68,7 @@ class Terms:
     speed_up: int | None = None  # bits per second (policy.rates); None: not limited
     speed_down: int | None = None
     max_connections: int | None = None
+    access: object = None  # accounting.access.AccessSchedule; None: always
 
 
 @dataclass(frozen=True)

@@ -177,9 +177,9 @@ class Ledger:
 
     _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
              "created_ns", "billing_since_ns", "group_name", "discount_bp", "discount_until_ns", "credit_until_ns",
-             "volume_limit", "speed_up_bps", "speed_down_bps", "max_connections")
+             "volume_limit", "speed_up_bps", "speed_down_bps", "max_connections", "access_hours")
     TERMS = ("group_name", "discount_bp", "discount_until_ns", "credit_until_ns", "credit_limit", "volume_limit",
-             "speed_up_bps", "speed_down_bps", "max_connections")
+             "speed_up_bps", "speed_down_bps", "max_connections", "access_hours")
 
     def add_subscriber(self, name: str, tariff: str, currency: str, opening_balance: int = 0,
                        credit_limit: int = 0, contract: str | None = None, addresses=()) -> int:
@@ -266,8 +266,8 @@ class Ledger:
         if bad:
             raise LedgerError(f"unknown terms {', '.join(sorted(bad))} (known: {', '.join(self.TERMS)})")
         for key, value in terms.items():
-            if key == "group_name":
-                _text(value, "group", optional=True)
+            if key in ("group_name", "access_hours"):
+                _text(value, key, optional=True)
             elif value is not None:
                 _int(value, key, 0)
         if terms.get("discount_bp") is not None and terms["discount_bp"] > 10000:

@@ -236,6 +236,12 @@ def cmd_terms(args) -> int:
         if args.discount is not None:
             changes["discount_bp"] = maybe(args.discount, lambda v: parse_discount(v, "--discount"))
             changes["discount_until_ns"] = maybe(args.until, lambda v: parse_instant(v, "--until", cfg.timezone))
+        if args.access is not None:
+            from accounting.access import parse_access
+
+            if args.access != "none":
+                parse_access(args.access, "--access")  # refused here, not when the gateway loads it
+            changes["access_hours"] = None if args.access == "none" else args.access
         if args.credit_until is not None:
             changes["credit_until_ns"] = maybe(args.credit_until,
                                                lambda v: parse_instant(v, "--credit-until", cfg.timezone))
@@ -419,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-up", help='bits per second, e.g. "10M", or none')
     p.add_argument("--speed-down", help='bits per second, e.g. "50M", or none')
     p.add_argument("--max-connections", help="a number, or none")
+    p.add_argument("--access", help='access hours, e.g. "Mon-Fri 08:00-20:00; Sat 10:00-14:00", or none')
     p.add_argument("--db", help="the ledger (default: gateway.database)")
     p.set_defaults(func=cmd_terms)
 

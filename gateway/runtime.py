@@ -120,9 +120,12 @@ class Accountant:
         def own(key: str, default):
             return default if row.get(key) is None else row[key]
 
+        hours = t.access
+        if row.get("access_hours"):
+            hours = access.parse_access(row["access_hours"], f"subscriber {row['name']!r}: access_hours")
         return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until,
                      own("volume_limit", t.volume_limit), own("speed_up_bps", t.speed_up),
-                     own("speed_down_bps", t.speed_down), own("max_connections", t.max_connections))
+                     own("speed_down_bps", t.speed_down), own("max_connections", t.max_connections), hours)
 
     def update_terms(self, sid: int, row: dict) -> list:
         """New terms for a subscriber whose tariff stays (a discount, a group,
@@ -264,19 +267,23 @@ class Accountant:
     def next_event(self, now: int) -> int | None:
         """The next instant after ``now`` when billing or access hours change something."""
         tz = self.config.timezone
-        times = [self.biller.next_event(now)] + [access.next_change(t.access, now, tz)
-                                                  for t in self.config.tariffs.values() if t.access is not None]
+        hours = {id(t.access): t.access for t in self.terms.values() if t.access is not None}
+        times = [self.biller.next_event(now)] + [access.next_change(h, now, tz) for h in hours.values()]
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
     def check_access(self, now: int) -> list:
         """Block (BLOCK_SCHEDULE) the subscribers whose tariff's access hours
         do not include ``now``, lift it for those whose hours do."""
-        events = []
-        verdicts = {name: access.allowed(t.access, now, self.config.timezone)
-                    for name, t in self.config.tariffs.items() if t.access is not None}
-        for sid, info in self.subscribers.items():
-            allowed = verdicts.get(info.tariff, True)
+        events, verdicts = [], {}  # one evaluation per distinct schedule
+        for sid in self.subscribers:
+            hours = self.terms[sid].access if sid in self.terms else None
+            if hours is None:
+                allowed = True
+            else:
+                if id(hours) not in verdicts:
+                    verdicts[id(hours)] = access.allowed(hours, now, self.config.timezone)
+                allowed = verdicts[id(hours)]
             events += self.engine.unblock(sid, BLOCK_SCHEDULE) if allowed else self.engine.block(sid, BLOCK_SCHEDULE)
         return events
 

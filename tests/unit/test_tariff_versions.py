@@ -106,3 +106,19 @@ def test_terms_set_in_the_ledger_win_over_the_config(tmp_path):
     out = json.loads(tollgate("replay", "-c", str(tmp_path / "t.toml"), "--db", str(db), "--dry-run", "--json", "-q",
                               str(tmp_path / "march.pcap")).stdout)
     assert out["subscribers"][0]["charged_text"] == "0.50 EUR"
+
+
+def test_a_subscribers_own_access_hours(tmp_path):
+    """`tollgate terms alice --access ...`: her download at 07:59 is refused, at noon it passes."""
+    db = tmp_path / "ledger.db"
+    (tmp_path / "t.toml").write_text(config("1.00"))
+    with Ledger.open(db) as ledger:
+        Accountant(parse_config(tomllib.loads(config("1.00"))), ledger).seed_ledger()
+    bad = tollgate("terms", "alice", "--access", "Mon-Fri 08:00-25:00", "-c", str(tmp_path / "t.toml"), "--db", str(db))
+    assert bad.returncode == 2 and "--access" in bad.stderr
+    ok = tollgate("terms", "alice", "--access", "Mon-Fri 08:00-20:00", "-c", str(tmp_path / "t.toml"), "--db", str(db))
+    assert ok.returncode == 0, ok.stderr
+    write_capture(tmp_path / "day.pcap", traffic("2026-03-05T07:59", MB) + traffic("2026-03-05T12:00", MB))
+    out = json.loads(tollgate("replay", "-c", str(tmp_path / "t.toml"), "--db", str(db), "--dry-run", "--json", "-q",
+                              str(tmp_path / "day.pcap")).stdout)
+    assert out["subscribers"][0]["charged_text"] == "1.00 EUR"  # the noon MB only
