@@ -23,6 +23,7 @@ from ext.errors import ConfigError
 # name -> "module:Class"; nfqueue is run by the daemon itself (one reader per queue)
 SOURCES: dict[str, str] = {
     "nfqueue": "ext.nfqueue:QueueReader",
+    "conntrack": "gateway.sources.conntrack:ConntrackSource",
 }
 
 

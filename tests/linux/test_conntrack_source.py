@@ -1,0 +1,63 @@
+"""`tollgate run --source conntrack` in the lab: nothing queued, the kernel's
+connection counters rated; per-subscriber bytes against the kernel's own
+per-subscriber counters of our nft table (forwarded IP bytes)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from lablib import Gateway, lab_config, netns
+
+UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
+
+
+def test_conntrack_bytes_equal_the_kernel_counters(lab, tmp_path):
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n), ["--source", "conntrack", "-o", "interval=0.5"]).start()
+    try:
+        s = lab.sub
+        procs = [
+            netns(s(1), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin"),  # one long TCP flow, NATed
+            netns(s(2), "iperf3", "-c", UP4, "-u", "-b", "8M", "-t", "2", "-l", "1200"),  # UDP upload
+            netns(s(3), "curl", "-s", "-o", "/dev/null", f"http://[{UP6}]/big.bin"),  # IPv6
+            netns(s(4), "ping", "-c", "20", "-i", "0.05", "-s", "1000", UP4),
+        ]
+        assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs if p.returncode]
+        time.sleep(1.5)  # a dump or two after the last packet
+    finally:
+        gw.stop()  # the last dump and flush happen on the way out
+    counters = gw.kernel_counters()
+    con = sqlite3.connect(gw.db)
+    counted = dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
+                               "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
+    con.close()
+    print()
+    for i in range(1, lab.n + 1):
+        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
+                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        ours = counted[f"s{i}"]
+        print(f"  s{i}: conntrack source {ours:>12,} B, kernel {kernel:>12,} B, {100 * (ours - kernel) / kernel:+.4f}%")
+        assert kernel > 10_000
+        assert abs(ours - kernel) <= kernel / 1000, f"s{i}: {ours} vs {kernel}"
+    netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
+
+
+def test_a_passive_source_charges_the_overshoot_and_blocks(lab, tmp_path):
+    """0.02 EUR at 0.01 EUR/MB: the 8 MB download has passed by the time
+    conntrack reports it, so it is charged in full (a debt) and s1 is blocked
+    in the kernel from then on."""
+    gw = Gateway(lab.gw, tmp_path, lab_config(1, {1: "0.02"}, upload_free=True),
+                 ["--source", "conntrack", "-o", "interval=0.2"]).start()
+    try:
+        assert netns(lab.sub(1), "curl", "-s", "-o", "/dev/null", f"http://{UP4}/big.bin").returncode == 0
+        time.sleep(1.5)
+        blocked = netns(lab.sub(1), "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                        f"http://{UP4}/index.html").stdout
+        assert blocked == "511"  # the block page, not the upstream
+    finally:
+        gw.stop()
+    con = sqlite3.connect(gw.db)
+    (balance,) = con.execute("SELECT balance FROM subscribers WHERE name = 's1'").fetchone()
+    con.close()
+    assert balance < -6 * 10 ** 7  # 0.02 EUR less about 0.084 EUR of download: a debt of ~0.06 EUR
+    netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
