@@ -120,7 +120,7 @@ def main() -> int:
     finally:
         lab_down(PREFIX)
     (tg, _), (nfq, _) = results.values()
-    print(f"| consumer | verdict | packets drained per second (best) | packets queued per drain |\n|---|---|---|---|")
+    print("| consumer | verdict | packets drained per second (best) | packets queued per drain |\n|---|---|---|---|")
     for name, (rate, ns_) in results.items():
         print(f"| {name} | {args.verdict} | {rate / 1e3:.0f} k | {min(ns_):,}-{max(ns_):,} |")
     print(f"\nverdict {args.verdict}: Tollgate drains a full queue {tg / nfq:.1f}x as fast as Python NetfilterQueue.")

@@ -53,3 +53,13 @@ def parse_source_options(name: str, pairs: list[str]) -> dict[str, str]:
             raise ConfigError("--source-option", f"source {name} has no option {key!r} (it takes: {hint})")
         options[key] = value
     return options
+
+
+def process_flows(engine, on_events, batch) -> None:
+    """Rate a batch of flow records, hand the engine's events on with their
+    records' times, and empty the batch for the next ones."""
+    if batch.n:
+        events = engine.process(batch)
+        if events:
+            on_events([(ev, batch.ts[ev.index]) for ev in events])
+    batch.clear()

@@ -32,6 +32,8 @@ import time
 
 from ext import PacketBatch
 
+from . import process_flows
+
 log = logging.getLogger("tollgate.sources.conntrack")
 
 NETLINK_NETFILTER = 12
@@ -224,8 +226,4 @@ class ConntrackSource:
         self._process(batch)
 
     def _process(self, batch: PacketBatch) -> None:
-        if batch.n:
-            events = self.engine.process(batch)
-            if events:
-                self.on_events([(ev, batch.ts[ev.index]) for ev in events])
-        batch.clear()
+        process_flows(self.engine, self.on_events, batch)

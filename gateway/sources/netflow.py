@@ -25,6 +25,8 @@ import time
 
 from ext import PacketBatch
 
+from . import process_flows
+
 log = logging.getLogger("tollgate.sources.netflow")
 
 _V5_HEADER = struct.Struct("!HHIIIIBBH")  # version, count, uptime, secs, nsecs, sequence, engine type/id, sampling
@@ -239,11 +241,7 @@ class NetflowSource:
         self._process(batch)
 
     def _process(self, batch: PacketBatch) -> None:
-        if batch.n:
-            events = self.engine.process(batch)
-            if events:
-                self.on_events([(ev, batch.ts[ev.index]) for ev in events])
-        batch.clear()
+        process_flows(self.engine, self.on_events, batch)
 
     def stop(self) -> None:
         self.stopping.set()
