@@ -156,6 +156,7 @@ class Gateway:
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
+        self.kernel_before: dict | None = None  # the previous drift check's kernel counters (passive sources)
         self.rates = None  # policy.limits.Limits, once some subscriber's speed or connections are limited
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
@@ -666,9 +667,19 @@ class Gateway:
         means traffic the engine never rated: the queue bypassed on overflow
         or while down (fail-open), offload, a rule the operator added."""
         self.next_drift_check = time.monotonic() + self.opts.drift_interval
+        if not self.opts.inline:
+            # a passive source reports traffic a while after the kernel counted it: compare what the
+            # kernel had counted at the previous check, which must have reached the engine by now
+            kernel, self.kernel_before = self.kernel_before, kernel
+            if kernel is None:
+                return
         drift = {}
         for sid, kernel_bytes in kernel.items():
+            if sid not in self.acct.subscribers:
+                continue
             gap = kernel_bytes - self.engine_bytes.get(sid, 0)
+            if not self.opts.inline:
+                gap = max(gap, 0)  # the engine is ahead of the old snapshot: nothing missing
             if abs(gap) > max(self.opts.drift_min_bytes, kernel_bytes // 200):
                 drift[self.acct.subscribers[sid].name] = gap
         for name in set(self.drift) - set(drift):

@@ -4,6 +4,7 @@ per-subscriber counters of our nft table (forwarded IP bytes)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -13,7 +14,8 @@ UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 
 
 def test_conntrack_bytes_equal_the_kernel_counters(lab, tmp_path):
-    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n), ["--source", "conntrack", "-o", "interval=0.5"]).start()
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n), ["--source", "conntrack", "-o", "interval=0.5",
+                                                       "--drift-interval", "1"]).start()
     try:
         s = lab.sub
         procs = [
@@ -23,7 +25,9 @@ def test_conntrack_bytes_equal_the_kernel_counters(lab, tmp_path):
             netns(s(4), "ping", "-c", "20", "-i", "0.05", "-s", "1000", UP4),
         ]
         assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs if p.returncode]
-        time.sleep(1.5)  # a dump or two after the last packet
+        time.sleep(2.5)  # dumps after the last packet, and drift checks: the source's lag is no drift
+        health = json.loads(netns(lab.gw, "curl", "-s", "-m", "2", "http://127.0.0.1:8080/healthz").stdout)
+        assert health["drift_bytes"] == {} and health["source"] == "conntrack"
     finally:
         gw.stop()  # the last dump and flush happen on the way out
     counters = gw.kernel_counters()
