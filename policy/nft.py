@@ -47,6 +47,18 @@ counted once, by the first set that matches, in that order.
   crosses a veth. Traffic to or from the gateway itself (DNS, portal) is not
   forwarded and not counted. A packet between two subscribers counts as
   upload for one and download for the other.
+* ``passive`` (forward, 0), instead of the queue when a passive source
+  counts: first the per-subscriber kernel quotas, ``quota name ip saddr map
+  @quota4 drop`` (and daddr, and the other slots): a named quota object
+  ``q<subscriber id>`` per subscriber, ``over N bytes``, shared by all its
+  networks and both directions, drops every packet once the subscriber has
+  used N bytes since the quota was last reset (so a lagging reader cannot let
+  a subscriber overspend; the quota counts the bytes of every packet it sees,
+  dropped ones too); then, for the NFLOG source, ``log group G snaplen S
+  queue-threshold Q`` copies the headers of each packet from or to a local
+  network, once (``accept`` after logging: a packet between two subscribers
+  is not logged twice). A packet the quota drops is neither logged nor
+  counted by ``account``.
 * ``local`` (input, -10): a blocked subscriber may reach DNS (udp and tcp 53)
   and the portal port on the gateway's addresses, IPv6 neighbour discovery,
   and the allow-list; everything else is rejected.
@@ -84,6 +96,8 @@ SLOTS = (("ip", "4", "ipv4_addr", 32, ""),
          ("ip6", "6_net", "ipv6_addr", None, ""))
 PURPOSES = ("blocked", "up", "down")
 PREFIX_OF = {suffix: plen for _f, suffix, _t, plen, _m in SLOTS}
+QUOTA_MAP = "quota"  # quota4, quota6_64, ...: network -> the subscriber's quota object
+QUOTA_PREFIX = "q"   # the quota object of subscriber 12 is q12
 
 
 class PolicyError(TollgateError):
@@ -188,11 +202,16 @@ class Enforcer:
     ``local_networks``: the subscriber networks whose traffic is queued;
     ``allow``: what blocked subscribers may still reach (``AllowRule``,
     config ``ZoneRule`` or ``(network, proto, lo, hi)``);
-    ``dns_port``: DNS on the gateway, always allowed to blocked subscribers.
+    ``dns_port``: DNS on the gateway, always allowed to blocked subscribers;
+    ``log_group``: log the local networks' forwarded packets to this NFLOG
+    group (the NFLOG source; use with ``queues=()``), ``log_snaplen`` bytes of
+    each, ``log_threshold`` packets per netlink datagram;
+    ``quotas``: per-subscriber kernel quotas (``set_quotas``).
     """
 
     def __init__(self, queues=(0,), fail_open: bool = True, portal_port: int = 8080,
-                 local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53) -> None:
+                 local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53, log_group: int | None = None,
+                 log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False) -> None:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
         queues = sorted(queues)
@@ -205,6 +224,16 @@ class Enforcer:
         self.local_networks = [_canon(n) for n in local_networks]
         self.allow = [AllowRule.of(r) for r in allow]
         self.native_queue: bool | None = None
+        if log_group is not None and not 0 <= log_group <= 65535:
+            raise PolicyError(f"log group must be 0..65535, not {log_group}")
+        if log_group is not None and self.queue is not None:
+            raise PolicyError("a log group is for a passive source: give no queues with it")
+        if not 20 <= log_snaplen <= 65535 or not 1 <= log_threshold <= 65535:
+            raise PolicyError("log snaplen must be 20..65535 and the queue threshold 1..65535")
+        self.log_group = log_group
+        self.log_snaplen = int(log_snaplen)
+        self.log_threshold = int(log_threshold)
+        self.quotas_on = bool(quotas)
 
     @classmethod
     def from_config(cls, config, **kw) -> Enforcer:
@@ -263,7 +292,7 @@ class Enforcer:
         """Every FORWARD rule carrying our comment, whatever queues it was made with."""
         found = []
         for tool in ("iptables-nft", "ip6tables-nft"):
-            listing = subprocess.run([tool, "-S", "FORWARD"], capture_output=True, text=True).stdout
+            listing = subprocess.run([tool, "-S", "FORWARD"], check=False, capture_output=True, text=True).stdout
             for line in listing.splitlines():
                 if line.startswith("-A FORWARD ") and f"--comment {COMMENT}" in line:
                     found.append((tool, shlex.split(line)[2:]))
@@ -277,17 +306,17 @@ class Enforcer:
         for tool, rule in self._our_xtables_rules():
             # iptables -S prints "-s 100.64.0.0/10"; compare on that form
             if (tool, " ".join(rule)) not in canon:
-                subprocess.run([tool, "-D", "FORWARD", *rule], capture_output=True)
+                subprocess.run([tool, "-D", "FORWARD", *rule], check=False, capture_output=True)
         for tool, rule in wanted:
-            if subprocess.run([tool, "-C", "FORWARD"] + rule, capture_output=True).returncode == 0:
+            if subprocess.run([tool, "-C", "FORWARD"] + rule, check=False, capture_output=True).returncode == 0:
                 continue
-            proc = subprocess.run([tool, "-A", "FORWARD"] + rule, capture_output=True, text=True)
+            proc = subprocess.run([tool, "-A", "FORWARD"] + rule, check=False, capture_output=True, text=True)
             if proc.returncode:
                 raise PolicyError(f"{tool} -A FORWARD {' '.join(rule)}: {proc.stderr.strip()}")
 
     def _xtables_remove(self) -> None:
         for tool, rule in self._our_xtables_rules():
-            subprocess.run([tool, "-D", "FORWARD", *rule], capture_output=True)
+            subprocess.run([tool, "-D", "FORWARD", *rule], check=False, capture_output=True)
 
     # ---- the ruleset -----------------------------------------------------------
 
@@ -300,6 +329,9 @@ class Enforcer:
             f"  set {purpose}{suffix} {{ type {kind};{'' if plen else ' flags interval;'}"
             f"{' counter;' if purpose != 'blocked' else ''} }}\n"
             for purpose in PURPOSES for _fam, suffix, kind, plen, _mask in SLOTS)
+        if self.quotas_on:
+            sets += "".join(f"  map {QUOTA_MAP}{suffix} {{ type {kind} : quota;{'' if plen else ' flags interval;'} }}\n"
+                            for _fam, suffix, kind, plen, _mask in SLOTS)
 
         def each(purpose: str, direction: str, then: str) -> list[str]:
             return [f"{fam} {direction}addr{mask} @{purpose}{suffix} {then}".rstrip()
@@ -313,6 +345,20 @@ class Enforcer:
                 stmts += [f"{fam} saddr {net} {self._queue_stmt()}", f"{fam} daddr {net} {self._queue_stmt()}"]
             queue = ("  chain queue {\n    type filter hook forward priority 0; policy accept;\n"
                      + lines(stmts) + "  }\n")
+        passive = ""
+        if self.quotas_on or self.log_group is not None:
+            stmts = [f"quota name {fam} {direction}addr{mask} map @{QUOTA_MAP}{suffix} drop"
+                     for direction in "sd" for fam, suffix, _kind, _plen, mask in SLOTS] if self.quotas_on else []
+            if self.log_group is not None:
+                log_stmt = (f"log group {self.log_group} snaplen {self.log_snaplen} "
+                            f"queue-threshold {self.log_threshold} accept")
+                for fam in ("ip", "ip6"):
+                    nets = [n for n in self.local_networks if (":" in n) == (fam == "ip6")]
+                    if nets:
+                        stmts += [f"{fam} saddr {{ {', '.join(nets)} }} {log_stmt}",
+                                  f"{fam} daddr {{ {', '.join(nets)} }} {log_stmt}"]
+            passive = ("  chain passive {\n    type filter hook forward priority 0; policy accept;\n"
+                       + lines(stmts) + "  }\n")
         reject = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
         local_allowed = [
             f"meta l4proto {{ tcp, udp }} th dport {self.dns_port} accept",
@@ -331,6 +377,7 @@ class Enforcer:
             + lines([f"{r.match('s')} accept" for r in self.allow] + ["drop"])
             + "  }\n"
             + queue
+            + passive
             + "  chain account {\n    type filter hook forward priority 10; policy accept;\n"
             + lines(["jump count_up", "jump count_down"])
             # return at the first match: each packet counted once per direction
@@ -361,7 +408,8 @@ class Enforcer:
             self._xtables_remove()  # left by an earlier run on another kernel's rules
         else:
             self._xtables_install()
-        log.info("installed table inet %s (%s)", TABLE, "no queue" if self.queue is None else
+        log.info("installed table inet %s (%s)", TABLE, (f"NFLOG group {self.log_group}" if self.log_group is not None
+                                                        else "no queue") if self.queue is None else
                  ("native queue " if self.native_queue else "xtables NFQUEUE fallback ") + self._queue_stmt())
 
     def installed(self) -> bool:
@@ -488,6 +536,106 @@ class Enforcer:
                 row[f"{way}_bytes"] = counter.get("bytes", 0)
                 row[f"{way}_packets"] = counter.get("packets", 0)
         return rows
+
+    # ---- kernel quotas -------------------------------------------------------------
+
+    def _quota_obj(self, sid: int, allowed: int | None = None) -> dict:
+        obj = {"family": "inet", "table": TABLE, "name": f"{QUOTA_PREFIX}{int(sid)}"}
+        if allowed is not None:
+            if not 0 <= allowed < 2 ** 63:
+                raise PolicyError(f"quota of subscriber {sid}: {allowed} bytes is out of range")
+            obj.update(bytes=int(allowed), inv=True)  # "over N bytes": matches (drops) past N
+        return obj
+
+    def _quota_elements(self, verb: str, sid: int, networks) -> list:
+        return [{verb: {"element": {"family": "inet", "table": TABLE, "name": QUOTA_MAP + suffix,
+                                    "elem": [[e, f"{QUOTA_PREFIX}{int(sid)}"] for e in elems]}}}
+                for suffix, elems in _split(networks).items()]
+
+    def _need_quotas(self) -> None:
+        if not self.quotas_on:
+            raise PolicyError("this enforcer was made without quotas=True: the table has no quota maps")
+
+    def set_quotas(self, quotas: dict) -> None:
+        """``{subscriber id: (networks, allowed bytes)}``: create each
+        subscriber's quota (or renew its limit, keeping what it has used) and
+        point its networks at it, all in one transaction. The kernel drops the
+        subscriber's packets once it has used more than ``allowed`` bytes
+        since the quota was created or last reset."""
+        self._need_quotas()
+        cmds = []
+        for sid, (networks, allowed) in quotas.items():
+            cmds.append({"add": {"quota": self._quota_obj(sid, allowed)}})
+            cmds += self._quota_elements("add", sid, networks)
+        self._run(cmds)
+
+    def set_quota_limits(self, limits: dict) -> None:
+        """``{subscriber id: allowed bytes}`` for existing quotas, in one
+        transaction; the bytes they have used stay."""
+        self._need_quotas()
+        self._run([{"add": {"quota": self._quota_obj(sid, allowed)}} for sid, allowed in limits.items()])
+
+    def reset_quotas(self, sids) -> dict[int, int]:
+        """Set the used bytes of these quotas to zero (one transaction);
+        returns what each had used."""
+        self._need_quotas()
+        sids = list(sids)
+        if not sids:
+            return {}
+        out = self._json([{"reset": {"quota": self._quota_obj(sid)}} for sid in sids])
+        return {int(q["name"][len(QUOTA_PREFIX):]): q.get("used", 0)
+                for q in (i.get("quota") for i in out.get("nftables", [])) if q}
+
+    def remove_quotas(self, quotas: dict) -> None:
+        """``{subscriber id: networks}``: drop the map elements and the quota
+        objects, one transaction (elements missing already are no error)."""
+        self._need_quotas()
+        have = self.quotas()
+        elements = self._read_quota_maps()
+        cmds = []
+        for sid, networks in quotas.items():
+            present = [n for n in networks if elements.get(_canon(n)) == int(sid)]
+            cmds += self._quota_elements("delete", sid, present)
+            if int(sid) in have:
+                cmds.append({"delete": {"quota": self._quota_obj(sid)}})
+        self._run(cmds)
+
+    def restore_quotas(self, quotas: dict) -> None:
+        """Exactly these quotas (``{sid: (networks, allowed)}``), used bytes
+        zero, in one transaction: the maps are flushed and every quota object
+        of ours deleted first."""
+        self._need_quotas()
+        cmds = [{"flush": {"map": {"family": "inet", "table": TABLE, "name": QUOTA_MAP + suffix}}}
+                for _f, suffix, _t, _p, _m in SLOTS]
+        cmds += [{"delete": {"quota": self._quota_obj(sid)}} for sid in self.quotas()]
+        for sid, (networks, allowed) in quotas.items():
+            cmds.append({"add": {"quota": self._quota_obj(sid, allowed)}})
+            cmds += self._quota_elements("add", sid, networks)
+        self._run(cmds)
+
+    def quotas(self) -> dict[int, dict]:
+        """``{subscriber id: {"used": bytes, "allowed": bytes}}`` from one listing."""
+        out = self._json([{"list": {"quotas": {"family": "inet", "table": TABLE}}}])
+        found = {}
+        for item in out.get("nftables", []):
+            q = item.get("quota")
+            if q and q.get("table") == TABLE and q["name"].startswith(QUOTA_PREFIX) \
+                    and q["name"][len(QUOTA_PREFIX):].isdigit():
+                found[int(q["name"][len(QUOTA_PREFIX):])] = {"used": q.get("used", 0), "allowed": q.get("bytes", 0)}
+        return found
+
+    def _read_quota_maps(self) -> dict[str, int]:
+        """``{network: subscriber id}`` of the quota maps."""
+        out = self._json([{"list": {"table": {"family": "inet", "name": TABLE}}}])
+        found = {}
+        for item in out.get("nftables", []):
+            m = item.get("map")
+            if not m or not m["name"].startswith(QUOTA_MAP) or m["name"][len(QUOTA_MAP):] not in PREFIX_OF:
+                continue
+            plen = PREFIX_OF[m["name"][len(QUOTA_MAP):]]
+            for key, target in m.get("elem", []):
+                found[_elem_key(key, plen)] = int(str(target)[len(QUOTA_PREFIX):])
+        return found
 
     def dump(self) -> str:
         """Our table as nft text, or '' when it is not installed."""

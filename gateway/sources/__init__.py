@@ -24,6 +24,7 @@ from ext.errors import ConfigError
 SOURCES: dict[str, str] = {
     "nfqueue": "ext.nfqueue:QueueReader",
     "conntrack": "gateway.sources.conntrack:ConntrackSource",
+    "nflog": "gateway.sources.nflog:NflogSource",
     "netflow": "gateway.sources.netflow:NetflowSource",
 }
 
