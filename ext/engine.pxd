@@ -69,6 +69,7 @@ cdef struct tg_sub:
     int64_t credit
     uint64_t dropped_bytes
     uint64_t dropped_packets     # cumulative: 32 bits would wrap in an hour at 1 Mpps
+    uint64_t rated_bytes         # cumulative bytes counted, both directions: what a kernel quota is kept against
     uint16_t tariff
     uint8_t blocked
     uint8_t warned

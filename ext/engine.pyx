@@ -833,7 +833,7 @@ cdef class EngineC:
         tg_unlock(&s.lock)
         return SubscriberState(copy.tariff, copy.balance, copy.credit, copy.blocked,
                                tuple([allow[b] for b in range(n)]), copy.warned, copy.dropped_packets,
-                               copy.dropped_bytes)
+                               copy.dropped_bytes, copy.rated_bytes)
 
     def subscribers(self):
         """Ids of all subscribers, ascending."""
@@ -997,6 +997,7 @@ cdef class EngineC:
                     allowed = self._allowed(pk.src, pk.v6, pk.proto, pk.has_ports, pk.sport)
             if allowed:
                 c.bytes += length
+                s.rated_bytes += length
                 c.packets_carry += <uint64_t> pk.count << CARRY_BITS
                 self._mark(sid, s)
                 tg_unlock(&s.lock)
@@ -1044,6 +1045,7 @@ cdef class EngineC:
             verdict = NF_DROP  # charged all the same: the traffic already passed
         s.balance -= cost
         c.bytes += length
+        s.rated_bytes += length
         c.charged += cost
         c.packets_carry = ((c.packets_carry >> CARRY_BITS) + pk.count) << CARRY_BITS | <uint64_t> (
             amount % PRICE_SCALE)

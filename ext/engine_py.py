@@ -140,6 +140,7 @@ class SubscriberState(NamedTuple):
     warned: int  # how many warning levels have fired
     dropped_packets: int
     dropped_bytes: int
+    rated_bytes: int  # cumulative bytes counted, both directions (see policy's kernel quotas)
 
 
 class EngineStats(NamedTuple):
@@ -324,7 +325,7 @@ class Tariff:
 
 class Subscriber:
     __slots__ = ("tariff", "balance", "credit", "blocked", "allowance", "warned",
-                 "dropped_packets", "dropped_bytes", "counters", "carry")
+                 "dropped_packets", "dropped_bytes", "rated_bytes", "counters", "carry")
 
     def __init__(self, tariff: int, balance: int, credit: int, allowance: list[int]) -> None:
         self.tariff = tariff
@@ -335,6 +336,7 @@ class Subscriber:
         self.warned = 0
         self.dropped_packets = 0
         self.dropped_bytes = 0
+        self.rated_bytes = 0
         self.counters: dict[tuple[int, int], list[int]] = {}  # (zone, dir) -> [bytes, packets, charged]
         self.carry: dict[tuple[int, int], int] = {}  # survives drains
 
@@ -586,7 +588,7 @@ class EnginePy:
     def subscriber(self, sid: int) -> SubscriberState:
         s = self._sub(sid)
         return SubscriberState(s.tariff, s.balance, s.credit, s.blocked, tuple(s.allowance), s.warned,
-                               s.dropped_packets, s.dropped_bytes)
+                               s.dropped_packets, s.dropped_bytes, s.rated_bytes)
 
     def subscribers(self) -> list[int]:
         return sorted(self._subs)
@@ -649,6 +651,7 @@ class EnginePy:
         c[0] += length
         c[1] += count
         c[2] += cost
+        sub.rated_bytes += length
 
     def _rate(self, sid: int, sub: Subscriber, zone: int, direction: int, length: int, count: int,
               aggregate: bool, slot: int, index: int, allowed: bool, events: list) -> int:

@@ -280,12 +280,8 @@ cdef class LogReader:
     cdef Py_ssize_t _one_batch(self) noexcept nogil:
         """One recvmmsg, one engine call. Returns the number of events."""
         cdef int n = recvmmsg(self.fd, self.msgs, self.batch_size, MSG_WAITFORONE, NULL)
-        cdef int i, rc, remaining
+        cdef int i
         cdef uint32_t k = 0
-        cdef const char *base
-        cdef const nlmsghdr *nlh
-        cdef tg_nful_packet pkt
-        cdef tg_batch b
         cdef int64_t now
         if n < 0:
             if errno == ENOBUFS:
@@ -296,34 +292,49 @@ cdef class LogReader:
         now = tg_now_ns()
         self.n_datagrams += n
         for i in range(n):
-            base = self.rx + <size_t> i * self.slot
-            remaining = self.msgs[i].msg_len
             if self.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 self.n_truncated += 1  # the packets cut off show as a sequence gap
-            nlh = <const nlmsghdr *> base
-            while remaining >= NLMSG_HDRLEN and nlh.nlmsg_len >= NLMSG_HDRLEN and nlh.nlmsg_len <= <uint32_t> remaining:
-                rc = tg_nful_parse(nlh, self.rx, &pkt)
-                if rc < 0:
-                    self.n_malformed += 1
-                elif rc > 0:
-                    if pkt.has_seq:
-                        self._sequence(pkt.seq)
-                    else:
-                        self.n_no_seq += 1
-                    if k >= self.capacity:
-                        self.n_overflow += 1  # cannot happen with MIN_MESSAGE right; counted if it does
-                    else:
-                        if pkt.wire_len == 0:
-                            self.n_unknown_length += 1
-                            pkt.wire_len = pkt.payload_len
-                        self.offset[k] = pkt.payload_off
-                        self.caplen[k] = pkt.payload_len
-                        self.wirelen[k] = pkt.wire_len
-                        self.ts[k] = now
-                        self.n_bytes += pkt.wire_len
-                        k += 1
-                remaining -= NLMSG_ALIGN(nlh.nlmsg_len)
-                nlh = <const nlmsghdr *> ((<const char *> nlh) + NLMSG_ALIGN(nlh.nlmsg_len))
+            k = self._walk(<size_t> i * self.slot, self.msgs[i].msg_len, k, now)
+        return self._rate(k)
+
+    cdef uint32_t _walk(self, size_t start, int remaining, uint32_t k, int64_t now) noexcept nogil:
+        """Take the packet messages of the datagram at ``rx + start`` into the
+        batch from entry ``k`` on; returns the new number of entries."""
+        cdef const nlmsghdr *nlh = <const nlmsghdr *> (self.rx + start)
+        cdef tg_nful_packet pkt
+        cdef int rc
+        while remaining >= NLMSG_HDRLEN and nlh.nlmsg_len >= NLMSG_HDRLEN and nlh.nlmsg_len <= <uint32_t> remaining:
+            rc = tg_nful_parse(nlh, self.rx, &pkt)
+            if rc < 0:
+                self.n_malformed += 1
+            elif rc > 0:
+                if pkt.has_seq:
+                    self._sequence(pkt.seq)
+                else:
+                    self.n_no_seq += 1
+                if k >= self.capacity:
+                    self.n_overflow += 1  # cannot happen while MIN_MESSAGE holds; counted if it does
+                else:
+                    if pkt.wire_len == 0:
+                        self.n_unknown_length += 1
+                        pkt.wire_len = pkt.payload_len
+                    self.offset[k] = pkt.payload_off
+                    self.caplen[k] = pkt.payload_len
+                    self.wirelen[k] = pkt.wire_len
+                    self.ts[k] = now
+                    self.n_bytes += pkt.wire_len
+                    k += 1
+            if NLMSG_ALIGN(nlh.nlmsg_len) >= <uint32_t> remaining:
+                break
+            remaining -= NLMSG_ALIGN(nlh.nlmsg_len)
+            nlh = <const nlmsghdr *> ((<const char *> nlh) + NLMSG_ALIGN(nlh.nlmsg_len))
+        if remaining > 0 and (remaining < NLMSG_HDRLEN or nlh.nlmsg_len < NLMSG_HDRLEN
+                              or nlh.nlmsg_len > <uint32_t> remaining):
+            self.n_malformed += 1  # trailing bytes that are no whole message
+        return k
+
+    cdef Py_ssize_t _rate(self, uint32_t k) noexcept nogil:
+        cdef tg_batch b
         if k == 0:
             return 0
         b.buf = <const unsigned char *> self.rx
@@ -337,3 +348,18 @@ cdef class LogReader:
         self.n_batches += 1
         self.n_packets += k
         return self.engine.process_c(&b, self.events)
+
+    def feed(self, const unsigned char[:] datagram):
+        """Rate ``datagram`` as if it had been received (tests: damaged input
+        goes through the same parser); returns the engine's events."""
+        if datagram.shape[0] > self.slot:
+            raise ValueError(f"a datagram of at most {self.slot} bytes")
+        cdef Py_ssize_t i, n_events
+        for i in range(datagram.shape[0]):
+            self.rx[i] = datagram[i]
+        with nogil:
+            n_events = self._rate(self._walk(0, <int> datagram.shape[0], 0, tg_now_ns()))
+        self.n_datagrams += 1
+        self.n_events += n_events
+        return [Event(self.events[i].kind, self.events[i].subscriber, self.events[i].index, self.events[i].reason,
+                      self.events[i].balance) for i in range(n_events)]

@@ -294,7 +294,8 @@ def cmd_run(args) -> int:
     source_options = parse_source_options(args.source, args.source_option)
     return run(RunOptions(args.config, db, queues, not args.fail_closed, args.listen, args.port, args.engine,
                           linger_us=args.linger_us, drift_interval=args.drift_interval, source=args.source,
-                          source_options=source_options, clock_offset=args.clock_offset))
+                          source_options=source_options, clock_offset=args.clock_offset,
+                          kernel_quota=args.kernel_quota))
 
 
 def _queues(text: str) -> tuple:
@@ -382,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="nfqueue", choices=source_names(),
                    help="where traffic is counted: nfqueue (inline, default; stops a subscriber at the exact "
                         "packet) or a passive source (see gateway/sources)")
+    p.add_argument("--kernel-quota", action=argparse.BooleanOptionalAction, default=None,
+                   help="under a passive source, a kernel quota per subscriber kept at what its balance buys, "
+                        "so traffic stops at the byte however far the source lags (default: on for nflog and "
+                        "conntrack, off for netflow, whose traffic the gateway may not forward)")
     p.add_argument("--source-option", "-o", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of a passive source, e.g. -o listen=0.0.0.0:2055 (repeatable; a wrong name "
                         "lists the source's options)")

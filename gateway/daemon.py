@@ -44,6 +44,7 @@ from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
 
 log = logging.getLogger("tollgate.daemon")
 PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
+QUOTA_POLL = 0.1  # seconds between kernel quota rounds (passive sources)
 
 
 @dataclass
@@ -64,10 +65,19 @@ class RunOptions:
     clock_offset: float = 0.0  # seconds added to the calendar's clock (see Gateway.calendar_now)
     source: str = "nfqueue"  # see gateway/sources
     source_options: dict = field(default_factory=dict)
+    kernel_quota: bool | None = None  # per-subscriber kernel quotas; None: on for nflog and conntrack
 
     @property
     def inline(self) -> bool:
         return self.source == "nfqueue"
+
+    @property
+    def quotas(self) -> bool:
+        """Whether kernel quotas back a passive source (see gateway/sources/nflog.py):
+        meaningful only where the gateway forwards the traffic it counts."""
+        if self.inline:
+            return False
+        return self.source in ("nflog", "conntrack") if self.kernel_quota is None else self.kernel_quota
 
 
 class EngineCollector:
@@ -158,6 +168,7 @@ class Gateway:
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
         self.kernel_before: dict | None = None  # the previous drift check's kernel counters (passive sources)
         self.rates = None  # policy.limits.Limits, once some subscriber's speed or connections are limited
+        self.kernel_quotas = None  # gateway.sources.nflog.KernelQuotas, under a passive source with quotas
         self.last_flush = time.time()
         self.registry = CollectorRegistry()
         self.m_blocks = Counter("tollgate_blocks", "subscribers blocked", ["reason"], registry=self.registry)
@@ -195,10 +206,17 @@ class Gateway:
         events += self.acct.start_billing(self.calendar_now())[1]
         events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
         self.acct.resume_from_ledger(self.calendar_now())
+        self._make_readers()
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self._restore_limits()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
+        if self.opts.quotas:
+            from .sources.nflog import KernelQuotas
+
+            self.enforcer.restore_quotas({})  # an earlier run's quotas counted bytes this engine never saw
+            self.kernel_quotas = KernelQuotas(self.enforcer, self.acct.engine)
+            self._quota_round()
         log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
                  len(self._blocked_networks()))
         for ev in events:
@@ -209,6 +227,8 @@ class Gateway:
                 self.enforcer.block(self._networks(sid))
         self._start_readers()
         self._spawn("policy", self._policy_loop)
+        if self.kernel_quotas is not None:
+            self._spawn("quotas", self._quota_loop)
         self._spawn("flusher", self._flush_loop)
         self._spawn("http", self._serve_http)
         if self.config.notify.webhook or self.config.notify.command:
@@ -217,8 +237,34 @@ class Gateway:
     def _enforcer(self, cfg: Config):
         from policy.nft import Enforcer
 
-        return Enforcer.from_config(cfg, queues=self.opts.queues if self.opts.inline else (),
-                                    fail_open=self.opts.fail_open, portal_port=self.opts.port)
+        if self.opts.inline:
+            kw = {"queues": self.opts.queues}
+        else:  # the source says what it needs (NFLOG: the log rule)
+            kw = {"queues": (), **getattr(self.readers[0], "enforcer_options", dict)(), "quotas": self.opts.quotas}
+        return Enforcer.from_config(cfg, fail_open=self.opts.fail_open, portal_port=self.opts.port, **kw)
+
+    # ---- kernel quotas under a passive source (gateway/sources/nflog.py) -------------
+
+    def _quota_round(self) -> None:
+        """Quotas at what each subscriber's balance buys now; then block in the
+        engine whoever the kernel has stopped."""
+        wanted = {}
+        for sid, info in list(self.acct.subscribers.items()):
+            if info.addresses:
+                left, rated = self.acct.bytes_left(sid)
+                wanted[sid] = (info.addresses, left, rated)
+        with self.enforcer_lock:
+            self.kernel_quotas.sync(wanted)
+            events = self.kernel_quotas.check()
+        if events:
+            self.events.put(events)
+
+    def _quota_loop(self) -> None:
+        while not self.stopping.wait(QUOTA_POLL):
+            try:
+                self._quota_round()
+            except Exception:  # nft busy or a subscriber removed mid-round: the next round retries
+                log.exception("kernel quota round failed")
 
     # ---- speed and connection limits (policy/limits.py) ------------------------------
 
@@ -274,22 +320,23 @@ class Gateway:
         t.start()
         self.threads.append(t)
 
-    def _start_readers(self) -> None:
+    def _make_readers(self) -> None:
         from ext.nfqueue import QueueReader
 
         from .sources import source_class
 
         if not self.opts.inline:
-            reader = source_class(self.opts.source)(self.acct.engine, self.events.put, **self.opts.source_options)
-            self.readers.append(reader)
-            self._spawn(self.opts.source, reader.run)
+            self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put,
+                                                               **self.opts.source_options))
             return
         for q in self.opts.queues:
-            reader = QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
-                                 fail_open=self.opts.fail_open, on_events=self.events.put,
-                                 linger_us=self.opts.linger_us)
-            self.readers.append(reader)
-            self._spawn(f"queue{q}", reader.run)
+            self.readers.append(QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
+                                            fail_open=self.opts.fail_open, on_events=self.events.put,
+                                            linger_us=self.opts.linger_us))
+
+    def _start_readers(self) -> None:
+        for reader in self.readers:
+            self._spawn(f"queue{reader.queue_num}" if self.opts.inline else self.opts.source, reader.run)
 
     def stop(self) -> None:
         """Flush and stop; the kernel table and its blocks stay in place."""
@@ -720,6 +767,7 @@ class Gateway:
                 "block_latency_ms": {"n": len(lat), "p50": pct(0.5), "p99": pct(0.99)},
                 "drift_bytes": self.drift,
                 "source": self.opts.source,
+                "kernel_quotas": self.kernel_quotas.counts if self.kernel_quotas is not None else None,
                 "queue": {getattr(r, "queue_num", self.opts.source): r.stats() for r in self.readers}}
 
     def subscriber_page(self, address: str) -> dict | None:

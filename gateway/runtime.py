@@ -15,7 +15,7 @@ from accounting import access
 from accounting.billing import Biller, Posting, Terms
 from accounting.ledger import Ledger
 from ext import engine_class
-from ext.constants import BLOCK_SCHEDULE, BLOCK_VOLUME
+from ext.constants import BLOCK_SCHEDULE, BLOCK_VOLUME, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
@@ -62,6 +62,7 @@ class Accountant:
         self.biller = Biller(cfg.tariffs, cfg.timezone)
         self.terms: dict[int, Terms] = {}
         self.since: dict[int, int | None] = {}  # id -> when its billing started, if known before the first packet
+        self.cheapest_price: dict[int, int] = {}  # engine tariff id -> its lowest non-zero price (0: all free)
         self.load_tables(cfg)
 
     def load_tables(self, cfg: Config) -> None:
@@ -91,11 +92,21 @@ class Accountant:
             if tid is None:
                 tid = self.tariff_ids[name] if discount == tariff.discount else \
                     max([len(self.tariff_ids) - 1, *self.engine_tariffs.values()]) + 1
-            self.engine.set_tariff(tid, tariff.engine_prices(len(self.config.zones), len(self.config.schedule.slots),
-                                                             discount),
-                                   tariff.engine_buckets(discount), tariff.warn_levels)
+            prices = tariff.engine_prices(len(self.config.zones), len(self.config.schedule.slots), discount)
+            self.engine.set_tariff(tid, prices, tariff.engine_buckets(discount), tariff.warn_levels)
+            self.cheapest_price[tid] = min((p for p in prices if p > 0), default=0)
             self.engine_tariffs[key] = tid
         return self.engine_tariffs[key]
+
+    def bytes_left(self, sid: int) -> tuple[int, int]:
+        """(bytes the subscriber can still pass at most, bytes rated so far),
+        read in one step: its free volume plus what its balance buys of its
+        cheapest priced traffic (kernel quotas are kept at this; the engine
+        stops it first wherever the traffic costs more)."""
+        state = self.engine.subscriber(sid)
+        price = self.cheapest_price.get(state.tariff, 0)
+        money = (state.balance + state.credit) * PRICE_SCALE // price if price > 0 else 1 << 62
+        return max(0, money) + sum(state.allowance), state.rated_bytes
 
     def terms_for(self, row: dict, tariff: str | None = None) -> Terms:
         """Billing terms of a subscriber ``row`` (as :func:`ledger_rows` gives

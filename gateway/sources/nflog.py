@@ -21,7 +21,8 @@ current:
   Bytes the kernel passed that the engine has not rated yet are in ``used``
   but not in ``seen``: the kernel lets through exactly ``left`` minus them, so
   its cut and the engine's agree however stale the last refresh is;
-* a subscriber the quota stopped (``used > limit``) is blocked in the engine
+* a subscriber the quota stopped (``used`` reached the limit: the kernel
+  reports use capped at it) is blocked in the engine
   (``BLOCK_LIMIT``, the usual block event: kernel set, block page), since the
   engine would otherwise never see the packet that breaches;
 * when a blocked subscriber is unblocked (a payment), its quota is reset:
@@ -96,10 +97,10 @@ class KernelQuotas:
     buys (see the module docstring). ``enforcer`` is a ``policy.nft.Enforcer``
     made with ``quotas=True``; ``engine`` the engine the source feeds.
 
-    The caller (the daemon, or a test harness) calls :meth:`sync` whenever it
-    knows new balances (after each flush, after a payment) and :meth:`check`
-    often (every 0.1-0.2 s); both return engine events to push to the kernel
-    sets. One caller at a time (an internal lock makes that so)."""
+    The caller (the daemon, or a test harness) calls :meth:`sync` with fresh
+    balances and then :meth:`check` often (every 0.1 s); ``check`` returns
+    engine events to push to the kernel sets. One caller at a time (an
+    internal lock makes that so)."""
 
     def __init__(self, enforcer, engine) -> None:
         self.enforcer = enforcer
@@ -109,13 +110,14 @@ class KernelQuotas:
         self.limit: dict[int, int] = {}     # the limit last written
         self.networks: dict[int, tuple] = {}
         self.stopped: set[int] = set()      # subscribers the quota stopped and the engine blocked
+        self.at_limit: set[int] = set()     # subscribers at their limit in the last check
         self.counts = {"refreshes": 0, "resets": 0, "quota_blocks": 0}
 
     def sync(self, subscribers: dict) -> None:
         """``{sid: (networks, bytes_left, rated_bytes)}`` for every subscriber
         under a quota: ``bytes_left`` what its balance still buys (0 if
-        none), ``rated_bytes`` all bytes the engine has rated for it (a
-        running total, both directions). New subscribers get a quota,
+        none), ``rated_bytes`` all bytes the engine has rated for it
+        (``SubscriberState.rated_bytes``, a running total). New subscribers get a quota,
         vanished ones lose theirs, changed networks are re-pointed; limits
         change in one transaction."""
         with self.lock:
@@ -155,33 +157,29 @@ class KernelQuotas:
                 self.counts["refreshes"] += 1
 
     def check(self) -> list:
-        """Block in the engine every subscriber its quota has stopped; the
-        ``(Event, ts_ns)`` pairs to hand to the kernel sets."""
+        """Block in the engine every subscriber its quota has stopped at two
+        checks in a row (with a :meth:`sync` between them, so the engine has
+        rated what was in flight: a subscriber whose free traffic outran the
+        last refresh gets a higher limit, not a block); the ``(Event, ts_ns)``
+        pairs to hand to the kernel sets."""
         with self.lock:
             events = []
             now = time.time_ns()
+            at_limit = set()
             for sid, q in self.enforcer.quotas().items():
-                if q["used"] > q["allowed"] and sid in self.base and sid not in self.stopped:
-                    self.stopped.add(sid)
-                    self.counts["quota_blocks"] += 1
-                    log.info("subscriber %s used its kernel quota of %d bytes", sid, q["allowed"])
-                    events += [(ev, now) for ev in self.engine.block(sid, BLOCK_LIMIT)]
+                # the kernel reports use capped at the limit: reaching it means nothing more passes
+                if q["used"] >= q["allowed"] and sid in self.base and sid not in self.stopped:
+                    at_limit.add(sid)
+                    if sid in self.at_limit:
+                        self.stopped.add(sid)
+                        self.counts["quota_blocks"] += 1
+                        log.info("subscriber %s used its kernel quota of %d bytes", sid, q["allowed"])
+                        events += [(ev, now) for ev in self.engine.block(sid, BLOCK_LIMIT)]
+            self.at_limit = at_limit - self.stopped
             return events
 
     def _blocked(self, sid: int) -> bool:
         return bool(self.engine.subscriber(sid).blocked)
-
-
-def bytes_left(balance: int, credit: int, price: int, price_scale: int) -> int:
-    """The bytes a balance still buys at ``price`` (minor units per byte,
-    scaled by ``price_scale``), down to ``-credit``; unlimited (2**62) for a
-    free tariff. A subscriber whose traffic costs different prices by zone
-    or direction is given the quota of its cheapest priced traffic: the
-    kernel never stops it before the engine would, and the engine stops the
-    rest."""
-    if price <= 0:
-        return 1 << 62
-    return max(0, (balance + credit) * price_scale // price)
 
 
 # ---- a standalone harness: one passive source, volume accounting, no ledger ---------------------------------
@@ -243,9 +241,9 @@ def main(argv=None) -> int:
     quotas = KernelQuotas(enforcer, engine) if args.quota else None
 
     def snapshot() -> dict:
-        # every byte costs one unit: bytes rated = allowance - balance, one consistent read
-        return {sid: (nets, max(0, engine.subscriber(sid).balance), allowance - engine.subscriber(sid).balance)
-                for sid, (nets, allowance) in subs.items()}
+        # every byte costs one unit: the balance is the bytes left
+        states = {sid: engine.subscriber(sid) for sid in subs}
+        return {sid: (nets, max(0, states[sid].balance), states[sid].rated_bytes) for sid, (nets, _a) in subs.items()}
 
     if quotas:
         quotas.sync(snapshot())
@@ -259,9 +257,10 @@ def main(argv=None) -> int:
     blocked: set[int] = set()
     while not stopping.is_set() and time.monotonic() < deadline:
         stopping.wait(0.05)
-        events = quotas.check() if quotas else []
+        events = []
         if quotas:
             quotas.sync(snapshot())
+            events = quotas.check()
         while not pending.empty():
             events += pending.get()
         fresh = [ev.subscriber for ev, _ts in events if ev.kind == EV_BLOCK and ev.subscriber not in blocked]
