@@ -575,7 +575,7 @@ class Ledger:
 
     # ---- flushes -------------------------------------------------------------
 
-    def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine") -> bool:
+    def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine", files=()) -> bool:
         """Write the engine's counters; True if written, False if ``flush_id``
         was applied before (then nothing changes, whatever ``rows`` hold).
 
@@ -586,11 +586,19 @@ class Ledger:
         charge per subscriber with the sum charged (if not zero) and the
         balance cache. An unknown subscriber or a malformed row is a
         LedgerError and nothing is written.
+
+        ``files``: ``(sha256 hex, name, records, bytes)`` of the spool files
+        whose traffic the rows hold, recorded in the same transaction.
         """
         _text(flush_id, "flush id")
         _ts(ts, "flush ts")
         _text(source, "flush source")
         rows = [tuple(r) for r in rows]
+        files = [tuple(f) for f in files]
+        for f in files:
+            if len(f) != 4 or not (isinstance(f[0], str) and len(f[0]) == 64 and isinstance(f[1], str)
+                                   and all(isinstance(v, int) and v >= 0 for v in f[2:])):
+                raise LedgerError(f"bad flush file {f!r}: expected (sha256 hex, name, records, bytes)")
         per_sub: dict[int, int] = {}
         for r in rows:
             if len(r) != 7 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
@@ -626,7 +634,14 @@ class Ledger:
                     self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
                                     (sid, flush_id, amount, ts))
                     self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
+            self.db.conn.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
+                                     " VALUES (?, ?, ?, ?, ?)", [(d, n, flush_id, r, b) for d, n, r, b in files])
         return True
+
+    def ingested_file(self, digest: str) -> str | None:
+        """The name under which the file with this SHA-256 was charged, if it was."""
+        row = self.db.execute("SELECT name FROM ingested_files WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row else None
 
     def has_flush(self, flush_id: str) -> bool:
         """True if a flush with this id was applied."""
