@@ -22,6 +22,7 @@ reload the config (zones, tariffs, time slots, allow-list).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
@@ -207,6 +208,9 @@ class Gateway:
         events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
         self.acct.resume_from_ledger(self.calendar_now())
         self._make_readers()
+        for reader in self.readers:
+            if hasattr(reader, "recover"):  # a spool: what a crash left half-way, against the ledger
+                reader.recover(lambda digest: self._reader().ingested_file(digest))
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self._restore_limits()
@@ -680,25 +684,32 @@ class Gateway:
             else:
                 _kind, key, event, sid, payload = job
                 enqueue(self.ledger, key, event, sid, payload)
+        spools = [r for r in self.readers if hasattr(r, "take_files")]  # see gateway/sources/spool.py
         if self.pending is None:
-            with self.engine_lock:
+            with self.engine_lock, contextlib.ExitStack() as held:
+                for spool in spools:  # the files taken are exactly those whose traffic is drained
+                    held.enter_context(spool.lock)
                 rows = self.acct.engine.drain() + self.orphan_rows
+                files = [f for spool in spools for f in spool.take_files()]
                 self.orphan_rows = []
                 self.acct.biller.observe(rows)
             for r in rows:
                 self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
-            if not rows:
+            if not rows and not files:
                 self.last_flush = time.time()
                 return
             self.flush_seq += 1
             now = time.time_ns()
             minute = (now - now % MINUTE_NS) // NS
             self.pending = (f"{self.boot}:{self.flush_seq}", now,
-                            [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows])
-        flush_id, now, rows = self.pending
-        self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source)
+                            [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
+                            files)
+        flush_id, now, rows, files = self.pending
+        self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source, files=files)
         self.pending = None
         self.last_flush = time.time()
+        for spool in spools:
+            spool.committed(files)
 
     def _kernel_bytes(self) -> dict[int, int]:
         with self.enforcer_lock:

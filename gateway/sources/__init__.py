@@ -26,6 +26,7 @@ SOURCES: dict[str, str] = {
     "conntrack": "gateway.sources.conntrack:ConntrackSource",
     "nflog": "gateway.sources.nflog:NflogSource",
     "netflow": "gateway.sources.netflow:NetflowSource",
+    "spool": "gateway.sources.spool:SpoolSource",
 }
 
 
