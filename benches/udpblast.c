@@ -3,7 +3,9 @@
  * on this kind of machine; this reaches several times that, so the gateway,
  * not the sender, is what gets measured.
  *
- *   udpblast DST_IPv4 PORT SECONDS PAYLOAD_BYTES  -> prints packets sent */
+ *   udpblast DST_IPv4 PORT SECONDS PAYLOAD_BYTES [PPS]  -> prints packets sent
+ *
+ * With PPS, batches are paced to that many packets per second (0: flat out). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -15,7 +17,8 @@
 #define BATCH 64
 
 int main(int argc, char **argv) {
-    if (argc != 5) { fprintf(stderr, "usage: udpblast DST PORT SECONDS PAYLOAD\n"); return 2; }
+    if (argc != 5 && argc != 6) { fprintf(stderr, "usage: udpblast DST PORT SECONDS PAYLOAD [PPS]\n"); return 2; }
+    double pps = argc == 6 ? atof(argv[5]) : 0;
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
     if (inet_pton(AF_INET, argv[1], &dst.sin_addr) != 1) { fprintf(stderr, "bad address\n"); return 2; }
     double seconds = atof(argv[3]);
@@ -39,7 +42,13 @@ int main(int argc, char **argv) {
         int n = sendmmsg(fd, msgs, BATCH, 0);
         if (n > 0) sent += n;
         clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 >= seconds) break;
+        double elapsed = (t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9;
+        if (elapsed >= seconds) break;
+        if (pps > 0 && sent / pps > elapsed) {  /* ahead of the rate: sleep until the schedule catches up */
+            double wait = sent / pps - elapsed;
+            struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
     }
     printf("%llu\n", sent);
     return 0;
