@@ -279,6 +279,137 @@ def cmd_subscribers(args) -> int:
     return EXIT_OK
 
 
+def _admin_ledger(args):
+    """The ledger for commands that need no config when --db is given (tokens, passwords, the audit log)."""
+    return _ledger(args, None if args.db else _config(args))
+
+
+def _cli_actor() -> str:
+    """``cli:<unix user>`` for the audit log: the account this process runs as (not $USER, which anyone can set)."""
+    import pwd
+
+    try:
+        return f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:  # a uid with no passwd entry (containers)
+        return f"cli:uid{os.geteuid()}"
+
+
+def _utc(ns: int | None) -> str:
+    return "-" if ns is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 10 ** 9)) + " UTC"
+
+
+def cmd_token(args) -> int:
+    """Admin API tokens: create (shown once), list, revoke; each change with its audit row."""
+    from accounting.audit import AuditLog
+    from api.auth import AuthError, TokenStore
+
+    with _admin_ledger(args) as ledger:
+        store = TokenStore(ledger)
+        if args.action == "list":
+            rows = store.list()
+            if not rows:
+                print("no API tokens (make one with `tollgate token create NAME --role ROLE`)")
+            for t in rows:
+                state = "active" if t["revoked_ns"] is None else f"revoked {_utc(t['revoked_ns'])}"
+                print(f"{t['name']:<24} {t['role']:<9} created {_utc(t['created_ns'])}  {state}")
+            return EXIT_OK
+        if not args.name:
+            return _fail(f"token {args.action} needs NAME", EXIT_USAGE)
+        if args.action == "create" and not args.role:
+            return _fail("token create needs --role (admin, operator or cashier)", EXIT_USAGE)
+        try:
+            with ledger._tx():  # the change and its audit row: both or neither
+                if args.action == "create":
+                    token = store.create(args.name, args.role)
+                    AuditLog(ledger).append(_cli_actor(), "token.create", f"token:{args.name}",
+                                            after={"name": args.name, "role": args.role})
+                else:
+                    before = store.get(args.name)
+                    if not store.revoke(args.name):
+                        print(f"token {args.name} was already revoked")
+                        return EXIT_OK
+                    AuditLog(ledger).append(_cli_actor(), "token.revoke", f"token:{args.name}",
+                                            before=before, after=store.get(args.name))
+        except AuthError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+    if args.action == "create":
+        print(f"token {args.name} ({args.role}) created; it is shown once, here, and not kept anywhere "
+              "(the ledger has only its SHA-256): store it now", file=sys.stderr)
+        print(token)
+    else:
+        print(f"token {args.name} revoked (the API refuses it from now on)")
+    return EXIT_OK
+
+
+def _read_new_password(name: str) -> str | None:
+    """From stdin when it is not a terminal (one line, for scripts), else asked twice without echo."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    first = getpass.getpass(f"new portal password for {name}: ")
+    if getpass.getpass("again: ") != first:
+        return None
+    return first
+
+
+def cmd_subscriber(args) -> int:
+    """A subscriber's portal password, set from stdin or the terminal, with its audit row."""
+    from accounting.audit import AuditLog
+    from api.auth import AuthError, PortalPasswords
+
+    with _admin_ledger(args) as ledger:
+        sub = ledger.get_subscriber(args.subscriber)
+        if sub is None:
+            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
+        password = _read_new_password(sub["name"])
+        if password is None:
+            return _fail("the two passwords differ; nothing changed", EXIT_USAGE)
+        passwords = PortalPasswords(ledger)
+        try:
+            with ledger._tx():
+                had = passwords.has_password(sub["id"])
+                passwords.set(sub["id"], password)
+                AuditLog(ledger).append(_cli_actor(), "subscriber.password", f"subscriber:{sub['id']}",
+                                        before={"name": sub["name"], "portal_login": had},
+                                        after={"name": sub["name"], "portal_login": True})
+        except AuthError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+    print(f"{sub['name']}: portal password {'changed' if had else 'set'}")
+    return EXIT_OK
+
+
+def cmd_audit(args) -> int:
+    """Check the audit log's hash chain, or show its last rows."""
+    from accounting.audit import AuditLog
+
+    with _admin_ledger(args) as ledger:
+        audit = AuditLog(ledger)
+        if args.action == "verify":
+            ok, bad = audit.verify()
+            if not ok:
+                print(f"audit chain broken at row {bad}: it, or the row before it, was changed or deleted "
+                      "after it was written")
+                return EXIT_FAILED
+            head = audit.head()
+            print(f"audit chain intact: {audit.count()} rows")
+            if head:
+                print(f"last row {head[0]}, hash {head[1]} (note it elsewhere to detect rows cut off the end later)")
+            return EXIT_OK
+        if args.limit < 1:
+            return _fail("--limit must be at least 1", EXIT_USAGE)
+        head = audit.head()
+        rows = audit.rows(limit=min(args.limit, 10_000), after_id=max(0, head[0] - args.limit)) if head else []
+    if not rows:
+        print("the audit log is empty")
+    for r in rows:
+        change = " ".join(f"{k} {json.dumps(r[k], sort_keys=True)}" for k in ("before", "after") if r[k] is not None)
+        print(f"{r['id']:>6}  {_utc(r['ts_ns'])}  {r['actor']}  {r['action']}  {r['target']}"
+              + (f"  {change}" if change else ""))
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     from .daemon import RunOptions, run
 
@@ -477,6 +608,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("subscribers", help="list subscribers with balances"))
     p.add_argument("--db", help="the ledger (default: gateway.database)")
     p.set_defaults(func=cmd_subscribers)
+
+    p = with_config(sub.add_parser(
+        "token", help="admin API tokens: create (shown once), list, revoke",
+        epilog="examples:\n  tollgate token create billing-desk --role cashier\n  tollgate token list\n"
+               "  tollgate token revoke billing-desk\nroles: admin (everything), operator (read only), "
+               "cashier (read, payments)",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="create, revoke: the token's name")
+    p.add_argument("--role", choices=("admin", "operator", "cashier"), help="create: what the token may do")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_token)
+
+    p = with_config(sub.add_parser(
+        "subscriber", help="one subscriber's settings: its portal password",
+        epilog="examples:\n  tollgate subscriber password alice            (asks twice)\n"
+               "  printf '%%s\\n' \"$PW\" | tollgate subscriber password alice",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("action", choices=("password",))
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_subscriber)
+
+    p = with_config(sub.add_parser(
+        "audit", help="the audit log of changes: verify its hash chain, show its last rows",
+        description="Every change made through the admin API or these commands is a row of a hash chain; "
+                    "`verify` recomputes it (exit 1 and the first bad row if a row was changed or deleted)."))
+    p.add_argument("action", choices=("verify", "show"))
+    p.add_argument("--limit", type=int, default=20, help="show: how many of the last rows (default 20)")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_audit)
 
     p = with_config(sub.add_parser(
         "policy", help="show or remove the kernel side (table inet tollgate and the queue rules)",
