@@ -1,32 +1,107 @@
-"""The gateway's HTTP service: health, Prometheus metrics and the block page.
+"""The gateway's HTTP service: the admin API (``api/admin.py``), the
+subscriber portal (``api/portal.py``), health, Prometheus metrics and the
+block page.
 
 The daemon serves this app on the portal port. A blocked subscriber's plain
 HTTP is redirected here by the kernel (``policy``), with its source address
 intact, so the page knows who is asking without a login: it shows why access
-is paused, the balance, the usage and how to top up. The full admin API and
-the subscriber portal build on this app.
+is paused, the balance, the usage and how to top up, and leads into the
+portal. ``LedgerView`` serves the same app from a ledger alone, without the
+gateway (``python -m api``).
 """
 
 from __future__ import annotations
 
 import html
+import ipaddress
+import threading
 from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from accounting.ledger import Ledger
+from accounting.operations import OperationError
+
+MAX_BODY = 1 << 20  # bytes; a larger request body is refused before it is read
+
 
 class GatewayView(Protocol):
-    """What the app needs from the running gateway."""
+    """What the app needs from the running gateway (or from a ledger alone)."""
 
     registry: CollectorRegistry
+    config: object  # gateway.config.Config
 
     def health(self) -> dict: ...
 
+    def thread_ledger(self) -> Ledger:
+        """This thread's own connection to the ledger."""
+
+    def refresh_subscriber(self, sid: int) -> None:
+        """The ledger changed this subscriber: bring the engine and the kernel in line."""
+
     def subscriber_page(self, address: str) -> dict | None:
-        """For the subscriber owning ``address``: name, blocked (bool), reason,
+        """For the subscriber owning ``address``: id, name, blocked (bool), reasons,
         balance, credit (formatted), usage rows (zone, direction, bytes), or None."""
+
+
+class LedgerView:
+    """The app's view of a ledger with no gateway running: changes land in
+    the ledger, where a gateway started later (or running elsewhere on the
+    same file) picks them up."""
+
+    def __init__(self, config, db_path) -> None:
+        self.config = config
+        self.db_path = db_path
+        self.registry = CollectorRegistry()
+        self.local = threading.local()
+
+    def thread_ledger(self) -> Ledger:
+        led = getattr(self.local, "ledger", None)
+        if led is None:
+            led = self.local.ledger = Ledger.open(self.db_path)
+        return led
+
+    def health(self) -> dict:
+        return {"status": "ok", "mode": "ledger only (no gateway in this process)"}
+
+    def refresh_subscriber(self, sid: int) -> None:
+        pass  # a gateway on the same ledger sees the change in its next flush round
+
+    def subscriber_page(self, address: str) -> dict | None:
+        try:
+            addr = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        ledger = self.thread_ledger()
+        for row in ledger.subscribers():
+            if row["active"] and any(addr in ipaddress.ip_network(n) for n in row["addresses"]):
+                return subscriber_summary(ledger, self.config, row, blocked_reasons(ledger, row["id"]))
+        return None
+
+
+def blocked_reasons(ledger: Ledger, sid: int) -> list[str]:
+    """Why the ledger says the subscriber is blocked now (its last block record), as page reason keys."""
+    last = ledger.db.execute("SELECT kind, reason FROM blocks WHERE subscriber_id = ? ORDER BY id DESC LIMIT 1",
+                             (sid,)).fetchone()
+    if not last or last[0] != "block":
+        return []
+    return ["manual" if last[1].startswith("manual") else last[1]]
+
+
+def subscriber_summary(ledger: Ledger, config, row: dict, reasons: list[str], balance: int | None = None) -> dict:
+    """What the block page and the portal show of a subscriber."""
+    from accounting.money import format_amount
+
+    names = config.zones.names
+    usage = [{"zone": names[u["zone"]] if u["zone"] < len(names) else str(u["zone"]),
+              "direction": ("upload", "download")[u["direction"]], "bytes": u["bytes"]}
+             for u in ledger.usage_by_zone(row["id"])]
+    return {"id": row["id"], "name": row["name"], "blocked": bool(reasons), "reasons": reasons,
+            "balance": format_amount(row["balance"] if balance is None else balance, row["currency"]),
+            "credit": format_amount(row["credit_limit"], row["currency"]) if row["credit_limit"] else "",
+            "tariff": row["tariff"], "usage": usage}
 
 
 PAGE = """<!doctype html>
@@ -80,7 +155,34 @@ def render_block_page(info: dict | None, address: str) -> str:
 
 
 def create_app(view: GatewayView) -> FastAPI:
-    app = FastAPI(title="Tollgate", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    from .admin import admin_router
+
+    app = FastAPI(title="Tollgate", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  description="Admin API of a Tollgate gateway: subscribers, payments, blocks, usage, tokens "
+                              "and the audit log. Authenticate with `Authorization: Bearer <token>` "
+                              "(`tollgate token create NAME --role admin|operator|cashier`).")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        # refuse an oversized body by its declared length before reading it; a body sent without
+        # a length (chunked) is counted as it arrives and refused once past the limit
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            return JSONResponse({"detail": f"the body is larger than {MAX_BODY} bytes"}, status_code=413)
+        if declared is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    return JSONResponse({"detail": f"the body is larger than {MAX_BODY} bytes"}, status_code=413)
+            request._body = body  # read once here; the route gets it from the cache
+        return await call_next(request)
+
+    @app.exception_handler(OperationError)
+    def operation_error(request: Request, exc: OperationError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    app.include_router(admin_router(view))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

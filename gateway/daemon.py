@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from accounting.ledger import Ledger
 from accounting.notify import Notifier, enqueue
 from accounting.money import format_amount
-from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
+from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
 from ext.errors import TollgateError
 
 from .config import Config, load_config
@@ -210,7 +210,7 @@ class Gateway:
         self._make_readers()
         for reader in self.readers:
             if hasattr(reader, "recover"):  # a spool: what a crash left half-way, against the ledger
-                reader.recover(lambda digest: self._reader().ingested_file(digest))
+                reader.recover(lambda digest: self.thread_ledger().ingested_file(digest))
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()
         self._restore_limits()
@@ -510,7 +510,7 @@ class Gateway:
     def _manual(self, sid: int, kind: str, reason: str) -> None:
         if sid not in self.acct.subscribers:
             raise TollgateError(f"subscriber {sid} is not active in the gateway")
-        self._reader().record_block(sid, kind, f"manual: {reason}", time.time_ns())
+        self.thread_ledger().record_block(sid, kind, f"manual: {reason}", time.time_ns())
         with self.engine_lock:
             change = self.acct.engine.block if kind == "block" else self.acct.engine.unblock
             events = change(sid, BLOCK_MANUAL)
@@ -788,20 +788,16 @@ class Gateway:
             return None
         if not sid or sid not in self.acct.subscribers:
             return None
-        state = self.acct.engine.subscriber(sid)
-        cur = self.config.currency
-        usage = [{"zone": self.config.zones.names[u["zone"]], "direction": DIRECTIONS[u["direction"]],
-                  "bytes": u["bytes"]} for u in self.ledger_usage(sid)]
-        return {"name": self.acct.subscribers[sid].name, "blocked": bool(state.blocked),
-                "reasons": [name for bit, name in BLOCK_REASONS.items() if state.blocked & bit],
-                "balance": format_amount(state.balance, cur),
-                "credit": format_amount(state.credit, cur) if state.credit else "",
-                "usage": usage}
+        from api.app import subscriber_summary
 
-    def ledger_usage(self, sid: int) -> list[dict]:
-        return self._reader().usage_by_zone(sid)
+        state = self.acct.engine.subscriber(sid)  # the live balance: the ledger's lags by a flush
+        row = self.thread_ledger().get_subscriber(sid)
+        if row is None:
+            return None
+        reasons = [name for bit, name in BLOCK_REASONS.items() if state.blocked & bit]
+        return subscriber_summary(self.thread_ledger(), self.config, row, reasons, balance=state.balance)
 
-    def _reader(self) -> Ledger:
+    def thread_ledger(self) -> Ledger:
         """This HTTP thread's own connection to the ledger (the flusher owns its own)."""
         ledger = getattr(self.http_local, "ledger", None)
         if ledger is None:

@@ -1,0 +1,274 @@
+"""The admin REST API under ``/api/v1`` (OpenAPI at ``/api/openapi.json``).
+
+Callers present ``Authorization: Bearer tg_...`` (``tollgate token create``);
+the token's role decides what it may do (``api.auth``: operator reads,
+cashier reads and takes payments, admin does everything). Every route says
+which permission it needs; a portal session is never accepted here.
+
+The routes are thin: the work, its checks and its audit row are
+``accounting.operations.Operations``, the same code the command line runs.
+After a change to a subscriber the running gateway is asked to refresh it at
+once; payments reach its live balance within 0.2 s.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from accounting.audit import AuditLog
+from accounting.operations import Operations
+
+from .auth import Principal, RateLimiter, TokenStore
+
+MONEY = r"^-?[0-9]{1,12}(\.[0-9]{1,9})?$"
+POSITIVE_MONEY = r"^[0-9]{1,12}(\.[0-9]{1,9})?$"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+TEXT = r"^[^\x00-\x1f\x7f]*$"  # printable: no control characters in names and reasons
+NETWORK = r"^[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?$"
+MAX_TS = 2**62
+SubscriberId = Annotated[int, Path(ge=1, le=2**31, description="the subscriber's id")]
+Since = Annotated[int | None, Query(ge=0, le=2**40, description="from this epoch second on")]
+Until = Annotated[int | None, Query(ge=0, le=2**40, description="before this epoch second")]
+
+ERRORS = {401: {"description": "no valid admin token"}, 403: {"description": "the token's role may not do this"},
+          413: {"description": "the body is larger than 1 MiB"}, 429: {"description": "too many failed attempts"}}
+NOT_FOUND = {404: {"description": "no such subscriber"}}
+CONFLICT = {409: {"description": "conflicts with the ledger's state (a name or address taken, a key reused)"}}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubscriberIn(Strict):
+    name: str = Field(pattern=NAME, description="unique; letters, digits, . _ @ -")
+    tariff: str = Field(min_length=1, max_length=64)
+    addresses: list[Annotated[str, Field(pattern=NETWORK)]] = Field(default=[], max_length=64,
+                                                                   description="IPv4/IPv6 addresses or prefixes")
+    balance: str = Field(default="0", pattern=MONEY, description="opening balance, e.g. 10.00")
+    credit_limit: str = Field(default="0", pattern=POSITIVE_MONEY)
+    contract: str | None = Field(default=None, min_length=1, max_length=64, pattern=TEXT)
+
+
+class SubscriberPatch(Strict):
+    tariff: str | None = Field(default=None, min_length=1, max_length=64)
+    effective_ns: int | None = Field(default=None, ge=0, le=MAX_TS,
+                                     description="when a tariff change applies (default now)")
+    credit_limit: str | None = Field(default=None, pattern=POSITIVE_MONEY)
+    addresses: list[Annotated[str, Field(pattern=NETWORK)]] | None = Field(default=None, max_length=64)
+    active: bool | None = None
+
+
+class PaymentIn(Strict):
+    amount: str = Field(pattern=POSITIVE_MONEY, description="more than zero, e.g. 10.00")
+    method: str = Field(default="api", pattern=NAME)
+    comment: str | None = Field(default=None, max_length=500, pattern=TEXT)
+
+
+class AdjustmentIn(Strict):
+    amount: str = Field(pattern=MONEY, description="positive or negative, not zero")
+    reason: str = Field(min_length=1, max_length=500, pattern=TEXT)
+
+
+class ReasonIn(Strict):
+    reason: str = Field(min_length=1, max_length=500, pattern=TEXT)
+
+
+class CardsIn(Strict):
+    count: int = Field(ge=1, le=1000)
+    value: str = Field(pattern=POSITIVE_MONEY)
+    days: int = Field(default=365, ge=1, le=3650, description="valid for this many days")
+
+
+class CardIn(Strict):
+    code: str = Field(min_length=1, max_length=64, pattern=TEXT)
+
+
+class TokenIn(Strict):
+    name: str = Field(pattern=NAME)
+    role: Literal["admin", "operator", "cashier"]
+
+
+class Subscriber(BaseModel):
+    id: int
+    name: str
+    contract: str | None
+    tariff: str
+    currency: str
+    balance: str
+    credit_limit: str
+    active: bool
+    addresses: list[str]
+    blocked: bool
+    block_reason: str | None
+    manually_blocked: bool
+
+
+class SubscriberPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[Subscriber]
+
+
+def admin_router(view) -> APIRouter:
+    """``view``: ``thread_ledger()``, ``config``, ``refresh_subscriber(sid)`` (``api.app.GatewayView``)."""
+    router = APIRouter(prefix="/api/v1", responses=ERRORS)
+    bearer = HTTPBearer(auto_error=False, description="a token from `tollgate token create`")
+    failures = RateLimiter(limit=20, window_s=60)  # bad tokens per client address
+
+    def caller(permission: str):
+        def check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+            client = request.client.host if request.client else "?"
+            wait = failures.retry_after(client)
+            if wait > 0:  # this address sent too many bad tokens: no more guesses for a while
+                raise HTTPException(429, "too many failed attempts; wait a minute",
+                                    headers={"Retry-After": str(int(wait) + 1)})
+            who = TokenStore(view.thread_ledger()).verify(creds.credentials) if creds else None
+            if who is None:
+                failures.hit(client)
+                raise HTTPException(401, "a valid admin token is required: Authorization: Bearer tg_...",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            if not who.can(permission):
+                raise HTTPException(403, f"role {who.role} may not {permission}")
+            return who
+
+        return Depends(check)
+
+    def ops(who: Principal) -> Operations:
+        return Operations(view.thread_ledger(), view.config, who.actor)
+
+    def changed(sid: int) -> None:
+        view.refresh_subscriber(sid)
+
+    # ---- subscribers ----------------------------------------------------------------
+
+    @router.get("/subscribers", response_model=SubscriberPage, summary="List subscribers, a page at a time")
+    def list_subscribers(who: Principal = caller("read"), limit: int = Query(100, ge=1, le=1000),
+                         offset: int = Query(0, ge=0, le=2**31), tariff: str | None = Query(None, max_length=64),
+                         active: bool | None = None, name: str | None = Query(None, max_length=64)):
+        return ops(who).list(limit, offset, tariff, active, name)
+
+    @router.post("/subscribers", status_code=201, response_model=Subscriber, responses=CONFLICT,
+                 summary="Create a subscriber")
+    def add_subscriber(body: SubscriberIn, who: Principal = caller("write")):
+        sub = ops(who).add(body.name, body.tariff, body.addresses, body.balance, body.credit_limit, body.contract)
+        changed(sub["id"])
+        return sub
+
+    @router.get("/subscribers/{sid}", response_model=Subscriber, responses=NOT_FOUND)
+    def get_subscriber(sid: SubscriberId, who: Principal = caller("read")):
+        return ops(who).get(sid)
+
+    @router.patch("/subscribers/{sid}", response_model=Subscriber, responses={**NOT_FOUND, **CONFLICT},
+                  summary="Change tariff (at effective_ns), credit limit, addresses or active")
+    def update_subscriber(sid: SubscriberId, body: SubscriberPatch, who: Principal = caller("write")):
+        sub = ops(who).update(sid, body.tariff, body.effective_ns, body.credit_limit, body.addresses, body.active)
+        changed(sid)
+        return sub
+
+    @router.delete("/subscribers/{sid}", response_model=Subscriber, responses=NOT_FOUND,
+                   summary="Deactivate a subscriber (its history stays)")
+    def deactivate_subscriber(sid: SubscriberId, who: Principal = caller("write")):
+        sub = ops(who).deactivate(sid)
+        changed(sid)
+        return sub
+
+    @router.post("/subscribers/{sid}/block", response_model=Subscriber, responses={**NOT_FOUND, **CONFLICT},
+                 summary="Block by hand, with a reason (until unblocked; survives restarts)")
+    def block(sid: SubscriberId, body: ReasonIn, who: Principal = caller("write")):
+        sub = ops(who).block(sid, body.reason)
+        changed(sid)
+        return sub
+
+    @router.post("/subscribers/{sid}/unblock", response_model=Subscriber, responses={**NOT_FOUND, **CONFLICT})
+    def unblock(sid: SubscriberId, body: ReasonIn, who: Principal = caller("write")):
+        sub = ops(who).unblock(sid, body.reason)
+        changed(sid)
+        return sub
+
+    # ---- money ----------------------------------------------------------------------
+
+    @router.post("/subscribers/{sid}/payments", status_code=201, responses={**NOT_FOUND, **CONFLICT},
+                 summary="Top up; the same Idempotency-Key again returns the first payment")
+    def topup(sid: SubscriberId, body: PaymentIn, who: Principal = caller("payments"),
+              idempotency_key: str = Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")):
+        return ops(who).topup(sid, body.amount, idempotency_key, body.method, body.comment)
+
+    @router.get("/subscribers/{sid}/payments", responses=NOT_FOUND)
+    def payments(sid: SubscriberId, who: Principal = caller("read")):
+        return ops(who).payments(sid)
+
+    @router.post("/subscribers/{sid}/adjustments", status_code=201, responses=NOT_FOUND,
+                 summary="Correct a balance by an amount, with a reason")
+    def adjust(sid: SubscriberId, body: AdjustmentIn, who: Principal = caller("payments")):
+        return ops(who).adjust(sid, body.amount, body.reason)
+
+    @router.post("/subscribers/{sid}/cards", responses={**NOT_FOUND, **CONFLICT},
+                 summary="Activate a prepaid card for the subscriber")
+    def activate_card(sid: SubscriberId, body: CardIn, who: Principal = caller("payments")):
+        return ops(who).activate_card(sid, body.code)
+
+    @router.post("/cards", status_code=201, summary="Generate prepaid cards (the codes are shown this once)")
+    def generate_cards(body: CardsIn, who: Principal = caller("payments")):
+        return ops(who).generate_cards(body.count, body.value, body.days)
+
+    # ---- usage ----------------------------------------------------------------------
+
+    @router.get("/usage", summary="Usage totals by subscriber, zone, direction and day over a time range")
+    def usage(who: Principal = caller("read"), subscriber: int | None = Query(None, ge=1, le=2**31),
+              since: Since = None, until: Until = None, zone: str | None = Query(None, max_length=64),
+              direction: Literal["upload", "download"] | None = None,
+              by: list[Literal["subscriber", "zone", "direction", "day"]] = Query(["zone", "direction"])):
+        return ops(who).usage(subscriber, since, until, tuple(dict.fromkeys(by)), zone, direction)
+
+    @router.get("/usage/top", summary="The subscribers with the most bytes over a time range")
+    def top(who: Principal = caller("read"), n: int = Query(10, ge=1, le=1000), since: Since = None,
+            until: Until = None):
+        return ops(who).top(n, since, until)
+
+    @router.get("/tariffs", summary="Tariffs of the configuration")
+    def tariffs(who: Principal = caller("read")):
+        return [{"name": name, "spec": getattr(t, "spec", None)} for name, t in sorted(view.config.tariffs.items())]
+
+    @router.get("/zones", summary="Zones, in the order the engine numbers them")
+    def zones(who: Principal = caller("read")):
+        return [{"id": i, "name": name} for i, name in enumerate(view.config.zones.names)]
+
+    # ---- tokens and the audit log (admin) ---------------------------------------------
+
+    @router.get("/tokens", summary="API tokens (never their secrets)")
+    def tokens(who: Principal = caller("tokens")):
+        return TokenStore(view.thread_ledger()).list()
+
+    @router.post("/tokens", status_code=201, responses=CONFLICT, summary="A new token; its secret is shown once")
+    def create_token(body: TokenIn, who: Principal = caller("tokens")):
+        ledger = view.thread_ledger()
+        with ledger._tx():
+            token = TokenStore(ledger).create(body.name, body.role)
+            AuditLog(ledger).append(who.actor, "token.create", f"token:{body.name}", None,
+                                    {"name": body.name, "role": body.role})
+        return {"name": body.name, "role": body.role, "token": token}
+
+    @router.delete("/tokens/{name}", responses={404: {"description": "no such token"}})
+    def revoke_token(name: Annotated[str, Path(pattern=NAME)], who: Principal = caller("tokens")):
+        ledger = view.thread_ledger()
+        with ledger._tx():
+            if TokenStore(ledger).get(name) is None:
+                raise HTTPException(404, f"no token {name!r}")
+            revoked = TokenStore(ledger).revoke(name)
+            AuditLog(ledger).append(who.actor, "token.revoke", f"token:{name}", None, {"revoked": revoked})
+        return {"name": name, "revoked": True}
+
+    @router.get("/audit", summary="The audit log (hash-chained), oldest first after an id")
+    def audit(who: Principal = caller("tokens"), after_id: int = Query(0, ge=0, le=2**62),
+              limit: int = Query(100, ge=1, le=1000)):
+        log = AuditLog(view.thread_ledger())
+        ok, bad = log.verify()
+        return {"intact": ok, "first_bad_id": bad, "rows": log.rows(limit=limit, after_id=after_id)}
+
+    return router
