@@ -40,8 +40,9 @@ setup(
         "prometheus-client>=0.17",
         "fastapi>=0.100",
         "uvicorn>=0.23",
+        "python-multipart>=0.0.9",  # the portal's forms
         "sqlite-utils>=3.35",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6.80", "httpx>=0.24"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6.80", "httpx>=0.24", "schemathesis>=4.0"]},
     entry_points={"console_scripts": ["tollgate = gateway.cli:main"]},
 )

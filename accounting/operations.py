@@ -52,7 +52,7 @@ class Operations:
 
     @property
     def currency(self) -> str:
-        return self.config.currency
+        return getattr(self.config.currency, "code", self.config.currency)
 
     def _amount(self, value, what: str, positive: bool = False) -> int:
         try:

@@ -13,6 +13,7 @@ once; payments reach its live balance within 0.2 s.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
@@ -115,6 +116,14 @@ class SubscriberPage(BaseModel):
     items: list[Subscriber]
 
 
+def _admin_address(client: str, networks) -> bool:
+    try:
+        addr = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n) for n in networks)
+
+
 def admin_router(view) -> APIRouter:
     """``view``: ``thread_ledger()``, ``config``, ``refresh_subscriber(sid)`` (``api.app.GatewayView``)."""
     router = APIRouter(prefix="/api/v1", responses=ERRORS)
@@ -124,13 +133,15 @@ def admin_router(view) -> APIRouter:
     def caller(permission: str):
         def check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
             client = request.client.host if request.client else "?"
-            wait = failures.retry_after(client)
-            if wait > 0:  # this address sent too many bad tokens: no more guesses for a while
-                raise HTTPException(429, "too many failed attempts; wait a minute",
-                                    headers={"Retry-After": str(int(wait) + 1)})
+            if not _admin_address(client, view.config.admin_networks):
+                raise HTTPException(403, "the admin API is not served to this address (gateway.admin_networks)")
             who = TokenStore(view.thread_ledger()).verify(creds.credentials) if creds else None
             if who is None:
-                failures.hit(client)
+                # a valid token always passes (256 random bits are not guessed); an address that sent
+                # many bad ones is told to wait, which keeps floods of them out of the logs and the ledger
+                if not failures.hit(client):
+                    raise HTTPException(429, "too many failed attempts; wait a minute",
+                                        headers={"Retry-After": str(int(failures.retry_after(client)) + 1)})
                 raise HTTPException(401, "a valid admin token is required: Authorization: Bearer tg_...",
                                     headers={"WWW-Authenticate": "Bearer"})
             if not who.can(permission):

@@ -87,6 +87,7 @@ class Config:
     notify: NotifySettings = field(default_factory=NotifySettings)
     lan_interfaces: tuple = ()  # subscriber-facing: downloads are shaped here
     wan_interfaces: tuple = ()  # upstream: uploads are shaped here
+    admin_networks: tuple = ("127.0.0.0/8", "::1/128")  # who may reach /api/v1 (subscribers reach the port too)
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -356,7 +357,7 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database",
-                                "lan_interfaces", "wan_interfaces"})
+                                "lan_interfaces", "wan_interfaces", "admin_networks"})
     try:
         currency = money.get_currency(gw.get("currency", "EUR"))
     except (ValueError, money.MoneyError) as exc:
@@ -403,6 +404,9 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
         if (t.speed_up or t.speed_down) and not (cfg.lan_interfaces and cfg.wan_interfaces):
             raise ConfigError(f"tariff[{i}].speed", "speed limits shape on the gateway's interfaces: set "
                                                     "gateway.lan_interfaces and gateway.wan_interfaces")
+    if "admin_networks" in gw:
+        cfg.admin_networks = tuple(_network(n, f"gateway.admin_networks[{i}]")
+                                   for i, n in enumerate(_list(gw, "admin_networks", "gateway.admin_networks")))
     cfg.groups = _groups(doc, cfg)
     cfg.subscribers = _subscribers(doc, cfg)
     cfg.notify = _notify(doc)

@@ -456,6 +456,7 @@ class Gateway:
                 return
             try:
                 self._refresh_subscriber(sid)
+                self._sync_manual_blocks(sid)
             except TollgateError as exc:
                 log.error("subscriber %s: the change cannot be applied: %s", sid, exc)
 
@@ -499,21 +500,20 @@ class Gateway:
                 except TollgateError as exc:
                     log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
 
-    def manual_block(self, sid: int, reason: str) -> None:
-        """An operator's block, until :meth:`manual_unblock`; recorded at once
-        (it must survive a restart), enforced by the policy pusher."""
-        self._manual(sid, "block", reason)
-
-    def manual_unblock(self, sid: int, reason: str = "lifted") -> None:
-        self._manual(sid, "unblock", reason)
-
-    def _manual(self, sid: int, kind: str, reason: str) -> None:
-        if sid not in self.acct.subscribers:
-            raise TollgateError(f"subscriber {sid} is not active in the gateway")
-        self.thread_ledger().record_block(sid, kind, f"manual: {reason}", time.time_ns())
+    def _sync_manual_blocks(self, only: int | None = None) -> None:
+        """Manual blocks are records in the ledger (``accounting.operations``:
+        API, portal, CLI, from any process); the engine's ``BLOCK_MANUAL`` bit
+        follows them, and the policy pusher the kernel's sets."""
+        wanted = set(self.ledger.manually_blocked())
+        events = []
         with self.engine_lock:
-            change = self.acct.engine.block if kind == "block" else self.acct.engine.unblock
-            events = change(sid, BLOCK_MANUAL)
+            for sid in ([only] if only is not None else list(self.acct.subscribers)):
+                if sid not in self.acct.subscribers:
+                    continue
+                has = bool(self.acct.engine.subscriber(sid).blocked & BLOCK_MANUAL)
+                if (sid in wanted) != has:
+                    change = self.acct.engine.block if sid in wanted else self.acct.engine.unblock
+                    events += change(sid, BLOCK_MANUAL)
         if events:
             self.events.put([(ev, None) for ev in events])
 
@@ -649,6 +649,7 @@ class Gateway:
                 next_flush = time.monotonic() + self.opts.flush_interval
                 self._apply_tariff_changes(self.calendar_now())
                 self._sync_subscribers()
+                self._sync_manual_blocks()
                 # the kernel counts a packet just after the engine does: read it first, drain second
                 kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
                 self._flush()
@@ -796,6 +797,10 @@ class Gateway:
             return None
         reasons = [name for bit, name in BLOCK_REASONS.items() if state.blocked & bit]
         return subscriber_summary(self.thread_ledger(), self.config, row, reasons, balance=state.balance)
+
+    def live_balance(self, sid: int) -> int | None:
+        """The engine's balance (the ledger's lags by up to a flush); None if not loaded."""
+        return self.acct.engine.subscriber(sid).balance if sid in self.acct.subscribers else None
 
     def thread_ledger(self) -> Ledger:
         """This HTTP thread's own connection to the ledger (the flusher owns its own)."""
