@@ -380,6 +380,233 @@ def cmd_subscriber(args) -> int:
     return EXIT_OK
 
 
+# ---- the daily admin operations: all through accounting.operations, so the command line checks, writes and
+# audits exactly what the admin API does ----------------------------------------------------------------------
+
+def _operation(command):
+    """``command(args, ops, cfg)`` with the config, the ledger and an Operations acting as ``cli:<user>``.
+    An OperationError has written nothing: exit 1 for unknown or conflicting (404, 409), 2 for invalid (422)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from accounting.operations import OperationError, Operations
+
+        cfg = _config(args)
+        with _ledger(args, cfg) as ledger:
+            try:
+                return command(args, Operations(ledger, cfg, _cli_actor()), cfg)
+            except OperationError as exc:
+                return _fail(str(exc), EXIT_USAGE if exc.status == 422 else EXIT_FAILED)
+    return run
+
+
+def _instant_ns(value: str | None, flag: str, cfg) -> int | None:
+    """``YYYY-MM-DD`` (its midnight) or ``YYYY-MM-DD HH:MM``, in the config's time zone, as epoch ns."""
+    from accounting.operations import OperationError
+
+    if value is None:
+        return None
+    try:
+        return parse_instant(value.strip(), flag, cfg.timezone)
+    except ConfigError as exc:
+        raise OperationError(str(exc)) from None
+
+
+def _range_seconds(args, cfg) -> tuple[int | None, int | None]:
+    """--since and --until as epoch seconds (usage minutes are kept in seconds)."""
+    from accounting.operations import OperationError
+
+    since, until = (_instant_ns(getattr(args, flag), f"--{flag}", cfg) for flag in ("since", "until"))
+    if since is not None and until is not None and since >= until:
+        raise OperationError("--since must be before --until")
+    return (None if since is None else since // 10 ** 9), (None if until is None else until // 10 ** 9)
+
+
+def _local_time(ns: int, cfg) -> str:
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    return dt.datetime.fromtimestamp(ns / 10 ** 9, ZoneInfo(cfg.timezone)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _print_json(value) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    print()
+
+
+def _block_state(view: dict) -> str:
+    if view["manually_blocked"]:
+        return "blocked by hand"
+    return "blocked" if view["blocked"] else "-"
+
+
+def _print_subscriber(view: dict, ops, cfg) -> None:
+    pending = ops.ledger.db.execute(
+        "SELECT tariff, effective_ns FROM tariff_changes WHERE subscriber_id = ? AND applied_ns IS NULL"
+        " ORDER BY effective_ns DESC LIMIT 1", (view["id"],)).fetchone()
+    state = "active" if view["active"] else "inactive"
+    if view["blocked"]:
+        reason = (view["block_reason"] or "").removeprefix("manual: ")
+        state += f", {_block_state(view)}" + (f" ({reason})" if reason else "")
+    print(f"{view['name']} (id {view['id']})")
+    print(f"  tariff        {view['tariff']}"
+          + (f" (then {pending[0]} from {_local_time(pending[1], cfg)})" if pending else ""))
+    if view["contract"]:
+        print(f"  contract      {view['contract']}")
+    print(f"  balance       {view['balance']}")
+    print(f"  credit limit  {view['credit_limit']}")
+    print(f"  state         {state}")
+    print(f"  addresses     {' '.join(view['addresses']) or '-'}")
+
+
+@_operation
+def cmd_subscriber_add(args, ops, cfg) -> int:
+    view = ops.add(args.name, args.tariff, args.address, args.balance, args.credit_limit, args.contract)
+    if args.json:
+        _print_json(view)
+    else:
+        _print_subscriber(view, ops, cfg)
+        print("added (a running gateway loads it within a second)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_show(args, ops, cfg) -> int:
+    view = ops.get(args.name)
+    if args.json:
+        _print_json(view)
+    else:
+        _print_subscriber(view, ops, cfg)
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_list(args, ops, cfg) -> int:
+    page = ops.list(args.limit, args.offset, args.tariff, args.active, args.name)
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    if not page["items"]:
+        print(f"no subscribers here ({page['total']} match)")
+        return EXIT_OK
+    print(f"{'id':>5}  {'name':<16} {'tariff':<14} {'balance':>16}  {'state':<8} {'blocked':<15}  addresses")
+    for s in page["items"]:
+        print(f"{s['id']:>5}  {s['name']:<16} {s['tariff']:<14} {s['balance']:>16}  "
+              f"{'active' if s['active'] else 'inactive':<8} {_block_state(s):<15}  {' '.join(s['addresses'])}")
+    shown_to = page["offset"] + len(page["items"])
+    if page["offset"] or shown_to < page["total"]:
+        print(f"{page['offset'] + 1}-{shown_to} of {page['total']}"
+              + (f" (--offset {shown_to} for more)" if shown_to < page["total"] else ""))
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_set(args, ops, cfg) -> int:
+    from accounting.operations import OperationError
+
+    if args.effective is not None and args.tariff is None:
+        raise OperationError("--effective is when a --tariff change applies: give --tariff too")
+    addresses = [] if args.no_address else args.address
+    if args.tariff is None and args.credit_limit is None and addresses is None:
+        raise OperationError("nothing to change: give --tariff, --credit-limit, --address or --no-address")
+    view = ops.update(args.name, tariff=args.tariff, effective_ns=_instant_ns(args.effective, "--effective", cfg),
+                      credit_limit=args.credit_limit, addresses=addresses)
+    _print_subscriber(view, ops, cfg)
+    print("changed (a running gateway follows within a second; a tariff change at its time)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_deactivate(args, ops, cfg) -> int:
+    view = ops.get(args.name)
+    if not view["active"]:
+        print(f"{view['name']} is inactive already; nothing changed")
+        return EXIT_OK
+    ops.deactivate(view["id"])
+    print(f"{view['name']}: deactivated (a running gateway stops accounting for it within a second; "
+          "its history stays in the ledger)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_block(args, ops, cfg) -> int:
+    view = ops.block(args.subscriber, args.reason)
+    print(f"{view['name']}: blocked by hand ({args.reason.strip()}); a running gateway enforces it within a second")
+    return EXIT_OK
+
+
+@_operation
+def cmd_unblock(args, ops, cfg) -> int:
+    view = ops.unblock(args.subscriber, args.reason)
+    print(f"{view['name']}: manual block lifted (a running gateway follows within a second)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_adjust(args, ops, cfg) -> int:
+    done = ops.adjust(args.subscriber, args.amount, args.reason)
+    name = ops.get(done["subscriber_id"])["name"]
+    print(f"{name}: adjustment {done['amount']} ({done['reason']}), ledger balance {done['balance']} "
+          "(a running gateway applies it within a second)")
+    return EXIT_OK
+
+
+def _usage_table(rows: list[dict], keys: list[str], total: dict | None = None) -> None:
+    """Rows of usage: their ``keys`` columns, then volume, packets and amount; a total line if given."""
+    from accounting.money import format_volume
+
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+
+    def line(cells: list[str], r: dict) -> str:
+        return "  ".join([*(f"{c:<{widths[k]}}" for k, c in zip(keys, cells)),
+                          f"{format_volume(r['bytes']):>10}", f"{r['packets']:>10}", f"{r['amount']:>16}"])
+
+    print("  ".join([*(f"{k:<{widths[k]}}" for k in keys), f"{'volume':>10}", f"{'packets':>10}", f"{'amount':>16}"]))
+    for r in rows:
+        print(line([str(r[k]) for k in keys], r))
+    if total is not None:
+        print(line(["total"] + [""] * (len(keys) - 1), total))
+
+
+@_operation
+def cmd_usage(args, ops, cfg) -> int:
+    since, until = _range_seconds(args, cfg)
+    by = tuple(b.strip() for b in args.by.split(",") if b.strip())
+    rows = ops.usage(args.subscriber, since, until, by, args.zone, args.direction)
+    if "subscriber" in by:
+        names = {s["id"]: s["name"] for s in ops.ledger.subscribers()}
+        rows = [{"name": names.get(r["subscriber_id"]), **r} for r in rows]
+    if "minute" in by:  # the same clock as "day": UTC
+        rows = [{**r, "minute": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["minute"]))} for r in rows]
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no usage in that range")
+        return EXIT_OK
+    keys = [k for k in rows[0] if k not in ("bytes", "packets", "amount")]
+    total = None
+    if len(rows) > 1 and keys:
+        total, = ops.usage(args.subscriber, since, until, (), args.zone, args.direction)
+    _usage_table(rows, keys, total)
+    return EXIT_OK
+
+
+@_operation
+def cmd_top(args, ops, cfg) -> int:
+    since, until = _range_seconds(args, cfg)
+    rows = ops.top(args.n, since, until)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no usage in that range")
+        return EXIT_OK
+    _usage_table([{"rank": i, **r} for i, r in enumerate(rows, 1)], ["rank", "name"])
+    return EXIT_OK
+
+
 def cmd_audit(args) -> int:
     """Check the audit log's hash chain, or show its last rows."""
     from accounting.audit import AuditLog
@@ -467,6 +694,151 @@ def cmd_lab(args) -> int:
     else:
         lab.lab_status(prefix=args.prefix)
     return EXIT_OK
+
+
+def _raw(help_text: str, description: str, epilog: str) -> dict:
+    """A subcommand whose epilog keeps its example lines as written."""
+    import textwrap
+
+    return {"help": help_text, "description": textwrap.fill(description, 100), "epilog": epilog,
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _subscriber_parsers(sub, with_config) -> None:
+    """``tollgate subscriber ACTION``: add, show, list, set, deactivate (through accounting.operations) and password."""
+    p = with_config(sub.add_parser(
+        "subscriber", help="subscribers: add, show, list, set, deactivate; a portal password",
+        description="Every change is checked first (nothing is written if it is refused) and written with its "
+                    "audit row, as the admin API does; a running gateway follows within a second.",
+        epilog="examples:\n  tollgate subscriber add alice --tariff basic --address 100.64.0.2/32 --balance 10.00\n"
+               "  tollgate subscriber list --inactive\n  tollgate subscriber password alice",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    actions = p.add_subparsers(dest="subscriber_action", metavar="ACTION", required=True)
+
+    def action(name: str, func, help_text: str, description: str, epilog: str):
+        a = actions.add_parser(name, **_raw(help_text, description, epilog))
+        # SUPPRESS: given before ACTION or after it, either way (a default here would undo one given before)
+        a.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                       help=f"the TOML config (default: $TOLLGATE_CONFIG or {DEFAULT_CONFIG})")
+        a.add_argument("--db", default=argparse.SUPPRESS, help="the ledger (default: gateway.database)")
+        a.set_defaults(func=func)
+        return a
+
+    a = action("add", cmd_subscriber_add, "add a subscriber",
+               "Add a subscriber with its tariff, addresses, opening balance and credit limit.",
+               "example:\n  tollgate subscriber add alice --tariff basic --address 100.64.0.2/32 "
+               "--address 2001:db8:100:2::/64 --balance 10.00 --contract C-2026-017")
+    a.add_argument("name", help="the new subscriber's name")
+    a.add_argument("--tariff", required=True, help="a tariff of the config")
+    a.add_argument("--address", action="extend", nargs="+", default=[], metavar="NET",
+                   help="an address or prefix no other subscriber holds (repeatable)")
+    a.add_argument("--balance", default="0", help='opening balance, e.g. "10.00" (default 0)')
+    a.add_argument("--credit-limit", default="0", help="how far below zero the balance may go (default 0)")
+    a.add_argument("--contract", help="a contract reference")
+    a.add_argument("--json", action="store_true", help="print the new subscriber as JSON")
+
+    a = action("show", cmd_subscriber_show, "show one subscriber",
+               "A subscriber's tariff (and a scheduled change), balance, credit limit, state and addresses.",
+               "example:\n  tollgate subscriber show alice --json")
+    a.add_argument("name", help="name or id")
+    a.add_argument("--json", action="store_true", help="as JSON")
+
+    a = action("list", cmd_subscriber_list, "list subscribers with balance and blocked state",
+               "A page of subscribers, by id, that match every filter given.",
+               "examples:\n  tollgate subscriber list --tariff basic --active\n"
+               "  tollgate subscriber list --name ali --limit 50 --offset 50 --json")
+    a.add_argument("--tariff", help="only this tariff's subscribers")
+    state = a.add_mutually_exclusive_group()
+    state.add_argument("--active", dest="active", action="store_const", const=True, default=None,
+                       help="only active subscribers")
+    state.add_argument("--inactive", dest="active", action="store_const", const=False, help="only inactive ones")
+    a.add_argument("--name", metavar="SUBSTR", help="only names containing this (any case)")
+    a.add_argument("--limit", type=int, default=100, help="at most this many (1..1000, default 100)")
+    a.add_argument("--offset", type=int, default=0, help="skip this many first (default 0)")
+    a.add_argument("--json", action="store_true", help="as JSON, with the total that match")
+
+    a = action("set", cmd_subscriber_set, "change a subscriber's tariff, credit limit or addresses",
+               "Change what is given. A tariff change is scheduled (now, or at --effective); the gateway "
+               "closes the old tariff's billing then and opens the new one's. --address replaces all addresses.",
+               "examples:\n  tollgate subscriber set alice --tariff premium --effective '2027-01-01 00:00'\n"
+               "  tollgate subscriber set alice --credit-limit 5.00 --address 100.64.0.2/32 --address 100.64.0.3/32")
+    a.add_argument("name", help="name or id")
+    a.add_argument("--tariff", help="the new tariff")
+    a.add_argument("--effective", metavar="'YYYY-MM-DD HH:MM'",
+                   help="with --tariff: when it applies, local time of the config (default: now)")
+    a.add_argument("--credit-limit", help='e.g. "5.00"')
+    addresses = a.add_mutually_exclusive_group()
+    addresses.add_argument("--address", action="extend", nargs="+", metavar="NET",
+                           help="the subscriber's addresses from now on, replacing all it has (repeatable)")
+    addresses.add_argument("--no-address", action="store_true", help="take all its addresses away")
+
+    a = action("deactivate", cmd_subscriber_deactivate, "deactivate a subscriber",
+               "The gateway stops accounting for it; its ledger history, balance and addresses stay.",
+               "example:\n  tollgate subscriber deactivate alice")
+    a.add_argument("name", help="name or id")
+
+    a = action("password", cmd_subscriber, "set a subscriber's portal password",
+               "From stdin when it is not a terminal (one line), else asked twice without echo.",
+               "examples:\n  tollgate subscriber password alice            (asks twice)\n"
+               "  printf '%%s\\n' \"$PW\" | tollgate subscriber password alice")
+    a.add_argument("subscriber", help="name or id")
+
+
+def _operation_parsers(sub, with_config) -> None:
+    """block, unblock, adjust, usage, top: through accounting.operations, like the admin API."""
+    def command(name: str, func, help_text: str, description: str, epilog: str):
+        p = with_config(sub.add_parser(name, **_raw(help_text, description, epilog)))
+        p.add_argument("--db", help="the ledger (default: gateway.database)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("block", cmd_block, "block a subscriber by hand",
+                "Block a subscriber whatever its balance, until `tollgate unblock`; a running gateway "
+                "enforces it within a second.",
+                "example:\n  tollgate block alice --reason 'abuse report #1234'")
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("--reason", required=True, help="why (1 to 500 characters; kept in the ledger and audit log)")
+
+    p = command("unblock", cmd_unblock, "lift a manual block",
+                "Lift a block made with `tollgate block`; a block for a low balance stays until it is paid.",
+                "example:\n  tollgate unblock alice --reason 'resolved with the customer'")
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("--reason", default="lifted", help="why (default: lifted)")
+
+    p = command("adjust", cmd_adjust, "correct a subscriber's balance, with a reason",
+                "Add (or, negative, take away) an amount; a refund is a negative adjustment, a payment is "
+                "`tollgate topup`.",
+                "examples:\n  tollgate adjust alice 2.50 --reason 'outage 2026-03-02'\n"
+                "  tollgate adjust alice -1.00 --reason 'double card activation'")
+    p.add_argument("subscriber", help="name or id")
+    p.add_argument("amount", help='in the currency, e.g. "2.50" or "-1.00"')
+    p.add_argument("--reason", required=True, help="why (kept with the adjustment and in the audit log)")
+
+    dates = ("DATE is YYYY-MM-DD (its midnight) or 'YYYY-MM-DD HH:MM', local time of the config; "
+             "--since is included, --until is not.")
+    p = command("usage", cmd_usage, "traffic and charges, totalled per zone and direction, day or subscriber",
+                "Bytes, packets and amounts from the ledger, of one subscriber or all. " + dates
+                + " Days are UTC days.",
+                "examples:\n  tollgate usage alice --since 2026-03-01 --until 2026-04-01\n"
+                "  tollgate usage --by subscriber --zone external --direction download --json\n"
+                "  tollgate usage alice --by day --since '2026-03-01 08:00'")
+    p.add_argument("subscriber", nargs="?", help="name or id (default: everyone)")
+    p.add_argument("--since", metavar="DATE")
+    p.add_argument("--until", metavar="DATE")
+    p.add_argument("--by", default="zone,direction",
+                   help="comma-separated: zone, direction, day, subscriber, minute (default zone,direction)")
+    p.add_argument("--zone", help="only this zone")
+    p.add_argument("--direction", choices=("upload", "download"), help="only this direction")
+    p.add_argument("--json", action="store_true", help="as JSON (bytes as integers)")
+
+    p = command("top", cmd_top, "the subscribers with the most traffic",
+                "The top talkers by bytes in a time range. " + dates,
+                "example:\n  tollgate top --n 5 --since 2026-03-01")
+    p.add_argument("--n", "-n", type=int, default=10, help="how many (1..1000, default 10)")
+    p.add_argument("--since", metavar="DATE")
+    p.add_argument("--until", metavar="DATE")
+    p.add_argument("--json", action="store_true", help="as JSON (bytes as integers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,15 +993,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="the ledger (default: gateway.database)")
     p.set_defaults(func=cmd_token)
 
-    p = with_config(sub.add_parser(
-        "subscriber", help="one subscriber's settings: its portal password",
-        epilog="examples:\n  tollgate subscriber password alice            (asks twice)\n"
-               "  printf '%%s\\n' \"$PW\" | tollgate subscriber password alice",
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("action", choices=("password",))
-    p.add_argument("subscriber", help="name or id")
-    p.add_argument("--db", help="the ledger (default: gateway.database)")
-    p.set_defaults(func=cmd_subscriber)
+    _subscriber_parsers(sub, with_config)
+    _operation_parsers(sub, with_config)
 
     p = with_config(sub.add_parser(
         "audit", help="the audit log of changes: verify its hash chain, show its last rows",

@@ -1,0 +1,307 @@
+"""The daily admin commands (subscriber add/show/list/set/deactivate, block, unblock, adjust, usage, top), run as
+a separate process against a temporary config and ledger: what they print, what they write, the audit row each
+change leaves, and that a refused request writes nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pwd
+import subprocess
+import sys
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from accounting.audit import AuditLog
+from accounting.ledger import Ledger
+
+EUR = 10 ** 9
+ME = f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    # Berlin, not UTC: dates on the command line must be read in the config's zone
+    (tmp_path / "tollgate.toml").write_text(f"""
+[gateway]
+currency = "EUR"
+timezone = "Europe/Berlin"
+local_networks = ["100.64.0.0/10"]
+database = "{tmp_path / 'ledger.db'}"
+
+[[tariff]]
+name = "basic"
+price_unit = "MB"
+[tariff.prices]
+external = "0.01"
+
+[[tariff]]
+name = "premium"
+price_unit = "MB"
+[tariff.prices]
+external = "0.005"
+""")
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        ledger.config_path = str(tmp_path / "tollgate.toml")
+        yield ledger
+
+
+@pytest.fixture
+def tollgate(ledger):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "-c", ledger.config_path],
+                              check=False, capture_output=True, text=True, input="")
+    return run
+
+
+@pytest.fixture
+def three(tollgate):
+    """alice and bob on basic, carol on premium."""
+    for args in (["alice", "--tariff", "basic", "--address", "100.64.0.2/32", "--balance", "10.00",
+                  "--credit-limit", "2.50", "--contract", "C-17"],
+                 ["bob", "--tariff", "basic", "--address", "100.64.0.3/32", "100.64.0.4/32"],
+                 ["carol", "--tariff", "premium"]):
+        out = tollgate("subscriber", "add", *args)
+        assert out.returncode == 0, out.stderr
+
+
+def audit(ledger) -> list[tuple]:
+    rows = AuditLog(ledger).rows()
+    assert AuditLog(ledger).verify() == (True, None)
+    assert {r["actor"] for r in rows} <= {ME}
+    return [(r["action"], r["target"]) for r in rows]
+
+
+def local_ns(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=BERLIN).timestamp()) * 10 ** 9
+
+
+def test_add_then_show(ledger, tollgate, three):
+    alice = ledger.get_subscriber("alice")
+    assert (alice["tariff"], alice["balance"], alice["credit_limit"], alice["contract"], alice["addresses"]) == \
+        ("basic", 10 * EUR, 2_500_000_000, "C-17", ["100.64.0.2/32"])
+    assert ledger.get_subscriber("bob")["addresses"] == ["100.64.0.3/32", "100.64.0.4/32"]
+    assert audit(ledger) == [("subscriber.add", "subscriber:1"), ("subscriber.add", "subscriber:2"),
+                             ("subscriber.add", "subscriber:3")]
+    assert AuditLog(ledger).rows()[0]["after"]["balance"] == "10.00 EUR"
+
+    out = tollgate("subscriber", "show", "alice")
+    assert out.returncode == 0, out.stderr
+    for text in ("alice (id 1)", "basic", "C-17", "10.00 EUR", "2.50 EUR", "active", "100.64.0.2/32"):
+        assert text in out.stdout
+    shown = json.loads(tollgate("subscriber", "show", "1", "--json").stdout)
+    assert shown["name"] == "alice" and shown["balance"] == "10.00 EUR" and shown["blocked"] is False
+    assert shown["addresses"] == ["100.64.0.2/32"] and shown["active"] is True
+    # the options of the config and the ledger may come before the action too
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "subscriber", "-c", ledger.config_path,
+                          "--db", ledger.path, "show", "bob"], check=False, capture_output=True, text=True)
+    assert out.returncode == 0 and "bob (id 2)" in out.stdout, out.stderr
+
+
+def test_list_filters_and_pages(ledger, tollgate, three):
+    out = tollgate("subscriber", "list")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "balance" in lines[0] and "blocked" in lines[0] and len(lines) == 4
+    assert lines[1].split()[:5] == ["1", "alice", "basic", "10.00", "EUR"] and "active" in lines[1]
+
+    def names(*args):
+        page = json.loads(tollgate("subscriber", "list", "--json", *args).stdout)
+        return page["total"], [s["name"] for s in page["items"]]
+
+    assert names("--tariff", "premium") == (1, ["carol"])
+    assert names("--name", "AL") == (1, ["alice"])
+    assert names("--limit", "1", "--offset", "1") == (3, ["bob"])
+    assert names("--limit", "2", "--offset", "2") == (3, ["carol"])
+    assert names("--inactive") == (0, [])
+    out = tollgate("subscriber", "list", "--limit", "2")
+    assert "1-2 of 3 (--offset 2 for more)" in out.stdout and "carol" not in out.stdout
+    assert tollgate("subscriber", "deactivate", "bob").returncode == 0
+    assert names("--inactive") == (1, ["bob"])
+    assert names("--active", "--tariff", "basic") == (1, ["alice"])
+    assert tollgate("subscriber", "list", "--active", "--inactive").returncode == 2
+    assert tollgate("subscriber", "list", "--limit", "0").returncode == 2
+
+
+def test_set_credit_limit_addresses_and_a_scheduled_tariff(ledger, tollgate, three):
+    out = tollgate("subscriber", "set", "alice", "--credit-limit", "5.00", "--address", "100.64.0.7/32",
+                   "--address", "100.64.0.8/32")
+    assert out.returncode == 0, out.stderr
+    alice = ledger.get_subscriber("alice")
+    assert alice["credit_limit"] == 5 * EUR and alice["addresses"] == ["100.64.0.7/32", "100.64.0.8/32"]
+    assert tollgate("subscriber", "set", "bob", "--address", "100.64.0.2/32").returncode == 0  # alice's old one
+    assert ledger.get_subscriber("bob")["addresses"] == ["100.64.0.2/32"]
+    assert tollgate("subscriber", "set", "bob", "--no-address").returncode == 0
+    assert ledger.get_subscriber("bob")["addresses"] == []
+
+    out = tollgate("subscriber", "set", "alice", "--tariff", "premium", "--effective", "2027-01-01 00:00")
+    assert out.returncode == 0, out.stderr
+    assert "then premium from 2027-01-01 00:00 CET" in out.stdout
+    changes = ledger.db.execute("SELECT subscriber_id, tariff, effective_ns, applied_ns FROM tariff_changes").fetchall()
+    assert changes == [(1, "premium", local_ns("2027-01-01 00:00"), None)]
+    assert local_ns("2027-01-01 00:00") == 1_798_758_000 * 10 ** 9  # 2026-12-31 23:00 UTC
+    assert ledger.get_subscriber("alice")["tariff"] == "basic"  # until the gateway applies it
+
+    rows = AuditLog(ledger).rows()[3:]
+    assert audit(ledger)[3:] == [("subscriber.update", "subscriber:1"), ("subscriber.update", "subscriber:2"),
+                                 ("subscriber.update", "subscriber:2"), ("subscriber.update", "subscriber:1")]
+    assert rows[0]["before"]["credit_limit"] == "2.50 EUR" and rows[0]["after"]["credit_limit"] == "5.00 EUR"
+    assert rows[3]["after"]["tariff_change"] == {"tariff": "premium", "effective_ns": local_ns("2027-01-01 00:00")}
+
+    for args, message in ((["--effective", "2027-01-01"], "give --tariff too"), ([], "nothing to change")):
+        out = tollgate("subscriber", "set", "alice", *args)
+        assert out.returncode == 2 and message in out.stderr
+    assert len(AuditLog(ledger).rows()) == 7
+
+
+def test_deactivate(ledger, tollgate, three):
+    out = tollgate("subscriber", "deactivate", "carol")
+    assert out.returncode == 0 and "deactivated" in out.stdout, out.stderr
+    assert not ledger.get_subscriber("carol")["active"]
+    out = tollgate("subscriber", "deactivate", "carol")
+    assert out.returncode == 0 and "inactive already" in out.stdout
+    rows = AuditLog(ledger).rows()[3:]
+    assert audit(ledger)[3:] == [("subscriber.update", "subscriber:3")]
+    assert rows[0]["before"]["active"] is True and rows[0]["after"]["active"] is False
+
+
+def test_block_and_unblock_by_hand(ledger, tollgate, three):
+    out = tollgate("block", "bob", "--reason", "abuse report 1234")
+    assert out.returncode == 0 and "blocked by hand" in out.stdout, out.stderr
+    assert ledger.manually_blocked() == [2]
+    assert "blocked by hand" in tollgate("subscriber", "list", "--name", "bob").stdout
+    assert "blocked by hand (abuse report 1234)" in tollgate("subscriber", "show", "bob").stdout
+
+    out = tollgate("block", "bob", "--reason", "again")
+    assert out.returncode == 1 and "subscriber bob is already blocked by hand" in out.stderr
+    assert out.stderr.startswith("tollgate: ")
+    assert tollgate("block", "bob").returncode == 2  # a reason is required
+    assert len(ledger.blocks(2)) == 1
+
+    out = tollgate("unblock", "bob")
+    assert out.returncode == 0 and "lifted" in out.stdout, out.stderr
+    assert ledger.manually_blocked() == [] and [b["kind"] for b in ledger.blocks(2)] == ["block", "unblock"]
+    out = tollgate("unblock", "bob", "--reason", "twice")
+    assert out.returncode == 1 and "not blocked by hand" in out.stderr
+    assert json.loads(tollgate("subscriber", "show", "bob", "--json").stdout)["blocked"] is False
+    rows = AuditLog(ledger).rows()[3:]
+    assert audit(ledger)[3:] == [("subscriber.block", "subscriber:2"), ("subscriber.unblock", "subscriber:2")]
+    assert rows[0]["after"] == {"manually_blocked": True, "reason": "abuse report 1234"}
+    assert rows[1]["after"] == {"manually_blocked": False, "reason": "lifted"}
+
+
+def test_adjust(ledger, tollgate, three):
+    out = tollgate("adjust", "alice", "-2.50", "--reason", "double card activation")
+    assert out.returncode == 0, out.stderr
+    assert "-2.50 EUR" in out.stdout and "ledger balance 7.50 EUR" in out.stdout
+    assert tollgate("adjust", "carol", "1.25", "--reason", "outage").returncode == 0
+    assert ledger.balance("alice") == 7_500_000_000 and ledger.balance("carol") == 1_250_000_000
+    assert [(a["amount"], a["reason"], a["author"]) for a in ledger.adjustments()] == \
+        [(-2_500_000_000, "double card activation", ME), (1_250_000_000, "outage", ME)]
+    assert audit(ledger)[3:] == [("adjustment.add", "subscriber:1"), ("adjustment.add", "subscriber:3")]
+    assert AuditLog(ledger).rows()[3]["after"]["balance"] == "7.50 EUR"
+    assert ledger.check_invariants() == []
+
+
+def minute(text: str) -> int:
+    """Epoch seconds of a UTC minute."""
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp())
+
+
+@pytest.fixture
+def traffic(ledger, three):
+    """alice: 1.23 MB down and 0.2 MB up on 2026-03-02, 1 MB down on 2026-03-05; bob 5 MB down on 2026-03-02;
+    carol 10 MB up on 2026-03-01 at 23:30 UTC, which is 00:30 on the 2nd in Berlin."""
+    rows = [(1, 1, 1, minute("2026-03-02 10:00"), 1_230_000, 1000, 12_300_000),
+            (1, 1, 0, minute("2026-03-02 10:01"), 200_000, 300, 2_000_000),
+            (1, 1, 1, minute("2026-03-05 12:00"), 1_000_000, 800, 10_000_000),
+            (1, 0, 1, minute("2026-03-05 12:00"), 4_000, 10, 0),
+            (2, 1, 1, minute("2026-03-02 11:00"), 5_000_000, 4000, 50_000_000),
+            (3, 1, 0, minute("2026-03-01 23:30"), 10_000_000, 9000, 50_000_000)]
+    assert ledger.apply_flush("f1", rows, minute("2026-03-06 00:00") * 10 ** 9)
+
+
+def test_usage(ledger, tollgate, traffic):
+    out = tollgate("usage", "alice", "--json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(out.stdout), key=lambda r: (r["zone"], r["direction"])) == [
+        {"zone": "external", "direction": "download", "bytes": 2_230_000, "packets": 1800, "amount": "0.02 EUR"},
+        {"zone": "external", "direction": "upload", "bytes": 200_000, "packets": 300, "amount": "0.00 EUR"},
+        {"zone": "local", "direction": "download", "bytes": 4_000, "packets": 10, "amount": "0.00 EUR"}]
+
+    out = tollgate("usage", "alice", "--since", "2026-03-02", "--until", "2026-03-03", "--direction", "download")
+    assert out.returncode == 0, out.stderr
+    assert "1.23 MB" in out.stdout and "1000" in out.stdout and "2.23 MB" not in out.stdout
+
+    def by(*args):
+        return json.loads(tollgate("usage", "--json", *args).stdout)
+
+    assert by("--by", "subscriber", "--zone", "external", "--direction", "download") == [
+        {"name": "alice", "subscriber_id": 1, "bytes": 2_230_000, "packets": 1800, "amount": "0.02 EUR"},
+        {"name": "bob", "subscriber_id": 2, "bytes": 5_000_000, "packets": 4000, "amount": "0.05 EUR"}]
+    assert [(r["day"], r["bytes"]) for r in by("alice", "--by", "day")] == [("2026-03-02", 1_430_000),
+                                                                           ("2026-03-05", 1_004_000)]
+    # dates are Berlin time: carol's minute is in the 2nd there, not in UTC's
+    assert by("carol", "--until", "2026-03-02") == []
+    assert by("carol", "--since", "2026-03-02", "--by", "") == [
+        {"bytes": 10_000_000, "packets": 9000, "amount": "0.05 EUR"}]
+    assert by("carol", "--since", "2026-03-02 00:30", "--by", "")[0]["bytes"] == 10_000_000
+    assert by("carol", "--since", "2026-03-02 00:31", "--by", "") == [{"bytes": 0, "packets": 0, "amount": "0.00 EUR"}]
+
+    out = tollgate("usage", "--by", "subscriber")
+    assert out.returncode == 0, out.stderr
+    assert "total" in out.stdout.splitlines()[-1] and "17.43 MB" in out.stdout.splitlines()[-1]
+    assert "no usage" in tollgate("usage", "--since", "2027-01-01").stdout
+    for args, message in ((["--by", "week"], "grouped by"), (["--zone", "moon"], "no zone 'moon'"),
+                          (["--since", "yesterday"], "not a date"),
+                          (["--since", "2026-03-05", "--until", "2026-03-01"], "before --until")):
+        out = tollgate("usage", *args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    assert tollgate("usage", "nobody").returncode == 1
+    assert AuditLog(ledger).count() == 3  # reading writes nothing
+
+
+def test_top(ledger, tollgate, traffic):
+    out = tollgate("top", "--n", "2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].split()[:6] == ["1", "carol", "10.00", "MB", "9000", "0.05"]
+    assert lines[2].split()[:4] == ["2", "bob", "5.00", "MB"]
+    top = json.loads(tollgate("top", "--since", "2026-03-02", "--until", "2026-03-03", "--json").stdout)
+    assert [(t["name"], t["bytes"], t["amount"]) for t in top] == [
+        ("carol", 10_000_000, "0.05 EUR"), ("bob", 5_000_000, "0.05 EUR"), ("alice", 1_430_000, "0.01 EUR")]
+    assert tollgate("top", "-n", "0").returncode == 2
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["subscriber", "show", "nobody"], 1, "no subscriber 'nobody'"),
+    (["subscriber", "set", "nobody", "--credit-limit", "1"], 1, "no subscriber 'nobody'"),
+    (["subscriber", "deactivate", "nobody"], 1, "no subscriber 'nobody'"),
+    (["block", "nobody", "--reason", "x"], 1, "no subscriber 'nobody'"),
+    (["adjust", "nobody", "1.00", "--reason", "x"], 1, "no subscriber 'nobody'"),
+    (["subscriber", "add", "dave", "--tariff", "gold"], 2, "no tariff 'gold'"),
+    (["subscriber", "set", "alice", "--tariff", "gold"], 2, "no tariff 'gold'"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--balance", "ten"], 2, "balance"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--credit-limit", "-1"], 2, "cannot be negative"),
+    (["subscriber", "set", "alice", "--credit-limit", "1.5.0"], 2, "credit_limit"),
+    (["adjust", "alice", "12,50", "--reason", "x"], 2, "amount"),
+    (["adjust", "alice", "0", "--reason", "x"], 2, "zero"),
+    (["adjust", "alice", "1.00", "--reason", " "], 2, "reason"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--address", "100.64.0.3/32"], 1,
+     "100.64.0.3/32 already belongs to subscriber 2 (bob)"),
+    (["subscriber", "set", "alice", "--address", "100.64.0.9/32", "100.64.0.4/32"], 1, "already belongs"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--address", "100.64.0.1/24"], 2, "bad address"),
+    (["subscriber", "add", "alice", "--tariff", "basic"], 1, "exists"),
+    (["subscriber", "set", "alice", "--tariff", "premium", "--effective", "2027-02-30"], 2, "not a date"),
+    (["subscriber", "add", "dave"], 2, "--tariff"),  # argparse: required
+])
+def test_a_refused_request_changes_nothing(ledger, tollgate, three, args, code, message):
+    before = list(ledger.db.conn.iterdump())
+    out = tollgate(*args)
+    assert out.returncode == code and message in out.stderr, out.stderr
+    assert out.stderr.startswith(("tollgate: ", "usage: "))
+    assert list(ledger.db.conn.iterdump()) == before
+    assert AuditLog(ledger).verify() == (True, None)
