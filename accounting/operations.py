@@ -61,6 +61,8 @@ class Operations:
             raise OperationError(f"{what}: {exc}") from None
         if positive and units <= 0:
             raise OperationError(f"{what} must be more than zero")
+        if abs(units) >= 1 << 60:  # the ledger's 64-bit sums must hold many of them
+            raise OperationError(f"{what} {value} is out of range")
         return units
 
     def _money(self, units: int) -> str:
@@ -211,10 +213,16 @@ class Operations:
             try:
                 card = prepaid.activate(self.ledger, row["id"], code)
             except prepaid.CardError as exc:
-                raise OperationError(str(exc), 409 if "used" in str(exc) else 422) from None
-            after = {"serial": card["serial"], "value": self._money(card["value"]),
-                     "balance": self._money(self.ledger.balance(row["id"]))}
-            self._audit("card.activate", f"subscriber:{row['id']}", {"balance": self._money(row["balance"])}, after)
+                failed = str(exc)  # raised after the commit: the failed attempt counts towards the limit
+            else:
+                failed = None
+                after = {"serial": card["serial"], "value": self._money(card["value"]),
+                         "balance": self._money(self.ledger.balance(row["id"]))}
+                self._audit("card.activate", f"subscriber:{row['id']}", {"balance": self._money(row["balance"])},
+                            after)
+        if failed is not None:
+            raise OperationError(failed, 429 if failed.startswith("too many") else 404 if failed.startswith("no ")
+                                 else 409 if "used" in failed or "expired" in failed else 422)
         return after
 
     def generate_cards(self, count: int, value, days: int = 365) -> list[dict]:

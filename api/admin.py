@@ -11,22 +11,27 @@ After a change to a subscriber the running gateway is asked to refresh it at
 once; payments reach its live balance within 0.2 s.
 """
 
-from __future__ import annotations
-
 import ipaddress
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from accounting.audit import AuditLog
 from accounting.operations import Operations
 
-from .auth import Principal, RateLimiter, TokenStore
+from .auth import AuthError, Principal, TokenStore
 
-MONEY = r"^-?[0-9]{1,12}(\.[0-9]{1,9})?$"
-POSITIVE_MONEY = r"^[0-9]{1,12}(\.[0-9]{1,9})?$"
+# amounts are decimal strings of at most 9 integer digits and 9 decimals (a nano-unit: 64-bit internal
+# units hold them with room for sums); the positive
+# ones are spelled out so that the schema itself says "more than zero"
+_FRACTION = "|".join(f"{'0' * k}[1-9][0-9]{{0,{8 - k}}}" for k in range(9))
+POSITIVE = rf"(?:[1-9][0-9]{{0,8}}(?:\.[0-9]{{1,9}})?|0\.(?:{_FRACTION}))"
+POSITIVE_MONEY = rf"^{POSITIVE}$"
+NONZERO_MONEY = rf"^-?{POSITIVE}$"
+MONEY = r"^-?[0-9]{1,9}(\.[0-9]{1,9})?$"
+NOT_NEGATIVE_MONEY = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 TEXT = r"^[^\x00-\x1f\x7f]*$"  # printable: no control characters in names and reasons
 NETWORK = r"^[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?$"
@@ -35,9 +40,9 @@ SubscriberId = Annotated[int, Path(ge=1, le=2**31, description="the subscriber's
 Since = Annotated[int | None, Query(ge=0, le=2**40, description="from this epoch second on")]
 Until = Annotated[int | None, Query(ge=0, le=2**40, description="before this epoch second")]
 
-ERRORS = {401: {"description": "no valid admin token"}, 403: {"description": "the token's role may not do this"},
-          413: {"description": "the body is larger than 1 MiB"}, 429: {"description": "too many failed attempts"}}
-NOT_FOUND = {404: {"description": "no such subscriber"}}
+ERRORS = {400: {"description": "the body cannot be read"}, 401: {"description": "no valid admin token"}, 403: {"description": "the token's role may not do this"},
+          413: {"description": "the body is larger than 1 MiB"}}
+NOT_FOUND = {404: {"description": "no such subscriber (or card)"}}
 CONFLICT = {409: {"description": "conflicts with the ledger's state (a name or address taken, a key reused)"}}
 
 
@@ -51,17 +56,17 @@ class SubscriberIn(Strict):
     addresses: list[Annotated[str, Field(pattern=NETWORK)]] = Field(default=[], max_length=64,
                                                                    description="IPv4/IPv6 addresses or prefixes")
     balance: str = Field(default="0", pattern=MONEY, description="opening balance, e.g. 10.00")
-    credit_limit: str = Field(default="0", pattern=POSITIVE_MONEY)
+    credit_limit: str = Field(default="0", pattern=NOT_NEGATIVE_MONEY)
     contract: str | None = Field(default=None, min_length=1, max_length=64, pattern=TEXT)
 
 
 class SubscriberPatch(Strict):
     tariff: str | None = Field(default=None, min_length=1, max_length=64)
-    effective_ns: int | None = Field(default=None, ge=0, le=MAX_TS,
+    effective_ns: StrictInt | None = Field(default=None, ge=0, le=MAX_TS,
                                      description="when a tariff change applies (default now)")
-    credit_limit: str | None = Field(default=None, pattern=POSITIVE_MONEY)
+    credit_limit: str | None = Field(default=None, pattern=NOT_NEGATIVE_MONEY)
     addresses: list[Annotated[str, Field(pattern=NETWORK)]] | None = Field(default=None, max_length=64)
-    active: bool | None = None
+    active: StrictBool | None = None  # true or false, not 0 or "yes"
 
 
 class PaymentIn(Strict):
@@ -71,7 +76,7 @@ class PaymentIn(Strict):
 
 
 class AdjustmentIn(Strict):
-    amount: str = Field(pattern=MONEY, description="positive or negative, not zero")
+    amount: str = Field(pattern=NONZERO_MONEY, description="positive or negative, not zero")
     reason: str = Field(min_length=1, max_length=500, pattern=TEXT)
 
 
@@ -127,21 +132,27 @@ def _admin_address(client: str, networks) -> bool:
 def admin_router(view) -> APIRouter:
     """``view``: ``thread_ledger()``, ``config``, ``refresh_subscriber(sid)`` (``api.app.GatewayView``)."""
     router = APIRouter(prefix="/api/v1", responses=ERRORS)
+    # the configured tariffs and zones, as enums in the OpenAPI document
+    tariff_name = Literal[tuple(sorted(view.config.tariffs))]
+    zone_name = Literal[tuple(view.config.zones.names)]
+
+    class NewSubscriber(SubscriberIn):
+        tariff: tariff_name
+
+    class SubscriberChange(SubscriberPatch):
+        tariff: tariff_name | None = None
+
     bearer = HTTPBearer(auto_error=False, description="a token from `tollgate token create`")
-    failures = RateLimiter(limit=20, window_s=60)  # bad tokens per client address
 
     def caller(permission: str):
         def check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
             client = request.client.host if request.client else "?"
             if not _admin_address(client, view.config.admin_networks):
                 raise HTTPException(403, "the admin API is not served to this address (gateway.admin_networks)")
+            # no rate limit on tokens: they are 256 random bits (not guessed), and checking one is a
+            # hash and an index lookup; password logins (the portal) are the ones limited
             who = TokenStore(view.thread_ledger()).verify(creds.credentials) if creds else None
             if who is None:
-                # a valid token always passes (256 random bits are not guessed); an address that sent
-                # many bad ones is told to wait, which keeps floods of them out of the logs and the ledger
-                if not failures.hit(client):
-                    raise HTTPException(429, "too many failed attempts; wait a minute",
-                                        headers={"Retry-After": str(int(failures.retry_after(client)) + 1)})
                 raise HTTPException(401, "a valid admin token is required: Authorization: Bearer tg_...",
                                     headers={"WWW-Authenticate": "Bearer"})
             if not who.can(permission):
@@ -166,7 +177,7 @@ def admin_router(view) -> APIRouter:
 
     @router.post("/subscribers", status_code=201, response_model=Subscriber, responses=CONFLICT,
                  summary="Create a subscriber")
-    def add_subscriber(body: SubscriberIn, who: Principal = caller("write")):
+    def add_subscriber(body: NewSubscriber, who: Principal = caller("write")):
         sub = ops(who).add(body.name, body.tariff, body.addresses, body.balance, body.credit_limit, body.contract)
         changed(sub["id"])
         return sub
@@ -177,7 +188,7 @@ def admin_router(view) -> APIRouter:
 
     @router.patch("/subscribers/{sid}", response_model=Subscriber, responses={**NOT_FOUND, **CONFLICT},
                   summary="Change tariff (at effective_ns), credit limit, addresses or active")
-    def update_subscriber(sid: SubscriberId, body: SubscriberPatch, who: Principal = caller("write")):
+    def update_subscriber(sid: SubscriberId, body: SubscriberChange, who: Principal = caller("write")):
         sub = ops(who).update(sid, body.tariff, body.effective_ns, body.credit_limit, body.addresses, body.active)
         changed(sid)
         return sub
@@ -219,7 +230,8 @@ def admin_router(view) -> APIRouter:
     def adjust(sid: SubscriberId, body: AdjustmentIn, who: Principal = caller("payments")):
         return ops(who).adjust(sid, body.amount, body.reason)
 
-    @router.post("/subscribers/{sid}/cards", responses={**NOT_FOUND, **CONFLICT},
+    @router.post("/subscribers/{sid}/cards", responses={**NOT_FOUND, **CONFLICT,
+                                                         429: {"description": "too many wrong codes lately"}},
                  summary="Activate a prepaid card for the subscriber")
     def activate_card(sid: SubscriberId, body: CardIn, who: Principal = caller("payments")):
         return ops(who).activate_card(sid, body.code)
@@ -230,9 +242,9 @@ def admin_router(view) -> APIRouter:
 
     # ---- usage ----------------------------------------------------------------------
 
-    @router.get("/usage", summary="Usage totals by subscriber, zone, direction and day over a time range")
+    @router.get("/usage", responses=NOT_FOUND, summary="Usage totals by subscriber, zone, direction and day over a time range")
     def usage(who: Principal = caller("read"), subscriber: int | None = Query(None, ge=1, le=2**31),
-              since: Since = None, until: Until = None, zone: str | None = Query(None, max_length=64),
+              since: Since = None, until: Until = None, zone: zone_name | None = None,
               direction: Literal["upload", "download"] | None = None,
               by: list[Literal["subscriber", "zone", "direction", "day"]] = Query(["zone", "direction"])):
         return ops(who).usage(subscriber, since, until, tuple(dict.fromkeys(by)), zone, direction)
@@ -260,7 +272,10 @@ def admin_router(view) -> APIRouter:
     def create_token(body: TokenIn, who: Principal = caller("tokens")):
         ledger = view.thread_ledger()
         with ledger._tx():
-            token = TokenStore(ledger).create(body.name, body.role)
+            try:
+                token = TokenStore(ledger).create(body.name, body.role)
+            except AuthError as exc:
+                raise HTTPException(409 if "exists" in str(exc) else 422, str(exc)) from None
             AuditLog(ledger).append(who.actor, "token.create", f"token:{body.name}", None,
                                     {"name": body.name, "role": body.role})
         return {"name": body.name, "role": body.role, "token": token}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import ipaddress
+import re
 import threading
 from typing import Protocol
 
@@ -112,6 +113,8 @@ body {{ font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto;
 h1 {{ font-size: 1.6rem; }} .reason {{ background: #fff3cd; border: 1px solid #e0c36a; padding: .8rem 1rem; border-radius: 6px; }}
 table {{ border-collapse: collapse; width: 100%; margin: 1rem 0; }} td, th {{ text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }}
 td.n {{ text-align: right; font-variant-numeric: tabular-nums; }} .balance {{ font-size: 1.3rem; }}
+a.button {{ display: inline-block; background: #1a5fb4; color: #fff; padding: .6rem 1rem; border-radius: 4px;
+  text-decoration: none; font-size: 1.1rem; }}
 </style></head><body>
 <h1>{title}</h1>
 {body}
@@ -131,7 +134,24 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def render_block_page(info: dict | None, address: str) -> str:
+def portal_login_url(request: Request) -> str:
+    """The portal's login page at the gateway address the request reached. The browser's Host names
+    the upstream it asked for (the kernel redirected the connection), so only the socket's own
+    address leads back to the gateway; with its port, which is open to subscribers blocked or not."""
+    server = request.scope.get("server")
+    if not server or not server[0]:
+        return "/portal/login"
+    host, port = server[0], server[1]
+    try:
+        addr = ipaddress.ip_address(host)
+        mapped = getattr(addr, "ipv4_mapped", None)  # a dual-stack socket's view of an IPv4 client
+        host = str(mapped) if mapped else (f"[{addr}]" if addr.version == 6 else str(addr))
+    except ValueError:
+        pass  # a name (tests, a unix socket's path): used as it is
+    return f"http://{host}{'' if port in (80, None) else f':{port}'}/portal/login"
+
+
+def render_block_page(info: dict | None, address: str, login_url: str = "/portal/login") -> str:
     esc = html.escape
     if info is None:
         return PAGE.format(title="Not a subscriber", body=f"<p>The address {esc(address)} belongs to no subscriber "
@@ -151,6 +171,8 @@ def render_block_page(info: dict | None, address: str) -> str:
     if info["blocked"]:
         body.append("<h2>How to top up</h2><p>Pay at the office or activate a prepaid card in your personal page. "
                     "Access resumes within a second of the payment; this page and DNS keep working meanwhile.</p>")
+    label = "Log in to your account to top up" if info["blocked"] else "Log in to your account"
+    body.append(f'<p><a class=button id=portal-login href="{esc(login_url)}">{label}</a></p>')
     return PAGE.format(title=title, body="\n".join(body))
 
 
@@ -180,9 +202,26 @@ def create_app(view: GatewayView) -> FastAPI:
 
     @app.exception_handler(OperationError)
     def operation_error(request: Request, exc: OperationError) -> JSONResponse:
+        if exc.status == 422:  # the shape FastAPI documents for 422: a list of what is wrong
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]}, 422)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    def allowed_methods(path: str) -> list[str]:
+        """The methods the OpenAPI document lists for ``path`` (empty: no such path)."""
+        for template, operations in app.openapi()["paths"].items():
+            if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
+                return sorted(m.upper() for m in operations)
+        return []
+
+    @app.exception_handler(405)
+    def method_not_allowed(request: Request, exc) -> JSONResponse:
+        methods = allowed_methods(request.url.path)
+        return JSONResponse({"detail": "method not allowed"}, 405, headers={"Allow": ", ".join(methods)})
+
     app.include_router(admin_router(view))
+    from .portal import portal_router
+
+    app.include_router(portal_router(view))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -197,10 +236,15 @@ def create_app(view: GatewayView) -> FastAPI:
         # Whatever URL the browser asked for (the kernel redirected it here):
         # answer with the page, never a redirect loop. 511 tells clients and
         # captive-portal detectors that the network wants attention (RFC 6585).
+        if path.startswith("api/"):  # an API path asked with a method it does not have
+            methods = allowed_methods("/" + path)
+            if methods:
+                return JSONResponse({"detail": "method not allowed"}, 405, headers={"Allow": ", ".join(methods)})
+            return JSONResponse({"detail": "no such API path"}, 404)
         address = request.client.host if request.client else ""
         info = view.subscriber_page(address)
         status = 511 if info is not None and info["blocked"] else 200
-        return HTMLResponse(render_block_page(info, address), status_code=status,
+        return HTMLResponse(render_block_page(info, address, portal_login_url(request)), status_code=status,
                             headers={"Cache-Control": "no-store"})
 
     return app
