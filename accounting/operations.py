@@ -141,11 +141,12 @@ class Operations:
         credit = None if credit_limit is None else self._amount(credit_limit, "credit_limit")
         if credit is not None and credit < 0:
             raise OperationError("credit_limit cannot be negative")
+        effective = effective_ns if effective_ns is not None else _now()
         with self.ledger._tx():
             before = self.view(row)
             try:
                 if tariff is not None and tariff != row["tariff"]:
-                    self.ledger.schedule_tariff(sid, tariff, effective_ns if effective_ns is not None else _now())
+                    self.ledger.schedule_tariff(sid, tariff, effective)
                 if credit is not None:
                     self.ledger.set_terms(sid, credit_limit=credit)
                 if addresses is not None:
@@ -156,8 +157,9 @@ class Operations:
                 raise OperationError(str(exc), 409 if "belongs" in str(exc) else 422) from None
             after = self.view(self.ledger.get_subscriber(sid))
             if tariff is not None and tariff != row["tariff"]:
-                after["tariff_change"] = {"tariff": tariff, "effective_ns": effective_ns or "now"}
-            self._audit("subscriber.update", f"subscriber:{sid}", before, after)
+                after["tariff_change"] = {"tariff": tariff, "effective_ns": effective}
+            if after != before:  # a request that changes nothing leaves no audit row
+                self._audit("subscriber.update", f"subscriber:{sid}", before, after)
         return after
 
     def deactivate(self, key) -> dict:

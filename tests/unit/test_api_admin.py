@@ -148,7 +148,7 @@ def test_money_blocks_and_the_audit_log(api):
 
 
 @pytest.mark.parametrize("body, says", [
-    ({"name": "x", "tariff": "nope"}, "no tariff 'nope'"),
+    ({"name": "x", "tariff": "nope"}, "Input should be 'lab'"),
     ({"name": "x y", "tariff": "lab"}, "name"),
     ({"name": "x", "tariff": "lab", "balance": "1.5e3"}, "balance"),
     ({"name": "x", "tariff": "lab", "addresses": ["100.64.300.1/32"]}, "100.64.300.1"),
