@@ -109,6 +109,7 @@ cdef struct tg_stats:
     uint64_t unknown_bytes
     uint64_t dropped_packets
     uint64_t dropped_bytes
+    uint64_t over_limit_bytes    # flow records rated past the limit: traffic that passed a passive source
 
 cdef class EngineC:
     cdef pthread_rwlock_t rwlock

@@ -862,7 +862,7 @@ cdef class EngineC:
         """Engine-wide packet and byte counts since the engine was made."""
         s = self.stats_
         return EngineStats(s.packets, s.bytes, s.malformed_packets, s.malformed_bytes, s.unknown_packets,
-                           s.unknown_bytes, s.dropped_packets, s.dropped_bytes)
+                           s.unknown_bytes, s.dropped_packets, s.dropped_bytes, s.over_limit_bytes)
 
     cdef list _take_counters(self, uint32_t sid):
         """Rows of ``sid``'s non-zero counters, which are reset (the carry
@@ -1043,6 +1043,7 @@ cdef class EngineC:
                 tg_unlock(&s.lock)
                 return verdict
             verdict = NF_DROP  # charged all the same: the traffic already passed
+            st.over_limit_bytes += length
         s.balance -= cost
         c.bytes += length
         s.rated_bytes += length
@@ -1182,6 +1183,7 @@ cdef class EngineC:
         tg_add_u64(&self.stats_.unknown_bytes, st.unknown_bytes)
         tg_add_u64(&self.stats_.dropped_packets, st.dropped_packets)
         tg_add_u64(&self.stats_.dropped_bytes, st.dropped_bytes)
+        tg_add_u64(&self.stats_.over_limit_bytes, st.over_limit_bytes)
         return n_events
 
     def process(self, batch):

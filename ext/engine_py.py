@@ -152,6 +152,7 @@ class EngineStats(NamedTuple):
     unknown_bytes: int
     dropped_packets: int
     dropped_bytes: int
+    over_limit_bytes: int  # flow records rated past the limit (they had passed already)
 
 
 def parse_network(network: str) -> tuple[int, int, int]:
@@ -689,6 +690,7 @@ class EnginePy:
                     sub.allowance[b] += take
                 return self._drop(sub, length, count)
             verdict = NF_DROP  # an aggregate is charged all the same: it already passed
+            self._stats.over_limit_bytes += length
         sub.carry[key] = carry
         sub.balance -= cost
         self._count(sub, zone, direction, length, count, cost)

@@ -96,6 +96,8 @@ class EngineCollector:
             ("tollgate_unknown_packets", s.unknown_packets, "packets of no subscriber"),
             ("tollgate_dropped_packets", s.dropped_packets, "packets dropped for blocked subscribers"),
             ("tollgate_dropped_bytes", s.dropped_bytes, "bytes dropped for blocked subscribers"),
+            ("tollgate_over_limit_bytes", s.over_limit_bytes, "bytes rated past a subscriber's limit: flow records "
+             "a passive source reported after the traffic passed (0 inline: the breaching packet is dropped)"),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         q = GaugeMetricFamily("tollgate_queue_stat", "nfqueue reader counters", labels=["queue", "stat"])

@@ -7,6 +7,7 @@ netlink input is counted, never rated."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 import time
@@ -72,6 +73,7 @@ def test_overshoot_with_and_without_the_kernel_quota(lab, tmp_path, quota):
         page = netns(lab.sub(1), "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
                      f"http://{UP4}/index.html").stdout
         assert page == "511"  # the block page, not the upstream
+        over = float(re.search(r"^tollgate_over_limit_bytes_total (\S+)$", gw.metrics(), re.M).group(1))
     finally:
         gw.stop()
     counters = gw.kernel_counters()
@@ -80,12 +82,13 @@ def test_overshoot_with_and_without_the_kernel_quota(lab, tmp_path, quota):
     (balance,) = con.execute("SELECT balance FROM subscribers WHERE name = 's1'").fetchone()
     con.close()
     print(f"\n  {'with' if quota else 'without'} kernel quota: {down:,} B downloaded of 2,000,000 bought,"
-          f" overshoot {max(0, down - 2_000_000):,} B, balance {balance / 1e9:+.6f} EUR")
+          f" overshoot {max(0, down - 2_000_000):,} B, balance {balance / 1e9:+.6f} EUR,"
+          f" tollgate_over_limit_bytes {over:,.0f}")
     assert ledger_bytes(gw.db)["s1"] >= down  # every byte forwarded was rated
     if quota:
         assert down <= 2_000_000 and balance >= 0
     else:
-        assert down > 2_000_000 and balance < 0
+        assert down > 2_000_000 and balance < 0 and over > 0
     netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
 
 

@@ -193,6 +193,7 @@ def test_flow_records_past_the_limit_are_charged_and_block_once(make):
     b.append_flow("198.18.0.1", "100.64.3.3", 17, 9, 9, 40, 1, T)
     assert e.process(b) == []  # already blocked: no second event, still charged
     assert e.subscriber(3).balance == -90
+    assert e.stats().over_limit_bytes == 100 + 40  # the breaching record and the one after
 
 
 def test_flow_records_refuse_bad_input():
