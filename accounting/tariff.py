@@ -51,6 +51,7 @@ class Tariff:
     speed_up: int | None = None  # bits per second, shaped by policy.limits; None: not limited (gateway.config sets it)
     speed_down: int | None = None
     max_connections: int | None = None
+    selectable: bool = False  # subscribers may switch to it themselves in the portal (api/portal.py)
 
     def _rated_by_engine(self, zone: int, direction: int) -> bool:
         """Postpaid traffic, and the prevailing pairs, are only counted by the
@@ -93,7 +94,8 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
     """Build a :class:`Tariff` from its TOML table; errors name the field."""
     raw = _as_table(raw, where)
     known = {"name", "price_unit", "prices", "free", "tier", "credit_limit", "warn", "period", "anchor", "fee",
-             "fee_mode", "scheme", "prevailing", "discount", "volume_limit", "access", "speed", "max_connections"}
+             "fee_mode", "scheme", "prevailing", "discount", "volume_limit", "access", "speed", "max_connections",
+             "selectable"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (expected one of: {', '.join(sorted(known))})")
@@ -182,6 +184,10 @@ def parse_tariff(raw: dict, where: str, zones: ZoneMap, slots: tuple, currency: 
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
             raise ConfigError(f"{where}.max_connections", "a number of connections, 1..1000000")
         tariff.max_connections = n
+    selectable = raw.get("selectable", False)
+    if not isinstance(selectable, bool):
+        raise ConfigError(f"{where}.selectable", "true or false: may subscribers choose this tariff in the portal")
+    tariff.selectable = selectable
     return tariff
 
 

@@ -244,7 +244,9 @@ def create_app(view: GatewayView) -> FastAPI:
         address = request.client.host if request.client else ""
         info = view.subscriber_page(address)
         status = 511 if info is not None and info["blocked"] else 200
+        # Connection: close, because a connection the kernel redirected here stays redirected: a browser
+        # keeping it alive would go on getting this page from the "upstream" after a top-up
         return HTMLResponse(render_block_page(info, address, portal_login_url(request)), status_code=status,
-                            headers={"Cache-Control": "no-store"})
+                            headers={"Cache-Control": "no-store", "Connection": "close"})
 
     return app
