@@ -8,9 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the gateway and its tests need (nft, the xtables NFQUEUE
 # fallback, traffic tools for the lab, libnftables for python-nftables; softflowd,
-# nfdump and pmacct to check our sources against).
+# nfdump and pmacct to check our sources against; chromium for the portal test).
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump poppler-utils faketime \
-	softflowd nfdump pmacct
+	softflowd nfdump pmacct chromium
 
 .PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
 

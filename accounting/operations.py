@@ -240,6 +240,24 @@ class Operations:
                         {"count": count, "value": self._money(units), "days": days})
         return [{"serial": s, "code": c} for s, c in cards]
 
+    def invoice(self, key, at_ns: int | None = None):
+        """The invoice (``accounting.invoice.Invoice``) of the billing period
+        holding ``at_ns``; by default the last period that has ended."""
+        from zoneinfo import ZoneInfo
+
+        from .billing import period_of
+        from .invoice import build_invoice
+
+        row = self._row(key)
+        tariff = self.config.tariffs.get(row["tariff"])
+        if tariff is None:
+            raise OperationError(f"{row['name']} has tariff {row['tariff']!r}, which the config does not define", 409)
+        tz = ZoneInfo(self.config.timezone)
+        if at_ns is None:
+            at_ns = period_of(tariff.plan, _now(), tz)[0] - 1
+        start, end = period_of(tariff.plan, at_ns, tz)
+        return build_invoice(self.ledger, row["id"], start, end, self.config.timezone)
+
     # ---- blocks ------------------------------------------------------------------
 
     def block(self, key, reason: str) -> dict:

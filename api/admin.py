@@ -14,7 +14,8 @@ once; payments reach its live balance within 0.2 s.
 import ipaddress
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -239,6 +240,20 @@ def admin_router(view) -> APIRouter:
     @router.post("/cards", status_code=201, summary="Generate prepaid cards (the codes are shown this once)")
     def generate_cards(body: CardsIn, who: Principal = caller("payments")):
         return ops(who).generate_cards(body.count, body.value, body.days)
+
+    @router.get("/subscribers/{sid}/invoice", responses={**NOT_FOUND, 200: {
+        "description": "the invoice", "content": {"text/html": {}, "application/pdf": {}}}},
+                summary="The invoice of the billing period holding `at` (default: the last one ended)")
+    def invoice(sid: SubscriberId, who: Principal = caller("read"),
+                at: int | None = Query(None, ge=0, le=2**33, description="an epoch second in the period"),
+                format: Literal["html", "pdf"] = "html"):
+        from accounting.invoice import render_html, render_pdf
+
+        inv = ops(who).invoice(sid, None if at is None else at * 10**9)
+        if format == "pdf":
+            return Response(render_pdf(inv), media_type="application/pdf",
+                            headers={"Content-Disposition": f'inline; filename="{inv.number}.pdf"'})
+        return HTMLResponse(render_html(inv))
 
     # ---- usage ----------------------------------------------------------------------
 

@@ -163,6 +163,16 @@ def test_bad_requests_say_what_is_wrong_and_change_nothing(api, body, says):
     assert ledger.subscribers() == before
 
 
+def test_invoice_as_html_and_pdf(api):
+    client, ledger, tokens, cookies = api
+    h = headers(tokens, "operator")
+    page = client.get("/api/v1/subscribers/1/invoice", headers=h)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "A" in page.text
+    pdf = client.get("/api/v1/subscribers/1/invoice?format=pdf", headers=h)
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+    assert client.get("/api/v1/subscribers/99/invoice", headers=h).status_code == 404
+
+
 def test_oversized_and_malformed_bodies(api):
     client, ledger, tokens, cookies = api
     admin = {**headers(tokens, "admin"), "Content-Type": "application/json"}
