@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from accounting.ledger import Ledger
+from accounting.money import format_volume
 from accounting.operations import OperationError
 
 MAX_BODY = 1 << 20  # bytes; a larger request body is refused before it is read
@@ -126,14 +127,6 @@ REASONS = {
 }
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def portal_login_url(request: Request) -> str:
     """The portal's login page at the gateway address the request reached. The browser's Host names
     the upstream it asked for (the kernel redirected the connection), so only the socket's own
@@ -158,7 +151,7 @@ def render_block_page(info: dict | None, address: str, login_url: str = "/portal
                                                          "of this network. Ask the operator to register it.</p>")
     reasons = [REASONS.get(r, f"Access is paused ({esc(r)}).") for r in info.get("reasons", [])]
     title = "Internet access paused" if info["blocked"] else "Your account"
-    rows = "".join(f"<tr><td>{esc(u['zone'])}</td><td>{esc(u['direction'])}</td><td class=n>{_bytes(u['bytes'])}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(u['zone'])}</td><td>{esc(u['direction'])}</td><td class=n>{format_volume(u['bytes'])}</td></tr>"
                    for u in info.get("usage", []))
     body = []
     if reasons:

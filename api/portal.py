@@ -53,7 +53,7 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from accounting.money import format_amount
+from accounting.money import format_amount, format_volume
 from accounting.operations import OperationError, Operations
 
 from .auth import PortalPasswords, RateLimiter, SessionSigner, session_secret
@@ -126,14 +126,6 @@ def _mac(secret: bytes, purpose: bytes, *parts: str) -> str:
 def csrf_token(secret: bytes, cookie: str) -> str:
     """The CSRF token of a session: only a page served to the cookie's holder can know it."""
     return _mac(secret, b"csrf", cookie)
-
-
-def volume(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _client(request: Request) -> str:
@@ -300,14 +292,14 @@ def _day_chart(days: list[tuple[dt.date, int]]) -> str:
         h = 0 if most == 0 else max(1 if n else 0, round((height - top - bottom) * n / most))
         x = k * step
         bars.append(f'<rect x="{x + 1:.1f}" y="{height - bottom - h}" width="{step - 2:.1f}" height="{h}" '
-                    f'fill="#1a5fb4"><title>{day.isoformat()}: {volume(n)}</title></rect>')
+                    f'fill="#1a5fb4"><title>{day.isoformat()}: {format_volume(n)}</title></rect>')
         if k % 5 == 0 and k < len(days) - 3 or k == len(days) - 1:  # no two labels on top of each other
             # the first and last labels lean inwards so that the chart's edges do not cut them
             anchor, at = (("start", x) if k == 0 else ("end", x + step) if k == len(days) - 1
                           else ("middle", x + step / 2))
             labels.append(f'<text x="{at:.1f}" y="{height - 6}" text-anchor="{anchor}">{day.strftime("%d %b")}</text>')
     axis = f'<line x1="0" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#999"/>'
-    peak = f'<text x="2" y="10">max {volume(most)} a day</text>' if most else '<text x="2" y="10">no traffic</text>'
+    peak = f'<text x="2" y="10">max {format_volume(most)} a day</text>' if most else '<text x="2" y="10">no traffic</text>'
     return (f'<svg id=usage-chart viewBox="0 0 {width} {height}" width="100%" role="img" '
             f'aria-label="traffic per day, last {len(days)} days" xmlns="http://www.w3.org/2000/svg">'
             + peak + "".join(bars) + axis + "".join(labels) + "</svg>")
@@ -395,7 +387,7 @@ def account_page(view, ledger, sid: int, token: str, flash: tuple[str, str] | No
     if by_zone:
         parts.append("<table id=zones><tr><th>zone</th><th class=n>upload</th><th class=n>download</th>"
                      "<th class=n>charged</th></tr>"
-                     + "".join(f"<tr><td>{esc(z)}</td><td class=n>{volume(up)}</td><td class=n>{volume(down)}</td>"
+                     + "".join(f"<tr><td>{esc(z)}</td><td class=n>{format_volume(up)}</td><td class=n>{format_volume(down)}</td>"
                                f"<td class=n>{esc(format_amount(amount, currency))}</td></tr>"
                                for z, (up, down, amount) in by_zone.items())
                      + "</table>")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -72,3 +73,19 @@ class Gateway:
         out = netns(self.ns, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}",
                     check=True).stdout
         return json.loads(out)
+
+
+def ledger_bytes(db) -> dict[str, int]:
+    """Bytes charged per subscriber name, from the ledger file."""
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
+                                "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
+    finally:
+        con.close()
+
+
+def kernel_bytes(counters: dict, lab, i: int) -> int:
+    """Bytes our nft table counted for lab subscriber ``i`` (both directions, IPv4 and IPv6)."""
+    return sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
+               for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))

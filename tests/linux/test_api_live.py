@@ -10,7 +10,7 @@ import re
 import sqlite3
 import time
 
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, kernel_bytes, lab_config, ledger_bytes, netns
 
 UP4 = "198.18.0.2"
 API = "http://127.0.0.1:8080/api/v1"
@@ -74,9 +74,8 @@ def test_api_changes_reach_the_running_gateway_and_metrics_agree(lab, tmp_path):
         gw.stop()
     counters = gw.kernel_counters()
     netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
+    ledger = ledger_bytes(gw.db)
     con = sqlite3.connect(gw.db)
-    ledger = dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                              "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
     balances = dict(con.execute("SELECT name, balance FROM subscribers"))
     con.close()
     scraped = {m[0]: int(float(m[1])) for m in re.findall(r'tollgate_subscriber_bytes_total\{subscriber="(\w+)"\} (\S+)',
@@ -85,8 +84,7 @@ def test_api_changes_reach_the_running_gateway_and_metrics_agree(lab, tmp_path):
                        re.findall(r'tollgate_subscriber_balance\{subscriber="(\w+)"\} (\S+)', metrics)}
     for i in (1, 2):
         name = f"s{i}"
-        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
-                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        kernel = kernel_bytes(counters, lab, i)
         print(f"  {name}: /metrics {scraped.get(name, 0):>10,} B, ledger {ledger[name]:>10,} B, kernel {kernel:>10,} B;"
               f" balance /metrics {scraped_balance.get(name)} ledger {balances[name]}")
         assert scraped[name] == ledger[name] == kernel

@@ -8,7 +8,7 @@ import json
 import sqlite3
 import time
 
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, kernel_bytes, lab_config, ledger_bytes, netns
 
 UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 
@@ -31,14 +31,10 @@ def test_conntrack_bytes_equal_the_kernel_counters(lab, tmp_path):
     finally:
         gw.stop()  # the last dump and flush happen on the way out
     counters = gw.kernel_counters()
-    con = sqlite3.connect(gw.db)
-    counted = dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                               "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
-    con.close()
+    counted = ledger_bytes(gw.db)
     print()
     for i in range(1, lab.n + 1):
-        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
-                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        kernel = kernel_bytes(counters, lab, i)
         ours = counted[f"s{i}"]
         print(f"  s{i}: conntrack source {ours:>12,} B, kernel {kernel:>12,} B, {100 * (ours - kernel) / kernel:+.4f}%")
         assert kernel > 10_000

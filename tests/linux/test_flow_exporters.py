@@ -16,26 +16,17 @@ import io
 import ipaddress
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 
 import pytest
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, kernel_bytes, lab_config, ledger_bytes, netns
 
 UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 
 pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("softflowd", "softflowctl", "nfcapd", "nfdump")),
                                 reason="needs softflowd and nfdump (make system-deps)")
 
-
-def ledger_bytes(db) -> dict[str, int]:
-    con = sqlite3.connect(db)
-    try:
-        return dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                                "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
-    finally:
-        con.close()
 
 
 def nfdump_per_subscriber(folder, lab) -> dict[str, int]:
@@ -93,8 +84,7 @@ def test_softflowd_feeds_our_collector_and_nfcapd_alike_and_the_spool_charges_nf
     netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
     print()
     for i in range(1, lab.n + 1):
-        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
-                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        kernel = kernel_bytes(counters, lab, i)
         print(f"  s{i}: our collector {ours[f's{i}']:>11,} B, nfcapd/nfdump {theirs[f's{i}']:>11,} B,"
               f" kernel {kernel:>11,} B (softflowd {100 * (ours[f's{i}'] - kernel) / kernel:+.2f}%)")
     assert ours == theirs and min(theirs.values()) > 10_000

@@ -13,18 +13,10 @@ import struct
 import time
 
 import pytest
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, kernel_bytes, lab_config, ledger_bytes, netns
 
 UP4, UP6 = "198.18.0.2", "2001:db8:198::2"
 
-
-def ledger_bytes(db) -> dict[str, int]:
-    con = sqlite3.connect(db)
-    try:
-        return dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                                "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
-    finally:
-        con.close()
 
 
 def test_nflog_bytes_equal_the_kernel_counters(lab, tmp_path):
@@ -51,8 +43,7 @@ def test_nflog_bytes_equal_the_kernel_counters(lab, tmp_path):
     counted = ledger_bytes(gw.db)
     print()
     for i in range(1, lab.n + 1):
-        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
-                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        kernel = kernel_bytes(counters, lab, i)
         print(f"  s{i}: nflog source {counted[f's{i}']:>12,} B, kernel {kernel:>12,} B")
         assert kernel > 10_000
         assert counted[f"s{i}"] == kernel, f"s{i}"

@@ -5,11 +5,10 @@ counters of our table."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import time
 
 import pytest
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, kernel_bytes, lab_config, ledger_bytes, netns
 
 from gateway.labmeters import Uacctd
 
@@ -36,15 +35,11 @@ def test_uacctd_and_our_nflog_source_count_the_same_bytes(lab, tmp_path):
         gw.stop()
     counters = gw.kernel_counters()
     netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
-    con = sqlite3.connect(gw.db)
-    ours = dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                            "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
-    con.close()
+    ours = ledger_bytes(gw.db)
     pmacct = ref.per_host()
     print()
     for i in range(1, lab.n + 1):
-        kernel = sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
-                     for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+        kernel = kernel_bytes(counters, lab, i)
         theirs = sum(pmacct.get(a, (0, 0))[1] for a in (lab.sub_addr4(i), lab.sub_addr6(i)))
         print(f"  s{i}: tollgate nflog {ours[f's{i}']:>11,} B, pmacct uacctd {theirs:>11,} B, kernel {kernel:>11,} B")
         assert kernel > 10_000

@@ -9,16 +9,8 @@ import sqlite3
 import threading
 import time
 
-from lablib import Gateway, lab_config, netns
+from lablib import Gateway, lab_config, ledger_bytes, netns
 
-
-def charged(db) -> dict[str, int]:
-    con = sqlite3.connect(db)
-    try:
-        return dict(con.execute("SELECT s.name, coalesce(sum(u.bytes), 0) FROM subscribers s "
-                                "LEFT JOIN usage u ON u.subscriber_id = s.id GROUP BY s.id"))
-    finally:
-        con.close()
 
 
 def test_each_file_exactly_once_through_sigkills(lab, tmp_path):
@@ -70,7 +62,7 @@ def test_each_file_exactly_once_through_sigkills(lab, tmp_path):
     assert sorted(p.name for p in (spool / "failed").iterdir()) == ["broken.csv", "broken.csv.error"]
     assert "line 3: destination address 'nowhere'" in (spool / "failed" / "broken.csv.error").read_text()
     assert not list((spool / ".work").iterdir())
-    assert charged(gw.db) == expected, f"after {kills} SIGKILLs"
+    assert ledger_bytes(gw.db) == expected, f"after {kills} SIGKILLs"
     con = sqlite3.connect(gw.db)
     assert con.execute("SELECT count(*) FROM ingested_files").fetchone() == (120,)
     con.close()
