@@ -38,7 +38,7 @@ from accounting.ledger import Ledger
 from accounting.notify import Notifier, enqueue
 from accounting.money import format_amount
 from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
-from ext.errors import TollgateError
+from ext.errors import ConfigError, TollgateError
 
 from .config import Config, load_config
 from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
@@ -332,8 +332,11 @@ class Gateway:
         from .sources import source_class
 
         if not self.opts.inline:
-            self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put,
-                                                               **self.opts.source_options))
+            try:
+                self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put,
+                                                                   **self.opts.source_options))
+            except (ValueError, OSError) as exc:  # a bad option, a port taken, a group bound elsewhere
+                raise ConfigError(f"--source {self.opts.source}", str(exc)) from None
             return
         for q in self.opts.queues:
             self.readers.append(QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
