@@ -530,6 +530,17 @@ def cmd_subscriber_deactivate(args, ops, cfg) -> int:
 
 
 @_operation
+def cmd_subscriber_activate(args, ops, cfg) -> int:
+    view = ops.get(args.name)
+    if view["active"]:
+        print(f"{view['name']} is active already; nothing changed")
+        return EXIT_OK
+    ops.update(view["id"], active=True)
+    print(f"{view['name']}: active again (a running gateway accounts for it within a second)")
+    return EXIT_OK
+
+
+@_operation
 def cmd_block(args, ops, cfg) -> int:
     view = ops.block(args.subscriber, args.reason)
     print(f"{view['name']}: blocked by hand ({args.reason.strip()}); a running gateway enforces it within a second")
@@ -776,6 +787,11 @@ def _subscriber_parsers(sub, with_config) -> None:
     a = action("deactivate", cmd_subscriber_deactivate, "deactivate a subscriber",
                "The gateway stops accounting for it; its ledger history, balance and addresses stay.",
                "example:\n  tollgate subscriber deactivate alice")
+    a.add_argument("name", help="name or id")
+
+    a = action("activate", cmd_subscriber_activate, "make a deactivated subscriber active again",
+               "The gateway accounts for it again, with the balance and addresses it had.",
+               "example:\n  tollgate subscriber activate alice")
     a.add_argument("name", help="name or id")
 
     a = action("password", cmd_subscriber, "set a subscriber's portal password",

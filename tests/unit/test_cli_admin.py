@@ -166,6 +166,10 @@ def test_deactivate(ledger, tollgate, three):
     rows = AuditLog(ledger).rows()[3:]
     assert audit(ledger)[3:] == [("subscriber.update", "subscriber:3")]
     assert rows[0]["before"]["active"] is True and rows[0]["after"]["active"] is False
+    out = tollgate("subscriber", "activate", "carol")
+    assert out.returncode == 0 and "active again" in out.stdout, out.stderr
+    assert ledger.get_subscriber("carol")["active"]
+    assert audit(ledger)[3:] == [("subscriber.update", "subscriber:3")] * 2
 
 
 def test_block_and_unblock_by_hand(ledger, tollgate, three):
