@@ -521,6 +521,12 @@ class Ledger:
             " ORDER BY 1 DESC, 2", (payment_id, adjustment_id))
         return [dict(zip(("kind", "id", "subscriber_id", "amount"), r)) for r in rows]
 
+    def block_reason(self, subscriber) -> str | None:
+        """The reason of the subscriber's last block record if that record is a block (None: not blocked)."""
+        row = self.db.execute("SELECT kind, reason FROM blocks WHERE subscriber_id = ? ORDER BY id DESC LIMIT 1",
+                              (self._sid(subscriber),)).fetchone()
+        return row[1] if row and row[0] == "block" else None
+
     def manually_blocked(self) -> list[int]:
         """Subscribers whose last manual block record (reason ``manual...``) is a block."""
         rows = self.db.execute(

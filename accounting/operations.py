@@ -81,15 +81,13 @@ class Operations:
 
     def view(self, row: dict) -> dict:
         """A subscriber as the front ends show it."""
-        last = self.ledger.db.execute(
-            "SELECT kind, reason, ts_ns FROM blocks WHERE subscriber_id = ? ORDER BY id DESC LIMIT 1",
-            (row["id"],)).fetchone()
+        reason = self.ledger.block_reason(row["id"])
         manual = row["id"] in self._manual_blocks()
         return {"id": row["id"], "name": row["name"], "contract": row["contract"], "tariff": row["tariff"],
                 "currency": row["currency"], "balance": self._money(row["balance"]),
                 "credit_limit": self._money(row["credit_limit"]), "active": bool(row["active"]),
-                "addresses": row["addresses"], "blocked": bool(last and last[0] == "block") or manual,
-                "block_reason": last[1] if last and last[0] == "block" else None, "manually_blocked": manual}
+                "addresses": row["addresses"], "blocked": reason is not None or manual,
+                "block_reason": reason, "manually_blocked": manual}
 
     def _manual_blocks(self) -> set[int]:
         return set(self.ledger.manually_blocked())

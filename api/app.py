@@ -85,11 +85,10 @@ class LedgerView:
 
 def blocked_reasons(ledger: Ledger, sid: int) -> list[str]:
     """Why the ledger says the subscriber is blocked now (its last block record), as page reason keys."""
-    last = ledger.db.execute("SELECT kind, reason FROM blocks WHERE subscriber_id = ? ORDER BY id DESC LIMIT 1",
-                             (sid,)).fetchone()
-    if not last or last[0] != "block":
+    reason = ledger.block_reason(sid)
+    if reason is None:
         return []
-    return ["manual" if last[1].startswith("manual") else last[1]]
+    return ["manual" if reason.startswith("manual") else reason]
 
 
 def subscriber_summary(ledger: Ledger, config, row: dict, reasons: list[str], balance: int | None = None) -> dict:

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gateway.lab import UPSTREAM4, lab_down, lab_up  # noqa: E402
-from gateway.labmeters import Uacctd, _tree_cpu  # noqa: E402
+from gateway.labmeters import Uacctd, tree_cpu_seconds  # noqa: E402
 
 PREFIX = "tgpass"
 BLAST = Path(tempfile.gettempdir()) / "tollgate-udpblast"
@@ -68,7 +68,7 @@ class Harness:
             raise RuntimeError(f"harness did not start: {line!r}")
 
     def cpu(self) -> float:
-        return _tree_cpu(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
     def result(self) -> dict:
         self.proc.terminate()

@@ -209,6 +209,9 @@ class Gateway:
         events += self.acct.start_billing(self.calendar_now())[1]
         events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
         self.acct.resume_from_ledger(self.calendar_now())
+        for sid in self.ledger.manually_blocked():  # a manual block outlives restarts; restore() below
+            if sid in self.acct.subscribers:     # puts every blocked subscriber in the kernel's sets
+                self.acct.engine.block(sid, BLOCK_MANUAL)
         self._make_readers()
         for reader in self.readers:
             if hasattr(reader, "recover"):  # a spool: what a crash left half-way, against the ledger
@@ -227,10 +230,6 @@ class Gateway:
                  len(self._blocked_networks()))
         for ev in events:
             self._record_event(ev, None, time.time_ns())
-        for sid in self.ledger.manually_blocked():  # a manual block outlives restarts
-            if sid in self.acct.subscribers:
-                self.acct.engine.block(sid, BLOCK_MANUAL)
-                self.enforcer.block(self._networks(sid))
         self._start_readers()
         self._spawn("policy", self._policy_loop)
         if self.kernel_quotas is not None:

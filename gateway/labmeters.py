@@ -91,7 +91,7 @@ class Uacctd:
         """User + system CPU of uacctd and its plugin processes so far."""
         if self.proc is None:
             return 0.0
-        return _tree_cpu(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
     def per_host(self) -> dict[str, tuple[int, int]]:
         """``{address: (packets, bytes)}``, source and destination sides added."""
@@ -110,7 +110,7 @@ class Uacctd:
         return {h: (p, b) for h, (p, b) in total.items()}
 
 
-def _tree_cpu(pid: int) -> float:
+def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and all its descendants, from /proc."""
     import os
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import ipaddress
 import json
 import logging
@@ -100,13 +99,7 @@ def _count(value, what: str) -> int:
     try:
         number = int(str(value).strip() or "0")
     except ValueError:
-        try:  # nfdump writes large counts as "1.2 M" in some outputs; refuse them rather than guess
-            number = float(value)
-        except (TypeError, ValueError):
-            raise SpoolError(f"{what} {value!r} is not a whole number") from None
-        if number != int(number):
-            raise SpoolError(f"{what} {value!r} is not a whole number")
-        number = int(number)
+        raise SpoolError(f"{what} {value!r} is not a whole number") from None
     if not 0 <= number < 1 << 50:
         raise SpoolError(f"{what} {number} is out of range")
     return number
