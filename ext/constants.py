@@ -36,6 +36,10 @@ PRICE_SCALE = 1_000_000
 MAX_PRICE = (1 << 40) - 1  # keeps length * price + carry inside int64
 MAX_WIRE_LEN = 1 << 20  # longer "packets" are malformed; GSO tops out at 512 KiB
 
+# Undrained packets of one counter: the compiled engine keeps them in the 44
+# bits above the carry (tg_counter.packets_carry); rate_volume refuses more.
+MAX_COUNTER_PACKETS = (1 << 44) - 1
+
 MAX_BUCKETS = 4  # allowance buckets per tariff
 MAX_WARN_LEVELS = 4  # warning thresholds per tariff
 MAX_SUBSCRIBER_ID = (1 << 24) - 1  # ids index dense arrays in the engine

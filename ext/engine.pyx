@@ -15,7 +15,7 @@ the write side.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memset
 
@@ -23,8 +23,8 @@ import ipaddress
 
 from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, EV_BLOCK as _EV_BLOCK, EV_UNBLOCK as _EV_UNBLOCK,
                         MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
-from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_reason, check_subscriber_id, compile_rules,
-                        parse_network, validate_engine_args, validate_tariff, validate_timeline)
+from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_reason, check_subscriber_id, check_volume,
+                        compile_rules, parse_network, validate_engine_args, validate_tariff, validate_timeline)
 from .errors import EngineError
 
 cdef extern from "engine_atomic.h" nogil:
@@ -72,6 +72,10 @@ cdef enum:
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
     bint __builtin_add_overflow(int64_t a, int64_t b, int64_t *res) nogil
+    bint __builtin_sub_overflow(int64_t a, int64_t b, int64_t *res) nogil
+    # rate_volume multiplies up to 2**64 - 1 bytes by a price below 2**40:
+    # 104 bits, which GCC and Clang compute exactly in one unsigned __int128
+    ctypedef unsigned long long tg_u128 "unsigned __int128"
 
 cdef enum:
     CARRY_BITS = 20                     # tg_counter.packets_carry: packets << 20 | carry
@@ -79,6 +83,7 @@ cdef enum:
     DRAIN_CHUNK = 4096                  # subscribers drained per read-lock hold
 
 cdef int64_t PRICE_SCALE = 1000000
+cdef uint64_t MAX_COUNTER_PACKETS = (<uint64_t> 1 << (64 - CARRY_BITS)) - 1  # ext/constants.py
 cdef uint32_t MAX_WIRE_LEN = 1 << 20
 
 CONSTANTS = {"NF_DROP": NF_DROP, "NF_ACCEPT": NF_ACCEPT, "UPLOAD": UPLOAD, "DOWNLOAD": DOWNLOAD,
@@ -1063,6 +1068,115 @@ cdef class EngineC:
                 s.warned += 1
         tg_unlock(&s.lock)
         return verdict
+
+    cdef int _slot_at(self, int64_t ts) noexcept nogil:
+        """The time slot of ``ts``: the rightmost start <= ts, before the first the first slot."""
+        cdef uint32_t lo = 0, hi = self.tl_len, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.tl_starts[mid] <= ts:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self.tl_slots[lo - 1 if lo > 0 else 0]
+
+    cdef int _rate_volume(self, uint32_t sid, int zone, int direction, uint64_t nbytes, uint64_t npackets,
+                          int slot, tg_event *events, Py_ssize_t *n_events) noexcept nogil:
+        """``_rate`` of one aggregate of any size (see ``rate_volume``), under
+        the subscriber's lock; -1 (nothing changed) when a result would not fit.
+
+        Why not the packet path: it holds length * price in int64 because a
+        packet is at most 2**20 bytes. Here nbytes goes up to 2**64 - 1, so
+        the amount (bytes * price + carry, < 2**104) is one unsigned __int128;
+        cutting it into 2**20-byte pieces would give the same cost (the carry
+        makes any cut exact) but take up to 2**44 steps for one call.
+        Everything is computed first and written only once it is known to fit
+        the 64-bit state, so a refusal leaves the subscriber untouched."""
+        cdef tg_sub *s = &self.subs[sid]
+        cdef tg_counter *c = &self.counters[(<size_t> sid * self.n_zones + zone) * 2 + direction]
+        cdef const tg_tariff *t
+        cdef int64_t *allow
+        cdef uint64_t remaining = nbytes, take, packets
+        cdef uint64_t drawn[TG_MAX_BUCKETS]
+        cdef tg_u128 amount = 0
+        cdef int64_t cost, balance, charged
+        cdef bint breach
+        cdef int b
+        cdef tg_event *ev
+        tg_lock(&s.lock)
+        t = &self.tariffs[s.tariff]
+        allow = self.allowance + <size_t> sid * self.bucket_stride
+        for b in range(t.n_buckets):
+            drawn[b] = 0
+            if remaining and (t.bucket_zones[b] >> zone) & 1 and (t.bucket_dirs[b] >> direction) & 1 and allow[b] > 0:
+                take = remaining if remaining < <uint64_t> allow[b] else <uint64_t> allow[b]
+                remaining -= take
+                drawn[b] = take
+                amount += <tg_u128> take * <tg_u128> t.bucket_price[b]
+        amount += <tg_u128> remaining * <tg_u128> t.prices[(zone * 2 + direction) * self.n_slots + slot]
+        amount += <tg_u128> (c.packets_carry & CARRY_MASK)
+        packets = c.packets_carry >> CARRY_BITS
+        if (amount / <tg_u128> PRICE_SCALE > <tg_u128> INT64_MAX
+                or __builtin_sub_overflow(s.balance, <int64_t> (amount / <tg_u128> PRICE_SCALE), &balance)):
+            tg_unlock(&s.lock)
+            return -1
+        cost = <int64_t> (amount / <tg_u128> PRICE_SCALE)
+        breach = cost > 0 and breaches(s, cost)
+        if (__builtin_add_overflow(c.charged, cost, &charged) or nbytes > UINT64_MAX - c.bytes
+                or npackets > MAX_COUNTER_PACKETS - packets or nbytes > UINT64_MAX - s.rated_bytes
+                or (breach and nbytes > UINT64_MAX - self.stats_.over_limit_bytes)):
+            tg_unlock(&s.lock)
+            return -1
+        for b in range(t.n_buckets):
+            allow[b] -= <int64_t> drawn[b]
+        if breach:
+            if not s.blocked & BLOCK_LIMIT:
+                s.blocked |= BLOCK_LIMIT
+                ev = &events[n_events[0]]
+                n_events[0] += 1
+                ev.kind = EV_BLOCK
+                ev.subscriber = sid
+                ev.index = -1
+                ev.reason = BLOCK_LIMIT
+                ev.balance = s.balance
+            tg_add_u64(&self.stats_.over_limit_bytes, nbytes)
+        s.balance = balance
+        c.bytes += nbytes
+        s.rated_bytes += nbytes
+        c.charged = charged
+        c.packets_carry = (packets + npackets) << CARRY_BITS | <uint64_t> (amount % <tg_u128> PRICE_SCALE)
+        self._mark(sid, s)
+        if cost > 0:
+            while s.warned < t.n_warn and s.balance < t.warn[s.warned]:
+                ev = &events[n_events[0]]
+                n_events[0] += 1
+                ev.kind = EV_WARN
+                ev.subscriber = sid
+                ev.index = -1
+                ev.reason = s.warned
+                ev.balance = s.balance
+                s.warned += 1
+        tg_unlock(&s.lock)
+        return 0
+
+    def rate_volume(self, sid, zone, direction, nbytes, npackets, ts_ns):
+        """Rate a volume the engine never saw as one aggregate flow record; see
+        ``EnginePy.rate_volume``.
+
+        It holds the GIL throughout, as adjust_balance does: every control
+        operation that moves arrays or frees a tariff's prices or the
+        timeline does so holding the GIL, so none can run in between; queue
+        threads rating the same subscriber meanwhile are kept out by its
+        spinlock."""
+        zone, direction, nbytes, npackets, ts_ns = check_volume(self.n_zones, zone, direction, nbytes, npackets,
+                                                                ts_ns)
+        self._sub(sid)
+        cdef tg_event events[1 + TG_MAX_WARN]
+        cdef Py_ssize_t n_events = 0
+        if self._rate_volume(sid, zone, direction, nbytes, npackets, self._slot_at(ts_ns), events, &n_events) < 0:
+            raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "
+                              f"out of 64 bits; drain first or rate less at once")
+        return events_to_python(events, n_events)
 
     cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil:
         """Account every packet of ``b`` and write its verdict; returns the

@@ -54,6 +54,11 @@ Per packet (``process``):
    event (once), and its verdict is ``NF_DROP``. Allow-listed traffic of a
    blocked subscriber stays free.
 
+``rate_volume`` rates a volume of one subscriber, zone and direction that no
+packet or flow record brought in (traffic the kernel counted while no reader
+was bound), exactly as one aggregate of that size (7.), with no remote address
+(nothing allow-listed), any size up to 2**64 - 1 bytes in one step.
+
 Control operations (``add_subscriber``, ``adjust_balance``, ``set_subscriber``)
 re-evaluate the limit: no headroom (``balance + credit <= 0``) sets
 ``BLOCK_LIMIT``; headroom clears it. Warning levels re-arm silently when the
@@ -79,6 +84,7 @@ from .constants import (
     IPV6_HOPOPTS,
     IPV6_ROUTING,
     MAX_BUCKETS,
+    MAX_COUNTER_PACKETS,
     MAX_PRICE,
     MAX_SUBSCRIBER_ID,
     MAX_WARN_LEVELS,
@@ -261,6 +267,24 @@ def compile_rules(rules, n_zones: int | None):
 
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+
+
+def check_volume(n_zones: int, zone, direction, nbytes, npackets, ts_ns) -> tuple[int, int, int, int, int]:
+    """Normalised arguments of ``rate_volume``, or EngineError."""
+    for name, value in (("zone", zone), ("direction", direction), ("nbytes", nbytes), ("npackets", npackets),
+                        ("ts_ns", ts_ns)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EngineError(f"rate_volume: {name} must be an int, not {value!r}")
+    if not 0 <= zone < n_zones:
+        raise EngineError(f"rate_volume: zone {zone} is not one of the {n_zones} zones")
+    if direction not in (UPLOAD, DOWNLOAD):
+        raise EngineError(f"rate_volume: direction is {UPLOAD} (upload) or {DOWNLOAD} (download), not {direction}")
+    if not 0 <= nbytes <= UINT64_MAX:
+        raise EngineError(f"rate_volume: nbytes must be 0..2**64-1, not {nbytes}")
+    if not 0 <= npackets <= UINT64_MAX:
+        raise EngineError(f"rate_volume: npackets must be 0..2**64-1, not {npackets}")
+    return zone, direction, nbytes, npackets, as_int64(ts_ns, "ts_ns")
 
 
 def as_int64(value, what: str) -> int:
@@ -700,6 +724,70 @@ class EnginePy:
                 events.append(Event(EV_WARN, sid, index, sub.warned, sub.balance))
                 sub.warned += 1
         return verdict
+
+    def rate_volume(self, sid: int, zone: int, direction: int, nbytes: int, npackets: int,
+                    ts_ns: int) -> list[Event]:
+        """Rate ``nbytes`` bytes in ``npackets`` packets of ``sid`` in ``zone``
+        and ``direction`` at the time slot of ``ts_ns``, exactly as one
+        aggregate flow record of that zone and direction (see the module
+        docstring, 7.): free volume and tiers drawn on, the carry, charged even
+        when blocked or past the limit (counted in ``over_limit_bytes``), a
+        block event if it breaches, warn events; the bytes show up in the next
+        ``drain`` and in ``rated_bytes``. It is for traffic that passed without
+        the engine seeing it (the kernel counted it while no reader was bound),
+        so there is no remote address: nothing is allow-listed.
+
+        ``nbytes`` and ``npackets`` may be anything in 0..2**64-1, rated in one
+        step (no packet-sized pieces). EngineError, changing nothing, for an
+        argument out of range or a result the 64-bit state of the compiled
+        engine cannot hold (balance, undrained counters: bytes up to 2**64-1,
+        packets up to ``MAX_COUNTER_PACKETS``, ``rated_bytes``,
+        ``over_limit_bytes``). Events carry index -1 (no packet).
+        """
+        zone, direction, nbytes, npackets, ts_ns = check_volume(self.n_zones, zone, direction, nbytes, npackets,
+                                                                ts_ns)
+        sub = self._sub(sid)
+        tariff = self._tariffs[sub.tariff]
+        # what _rate does for an aggregate, computed first and applied only once it is known to fit
+        remaining = nbytes
+        drawn = []
+        amount = 0
+        for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
+            if remaining == 0:
+                break
+            if zone_mask >> zone & 1 and dir_mask >> direction & 1 and sub.allowance[b] > 0:
+                take = min(remaining, sub.allowance[b])
+                remaining -= take
+                amount += take * bucket_price
+                drawn.append((b, take))
+        key = (zone, direction)
+        amount += remaining * tariff.prices[(zone * 2 + direction) * self.n_slots + self._slot(ts_ns)]
+        amount += sub.carry.get(key, 0)
+        cost, carry = divmod(amount, PRICE_SCALE)
+        breach = cost > 0 and sub.balance - cost < -sub.credit
+        c = sub.counters.get(key, [0, 0, 0])
+        if (sub.balance - cost < INT64_MIN or c[0] + nbytes > UINT64_MAX or c[1] + npackets > MAX_COUNTER_PACKETS
+                or c[2] + cost > INT64_MAX or sub.rated_bytes + nbytes > UINT64_MAX
+                or (breach and self._stats.over_limit_bytes + nbytes > UINT64_MAX)):
+            raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "
+                              f"out of 64 bits; drain first or rate less at once")
+        for b, take in drawn:
+            sub.allowance[b] -= take
+        events: list[Event] = []
+        if breach:
+            if not sub.blocked & BLOCK_LIMIT:
+                sub.blocked |= BLOCK_LIMIT
+                events.append(Event(EV_BLOCK, sid, -1, BLOCK_LIMIT, sub.balance))
+            self._stats.over_limit_bytes += nbytes
+        sub.carry[key] = carry
+        sub.balance -= cost
+        self._count(sub, zone, direction, nbytes, npackets, cost)
+        if cost > 0:
+            levels = tariff.warn_levels
+            while sub.warned < len(levels) and sub.balance < levels[sub.warned]:
+                events.append(Event(EV_WARN, sid, -1, sub.warned, sub.balance))
+                sub.warned += 1
+        return events
 
     def process(self, batch) -> list[Event]:
         """Account every packet of ``batch``, write its verdicts, return events."""

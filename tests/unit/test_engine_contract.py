@@ -141,6 +141,17 @@ REFUSED = [
     ("block", (3, BLOCK_MANUAL), {}),
     ("unblock", (3, BLOCK_LIMIT), {}),
     ("subscriber", (3,), {}),
+    ("rate_volume", (3, 2, 0, 100, 1, T), {}),                       # unknown subscriber
+    ("rate_volume", (1, 4, 0, 100, 1, T), {}),                       # zone out of range
+    ("rate_volume", (1, -1, 0, 100, 1, T), {}),
+    ("rate_volume", (1, 2, 2, 100, 1, T), {}),                       # no such direction
+    ("rate_volume", (1, 2, 0, -1, 1, T), {}),
+    ("rate_volume", (1, 2, 0, 1 << 64, 1, T), {}),
+    ("rate_volume", (1, 2, 0, 100, -1, T), {}),
+    ("rate_volume", (1, 2, 0, 100, 1 << 64, T), {}),
+    ("rate_volume", (1, 2, 0, 100, 1, 1 << 63), {}),
+    ("rate_volume", (1, 2, 0, 100.0, 1, T), {}),                     # bytes are integers
+    ("rate_volume", (1, 2, 0, True, 1, T), {}),
 ]
 
 
@@ -176,6 +187,11 @@ def test_bad_constructor_arguments(cls):
     ("set_subscriber", (1,), {"credit": 1 << 63}),
     ("set_timeline", ([1 << 63], [0]), {}),
     ("set_tariff", (2, [0] * 16, (), [1 << 63]), {}),
+    # 2**64 - 1 bytes at 1 unit a byte: a cost beyond int64
+    ("rate_volume", (1, 2, 0, (1 << 64) - 1, 1, T), {}),
+    # 2**63 bytes of subscriber 2 (free tariff) cost nothing, but the undrained
+    # counter would then hold more packets than its 44 bits
+    ("rate_volume", (2, 2, 0, 1 << 63, 1 << 44, T), {}),
 ])
 @pytest.mark.parametrize("engine", ["c", "py"])
 def test_both_engines_refuse_values_beyond_64_bits(call, engine):

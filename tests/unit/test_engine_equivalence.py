@@ -161,6 +161,11 @@ ops = st.one_of(
     st.tuples(st.just("set_subscriber"), st.integers(0, 41), st.integers(0, 3), st.integers(-1, 300)),
     st.tuples(st.just("remove_subscriber"), st.integers(0, 41)),
     st.tuples(st.just("drain"),),
+    # traffic the engine never saw, rated as one aggregate (zone and direction
+    # sometimes out of range; volumes from nothing to past 2**64, refused alike)
+    st.tuples(st.just("rate_volume"), st.integers(0, 41), st.integers(-1, 6), st.integers(0, 2),
+              st.one_of(st.sampled_from([0, 100, 200, 3000]), st.integers(0, 3 << 20), st.integers(0, (1 << 64) + 1)),
+              st.one_of(st.integers(0, 3000), st.integers(0, 1 << 45)), st.integers(-200, 450)),
 )
 
 
@@ -209,6 +214,9 @@ def run(e, stream, clock):
             starts, slot = args
             starts = sorted(set(starts))
             out.append(outcome(e.set_timeline, [T + s * 10 ** 6 for s in starts], [slot] * len(starts)))
+        elif name == "rate_volume":
+            sid, zone, direction, nbytes, npackets, jitter = args
+            out.append(outcome(e.rate_volume, sid, zone, direction, nbytes, npackets, clock + jitter * 10 ** 6))
         elif name == "set_subscriber":
             sid, tariff, credit = args
             out.append(outcome(e.set_subscriber, sid, tariff=tariff, credit=None if credit < 0 else credit))

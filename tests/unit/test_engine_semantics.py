@@ -196,6 +196,83 @@ def test_flow_records_past_the_limit_are_charged_and_block_once(make):
     assert e.stats().over_limit_bytes == 100 + 40  # the breaching record and the one after
 
 
+def _prices(n_slots, by_zone_dir):
+    """Flat price list from {(zone, direction): [price per slot]} (0 elsewhere)."""
+    out = [0] * (4 * 2 * n_slots)
+    for (zone, direction), per_slot in by_zone_dir.items():
+        for slot, price in enumerate(per_slot):
+            out[(zone * 2 + direction) * n_slots + slot] = price
+    return out
+
+
+def test_rate_volume_rates_like_one_flow_record(make):
+    """Traffic the engine never saw (the kernel counted it while the daemon was
+    down), rated at a zone and direction as one aggregate: free volume, the
+    tier, the slot's price, the carry, warnings, past the limit, the block."""
+    third = PRICE_SCALE // 3  # 333,333: a third of a unit per byte, truncated
+    prices = _prices(2, {(PEERING, UPLOAD): [third, 2 * PRICE_SCALE], (PEERING, DOWNLOAD): [third, 2 * PRICE_SCALE]})
+    # 1,000 free bytes of peering both ways, then 500 bytes of peering upload at 3 units a byte
+    buckets = [(1 << PEERING, 0b11), (1 << PEERING, 0b01, 3 * PRICE_SCALE)]
+    engines = []
+    for use_flows in (False, True):
+        e = make(prices=prices, n_slots=2, buckets=buckets, warn=[5000])
+        e.set_timeline([0, T + 2], [0, 1])  # slot 1 from T + 2 on
+        add(e, 3, 10_000, "100.64.3.3/32", allowance=[1000, 500])
+        engines.append(e)
+
+        def rate(direction, nbytes, npackets, ts):
+            if not use_flows:
+                return e.rate_volume(3, PEERING, direction, nbytes, npackets, ts)
+            b = PacketBatch(1, aggregates=True)
+            ends = ("100.64.3.3", "198.18.0.1") if direction == UPLOAD else ("198.18.0.1", "100.64.3.3")
+            b.append_flow(*ends, 17, 9, 9, nbytes, npackets, ts)
+            return [ev._replace(index=-1) for ev in e.process(b)]
+
+        # 2,000 B up at slot 0: 1,000 free + 500 * 3 + 500 * 333,333 / 10**6
+        #   = 1,500 + 166,666,500 / 10**6 -> 1,666 charged, 666,500 carried
+        assert rate(UPLOAD, 2000, 7, T) == []
+        assert e.subscriber(3).balance == 10_000 - 1666 == 8334
+        assert e.subscriber(3).allowance == (0, 0)
+        # 3 B more: 3 * 333,333 + 666,500 = 1,666,499 -> 1 more, 666,499 carried (2,003 B at once: 1,667)
+        assert rate(UPLOAD, 3, 1, T + 1) == []
+        assert e.subscriber(3).balance == 8333
+        # 1,700 B down at slot 1 (2 a byte; the tier is upload only): 3,400 -> 4,933, below the 5,000 warning
+        assert rate(DOWNLOAD, 1700, 2, T + 2) == [ext.Event(EV_WARN, 3, -1, 0, 4933)]
+        # 2,500 B down at slot 1 cost 5,000 > 4,933: charged all the same (it passed), and blocks
+        assert rate(DOWNLOAD, 2500, 3, T + 3) == [ext.Event(EV_BLOCK, 3, -1, BLOCK_LIMIT, 4933)]
+        # blocked: 100 B down at slot 0 still charged, 100 * 333,333 = 33,333,300 -> 33; no second event
+        assert rate(DOWNLOAD, 100, 1, T) == []
+        s = e.subscriber(3)
+        assert (s.balance, s.blocked, s.dropped_packets) == (4933 - 5000 - 33, BLOCK_LIMIT, 0) == (-100, 1, 0)
+        assert s.rated_bytes == 2000 + 3 + 1700 + 2500 + 100 == 6303
+        assert e.stats().over_limit_bytes == 2500 + 100
+        rows = {(r.zone, r.direction): (r.bytes, r.packets, r.charged) for r in e.drain()}
+        assert rows == {(PEERING, UPLOAD): (2003, 8, 1667), (PEERING, DOWNLOAD): (4300, 6, 3400 + 5000 + 33)}
+    # and the flow records left the same state behind (carry included: one more byte each way)
+    for e in engines:
+        e.rate_volume(3, PEERING, UPLOAD, 1, 1, T)
+        e.rate_volume(3, PEERING, DOWNLOAD, 1, 1, T)
+    assert engines[0].subscriber(3) == engines[1].subscriber(3)
+    assert engines[0].drain() == engines[1].drain()
+
+
+def test_rate_volume_takes_any_64_bit_volume_in_one_step(make):
+    """2**64 - 1 bytes at a quarter unit a byte: (2**64 - 1) / 4 = 2**62 - 0.25,
+    so 2**62 - 1 charged and 0.75 of a unit (750,000) carried; one call, no
+    2**44 packet-sized pieces. Zero bytes change nothing."""
+    e = make(prices=_prices(1, {(EXTERNAL, UPLOAD): [PRICE_SCALE // 4]}))
+    add(e, 3, 1 << 62, "100.64.3.3/32")
+    assert e.rate_volume(3, EXTERNAL, UPLOAD, 0, 0, T) == []
+    assert e.drain() == []
+    assert e.rate_volume(3, EXTERNAL, UPLOAD, (1 << 64) - 1, 1 << 40, T) == []
+    assert e.subscriber(3).balance == (1 << 62) - ((1 << 62) - 1) == 1
+    assert e.drain() == [ext.CounterRow(3, EXTERNAL, UPLOAD, (1 << 64) - 1, 1 << 40, (1 << 62) - 1)]
+    assert e.subscriber(3).rated_bytes == (1 << 64) - 1
+    with pytest.raises(EngineError, match="64 bits"):  # rated_bytes would wrap: refused, nothing changed
+        e.rate_volume(3, EXTERNAL, UPLOAD, 1, 1, T)
+    assert e.subscriber(3).balance == 1 and e.drain() == []
+
+
 def test_flow_records_refuse_bad_input():
     b = PacketBatch(2, aggregates=True)
     for args in [("10.0.0.1", "2001:db8::1", 6, 1, 1), ("10.0.0.1", "x", 6, 1, 1), ("10.0.0.1", "10.0.0.2", 256, 1, 1),
