@@ -35,6 +35,35 @@ _V4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _V6_HEADER = struct.Struct("!IHBB16s16s")
 _PORTS = struct.Struct("!HH")
 
+# An aggregate's packet count is 32 bits (tg_batch.packets in ext/engine.pxd).
+MAX_AGGREGATE_PACKETS = (1 << 32) - 1
+
+
+def flow_entries(nbytes: int, npackets: int) -> int:
+    """How many batch entries a flow record of ``nbytes`` over ``npackets`` takes:
+    at most ``MAX_WIRE_LEN`` bytes and ``MAX_AGGREGATE_PACKETS`` packets each,
+    and at least one (a record of no bytes still counts its packets)."""
+    return max(1, -(-nbytes // MAX_WIRE_LEN), -(-npackets // MAX_AGGREGATE_PACKETS))
+
+
+def split_flow(nbytes: int, npackets: int, max_entries: int):
+    """Yield ``(bytes, packets)`` parts of a flow record, each taking at most
+    ``max_entries`` batch entries (:func:`flow_entries`), that add up to the
+    record exactly: a record bigger than a whole batch goes in over several.
+    The packets follow the bytes in proportion (rounded down, the remainder in
+    the last part); a record of no bytes is one part (or more, for more
+    packets than ``max_entries`` entries can count)."""
+    if nbytes < 0 or npackets < 0 or max_entries < 1:
+        raise ValueError(f"a flow of {nbytes} bytes and {npackets} packets in parts of {max_entries} entries")
+    most_bytes, most_packets = max_entries * MAX_WIRE_LEN, max_entries * MAX_AGGREGATE_PACKETS
+    while True:
+        part = min(nbytes, most_bytes)
+        share = min(npackets if part == nbytes else npackets * part // nbytes, most_packets)
+        yield part, share
+        nbytes, npackets = nbytes - part, npackets - share
+        if not nbytes and not npackets:
+            return
+
 
 class PacketBatch:
     """A reusable batch of up to ``capacity`` packets of up to ``snaplen`` bytes."""
@@ -96,22 +125,46 @@ class PacketBatch:
 
         A record longer than the engine's ``MAX_WIRE_LEN`` is split into
         entries of at most that many bytes (the packets spread over them), so
-        that rating one entry stays within 64-bit arithmetic. The caller
-        checks :meth:`room` first; a record that does not fit raises
-        ``IndexError`` and adds nothing.
+        that rating one entry stays within 64-bit arithmetic; a record of more
+        than ``MAX_AGGREGATE_PACKETS`` packets takes more entries still, as an
+        entry's packet count is 32 bits (``tg_batch.packets`` in
+        ``ext/engine.pxd``). The entries' bytes and packets add up to the
+        record's exactly. :func:`flow_entries` says how many entries a record
+        takes; the caller checks :meth:`room` first (and splits a record
+        larger than a whole batch with :func:`split_flow`): a record that does
+        not fit raises ``IndexError`` and adds nothing.
         """
         if not self.aggregates:
             raise ValueError("append_flow needs a batch made with aggregates=True")
         if nbytes < 0 or npackets < 0:
             raise ValueError(f"a flow of {nbytes} bytes and {npackets} packets")
         header = flow_header(src, dst, proto, sport, dport)
-        pieces = max(1, -(-nbytes // MAX_WIRE_LEN))
+        pieces = flow_entries(nbytes, npackets)
         if self.n + pieces > self.capacity:
             raise IndexError(f"a flow of {pieces} entries does not fit: {self.capacity - self.n} left")
-        packets_each, packets_extra = divmod(npackets, pieces)
-        for k in range(pieces):
-            i = self.append(header, min(MAX_WIRE_LEN, nbytes - k * MAX_WIRE_LEN), ts_ns)
-            self.packets[i] = packets_each + (k < packets_extra)
+        if pieces == 1:
+            i = self.append(header, nbytes, ts_ns)
+            self.packets[i] = npackets
+            return 1
+        # Many entries of one header: filled a slice at a time, not an append
+        # per entry (a 4 GiB record is 4,096 entries).
+        first, size, start = self.n, len(header), self._fill
+        end = first + pieces
+        self.buf[start:start + pieces * size] = header * pieces
+        self.offset[first:end] = array("I", range(start, start + pieces * size, size))
+        self.caplen[first:end] = array("I", [size]) * pieces
+        full, rest = divmod(nbytes, MAX_WIRE_LEN)  # full entries first, then the rest, then empty ones
+        if full >= pieces:  # only when the last entry is full too (rest == 0)
+            self.wirelen[first:end] = array("I", [MAX_WIRE_LEN]) * pieces
+        else:
+            self.wirelen[first:end] = (array("I", [MAX_WIRE_LEN]) * full + array("I", [rest])
+                                       + array("I", [0]) * (pieces - full - 1))
+        each, extra = divmod(npackets, pieces)  # each <= MAX_AGGREGATE_PACKETS, and == only when extra == 0
+        self.packets[first:end] = array("I", [each + 1]) * extra + array("I", [each]) * (pieces - extra)
+        self.ts[first:end] = array("q", [ts_ns]) * pieces
+        self.verdict[first:end] = array("B", bytes(pieces))
+        self._fill = start + pieces * size
+        self.n = end
         return pieces
 
     def room(self) -> int:
