@@ -581,7 +581,8 @@ class Ledger:
 
     # ---- flushes -------------------------------------------------------------
 
-    def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine", files=()) -> bool:
+    def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine", files=(),
+                    kernel_marks: bool = False) -> bool:
         """Write the engine's counters; True if written, False if ``flush_id``
         was applied before (then nothing changes, whatever ``rows`` hold).
 
@@ -595,6 +596,12 @@ class Ledger:
 
         ``files``: ``(sha256 hex, name, records, bytes)`` of the spool files
         whose traffic the rows hold, recorded in the same transaction.
+
+        ``kernel_marks``: the rows' bytes and packets are traffic the kernel's
+        per-subscriber counters have counted too (the inline source): they
+        are added to the subscribers' :meth:`kernel_marks` in the same
+        transaction, so the marks say exactly what of the kernel's count the
+        ledger holds, whenever the process dies.
         """
         _text(flush_id, "flush id")
         _ts(ts, "flush ts")
@@ -642,7 +649,93 @@ class Ledger:
                     self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
             self.db.conn.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
                                      " VALUES (?, ?, ?, ?, ?)", [(d, n, flush_id, r, b) for d, n, r, b in files])
+            if kernel_marks:
+                marks: dict[tuple[int, int], list[int]] = {}
+                for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
+                    m = marks.setdefault((sid, direction), [0, 0])
+                    m[0] += nbytes
+                    m[1] += packets
+                self._add_kernel_marks(marks)
         return True
+
+    # ---- what the gateway remembers of the kernel ----------------------------------
+
+    def kernel_marks(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """``{(subscriber, direction): (bytes, packets)}``: how much of the
+        subscriber's kernel counters the ledger holds as usage (see
+        migrations/0013_kernel_state.sql)."""
+        return {(sid, d): (b, p) for sid, d, b, p in
+                self.db.execute("SELECT subscriber_id, direction, bytes, packets FROM kernel_marks")}
+
+    def _add_kernel_marks(self, deltas) -> None:
+        self.db.conn.executemany(
+            "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
+            " packets = packets + excluded.packets",
+            [(sid, d, b, p) for (sid, d), (b, p) in sorted(deltas.items())])
+
+    def adjust_kernel_marks(self, deltas: dict) -> None:
+        """Add ``{(subscriber, direction): (bytes, packets)}`` (negative too) to
+        the marks, one transaction: a network whose kernel counter goes away
+        takes its count out of the subscriber's mark."""
+        for (sid, d), (b, p) in deltas.items():
+            _int(sid, "subscriber")
+            _int(b, "bytes")
+            _int(p, "packets")
+            if d not in (0, 1):
+                raise LedgerError(f"direction is 0 (upload) or 1 (download), not {d!r}")
+        with self._tx():
+            self._add_kernel_marks(deltas)
+
+    def set_kernel_marks(self, marks: dict) -> None:
+        """Set ``{(subscriber, direction): (bytes, packets)}`` exactly (the
+        kernel's counters started again from zero: a new table, an element
+        recreated), one transaction."""
+        with self._tx():
+            self.db.conn.executemany(
+                "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = excluded.bytes,"
+                " packets = excluded.packets",
+                [(_int(sid, "subscriber"), d, _int(b, "bytes"), _int(p, "packets"))
+                 for (sid, d), (b, p) in sorted(marks.items())])
+
+    def save_block_state(self, states, ts: int | None = None, records=()) -> None:
+        """``states``: ``(subscriber, blocked bits, payment id, adjustment id)``
+        as the kernel has just been told; ``records``: ``(subscriber, kind,
+        reason, packet ts or None, balance or None)`` history rows for :meth:`blocks`. One transaction, written
+        by the gateway right after each kernel update, so a restart finds the
+        blocks that held when it died."""
+        ts = _ts(time.time_ns() if ts is None else ts)
+        states = [(_int(sid, "subscriber"), _int(bits, "blocked bits", 0), _int(pid, "payment id", 0),
+                   _int(aid, "adjustment id", 0), ts) for sid, bits, pid, aid in states]
+        records = [tuple(r) for r in records]
+        for _sid, kind, reason, _packet_ts, _balance in records:
+            if kind not in ("block", "unblock"):
+                raise LedgerError(f"block kind is 'block' or 'unblock', not {kind!r}")
+            _text(reason, "block reason")
+        with self._tx():
+            self.db.conn.executemany(
+                "INSERT INTO block_state (subscriber_id, blocked, payment_id, adjustment_id, ts_ns)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (subscriber_id) DO UPDATE SET blocked = excluded.blocked,"
+                " payment_id = excluded.payment_id, adjustment_id = excluded.adjustment_id, ts_ns = excluded.ts_ns",
+                states)
+            self.db.conn.executemany(
+                "INSERT INTO blocks (subscriber_id, kind, reason, ts_ns, packet_ts_ns, balance) VALUES (?, ?, ?, ?, ?, ?)",
+                [(sid, kind, reason, ts, packet_ts, balance) for sid, kind, reason, packet_ts, balance in records])
+
+    def block_states(self) -> dict[int, dict]:
+        """``{subscriber: {"blocked", "payment_id", "adjustment_id", "ts_ns",
+        "paid_since"}}`` where ``paid_since`` says whether a payment or an
+        adjustment of the subscriber was written after the state (with a
+        higher id than the engine had applied then)."""
+        cols = ("subscriber_id", "blocked", "payment_id", "adjustment_id", "ts_ns", "paid_since")
+        rows = self.db.execute(
+            "SELECT b.subscriber_id, b.blocked, b.payment_id, b.adjustment_id, b.ts_ns,"
+            " EXISTS (SELECT 1 FROM payments p WHERE p.subscriber_id = b.subscriber_id AND p.id > b.payment_id)"
+            " OR EXISTS (SELECT 1 FROM adjustments a WHERE a.subscriber_id = b.subscriber_id"
+            "            AND a.id > b.adjustment_id)"
+            " FROM block_state b")
+        return {r[0]: dict(zip(cols[1:], (*r[1:5], bool(r[5])))) for r in rows}
 
     def ingested_file(self, digest: str) -> str | None:
         """The name under which the file with this SHA-256 was charged, if it was."""
@@ -716,33 +809,12 @@ class Ledger:
     # ---- checks ------------------------------------------------------------------
 
     def check_invariants(self) -> list[str]:
-        """Problems found; empty when, for every subscriber, the balance is
-        opening + payments + adjustments - charges - postings and the usage amounts add
-        up to the charges, every flush's charges match the rows it wrote and no
-        row refers to something missing."""
-        problems = []
-        rows = self.db.execute("""
-            SELECT s.id, s.name, s.balance, s.opening_balance,
-                   (SELECT coalesce(sum(amount), 0) FROM payments p WHERE p.subscriber_id = s.id),
-                   (SELECT coalesce(sum(amount), 0) FROM adjustments a WHERE a.subscriber_id = s.id),
-                   (SELECT coalesce(sum(amount), 0) FROM charges c WHERE c.subscriber_id = s.id),
-                   (SELECT coalesce(sum(amount), 0) FROM usage u WHERE u.subscriber_id = s.id),
-                   (SELECT coalesce(sum(amount), 0) FROM postings b WHERE b.subscriber_id = s.id)
-            FROM subscribers s ORDER BY s.id""").fetchall()
-        for sid, name, balance, opening, paid, adjusted, charged, used, posted in rows:
-            expected = opening + paid + adjusted - charged - posted
-            if balance != expected:
-                problems.append(f"subscriber {sid} ({name}): balance {balance} != opening {opening} + payments "
-                                f"{paid} + adjustments {adjusted} - charges {charged} - fees and settlements "
-                                f"{posted} = {expected}")
-            if used != charged:
-                problems.append(f"subscriber {sid} ({name}): usage amounts {used} != charges {charged}")
-        for flush_id, n in self.db.execute(
-                "SELECT c.flush_id, count(*) FROM charges c GROUP BY c.flush_id, c.subscriber_id HAVING count(*) > 1"):
-            problems.append(f"flush {flush_id!r} charged a subscriber {n} times")
-        for table, rowid, parent, _fk in self.db.execute("PRAGMA foreign_key_check"):
-            problems.append(f"{table} row {rowid} refers to a missing {parent} row")
-        return problems
+        """Problems found; empty when the ledger is sound: see :func:`accounting.checks.check_ledger`
+        (balances against their history, usage against charges, flushes, foreign keys, SQLite's own
+        integrity check, overlapping prefixes, the audit chain)."""
+        from .checks import check_ledger  # here: checks reads the audit log, which imports this module
+
+        return check_ledger(self)
 
 
 class _Transaction:

@@ -43,3 +43,16 @@ class CaptureError(TollgateError):
 class LedgerError(TollgateError):
     """The ledger refused an operation (unknown subscriber, bad amount, a
     database that is not a Tollgate ledger)."""
+
+
+class SourceError(TollgateError, OSError):
+    """A packet source (nfqueue, NFLOG) could not be opened or bound:
+    ``errno`` is the kernel's (EBUSY: the queue or group has another reader)."""
+
+
+class QueueError(SourceError):
+    """The nfqueue queue could not be opened, bound or configured."""
+
+
+class LogError(SourceError):
+    """The NFLOG group could not be opened, bound or configured."""

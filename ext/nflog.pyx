@@ -38,6 +38,7 @@ from .netlink cimport *
 import os
 
 from .engine_py import Event
+from .errors import LogError  # noqa: F401  (raised below; importable from here as before)
 
 cdef extern from "nflog_netlink.h" nogil:
     enum:
@@ -61,9 +62,6 @@ cdef enum:
     MIN_MESSAGE = 64           # the smallest packet message: headers, a sequence number, an IPv4 header
     MAX_NLBUFSIZ = 131072      # the kernel's limit for NFULA_CFG_NLBUFSIZ
 
-
-class LogError(OSError):
-    """The NFLOG group could not be opened or bound (errno set)."""
 
 
 cdef class LogReader:

@@ -29,6 +29,7 @@ from .netlink cimport *
 import os
 
 from .engine_py import Event
+from .errors import QueueError  # noqa: F401  (raised below; importable from here as before)
 
 cdef extern from "nfq_netlink.h" nogil:
     enum:
@@ -53,9 +54,6 @@ cdef enum:
     SLOT = 2048          # receive buffer per datagram: copy range + netlink headers, with room
     MAX_PER_DATAGRAM = 8  # packet messages the kernel may pack into one datagram
 
-
-class QueueError(OSError):
-    """The queue could not be opened or bound (errno set)."""
 
 
 cdef class QueueReader:

@@ -23,9 +23,11 @@ reload the config (zones, tariffs, time slots, allow-list).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -37,8 +39,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from accounting.ledger import Ledger
 from accounting.notify import Notifier, enqueue
 from accounting.money import format_amount
-from ext.constants import BLOCK_MANUAL, BLOCK_REASONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
-from ext.errors import ConfigError, TollgateError
+from ext.constants import BLOCK_LIMIT, BLOCK_MANUAL, BLOCK_REASONS, EV_BLOCK, EV_UNBLOCK, EV_WARN
+from ext.errors import ConfigError, SourceError, TollgateError
 
 from .config import Config, load_config
 from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
@@ -46,6 +48,7 @@ from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
 log = logging.getLogger("tollgate.daemon")
 PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
 QUOTA_POLL = 0.1  # seconds between kernel quota rounds (passive sources)
+FAILED_GRACE = 2.0  # seconds /healthz answers "failed" before a gateway with a dead thread exits
 
 
 @dataclass
@@ -54,7 +57,7 @@ class RunOptions:
     db_path: str
     queues: tuple = (0,)
     fail_open: bool = True
-    listen: str = "0.0.0.0"
+    listen: str = "::"  # both families (see Gateway._listen_socket)
     port: int = 8080
     engine: str | None = None
     flush_interval: float = 1.0
@@ -103,7 +106,7 @@ class EngineCollector:
         q = GaugeMetricFamily("tollgate_queue_stat", "nfqueue reader counters", labels=["queue", "stat"])
         for reader in self.gw.readers:
             for key, value in reader.stats().items():
-                q.add_metric([str(reader.queue_num), key], value)
+                q.add_metric([self.gw.reader_label(reader), key], value)
         yield q
         drops = CounterMetricFamily("tollgate_queue_kernel_drops", "packets the kernel dropped for a queue "
                                     "(/proc/net/netfilter/nfnetlink_queue)", labels=["queue", "where"])
@@ -191,15 +194,25 @@ class Gateway:
         self.engine_bytes: dict[int, int] = {}  # bytes drained from the engine since start, per subscriber
         self.drift: dict[str, int] = {}  # subscriber -> kernel minus engine bytes, where beyond noise
         self.next_drift_check = time.monotonic() + opts.drift_interval
-        self.m_drift = Gauge("tollgate_drift_bytes", "kernel minus engine bytes since start, for subscribers "
-                             "beyond the noise threshold (traffic that bypassed the queue)", ["subscriber"],
-                             registry=self.registry)
+        self.m_drift = Gauge("tollgate_drift_bytes", "kernel minus engine bytes, for subscribers beyond the "
+                             "noise threshold at the last check (negative: the engine is ahead of the kernel)",
+                             ["subscriber"], registry=self.registry)
+        self.m_unrated = Counter("tollgate_unrated_bytes", "bytes the kernel forwarded that the engine never rated "
+                                 "(fail-open while no reader was bound, rated but unflushed at a crash), charged "
+                                 "when found", registry=self.registry)
+        self.marks: dict[tuple[int, int], list[int]] = {}  # the ledger's kernel marks, followed in memory (inline)
+        self.saved_blocks: dict[int, int] = {}  # block bits the ledger holds per subscriber (block_state)
+        self.unsaved_blocks: set[int] = set()  # subscribers whose block state is still to be written
+        self.unsaved_records: list[tuple] = []  # block history rows still to be written
+        self.failed: dict[str, str] = {}  # thread name -> why it died: /healthz goes red, run() ends
+        self.fatal = threading.Event()
         self.m_drift_alarms = Counter("tollgate_drift_alarms", "drift checks that found a subscriber beyond "
                                       "the threshold", registry=self.registry)
 
     # ---- start and stop --------------------------------------------------
 
     def start(self) -> None:
+        self.http_socket = self._listen_socket()  # first: a port in use stops us before the kernel is touched
         self.acct.seed_ledger()
         events = self.acct.load_subscribers(ledger_rows(self.ledger))
         self.last_payment = self.ledger.last_payment_id()
@@ -209,17 +222,18 @@ class Gateway:
         events += self.acct.start_billing(self.calendar_now())[1]
         events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
         self.acct.resume_from_ledger(self.calendar_now())
-        for sid in self.ledger.manually_blocked():  # a manual block outlives restarts; restore() below
-            if sid in self.acct.subscribers:     # puts every blocked subscriber in the kernel's sets
-                self.acct.engine.block(sid, BLOCK_MANUAL)
+        self._restore_blocks()
         self._make_readers()
         for reader in self.readers:
             if hasattr(reader, "recover"):  # a spool: what a crash left half-way, against the ledger
                 reader.recover(lambda digest: self.thread_ledger().ingested_file(digest))
         self.enforcer = self._enforcer(self.config)
-        self.enforcer.install()
+        self.enforcer.install()  # keeps the elements of our sets, so the blocks that held still hold
         self._restore_limits()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
+        if self.opts.inline:
+            self.marks = {key: list(v) for key, v in self.ledger.kernel_marks().items()}
+            self._charge_unrated(self._kernel_counts(), "start")
         if self.opts.quotas:
             from .sources.nflog import KernelQuotas
 
@@ -228,8 +242,7 @@ class Gateway:
             self._quota_round()
         log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
                  len(self._blocked_networks()))
-        for ev in events:
-            self._record_event(ev, None, time.time_ns())
+        self._record_events([(ev, None) for ev in events], time.time_ns())
         self._start_readers()
         self._spawn("policy", self._policy_loop)
         if self.kernel_quotas is not None:
@@ -238,6 +251,105 @@ class Gateway:
         self._spawn("http", self._serve_http)
         if self.config.notify.webhook or self.config.notify.command:
             self._spawn("notify", self._notify_loop)
+
+    def _restore_blocks(self) -> None:
+        """Put back in the engine the blocks the ledger remembers, before the
+        kernel's sets are restored from it: a manual block until it is lifted,
+        a limit block until a payment or adjustment came after it. (Volume and
+        access-hour blocks follow from billing, already brought up to date.)
+        A limit block needs its record: it may leave a small positive balance
+        (the breaching packet is dropped, not charged), so the balance alone
+        does not say it was blocked."""
+        for sid in self.ledger.manually_blocked():
+            if sid in self.acct.subscribers:
+                self.acct.engine.block(sid, BLOCK_MANUAL)
+        for sid, state in self.ledger.block_states().items():
+            if sid in self.acct.subscribers and state["blocked"] & BLOCK_LIMIT and not state["paid_since"]:
+                self.acct.engine.block(sid, BLOCK_LIMIT)
+        self.saved_blocks = {sid: state["blocked"] for sid, state in self.ledger.block_states().items()}
+
+    # ---- the kernel's counters: crash recovery and drift (inline) ---------------------
+    #
+    # Our table's per-subscriber counters are monotonic: install() and
+    # restore() keep them, so they survive a restart and a SIGKILL. The
+    # ledger's kernel marks say how much of each count it already holds as
+    # usage (every inline flush adds its bytes in the same transaction). So
+    # kernel - mark is traffic the gateway forwarded and never charged: rated
+    # but not flushed when the process died, or let through fail-open while no
+    # reader was bound (start-up, downtime, a full queue). It is charged, at
+    # the default zone's price at the current time slot (the kernel does not
+    # know zones), and so lands in the ledger with the next flush.
+
+    def _kernel_counts(self) -> dict[int, tuple]:
+        """``{subscriber: ((up bytes, up packets), (down bytes, down packets))}``
+        from one listing of our table."""
+        with self.enforcer_lock:
+            counters = self.enforcer.counters()
+        out = {}
+        for sid, info in self.acct.subscribers.items():
+            rows = [counters[n] for n in info.addresses if n in counters]
+            out[sid] = tuple((sum(r[f"{way}_bytes"] for r in rows), sum(r[f"{way}_packets"] for r in rows))
+                             for way in ("up", "down"))
+        return out
+
+    def _charge_unrated(self, kernel: dict, when: str, reset_behind: bool = True) -> dict[str, int]:
+        """Charge what the kernel counted beyond the marks. Called with a
+        kernel listing taken *before* the flush that brought the marks up to
+        date (or at start, before any packet was rated): every byte the kernel
+        had counted through the engine was rated before the listing, so it is
+        in the marks, and what is left is certainly unrated. The charge is in
+        the engine now and in the ledger (marks included) with the next flush;
+        a crash before that loses nothing, the next start finds the same
+        difference. At start (``reset_behind``), a count below its mark means
+        the kernel's counter started again (a new table, an element
+        recreated): the mark follows it. (Later it is only the engine ahead
+        of the listing, see _check_drift.) Returns ``{name: bytes charged}``."""
+        charged, reset = {}, {}
+        now = time.time_ns()
+        events = []
+        with self.engine_lock:
+            for sid, ways in kernel.items():
+                if sid not in self.acct.subscribers:
+                    continue
+                for direction, (kbytes, kpackets) in enumerate(ways):
+                    mbytes, mpackets = self.marks.get((sid, direction), (0, 0))
+                    if kbytes < mbytes:
+                        if reset_behind:
+                            reset[(sid, direction)] = (kbytes, kpackets)
+                    elif kbytes > mbytes:
+                        events += self.acct.engine.rate_volume(sid, self.acct.engine.default_zone, direction,
+                                                               kbytes - mbytes, max(0, kpackets - mpackets), now)
+                        name = self.acct.subscribers[sid].name
+                        charged[name] = charged.get(name, 0) + kbytes - mbytes
+        if reset:
+            self.thread_ledger().set_kernel_marks(reset)
+            self.marks.update({k: list(v) for k, v in reset.items()})
+            log.warning("kernel counters of %d subscriber directions started again from zero (a new table or "
+                        "recreated elements): marks reset", len(reset))
+        if charged:
+            self.m_unrated.inc(sum(charged.values()))
+            log.warning("%s: charged %d bytes the kernel forwarded that the engine never rated (rated but not "
+                        "flushed before a crash, or passed fail-open while no reader was bound): %s", when,
+                        sum(charged.values()), ", ".join(f"{n} {b} B" for n, b in sorted(charged.items())))
+        if events:
+            self.events.put([(ev, None) for ev in events])
+        return charged
+
+    def _forget_counters(self, sid: int, networks) -> None:
+        """Networks of ``sid`` are about to leave the kernel, their counters
+        with them: their counts leave the subscriber's marks too, so that
+        kernel - mark keeps meaning unrated traffic."""
+        with self.enforcer_lock:
+            counters = self.enforcer.counters()
+        deltas = {}
+        for d, way in enumerate(("up", "down")):
+            rows = [counters[n] for n in networks if n in counters]
+            deltas[(sid, d)] = (-sum(r[f"{way}_bytes"] for r in rows), -sum(r[f"{way}_packets"] for r in rows))
+        self.ledger.adjust_kernel_marks(deltas)
+        for key, (b, p) in deltas.items():
+            mark = self.marks.setdefault(key, [0, 0])
+            mark[0] += b
+            mark[1] += p
 
     def _enforcer(self, cfg: Config):
         from policy.nft import Enforcer
@@ -321,7 +433,26 @@ class Gateway:
         return time.time_ns() + int(self.opts.clock_offset * NS)
 
     def _spawn(self, name: str, target) -> None:
-        t = threading.Thread(target=target, name=f"tollgate-{name}", daemon=True)
+        """Run ``target`` in a thread of its own. Every thread is needed: one
+        that dies (an exception, or returning while the gateway is not
+        stopping) turns /healthz red at once and ends ``run()`` with exit
+        code 1, so that systemd restarts the gateway and a monitor sees it,
+        instead of a gateway that looks healthy and has stopped charging."""
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - whatever it was, the thread is gone
+                why = f"{type(exc).__name__}: {exc}"
+                log.critical("thread %s died: %s", name, why, exc_info=True)
+            else:
+                if self.stopping.is_set():
+                    return
+                why = "returned while the gateway was running"
+                log.critical("thread %s %s", name, why)
+            self.failed[name] = why
+            self.fatal.set()
+
+        t = threading.Thread(target=guarded, name=f"tollgate-{name}", daemon=True)
         t.start()
         self.threads.append(t)
 
@@ -334,13 +465,18 @@ class Gateway:
             try:
                 self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put,
                                                                    **self.opts.source_options))
-            except (ValueError, OSError) as exc:  # a bad option, a port taken, a group bound elsewhere
+            except (ValueError, OSError) as exc:  # a bad option, a port taken, a group bound elsewhere (SourceError)
                 raise ConfigError(f"--source {self.opts.source}", str(exc)) from None
             return
         for q in self.opts.queues:
-            self.readers.append(QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
-                                            fail_open=self.opts.fail_open, on_events=self.events.put,
-                                            linger_us=self.opts.linger_us))
+            try:
+                self.readers.append(QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
+                                                fail_open=self.opts.fail_open, on_events=self.events.put,
+                                                linger_us=self.opts.linger_us))
+            except SourceError as exc:
+                hint = " (is another tollgate, or another nfqueue program, reading it?)" if exc.errno == errno.EBUSY \
+                    else ""
+                raise ConfigError("--queues", f"{exc.strerror or exc}{hint}") from None
 
     def _start_readers(self) -> None:
         for reader in self.readers:
@@ -425,6 +561,8 @@ class Gateway:
                 return
             old = set(info.addresses)
             new = set(row["addresses"]) if active else set()
+            if old - new and self.opts.inline:
+                self._forget_counters(sid, sorted(old - new))
             with self.enforcer_lock:
                 self.enforcer.unblock(sorted(old - new))
                 self.enforcer.remove_subscriber_addresses(sorted(old - new))
@@ -574,10 +712,47 @@ class Gateway:
         done = time.time_ns()
         if block or unblock:
             self.m_nft_latency.observe(time.perf_counter() - started)
-        for ev, ts in events:
-            self._record_event(ev, ts, done)
+        self._record_events(events, done)
 
-    def _record_event(self, ev, packet_ts: int | None, done_ns: int) -> None:
+    def _record_events(self, events: list, done_ns: int) -> None:
+        """Metrics, logs, notifications and the ledger's block records for
+        ``(Event, packet ts)`` pairs whose kernel update is done; the block
+        state is written at once (not with the next flush), so that a crash
+        right after a block cannot make the next start forget it."""
+        records = []
+        for ev, ts in events:
+            record = self._record_event(ev, ts, done_ns)
+            if record is not None:
+                records.append(record)
+        self._save_block_state({ev.subscriber for ev, _ts in events if ev.kind in (EV_BLOCK, EV_UNBLOCK)},
+                               records, done_ns)
+
+    def _save_block_state(self, sids, records=(), ts: int | None = None) -> None:
+        """The engine's block bits of ``sids`` (where they differ from what
+        the ledger holds), with the payment and adjustment ids applied so far,
+        read in one step under the engine lock; a failed write is retried by
+        the flusher (an empty call)."""
+        self.unsaved_records += list(records)
+        with self.engine_lock:
+            self.unsaved_blocks |= {sid for sid in sids if sid in self.acct.subscribers}
+            states = [(sid, self.acct.engine.subscriber(sid).blocked, self.last_payment, self.last_adjustment)
+                      for sid in sorted(self.unsaved_blocks)]
+        states = [st for st in states if self.saved_blocks.get(st[0], 0) != st[1]]
+        if not states and not self.unsaved_records:
+            self.unsaved_blocks.clear()
+            return
+        records = self.unsaved_records
+        try:
+            self.thread_ledger().save_block_state(states, ts, records)
+        except TollgateError:
+            log.exception("block state not written; retrying with the next flush")
+            return
+        self.unsaved_records = self.unsaved_records[len(records):]
+        self.unsaved_blocks.clear()
+        self.saved_blocks.update({sid: bits for sid, bits, _p, _a in states})
+
+    def _record_event(self, ev, packet_ts: int | None, done_ns: int) -> tuple | None:
+        """Metrics, log and notification of one event; returns its block record, if it has one."""
         reason = BLOCK_REASONS.get(ev.reason, str(ev.reason))
         if ev.kind == EV_BLOCK:
             self.m_blocks.labels(reason).inc()
@@ -592,13 +767,14 @@ class Gateway:
         elif ev.kind == EV_WARN:
             log.info("subscriber %s: balance %s fell below warning level %d", ev.subscriber, ev.balance, ev.reason + 1)
         else:
-            return
+            return None
         event = {EV_BLOCK: "block", EV_UNBLOCK: "unblock", EV_WARN: "warn"}[ev.kind]
-        if ev.kind != EV_WARN and ev.reason != BLOCK_MANUAL:  # manual ones are recorded when asked for
-            self.ledger_jobs.put(("block", ev.subscriber, event, reason, done_ns))
         detail = {"level": ev.reason + 1} if ev.kind == EV_WARN else {"reason": reason}
         self.ledger_jobs.put(("notify", f"{event}:{ev.subscriber}:{done_ns}", event, ev.subscriber,
                               self._payload(ev.subscriber, done_ns, balance=ev.balance, **detail)))
+        if ev.kind == EV_WARN or ev.reason == BLOCK_MANUAL:  # manual ones are recorded when asked for
+            return None
+        return (ev.subscriber, event, reason, packet_ts or None, ev.balance if ev.kind == EV_BLOCK else None)
 
     def _payload(self, sid: int, ts: int, balance: int | None = None, **detail) -> dict:
         info = self.acct.subscribers.get(sid)
@@ -654,11 +830,15 @@ class Gateway:
                 self._apply_tariff_changes(self.calendar_now())
                 self._sync_subscribers()
                 self._sync_manual_blocks()
-                # the kernel counts a packet just after the engine does: read it first, drain second
-                kernel = self._kernel_bytes() if time.monotonic() >= self.next_drift_check else None
+                # the kernel counts a packet just after the engine rates it: list the kernel first, drain
+                # second, and compare with the marks from before and after the drain (see _check_drift)
+                kernel = marks_before = None
+                if time.monotonic() >= self.next_drift_check:
+                    kernel = self._kernel_counts() if self.opts.inline else self._kernel_bytes()
+                    marks_before = {key: tuple(v) for key, v in self.marks.items()}
                 self._flush()
                 if kernel is not None:
-                    self._check_drift(kernel)
+                    self._check_drift(kernel, marks_before)
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
@@ -678,17 +858,14 @@ class Gateway:
         Drained rows get their flush id before the write; if the write fails
         they stay pending and the same id is retried, so they are neither
         lost nor charged twice."""
+        if self.unsaved_blocks or self.unsaved_records:
+            self._save_block_state(())
         while True:
             try:
-                job = self.ledger_jobs.get_nowait()
+                _kind, key, event, sid, payload = self.ledger_jobs.get_nowait()
             except queue.Empty:
                 break
-            if job[0] == "block":
-                _kind, sid, what, reason, ts = job
-                self.ledger.record_block(sid, what, reason, ts)
-            else:
-                _kind, key, event, sid, payload = job
-                enqueue(self.ledger, key, event, sid, payload)
+            enqueue(self.ledger, key, event, sid, payload)
         spools = [r for r in self.readers if hasattr(r, "take_files")]  # see gateway/sources/spool.py
         if self.pending is None:
             with self.engine_lock, contextlib.ExitStack() as held:
@@ -710,8 +887,14 @@ class Gateway:
                             [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
                             files)
         flush_id, now, rows, files = self.pending
-        self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source, files=files)
+        self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source, files=files,
+                                kernel_marks=self.opts.inline)
         self.pending = None
+        if self.opts.inline:  # the ledger's marks moved in the same transaction: follow them
+            for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
+                mark = self.marks.setdefault((sid, direction), [0, 0])
+                mark[0] += nbytes
+                mark[1] += packets
         self.last_flush = time.time()
         for spool in spools:
             spool.committed(files)
@@ -725,33 +908,54 @@ class Gateway:
             out[sid] = sum(r["up_bytes"] + r["down_bytes"] for r in rows)
         return out
 
-    def _check_drift(self, kernel: dict[int, int]) -> None:
-        """Compare the engine with the kernel's per-subscriber counters. A gap
-        means traffic the engine never rated: the queue bypassed on overflow
-        or while down (fail-open), offload, a rule the operator added."""
+    def _check_drift(self, kernel: dict, marks_before: dict) -> None:
+        """Compare the kernel's per-subscriber counters with what the engine
+        rated, at a consistent point.
+
+        Inline, ``kernel`` was listed between two flushes: every byte it
+        counted through the engine is in the marks after the second one
+        (``self.marks``), and every byte in the marks before it
+        (``marks_before``) had long passed the kernel. So kernel > marks
+        after is traffic that certainly bypassed the engine (fail-open at a
+        full queue, a rule the operator added before ours): charged by
+        :meth:`_charge_unrated`; kernel < marks before, beyond noise, is the
+        engine certainly ahead of the kernel (counters reset, packets dropped
+        after the queue): an alarm. A passive source reports traffic a while
+        after the kernel counted it: the kernel's count of the previous check
+        must have reached the engine by now; only a shortfall is an alarm."""
         self.next_drift_check = time.monotonic() + self.opts.drift_interval
-        if not self.opts.inline:
-            # a passive source reports traffic a while after the kernel counted it: compare what the
-            # kernel had counted at the previous check, which must have reached the engine by now
+        drift = {}  # name -> kernel minus engine bytes, beyond noise
+        if self.opts.inline:
+            self._charge_unrated(kernel, "drift check", reset_behind=False)
+            for sid, ways in kernel.items():
+                if sid not in self.acct.subscribers:
+                    continue
+                counted = sum(b for b, _p in ways)
+                rated = sum(marks_before.get((sid, d), (0, 0))[0] for d in (0, 1))
+                if rated - counted > max(self.opts.drift_min_bytes, counted // 200):
+                    drift[self.acct.subscribers[sid].name] = counted - rated
+        else:
             kernel, self.kernel_before = self.kernel_before, kernel
             if kernel is None:
                 return
-        drift = {}
-        for sid, kernel_bytes in kernel.items():
-            if sid not in self.acct.subscribers:
-                continue
-            gap = kernel_bytes - self.engine_bytes.get(sid, 0)
-            if not self.opts.inline:
-                gap = max(gap, 0)  # the engine is ahead of the old snapshot: nothing missing
-            if abs(gap) > max(self.opts.drift_min_bytes, kernel_bytes // 200):
-                drift[self.acct.subscribers[sid].name] = gap
+            for sid, counted in kernel.items():
+                if sid not in self.acct.subscribers:
+                    continue
+                gap = counted - self.engine_bytes.get(sid, 0)
+                if gap > max(self.opts.drift_min_bytes, counted // 200):
+                    drift[self.acct.subscribers[sid].name] = gap
         for name in set(self.drift) - set(drift):
             self.m_drift.remove(name)
         for name, gap in drift.items():
             self.m_drift.labels(name).set(gap)
             if self.drift.get(name) != gap:
-                log.warning("drift: subscriber %s has %d bytes in the kernel's counters that the engine did not "
-                            "rate", name, gap)
+                if gap < 0:
+                    log.warning("drift: the engine rated %d bytes of subscriber %s more than the kernel counted "
+                                "(the kernel is behind: its counters were reset, or packets were dropped after "
+                                "the queue)", -gap, name)
+                else:
+                    log.warning("drift: the kernel counted %d bytes of subscriber %s more than the source reported "
+                                "(the kernel is ahead: the source lost records, or traffic bypassed it)", gap, name)
         if drift:
             self.m_drift_alarms.inc()
         self.drift = drift
@@ -761,14 +965,14 @@ class Gateway:
         reach the live balance."""
         changes = self.ledger.balance_changes_since(self.last_payment, self.last_adjustment)
         for change in changes:
-            if change["kind"] == "payment":
-                self.last_payment = max(self.last_payment, change["id"])
-            else:
-                self.last_adjustment = max(self.last_adjustment, change["id"])
-            if change["subscriber_id"] not in self.acct.subscribers:
-                continue
-            with self.engine_lock:
-                events = self.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
+            events = []
+            with self.engine_lock:  # the ids move with the balance: a block state never pairs one without the other
+                if change["subscriber_id"] in self.acct.subscribers:
+                    events = self.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
+                if change["kind"] == "payment":
+                    self.last_payment = max(self.last_payment, change["id"])
+                else:
+                    self.last_adjustment = max(self.last_adjustment, change["id"])
             if events:
                 self.events.put([(ev, None) for ev in events])
 
@@ -777,14 +981,20 @@ class Gateway:
     def health(self) -> dict:
         lat = sorted(self.block_latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else (lambda q: None)
-        return {"status": "stopping" if self.stopping.is_set() else "ok", "boot": self.boot,
+        status = "failed" if self.failed else "stopping" if self.stopping.is_set() else "ok"
+        return {"status": status, "boot": self.boot,
                 "engine": self.acct.engine.implementation, "subscribers": len(self.acct.subscribers),
                 "queues": list(self.opts.queues), "flush_lag_seconds": round(time.time() - self.last_flush, 3),
                 "block_latency_ms": {"n": len(lat), "p50": pct(0.5), "p99": pct(0.99)},
                 "drift_bytes": self.drift,
                 "source": self.opts.source,
                 "kernel_quotas": self.kernel_quotas.counts if self.kernel_quotas is not None else None,
-                "queue": {getattr(r, "queue_num", self.opts.source): r.stats() for r in self.readers}}
+                "failed_threads": self.failed,
+                "queue": {self.reader_label(r): r.stats() for r in self.readers}}
+
+    def reader_label(self, reader) -> str:
+        """A reader's name in /healthz and /metrics: its queue number, or the passive source's name."""
+        return str(reader.queue_num) if self.opts.inline else self.opts.source
 
     def subscriber_page(self, address: str) -> dict | None:
         try:
@@ -813,16 +1023,46 @@ class Gateway:
             ledger = self.http_local.ledger = Ledger.open(self.opts.db_path)
         return ledger
 
+    def _listen_socket(self) -> socket.socket:
+        """The HTTP service's socket, bound in the main thread at start (a
+        port in use is a clear error, not a dead thread). ``::`` (the
+        default) is one socket for both families: the kernel redirects a
+        blocked subscriber's port 80 to us over IPv4 and IPv6 alike, and
+        asyncio would make an IPv6 socket IPv6-only."""
+        host = self.opts.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+            sock.bind((host, self.opts.port))
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError("--listen/--port", f"cannot listen on [{host}]:{self.opts.port}: {exc.strerror}") from None
+        sock.setblocking(False)
+        return sock
+
     def _serve_http(self) -> None:
         import uvicorn
 
         from api.app import create_app
 
-        server = uvicorn.Server(uvicorn.Config(create_app(self), host=self.opts.listen, port=self.opts.port,
-                                               log_level="warning", access_log=False))
+        app = create_app(self)
+
+        async def unmapped(scope, receive, send):
+            # an IPv4 client of the dual-stack socket shows as ::ffff:a.b.c.d; the block page, the admin
+            # networks and the rate limits know it by its IPv4 address
+            client = scope.get("client")
+            if client and client[0].startswith("::ffff:") and "." in client[0]:
+                scope = {**scope, "client": (client[0][7:], client[1])}
+            return await app(scope, receive, send)
+
+        server = uvicorn.Server(uvicorn.Config(unmapped, log_level="warning", access_log=False, lifespan="off"))
         server.install_signal_handlers = lambda: None  # signals belong to the main thread's handler
         self.http_server = server
-        server.run()
+        server.run(sockets=[self.http_socket])
 
 
 def run(opts: RunOptions) -> int:
@@ -836,6 +1076,10 @@ def run(opts: RunOptions) -> int:
     log.info("tollgate running: queues %s, %s, portal and metrics on %s:%d", list(opts.queues),
              "fail-open" if opts.fail_open else "fail-closed", opts.listen, opts.port)
     while not stop.wait(0.5):
-        pass
+        if gw.fatal.is_set():
+            log.critical("stopping: a thread of the gateway died (%s); exit code 1 for the supervisor to restart it",
+                         ", ".join(f"{n}: {why}" for n, why in gw.failed.items()))
+            time.sleep(FAILED_GRACE)  # a monitor polling /healthz sees it red before the port closes
+            break
     gw.stop()
-    return 0
+    return 1 if gw.failed else 0

@@ -491,14 +491,23 @@ class Enforcer:
 
     def restore(self, blocked, subscribers) -> None:
         """Bring the sets to exactly this state (the daemon calls it on start,
-        from the ledger): flush and refill in one transaction, so running it
-        twice leaves the same elements, and resets the counters."""
-        cmds = [{"flush": {"set": {"family": "inet", "table": TABLE, "name": purpose + suffix}}}
-                for purpose in PURPOSES for _f, suffix, _t, _p, _m in SLOTS]
-        cmds += self._element_cmds("add", "blocked", blocked)
-        cmds += self._element_cmds("add", "up", subscribers)
-        cmds += self._element_cmds("add", "down", subscribers)
-        self._json(cmds)
+        from the ledger), in one transaction, without ever emptying them:
+        missing elements are added first, then the others deleted. An element
+        that stays keeps its counter and a blocked network that stays blocked
+        never leaves its set, so a restart neither lets a blocked subscriber
+        through for a moment nor resets the kernel's count that crash
+        recovery reads as a delta (gateway/daemon.py). Running it twice
+        changes nothing."""
+        have = self._read()
+        want = {"blocked": {_canon(n) for n in blocked}, "up": {_canon(n) for n in subscribers}}
+        want["down"] = want["up"]
+        adds, deletes = [], []
+        for purpose in PURPOSES:
+            adds += self._element_cmds("add", purpose, sorted(want[purpose] - set(have[purpose])))
+            # "a-b": an interval the kernel merged (our sets never ask it to): nothing to delete it by
+            deletes += self._element_cmds("delete", purpose, sorted(k for k in set(have[purpose]) - want[purpose]
+                                                                    if "-" not in k))
+        self._run(adds + deletes)
 
     # ---- reading back ------------------------------------------------------------
 
