@@ -88,6 +88,7 @@ class Config:
     lan_interfaces: tuple = ()  # subscriber-facing: downloads are shaped here
     wan_interfaces: tuple = ()  # upstream: uploads are shaped here
     admin_networks: tuple = ("127.0.0.0/8", "::1/128")  # who may reach /api/v1 (subscribers reach the port too)
+    netflow_exporters: tuple | None = None  # [netflow] exporters: who may send flow records; None: anyone
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -354,7 +355,7 @@ def _allowlist(gw: dict) -> list[ZoneRule]:
 
 def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify"})
+    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify", "netflow"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database",
                                 "lan_interfaces", "wan_interfaces", "admin_networks"})
@@ -410,7 +411,23 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     cfg.groups = _groups(doc, cfg)
     cfg.subscribers = _subscribers(doc, cfg)
     cfg.notify = _notify(doc)
+    cfg.netflow_exporters = _netflow_exporters(doc)
     return cfg
+
+
+def _netflow_exporters(doc: dict) -> tuple | None:
+    """``[netflow] exporters``: the addresses or networks the NetFlow/IPFIX
+    collector takes datagrams from (the source option ``exporters``); unset,
+    it takes them from anyone and says so at start."""
+    raw = _table(doc, "netflow")
+    _check_keys(raw, "netflow", {"exporters"})
+    if "exporters" not in raw:
+        return None
+    nets = tuple(_network(n, f"netflow.exporters[{i}]")
+                 for i, n in enumerate(_list(raw, "exporters", "netflow.exporters")))
+    if not nets:
+        raise ConfigError("netflow.exporters", "list at least one exporter (or leave the key out to accept any)")
+    return nets
 
 
 def _notify(doc: dict) -> NotifySettings:

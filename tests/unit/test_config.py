@@ -191,3 +191,34 @@ def test_speed_limits_need_the_interfaces_to_shape_on():
     with pytest.raises(ConfigError) as err:
         parse_config(doc)
     assert err.value.field == "tariff[0].speed" and "wan_interfaces" in str(err.value)
+
+
+def test_netflow_exporters_are_networks_and_reach_the_source_option():
+    """[netflow] exporters: the example's two, as the collector's
+    ``-o exporters=`` takes them; unset means anyone (None, not empty)."""
+    from gateway.sources.netflow import parse_exporters
+
+    cfg = load_config(EXAMPLE)
+    assert cfg.netflow_exporters == ("198.18.0.1/32", "2001:db8:198::/64")
+    assert [str(n) for n in parse_exporters(",".join(cfg.netflow_exporters))] == ["198.18.0.1/32",
+                                                                                  "2001:db8:198::/64"]
+    doc = example()
+    del doc["netflow"]
+    assert parse_config(doc).netflow_exporters is None
+
+
+@pytest.mark.parametrize("value,field", [
+    (["198.18.0.1/33"], "netflow.exporters[0]"),
+    (["198.18.0.1/24"], "netflow.exporters[0]"),  # host bits set: a typo, not a network
+    ([42], "netflow.exporters[0]"),
+    ([], "netflow.exporters"),
+    ("198.18.0.1", "netflow.exporters"),
+])
+def test_bad_netflow_exporters_name_the_field(value, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(mutate(["netflow", "exporters"], value))
+    assert err.value.field == field, str(err.value)
+    doc = example()
+    doc["netflow"]["colour"] = "blue"
+    with pytest.raises(ConfigError, match="netflow.colour"):
+        parse_config(doc)
