@@ -60,6 +60,13 @@ class Currency:
         return self.minor_digits
 
     @property
+    def minor_unit(self) -> int:
+        """Internal units in the smallest amount people see: 0.01 EUR is 10**7, 1 JPY 10**9, 0.01 MB
+        10**4 bytes. Payments, adjustments, balances and card values are whole multiples of it, so
+        that every amount shown adds up to the balance shown; rated traffic may be finer."""
+        return self.unit // 10 ** self.minor_digits
+
+    @property
     def smallest(self) -> str:
         """The smallest amount an internal unit is, in words, for error messages."""
         return "one byte" if self.volume else f"1e-9 {self.code}"
@@ -130,20 +137,33 @@ def _currency(currency) -> Currency:
     return currency if isinstance(currency, Currency) else get_currency(currency)
 
 
-def parse_amount(value, currency) -> int:
+def parse_amount(value, currency, minor: bool = False) -> int:
     """An amount in units of ``currency`` (``"12.50"``, ``"-3"``, ``"1_000.5"``
     or an int) -> internal units, exactly.
 
     For money that is nano-units (``"12.50"`` EUR -> 12_500_000_000); for
     volume accounting bytes (``"1.5"`` MB -> 1_500_000). More decimals than
     an internal unit holds is an error, never a rounding.
+
+    ``minor=True``: an amount people enter (a payment, an adjustment, an
+    opening balance, a credit limit, a card's value) must also be a whole
+    number of the currency's minor unit (0.01 EUR, 1 JPY): ``"0.001"`` EUR
+    would be shown as 0.00 EUR, and the listings would no longer add up.
     """
     currency = _currency(currency)
     units = _decimal(value, "amount") * currency.unit
     if units != units.to_integral_value():
         raise MoneyError(f"amount {value!r} has more decimals than {currency.code} can hold "
                          f"(the smallest step is {currency.smallest})")
+    if minor and units % currency.minor_unit:
+        raise MoneyError(f"amount {value!r} is finer than {currency.code} shows (the smallest step is "
+                         f"{_minor_text(currency)})")
     return int(units)
+
+
+def _minor_text(currency: Currency) -> str:
+    step = Decimal(1).scaleb(-currency.minor_digits)
+    return f"{step} {currency.code}"
 
 
 def format_amount(units: int, currency) -> str:

@@ -15,7 +15,10 @@ Amounts cross this boundary as decimal strings in the configured currency
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
+import uuid
 from dataclasses import dataclass
 
 from ext.errors import TollgateError
@@ -23,9 +26,19 @@ from ext.errors import TollgateError
 from . import prepaid
 from .audit import AuditLog
 from .ledger import Ledger, LedgerError
-from .money import MoneyError, format_amount, parse_amount
+from .money import MoneyError, format_amount, get_currency, parse_amount
 
 MAX_PAGE = 1000
+MAX_ADDRESSES = 64  # per subscriber and request
+MAX_TS = 2 ** 62  # ns; far beyond any real date, and well inside SQLite's 64-bit integers
+
+# What every front end accepts, checked here so that the API, the portal and the command line agree (the API's
+# schema uses the same patterns, so its OpenAPI document says it too). A name is used in URLs, on the command
+# line and in pages: letters, digits and . _ @ -; free text (contracts, reasons, comments) is anything printable.
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+TEXT = r"^[^\x00-\x1f\x7f]*$"
+_NAME = re.compile(NAME)
+_TEXT = re.compile(TEXT)
 
 
 class OperationError(TollgateError, ValueError):
@@ -39,6 +52,21 @@ class OperationError(TollgateError, ValueError):
 
 def _now() -> int:
     return time.time_ns()
+
+
+def _subnet_pattern(net) -> str:
+    """A LIKE pattern every subnet of ``net`` (as canonical text) matches: its fixed leading octets, or for
+    IPv6 its fixed leading hextets up to the first zero one (a zero run may be written '::'). A superset of
+    the subnets, narrowed exactly by the caller."""
+    if net.version == 4:
+        fixed = str(net.network_address).split(".")[:net.prefixlen // 8]
+        return "".join(f"{octet}." for octet in fixed) + "%" if fixed else "%.%"
+    lead = []
+    for hextet in net.network_address.exploded.split(":")[:net.prefixlen // 16]:
+        if int(hextet, 16) == 0:
+            break
+        lead.append(f"{int(hextet, 16):x}:")
+    return "".join(lead) + "%" if lead else "%:%"
 
 
 @dataclass
@@ -55,8 +83,10 @@ class Operations:
         return getattr(self.config.currency, "code", self.config.currency)
 
     def _amount(self, value, what: str, positive: bool = False) -> int:
+        # minor=True: what people enter is whole cents (or yen...); finer amounts would be shown rounded and the
+        # listings of a subscriber would no longer add up to its balance. Rated traffic stays in nano-units.
         try:
-            units = parse_amount(str(value), self.currency)
+            units = parse_amount(str(value), self.currency, minor=True)
         except (MoneyError, ValueError) as exc:
             raise OperationError(f"{what}: {exc}") from None
         if positive and units <= 0:
@@ -64,6 +94,74 @@ class Operations:
         if abs(units) >= 1 << 60:  # the ledger's 64-bit sums must hold many of them
             raise OperationError(f"{what} {value} is out of range")
         return units
+
+    @staticmethod
+    def _name(value, what: str = "name") -> str:
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            raise OperationError(f"{what} {value!r} is not 1 to 64 letters, digits and . _ @ - "
+                                 "(starting with a letter or digit)")
+        return value
+
+    @staticmethod
+    def _text(value, what: str, required: bool = False, most: int = 500) -> str | None:
+        """Free text: printable, at most ``most`` characters; stripped. None (or blank) only when not required."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                raise OperationError(f"{what}: 1 to {most} characters are required")
+            return None
+        if not isinstance(value, str) or len(value) > most or not _TEXT.fullmatch(value):
+            raise OperationError(f"{what} must be 1 to {most} printable characters (no control characters)")
+        return value.strip()
+
+    def _networks(self, addresses) -> list[str]:
+        """Canonical prefixes (host bits zero), at most MAX_ADDRESSES."""
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        addresses = list(addresses)
+        if len(addresses) > MAX_ADDRESSES:
+            raise OperationError(f"at most {MAX_ADDRESSES} addresses per subscriber")
+        nets = []
+        for a in addresses:
+            try:
+                nets.append(ipaddress.ip_network(str(a).strip(), strict=True))
+            except ValueError as exc:
+                raise OperationError(f"bad address {a!r}: {exc}") from None
+        return sorted({str(n) for n in nets})
+
+    def _refuse_overlaps(self, sid: int | None, networks) -> None:
+        """A prefix that overlaps a prefix of another subscriber is refused (409).
+
+        The engine would take the longest match, so a /32 inside another subscriber's /28 would work, but which
+        subscriber pays for an address would then depend on what else is registered, and a deactivated
+        subscriber coming back would silently take addresses from another. One owner per address is simpler
+        to reason about; ``tollgate ledger check`` reports overlaps an older ledger may already hold.
+
+        SQLite cannot compare prefixes, so this runs in Python under the caller's write transaction (BEGIN
+        IMMEDIATE: no other writer can add a conflicting prefix meanwhile). Only candidates are read: the
+        supernets of a prefix are known exactly (one per shorter length), and its subnets all begin with the
+        text of its fixed leading octets (hextets up to the first zero one, which '::' may hide), so the scan
+        is an indexed text range, not the whole table.
+        """
+        db = self.ledger.db
+        for text in networks:
+            net = ipaddress.ip_network(text)
+            supernets = [str(net.supernet(new_prefix=p)) for p in range(net.prefixlen + 1)]
+            marks = ", ".join("?" * len(supernets))
+            rows = db.execute(f"SELECT network, subscriber_id FROM addresses WHERE network IN ({marks})",
+                              supernets).fetchall()
+            if net.prefixlen < net.max_prefixlen:
+                rows += [r for r in db.execute("SELECT network, subscriber_id FROM addresses WHERE network LIKE ?",
+                                               (_subnet_pattern(net),))
+                         if ipaddress.ip_network(r[0]).version == net.version
+                         and ipaddress.ip_network(r[0]).subnet_of(net)]
+            for other, owner in rows:
+                if owner != sid:
+                    name = db.execute("SELECT name FROM subscribers WHERE id = ?", (owner,)).fetchone()
+                    who = f"subscriber {owner} ({name[0] if name else '?'})"
+                    if other == text:  # the words the ledger uses for the same prefix twice
+                        raise OperationError(f"{text} already belongs to {who}", 409)
+                    raise OperationError(f"{text} overlaps {other}, which belongs to {who}: an address has one "
+                                         "owner", 409)
 
     def _money(self, units: int) -> str:
         return format_amount(units, self.currency)
@@ -107,20 +205,44 @@ class Operations:
                 "items": [self.view(r) for r in rows[offset:offset + limit]]}
 
     def _tariff(self, name: str) -> str:
-        if name not in self.config.tariffs:
-            raise OperationError(f"no tariff {name!r}; known: {', '.join(sorted(self.config.tariffs))}")
+        if not isinstance(name, str) or name not in self.config.tariffs:
+            raise OperationError(f"unknown tariff {name!r} (tariffs: {', '.join(sorted(self.config.tariffs))})")
         return name
 
     def add(self, name: str, tariff: str, addresses=(), balance="0", credit_limit="0",
             contract: str | None = None) -> dict:
-        self._tariff(tariff)
+        """A new subscriber; amounts are decimal strings of the currency."""
         opening = self._amount(balance, "balance")
         credit = self._amount(credit_limit, "credit_limit")
+        return self._add(name, tariff, addresses, opening, credit, contract)
+
+    def add_seed(self, name: str, tariff: str, addresses, balance: int, credit_limit: int,
+                 contract: str | None = None, since_ns: int | None = None) -> dict:
+        """A subscriber of the config file (``[[subscriber]]``), amounts already in internal units as the
+        config parsed them (exactly; the config may hold a balance finer than a cent, as a test of rating)."""
+        for what, units in (("balance", balance), ("credit_limit", credit_limit)):
+            if isinstance(units, bool) or not isinstance(units, int) or abs(units) >= 1 << 60:
+                raise OperationError(f"{what} {units!r} is not an amount in internal units")
+        if since_ns is not None and (isinstance(since_ns, bool) or not isinstance(since_ns, int)
+                                     or not 0 <= since_ns <= MAX_TS):
+            raise OperationError(f"since {since_ns!r} is not a time in ns")
+        return self._add(name, tariff, addresses, balance, credit_limit, contract, since_ns)
+
+    def _add(self, name, tariff, addresses, opening: int, credit: int, contract, since_ns=None) -> dict:
+        self._name(name)
+        self._tariff(tariff)
+        contract = self._text(contract, "contract", most=64)
         if credit < 0:
             raise OperationError("credit_limit cannot be negative")
+        nets = self._networks(addresses)
         with self.ledger._tx():
+            if self.ledger.db.execute("SELECT 1 FROM subscribers WHERE name = ?", (name,)).fetchone():
+                raise OperationError(f"subscriber {name!r} exists", 409)
+            self._refuse_overlaps(None, nets)
             try:
-                sid = self.ledger.add_subscriber(name, tariff, self.currency, opening, credit, contract, addresses)
+                sid = self.ledger.add_subscriber(name, tariff, self.currency, opening, credit, contract, nets)
+                if since_ns is not None:
+                    self.ledger.set_billing_since(sid, since_ns)
             except LedgerError as exc:
                 raise OperationError(str(exc), 409 if "exists" in str(exc) or "belongs" in str(exc) else 422) from None
             after = self.view(self.ledger.get_subscriber(sid))
@@ -139,16 +261,22 @@ class Operations:
         credit = None if credit_limit is None else self._amount(credit_limit, "credit_limit")
         if credit is not None and credit < 0:
             raise OperationError("credit_limit cannot be negative")
+        if effective_ns is not None and (isinstance(effective_ns, bool) or not isinstance(effective_ns, int)
+                                         or not 0 <= effective_ns <= MAX_TS):
+            raise OperationError(f"effective_ns is a time in ns since the epoch, 0..{MAX_TS}")
+        nets = None if addresses is None else self._networks(addresses)
         effective = effective_ns if effective_ns is not None else _now()
         with self.ledger._tx():
             before = self.view(row)
+            if nets is not None:
+                self._refuse_overlaps(sid, nets)
             try:
                 if tariff is not None and tariff != row["tariff"]:
                     self.ledger.schedule_tariff(sid, tariff, effective)
                 if credit is not None:
                     self.ledger.set_terms(sid, credit_limit=credit)
-                if addresses is not None:
-                    self.ledger.set_addresses(sid, addresses)
+                if nets is not None:
+                    self.ledger.set_addresses(sid, nets)
                 if active is not None:
                     self.ledger.set_active(sid, active)
             except LedgerError as exc:
@@ -163,14 +291,65 @@ class Operations:
     def deactivate(self, key) -> dict:
         return self.update(key, active=False)
 
+    def terms(self, key) -> dict:
+        """A subscriber's own terms (``Ledger.TERMS``; None: the group's or tariff's applies)."""
+        row = self._row(key)
+        return {"id": row["id"], "name": row["name"], "tariff": row["tariff"],
+                "terms": {k: self._money(row[k]) if k == "credit_limit" else row[k] for k in Ledger.TERMS}}
+
+    def set_terms(self, key, **terms) -> dict:
+        """Set a subscriber's own terms (``group_name``, ``discount_bp``, ``discount_until_ns``,
+        ``credit_until_ns``, ``volume_limit``, ``speed_up_bps``, ``speed_down_bps``, ``max_connections``,
+        ``access_hours``; None clears one), in internal values: the front end parses "15%" or "50M".
+        ``credit_limit`` is :meth:`update`'s, with its amount checks."""
+        row = self._row(key)
+        bad = set(terms) - (set(Ledger.TERMS) - {"credit_limit"})
+        if bad:
+            raise OperationError(f"unknown terms {', '.join(sorted(bad))}")
+        group = terms.get("group_name")
+        if group is not None and group not in self.config.groups:
+            raise OperationError(f"unknown group {group!r} (groups: {', '.join(self.config.groups) or 'none'})")
+        for k, v in terms.items():
+            if k in ("group_name", "access_hours"):
+                if v is not None:
+                    self._text(v, k, required=True)
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TS):
+                raise OperationError(f"{k} must be a whole number, 0 or more, not {v!r}")
+        if terms.get("discount_bp") is not None and terms["discount_bp"] > 10000:
+            raise OperationError("a discount is 0 to 100% (0..10000 basis points)")
+        if terms.get("access_hours") is not None:
+            from ext.errors import ConfigError
+
+            from .access import parse_access
+
+            try:
+                parse_access(terms["access_hours"], "access_hours")  # refused here, not when the gateway loads it
+            except ConfigError as exc:
+                raise OperationError(str(exc)) from None
+        before = {k: row[k] for k in terms}
+        if terms and before != terms:
+            with self.ledger._tx():
+                try:
+                    self.ledger.set_terms(row["id"], **terms)
+                except LedgerError as exc:
+                    raise OperationError(str(exc)) from None
+                self._audit("subscriber.terms", f"subscriber:{row['id']}", before, dict(terms))
+        return self.terms(row["id"])
+
     # ---- money -------------------------------------------------------------------
 
-    def topup(self, key, amount, idempotency_key: str, method: str = "manual", comment: str | None = None) -> dict:
-        """A payment; the same ``idempotency_key`` again returns the first one."""
+    def topup(self, key, amount, idempotency_key: str | None, method: str = "manual",
+              comment: str | None = None) -> dict:
+        """A payment; the same ``idempotency_key`` again returns the first one. ``None`` makes a fresh key
+        (the command line: one run, one payment; the API requires the caller's own key, so a retry is safe)."""
         row = self._row(key)
         units = self._amount(amount, "amount", positive=True)
-        if not idempotency_key or len(idempotency_key) > 200:
+        if idempotency_key is None:
+            idempotency_key = f"{self.actor}:{uuid.uuid4()}"
+        if not isinstance(idempotency_key, str) or not idempotency_key or len(idempotency_key) > 200:
             raise OperationError("an idempotency key of 1 to 200 characters is required")
+        self._name(method, "method")
+        comment = self._text(comment, "comment")
         with self.ledger._tx():
             known = self.ledger.db.execute("SELECT id FROM payments WHERE idempotency_key = ?",
                                            (idempotency_key,)).fetchone()
@@ -193,12 +372,11 @@ class Operations:
         units = self._amount(amount, "amount")
         if units == 0:
             raise OperationError("an adjustment of zero changes nothing")
-        if not reason or not reason.strip():
-            raise OperationError("an adjustment needs a reason")
+        reason = self._text(reason, "an adjustment's reason", required=True)
         with self.ledger._tx():
-            aid = self.ledger.add_adjustment(row["id"], units, reason.strip(), self.actor)
+            aid = self.ledger.add_adjustment(row["id"], units, reason, self.actor)
             after = {"balance": self._money(self.ledger.balance(row["id"])), "adjustment_id": aid,
-                     "amount": self._money(units), "reason": reason.strip()}
+                     "amount": self._money(units), "reason": reason}
             self._audit("adjustment.add", f"subscriber:{row['id']}", {"balance": self._money(row["balance"])}, after)
         return {"subscriber_id": row["id"], **after}
 
@@ -209,6 +387,8 @@ class Operations:
 
     def activate_card(self, key, code: str) -> dict:
         row = self._row(key)
+        if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
+            raise OperationError("a card's code is 1 to 64 printable characters")
         with self.ledger._tx():
             try:
                 card = prepaid.activate(self.ledger, row["id"], code)
@@ -225,17 +405,28 @@ class Operations:
                                  else 409 if "used" in failed or "expired" in failed else 422)
         return after
 
-    def generate_cards(self, count: int, value, days: int = 365) -> list[dict]:
+    def generate_cards(self, count: int, value, days: int = 365, expires_ns: int | None = None,
+                       batch: str | None = None) -> list[dict]:
+        """``count`` cards of ``value``, valid for ``days`` (or until ``expires_ns``); the codes are returned
+        this once, the ledger keeps their hashes."""
         units = self._amount(value, "value", positive=True)
-        if not 1 <= days <= 3650:
-            raise OperationError("cards expire after 1 to 3650 days")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+            raise OperationError("a batch has 1 to 100000 cards")
+        if expires_ns is None:
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+                raise OperationError("cards expire after 1 to 3650 days")
+            expires_ns = _now() + days * 86_400 * 10**9
+        elif isinstance(expires_ns, bool) or not isinstance(expires_ns, int) or not 0 <= expires_ns <= MAX_TS:
+            raise OperationError(f"expires_ns is a time in ns since the epoch, 0..{MAX_TS}")
+        batch = self._text(batch, "batch", most=64)
         with self.ledger._tx():
             try:
-                cards = prepaid.generate(self.ledger, count, units, self.currency, _now() + days * 86_400 * 10**9)
+                cards = prepaid.generate(self.ledger, count, units, self.currency, expires_ns, batch)
             except prepaid.CardError as exc:
                 raise OperationError(str(exc)) from None
             self._audit("cards.generate", f"cards:{cards[0][0]}-{cards[-1][0]}", None,
-                        {"count": count, "value": self._money(units), "days": days})
+                        {"count": count, "value": self._money(units), "expires_ns": expires_ns,
+                         **({"batch": batch} if batch else {})})
         return [{"serial": s, "code": c} for s, c in cards]
 
     def invoice(self, key, at_ns: int | None = None):
@@ -266,15 +457,14 @@ class Operations:
 
     def _manual(self, key, kind: str, reason: str) -> dict:
         row = self._row(key)
-        if not reason or not reason.strip() or len(reason) > 500:
-            raise OperationError("a reason of 1 to 500 characters is required")
+        reason = self._text(reason, "reason", required=True)
         blocked = row["id"] in self._manual_blocks()
         if (kind == "block") == blocked:
             raise OperationError(f"subscriber {row['name']} is {'already' if blocked else 'not'} blocked by hand", 409)
         with self.ledger._tx():
-            self.ledger.record_block(row["id"], kind, f"manual: {reason.strip()}", _now())
+            self.ledger.record_block(row["id"], kind, f"manual: {reason}", _now())
             self._audit(f"subscriber.{kind}", f"subscriber:{row['id']}", {"manually_blocked": blocked},
-                        {"manually_blocked": not blocked, "reason": reason.strip()})
+                        {"manually_blocked": not blocked, "reason": reason})
         return self.get(row["id"])
 
     # ---- usage -------------------------------------------------------------------

@@ -20,7 +20,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from accounting.audit import AuditLog
-from accounting.operations import Operations
+from accounting.money import get_currency
+from accounting.operations import NAME, TEXT, Operations
 
 from .auth import AuthError, Principal, TokenStore
 
@@ -33,8 +34,18 @@ POSITIVE_MONEY = rf"^{POSITIVE}$"
 NONZERO_MONEY = rf"^-?{POSITIVE}$"
 MONEY = r"^-?[0-9]{1,9}(\.[0-9]{1,9})?$"
 NOT_NEGATIVE_MONEY = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
-TEXT = r"^[^\x00-\x1f\x7f]*$"  # printable: no control characters in names and reasons
+
+
+def money_patterns(digits: int) -> dict[str, str]:
+    """The amount patterns above for a currency that shows ``digits`` decimals (EUR 2, JPY 0): an amount
+    finer than that is refused by the schema as Operations refuses it ("0.001" EUR would be shown as 0.00
+    EUR and the listings would no longer add up). Trailing zeros are fine: "1.000" EUR is one euro."""
+    fraction = rf"(?:\.[0-9]{{1,{digits}}}0{{0,{9 - digits}}})?" if digits else r"(?:\.0{1,9})?"
+    small = "|".join(f"{'0' * k}[1-9][0-9]{{0,{digits - 1 - k}}}" for k in range(digits))
+    positive = rf"(?:[1-9][0-9]{{0,8}}{fraction}" + (rf"|0\.(?:{small})0{{0,{9 - digits}}})" if digits else ")")
+    return {"money": rf"^-?[0-9]{{1,9}}{fraction}$", "not_negative": rf"^[0-9]{{1,9}}{fraction}$",
+            "positive": rf"^{positive}$", "nonzero": rf"^-?{positive}$"}
+
 NETWORK = r"^[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?$"
 MAX_TS = 2**62
 SubscriberId = Annotated[int, Path(ge=1, le=2**31, description="the subscriber's id")]
@@ -122,11 +133,14 @@ class SubscriberPage(BaseModel):
     items: list[Subscriber]
 
 
-def _admin_address(client: str, networks) -> bool:
+def admin_address(client: str, networks) -> bool:
+    """True if ``client`` is inside one of ``networks`` (gateway.admin_networks): the callers that may reach
+    /api/v1 and /metrics."""
     try:
         addr = ipaddress.ip_address(client)
     except ValueError:
         return False
+    addr = getattr(addr, "ipv4_mapped", None) or addr  # a dual-stack socket's view of an IPv4 client
     return any(addr in ipaddress.ip_network(n) for n in networks)
 
 
@@ -137,18 +151,35 @@ def admin_router(view) -> APIRouter:
     tariff_name = Literal[tuple(sorted(view.config.tariffs))]
     zone_name = Literal[tuple(view.config.zones.names)]
 
+    # amounts in the currency's minor unit (money_patterns): the schema says what Operations checks
+    digits = get_currency(view.config.currency).minor_digits
+    money = money_patterns(digits)
+    step = f"at most {digits} decimals" if digits else "no decimals"
+
     class NewSubscriber(SubscriberIn):
         tariff: tariff_name
+        balance: str = Field(default="0", pattern=money["money"], description=f"opening balance, e.g. 10.00 ({step})")
+        credit_limit: str = Field(default="0", pattern=money["not_negative"], description=step)
 
     class SubscriberChange(SubscriberPatch):
         tariff: tariff_name | None = None
+        credit_limit: str | None = Field(default=None, pattern=money["not_negative"], description=step)
+
+    class Payment(PaymentIn):
+        amount: str = Field(pattern=money["positive"], description=f"more than zero, e.g. 10.00 ({step})")
+
+    class Adjustment(AdjustmentIn):
+        amount: str = Field(pattern=money["nonzero"], description=f"positive or negative, not zero ({step})")
+
+    class Cards(CardsIn):
+        value: str = Field(pattern=money["positive"], description=step)
 
     bearer = HTTPBearer(auto_error=False, description="a token from `tollgate token create`")
 
     def caller(permission: str):
         def check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
             client = request.client.host if request.client else "?"
-            if not _admin_address(client, view.config.admin_networks):
+            if not admin_address(client, view.config.admin_networks):
                 raise HTTPException(403, "the admin API is not served to this address (gateway.admin_networks)")
             # no rate limit on tokens: they are 256 random bits (not guessed), and checking one is a
             # hash and an index lookup; password logins (the portal) are the ones limited
@@ -218,7 +249,7 @@ def admin_router(view) -> APIRouter:
 
     @router.post("/subscribers/{sid}/payments", status_code=201, responses={**NOT_FOUND, **CONFLICT},
                  summary="Top up; the same Idempotency-Key again returns the first payment")
-    def topup(sid: SubscriberId, body: PaymentIn, who: Principal = caller("payments"),
+    def topup(sid: SubscriberId, body: Payment, who: Principal = caller("payments"),
               idempotency_key: str = Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")):
         return ops(who).topup(sid, body.amount, idempotency_key, body.method, body.comment)
 
@@ -228,7 +259,7 @@ def admin_router(view) -> APIRouter:
 
     @router.post("/subscribers/{sid}/adjustments", status_code=201, responses=NOT_FOUND,
                  summary="Correct a balance by an amount, with a reason")
-    def adjust(sid: SubscriberId, body: AdjustmentIn, who: Principal = caller("payments")):
+    def adjust(sid: SubscriberId, body: Adjustment, who: Principal = caller("payments")):
         return ops(who).adjust(sid, body.amount, body.reason)
 
     @router.post("/subscribers/{sid}/cards", responses={**NOT_FOUND, **CONFLICT,
@@ -238,7 +269,7 @@ def admin_router(view) -> APIRouter:
         return ops(who).activate_card(sid, body.code)
 
     @router.post("/cards", status_code=201, summary="Generate prepaid cards (the codes are shown this once)")
-    def generate_cards(body: CardsIn, who: Principal = caller("payments")):
+    def generate_cards(body: Cards, who: Principal = caller("payments")):
         return ops(who).generate_cards(body.count, body.value, body.days)
 
     @router.get("/subscribers/{sid}/invoice", responses={**NOT_FOUND, 200: {

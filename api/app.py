@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import html
 import ipaddress
+import json
+import math
 import re
 import threading
 from typing import Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -27,6 +31,61 @@ from accounting.money import format_volume
 from accounting.operations import OperationError
 
 MAX_BODY = 1 << 20  # bytes; a larger request body is refused before it is read
+
+
+class _NotJSON(Exception):
+    """A body Python's json module reads but JSON does not allow."""
+
+
+def _constant(name: str):
+    # Python's json takes NaN, Infinity and -Infinity; JSON (RFC 8259, section 6) has no such numbers
+    raise _NotJSON(f"{name} is not a JSON number (RFC 8259 section 6)")
+
+
+def _real(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf: a number no route can take
+        raise _NotJSON(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # Python's limit on the digits of an int (4300): nothing here is that long
+        raise _NotJSON(f"an integer of {len(text)} digits is out of range") from None
+
+
+def non_json_number(body: bytes) -> str | None:
+    """Why a JSON body is refused before any route sees it (NaN, Infinity, a number out of range), or None.
+    Malformed JSON is None too: FastAPI's own 422 says where it breaks."""
+    try:
+        json.loads(body, parse_constant=_constant, parse_float=_real, parse_int=_integer)
+    except _NotJSON as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    """A body FastAPI would parse as JSON (application/json, application/*+json, or no type at all)."""
+    if not content_type:
+        return True
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _renderable(value):
+    """``value`` with non-finite floats replaced by their text, so that a response quoting them back can be
+    rendered (the JSON encoder refuses NaN and the infinities)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _renderable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_renderable(v) for v in value]
+    return value
 
 
 class GatewayView(Protocol):
@@ -72,15 +131,32 @@ class LedgerView:
         pass  # a gateway on the same ledger sees the change in its next flush round
 
     def subscriber_page(self, address: str) -> dict | None:
-        try:
-            addr = ipaddress.ip_address(address)
-        except ValueError:
-            return None
         ledger = self.thread_ledger()
-        for row in ledger.subscribers():
-            if row["active"] and any(addr in ipaddress.ip_network(n) for n in row["addresses"]):
-                return subscriber_summary(ledger, self.config, row, blocked_reasons(ledger, row["id"]))
+        sid = owner_of(ledger, address)
+        if sid is None:
+            return None
+        return subscriber_summary(ledger, self.config, ledger.get_subscriber(sid), blocked_reasons(ledger, sid))
+
+
+def owner_of(ledger: Ledger, address: str) -> int | None:
+    """The active subscriber whose longest prefix holds ``address``, as the engine decides
+    (``ext.engine_py.EnginePy.lookup_subscriber``: longest match over the active subscribers, the only
+    ones it loads); None for nobody's. The ledger's prefixes are canonical text, so the candidates are
+    exactly the address's own supernets, one per prefix length: 33 (IPv4) or 129 (IPv6) index lookups,
+    whatever the number of subscribers."""
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
         return None
+    mapped = getattr(addr, "ipv4_mapped", None)  # a dual-stack socket's view of an IPv4 client
+    addr = mapped or addr
+    nets = [str(ipaddress.ip_network(addr).supernet(new_prefix=p)) for p in range(addr.max_prefixlen + 1)]
+    rows = ledger.db.execute(
+        f"SELECT a.network, a.subscriber_id FROM addresses a JOIN subscribers s ON s.id = a.subscriber_id"
+        f" WHERE s.active = 1 AND a.network IN ({', '.join('?' * len(nets))})", nets).fetchall()
+    if not rows:
+        return None
+    return max(rows, key=lambda r: ipaddress.ip_network(r[0]).prefixlen)[1]
 
 
 def blocked_reasons(ledger: Ledger, sid: int) -> list[str]:
@@ -169,7 +245,7 @@ def render_block_page(info: dict | None, address: str, login_url: str = "/portal
 
 
 def create_app(view: GatewayView) -> FastAPI:
-    from .admin import admin_router
+    from .admin import admin_address, admin_router
 
     app = FastAPI(title="Tollgate", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   description="Admin API of a Tollgate gateway: subscribers, payments, blocks, usage, tokens "
@@ -190,7 +266,17 @@ def create_app(view: GatewayView) -> FastAPI:
                 if len(body) > MAX_BODY:
                     return JSONResponse({"detail": f"the body is larger than {MAX_BODY} bytes"}, status_code=413)
             request._body = body  # read once here; the route gets it from the cache
+        if request.method in ("POST", "PUT", "PATCH") and _is_json(request.headers.get("content-type")):
+            reason = non_json_number(await request.body())  # at most MAX_BODY bytes, checked above
+            if reason is not None:
+                return JSONResponse({"detail": [{"loc": ["body"], "msg": reason, "type": "json_invalid"}]}, 422)
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler, but one that can render what it quotes back: a value the body parser let
+        # through that JSON cannot hold must still give this 422, not a 500 from the encoder
+        return JSONResponse({"detail": _renderable(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(OperationError)
     def operation_error(request: Request, exc: OperationError) -> JSONResponse:
@@ -219,8 +305,13 @@ def create_app(view: GatewayView) -> FastAPI:
     def healthz() -> JSONResponse:
         return JSONResponse(view.health())
 
-    @app.get("/metrics")
-    def metrics() -> PlainTextResponse:
+    @app.get("/metrics", responses={403: {"description": "not served to this address (gateway.admin_networks)"}})
+    def metrics(request: Request) -> PlainTextResponse:
+        # every subscriber's balance and bytes are in here, and subscribers reach this port (block page,
+        # portal): only the admin networks may scrape it, as only they reach /api/v1
+        client = request.client.host if request.client else "?"
+        if not admin_address(client, view.config.admin_networks):
+            return JSONResponse({"detail": "/metrics is not served to this address (gateway.admin_networks)"}, 403)
         return PlainTextResponse(generate_latest(view.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/{path:path}", response_class=HTMLResponse, include_in_schema=False)

@@ -102,24 +102,6 @@ def _ledger(args, cfg=None):
     return Ledger.open(db)
 
 
-def cmd_topup(args) -> int:
-    from accounting.money import format_amount, parse_amount
-
-    cfg = _config(args)
-    with _ledger(args, cfg) as ledger:
-        sub = ledger.get_subscriber(args.subscriber)
-        if sub is None:
-            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
-        amount = parse_amount(args.amount, cfg.currency)
-        if amount <= 0:
-            return _fail("a top-up must be positive", EXIT_USAGE)
-        ledger.add_payment(sub["id"], amount, method="cli", comment=args.comment, idempotency_key=args.key)
-        balance = ledger.balance(sub["id"])
-    print(f"{sub['name']}: +{format_amount(amount, cfg.currency)}, ledger balance {format_amount(balance, cfg.currency)}"
-          " (a running gateway applies it within a second)")
-    return EXIT_OK
-
-
 def cmd_invoice(args) -> int:
     from accounting.billing import period_of
     from accounting.invoice import build_invoice, render_html, render_pdf
@@ -150,119 +132,6 @@ def cmd_invoice(args) -> int:
           f"{invoice.money(invoice.charges)}, payments and credits {invoice.money(invoice.credits)}, balance "
           f"{invoice.money(invoice.opening)} -> {invoice.money(invoice.closing)}"
           + "".join(f"; wrote {f}" for f in (args.pdf, args.html) if f))
-    return EXIT_OK
-
-
-def cmd_tariff(args) -> int:
-    from zoneinfo import ZoneInfo
-
-    from accounting.billing import period_of
-
-    cfg = _config(args)
-    with _ledger(args, cfg) as ledger:
-        if args.action == "versions":
-            rows = ledger.tariff_versions(args.subscriber)
-            if not rows:
-                print("no tariff versions recorded (the gateway records them when it starts)")
-            for r in rows:
-                print(f"{r['name']}@{r['version']}  recorded {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['created_ns'] // 10 ** 9))} UTC")
-            return EXIT_OK
-        if not args.subscriber or not args.name:
-            return _fail("tariff change needs SUBSCRIBER and TARIFF", EXIT_USAGE)
-        sub = ledger.get_subscriber(args.subscriber)
-        if sub is None:
-            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
-        if args.name not in cfg.tariffs:
-            return _fail(f"unknown tariff {args.name!r} (tariffs: {', '.join(cfg.tariffs)})", EXIT_USAGE)
-        now = time.time_ns()
-        if args.at == "now":
-            when = now
-        elif args.at == "next-period":
-            when = period_of(cfg.tariffs[sub["tariff"]].plan, now, ZoneInfo(cfg.timezone))[1]
-        else:
-            when = parse_instant(args.at, "--at", cfg.timezone)
-        ledger.schedule_tariff(sub["id"], args.name, when)
-    print(f"{sub['name']}: tariff {args.name} from "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when // 10 ** 9))} (a running gateway applies it then)")
-    return EXIT_OK
-
-
-def cmd_cards(args) -> int:
-    from accounting import prepaid
-    from accounting.money import format_amount, parse_amount
-
-    cfg = _config(args)
-    with _ledger(args, cfg) as ledger:
-        try:
-            if args.action == "generate":
-                if not (args.count and args.value and args.expires):
-                    return _fail("cards generate needs --count, --value and --expires", EXIT_USAGE)
-                value = parse_amount(args.value, cfg.currency)
-                expires = parse_instant(args.expires, "--expires", cfg.timezone)
-                cards = prepaid.generate(ledger, args.count, value, cfg.currency.code, expires, args.batch)
-                print(f"# {len(cards)} cards of {format_amount(value, cfg.currency)}, valid until {args.expires}; "
-                      "the codes are not kept anywhere else: print or store them now")
-                print("serial,code")
-                for serial, code in cards:
-                    print(f"{serial},{code}")
-                return EXIT_OK
-            if not (args.subscriber and args.code):
-                return _fail("cards activate needs SUBSCRIBER and CODE", EXIT_USAGE)
-            done = prepaid.activate(ledger, args.subscriber, args.code)
-        except prepaid.CardError as exc:
-            return _fail(str(exc), EXIT_FAILED)
-    print(f"card {done['serial']}: +{format_amount(done['value'], cfg.currency)} for {args.subscriber} "
-          "(a running gateway applies it within a second)")
-    return EXIT_OK
-
-
-def cmd_terms(args) -> int:
-    """A subscriber's own billing terms and limits: shown, or set (the running gateway follows within a second)."""
-    from accounting.money import format_amount, parse_volume
-    from accounting.tariff import parse_discount
-    from policy.limits import parse_rate
-
-    cfg = _config(args)
-
-    def maybe(value, parse):
-        return None if value in (None, "none", "tariff") else parse(value)
-
-    changes = {}
-    try:
-        if args.group is not None:
-            changes["group_name"] = None if args.group == "none" else args.group
-            if args.group != "none" and args.group not in cfg.groups:
-                return _fail(f"unknown group {args.group!r} (groups: {', '.join(cfg.groups) or 'none'})", EXIT_USAGE)
-        if args.discount is not None:
-            changes["discount_bp"] = maybe(args.discount, lambda v: parse_discount(v, "--discount"))
-            changes["discount_until_ns"] = maybe(args.until, lambda v: parse_instant(v, "--until", cfg.timezone))
-        if args.access is not None:
-            from accounting.access import parse_access
-
-            if args.access != "none":
-                parse_access(args.access, "--access")  # refused here, not when the gateway loads it
-            changes["access_hours"] = None if args.access == "none" else args.access
-        if args.credit_until is not None:
-            changes["credit_until_ns"] = maybe(args.credit_until,
-                                               lambda v: parse_instant(v, "--credit-until", cfg.timezone))
-        for opt, key, parse in (("volume_limit", "volume_limit", parse_volume), ("speed_up", "speed_up_bps", parse_rate),
-                                ("speed_down", "speed_down_bps", parse_rate),
-                                ("max_connections", "max_connections", int)):
-            if getattr(args, opt) is not None:
-                changes[key] = maybe(getattr(args, opt), parse)
-    except ValueError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    with _ledger(args, cfg) as ledger:
-        sub = ledger.get_subscriber(args.subscriber)
-        if sub is None:
-            return _fail(f"no subscriber {args.subscriber!r}", EXIT_USAGE)
-        if changes:
-            ledger.set_terms(sub["id"], **changes)
-            sub = ledger.get_subscriber(sub["id"])
-    shown = {k: sub[k] for k in ledger.TERMS}
-    shown["credit_limit"] = format_amount(shown["credit_limit"], cfg.currency)
-    print(f"{sub['name']} (tariff {sub['tariff']}): " + ", ".join(
-        f"{k} {'(tariff/group)' if v is None else v}" for k, v in shown.items()))
     return EXIT_OK
 
 
@@ -561,6 +430,143 @@ def cmd_adjust(args, ops, cfg) -> int:
     print(f"{name}: adjustment {done['amount']} ({done['reason']}), ledger balance {done['balance']} "
           "(a running gateway applies it within a second)")
     return EXIT_OK
+
+
+@_operation
+def cmd_topup(args, ops, cfg) -> int:
+    # no --key: a fresh one, so this run records one payment; with --key a repeated run records none
+    done = ops.topup(args.subscriber, args.amount, args.key, method="cli", comment=args.comment)
+    name = ops.get(done["subscriber_id"])["name"]
+    if done["replayed"]:
+        print(f"{name}: payment {done['payment_id']} was recorded with this --key before; nothing new "
+              f"(ledger balance {done['balance']})")
+        return EXIT_OK
+    print(f"{name}: +{done['amount']}, ledger balance {done['balance']} (a running gateway applies it within a second)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_tariff(args, ops, cfg) -> int:
+    from zoneinfo import ZoneInfo
+
+    from accounting.billing import period_of
+    from accounting.operations import OperationError
+
+    if args.action == "versions":
+        rows = ops.ledger.tariff_versions(args.subscriber)
+        if not rows:
+            print("no tariff versions recorded (the gateway records them when it starts)")
+        for r in rows:
+            print(f"{r['name']}@{r['version']}  recorded {_utc(r['created_ns'])}")
+        return EXIT_OK
+    if not args.subscriber or not args.name:
+        raise OperationError("tariff change needs SUBSCRIBER and TARIFF")
+    sub = ops.get(args.subscriber)
+    now = time.time_ns()
+    if args.at == "now":
+        when = now
+    elif args.at == "next-period":
+        current = cfg.tariffs.get(sub["tariff"])
+        if current is None:
+            raise OperationError(f"{sub['name']} has tariff {sub['tariff']!r}, which the config does not define: "
+                                 "give --at now or a date", 409)
+        when = period_of(current.plan, now, ZoneInfo(cfg.timezone))[1]
+    else:
+        when = _instant_ns(args.at, "--at", cfg)
+    view = ops.update(sub["id"], tariff=args.name, effective_ns=when)
+    if "tariff_change" not in view:
+        print(f"{sub['name']} is on tariff {args.name} already; nothing changed")
+        return EXIT_OK
+    print(f"{sub['name']}: tariff {args.name} from {_local_time(when, cfg)} (a running gateway applies it then)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_cards(args, ops, cfg) -> int:
+    from accounting.operations import OperationError
+
+    if args.action == "generate":
+        if not (args.count and args.value and args.expires):
+            raise OperationError("cards generate needs --count, --value and --expires")
+        expires = _instant_ns(args.expires, "--expires", cfg)
+        cards = ops.generate_cards(args.count, args.value, expires_ns=expires, batch=args.batch)
+        from accounting.money import format_amount, parse_amount
+
+        value = format_amount(parse_amount(args.value, cfg.currency), cfg.currency)  # checked by generate_cards
+        print(f"# {len(cards)} cards of {value}, valid until {args.expires}; "
+              "the codes are not kept anywhere else: print or store them now")
+        print("serial,code")
+        for card in cards:
+            print(f"{card['serial']},{card['code']}")
+        return EXIT_OK
+    if not (args.subscriber and args.code):
+        raise OperationError("cards activate needs SUBSCRIBER and CODE")
+    done = ops.activate_card(args.subscriber, args.code)
+    print(f"card {done['serial']}: +{done['value']} for {args.subscriber}, ledger balance {done['balance']} "
+          "(a running gateway applies it within a second)")
+    return EXIT_OK
+
+
+@_operation
+def cmd_terms(args, ops, cfg) -> int:
+    """A subscriber's own billing terms and limits: shown, or set (the running gateway follows within a second)."""
+    from accounting.money import parse_volume
+    from accounting.operations import OperationError
+    from accounting.tariff import parse_discount
+    from policy.limits import parse_rate
+
+    def maybe(value, parse):
+        return None if value in (None, "none", "tariff") else parse(value)
+
+    # the text of each option is read here ("15%", "50M", a date); Operations checks the values and writes them
+    # with their audit row, as for every other change
+    changes = {}
+    try:
+        if args.group is not None:
+            changes["group_name"] = None if args.group == "none" else args.group
+        if args.discount is not None:
+            changes["discount_bp"] = maybe(args.discount, lambda v: parse_discount(v, "--discount"))
+            changes["discount_until_ns"] = maybe(args.until, lambda v: parse_instant(v, "--until", cfg.timezone))
+        if args.access is not None:
+            from accounting.access import parse_access
+
+            if args.access != "none":
+                parse_access(args.access, "--access")  # its error names the option
+            changes["access_hours"] = None if args.access == "none" else args.access
+        if args.credit_until is not None:
+            changes["credit_until_ns"] = maybe(args.credit_until,
+                                               lambda v: parse_instant(v, "--credit-until", cfg.timezone))
+        for opt, key, parse in (("volume_limit", "volume_limit", parse_volume), ("speed_up", "speed_up_bps", parse_rate),
+                                ("speed_down", "speed_down_bps", parse_rate),
+                                ("max_connections", "max_connections", int)):
+            if getattr(args, opt) is not None:
+                changes[key] = maybe(getattr(args, opt), parse)
+    except (ValueError, ConfigError) as exc:
+        raise OperationError(str(exc)) from None
+    shown = ops.set_terms(args.subscriber, **changes) if changes else ops.terms(args.subscriber)
+    print(f"{shown['name']} (tariff {shown['tariff']}): " + ", ".join(
+        f"{k} {'(tariff/group)' if v is None else v}" for k, v in shown["terms"].items()))
+    return EXIT_OK
+
+
+def cmd_ledger(args) -> int:
+    """``tollgate ledger check``: the ledger's invariants (accounting.checks); exit 1 naming each problem."""
+    from accounting.checks import check_ledger, summary
+
+    db = args.db or _config(args).database
+    if db is None:
+        return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
+    if not os.path.isfile(db):  # opening would create an empty ledger, which is sound but not the one meant
+        return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
+    with _ledger(args, None if args.db else _config(args)) as ledger:
+        problems = check_ledger(ledger)
+        if not problems:
+            print(f"ledger ok ({summary(ledger)})")
+            return EXIT_OK
+    for problem in problems:
+        print(problem)
+    return _fail(f"ledger {db}: {len(problems)} problem{'s' if len(problems) != 1 else ''} (listed above)",
+                 EXIT_FAILED)
 
 
 def _usage_table(rows: list[dict], keys: list[str], total: dict | None = None) -> None:
@@ -913,7 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-closed", action="store_true",
                    help="drop subscriber traffic while no reader is bound (default: fail-open, traffic flows; "
                         "blocks hold either way)")
-    p.add_argument("--listen", default="0.0.0.0", help="address of the portal/metrics HTTP service")
+    p.add_argument("--listen", default="::", help="address of the portal/metrics HTTP service (default ::, "
+                   "IPv4 and IPv6 on one socket; 0.0.0.0 for IPv4 only)")
     p.add_argument("--port", type=int, default=8080, help="port of the portal/metrics HTTP service (default 8080)")
     p.add_argument("--engine", choices=("c", "py"), help="engine implementation (default: c)")
     p.add_argument("--linger-us", type=int, default=0,
@@ -1020,6 +1027,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="show: how many of the last rows (default 20)")
     p.add_argument("--db", help="the ledger (default: gateway.database)")
     p.set_defaults(func=cmd_audit)
+
+    p = with_config(sub.add_parser(
+        "ledger", help="check the ledger: balances against their history, flushes, keys, integrity, addresses",
+        description="`check` recomputes what the ledger keeps twice (each balance against its opening balance, "
+                    "payments, adjustments, charges and postings; usage against charges), and checks flush ids, "
+                    "foreign keys, SQLite's integrity, overlapping prefixes of different subscribers and the "
+                    "audit chain. Nothing is changed. Exit 0 if all hold, 1 listing each problem.",
+        epilog="example:\n  tollgate ledger check --db /var/lib/tollgate/ledger.db",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("action", choices=("check",))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=cmd_ledger)
 
     p = with_config(sub.add_parser(
         "policy", help="show or remove the kernel side (table inet tollgate and the queue rules)",

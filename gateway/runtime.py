@@ -154,19 +154,27 @@ class Accountant:
 
     def seed_ledger(self) -> list[str]:
         """Name the zones and record the tariffs (a new version when one
-        changed) in the ledger; add the config's subscribers it does not know yet."""
+        changed) in the ledger; add the config's subscribers it does not know yet.
+
+        A subscriber comes in as any other does, through ``accounting.operations``: the same checks
+        (name, addresses one owner each) and an audit row by ``config:<path of the file>``."""
+        from accounting.operations import OperationError, Operations
+
         self.ledger.set_zones(self.config.zones.names)
         for name, tariff in self.config.tariffs.items():
             self.ledger.set_tariff(name, tariff.spec)
+        path = getattr(self.config, "path", None)
+        ops = Operations(self.ledger, self.config,
+                         f"config:{path}" if path and not path.startswith("<") else "config:seed")
         added = []
-        for seed in self.config.subscribers:
+        for i, seed in enumerate(self.config.subscribers):
             if self.ledger.get_subscriber(seed.name) is not None:
                 continue
-            sid = self.ledger.add_subscriber(seed.name, seed.tariff, self.config.currency.code,
-                                             opening_balance=seed.balance, credit_limit=self._seed_credit(seed),
-                                             contract=seed.contract, addresses=seed.addresses)
-            if seed.since is not None:
-                self.ledger.set_billing_since(sid, seed.since)
+            try:
+                ops.add_seed(seed.name, seed.tariff, seed.addresses, seed.balance, self._seed_credit(seed),
+                             seed.contract, seed.since)
+            except OperationError as exc:  # the file's fault: say which entry, as a config error does
+                raise TollgateError(f"config: subscriber[{i}] ({seed.name}): {exc}") from None
             added.append(seed.name)
         return added
 

@@ -1,0 +1,145 @@
+"""The ledger's invariants, checked from its rows (``tollgate ledger check``).
+
+The ledger keeps a balance per subscriber as a cache next to the history it
+sums (opening balance, payments, adjustments, charges, postings), so a bug, a
+hand edit or a damaged file shows up as a cache that disagrees with its
+history. :func:`check_ledger` recomputes everything that can be recomputed and
+says, one line per problem, what disagrees:
+
+- SQLite's own ``PRAGMA integrity_check`` (pages, indexes, NOT NULL) and
+  ``PRAGMA foreign_key_check`` (a row whose subscriber, flush or payment is gone);
+- per subscriber: balance = opening + payments + adjustments - charges - postings,
+  and the usage amounts add up to the charges (both are written by one flush);
+- flushes: ids unique, at most one charge per subscriber per flush, charges
+  and payments positive, adjustments not zero;
+- addresses: canonical prefixes, and no prefix of one subscriber overlapping a
+  prefix of another (``accounting.operations`` refuses them; a ledger written
+  before that, or by hand, may hold some: the engine then takes the longest
+  match, and who pays for an address depends on what else is registered);
+- the audit log's hash chain (``accounting.audit``).
+
+Read only: nothing is repaired, because which side of a disagreement is right
+is for a person to decide.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+
+__all__ = ["check_ledger", "summary"]
+
+MAX_LISTED = 50  # lines per kind of problem: a badly damaged file should not print a million
+
+
+def check_ledger(ledger) -> list[str]:
+    """Every problem found in ``ledger`` (an open :class:`accounting.ledger.Ledger`), one line each; empty
+    when it is sound."""
+    problems: list[str] = []
+    db = ledger.db
+    for name, check in (("SQLite integrity", _integrity), ("foreign keys", _foreign_keys),
+                        ("balances", _balances), ("flushes", _flushes), ("amounts", _amounts),
+                        ("addresses", _addresses), ("audit log", _audit)):
+        try:
+            found = check(ledger, db)
+        except sqlite3.DatabaseError as exc:  # a damaged file can fail any query: that is a finding too
+            found = [f"{name}: cannot be read ({exc})"]
+        if len(found) > MAX_LISTED:
+            found = found[:MAX_LISTED] + [f"{name}: {len(found) - MAX_LISTED} more problems like these"]
+        problems += found
+    return problems
+
+
+def summary(ledger) -> str:
+    """What a sound ledger holds, in a few words, for ``ledger ok (...)``."""
+    count = {t: ledger.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+             for t in ("subscribers", "addresses", "payments", "flushes", "audit_log")}
+    return (f"{count['subscribers']} subscribers, {count['addresses']} addresses, {count['payments']} payments, "
+            f"{count['flushes']} flushes, {count['audit_log']} audit rows")
+
+
+def _integrity(ledger, db) -> list[str]:
+    rows = [r[0] for r in db.execute("PRAGMA integrity_check")]
+    return [] if rows == ["ok"] else [f"SQLite integrity: {r}" for r in rows]
+
+
+def _foreign_keys(ledger, db) -> list[str]:
+    return [f"{table} row {rowid} refers to a missing {parent} row"
+            for table, rowid, parent, _fk in db.execute("PRAGMA foreign_key_check")]
+
+
+def _balances(ledger, db) -> list[str]:
+    problems = []
+    rows = db.execute("""
+        SELECT s.id, s.name, s.balance, s.opening_balance,
+               (SELECT coalesce(sum(amount), 0) FROM payments p WHERE p.subscriber_id = s.id),
+               (SELECT coalesce(sum(amount), 0) FROM adjustments a WHERE a.subscriber_id = s.id),
+               (SELECT coalesce(sum(amount), 0) FROM charges c WHERE c.subscriber_id = s.id),
+               (SELECT coalesce(sum(amount), 0) FROM usage u WHERE u.subscriber_id = s.id),
+               (SELECT coalesce(sum(amount), 0) FROM postings b WHERE b.subscriber_id = s.id)
+        FROM subscribers s ORDER BY s.id""").fetchall()
+    for sid, name, balance, opening, paid, adjusted, charged, used, posted in rows:
+        expected = opening + paid + adjusted - charged - posted
+        if balance != expected:
+            problems.append(f"subscriber {sid} ({name}): balance {balance} != opening {opening} + payments "
+                            f"{paid} + adjustments {adjusted} - charges {charged} - fees and settlements "
+                            f"{posted} = {expected}")
+        if used != charged:
+            problems.append(f"subscriber {sid} ({name}): usage amounts {used} != charges {charged}")
+    return problems
+
+
+def _flushes(ledger, db) -> list[str]:
+    problems = [f"flush id {fid!r} is recorded {n} times (a replayed flush would be charged again)"
+                for fid, n in db.execute("SELECT id, count(*) FROM flushes GROUP BY id HAVING count(*) > 1")]
+    problems += [f"flush {fid!r} charged subscriber {sid} {n} times"
+                 for fid, sid, n in db.execute("SELECT flush_id, subscriber_id, count(*) FROM charges"
+                                               " GROUP BY flush_id, subscriber_id HAVING count(*) > 1")]
+    return problems
+
+
+def _amounts(ledger, db) -> list[str]:
+    # what the ledger's writers refuse, found anyway: a hand edit or a bug elsewhere
+    problems = [f"charge {cid} (subscriber {sid}) has amount {amount}, not more than zero"
+                for cid, sid, amount in db.execute("SELECT id, subscriber_id, amount FROM charges WHERE amount <= 0")]
+    problems += [f"payment {pid} (subscriber {sid}) has amount {amount}, not more than zero"
+                 for pid, sid, amount in db.execute("SELECT id, subscriber_id, amount FROM payments WHERE amount <= 0")]
+    problems += [f"adjustment {aid} (subscriber {sid}) has amount 0"
+                 for aid, sid in db.execute("SELECT id, subscriber_id FROM adjustments WHERE amount = 0")]
+    return problems
+
+
+def _addresses(ledger, db) -> list[str]:
+    problems = []
+    nets = []
+    for text, sid in db.execute("SELECT network, subscriber_id FROM addresses"):
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except (TypeError, ValueError):
+            problems.append(f"address {text!r} of subscriber {sid} is not a prefix with its host bits zero")
+            continue
+        if str(net) != text:  # lookups compare canonical text: another spelling is found by nobody
+            problems.append(f"address {text!r} of subscriber {sid} is not written canonically ({net})")
+        nets.append((net.version, int(net.network_address), net.prefixlen, net, sid))
+    # Prefixes are nested or disjoint. In address order (shorter first at the same start), the prefixes that
+    # contain the current one are exactly the stack left after popping those that end before it.
+    nets.sort(key=lambda n: n[:3])
+    stack: list[tuple] = []
+    for entry in nets:
+        _v, _start, _len, net, sid = entry
+        while stack and not (stack[-1][0] == net.version and net.subnet_of(stack[-1][3])):
+            stack.pop()
+        for _ov, _os, _ol, outer, owner in stack:
+            if owner != sid:
+                problems.append(f"{net} of subscriber {sid} overlaps {outer} of subscriber {owner}: an address "
+                                "should have one owner (the engine takes the longest match)")
+        stack.append(entry)
+    return problems
+
+
+def _audit(ledger, db) -> list[str]:
+    from .audit import AuditLog
+
+    ok, bad = AuditLog(ledger).verify()
+    return [] if ok else [f"audit log: the hash chain breaks at row {bad} (it, or the row before it, was changed "
+                          "or deleted after it was written)"]
