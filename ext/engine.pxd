@@ -7,7 +7,9 @@ cdef extern from "<pthread.h>" nogil:
         pass
 
 cdef enum:
-    TG_MAX_EVENTS_PER_PACKET = 8   # 2 subscribers x (1 block or up to 4 warns)
+    # 2 subscribers x (a volume block, a limit block and up to 4 warns: an
+    # aggregate past both limits is still charged, so all of them can fire)
+    TG_MAX_EVENTS_PER_PACKET = 12
     TG_MAX_BUCKETS = 4
     TG_MAX_WARN = 4
 
@@ -70,12 +72,14 @@ cdef struct tg_sub:
     uint64_t dropped_bytes
     uint64_t dropped_packets     # cumulative: 32 bits would wrap in an hour at 1 Mpps
     uint64_t rated_bytes         # cumulative bytes counted, both directions: what a kernel quota is kept against
+    int64_t volume_left          # bytes of the volume zones left this period (vol_on); < 0 after aggregates past it
     uint16_t tariff
     uint8_t blocked
     uint8_t warned
     uint8_t lock
     uint8_t dirty
     uint8_t exists
+    uint8_t vol_on               # a volume limit applies (volume_left counts); 0: none
 
 # Counters of one (subscriber, zone, direction) since the last drain. The
 # packet count and the carry (remainder below one minor unit, scaled by
@@ -114,6 +118,7 @@ cdef struct tg_stats:
 cdef class EngineC:
     cdef pthread_rwlock_t rwlock
     cdef readonly int n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict
+    cdef readonly uint64_t volume_zones  # zones whose bytes count toward volume limits (bit z: zone z)
     cdef tg_trie owners4, owners6, zones4, zones6, allow4, allow6
     cdef tg_rules zone_rules, allow_rules
     cdef tg_tariff *tariffs          # 65536 entries, by id

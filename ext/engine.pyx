@@ -21,10 +21,11 @@ from libc.string cimport memset
 
 import ipaddress
 
-from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, EV_BLOCK as _EV_BLOCK, EV_UNBLOCK as _EV_UNBLOCK,
-                        MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
+from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, BLOCK_VOLUME as _BLOCK_VOLUME, EV_BLOCK as _EV_BLOCK,
+                        EV_UNBLOCK as _EV_UNBLOCK, MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
 from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_reason, check_subscriber_id, check_volume,
-                        compile_rules, parse_network, validate_engine_args, validate_tariff, validate_timeline)
+                        check_volume_left, compile_rules, parse_network, validate_engine_args, validate_tariff,
+                        validate_timeline)
 from .errors import EngineError
 
 cdef extern from "engine_atomic.h" nogil:
@@ -55,6 +56,7 @@ cdef enum:
     UPLOAD = 0
     DOWNLOAD = 1
     BLOCK_LIMIT = 1
+    BLOCK_VOLUME = 4
     EV_BLOCK = 1
     EV_UNBLOCK = 2
     EV_WARN = 3
@@ -87,7 +89,7 @@ cdef uint64_t MAX_COUNTER_PACKETS = (<uint64_t> 1 << (64 - CARRY_BITS)) - 1  # e
 cdef uint32_t MAX_WIRE_LEN = 1 << 20
 
 CONSTANTS = {"NF_DROP": NF_DROP, "NF_ACCEPT": NF_ACCEPT, "UPLOAD": UPLOAD, "DOWNLOAD": DOWNLOAD,
-             "BLOCK_LIMIT": BLOCK_LIMIT, "EV_BLOCK": EV_BLOCK, "EV_UNBLOCK": EV_UNBLOCK, "EV_WARN": EV_WARN,
+             "BLOCK_LIMIT": BLOCK_LIMIT, "BLOCK_VOLUME": BLOCK_VOLUME, "EV_BLOCK": EV_BLOCK, "EV_UNBLOCK": EV_UNBLOCK, "EV_WARN": EV_WARN,
              "PRICE_SCALE": PRICE_SCALE, "MAX_WIRE_LEN": MAX_WIRE_LEN, "MAX_BUCKETS": TG_MAX_BUCKETS,
              "MAX_WARN_LEVELS": TG_MAX_WARN, "MAX_EVENTS_PER_PACKET": TG_MAX_EVENTS_PER_PACKET}
 
@@ -234,13 +236,18 @@ cdef int64_t as_int64(value, str what) except? -1:
     return value
 
 
-cdef inline bint no_headroom(const tg_sub *s) noexcept nogil:
-    """balance + credit <= 0, without overflowing (credit is >= 0, so the sum
-    can only overflow upwards, where there is headroom)."""
-    cdef int64_t sum_
-    if __builtin_add_overflow(s.balance, s.credit, &sum_):
-        return False
-    return sum_ <= 0
+cdef inline bint in_debt(const tg_sub *s) noexcept nogil:
+    """balance < -credit: a debt beyond the credit, what blocks outside a
+    packet (credit is 0..INT64_MAX, so -credit cannot overflow). At exactly
+    -credit it is not blocked: free traffic passes, the first priced packet
+    breaches."""
+    return s.balance < -s.credit
+
+
+cdef inline void count_volume(uint64_t volume_zones, tg_sub *s, int zone, uint32_t length) noexcept nogil:
+    """Bytes counted in a volume zone come off the volume left (under the subscriber's lock)."""
+    if s.vol_on and (volume_zones >> zone) & 1:
+        s.volume_left -= length
 
 
 cdef inline bint breaches(const tg_sub *s, int64_t cost) noexcept nogil:
@@ -373,8 +380,9 @@ cdef class EngineC:
         self.tl_len = 1
 
     def __init__(self, int n_zones, int n_slots=1, *, int default_zone=1, int malformed_verdict=_NF_ACCEPT,
-                 int unknown_verdict=_NF_ACCEPT):
-        validate_engine_args(n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict)
+                 int unknown_verdict=_NF_ACCEPT, volume_zones=None):
+        self.volume_zones = validate_engine_args(n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict,
+                                                 volume_zones)
         self.n_zones = n_zones
         self.n_slots = n_slots
         self.default_zone = default_zone
@@ -624,15 +632,17 @@ cdef class EngineC:
                 n += 1
         return n
 
-    def add_subscriber(self, sid, tariff, balance, credit=0, allowance=()):
-        """Add a subscriber (no addresses yet); a block event if it has no headroom."""
+    def add_subscriber(self, sid, tariff, balance, credit=0, allowance=(), volume_left=None):
+        """Add a subscriber (no addresses yet); a block event if it is in debt
+        beyond its credit or past its volume limit (see EnginePy)."""
         check_subscriber_id(sid)
         cdef int64_t bal = as_int64(balance, "balance"), cred = as_int64(credit, "credit")
+        left = check_volume_left(volume_left)
+        cdef uint8_t blocked_bits = 0
         cdef uint32_t id_ = sid
         cdef uint32_t cap
         cdef tg_sub *s
         cdef uint8_t dirty
-        cdef bint blocked = False
         wrlock(self)
         try:
             if id_ < self.cap_subs and self.subs[id_].exists:
@@ -656,14 +666,18 @@ cdef class EngineC:
             s.credit = cred
             self._set_allowance(id_, allowance)
             s.warned = self._levels_below(s)
-            if no_headroom(s):
+            s.vol_on = left is not None
+            s.volume_left = left if left is not None else 0
+            if in_debt(s):
                 s.blocked |= BLOCK_LIMIT
-                blocked = True
+            if s.vol_on and s.volume_left < 0:
+                s.blocked |= BLOCK_VOLUME
+            blocked_bits = s.blocked
             s.exists = 1
         finally:
             pthread_rwlock_unlock(&self.rwlock)
-        if blocked:
-            return [Event(_EV_BLOCK, sid, -1, _BLOCK_LIMIT, bal)]
+        if blocked_bits:  # one event, naming the first reason (as block() would)
+            return [Event(_EV_BLOCK, sid, -1, blocked_bits & -blocked_bits, bal)]
         return []
 
     def remove_subscriber(self, sid):
@@ -809,7 +823,7 @@ cdef class EngineC:
         if s.warned > below:
             s.warned = below
         cdef uint8_t was = s.blocked
-        if no_headroom(s):
+        if in_debt(s):
             s.blocked |= BLOCK_LIMIT
             if not was:
                 kind = EV_BLOCK
@@ -820,6 +834,19 @@ cdef class EngineC:
         cdef int64_t balance = s.balance
         tg_unlock(&s.lock)
         return [Event(kind, sid, -1, _BLOCK_LIMIT, balance)] if kind else []
+
+    def set_volume(self, sid, volume_left):
+        """Bytes of the volume zones ``sid`` may still pass (None: no limit);
+        see ``EnginePy.set_volume``."""
+        left = check_volume_left(volume_left)
+        cdef tg_sub *s = self._sub(sid)
+        tg_lock(&s.lock)
+        s.vol_on = left is not None
+        s.volume_left = left if left is not None else 0
+        tg_unlock(&s.lock)
+        if left is not None and left < 0:
+            return self.block(sid, _BLOCK_VOLUME)
+        return self.unblock(sid, _BLOCK_VOLUME)
 
     # ---- queries -----------------------------------------------------------
 
@@ -838,7 +865,7 @@ cdef class EngineC:
         tg_unlock(&s.lock)
         return SubscriberState(copy.tariff, copy.balance, copy.credit, copy.blocked,
                                tuple([allow[b] for b in range(n)]), copy.warned, copy.dropped_packets,
-                               copy.dropped_bytes, copy.rated_bytes)
+                               copy.dropped_bytes, copy.rated_bytes, copy.volume_left if copy.vol_on else None)
 
     def subscribers(self):
         """Ids of all subscribers, ascending."""
@@ -1003,6 +1030,7 @@ cdef class EngineC:
             if allowed:
                 c.bytes += length
                 s.rated_bytes += length
+                count_volume(self.volume_zones, s, zone, length)
                 c.packets_carry += <uint64_t> pk.count << CARRY_BITS
                 self._mark(sid, s)
                 tg_unlock(&s.lock)
@@ -1012,6 +1040,25 @@ cdef class EngineC:
                 tg_unlock(&s.lock)
                 return verdict
             # an aggregate of a blocked subscriber already passed: rated below
+        if s.vol_on and (self.volume_zones >> zone) & 1 and <int64_t> length > s.volume_left:
+            # The volume limit first: the packet that would take the period's
+            # volume past it is dropped before anything is drawn or charged,
+            # so the limit holds at the byte the way money does (and not at
+            # the next flush, as when the biller checked it).
+            if not s.blocked & BLOCK_VOLUME:
+                s.blocked |= BLOCK_VOLUME
+                ev = &events[n_events[0]]
+                n_events[0] += 1
+                ev.kind = EV_BLOCK
+                ev.subscriber = sid
+                ev.index = index
+                ev.reason = BLOCK_VOLUME
+                ev.balance = s.balance
+            if not pk.aggregate:
+                verdict = self._drop(s, pk, st)
+                tg_unlock(&s.lock)
+                return verdict
+            verdict = NF_DROP  # an aggregate already passed: counted (volume_left goes below 0) and charged
         t = &self.tariffs[s.tariff]
         allow = self.allowance + <size_t> sid * self.bucket_stride
         for b in range(t.n_buckets):
@@ -1052,6 +1099,7 @@ cdef class EngineC:
         s.balance -= cost
         c.bytes += length
         s.rated_bytes += length
+        count_volume(self.volume_zones, s, zone, length)
         c.charged += cost
         c.packets_carry = ((c.packets_carry >> CARRY_BITS) + pk.count) << CARRY_BITS | <uint64_t> (
             amount % PRICE_SCALE)
@@ -1100,7 +1148,7 @@ cdef class EngineC:
         cdef uint64_t drawn[TG_MAX_BUCKETS]
         cdef tg_u128 amount = 0
         cdef int64_t cost, balance, charged
-        cdef bint breach
+        cdef bint breach, by_volume, past_volume = False
         cdef int b
         cdef tg_event *ev
         tg_lock(&s.lock)
@@ -1122,13 +1170,28 @@ cdef class EngineC:
             return -1
         cost = <int64_t> (amount / <tg_u128> PRICE_SCALE)
         breach = cost > 0 and breaches(s, cost)
+        by_volume = s.vol_on and (self.volume_zones >> zone) & 1
+        if by_volume:
+            # past the limit if it does not fit what is left; nbytes beyond INT64_MAX never does
+            past_volume = nbytes > <uint64_t> INT64_MAX or <int64_t> nbytes > s.volume_left
         if (__builtin_add_overflow(c.charged, cost, &charged) or nbytes > UINT64_MAX - c.bytes
                 or npackets > MAX_COUNTER_PACKETS - packets or nbytes > UINT64_MAX - s.rated_bytes
+                # volume_left - nbytes must stay >= INT64_MIN: room is volume_left + 2**63, in uint64
+                or (by_volume and nbytes > <uint64_t> s.volume_left - <uint64_t> INT64_MIN)
                 or (breach and nbytes > UINT64_MAX - self.stats_.over_limit_bytes)):
             tg_unlock(&s.lock)
             return -1
         for b in range(t.n_buckets):
             allow[b] -= <int64_t> drawn[b]
+        if past_volume and not s.blocked & BLOCK_VOLUME:
+            s.blocked |= BLOCK_VOLUME
+            ev = &events[n_events[0]]
+            n_events[0] += 1
+            ev.kind = EV_BLOCK
+            ev.subscriber = sid
+            ev.index = -1
+            ev.reason = BLOCK_VOLUME
+            ev.balance = s.balance
         if breach:
             if not s.blocked & BLOCK_LIMIT:
                 s.blocked |= BLOCK_LIMIT
@@ -1143,6 +1206,8 @@ cdef class EngineC:
         s.balance = balance
         c.bytes += nbytes
         s.rated_bytes += nbytes
+        if by_volume:  # in range (checked above); two's complement does the rest
+            s.volume_left = <int64_t> (<uint64_t> s.volume_left - nbytes)
         c.charged = charged
         c.packets_carry = (packets + npackets) << CARRY_BITS | <uint64_t> (amount % <tg_u128> PRICE_SCALE)
         self._mark(sid, s)
@@ -1171,7 +1236,7 @@ cdef class EngineC:
         zone, direction, nbytes, npackets, ts_ns = check_volume(self.n_zones, zone, direction, nbytes, npackets,
                                                                 ts_ns)
         self._sub(sid)
-        cdef tg_event events[1 + TG_MAX_WARN]
+        cdef tg_event events[2 + TG_MAX_WARN]
         cdef Py_ssize_t n_events = 0
         if self._rate_volume(sid, zone, direction, nbytes, npackets, self._slot_at(ts_ns), events, &n_events) < 0:
             raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "

@@ -41,7 +41,16 @@ Per packet (``process``):
    direction) so that packet-by-packet charging equals rating the same bytes
    at once. If the cost would take the balance below ``-credit`` the packet is
    dropped, nothing of it is charged or drawn, the subscriber is blocked
-   (``BLOCK_LIMIT``) and a block event names the packet.
+   (``BLOCK_LIMIT``) and a block event names the packet. A packet that costs
+   nothing always passes this step, whatever the balance.
+5a. Volume limit: a subscriber with one (``volume_left`` not None) has its
+   bytes in the ``volume_zones`` (an engine-wide zone mask; the caller leaves
+   the local zone out) taken off ``volume_left`` as they are counted,
+   allow-listed and aggregate bytes included. A packet longer than what is
+   left is dropped before it is rated (nothing charged or drawn), blocks the
+   subscriber (``BLOCK_VOLUME``) and a block event names it: the limit holds
+   at the exact packet, as money does. A packet that brings it to exactly 0
+   passes.
 6. After a charge, each warning level (descending balances) that the balance
    has fallen below emits one warn event.
 7. An *aggregate* (a batch made with ``aggregates=True``: flow records from
@@ -50,8 +59,9 @@ Per packet (``process``):
    packet of that length except that nothing can be dropped any more: it is
    counted and charged even when its subscriber is blocked or the charge takes
    the balance past the limit (the overshoot of a passive source is a debt,
-   not lost revenue); the entry that breaches still blocks and emits the block
-   event (once), and its verdict is ``NF_DROP``. Allow-listed traffic of a
+   not lost revenue) or the volume past its limit (``volume_left`` goes
+   negative); the entry that breaches still blocks and emits the block event
+   (once per reason), and its verdict is ``NF_DROP``. Allow-listed traffic of a
    blocked subscriber stays free.
 
 ``rate_volume`` rates a volume of one subscriber, zone and direction that no
@@ -60,9 +70,14 @@ was bound), exactly as one aggregate of that size (7.), with no remote address
 (nothing allow-listed), any size up to 2**64 - 1 bytes in one step.
 
 Control operations (``add_subscriber``, ``adjust_balance``, ``set_subscriber``)
-re-evaluate the limit: no headroom (``balance + credit <= 0``) sets
-``BLOCK_LIMIT``; headroom clears it. Warning levels re-arm silently when the
-balance rises above them.
+re-evaluate the limit: a debt beyond the credit (``balance < -credit``) sets
+``BLOCK_LIMIT``; anything else clears it. A subscriber at exactly ``-credit``
+(a postpaid one at 0, the normal case) is not blocked: its free traffic
+passes and its first priced packet is the breaching one (5.). ``set_volume``
+(and ``add_subscriber``'s ``volume_left``) re-evaluates the volume limit the
+same way: ``volume_left < 0`` sets ``BLOCK_VOLUME``, anything else clears it;
+payments and adjustments leave it alone. Warning levels re-arm silently when
+the balance rises above them.
 """
 
 from __future__ import annotations
@@ -74,6 +89,7 @@ from typing import NamedTuple, Sequence
 from .constants import (
     BLOCK_ANY,
     BLOCK_LIMIT,
+    BLOCK_VOLUME,
     DOWNLOAD,
     EV_BLOCK,
     EV_UNBLOCK,
@@ -147,6 +163,7 @@ class SubscriberState(NamedTuple):
     dropped_packets: int
     dropped_bytes: int
     rated_bytes: int  # cumulative bytes counted, both directions (see policy's kernel quotas)
+    volume_left: int | None = None  # bytes of the volume zones before BLOCK_VOLUME; None: no volume limit
 
 
 class EngineStats(NamedTuple):
@@ -227,7 +244,8 @@ def validate_timeline(n_slots: int, starts, slots):
 
 
 def validate_engine_args(n_zones: int, n_slots: int, default_zone: int, malformed_verdict: int,
-                         unknown_verdict: int) -> None:
+                         unknown_verdict: int, volume_zones=None) -> int:
+    """Checks the constructor's arguments; returns the volume zone mask (None: every zone)."""
     if not 1 <= n_zones <= 64:
         raise EngineError("n_zones must be 1..64")
     if not 1 <= n_slots <= 256:
@@ -237,6 +255,21 @@ def validate_engine_args(n_zones: int, n_slots: int, default_zone: int, malforme
     for verdict in (malformed_verdict, unknown_verdict):
         if verdict not in (NF_ACCEPT, NF_DROP):
             raise EngineError("verdicts are NF_ACCEPT or NF_DROP")
+    every = (1 << n_zones) - 1
+    if volume_zones is None:
+        return every
+    if isinstance(volume_zones, bool) or not isinstance(volume_zones, int) or not 0 <= volume_zones <= every:
+        raise EngineError(f"volume_zones is a mask of the {n_zones} zones (0..{every}), not {volume_zones!r}")
+    return volume_zones
+
+
+def check_volume_left(volume_left):
+    """``volume_left`` for add_subscriber/set_volume: None (no limit) or an int64."""
+    if volume_left is None:
+        return None
+    if isinstance(volume_left, bool) or not isinstance(volume_left, int):
+        raise EngineError(f"volume_left is None or a number of bytes, not {volume_left!r}")
+    return as_int64(volume_left, "volume_left")
 
 
 def compile_rules(rules, n_zones: int | None):
@@ -350,7 +383,7 @@ class Tariff:
 
 class Subscriber:
     __slots__ = ("tariff", "balance", "credit", "blocked", "allowance", "warned",
-                 "dropped_packets", "dropped_bytes", "rated_bytes", "counters", "carry")
+                 "dropped_packets", "dropped_bytes", "rated_bytes", "volume_left", "counters", "carry")
 
     def __init__(self, tariff: int, balance: int, credit: int, allowance: list[int]) -> None:
         self.tariff = tariff
@@ -362,6 +395,7 @@ class Subscriber:
         self.dropped_packets = 0
         self.dropped_bytes = 0
         self.rated_bytes = 0
+        self.volume_left: int | None = None
         self.counters: dict[tuple[int, int], list[int]] = {}  # (zone, dir) -> [bytes, packets, charged]
         self.carry: dict[tuple[int, int], int] = {}  # survives drains
 
@@ -439,8 +473,12 @@ class EnginePy:
     implementation = "py"
 
     def __init__(self, n_zones: int, n_slots: int = 1, *, default_zone: int = 1,
-                 malformed_verdict: int = NF_ACCEPT, unknown_verdict: int = NF_ACCEPT) -> None:
-        validate_engine_args(n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict)
+                 malformed_verdict: int = NF_ACCEPT, unknown_verdict: int = NF_ACCEPT,
+                 volume_zones: int | None = None) -> None:
+        """``volume_zones``: the zones (a bit mask) whose bytes count toward
+        volume limits; None: all of them."""
+        self.volume_zones = validate_engine_args(n_zones, n_slots, default_zone, malformed_verdict, unknown_verdict,
+                                                 volume_zones)
         self.n_zones = n_zones
         self.n_slots = n_slots
         self.default_zone = default_zone
@@ -519,19 +557,27 @@ class EnginePy:
         return allowance + [0] * (len(self._tariffs[tariff].buckets) - len(allowance))
 
     def add_subscriber(self, sid: int, tariff: int, balance: int, credit: int = 0,
-                       allowance: Sequence[int] = ()) -> list[Event]:
+                       allowance: Sequence[int] = (), volume_left: int | None = None) -> list[Event]:
+        """Add a subscriber (no addresses yet); a block event if it is in debt
+        beyond its credit (limit) or past its volume limit (``volume_left`` < 0),
+        the first reason found named."""
         check_subscriber_id(sid)
         if sid in self._subs:
             raise EngineError(f"subscriber {sid} exists")
         balance, credit = as_int64(balance, "balance"), as_int64(credit, "credit")
         if credit < 0:
             raise EngineError("credit must not be negative")
+        volume_left = check_volume_left(volume_left)
         sub = Subscriber(tariff, balance, credit, self._check_allowance(tariff, allowance))
         self._subs[sid] = sub
         sub.warned = self._levels_below(sub)
-        if sub.balance + sub.credit <= 0:
+        sub.volume_left = volume_left
+        if sub.balance < -sub.credit:
             sub.blocked |= BLOCK_LIMIT
-            return [Event(EV_BLOCK, sid, -1, BLOCK_LIMIT, sub.balance)]
+        if volume_left is not None and volume_left < 0:
+            sub.blocked |= BLOCK_VOLUME
+        if sub.blocked:
+            return [Event(EV_BLOCK, sid, -1, sub.blocked & -sub.blocked, sub.balance)]
         return []
 
     def remove_subscriber(self, sid: int) -> list[CounterRow]:
@@ -604,16 +650,27 @@ class EnginePy:
 
     def _reevaluate(self, sid: int, sub: Subscriber) -> list[Event]:
         sub.warned = min(sub.warned, self._levels_below(sub))
-        if sub.balance + sub.credit <= 0:
+        if sub.balance < -sub.credit:  # a debt beyond the credit; at exactly -credit free traffic still passes
             return self.block(sid, BLOCK_LIMIT)
         return self.unblock(sid, BLOCK_LIMIT)
+
+    def set_volume(self, sid: int, volume_left: int | None) -> list[Event]:
+        """Bytes of the volume zones ``sid`` may still pass this period (None:
+        no volume limit), e.g. the limit at a period start or after a limit
+        changed mid-period. Below 0 (aggregates counted past it) it blocks
+        (BLOCK_VOLUME); otherwise that block is lifted."""
+        sub = self._sub(sid)
+        sub.volume_left = check_volume_left(volume_left)
+        if sub.volume_left is not None and sub.volume_left < 0:
+            return self.block(sid, BLOCK_VOLUME)
+        return self.unblock(sid, BLOCK_VOLUME)
 
     # ---- queries ---------------------------------------------------------
 
     def subscriber(self, sid: int) -> SubscriberState:
         s = self._sub(sid)
         return SubscriberState(s.tariff, s.balance, s.credit, s.blocked, tuple(s.allowance), s.warned,
-                               s.dropped_packets, s.dropped_bytes, s.rated_bytes)
+                               s.dropped_packets, s.dropped_bytes, s.rated_bytes, s.volume_left)
 
     def subscribers(self) -> list[int]:
         return sorted(self._subs)
@@ -677,6 +734,8 @@ class EnginePy:
         c[1] += count
         c[2] += cost
         sub.rated_bytes += length
+        if sub.volume_left is not None and self.volume_zones >> zone & 1:
+            sub.volume_left -= length
 
     def _rate(self, sid: int, sub: Subscriber, zone: int, direction: int, length: int, count: int,
               aggregate: bool, slot: int, index: int, allowed: bool, events: list) -> int:
@@ -687,6 +746,15 @@ class EnginePy:
                 return NF_ACCEPT
             if not aggregate:
                 return self._drop(sub, length, count)
+        verdict = NF_ACCEPT
+        if sub.volume_left is not None and self.volume_zones >> zone & 1 and length > sub.volume_left:
+            # the volume limit, checked first: a packet past it is dropped before anything is drawn or charged
+            if not sub.blocked & BLOCK_VOLUME:
+                sub.blocked |= BLOCK_VOLUME
+                events.append(Event(EV_BLOCK, sid, index, BLOCK_VOLUME, sub.balance))
+            if not aggregate:
+                return self._drop(sub, length, count)
+            verdict = NF_DROP  # an aggregate already passed: counted (volume_left goes negative) and charged
         tariff = self._tariffs[sub.tariff]
         remaining = length
         drawn = []
@@ -704,7 +772,6 @@ class EnginePy:
         key = (zone, direction)
         amount += remaining * price + sub.carry.get(key, 0)
         cost, carry = divmod(amount, PRICE_SCALE)
-        verdict = NF_ACCEPT
         if cost > 0 and sub.balance - cost < -sub.credit:
             if not sub.blocked & BLOCK_LIMIT:
                 sub.blocked |= BLOCK_LIMIT
@@ -765,15 +832,20 @@ class EnginePy:
         amount += sub.carry.get(key, 0)
         cost, carry = divmod(amount, PRICE_SCALE)
         breach = cost > 0 and sub.balance - cost < -sub.credit
+        by_volume = sub.volume_left is not None and self.volume_zones >> zone & 1
         c = sub.counters.get(key, [0, 0, 0])
         if (sub.balance - cost < INT64_MIN or c[0] + nbytes > UINT64_MAX or c[1] + npackets > MAX_COUNTER_PACKETS
                 or c[2] + cost > INT64_MAX or sub.rated_bytes + nbytes > UINT64_MAX
+                or (by_volume and sub.volume_left - nbytes < INT64_MIN)
                 or (breach and self._stats.over_limit_bytes + nbytes > UINT64_MAX)):
             raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "
                               f"out of 64 bits; drain first or rate less at once")
         for b, take in drawn:
             sub.allowance[b] -= take
         events: list[Event] = []
+        if by_volume and nbytes > sub.volume_left and not sub.blocked & BLOCK_VOLUME:
+            sub.blocked |= BLOCK_VOLUME
+            events.append(Event(EV_BLOCK, sid, -1, BLOCK_VOLUME, sub.balance))
         if breach:
             if not sub.blocked & BLOCK_LIMIT:
                 sub.blocked |= BLOCK_LIMIT

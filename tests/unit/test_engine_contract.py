@@ -141,6 +141,10 @@ REFUSED = [
     ("block", (3, BLOCK_MANUAL), {}),
     ("unblock", (3, BLOCK_LIMIT), {}),
     ("subscriber", (3,), {}),
+    ("add_subscriber", (3, 1, 100, 0, [], 1.5), {}),                 # volume_left: None or bytes
+    ("add_subscriber", (3, 1, 100, 0, [], "10 kB"), {}),
+    ("set_volume", (3, 100), {}),                                    # unknown subscriber
+    ("set_volume", (1, True), {}),
     ("rate_volume", (3, 2, 0, 100, 1, T), {}),                       # unknown subscriber
     ("rate_volume", (1, 4, 0, 100, 1, T), {}),                       # zone out of range
     ("rate_volume", (1, -1, 0, 100, 1, T), {}),
@@ -173,7 +177,8 @@ def test_refused_calls_raise_engine_error_and_change_nothing(call):
 @ENGINES
 def test_bad_constructor_arguments(cls):
     for args, kw in [((0,), {}), ((65,), {}), ((4, 0), {}), ((4, 257), {}), ((4,), {"default_zone": 4}),
-                     ((4,), {"malformed_verdict": 2}), ((4,), {"unknown_verdict": -1})]:
+                     ((4,), {"malformed_verdict": 2}), ((4,), {"unknown_verdict": -1}),
+                     ((4,), {"volume_zones": 16}), ((4,), {"volume_zones": -1}), ((4,), {"volume_zones": "all"})]:
         with pytest.raises(EngineError):
             cls(*args, **kw)
 
@@ -187,6 +192,8 @@ def test_bad_constructor_arguments(cls):
     ("set_subscriber", (1,), {"credit": 1 << 63}),
     ("set_timeline", ([1 << 63], [0]), {}),
     ("set_tariff", (2, [0] * 16, (), [1 << 63]), {}),
+    ("set_volume", (1, 1 << 63), {}),
+    ("add_subscriber", (3, 1, 100, 0, [], -(1 << 63) - 1), {}),
     # 2**64 - 1 bytes at 1 unit a byte: a cost beyond int64
     ("rate_volume", (1, 2, 0, (1 << 64) - 1, 1, T), {}),
     # 2**63 bytes of subscriber 2 (free tariff) cost nothing, but the undrained

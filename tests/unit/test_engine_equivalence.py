@@ -77,8 +77,11 @@ def worlds(draw):
         n_b = len(tariffs[tid][1])
         balance = draw(st.one_of(st.sampled_from([0, 100, 200, 300, 1000]), st.integers(-100, 6000)))
         subs.append((sid, tid, balance, draw(st.sampled_from([0, 0, 100, 500])),
-                     draw(st.lists(st.integers(0, 3000), max_size=n_b)), draw(st.lists(prefixes, min_size=1, max_size=3))))
-    return n_zones, n_slots, rules, allow, tariffs, timeline, subs
+                     draw(st.lists(st.integers(0, 3000), max_size=n_b)), draw(st.lists(prefixes, min_size=1, max_size=3)),
+                     draw(st.one_of(st.none(), st.sampled_from([0, 100, 200, 1000]), st.integers(-50, 4000)))))
+    # the zones that count toward volume limits: all (None), or a mask (usually without the local zone 0)
+    volume_zones = draw(st.one_of(st.none(), st.integers(0, (1 << n_zones) - 1), st.just(((1 << n_zones) - 1) & ~1)))
+    return n_zones, n_slots, rules, allow, tariffs, timeline, subs, volume_zones
 
 
 def ipv4(src, dst, proto, l4, pad, frag, options=b""):
@@ -161,6 +164,8 @@ ops = st.one_of(
     st.tuples(st.just("set_subscriber"), st.integers(0, 41), st.integers(0, 3), st.integers(-1, 300)),
     st.tuples(st.just("remove_subscriber"), st.integers(0, 41)),
     st.tuples(st.just("drain"),),
+    st.tuples(st.just("set_volume"), st.integers(0, 41),
+              st.one_of(st.none(), st.sampled_from([0, 100, 300]), st.integers(-100, 5000))),
     # traffic the engine never saw, rated as one aggregate (zone and direction
     # sometimes out of range; volumes from nothing to past 2**64, refused alike)
     st.tuples(st.just("rate_volume"), st.integers(0, 41), st.integers(-1, 6), st.integers(0, 2),
@@ -177,14 +182,14 @@ def outcome(fn, *args, **kw):
 
 
 def build(cls, world):
-    n_zones, n_slots, rules, allow, tariffs, timeline, subs = world
-    e = cls(n_zones, n_slots, default_zone=n_zones - 1)
+    n_zones, n_slots, rules, allow, tariffs, timeline, subs, volume_zones = world
+    e = cls(n_zones, n_slots, default_zone=n_zones - 1, volume_zones=volume_zones)
     out = [outcome(e.set_zones, rules), outcome(e.set_allowlist, allow)]
     for tid, (p, b, w) in tariffs.items():
         out.append(outcome(e.set_tariff, tid, p, b, w))
     out.append(outcome(e.set_timeline, *timeline))
-    for sid, tid, balance, credit, allowance, nets in subs:
-        out.append(outcome(e.add_subscriber, sid, tid, balance, credit, allowance))
+    for sid, tid, balance, credit, allowance, nets, volume_left in subs:
+        out.append(outcome(e.add_subscriber, sid, tid, balance, credit, allowance, volume_left))
         for net in nets:
             out.append(outcome(e.add_address, sid, net))
     return e, out

@@ -13,7 +13,7 @@ from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdr
 
 import ext
 from ext import PacketBatch, ZoneRule
-from ext.constants import (BLOCK_LIMIT, BLOCK_MANUAL, DOWNLOAD, EV_BLOCK, EV_UNBLOCK, EV_WARN, NF_ACCEPT,
+from ext.constants import (BLOCK_LIMIT, BLOCK_MANUAL, BLOCK_VOLUME, DOWNLOAD, EV_BLOCK, EV_UNBLOCK, EV_WARN, NF_ACCEPT,
                            NF_DROP, PRICE_SCALE, UPLOAD)
 from ext.errors import EngineError
 
@@ -47,8 +47,8 @@ def batch(*pkts, ts=T):
     return PacketBatch.of([(bytes(p), len(p), ts + i) for i, p in enumerate(pkts)])
 
 
-def add(e, sid, balance, *nets, credit=0, allowance=()):
-    events = e.add_subscriber(sid, 1, balance, credit, allowance)
+def add(e, sid, balance, *nets, credit=0, allowance=(), volume_left=None):
+    events = e.add_subscriber(sid, 1, balance, credit, allowance, volume_left)
     for n in nets:
         e.add_address(sid, n)
     return events
@@ -291,7 +291,7 @@ def test_flow_records_refuse_bad_input():
 def test_blocked_subscriber_keeps_the_allow_list(make):
     e = make()
     e.set_allowlist([ZoneRule("100.64.0.1/32", 0, 17, 53, 53)])
-    add(e, 3, 0, "100.64.3.3/32")  # nothing to spend: blocked from the start
+    add(e, 3, -1, "100.64.3.3/32")  # a debt beyond its credit (0): blocked from the start
     assert e.subscriber(3).blocked == BLOCK_LIMIT
     dns = IP(src="100.64.3.3", dst="100.64.0.1") / UDP(dport=53) / Raw(bytes(30))
     web = IP(src="100.64.3.3", dst="100.64.0.1") / TCP(dport=80)
@@ -299,6 +299,81 @@ def test_blocked_subscriber_keeps_the_allow_list(make):
     b = batch(dns, web, reply)
     e.process(b)
     assert list(b.verdict) == [NF_ACCEPT, NF_DROP, NF_ACCEPT]
+
+
+def test_at_exactly_minus_credit_free_traffic_passes_and_the_first_priced_packet_blocks(make):
+    """Blocked only by a debt beyond the credit, or at the packet whose cost
+    would make one: at 0 with no credit, local (free) traffic passes; the
+    first peering packet (100 units) would take it to -100 < 0: dropped."""
+    e = make()
+    assert add(e, 3, 0, "100.64.3.3/32") == []
+    assert add(e, 4, -150, "100.64.4.4/32", credit=150) == []  # at exactly -credit
+    assert add(e, 5, -151, "100.64.5.5/32", credit=150) == [ext.Event(EV_BLOCK, 5, -1, BLOCK_LIMIT, -151)]
+    free = IP(src="100.64.3.3", dst="100.64.9.9") / UDP() / Raw(bytes(72))  # local: price 0
+    priced = IP(src="100.64.3.3", dst="198.18.0.1") / UDP() / Raw(bytes(72))  # 100 bytes, 100 units
+    b = batch(free, free, priced, free)
+    assert e.process(b) == [ext.Event(EV_BLOCK, 3, 2, BLOCK_LIMIT, 0)]
+    assert list(b.verdict) == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_DROP]  # blocked from the breaching packet on
+    assert e.subscriber(3).balance == 0
+    # a payment lifts it; an adjustment back to exactly 0 does not block again (no debt) ...
+    assert e.adjust_balance(3, 100) == [ext.Event(EV_UNBLOCK, 3, -1, BLOCK_LIMIT, 100)]
+    assert e.adjust_balance(3, -100) == []
+    # ... one below does
+    assert e.adjust_balance(3, -1) == [ext.Event(EV_BLOCK, 3, -1, BLOCK_LIMIT, -1)]
+    # a credit limit that ends with the balance below 0 blocks at once; at exactly 0 it would not
+    assert e.set_subscriber(4, credit=149) == [ext.Event(EV_BLOCK, 4, -1, BLOCK_LIMIT, -150)]
+
+
+def test_volume_limit_holds_at_the_exact_packet(make):
+    """250 bytes of the volume zones (all but local here) left: 100 + 100 pass
+    (50 left), the next 100-byte packet would exceed it: dropped, not charged,
+    blocked (volume) there. Local traffic did not count; a new period's
+    volume lifts the block."""
+    cls = type(make())
+    e = make(volume_zones=0b1110)
+    assert type(e) is cls
+    add(e, 3, 10_000, "100.64.3.3/32")
+    assert e.set_volume(3, 250) == []
+    local = IP(src="100.64.3.3", dst="100.64.9.9") / UDP() / Raw(bytes(72))
+    out = IP(src="100.64.3.3", dst="198.18.0.1") / UDP() / Raw(bytes(72))  # 100 bytes, 100 units
+    back = IP(src="198.18.0.1", dst="100.64.3.3") / UDP() / Raw(bytes(72))
+    b = batch(local, out, back, local, out, back)
+    assert e.process(b) == [ext.Event(EV_BLOCK, 3, 4, BLOCK_VOLUME, 10_000 - 200)]
+    assert list(b.verdict) == [NF_ACCEPT] * 4 + [NF_DROP, NF_DROP]
+    s = e.subscriber(3)
+    assert (s.balance, s.volume_left, s.blocked, s.dropped_packets) == (9800, 50, BLOCK_VOLUME, 2)
+    assert e.adjust_balance(3, 1000) == []  # money does not lift a volume block
+    assert e.set_volume(3, 300) == [ext.Event(EV_UNBLOCK, 3, -1, BLOCK_VOLUME, 10_800)]
+    b = batch(out, out, out, out)  # 300 bytes left: three pass, exactly to 0; the fourth is dropped
+    assert [ev.index for ev in e.process(b)] == [3]
+    assert list(b.verdict) == [NF_ACCEPT] * 3 + [NF_DROP]
+    assert e.subscriber(3).volume_left == 0
+    assert e.set_volume(3, None) == [ext.Event(EV_UNBLOCK, 3, -1, BLOCK_VOLUME, 10_500)]  # no limit any more
+    assert e.subscriber(3).volume_left is None
+
+
+def test_flow_records_past_the_volume_limit_are_counted_and_block(make):
+    """An aggregate has passed already: counted and charged past the volume
+    limit (volume_left goes negative), blocked there; so does rate_volume.
+    An engine told its volume left is below 0 blocks at once."""
+    e = make(volume_zones=0b1110)
+    add(e, 3, 10_000, "100.64.3.3/32")
+    e.set_volume(3, 150)
+    b = PacketBatch(2, aggregates=True)
+    b.append_flow("198.18.0.1", "100.64.3.3", 17, 9, 9, 100, 1, T)
+    b.append_flow("198.18.0.1", "100.64.3.3", 17, 9, 9, 100, 1, T)
+    assert e.process(b) == [ext.Event(EV_BLOCK, 3, 1, BLOCK_VOLUME, 9900)]
+    assert list(b.verdict[:2]) == [NF_ACCEPT, NF_DROP]
+    assert (e.subscriber(3).balance, e.subscriber(3).volume_left) == (9800, -50)
+    assert e.rate_volume(3, PEERING, DOWNLOAD, 30, 1, T) == []  # already blocked: counted, charged
+    assert (e.subscriber(3).balance, e.subscriber(3).volume_left) == (9770, -80)
+    assert e.rate_volume(3, LOCAL, DOWNLOAD, 30, 1, T) == []  # local: not a volume zone
+    assert e.subscriber(3).volume_left == -80
+    add(e, 4, 10_000, "100.64.4.4/32", volume_left=-1)
+    assert e.subscriber(4).blocked == BLOCK_VOLUME
+    add(e, 5, 10_000, "100.64.5.5/32", volume_left=40)
+    assert e.rate_volume(5, EXTERNAL, UPLOAD, 41, 1, T) == [ext.Event(EV_BLOCK, 5, -1, BLOCK_VOLUME, 10_000)]
+    assert e.subscriber(5).volume_left == -1 and e.subscriber(5).balance == 10_000 - 41
 
 
 def test_manual_block_and_limit_are_independent(make):
