@@ -59,10 +59,10 @@ def _subnet_pattern(net) -> str:
     IPv6 its fixed leading hextets up to the first zero one (a zero run may be written '::'). A superset of
     the subnets, narrowed exactly by the caller."""
     if net.version == 4:
-        fixed = str(net.network_address).split(".")[:net.prefixlen // 8]
+        fixed = str(net.network_address).split(".")[:min(3, net.prefixlen // 8)]  # the 4th ends in "/", not "."
         return "".join(f"{octet}." for octet in fixed) + "%" if fixed else "%.%"
     lead = []
-    for hextet in net.network_address.exploded.split(":")[:net.prefixlen // 16]:
+    for hextet in net.network_address.exploded.split(":")[:min(7, net.prefixlen // 16)]:
         if int(hextet, 16) == 0:
             break
         lead.append(f"{int(hextet, 16):x}:")

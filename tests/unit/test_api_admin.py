@@ -5,6 +5,8 @@ holding every change."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -186,3 +188,104 @@ def test_oversized_and_malformed_bodies(api):
     assert client.post("/api/v1/subscribers", content=b"{not json", headers=admin).status_code == 422
     assert client.get("/api/v1/subscribers?limit=0", headers=admin).status_code == 422
     assert client.get("/api/v1/usage?since=-5", headers=admin).status_code == 422
+
+
+# ---- issue 11: /metrics only to the admin networks, JSON numbers that are not JSON, the minor unit ----------
+
+def test_metrics_are_served_only_to_the_admin_networks(tmp_path):
+    from prometheus_client import Gauge
+
+    path = tmp_path / "tollgate.toml"
+    path.write_text(lab_config(1))
+    view = LedgerView(load_config(str(path)), tmp_path / "ledger.db")
+    Gauge("tollgate_subscriber_balance", "balance", ["subscriber"], registry=view.registry).labels("s1").set(42)
+    app = create_app(view)
+    for admin in ("127.0.0.1", "::1"):
+        r = TestClient(app, client=(admin, 50000)).get("/metrics")
+        assert r.status_code == 200 and 'tollgate_subscriber_balance{subscriber="s1"} 42.0' in r.text, admin
+    for subscriber in ("100.64.1.2", "2001:db8:100:1::2", "198.18.0.1"):
+        r = TestClient(app, client=(subscriber, 40000)).get("/metrics")
+        assert r.status_code == 403 and "admin_networks" in r.json()["detail"], subscriber
+        assert "tollgate_subscriber_balance" not in r.text
+    # the block page stays open to subscribers
+    assert TestClient(app, client=("100.64.1.2", 40000)).get("/").status_code == 200
+
+
+def json_routes(client) -> list[tuple[str, str]]:
+    paths = client.get("/api/openapi.json").json()["paths"]
+    return sorted((method.upper(), path) for path, ops in paths.items() for method, op in ops.items()
+                  if "application/json" in op.get("requestBody", {}).get("content", {}))
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" * 5000])
+def test_numbers_json_does_not_have_are_refused_on_every_json_route(api, token):
+    client, ledger, tokens, cookies = api
+    routes = json_routes(client)
+    assert len(routes) == 9 and set(routes) == set(BODIES)
+    before = list(ledger.db.conn.iterdump())
+    for method, path in routes:
+        body = BODIES[(method, path)]
+        for field in body:  # in the place of each field in turn, and as an extra one
+            text = json.dumps({**body, field: "__X__"}).replace('"__X__"', token)
+            for content_type in ("application/json", "application/merge-patch+json"):
+                r = client.request(method, path.replace("{sid}", "1"), content=text,
+                                   headers={**headers(tokens, "admin"), "Content-Type": content_type,
+                                            "Idempotency-Key": "nan-1"})
+                assert r.status_code == 422, (method, path, field, r.status_code, r.text[:200])
+                assert any(w in r.json()["detail"][0]["msg"] for w in ("RFC 8259", "out of range")), r.text
+        r = client.request(method, path.replace("{sid}", "1"), content=f'[{token}]',
+                           headers={**headers(tokens, "admin"), "Content-Type": "application/json"})
+        assert r.status_code == 422
+    assert list(ledger.db.conn.iterdump()) == before
+
+
+def test_a_validation_error_quoting_a_non_finite_number_still_renders(api):
+    """The 422 handler is the second line: whatever reaches it, it renders (FastAPI's own gave a 500)."""
+    from fastapi.exceptions import RequestValidationError
+
+    client, *_ = api
+    handler = client.app.exception_handlers[RequestValidationError]
+    error = RequestValidationError([{"type": "string_type", "loc": ("body", "amount"), "msg": "Input should be a "
+                                     "valid string", "input": float("nan"), "ctx": {"limit": float("-inf")}}])
+    r = handler(None, error)
+    assert r.status_code == 422
+    assert json.loads(r.body)["detail"][0]["input"] == "nan" and json.loads(r.body)["detail"][0]["ctx"] == \
+        {"limit": "-inf"}
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/api/v1/subscribers", {"name": "x", "tariff": "lab", "balance": "0.001"}),
+    ("POST", "/api/v1/subscribers", {"name": "x", "tariff": "lab", "credit_limit": "1.005"}),
+    ("PATCH", "/api/v1/subscribers/1", {"credit_limit": "0.001"}),
+    ("POST", "/api/v1/subscribers/1/payments", {"amount": "0.001"}),
+    ("POST", "/api/v1/subscribers/1/payments", {"amount": "10.009"}),
+    ("POST", "/api/v1/subscribers/1/adjustments", {"amount": "-0.005", "reason": "x"}),
+    ("POST", "/api/v1/cards", {"count": 1, "value": "0.001"}),
+])
+def test_amounts_finer_than_a_cent_are_refused(api, method, path, body):
+    client, ledger, tokens, cookies = api
+    before = list(ledger.db.conn.iterdump())
+    r = client.request(method, path, json=body, headers={**headers(tokens, "admin"), "Idempotency-Key": "fine-1"})
+    assert r.status_code == 422, r.text
+    assert list(ledger.db.conn.iterdump()) == before
+
+
+def test_the_api_listings_add_up_to_the_balance(api):
+    from decimal import Decimal
+
+    client, ledger, tokens, cookies = api
+    h = headers(tokens, "admin")
+    assert client.post("/api/v1/subscribers", json={"name": "c", "tariff": "lab", "balance": "1.10"},
+                       headers=h).status_code == 201
+    sid = ledger.get_subscriber("c")["id"]
+    for i, amount in enumerate(("0.01", "2.500", "7")):
+        assert client.post(f"/api/v1/subscribers/{sid}/payments", json={"amount": amount},
+                           headers={**h, "Idempotency-Key": f"sum-{i}"}).status_code == 201
+    assert client.post(f"/api/v1/subscribers/{sid}/adjustments", json={"amount": "-0.03", "reason": "x"},
+                       headers=h).status_code == 201
+    paid = sum(Decimal(p["amount"].split()[0]) for p in client.get(f"/api/v1/subscribers/{sid}/payments",
+                                                                   headers=h).json())
+    balance = Decimal(client.get(f"/api/v1/subscribers/{sid}", headers=h).json()["balance"].split()[0])
+    assert balance == Decimal("1.10") + paid - Decimal("0.03") == Decimal("10.58")
+    schema = client.get("/api/openapi.json").json()["components"]["schemas"]
+    assert "{1,2}" in schema["Payment"]["properties"]["amount"]["pattern"]  # the schema says it too

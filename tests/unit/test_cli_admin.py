@@ -1,4 +1,5 @@
-"""The daily admin commands (subscriber add/show/list/set/deactivate, block, unblock, adjust, usage, top), run as
+"""The daily admin commands (subscriber add/show/list/set/deactivate, block, unblock, adjust, topup, cards, tariff
+change, terms, usage, top, ledger check), run as
 a separate process against a temporary config and ledger: what they print, what they write, the audit row each
 change leaves, and that a refused request writes nothing."""
 
@@ -301,6 +302,38 @@ def test_top(ledger, tollgate, traffic):
     (["subscriber", "add", "alice", "--tariff", "basic"], 1, "exists"),
     (["subscriber", "set", "alice", "--tariff", "premium", "--effective", "2027-02-30"], 2, "not a date"),
     (["subscriber", "add", "dave"], 2, "--tariff"),  # argparse: required
+    # the API's checks, here too
+    (["subscriber", "add", "<script>alert(1)</script>", "--tariff", "basic"], 2, "name '<script>"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--contract", "C\x1b[31m"], 2, "contract"),
+    # item 15: finer than a cent
+    (["subscriber", "add", "dave", "--tariff", "basic", "--balance", "0.001"], 2, "finer than EUR"),
+    (["subscriber", "add", "dave", "--tariff", "basic", "--credit-limit", "0.001"], 2, "finer than EUR"),
+    (["subscriber", "set", "alice", "--credit-limit", "2.505"], 2, "finer than EUR"),
+    (["adjust", "alice", "0.005", "--reason", "x"], 2, "finer than EUR"),
+    (["topup", "alice", "0.001"], 2, "finer than EUR"),
+    (["cards", "generate", "--count", "1", "--value", "0.001", "--expires", "2099-01-01"], 2, "finer than EUR"),
+    # item 18: one owner per address
+    (["subscriber", "add", "dave", "--tariff", "basic", "--address", "100.64.0.0/24"], 1,
+     "100.64.0.0/24 overlaps 100.64.0.2/32, which belongs to subscriber 1 (alice)"),
+    (["subscriber", "set", "carol", "--address", "100.64.0.2/31"], 1, "overlaps"),
+    # item 17: topup, cards, tariff change and terms through Operations
+    (["topup", "nobody", "1.00"], 1, "no subscriber 'nobody'"),
+    (["topup", "alice", "-1.00"], 2, "more than zero"),
+    (["topup", "alice", "ten"], 2, "amount"),
+    (["topup", "alice", "1.00", "--comment", "bell\x07"], 2, "comment"),
+    (["cards", "generate", "--count", "1", "--value", "1.00", "--expires", "2001-01-01"], 2, "future"),
+    (["cards", "generate", "--count", "0", "--value", "1.00", "--expires", "2099-01-01"], 2, "cards generate needs"),
+    (["cards", "generate", "--count", "1", "--value", "1.00", "--expires", "someday"], 2, "not a date"),
+    (["cards", "activate", "nobody", "ABCD-EFGH"], 1, "no subscriber 'nobody'"),
+    (["cards", "activate", "alice"], 2, "needs SUBSCRIBER and CODE"),
+    (["tariff", "change", "alice", "gold", "--at", "now"], 2, "unknown tariff 'gold'"),
+    (["tariff", "change", "nobody", "premium"], 1, "no subscriber 'nobody'"),
+    (["tariff", "change", "alice", "premium", "--at", "2027-02-30"], 2, "not a date"),
+    (["terms", "alice", "--group", "vip"], 2, "unknown group 'vip'"),
+    (["terms", "alice", "--discount", "150%"], 2, "0% to 100%"),
+    (["terms", "alice", "--max-connections", "many"], 2, "many"),
+    (["terms", "alice", "--access", "Mon-Fri 08:00-25:00"], 2, "--access"),
+    (["terms", "nobody", "--speed-down", "8M"], 1, "no subscriber 'nobody'"),
 ])
 def test_a_refused_request_changes_nothing(ledger, tollgate, three, args, code, message):
     before = list(ledger.db.conn.iterdump())
@@ -309,3 +342,63 @@ def test_a_refused_request_changes_nothing(ledger, tollgate, three, args, code, 
     assert out.stderr.startswith(("tollgate: ", "usage: "))
     assert list(ledger.db.conn.iterdump()) == before
     assert AuditLog(ledger).verify() == (True, None)
+
+
+def test_topup_cards_tariff_change_and_terms_leave_their_audit_rows(ledger, tollgate, three):
+    """Every change from the command line goes through accounting/operations.py, as the API's do."""
+    out = tollgate("topup", "alice", "5.00", "--comment", "cash at the desk")
+    assert out.returncode == 0 and "+5.00 EUR, ledger balance 15.00 EUR" in out.stdout, out.stderr
+    for _ in range(2):  # the same --key twice: one payment
+        out = tollgate("topup", "bob", "1.00", "--key", "till-1-0001")
+        assert out.returncode == 0, out.stderr
+    assert "nothing new" in out.stdout
+    assert [(p["subscriber_id"], p["amount"], p["method"]) for p in ledger.payments()] == \
+        [(1, 5 * EUR, "cli"), (2, EUR, "cli")]
+
+    out = tollgate("cards", "generate", "--count", "2", "--value", "3.00", "--expires", "2099-01-01",
+                   "--batch", "desk-1")
+    assert out.returncode == 0, out.stderr
+    assert "2 cards of 3.00 EUR" in out.stdout
+    codes = [line.split(",")[1] for line in out.stdout.splitlines()[2:]]
+    assert len(codes) == 2 and ledger.db.execute("SELECT count(*) FROM cards WHERE batch = 'desk-1'").fetchone() == (2,)
+    out = tollgate("cards", "activate", "carol", codes[0])
+    assert out.returncode == 0 and "+3.00 EUR" in out.stdout, out.stderr
+    assert ledger.balance("carol") == 3 * EUR
+    again = tollgate("cards", "activate", "bob", codes[0])
+    assert again.returncode == 1 and "has been used" in again.stderr
+
+    out = tollgate("tariff", "change", "alice", "premium", "--at", "2027-01-01")
+    assert out.returncode == 0 and "tariff premium from 2027-01-01 00:00 CET" in out.stdout, out.stderr
+    assert ledger.db.execute("SELECT subscriber_id, tariff, effective_ns FROM tariff_changes").fetchall() == \
+        [(1, "premium", local_ns("2027-01-01 00:00"))]
+    assert "already" in tollgate("tariff", "change", "carol", "premium", "--at", "now").stdout  # nothing to do
+
+    out = tollgate("terms", "bob", "--discount", "20%", "--speed-down", "50M", "--volume-limit", "100 GB")
+    assert out.returncode == 0 and "discount_bp 2000" in out.stdout, out.stderr
+    bob = ledger.get_subscriber("bob")
+    assert (bob["discount_bp"], bob["speed_down_bps"], bob["volume_limit"]) == (2000, 50_000_000, 100 * 10**9)
+    assert tollgate("terms", "bob").returncode == 0  # showing writes nothing
+
+    assert audit(ledger)[3:] == [("payment.add", "subscriber:1"), ("payment.add", "subscriber:2"),
+                                 ("cards.generate", "cards:00000001-00000002"), ("card.activate", "subscriber:3"),
+                                 ("subscriber.update", "subscriber:1"), ("subscriber.terms", "subscriber:2")]
+    rows = AuditLog(ledger).rows()[3:]
+    assert rows[0]["after"]["amount"] == "5.00 EUR" and rows[0]["after"]["method"] == "cli"
+    assert rows[2]["after"]["value"] == "3.00 EUR" and all(c not in str(rows[2]) for c in codes)  # no codes kept
+    assert rows[4]["after"]["tariff_change"] == {"tariff": "premium", "effective_ns": local_ns("2027-01-01 00:00")}
+    assert rows[5]["before"] == {"discount_bp": None, "discount_until_ns": None, "speed_down_bps": None,
+                                 "volume_limit": None}
+    assert rows[5]["after"] == {"discount_bp": 2000, "discount_until_ns": None, "speed_down_bps": 50_000_000,
+                                "volume_limit": 100 * 10**9}
+    assert ledger.check_invariants() == []
+
+
+def test_ledger_check_on_the_command_line(ledger, tollgate, traffic):
+    out = tollgate("ledger", "check")
+    assert out.returncode == 0 and out.stdout.startswith("ledger ok (3 subscribers"), out.stderr
+    ledger.db.execute("UPDATE subscribers SET balance = balance + 1 WHERE name = 'bob'")
+    out = tollgate("ledger", "check")
+    assert out.returncode == 1 and "subscriber 2 (bob): balance" in out.stdout
+    assert "1 problem" in out.stderr
+    missing = tollgate("ledger", "check", "--db", str(ledger.path) + ".nope")
+    assert missing.returncode == 2 and "no such ledger" in missing.stderr
