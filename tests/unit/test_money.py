@@ -87,6 +87,28 @@ def test_amount_finer_than_a_byte():
         parse_amount("0.5", "bytes")
 
 
+@pytest.mark.parametrize("currency, step, finer", [
+    ("EUR", 10**7, ["0.001", "1.005", "-0.009", "0.000000001"]),
+    ("JPY", 10**9, ["0.5", "1.1", "-3.01"]),
+    ("BHD", 10**6, ["0.0001", "2.0005"]),
+    ("MB", 10**4, ["0.001", "1.5555"]),
+    ("bytes", 1, []),
+])
+def test_amounts_people_enter_are_whole_minor_units(currency, step, finer):
+    """``minor=True`` (payments, adjustments, balances, card values): finer than the currency shows is refused,
+    because it would be shown rounded and the listings would not add up; rated traffic keeps nano-units."""
+    assert get_currency(currency).minor_unit == step
+    for text in finer:
+        assert parse_amount(text, currency) % step != 0  # exact, so taken without minor=True
+        with pytest.raises(MoneyError, match=f"finer than {get_currency(currency).code} shows"):
+            parse_amount(text, currency, minor=True)
+    for units in (step, -step, 1234 * step, 0):
+        text = format_amount(units, currency).split()[0] if not get_currency(currency).volume else None
+        if text is not None:  # what the API shows parses back as people's input
+            assert parse_amount(text, currency, minor=True) == units
+    assert parse_amount("1.000" if step < 10**9 else "1", currency, minor=True) == get_currency(currency).unit
+
+
 @pytest.mark.parametrize("units, currency, text", [
     (12_500_000_000, EUR, "12.50 EUR"),
     (0, EUR, "0.00 EUR"),
