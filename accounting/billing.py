@@ -20,10 +20,18 @@ the daemon), says what is due as :class:`Posting` s and engine changes:
   charged: provisionally as it goes (each :meth:`Biller.advance` posts the
   change), finally at the period end. The engine prices both pairs at 0.
 
-Free volume (the tariff's buckets) is renewed at each period start. A
-posting's ``key`` is unique and stable (the same period, day or volume give
+Free volume (the tariff's buckets) is renewed at each period start, and so is
+the volume limit (the engine enforces it at the packet; the bytes that count
+are those outside the local zone, both directions: :data:`VOLUME_ZONE_RULE`).
+A posting's ``key`` is unique and stable (the same period, day or volume give
 the same key), so the ledger records each once even when billing runs again
 after a crash or over a replayed file.
+
+A period's settlement (postpaid, prevailing-final) is dated the last instant
+of the period it settles (``end - 1`` ns), so that it is on that period's
+invoice and in the balance at the start of the next, though it falls due at
+the boundary. Its explanation is for the customer: money in the currency and
+zone names, never internal units or zone ids.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from ext.constants import PRICE_SCALE
+from ext.constants import DIRECTIONS, PRICE_SCALE
 
+from .money import format_amount, format_volume, get_currency
 from .zones import LOCAL
 
 NS = 1_000_000_000
@@ -41,6 +50,22 @@ PERIODS = ("monthly", "weekly", "daily")
 SCHEMES = ("regular", "postpaid", "prevailing")
 FEE_MODES = ("start", "daily")
 FULL = 10_000  # discounts are in basis points of this
+VOLUME_ZONE_RULE = "every zone but the local one (LOCAL), upload and download"
+
+
+def counts_toward_volume(zone: int) -> bool:
+    """Whether bytes of ``zone`` count toward a volume limit (:data:`VOLUME_ZONE_RULE`)."""
+    return zone != LOCAL
+
+
+def volume_zone_mask(n_zones: int) -> int:
+    """The engine's ``volume_zones`` mask for ``n_zones`` zones."""
+    return sum(1 << z for z in range(n_zones) if counts_toward_volume(z))
+
+
+def counted_volume(volumes: dict) -> int:
+    """Bytes of ``volumes`` ({(zone, direction): bytes}) that count toward a volume limit."""
+    return sum(v for (zone, _d), v in volumes.items() if counts_toward_volume(zone))
 
 
 @dataclass(frozen=True)
@@ -190,6 +215,7 @@ class Account:
     end: int = 0
     volumes: dict = field(default_factory=dict)  # (zone, direction) -> bytes this period
     prevailing_charged: int = 0  # provisional charges posted this period
+    settled_to: int | None = None  # the period ending here is settled (an exclusive end stopped at it)
     fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
     discount_on: bool = True
     credit_on: bool = True
@@ -202,10 +228,19 @@ class Biller:
     ``plan``); ``timezone`` is an IANA name.
     """
 
-    def __init__(self, tariffs: dict, timezone: str = "UTC") -> None:
+    def __init__(self, tariffs: dict, timezone: str = "UTC", currency="EUR", zone_names=None) -> None:
+        """``currency`` and ``zone_names`` (the config's, by zone id) are for
+        the explanations of postings, which customers read on invoices."""
         self.tariffs = tariffs
         self.tz = ZoneInfo(timezone)
+        self.currency = currency if not isinstance(currency, str) else get_currency(currency)
+        self.zone_names = list(zone_names or ())
         self.accounts: dict[int, Account] = {}
+
+    def _zone_dir(self, zone: int, direction: int) -> str:
+        """"external upload": a zone by its name (its id only if the config has none)."""
+        name = self.zone_names[zone] if 0 <= zone < len(self.zone_names) else f"zone {zone}"
+        return f"{name} {DIRECTIONS[direction]}"
 
     def _plan(self, acct: Account) -> Plan:
         return self.tariffs[acct.terms.tariff].plan
@@ -238,7 +273,8 @@ class Biller:
         acct = self.accounts.pop(sid)
         # daily fees: up to the day it leaves, or up to the day before a tariff change
         paid_to = now if leaving else _instant(_local(now, self.tz).date(), self.tz) - 1
-        out = self._daily_fees(acct, paid_to) + self._settle(acct, now, final=True)
+        out = self._daily_fees(acct, paid_to) + (
+            self._settle(acct, now, final=True) if acct.settled_to != acct.end else [])
         plan = self._plan(acct)
         if plan.fee and plan.fee_mode == "start" and plan.scheme != "postpaid":
             first, nxt = period_days(plan, acct.start, self.tz)
@@ -260,10 +296,13 @@ class Biller:
                 key = (r.zone, r.direction)
                 acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
 
-    def over_volume(self) -> list[int]:
-        """Subscribers whose volume outside the local zone reached their limit this period."""
-        return [sid for sid, acct in self.accounts.items() if acct.terms.volume_limit is not None
-                and sum(v for (zone, _d), v in acct.volumes.items() if zone != LOCAL) >= acct.terms.volume_limit]
+    def volume_left(self, sid: int) -> int | None:
+        """What the subscriber's volume limit still allows this period from the
+        volumes observed (None: no limit); the engine holds the live figure."""
+        acct = self.accounts[sid]
+        if acct.terms.volume_limit is None:
+            return None
+        return acct.terms.volume_limit - counted_volume(acct.volumes)
 
     # ---- the clock ------------------------------------------------------------------------
 
@@ -282,26 +321,37 @@ class Biller:
         later = [t for t in times if t > now]
         return min(later) if later else None
 
-    def advance(self, now: int) -> tuple[list[Posting], list[EngineChange]]:
-        """Everything due up to ``now``, in time order per subscriber."""
+    def advance(self, now: int, end: bool = False) -> tuple[list[Posting], list[EngineChange]]:
+        """Everything due up to ``now``, in time order per subscriber.
+
+        ``end``: ``now`` is an exclusive end (``replay --bill-until``): what
+        happens before it is billed, a period ending at it is settled, but
+        nothing that starts at it: not the next period's fee or free volume,
+        not that day's share of a daily fee, not an expiry falling on it."""
         postings: list[Posting] = []
         changes: list[EngineChange] = []
         for acct in list(self.accounts.values()):
             terms = acct.terms
-            if acct.discount_on and terms.discount_until is not None and now >= terms.discount_until:
-                acct.discount_on = False
-                changes.append(EngineChange(acct.sid, "discount", 0, terms.discount_until))
-            if acct.credit_on and terms.credit_until is not None and now >= terms.credit_until:
-                acct.credit_on = False
-                changes.append(EngineChange(acct.sid, "credit", 0, terms.credit_until))
+            for what, until, on in (("discount", terms.discount_until, acct.discount_on),
+                                    ("credit", terms.credit_until, acct.credit_on)):
+                if on and until is not None and (now > until or (now == until and not end)):
+                    setattr(acct, f"{what}_on", False)
+                    changes.append(EngineChange(acct.sid, what, 0, until))
             while now >= acct.end:
                 boundary = acct.end
-                postings += self._daily_fees(acct, boundary)
-                postings += self._settle(acct, boundary, final=True)
+                if acct.settled_to != boundary:
+                    postings += self._daily_fees(acct, boundary)
+                    postings += self._settle(acct, boundary, final=True)
+                    acct.settled_to = boundary
+                if end and now == boundary:  # the next period starts at the end: not billed here
+                    break
                 self._enter_period(acct, boundary)
                 changes.append(EngineChange(acct.sid, "renew", 0, boundary))
                 postings += self._fee_at_start(acct, boundary)
-            postings += self._daily_fees(acct, now)
+            if acct.settled_to == acct.end:
+                continue  # closed at an exclusive end, nothing of the next period yet
+            # an exclusive end: the days begun before it (now - 1 is the last instant billed)
+            postings += self._daily_fees(acct, now - 1 if end else now)
             postings += self._settle(acct, now, final=False)
         return postings, changes
 
@@ -353,15 +403,20 @@ class Biller:
         plan = self._plan(acct)
         tariff = self.tariffs[acct.terms.tariff]
         discount = self.discount(acct)
+        # a final settlement is dated inside the period it settles: at the
+        # boundary, its last nanosecond (so the invoice of that period has it)
+        ts = min(now, acct.end - 1) if final else now
         if plan.scheme == "postpaid" and final:
             first, nxt = period_days(plan, acct.start, self.tz)
             active_from = max(first, _local(acct.joined, self.tz).date())
             last_day = min(nxt, _local(now - 1, self.tz).date() + dt.timedelta(days=1))
             fee = prorate(discounted(plan.fee, discount), max(0, _days(active_from, last_day)), _days(first, nxt))
             traffic = rate_volumes(tariff, acct.volumes, discount)
-            detail = ", ".join(f"zone {z} {'up' if d == 0 else 'down'} {v} B" for (z, d), v in sorted(acct.volumes.items()))
-            return [Posting(acct.sid, "postpaid", fee + traffic, now, f"postpaid:{acct.sid}:{acct.start}:{acct.joined}",
-                            f"fee {fee}, traffic {traffic}" + (f" ({detail})" if detail else ""))]
+            volumes = ", ".join(f"{self._zone_dir(z, d)} {format_volume(v)}"
+                                for (z, d), v in sorted(acct.volumes.items()) if v)
+            detail = f"fee {format_amount(fee, self.currency)}, traffic {format_amount(traffic, self.currency)}"
+            return [Posting(acct.sid, "postpaid", fee + traffic, ts, f"postpaid:{acct.sid}:{acct.start}:{acct.joined}",
+                            detail + (f": {volumes}" if volumes else ""))]
         if plan.scheme == "prevailing":
             cost, pick = prevailing_cost(tariff, plan.prevailing, acct.volumes, discount)
             delta = cost - acct.prevailing_charged
@@ -372,6 +427,6 @@ class Biller:
             kind = "prevailing" if not final else "prevailing-final"
             if delta == 0:
                 return []
-            return [Posting(acct.sid, kind, delta, now, f"{kind}:{acct.sid}:{acct.start}:{vols}",
-                            f"zone {pick[0]} {'up' if pick[1] == 0 else 'down'} prevails")]
+            return [Posting(acct.sid, kind, delta, ts, f"{kind}:{acct.sid}:{acct.start}:{vols}",
+                            f"{self._zone_dir(*pick)} prevails")]
         return []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -76,10 +77,42 @@ def _sum(ledger: Ledger, table: str, sid: int, until: int) -> int:
 
 
 def balance_at(ledger: Ledger, sid: int, ts: int) -> int:
-    """The subscriber's balance at ``ts`` from the ledger's records."""
+    """The subscriber's balance at ``ts`` from the ledger's records.
+
+    Traffic counts by the minute it happened in (usage), not by when its
+    flush was written (charges): the last minute of a period is flushed at or
+    after the boundary, and the invoice lists it in the period it happened
+    in, so the next period's opening balance must hold it too. Usage amounts
+    add up to the charges (``Ledger.check_invariants``); ``ts`` is a period
+    start, a whole minute."""
     opening = ledger.db.execute("SELECT opening_balance FROM subscribers WHERE id = ?", (sid,)).fetchone()[0]
+    traffic = ledger.usage(sid, until=-(-ts // NS), group_by=())[0]["amount"]  # minutes starting before ts
     return (opening + _sum(ledger, "payments", sid, ts) + _sum(ledger, "adjustments", sid, ts)
-            - _sum(ledger, "charges", sid, ts) - _sum(ledger, "postings", sid, ts))
+            - traffic - _sum(ledger, "postings", sid, ts))
+
+
+_LEGACY_POSTPAID = re.compile(r"fee (-?\d+), traffic (-?\d+)(?: \((.*)\))?")
+_LEGACY_VOLUME = re.compile(r"zone (\d+) (up|down) (\d+) B")
+_LEGACY_PREVAILS = re.compile(r"zone (\d+) (up|down) prevails")
+
+
+def customer_detail(detail: str, kind: str, zones: dict, currency) -> str:
+    """A posting's explanation as a customer reads it. Postings written before
+    they were explained in money and zone names ("fee 5000000000, traffic
+    150000000 (zone 1 up 15000 B)") are put that way here, so no invoice shows
+    internal units or zone ids."""
+    def zone(z: str, d: str) -> str:
+        return f"{zones.get(int(z), f'zone {z}')} {'upload' if d == 'up' else 'download'}"
+
+    m = _LEGACY_POSTPAID.fullmatch(detail) if kind == "postpaid" else None
+    if m:
+        volumes = [f"{zone(z, d)} {format_volume(int(v))}" for z, d, v in _LEGACY_VOLUME.findall(m.group(3) or "")]
+        text = f"fee {format_amount(int(m.group(1)), currency)}, traffic {format_amount(int(m.group(2)), currency)}"
+        return text + (f": {', '.join(volumes)}" if volumes else "")
+    m = _LEGACY_PREVAILS.fullmatch(detail) if kind.startswith("prevailing") else None
+    if m:
+        return f"{zone(m.group(1), m.group(2))} prevails"
+    return detail
 
 
 def build_invoice(ledger: Ledger, subscriber, start: int, end: int, timezone: str = "UTC") -> Invoice:
@@ -95,13 +128,14 @@ def build_invoice(ledger: Ledger, subscriber, start: int, end: int, timezone: st
     if sub.get("discount_bp"):
         inv.lines.append(Line("charges", f"Your discount of {sub['discount_bp'] / 100:g}% is in the prices below",
                               "", 0))
+    zones = ledger.zones()
     for p in ledger.postings(sid, since=start, until=end):
         section = "credits" if p["amount"] < 0 else "charges"
         label = {"fee": "Subscription fee", "fee-refund": "Fee for unused days", "postpaid": "Postpaid period",
                  "prevailing": "Prevailing traffic (provisional)", "prevailing-final": "Prevailing traffic, final"}
-        inv.lines.append(Line(section, f"{label.get(p['kind'], p['kind'])} ({p['detail']})" if p["detail"]
+        detail = customer_detail(p["detail"], p["kind"], zones, currency) if p["detail"] else ""
+        inv.lines.append(Line(section, f"{label.get(p['kind'], p['kind'])} ({detail})" if detail
                               else label.get(p["kind"], p["kind"]), inv.day(p["ts_ns"]), abs(p["amount"])))
-    zones = ledger.zones()
     for u in ledger.usage(sid, since=start // NS, until=end // NS, group_by=("zone", "direction")):
         if u["bytes"] or u["amount"]:
             zone = zones.get(u["zone"], f"zone {u['zone']}")

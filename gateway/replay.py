@@ -5,6 +5,10 @@ they would have live. Counters are flushed to the ledger at every minute
 boundary of that clock (usage is rolled up per minute) with flush ids derived
 from the file's digest, and the file is recorded as imported: replaying the
 same capture into the same ledger again is refused rather than charged twice.
+Blocks are reported where they happened: at the packet that breached the
+credit or the volume limit (its number and time), or at the calendar instant
+that made one (a credit limit running out with the balance below zero: that
+instant, no packet).
 ``dry_run`` rates without writing anything: what would this traffic have cost
 under this config?
 """
@@ -18,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from accounting.ledger import Ledger
-from ext.constants import BLOCK_LIMIT, DIRECTIONS, EV_BLOCK, EV_WARN
+from ext.constants import BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_WARN
 from ext.errors import CaptureError, TollgateError
 
 from .config import Config
@@ -36,7 +40,7 @@ class SubscriberReport:
     usage: dict = field(default_factory=dict)  # (zone, direction) -> [bytes, packets, charged]
     charged: int = 0
     balance: int = 0
-    blocked_at: tuple | None = None  # (packet number, ts_ns, reason)
+    blocked_at: tuple | None = None  # (packet number or None for a calendar instant, ts_ns, reason bit)
     warnings: list = field(default_factory=list)  # (packet number, ts_ns, level)
     postings: list = field(default_factory=list)  # accounting.billing.Posting: fees, settlements
     dropped_packets: int = 0
@@ -101,7 +105,9 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
 
     The billing calendar (fees, period ends) follows the packets' clock from
     the first packet, and after the last one up to ``bill_until`` (ns) if
-    given: e.g. the end of the month, to see its postpaid settlement."""
+    given, exclusive: e.g. the first instant of December closes November
+    (its postpaid or prevailing settlement, its last day's fee share) and
+    charges nothing of December (no fee, no first day's share)."""
     if not os.path.isfile(capture) or not os.access(capture, os.R_OK):
         raise FileNotFoundError(capture)
     reader = CaptureReader(capture)
@@ -123,12 +129,12 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
                 if row["name"] not in known:
                     next_id += 1
                     rows.append(row | {"id": next_id})
-        acct.load_subscribers(rows)
+        loaded = acct.load_subscribers(rows)  # blocks at load: reported at the start of billing
         digest = file_digest(capture)
         if not dry_run and ledger is not None and ledger.has_import(digest):
             raise TollgateError(f"{capture} was already replayed into {db_path} (same contents); "
                                 f"use --dry-run to rate it again without charging")
-        result = _run(acct, reader, digest, dry_run, progress, batch_size, bill_until)
+        result = _run(acct, reader, digest, dry_run, progress, batch_size, bill_until, loaded)
         if not dry_run and ledger is not None:
             ledger.record_import(digest, os.path.abspath(capture), result.packets)
         return result
@@ -138,7 +144,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
 
 
 def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, progress: bool,
-         batch_size: int, bill_until: int | None = None) -> ReplayResult:
+         batch_size: int, bill_until: int | None = None, loaded: list = ()) -> ReplayResult:
     result = ReplayResult(reader.path, acct.engine.implementation, dry_run)
     reports = {sid: SubscriberReport(sid, info.name, info.tariff) for sid, info in acct.subscribers.items()}
     bar = Progress(reader.size, progress and reader.size > (8 << 20))
@@ -155,14 +161,23 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
             c[1] += row.packets
             c[2] += row.charged
 
-    def bill(until: int) -> None:
+    def calendar_events(events, ts: int) -> None:
+        """Blocks that no packet made (at load, a credit limit running out) happen at ``ts``."""
+        for ev in events:
+            report = reports.get(ev.subscriber)
+            if report is not None and ev.kind == EV_BLOCK and report.blocked_at is None:
+                report.blocked_at = (None, ts, ev.reason)
+
+    def bill(until: int, end: bool = False) -> None:
         """The calendar up to ``until``: every boundary on the way, each after
-        the traffic before it is counted (batches never straddle a minute)."""
+        the traffic before it is counted (batches never straddle a minute).
+        ``end``: ``until`` is exclusive (``--bill-until``)."""
         while True:
             due = acct.next_event(result.billed_to)
             step = until if due is None or due > until else due
             flush(minute if minute is not None else step, step)
-            postings, _events = acct.bill(step)
+            postings, events = acct.bill(step, end=end and step == until)
+            calendar_events(events, step)
             for p in postings:
                 reports[p.subscriber].postings.append(p)
             result.billed_to = step
@@ -172,7 +187,10 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
     try:
         for batch in reader.batches(batch_size, split_at_minute=True):
             if batch.n and result.billed_to is None:
-                for p in acct.start_billing(batch.ts[0])[0]:
+                calendar_events(loaded, batch.ts[0])
+                postings, events = acct.start_billing(batch.ts[0])
+                calendar_events(events, batch.ts[0])
+                for p in postings:
                     reports[p.subscriber].postings.append(p)
                 result.billed_to = batch.ts[0]
             if batch.n and batch.ts[0] > result.billed_to:
@@ -188,7 +206,10 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
     if minute is not None:
         flush(minute, result.last_ts)
     if result.billed_to is not None:
-        bill(max(result.billed_to, bill_until or result.last_ts))
+        if bill_until is not None and bill_until > result.billed_to:
+            bill(bill_until, end=True)  # exclusive: closes what ends then, charges nothing that starts then
+        else:
+            bill(max(result.billed_to, result.last_ts or result.billed_to))
     bar.close()
 
     stats = acct.engine.stats()
@@ -204,8 +225,6 @@ def _run(acct: Accountant, reader: CaptureReader, digest: str, dry_run: bool, pr
         report.charged = sum(c[2] for c in report.usage.values())
         report.dropped_packets = state.dropped_packets
         report.dropped_bytes = state.dropped_bytes
-        if report.blocked_at is None and state.blocked & BLOCK_LIMIT:
-            report.blocked_at = (0, None, BLOCK_LIMIT)  # blocked before the first packet
         result.subscribers.append(report)
     return result
 
@@ -252,8 +271,10 @@ def result_json(result: ReplayResult, config: Config) -> dict:
                       for (z, d), c in sorted(r.usage.items())],
             "charged": r.charged, "charged_text": format_amount(r.charged, cur),
             "balance": r.balance, "balance_text": format_amount(r.balance, cur),
+            # packet: its number (1 = the first) when a packet breached; None for a calendar instant
             "blocked": None if r.blocked_at is None else {
-                "packet": r.blocked_at[0], "ts_ns": r.blocked_at[1], "time": iso(r.blocked_at[1])},
+                "packet": r.blocked_at[0], "ts_ns": r.blocked_at[1], "time": iso(r.blocked_at[1]),
+                "reason": BLOCK_REASONS.get(r.blocked_at[2], str(r.blocked_at[2]))},
             "warnings": [{"packet": p, "time": iso(t), "level": lvl} for p, t, lvl in r.warnings],
             "postings": [{"kind": p.kind, "amount": p.amount, "amount_text": format_amount(p.amount, cur),
                           "time": iso(p.ts), "detail": p.detail} for p in r.postings],
@@ -297,8 +318,9 @@ def result_text(result: ReplayResult, config: Config) -> str:
         lines.append(f"  traffic charged {s['charged_text']}, balance {s['balance_text']}")
         if s["blocked"]:
             b = s["blocked"]
-            where = f"packet {b['packet']:,} at {b['time']}" if b["packet"] else "before the first packet"
-            lines.append(f"  blocked at {where}; {s['dropped_packets']:,} packets ({s['dropped_bytes']:,} bytes) dropped")
+            where = f"packet {b['packet']:,} at {b['time']}" if b["packet"] else f"{b['time']}, no packet"
+            lines.append(f"  blocked at {where} ({b['reason']}); {s['dropped_packets']:,} packets "
+                         f"({s['dropped_bytes']:,} bytes) dropped")
         for w in s["warnings"]:
             lines.append(f"  warning level {w['level'] + 1} reached at packet {w['packet']:,} ({w['time']})")
     return "\n".join(lines)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from accounting import access
-from accounting.billing import Biller, Posting, Terms
+from accounting.billing import Biller, Posting, Terms, volume_zone_mask
 from accounting.ledger import Ledger
 from ext import engine_class
-from ext.constants import BLOCK_SCHEDULE, BLOCK_VOLUME, PRICE_SCALE
+from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
@@ -56,10 +56,12 @@ class Accountant:
     def __post_init__(self) -> None:
         cfg = self.config
         cls = engine_class(self.engine_name)
+        # volume limits are enforced by the engine at the packet, over the zones billing counts
         self.engine = cls(len(cfg.zones), len(cfg.schedule.slots),
-                          malformed_verdict=cfg.malformed_verdict, unknown_verdict=cfg.unknown_verdict)
+                          malformed_verdict=cfg.malformed_verdict, unknown_verdict=cfg.unknown_verdict,
+                          volume_zones=volume_zone_mask(len(cfg.zones)))
         self._timeline_end: int | None = None
-        self.biller = Biller(cfg.tariffs, cfg.timezone)
+        self.biller = Biller(cfg.tariffs, cfg.timezone, cfg.currency, cfg.zones.names)
         self.terms: dict[int, Terms] = {}
         self.since: dict[int, int | None] = {}  # id -> when its billing started, if known before the first packet
         self.cheapest_price: dict[int, int] = {}  # engine tariff id -> its lowest non-zero price (0: all free)
@@ -141,6 +143,7 @@ class Accountant:
     def update_terms(self, sid: int, row: dict) -> list:
         """New terms for a subscriber whose tariff stays (a discount, a group,
         a credit limit or its expiry changed): the engine follows at once."""
+        old = self.terms.get(sid)
         terms = self.terms[sid] = self.terms_for(row)
         acct = self.biller.accounts.get(sid)
         if acct is None:
@@ -148,7 +151,20 @@ class Accountant:
         acct.terms = terms
         acct.discount_on = terms.discount_until is None or acct.joined < terms.discount_until
         acct.credit_on = terms.credit_until is None or acct.joined < terms.credit_until
-        return self._apply_terms(sid)
+        events = []
+        old_limit = old.volume_limit if old is not None else None
+        if terms.volume_limit != old_limit:
+            # a new limit mid-period: what the period used stays used (the
+            # engine's live figure, undrained bytes included)
+            left = self.engine.subscriber(sid).volume_left
+            if terms.volume_limit is None:
+                new_left = None
+            elif left is None or old_limit is None:
+                new_left = self.biller.volume_left(sid)
+            else:
+                new_left = left + terms.volume_limit - old_limit
+            events += self.engine.set_volume(sid, new_left)
+        return events + self._apply_terms(sid)
 
     # ---- subscribers -----------------------------------------------------
 
@@ -195,7 +211,8 @@ class Accountant:
             self.terms[row["id"]] = terms
             self.since[row["id"]] = row.get("since")
             events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
-                                                 row["balance"], row["credit_limit"], tariff.allowance())
+                                                 row["balance"], row["credit_limit"], tariff.allowance(),
+                                                 terms.volume_limit)
             for network in row["addresses"]:
                 try:
                     self.engine.add_address(row["id"], network)
@@ -246,9 +263,14 @@ class Accountant:
         if self.ledger is not None:
             self.ledger.assign_tariff(sid, tariff, now)
         state = self.engine.subscriber(sid)
-        self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
-                                   allowance=self.config.tariffs[tariff].allowance())
-        return self._post(self.biller.change_tariff(sid, terms, now)) if state else ([], [])
+        events = self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
+                                            allowance=self.config.tariffs[tariff].allowance())
+        # the new tariff's period volume starts now, as its billing account does
+        events += self.engine.set_volume(sid, terms.volume_limit)
+        if not state:
+            return [], events
+        applied, more = self._post(self.biller.change_tariff(sid, terms, now))
+        return applied, events + more
 
     def close_billing(self, sid: int, now: int) -> tuple[list[Posting], list]:
         """The subscriber leaves: its period settled, unused fee days refunded."""
@@ -265,22 +287,26 @@ class Accountant:
             return []
         return self.engine.set_subscriber(sid, tariff=tid, credit=credit, allowance=state.allowance)
 
-    def bill(self, now: int) -> tuple[list[Posting], list]:
+    def bill(self, now: int, end: bool = False) -> tuple[list[Posting], list]:
         """What the billing calendar has due up to ``now``: postings (each
         recorded once in the ledger, then taken off the live balance) and
-        engine changes. Returns the postings applied and the engine's events."""
-        postings, changes = self.biller.advance(now)
+        engine changes. Returns the postings applied and the engine's events.
+
+        ``end``: ``now`` is an exclusive end (``replay --bill-until``): a
+        period ending then is settled, nothing starting then is charged
+        (see ``Biller.advance``)."""
+        postings, changes = self.biller.advance(now, end)
         events = []
         for change in changes:
             if change.what == "renew":
-                tariff = self.config.tariffs[self.biller.accounts[change.subscriber].terms.tariff]
+                acct = self.biller.accounts[change.subscriber]
+                tariff = self.config.tariffs[acct.terms.tariff]
                 events += self.engine.set_subscriber(change.subscriber, allowance=tariff.allowance())
-                events += self.engine.unblock(change.subscriber, BLOCK_VOLUME)
+                # a new period's volume: the engine counts it down packet by packet (and lifts BLOCK_VOLUME)
+                events += self.engine.set_volume(change.subscriber, acct.terms.volume_limit)
             else:
                 events += self._apply_terms(change.subscriber)
         applied, more = self._post(postings)
-        for sid in self.biller.over_volume():
-            more += self.engine.block(sid, BLOCK_VOLUME)
         return applied, events + more + self.check_access(now)
 
     def next_event(self, now: int) -> int | None:
@@ -306,16 +332,22 @@ class Accountant:
             events += self.engine.unblock(sid, BLOCK_SCHEDULE) if allowed else self.engine.block(sid, BLOCK_SCHEDULE)
         return events
 
-    def resume_from_ledger(self, now: int) -> None:
+    def resume_from_ledger(self, now: int) -> list:
         """After a restart: the current period's volumes and provisional
         prevailing charges from the ledger, so that settlements and volume
-        limits count what came before the restart."""
+        limits count what came before the restart (the engine's volume left
+        is the limit less what the period used: a block if it is past it).
+        Returns the engine's events."""
+        events = []
         for sid, acct in self.biller.accounts.items():
             for u in self.ledger.usage(sid, since=acct.start // NS, until=now // NS + 60,
                                        group_by=("zone", "direction")):
                 acct.volumes[(u["zone"], u["direction"])] = u["bytes"]
             acct.prevailing_charged = sum(p["amount"] for p in self.ledger.postings(sid, since=acct.start, until=now)
                                           if p["kind"] == "prevailing")
+            if acct.terms.volume_limit is not None:
+                events += self.engine.set_volume(sid, self.biller.volume_left(sid))
+        return events
 
     def _post(self, postings: list[Posting]) -> tuple[list[Posting], list]:
         applied, events = [], []

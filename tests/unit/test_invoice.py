@@ -115,3 +115,48 @@ def test_cli_writes_the_invoice(march, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gateway.cli", "invoice", "nobody", "-c", str(tmp_path / "tollgate.toml"),
                           "--db", ledger.path], capture_output=True, text=True)
     assert bad.returncode == 2 and "no subscriber 'nobody'" in bad.stderr
+
+
+POSTPAID = CONFIG.replace('fee = "10.00"', 'scheme = "postpaid"\nfee = "10.00"')
+
+
+def test_postpaid_settlement_is_on_the_invoice_of_its_period(tmp_path):
+    """Postpaid March: 3 MB external down (1 MB free: 2.00) and 2 MB peering up (0.20), fee 10.00, all
+    settled at April 1st 00:00 as 12.20. On March's invoice (100.00 -> 87.80), in money and zone names;
+    April's opens at 87.80 with no settlement on it. The PDF says the same to a real reader."""
+    cfg = parse_config(tomllib.loads(POSTPAID))
+    write_capture(tmp_path / "march.pcap",
+                  traffic("2026-03-05T12:00", 3 * MB) + traffic("2026-03-10T12:00", 2 * MB, PEERING, up=True))
+    db = tmp_path / "ledger.db"
+    replay(cfg, str(tmp_path / "march.pcap"), str(db), progress=False, bill_until=at("2026-04-02"))
+    with Ledger.open(db) as ledger:
+        march = build_invoice(ledger, "alice", at("2026-03-01"), at("2026-04-01"), cfg.timezone)
+        april = build_invoice(ledger, "alice", at("2026-04-01"), at("2026-05-01"), cfg.timezone)
+        assert ledger.balance("alice") == 87_800_000_000
+    settlement = "Postpaid period (fee 10.00 EUR, traffic 2.20 EUR: external download 3.00 MB, peering upload 2.00 MB)"
+    assert [(line.text, line.quantity, line.amount) for line in march.lines if "Postpaid" in line.text] == [
+        (settlement, "2026-03-31", 12_200_000_000)]
+    assert (march.opening, march.closing) == (100 * 10 ** 9, 87_800_000_000)
+    assert (april.opening, april.closing, april.lines) == (87_800_000_000, 87_800_000_000, [])
+    if shutil.which("pdftotext"):
+        pdf = tmp_path / "march.pdf"
+        pdf.write_bytes(render_pdf(march))
+        text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+                              check=True).stdout
+        assert "fee 10.00 EUR, traffic 2.20 EUR" in text and "zone 1" not in text and "10000000000" not in text
+
+
+def test_settlements_recorded_before_are_shown_in_money_and_zone_names(march):
+    """A ledger written before settlements were explained for customers: the raw detail of the issue
+    ("fee 5000000000, traffic 150000000 (zone 1 up 15000 B, zone 1 down 10000 B)") is shown as
+    5.00 EUR, 0.15 EUR and the zone's name (zone 1 is "external"); so is an old prevailing detail."""
+    ledger, cfg = march
+    sid = ledger.get_subscriber("alice")["id"]
+    ledger.add_posting(sid, "postpaid", 5_150_000_000, at("2026-03-31T23:00"), "legacy-postpaid",
+                       "fee 5000000000, traffic 150000000 (zone 1 up 15000 B, zone 1 down 10000 B)")
+    ledger.add_posting(sid, "prevailing", 1, at("2026-03-31T23:00"), "legacy-prevailing", "zone 2 down prevails")
+    inv = build_invoice(ledger, "alice", at("2026-03-01"), at("2026-04-01"), cfg.timezone)
+    texts = [line.text for line in inv.lines]
+    assert ("Postpaid period (fee 5.00 EUR, traffic 0.15 EUR: external upload 15.00 kB, external download 10.00 kB)"
+            in texts)
+    assert "Prevailing traffic (provisional) (peering download prevails)" in texts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -238,6 +239,7 @@ def test_replay_exact_bytes_and_charges(capture, engine, tmp_path):
     # packet is 248 IP bytes: 8 packets fit (1984 bytes), the 9th is dropped
     carol = subs["carol"]
     assert carol["blocked"]["packet"] == exp.packets - 21 + 9
+    assert carol["blocked"]["reason"] == "limit" and carol["blocked"]["time"].startswith("20")
     assert carol["dropped_packets"] == 12
     assert carol["usage"] == [{"zone": "external", "direction": "download", "bytes": 8 * 248, "packets": 8,
                                "charged": 992, "charged_text": carol["usage"][0]["charged_text"]}]
@@ -276,6 +278,7 @@ def test_replay_prints_a_readable_report(capture, tmp_path):
     d, pcap, _exp = capture
     out = run("replay", "-c", d / "tollgate.toml", "--dry-run", pcap).stdout
     assert "alice (id" in out and "peering" in out and "blocked at packet" in out
+    assert re.search(r"blocked at packet [\d,]+ at \S+ \(limit\)", out), out
 
 
 def test_missing_capture_is_exit_2(capture, tmp_path):

@@ -17,6 +17,7 @@ at 1.00 costs 1.00. The subscriber ``a`` (100.64.0.2) starts with 100.00.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import tomllib
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -25,10 +26,11 @@ import pytest
 from scapy.all import IP, UDP, Raw, wrpcap
 
 import ext
+from accounting.invoice import build_invoice
 from accounting.ledger import Ledger
 from accounting.money import format_amount, parse_amount
 from gateway.config import parse_config
-from gateway.replay import replay
+from gateway.replay import replay, result_json
 from gateway.runtime import MINUTE_NS, Accountant
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -241,6 +243,76 @@ S = [
     ("leaving-mid-period-refunds-unused-days",
      'price_unit = "MB"\nfee = "31.00"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
      'since = "2026-03-01"', [], "2026-03-21", "80.00", (("leave", "2026-03-20T10:00"),)),
+
+    # ---- issue 11, items 10-14 -------------------------------------------------------------
+    # Rows with a last field of checks beyond the balance: "blocked" (packet number or None for a
+    # calendar instant, local time, reason) through the engines and replay's JSON; "counted" (bytes
+    # rated); "invoices" ((from, to, opening, closing, [(line text, amount)...]) from the replayed ledger).
+    #
+    # 10: 30,000 B on March 31st at 23:59:30 cost 0.03 (30,000 / 10**6 * 1.00); their minute is flushed at
+    #     the period boundary, when the April packet (10,000 B: 0.01) comes. March: 100.00 -> 99.97;
+    #     April opens at 99.97 (not 100.00) and closes at 99.96, the ledger's balance.
+    ("invoice-opening-has-the-last-charge",
+     'price_unit = "MB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-31T23:59:30", 30_000) + traffic("2026-04-01T12:00", 10_000),
+     "2026-04-02", "99.96", (), "", "EUR",
+     {"invoices": [("2026-03-01", "2026-04-01", "100.00", "99.97", [("Traffic, external, download", "0.03")]),
+                   ("2026-04-01", "2026-05-01", "99.97", "99.96", [("Traffic, external, download", "0.01")])]}),
+    # 11: at exactly 0 with no credit, free traffic passes: 1 MB external at "0" (20 packets of 50,000 B)
+    #     passes; the 21st packet, 50,000 B of peering at 1.00/MB, would cost 0.05 and take the balance
+    #     to -0.05 < -0: dropped, blocked there. Balance 0.00; 1,000,000 B counted.
+    ("zero-balance-passes-free-traffic",
+     'price_unit = "MB"\n[tariff.prices]\nexternal = "0"\npeering = "1.00"',
+     'balance = "0"', traffic("2026-03-05T12:00", MB) + traffic("2026-03-05T12:01", MB, PEERING), "2026-03-06",
+     "0.00", (), "", "EUR", {"blocked": (21, "2026-03-05T12:01:00", "limit"), "counted": MB}),
+    # 11: postpaid at 0 (the normal case) is not blocked in the period: 1 MB at 1.00 passes, and the
+    #     settlement on April 1st is fee 10.00 + traffic 1.00: 0 - 11.00 = -11.00, a debt beyond no credit,
+    #     which blocks at that instant (not before)
+    ("postpaid-at-zero-is-not-blocked",
+     'price_unit = "MB"\nscheme = "postpaid"\nfee = "10.00"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'balance = "0"\nsince = "2026-03-01"', traffic("2026-03-10T12:00", MB), "2026-04-01", "-11.00", (), "",
+     "EUR", {"blocked": (None, "2026-04-01T00:00:00", "limit"), "counted": MB}),
+    # 12: the postpaid settlement is on the invoice of the period it settles, in money and zone names:
+    #     fee 10.00 + (15,000 B up + 10,000 B down of external at 6.00/MB: 0.09 + 0.06 = 0.15) = 10.15;
+    #     100.00 -> 89.85 in March, and April opens at 89.85 with no settlement line
+    ("postpaid-settlement-on-its-own-invoice",
+     'price_unit = "MB"\nscheme = "postpaid"\nfee = "10.00"\n[tariff.prices]\nexternal = "6.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-10T12:00", 15_000, up=True) + traffic("2026-03-10T12:01", 10_000),
+     "2026-04-02", "89.85", (), "", "EUR",
+     {"invoices": [("2026-03-01", "2026-04-01", "100.00", "89.85",
+                    [("Postpaid period (fee 10.00 EUR, traffic 0.15 EUR: external upload 15.00 kB, "
+                      "external download 10.00 kB)", "10.15")]),
+                   ("2026-04-01", "2026-05-01", "89.85", "89.85", [])]}),
+    # 13: a 10 kB limit in 1,000 B packets: the 10th brings the volume to exactly 10,000 B and passes,
+    #     the 11th (12:00:00.010) would exceed it: dropped at that packet, not at the next minute.
+    #     10,000 B at 1.00/MB = 0.01: 99.99
+    ("volume-limit-exact-at-the-packet",
+     'price_unit = "MB"\nvolume_limit = "10 kB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-05T12:00", 15_000, size=1000), "2026-03-06", "99.99", (), "",
+     "EUR", {"blocked": (11, "2026-03-05T12:00:00.010", "volume"), "counted": 10_000}),
+    # 13: local traffic does not count toward the volume limit (nor cost): 5,000 B local, then the 10 kB
+    #     external pass; the next external packet (the 16th) is dropped. 15,000 B counted, 0.01 charged.
+    ("volume-limit-leaves-local-traffic-out",
+     'price_unit = "MB"\nvolume_limit = "10 kB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-05T11:00", 5_000, LOCAL_PEER, size=1000)
+     + traffic("2026-03-05T12:00", 12_000, size=1000), "2026-03-06", "99.99", (), "",
+     "EUR", {"blocked": (16, "2026-03-05T12:00:00.010", "volume"), "counted": 15_000}),
+    # 13: the credit of 1.00 expires on the 10th at 00:00 with the balance at 0.50 - 0.80 = -0.30: blocked
+    #     at that instant (no packet did it), reported with its time
+    ("credit-expiry-block-has-its-instant",
+     'price_unit = "MB"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'balance = "0.50"\ncredit_limit = "1.00"\ncredit_until = "2026-03-10"',
+     traffic("2026-03-05T12:00", 800_000) + traffic("2026-03-11T12:00", MB),
+     "2026-03-12", "-0.30", (), "", "EUR", {"blocked": (None, "2026-03-10T00:00:00", "limit"), "counted": 800_000}),
+    # 14: billing until April 1st closes March and charges nothing that starts then: March's fee 10.00
+    #     and 1 MB at 1.00, not April's fee: 89.00
+    ("bill-until-is-exclusive-monthly-fee",
+     'price_unit = "MB"\nfee = "10.00"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-03-01"', traffic("2026-03-05T12:00", MB), "2026-04-01", "89.00"),
+    # 14: a daily fee of 30.00 over April's 30 days is 1.00 a day: until April 3rd, the 1st and the 2nd: 98.00
+    ("bill-until-is-exclusive-daily-fee",
+     'price_unit = "MB"\nfee = "30.00"\nfee_mode = "daily"\n[tariff.prices]\nexternal = "1.00"\npeering = "1.00"',
+     'since = "2026-04-01"', [], "2026-04-03", "98.00"),
 ]
 
 SCENARIOS = {s[0]: s for s in S}
@@ -270,42 +342,72 @@ def write_capture(path, packets) -> None:
     wrpcap(str(path), frames, linktype=228)
 
 
-def run_engine(scenario, engine: str) -> int:
+def checks(scenario) -> dict:
+    return scenario[9] if len(scenario) > 9 else {}
+
+
+def local_iso(ts: int) -> str:
+    """Local time as the rows write it, to the millisecond when there is one."""
+    t = dt.datetime.fromtimestamp(ts // NS, TZ).replace(tzinfo=None)
+    ms = ts % NS // 10 ** 6
+    return t.isoformat() + (f".{ms:03d}" if ms else "")
+
+
+def run_engine(scenario, engine: str, seen: dict | None = None) -> int:
     """Packet by packet through one engine, the billing calendar beside it,
-    the way replay drives them: counters drained before each calendar step."""
+    the way replay drives them: counters drained before each calendar step,
+    the last step to ``until`` exclusive (``--bill-until``). ``seen`` gets
+    the first block (packet number or None, local time, reason) and the
+    bytes counted."""
+    from ext.constants import BLOCK_REASONS, EV_BLOCK
+
     cfg = parse_config(tomllib.loads(config_text(scenario)))
     acct = Accountant(cfg, None, engine)
-    acct.load_subscribers(acct.config_rows())
+    seen = {} if seen is None else seen
+    seen.update(blocked=None, counted=0)
     pkts, until = scenario[3], at(scenario[4])
     actions = list(scenario[6]) if len(scenario) > 6 else []
     first = min([t for t, *_ in pkts] + [until])
-    acct.start_billing(first)
+
+    def note(events, number, ts) -> None:
+        for ev in events:
+            if ev.kind == EV_BLOCK and seen["blocked"] is None:
+                seen["blocked"] = (number, local_iso(ts), BLOCK_REASONS[ev.reason])
+
+    note(acct.load_subscribers(acct.config_rows()), None, first)
+    note(acct.start_billing(first)[1], None, first)
     billed = min(first, acct.since.get(1) or first)
 
-    def bill_to(t: int) -> None:
+    def flush(minute: int, ts: int) -> None:
+        seen["counted"] += sum(r.bytes for r in acct.flush("scenario", minute, ts, "scenario"))
+
+    def bill_to(t: int, end: bool = False) -> None:
         nonlocal billed
         while billed < t:
             due = acct.next_event(billed)
             step = t if due is None or due > t else due
-            acct.flush("scenario", step - step % MINUTE_NS, step, "scenario")
-            acct.bill(step)
+            flush(step - step % MINUTE_NS, step)
+            note(acct.bill(step, end=end and step == t)[1], None, step)
             billed = step
 
     events = sorted([(t, "packet", (remote, up, size)) for t, remote, up, size in pkts]
                     + [(at(a[1]), a[0], a[2:]) for a in actions])
+    number = 0
     for t, what, args in events:
         bill_to(t)
         if what == "packet":
+            number += 1
             acct.ensure_timeline(t, since_ns=t)
-            acct.engine.process(ext.PacketBatch.of([(packet(*args), args[2], t)]))
+            note(acct.engine.process(ext.PacketBatch.of([(packet(*args), args[2], t)])), number, t)
         elif what == "change":
-            acct.flush("scenario", t, t, "scenario")
+            flush(t, t)
             acct.change_billing(1, args[0], 0, t)
             acct.subscribers[1].tariff = args[0]
         else:
-            acct.flush("scenario", t, t, "scenario")
+            flush(t, t)
             acct.close_billing(1, t)
-    bill_to(until)
+    bill_to(until, end=True)
+    flush(until - until % MINUTE_NS, until)
     return acct.engine.subscriber(1).balance
 
 
@@ -318,6 +420,7 @@ def expected(scenario) -> int:
 
 def test_there_are_at_least_thirty_scenarios():
     assert len(SCENARIOS) >= 30
+    assert len(SCENARIOS) == len(S)  # no id twice
 
 
 @pytest.mark.parametrize("engine", ["c", "py"])
@@ -326,11 +429,15 @@ def test_scenario_through_the_engines(name, engine):
     if ext.ENGINES.get(engine) is None:
         pytest.fail(f"engine {engine} is not built")
     scenario = SCENARIOS[name]
-    got = run_engine(scenario, engine)
+    seen = {}
+    got = run_engine(scenario, engine, seen)
     from accounting.money import get_currency
 
     cur = get_currency(scenario[8] if len(scenario) > 8 else "EUR")
     assert got == expected(scenario), f"{name}: balance {format_amount(got, cur)}, expected {scenario[5]}"
+    for key in ("blocked", "counted"):
+        if key in checks(scenario):
+            assert seen[key] == checks(scenario)[key], key
 
 
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not (len(s) > 6 and s[6])])
@@ -347,6 +454,24 @@ def test_scenario_through_replay(name, tmp_path):
     db = tmp_path / "ledger.db"
     result = replay(cfg, str(capture), str(db), progress=False, bill_until=at(scenario[4]))
     assert result.subscribers[0].balance == expected(scenario), name
+    doc = result_json(result, cfg)["subscribers"][0]
+    if "blocked" in checks(scenario):
+        want = checks(scenario)["blocked"]
+        got = doc["blocked"] and (doc["blocked"]["packet"], local_iso(doc["blocked"]["ts_ns"]),
+                                  doc["blocked"]["reason"])
+        assert got == want
+    if "counted" in checks(scenario):
+        assert sum(u["bytes"] for u in doc["usage"]) == checks(scenario)["counted"]
     with Ledger.open(db) as ledger:
         assert ledger.balance("a") == expected(scenario)
         assert ledger.check_invariants() == []
+        for start, end, opening, closing, lines in checks(scenario).get("invoices", ()):
+            inv = build_invoice(ledger, "a", at(start), at(end), cfg.timezone)
+            assert (inv.money(inv.opening), inv.money(inv.closing)) == (f"{opening} EUR", f"{closing} EUR"), start
+            got_lines = [(line.text, inv.money(line.amount)) for line in inv.lines if line.amount]
+            for text, amount in lines:
+                assert (text, f"{amount} EUR") in got_lines, got_lines
+            if not lines:  # nothing happened in that period
+                assert got_lines == [], got_lines
+            for line in inv.lines:  # a customer document: money and zone names, never units or zone ids
+                assert not re.search(r"\bzone \d|\d{7,}", line.text), line.text
