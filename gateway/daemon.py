@@ -474,8 +474,9 @@ class Gateway:
                                                 fail_open=self.opts.fail_open, on_events=self.events.put,
                                                 linger_us=self.opts.linger_us))
             except SourceError as exc:
-                hint = " (is another tollgate, or another nfqueue program, reading it?)" if exc.errno == errno.EBUSY \
-                    else ""
+                # the kernel answers EPERM when another socket holds the queue (nfnetlink_queue.c, NFQNL_CFG_CMD_BIND)
+                hint = " (is another tollgate, or another nfqueue program, reading it?)" \
+                    if exc.errno in (errno.EBUSY, errno.EPERM) else ""
                 raise ConfigError("--queues", f"{exc.strerror or exc}{hint}") from None
 
     def _start_readers(self) -> None:
