@@ -54,19 +54,19 @@ def _now() -> int:
     return time.time_ns()
 
 
-def _subnet_pattern(net) -> str:
-    """A LIKE pattern every subnet of ``net`` (as canonical text) matches: its fixed leading octets, or for
-    IPv6 its fixed leading hextets up to the first zero one (a zero run may be written '::'). A superset of
-    the subnets, narrowed exactly by the caller."""
+def _subnet_prefix(net) -> str:
+    """Text that every subnet of ``net`` (as canonical text) begins with: its fixed leading octets, or for
+    IPv6 its fixed leading hextets up to the first zero one (a zero run may be written '::'). Empty when
+    nothing is fixed. The rows beginning with it are a superset of the subnets, narrowed by the caller."""
     if net.version == 4:
         fixed = str(net.network_address).split(".")[:min(3, net.prefixlen // 8)]  # the 4th ends in "/", not "."
-        return "".join(f"{octet}." for octet in fixed) + "%" if fixed else "%.%"
+        return "".join(f"{octet}." for octet in fixed)
     lead = []
     for hextet in net.network_address.exploded.split(":")[:min(7, net.prefixlen // 16)]:
         if int(hextet, 16) == 0:
             break
         lead.append(f"{int(hextet, 16):x}:")
-    return "".join(lead) + "%" if lead else "%:%"
+    return "".join(lead)
 
 
 @dataclass
@@ -139,8 +139,8 @@ class Operations:
         SQLite cannot compare prefixes, so this runs in Python under the caller's write transaction (BEGIN
         IMMEDIATE: no other writer can add a conflicting prefix meanwhile). Only candidates are read: the
         supernets of a prefix are known exactly (one per shorter length), and its subnets all begin with the
-        text of its fixed leading octets (hextets up to the first zero one, which '::' may hide), so the scan
-        is an indexed text range, not the whole table.
+        text of its fixed leading octets (hextets up to the first zero one, which '::' may hide), so they are
+        read as a range of the primary key's index, not the whole table.
         """
         db = self.ledger.db
         for text in networks:
@@ -150,10 +150,16 @@ class Operations:
             rows = db.execute(f"SELECT network, subscriber_id FROM addresses WHERE network IN ({marks})",
                               supernets).fetchall()
             if net.prefixlen < net.max_prefixlen:
-                rows += [r for r in db.execute("SELECT network, subscriber_id FROM addresses WHERE network LIKE ?",
-                                               (_subnet_pattern(net),))
-                         if ipaddress.ip_network(r[0]).version == net.version
-                         and ipaddress.ip_network(r[0]).subnet_of(net)]
+                prefix = _subnet_prefix(net)
+                if prefix:  # a range of the primary key's index: the rows whose text begins with the prefix
+                    candidates = db.execute("SELECT network, subscriber_id FROM addresses WHERE network >= ?"
+                                            " AND network < ?", (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
+                else:  # a /0../7 or a prefix of ::/16: every row may be inside it
+                    candidates = db.execute("SELECT network, subscriber_id FROM addresses")
+                for other, owner in candidates:
+                    candidate = ipaddress.ip_network(other)
+                    if candidate.version == net.version and candidate.subnet_of(net):
+                        rows.append((other, owner))
             for other, owner in rows:
                 if owner != sid:
                     name = db.execute("SELECT name FROM subscribers WHERE id = ?", (owner,)).fetchone()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from accounting.audit import AuditLog
 from accounting.ledger import Ledger
-from accounting.operations import OperationError, Operations, _subnet_pattern
+from accounting.operations import OperationError, Operations, _subnet_prefix
 from api.app import LedgerView
 from ext.errors import TollgateError
 from gateway.config import load_config
@@ -140,19 +140,35 @@ networks = st.one_of(
               st.integers(0, 128), st.integers(0, 2**128 - 1)))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(networks, st.integers(0, 128), st.integers(0, 2**128 - 1))
-def test_every_subnet_matches_the_like_pattern(net, extra, bits):
-    """The overlap check reads only the rows matching _subnet_pattern: every subnet must match it (in
-    SQLite's own LIKE), or an overlap would go unseen."""
+def test_every_subnet_is_in_the_range_the_overlap_check_reads(net, extra, bits):
+    """The overlap check reads only the rows from _subnet_prefix up to the next text (in SQLite's own
+    comparison): every subnet must be among them, or an overlap would go unseen."""
     length = min(net.max_prefixlen, net.prefixlen + extra % (net.max_prefixlen - net.prefixlen + 1))
     host = bits % (1 << (net.max_prefixlen - net.prefixlen)) if net.prefixlen < net.max_prefixlen else 0
     sub = type(net)((int(net.network_address) + host, length), strict=False)
     assert sub.subnet_of(net)
+    prefix = _subnet_prefix(net)
+    if not prefix:
+        return  # the check reads every row then
     import sqlite3
 
     with sqlite3.connect(":memory:") as db:
-        assert db.execute("SELECT ? LIKE ?", (str(sub), _subnet_pattern(net))).fetchone() == (1,), (sub, net)
+        inside = db.execute("SELECT ? >= ? AND ? < ?", (str(sub), prefix, str(sub),
+                                                        prefix[:-1] + chr(ord(prefix[-1]) + 1))).fetchone()
+        assert inside == (1,), (sub, net, prefix)
+
+
+def test_an_overlap_found_through_the_index_range(make):
+    """Prefixes whose text shares no fixed part with the new one, and ones that do, side by side."""
+    ops, _ = make()
+    ops.add("a", "basic", ["100.64.0.128/25", "100.65.0.0/16", "2001:db8:100:0:1::/80", "::ffff:0:0/96"])
+    for nets in (["100.64.0.0/24"], ["100.64.0.0/16"], ["100.64.0.0/10"], ["2001:db8:100::/64"],
+                 ["2001:db8::/32"], ["::/8"], ["::ffff:100.64.0.1/128"], ["0.0.0.0/1"]):
+        with pytest.raises(OperationError, match="overlaps|already belongs"):
+            ops.add("b", "basic", nets)
+    assert ops.add("b", "basic", ["100.64.0.0/25", "100.66.0.0/16", "2001:db8:100:0:2::/80"])["addresses"]
 
 
 @pytest.mark.parametrize("engine", ["py", "c"])
