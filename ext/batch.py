@@ -160,7 +160,8 @@ class PacketBatch:
             self.wirelen[first:end] = (array("I", [MAX_WIRE_LEN]) * full + array("I", [rest])
                                        + array("I", [0]) * (pieces - full - 1))
         each, extra = divmod(npackets, pieces)  # each <= MAX_AGGREGATE_PACKETS, and == only when extra == 0
-        self.packets[first:end] = array("I", [each + 1]) * extra + array("I", [each]) * (pieces - extra)
+        self.packets[first:end] = (array("I", [each + 1]) * extra if extra else array("I")) + array("I", [each]) * (
+            pieces - extra)
         self.ts[first:end] = array("q", [ts_ns]) * pieces
         self.verdict[first:end] = array("B", bytes(pieces))
         self._fill = start + pieces * size

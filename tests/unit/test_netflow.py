@@ -16,7 +16,7 @@ import pytest
 import ext
 from ext import ZoneRule
 from ext.constants import PRICE_SCALE
-from gateway.sources.netflow import MAX_GAP_RECORDS, Collector, NetflowSource
+from gateway.sources.netflow import MAX_GAP_PACKETS, MAX_GAP_RECORDS, Collector, NetflowSource
 
 def v5(seq: int, flows, sampling: int = 0) -> bytes:
     head = struct.pack("!HHIIIIBBH", 5, len(flows), 0, 0, 0, seq, 0, 0, sampling)
@@ -228,6 +228,10 @@ def test_regression_garbage_sequence_numbers_do_not_count_loss():
     for seq in (100, 104, 105):  # 101, 102, 103 never arrive
         c.parse(v9(seq, b""), "192.0.2.1")
     assert (c.counts["sequence_gaps"], c.counts["lost_export_packets"], c.counts["lost_records"]) == (1, 3, 0)
+    resets = c.counts["sequence_resets"]
+    for seq in (106 + MAX_GAP_PACKETS + 1, 106 + MAX_GAP_PACKETS + 2):  # a confirmed jump past the bound
+        c.parse(v9(seq, b""), "192.0.2.1")
+    assert (c.counts["sequence_resets"], c.counts["lost_export_packets"]) == (resets + 1, 3)
 
 
 # ---- sequence numbers in each version's unit ---------------------------------------------------------------------
