@@ -303,7 +303,8 @@ def create_app(view: GatewayView) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        return JSONResponse(view.health())
+        health = view.health()  # 503 unless ok: a monitor that reads only the status code sees a dead thread
+        return JSONResponse(health, status_code=200 if health.get("status") == "ok" else 503)
 
     @app.get("/metrics", responses={403: {"description": "not served to this address (gateway.admin_networks)"}})
     def metrics(request: Request) -> PlainTextResponse:
