@@ -10,7 +10,10 @@ and tariff changes within a flush round (1 s); when the front end runs inside
 the gateway it also asks for the subscriber to be refreshed at once.
 
 Amounts cross this boundary as decimal strings in the configured currency
-("12.50"); internal units stay inside.
+("12.50"), in whole minor units of it (0.01 EUR, 1 JPY: what people see is
+what the ledger holds); internal units stay inside. Names, free text and
+addresses are checked here, once, for every front end; an address (any
+prefix overlapping it) has one owner.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ext.errors import TollgateError
 from . import prepaid
 from .audit import AuditLog
 from .ledger import Ledger, LedgerError
-from .money import MoneyError, format_amount, get_currency, parse_amount
+from .money import MoneyError, format_amount, parse_amount
 
 MAX_PAGE = 1000
 MAX_ADDRESSES = 64  # per subscriber and request
@@ -72,7 +75,7 @@ def _subnet_prefix(net) -> str:
 @dataclass
 class Operations:
     """``actor`` names who acts in the audit log: ``token:NAME``,
-    ``portal:SUBSCRIBER`` or ``cli:USER``."""
+    ``portal:SUBSCRIBER``, ``cli:USER`` or ``config:FILE`` (seeds)."""
 
     ledger: Ledger
     config: object  # gateway.config.Config: tariffs, zones, currency

@@ -225,7 +225,8 @@ def test_subscribers_seeded_from_the_config_have_an_audit_row(make):
     assert Accountant(cfg, ops.ledger).seed_ledger() == ["alice", "bob"]
     rows = AuditLog(ops.ledger).rows()
     assert [(r["actor"], r["action"], r["target"]) for r in rows] == [
-        (f"config:{cfg.path}", "subscriber.add", "subscriber:1"), (f"config:{cfg.path}", "subscriber.add", "subscriber:2")]
+        (f"config:{cfg.path}", "subscriber.add", "subscriber:1"),
+        (f"config:{cfg.path}", "subscriber.add", "subscriber:2")]
     assert rows[0]["after"]["balance"] == "10.00 EUR" and rows[0]["after"]["addresses"] == ["100.64.0.2/32"]
     # a seed is the config's exact amount (a rating test may give a nano-unit); only people's input is cents
     assert ops.ledger.balance("bob") == 1000
