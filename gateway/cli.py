@@ -551,18 +551,35 @@ def cmd_terms(args, ops, cfg) -> int:
 
 def cmd_ledger(args) -> int:
     """``tollgate ledger check``: the ledger's invariants (accounting.checks); exit 1 naming each problem."""
+    import sqlite3
+
+    import sqlite_utils
+
     from accounting.checks import check_ledger, summary
+    from accounting.ledger import APPLICATION_ID, Ledger
 
     db = args.db or _config(args).database
     if db is None:
         return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
     if not os.path.isfile(db):  # opening would create an empty ledger, which is sound but not the one meant
         return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
-    with _ledger(args, None if args.db else _config(args)) as ledger:
+    # read only, and not through Ledger.open, which would migrate an older schema: a check changes nothing
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    except sqlite3.Error as exc:
+        return _fail(f"cannot open {db}: {exc}", EXIT_FAILED)
+    try:
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            return _fail(f"{db} is not a Tollgate ledger", EXIT_USAGE)
+        ledger = Ledger(sqlite_utils.Database(conn), db)
         problems = check_ledger(ledger)
         if not problems:
             print(f"ledger ok ({summary(ledger)})")
             return EXIT_OK
+    except sqlite3.DatabaseError as exc:  # not even the header reads: the file is damaged or not SQLite
+        return _fail(f"{db}: not a readable SQLite database ({exc})", EXIT_FAILED)
+    finally:
+        conn.close()
     for problem in problems:
         print(problem)
     return _fail(f"ledger {db}: {len(problems)} problem{'s' if len(problems) != 1 else ''} (listed above)",
@@ -1033,7 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="`check` recomputes what the ledger keeps twice (each balance against its opening balance, "
                     "payments, adjustments, charges and postings; usage against charges), and checks flush ids, "
                     "foreign keys, SQLite's integrity, overlapping prefixes of different subscribers and the "
-                    "audit chain. Nothing is changed. Exit 0 if all hold, 1 listing each problem.",
+                    "audit chain. The file is opened read only. Exit 0 if all hold, 1 listing each problem.",
         epilog="example:\n  tollgate ledger check --db /var/lib/tollgate/ledger.db",
         formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("action", choices=("check",))

@@ -120,3 +120,44 @@ def test_every_problem_is_listed(db):
     lines = out.stdout.splitlines()
     assert out.returncode == 1 and len(lines) == 3 and "3 problems" in out.stderr
     assert [line.split(":")[0] for line in lines] == ["subscriber 1 (alice)", "subscriber 2 (bob)", "audit log"]
+
+
+def test_the_check_reads_only(db, tmp_path):
+    tamper(db, "UPDATE subscribers SET balance = 0 WHERE id = 1")
+    before = db.read_bytes()  # (SQLite may make the -shm and an empty -wal beside it: WAL readers need them)
+    assert check(db).returncode == 1
+    assert db.read_bytes() == before
+    assert not (tmp_path / "ledger.db-wal").exists() or (tmp_path / "ledger.db-wal").read_bytes() == b""
+
+
+def test_files_that_are_no_ledger(tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not SQLite at all" * 100)
+    out = check(garbage)
+    assert out.returncode == 1 and "not a readable SQLite database" in out.stderr, out.stderr
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    out = check(other)
+    assert out.returncode == 2 and "is not a Tollgate ledger" in out.stderr, out.stderr
+
+
+def test_an_older_schema_is_checked_as_it_is_not_migrated(tmp_path):
+    """Opening a ledger the usual way migrates it; a check must not change what it checks."""
+    import shutil
+    from pathlib import Path
+
+    import accounting
+
+    old = tmp_path / "migrations"
+    old.mkdir()
+    for script in sorted((Path(accounting.__file__).parent / "migrations").glob("00*.sql"))[:11]:  # before auth/audit
+        shutil.copy(script, old)
+    path = tmp_path / "old.db"
+    with Ledger.open(path, migrations=old) as ledger:
+        ledger.add_subscriber("a", "t", "EUR", 5)
+        version = ledger.schema_version
+    before = path.read_bytes()
+    out = check(path)
+    assert path.read_bytes() == before
+    assert sqlite3.connect(path).execute("SELECT max(version) FROM schema_version").fetchone() == (version,)
+    assert out.returncode == 1 and "audit log: cannot be read (no such table: audit_log)" in out.stdout, out.stdout
