@@ -799,7 +799,8 @@ class EnginePy:
         aggregate flow record of that zone and direction (see the module
         docstring, 7.): free volume and tiers drawn on, the carry, charged even
         when blocked or past the limit (counted in ``over_limit_bytes``), a
-        block event if it breaches, warn events; the bytes show up in the next
+        block event if it breaches the credit or the volume limit (counted
+        past it all the same), warn events; the bytes show up in the next
         ``drain`` and in ``rated_bytes``. It is for traffic that passed without
         the engine seeing it (the kernel counted it while no reader was bound),
         so there is no remote address: nothing is allow-listed.

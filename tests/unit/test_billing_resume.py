@@ -56,3 +56,57 @@ def test_postpaid_counts_the_traffic_from_before_a_restart(tmp_path):
         (settlement,) = [p for p in postings if p.kind == "postpaid"]
         assert settlement.amount == 3 * 10 ** 9  # 3 MB at 1.00, not 1 MB
         assert ledger.balance("a") == 97 * 10 ** 9
+
+
+LIMITED = BASE.format(currency="EUR") + """
+[[tariff]]
+name = "capped"
+price_unit = "MB"
+volume_limit = "10 kB"
+[tariff.prices]
+external = "1.00"
+peering = "1.00"
+
+[[subscriber]]
+name = "a"
+tariff = "capped"
+balance = "100.00"
+since = "2026-03-01"
+addresses = ["100.64.0.2/32"]
+"""
+
+
+def test_the_volume_limit_counts_what_came_before_a_restart(tmp_path):
+    """10 kB a month: 8,000 B before the restart leave 2,000 B; after it, two 1,000 B packets pass
+    (exactly to the limit) and the third is dropped at the packet, blocked for the volume; April
+    renews it."""
+    from ext.constants import BLOCK_VOLUME, NF_ACCEPT, NF_DROP
+
+    cfg = parse_config(tomllib.loads(LIMITED))
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        run(ledger, cfg, traffic("2026-03-05T12:00", 8000, size=1000), at("2026-03-05T12:00"))
+        acct = run(ledger, cfg, [], at("2026-03-20T12:00"))
+        assert acct.engine.subscriber(1).volume_left == 10_000 - 8000
+        t = at("2026-03-20T12:01")
+        batch = ext.PacketBatch.of([(packet("198.19.7.7", False, 1000), 1000, t + k) for k in range(3)])
+        events = acct.engine.process(batch)
+        assert list(batch.verdict[:3]) == [NF_ACCEPT, NF_ACCEPT, NF_DROP]
+        assert [(ev.index, ev.reason) for ev in events] == [(2, BLOCK_VOLUME)]
+        acct.bill(at("2026-04-01"))
+        state = acct.engine.subscriber(1)
+        assert (state.volume_left, state.blocked) == (10_000, 0)
+
+
+def test_a_period_already_past_its_volume_limit_is_blocked_at_restart(tmp_path):
+    """Flow records may count past the limit (they had passed): 12,000 B of a 10 kB month in the ledger.
+    After a restart the subscriber is blocked for the volume before any packet."""
+    from ext.constants import BLOCK_VOLUME
+
+    cfg = parse_config(tomllib.loads(LIMITED))
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        acct = run(ledger, cfg, [], at("2026-03-05T12:00"))
+        acct.engine.rate_volume(1, 1, 1, 12_000, 12, at("2026-03-05T12:00"))
+        acct.flush("f-flows", at("2026-03-05T12:00"), at("2026-03-05T12:00:30"), "test")
+        acct = run(ledger, cfg, [], at("2026-03-20T12:00"))
+        state = acct.engine.subscriber(1)
+        assert (state.volume_left, state.blocked) == (10_000 - 12_000, BLOCK_VOLUME)

@@ -39,8 +39,8 @@ def test_constants_agree():
                                      "MAX_WARN_LEVELS"}
     for name, value in engine.CONSTANTS.items():
         if name == "MAX_EVENTS_PER_PACKET":
-            # two subscribers per packet, each one block or every warning level
-            assert value >= 2 * max(1, constants.MAX_WARN_LEVELS)
+            # two subscribers per packet, each a volume block, a limit block and every warning level
+            assert value >= 2 * (2 + constants.MAX_WARN_LEVELS)
             continue
         assert getattr(constants, name) == value, name
     # the counters keep the carry in 20 bits

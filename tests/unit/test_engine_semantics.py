@@ -376,6 +376,25 @@ def test_flow_records_past_the_volume_limit_are_counted_and_block(make):
     assert e.subscriber(5).volume_left == -1 and e.subscriber(5).balance == 10_000 - 41
 
 
+def test_a_flow_record_past_every_limit_for_both_sides_raises_all_its_events(make):
+    """The most events one entry can raise: internal traffic of two
+    subscribers, each past its volume limit and its balance and below all four
+    warning levels: per side a volume block, a limit block and four warnings,
+    twelve in all (the compiled engine's room per packet), in order."""
+    e = make(prices=[PRICE_SCALE] * 8, warn=[4000, 3000, 2000, 1000])
+    for sid, net in ((1, "100.64.1.1/32"), (2, "100.64.2.2/32")):
+        add(e, sid, 5000, net, volume_left=10)
+    b = PacketBatch(1, aggregates=True)
+    b.append_flow("100.64.1.1", "100.64.2.2", 17, 9, 9, 6000, 4, T)  # 6,000 units a side: 5,000 - 6,000 = -1,000
+
+    def side(sid):
+        return [ext.Event(EV_BLOCK, sid, 0, BLOCK_VOLUME, 5000), ext.Event(EV_BLOCK, sid, 0, BLOCK_LIMIT, 5000)] + [
+            ext.Event(EV_WARN, sid, 0, level, -1000) for level in range(4)]
+
+    assert e.process(b) == side(1) + side(2)
+    assert [e.subscriber(sid).volume_left for sid in (1, 2)] == [10 - 6000] * 2
+
+
 def test_manual_block_and_limit_are_independent(make):
     e = make()
     add(e, 3, 1000, "100.64.3.3/32")
