@@ -200,10 +200,11 @@ def test_metrics_are_served_only_to_the_admin_networks(tmp_path):
     view = LedgerView(load_config(str(path)), tmp_path / "ledger.db")
     Gauge("tollgate_subscriber_balance", "balance", ["subscriber"], registry=view.registry).labels("s1").set(42)
     app = create_app(view)
-    for admin in ("127.0.0.1", "::1"):
+    # "::ffff:..." is how a dual-stack socket (--listen ::) shows an IPv4 client
+    for admin in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
         r = TestClient(app, client=(admin, 50000)).get("/metrics")
         assert r.status_code == 200 and 'tollgate_subscriber_balance{subscriber="s1"} 42.0' in r.text, admin
-    for subscriber in ("100.64.1.2", "2001:db8:100:1::2", "198.18.0.1"):
+    for subscriber in ("100.64.1.2", "2001:db8:100:1::2", "198.18.0.1", "::ffff:100.64.1.2"):
         r = TestClient(app, client=(subscriber, 40000)).get("/metrics")
         assert r.status_code == 403 and "admin_networks" in r.json()["detail"], subscriber
         assert "tollgate_subscriber_balance" not in r.text
