@@ -206,7 +206,8 @@ class Collector:
         """Counters, flat (``malformed_<reason>`` add up to ``malformed``), and the state held."""
         return {**self.counts, **{f"malformed_{r}": n for r, n in self.malformed.items()},
                 "exporters": len(self.exporters),
-                "templates_held": sum(e.n_templates for e in self.exporters.values())}
+                # a snapshot first: the HTTP thread asks while the receive loop changes the dict
+                "templates_held": sum(e.n_templates for e in list(self.exporters.values()))}
 
     def parse(self, data: bytes, exporter: str) -> list[tuple]:
         """Flow records ``(src, dst, proto, sport, dport, bytes, packets)`` of one datagram."""
@@ -359,7 +360,7 @@ class Collector:
                 raise Malformed("short", f"v9 header in {end} bytes")
             _v, _count, _up, _secs, seq, domain_id = _V9_HEADER.unpack_from(data)
             pos = _V9_HEADER.size
-            template_set, options_set = 0, 1  # RFC 3954 section 5.2: 2-255 are reserved
+            template_set, options_set = 0, 1  # RFC 3954 section 5.2: ids 0-255 are template flowsets, 0 and 1 used
         else:
             if end < _IPFIX_HEADER.size:
                 raise Malformed("short", f"IPFIX header in {end} bytes")
