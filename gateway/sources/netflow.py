@@ -229,6 +229,7 @@ class Collector:
             self._count_malformed(exc.reason, exporter, str(exc))
         except Exception:  # a bug, not the exporter's fault alone: counted, logged, and the loop goes on
             self._count_malformed("exception", exporter, "unexpected error", trace=True)
+            records = []  # none of a datagram read half-way by a bug is charged
         self.counts["records"] += len(records)
         return records
 
