@@ -210,6 +210,19 @@ def test_regression_5_gib_with_64_bit_counters_is_charged_to_the_byte(engine, so
     assert source.stats()["malformed"] == 0
 
 
+def test_counters_at_the_edges_are_charged_exactly(engine, source):
+    """Bytes and packets at 0, 1, 2**32 - 1, 2**32 in 8-byte fields: each record
+    charged as it is (0 bytes over 5 packets counts the packets); 2**64 - 1
+    bytes is refused as implausible, alone."""
+    edges = [(0, 0), (0, 5), (1, 1), ((1 << 32) - 1, (1 << 32) - 1), (1 << 32, 1 << 32), ((1 << 64) - 1, 1)]
+    flows = [(ALICE, UPSTREAM, 17, 1, 2, nbytes, packets) for nbytes, packets in edges]
+    rated = source.handle(v9(0, flowset(0, template_body(300, TEMPLATE)) + flowset(300, records(flows))), "192.0.2.1")
+    # 0 + 0 + 1 + (2**32 - 1) + 2**32 bytes = 2**33; packets the same plus 5
+    assert rated == 8_589_934_592
+    assert usage(engine) == {(1, UP): (8_589_934_592, 8_589_934_597)}
+    assert (source.stats()["malformed_oversized_record"], source.stats()["records"]) == (1, 5)
+
+
 def test_regression_garbage_sequence_numbers_do_not_count_loss():
     """Issue 11.5: sequence numbers from garbage pushed "lost flows" to 2.9e11.
     A v9 stream of export packets 0..99 with garbage interleaved (same exporter
