@@ -76,6 +76,13 @@ class RunOptions:
         return self.source == "nfqueue"
 
     @property
+    def kernel_marked(self) -> bool:
+        """Whether what the engine rates is what our table's counters count,
+        so that the ledger keeps kernel marks (inline; conntrack, bounded by
+        them, see gateway/sources/conntrack.py)."""
+        return self.source in ("nfqueue", "conntrack")
+
+    @property
     def quotas(self) -> bool:
         """Whether kernel quotas back a passive source (see gateway/sources/nflog.py):
         meaningful only where the gateway forwards the traffic it counts."""
@@ -221,7 +228,7 @@ class Gateway:
         self.acct.ensure_timeline(now, since_ns=now)
         events += self.acct.start_billing(self.calendar_now())[1]
         events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
-        self.acct.resume_from_ledger(self.calendar_now())
+        events += self.acct.resume_from_ledger(self.calendar_now())  # a volume limit used up before the restart
         self._restore_blocks()
         self._make_readers()
         for reader in self.readers:
@@ -231,9 +238,17 @@ class Gateway:
         self.enforcer.install()  # keeps the elements of our sets, so the blocks that held still hold
         self._restore_limits()
         self.enforcer.restore(blocked=self._blocked_networks(), subscribers=self._all_networks())
-        if self.opts.inline:
+        if self.opts.kernel_marked:
             self.marks = {key: list(v) for key, v in self.ledger.kernel_marks().items()}
-            self._charge_unrated(self._kernel_counts(), "start")
+            kernel = self._kernel_counts()
+            if self.opts.inline:
+                self._charge_unrated(kernel, "start")
+            else:  # conntrack: what passed while we were down is in the connections' counters; bound them
+                self._charge_unrated(kernel, "start", charge=False)
+                base = {key: mark[0] for key, mark in self.marks.items()}
+                self.readers[0].bound_by(lambda: {
+                    sid: tuple(ways[d][0] - base.get((sid, d), 0) for d in (0, 1))
+                    for sid, ways in self._kernel_counts().items()})
         if self.opts.quotas:
             from .sources.nflog import KernelQuotas
 
@@ -292,7 +307,7 @@ class Gateway:
                              for way in ("up", "down"))
         return out
 
-    def _charge_unrated(self, kernel: dict, when: str, reset_behind: bool = True) -> dict[str, int]:
+    def _charge_unrated(self, kernel: dict, when: str, reset_behind: bool = True, charge: bool = True) -> dict[str, int]:
         """Charge what the kernel counted beyond the marks. Called with a
         kernel listing taken *before* the flush that brought the marks up to
         date (or at start, before any packet was rated): every byte the kernel
@@ -316,7 +331,7 @@ class Gateway:
                     if kbytes < mbytes:
                         if reset_behind:
                             reset[(sid, direction)] = (kbytes, kpackets)
-                    elif kbytes > mbytes:
+                    elif kbytes > mbytes and charge:
                         events += self.acct.engine.rate_volume(sid, self.acct.engine.default_zone, direction,
                                                                kbytes - mbytes, max(0, kpackets - mpackets), now)
                         name = self.acct.subscribers[sid].name
@@ -562,7 +577,7 @@ class Gateway:
                 return
             old = set(info.addresses)
             new = set(row["addresses"]) if active else set()
-            if old - new and self.opts.inline:
+            if old - new and self.opts.kernel_marked:
                 self._forget_counters(sid, sorted(old - new))
             with self.enforcer_lock:
                 self.enforcer.unblock(sorted(old - new))
@@ -889,9 +904,9 @@ class Gateway:
                             files)
         flush_id, now, rows, files = self.pending
         self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source, files=files,
-                                kernel_marks=self.opts.inline)
+                                kernel_marks=self.opts.kernel_marked)
         self.pending = None
-        if self.opts.inline:  # the ledger's marks moved in the same transaction: follow them
+        if self.opts.kernel_marked:  # the ledger's marks moved in the same transaction: follow them
             for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
                 mark = self.marks.setdefault((sid, direction), [0, 0])
                 mark[0] += nbytes

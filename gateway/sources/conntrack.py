@@ -17,6 +17,14 @@ Written directly on a netlink socket (no library): a dump is one request and
 a stream of messages of a few nested attributes each, and pyroute2's NFCT
 socket has no zero-on-read dump. Needs ``net.netfilter.nf_conntrack_acct=1``
 (set on start; connections from before that have no counters).
+
+Only what was forwarded is charged. Conntrack counts a packet where it first
+sees it (prerouting), before the forward hook where a blocked subscriber's
+packets, and those past its kernel quota, are dropped: a flood toward a
+blocked subscriber fills the connection's counters with bytes that never
+arrived. Given ``bound_by(forwarded)`` (the daemon does), each subscriber and
+direction is charged at most what our table's counters say the gateway
+forwarded; the rest is counted as ``not_forwarded_bytes``.
 """
 
 from __future__ import annotations
@@ -113,7 +121,19 @@ class ConntrackSource:
         self.events.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
         self.stopping = threading.Event()
         self.seq = 0
-        self.counts = {"dumps": 0, "records": 0, "bytes": 0, "destroy_events": 0, "enobufs": 0, "malformed": 0}
+        self.counts = {"dumps": 0, "records": 0, "bytes": 0, "destroy_events": 0, "enobufs": 0, "malformed": 0,
+                       "not_forwarded_bytes": 0}
+        self.forwarded = None  # see bound_by
+        self.fed: dict[tuple[int, int], int] = {}  # (subscriber, direction) -> bytes rated since bound_by
+
+    def bound_by(self, forwarded) -> None:
+        """Charge no subscriber more than the gateway forwarded for it:
+        ``forwarded()`` returns ``{subscriber: (upload bytes, download bytes)}``
+        that the kernel's forward counters hold and the ledger did not when
+        this was called; it is asked after each read of the connections, so
+        everything conntrack counted by then that the gateway forwarded is in it."""
+        self.forwarded = forwarded
+        self.fed = {}
 
     @staticmethod
     def _enable_accounting() -> None:
@@ -203,6 +223,7 @@ class ConntrackSource:
 
     def _rate(self, payloads: list) -> None:
         now = time.time_ns()
+        budget = self.forwarded() if self.forwarded is not None and payloads else None
         batch = PacketBatch(4096, aggregates=True)  # room for a 4 GiB record (entries of at most 1 MiB)
         for payload in payloads:
             try:
@@ -217,6 +238,10 @@ class ConntrackSource:
                                                        ((dst, src, dport, sport), reply)):
                 if not nbytes and not npackets:
                     continue
+                if budget is not None:
+                    nbytes, npackets = self._forwarded_part(budget, a, b, nbytes, npackets)
+                    if not nbytes:
+                        continue
                 pieces = -(-nbytes // (1 << 20)) or 1
                 if batch.room() < pieces:
                     self._process(batch)
@@ -224,6 +249,23 @@ class ConntrackSource:
                 self.counts["records"] += 1
                 self.counts["bytes"] += nbytes
         self._process(batch)
+
+    def _forwarded_part(self, budget: dict, src: str, dst: str, nbytes: int, npackets: int) -> tuple[int, int]:
+        """The bytes (and, in proportion, packets) of one direction of a
+        connection that fit in what the gateway forwarded for its
+        subscribers: the source's upload, the destination's download."""
+        keys = [(sid, d) for sid, d in ((self.engine.lookup_subscriber(src), 0),
+                                         (self.engine.lookup_subscriber(dst), 1)) if sid]
+        allowed = nbytes
+        for sid, d in keys:
+            allowed = min(allowed, budget.get(sid, (0, 0))[d] - self.fed.get((sid, d), 0))
+        allowed = max(0, allowed)
+        if allowed < nbytes:
+            self.counts["not_forwarded_bytes"] += nbytes - allowed
+            npackets = -(-npackets * allowed // nbytes)
+        for key in keys:
+            self.fed[key] = self.fed.get(key, 0) + allowed
+        return allowed, npackets
 
     def _process(self, batch: PacketBatch) -> None:
         process_flows(self.engine, self.on_events, batch)

@@ -62,3 +62,54 @@ def test_a_passive_source_charges_the_overshoot_and_blocks(lab, tmp_path):
     con.close()
     assert balance < -6 * 10 ** 7  # 0.02 EUR less about 0.084 EUR of download: a debt of ~0.06 EUR
     netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
+
+
+FAR_END_S1 = f"""table inet farend {{
+  chain input {{ type filter hook input priority 0; policy accept;
+    ip saddr {UP4} ip ttl 63 counter
+  }}
+}}"""
+FAR_END_UP = """table inet farend {
+  chain input { type filter hook input priority 0; policy accept;
+    ip ttl 63 counter
+  }
+}"""
+
+
+def far_end_bytes(lab) -> int:
+    total = 0
+    for ns in (lab.sub(1), lab.up):
+        doc = json.loads(netns(ns, "nft", "-j", "list", "table", "inet", "farend", check=True).stdout)["nftables"]
+        total += sum(x["counter"]["bytes"] for item in doc if "rule" in item for x in item["rule"]["expr"]
+                     if "counter" in x)
+    return total
+
+
+def test_conntrack_charges_only_what_was_forwarded(lab, tmp_path):
+    """s1 has 0.02 EUR at 0.01 EUR per MB downloaded and pulls a 40 Mbit/s UDP stream for 3 s (15 MB):
+    the kernel quota and then the block drop the stream at the gateway, while conntrack, which counts at
+    prerouting, has the whole stream in the connection's counters. The ledger must hold what arrived:
+    the far ends' own counters (s1's namespace for the stream, the upstream's for what s1 sent)."""
+    import subprocess
+
+    for ns, table in ((lab.sub(1), FAR_END_S1), (lab.up, FAR_END_UP)):
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=table, text=True, check=True)
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, {1: "0.02"}, upload_free=True),
+                 ["--source", "conntrack", "-o", "interval=0.2"]).start()
+    try:
+        netns(lab.sub(1), "iperf3", "-c", UP4, "-u", "-R", "-b", "40M", "-t", "3", "-l", "1200", timeout=30)
+        time.sleep(1.5)
+        far = far_end_bytes(lab)  # read after the stream, before the gateway's last dump on the way out
+    finally:
+        gw.stop()
+        for ns in (lab.sub(1), lab.up):
+            netns(ns, "nft", "delete", "table", "inet", "farend")
+    charged = ledger_bytes(gw.db)["s1"]
+    print(f"\n  s1: far ends {far:,} B, ledger {charged:,} B")
+    assert 1_000_000 < far < 4_000_000  # about what 0.02 EUR buys: the stream was cut at the gateway
+    assert charged == far
+    con = sqlite3.connect(gw.db)
+    balance = con.execute("SELECT balance FROM subscribers WHERE name = 's1'").fetchone()[0]
+    con.close()
+    assert balance >= 0, "charged for bytes that never arrived"
+    netns(lab.gw, "sh", "-c", "nft delete table inet tollgate")
