@@ -21,15 +21,26 @@ more work steps than it has bytes (the collector's own bound), or longer than
 about 0.5 s for the compiled engine and 45 s for the pure-Python one). The slowest datagram is reported as measured, and the most
 engine aggregates one datagram took (at most ``MAX_ENTRIES_PER_DATAGRAM``).
 
+* ``coverage-guided`` (``--atheris SECONDS``, if atheris is installed:
+  ``pip install atheris``): libFuzzer through atheris, the collector and
+  ``ext/batch.py`` instrumented, seeded with valid datagrams from the same
+  strategies, the invariants of the unit test's harness checked after every
+  input (a broken one is a crash), libFuzzer's ``-timeout`` of 60 s a hang.
+
     .venv/bin/python benches/bench_netflow_fuzz.py                       # 3,000 structured, 20 s mutated
     .venv/bin/python benches/bench_netflow_fuzz.py --structured 500 --seconds 5
+    .venv/bin/python benches/bench_netflow_fuzz.py --engines c --structured 0 --seconds 0 --atheris 120
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +49,39 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
 import logging  # noqa: E402
+
+EXPORTERS = ["192.0.2.1", "192.0.2.2", "2001:db8::1"]
+
+
+def atheris_child(argv: list) -> None:
+    """Run under libFuzzer (never returns): the first byte picks the exporter."""
+    import atheris
+
+    with atheris.instrument_imports(include=["gateway.sources.netflow", "ext.batch"]):
+        import ext.batch  # noqa: F401
+        import gateway.sources.netflow  # noqa: F401
+    from test_netflow_fuzz import Harness
+
+    logging.getLogger("tollgate").setLevel(logging.ERROR)
+    engine = "c"
+    if "--engine" in argv:
+        at = argv.index("--engine")
+        engine = argv[at + 1]
+        del argv[at:at + 2]
+    harness = Harness(engine)
+    # the collector's own budget (the unit test lowers it for the pure-Python engine)
+    harness.source.collector.max_entries_per_datagram = gateway.sources.netflow.MAX_ENTRIES_PER_DATAGRAM
+
+    def one_input(data: bytes) -> None:
+        if data:
+            harness.feed(data[1:], EXPORTERS[data[0] % len(EXPORTERS)])  # a broken invariant raises: a crash
+
+    atheris.Setup(argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__" and "--atheris-child" in sys.argv:
+    atheris_child([a for a in sys.argv if a != "--atheris-child"])
 
 from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings  # noqa: E402
 
@@ -89,6 +133,34 @@ def mutate(rng: random.Random, pool: list) -> bytes:
     return bytes(data)
 
 
+def run_atheris(engine: str, seconds: float, pool: list) -> str:
+    """libFuzzer for ``seconds`` in a child process; a markdown row of what it did."""
+    with tempfile.TemporaryDirectory(prefix="tollgate-netflow-atheris-") as work:
+        corpus = Path(work, "corpus")
+        corpus.mkdir()
+        for k, data in enumerate(pool):
+            (corpus / f"seed{k}").write_bytes(bytes([k % len(EXPORTERS)]) + data)
+        cmd = [sys.executable, __file__, "--atheris-child", "--engine", engine, str(corpus),
+               f"-max_total_time={int(seconds)}", "-timeout=60", "-rss_limit_mb=4096", "-max_len=2048",
+               f"-artifact_prefix={work}/", "-print_final_stats=1"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env={**os.environ})
+        wall = time.perf_counter() - t
+        out = proc.stderr
+        stat = dict(re.findall(r"stat::(\w+):\s*(\d+)", out))
+        cov = re.findall(r"cov: (\d+) ft: (\d+)", out)
+        crashes = len(list(Path(work).glob("crash-*"))) + len(list(Path(work).glob("oom-*")))
+        hangs = len(list(Path(work).glob("timeout-*")))
+        if proc.returncode != 0 or crashes or hangs:
+            say(out[-4000:])
+        runs = int(stat.get("number_of_executed_units", 0))
+        say(f"atheris: exit {proc.returncode}, {runs} runs in {wall:.0f} s, cov {cov[-1] if cov else '?'}")
+        edges = f"{int(cov[-1][0]):,} edges, {int(cov[-1][1]):,} features" if cov else "?"
+        return (f"| {engine} | coverage-guided (atheris: {edges}, peak RSS {int(stat.get('peak_rss_mb', 0))} MB) "
+                f"| {runs:,} | {runs / wall:,.0f} | {int(stat.get('average_exec_per_sec', 0)):,} "
+                f"| {crashes + (proc.returncode != 0)} | {hangs} | - | - | - | - | - |")
+
+
 class Run:
     def __init__(self, engine: str, hang_ms: float) -> None:
         self.harness = Harness(engine)
@@ -123,6 +195,8 @@ class Run:
             say(f"HANG {took / 1e6:.1f} ms, {steps} steps on {len(data)} bytes: {data.hex()}")
 
     def row(self, engine: str, kind: str, wall: float) -> str:
+        if not self.tried:
+            return ""
         stats = self.source.stats()
         caught = stats["malformed_exception"] + stats["rating_errors"]
         per_second = self.tried / self.busy_ns * 1e9
@@ -140,16 +214,23 @@ def main() -> None:
                          "4 TiB in 4M aggregates, takes the pure-Python engine some 45 s, the compiled one 0.5 s)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--engines", default=",".join(sorted(ext.ENGINES)))
+    ap.add_argument("--atheris", type=float, default=0.0, metavar="SECONDS",
+                    help="also run libFuzzer through atheris for this long per engine (needs atheris)")
     args = ap.parse_args()
     logging.getLogger("tollgate").setLevel(logging.ERROR)  # the collector's per-reason warnings, thousands of them
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     say(f"seed {seed}: drawing {args.structured} structured datagrams")
     t = time.perf_counter()
-    structured = draw(hostile_datagrams(), args.structured, seed)
+    structured = draw(hostile_datagrams(), args.structured, seed) if args.structured else []
     pool = [d for d, _e, _r in draw(valid_datagrams(), 200, seed + 1)]
     say(f"drawn in {time.perf_counter() - t:.1f} s")
     rows = []
     for engine in args.engines.split(","):
+        if args.atheris:
+            rows.append(run_atheris(engine, args.atheris, pool))
+            say(rows[-1])
+        if not args.structured and not args.seconds:
+            continue
         run = Run(engine, args.hang_ms)
         t = time.perf_counter()
         for data, exporter in structured:
@@ -172,7 +253,7 @@ def main() -> None:
     print("| engine | datagrams | tried | per second (wall) | per second (handler) | crashes | hangs "
           "| slowest (ms) | steps per byte, max | aggregates in one datagram, max | malformed | records |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
+    print("\n".join(r for r in rows if r))
 
 
 if __name__ == "__main__":

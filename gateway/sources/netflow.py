@@ -376,6 +376,8 @@ class Collector:
         while pos < end:
             self.last_steps += 1
             if end - pos < _SET.size:
+                if not any(data[pos:end]):
+                    break  # zeros too short for a set: padding some exporters add after the last one
                 raise Malformed("set_length", f"{end - pos} bytes left after the last set")
             set_id, set_len = _SET.unpack_from(data, pos)
             if set_len < _SET.size or pos + set_len > end:
