@@ -399,3 +399,25 @@ def test_ipfix_template_withdrawal_and_enterprise_fields():
     c.parse(ipfix(2, flowset(2, struct.pack("!HH", 300, 0))), "192.0.2.1")  # RFC 7011 section 8.1
     assert c.parse(ipfix(2, flowset(300, body)), "192.0.2.1") == []
     assert (c.counts["template_withdrawals"], c.counts["no_template"], c.counts["malformed"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("nbytes,packets", [(0, 0), (0, 1 << 32), (5 << 30, 3_579_140), ((1 << 32) - 1, (1 << 32) - 1),
+                                            (1 << 32, 1 << 32), (3 * (1 << 20) + 10, 9 * (1 << 32) + 7)])
+def test_a_record_is_split_into_aggregates_that_add_up_exactly(nbytes, packets):
+    """ext/batch.py: entries of at most 2**20 bytes (MAX_WIRE_LEN) and 2**32 - 1
+    packets (tg_batch.packets is 32 bits), over as many batches of 1,000 as it takes."""
+    from ext import PacketBatch
+    from ext.batch import split_flow
+
+    got_bytes = got_packets = batches = 0
+    for part, share in split_flow(nbytes, packets, 1000):
+        batch = PacketBatch(1000, aggregates=True)
+        batch.append_flow(ALICE, UPSTREAM, 6, 1, 2, part, share, 0)
+        assert all(w <= 1 << 20 for w in batch.wirelen[:batch.n])
+        assert all(p <= (1 << 32) - 1 for p in batch.packets[:batch.n])
+        got_bytes += sum(batch.wirelen[:batch.n])
+        got_packets += sum(batch.packets[:batch.n])
+        batches += 1
+    assert (got_bytes, got_packets) == (nbytes, packets)
+    # 5 GiB is 5,120 entries of 1 MiB: six batches of 1,000 (the last holds 120)
+    assert batches == {5 << 30: 6, 1 << 32: 5, (1 << 32) - 1: 5}.get(nbytes, 1)
