@@ -1009,8 +1009,9 @@ class Gateway:
                 "queue": {self.reader_label(r): r.stats() for r in self.readers}}
 
     def reader_label(self, reader) -> str:
-        """A reader's name in /healthz and /metrics: its queue number, or the passive source's name."""
-        return str(reader.queue_num) if self.opts.inline else self.opts.source
+        """A reader's name in /healthz and /metrics: its queue number (``nflog<group>`` for NFLOG),
+        or the passive source's name."""
+        return str(getattr(reader, "queue_num", self.opts.source))
 
     def subscriber_page(self, address: str) -> dict | None:
         try:
