@@ -13,9 +13,7 @@ saw it, before the gateway's masquerade (a subscriber's own address), so its
 counters are that source's upload and the reply counters its download, both
 rated with the original tuple's addresses and ports.
 
-Written directly on a netlink socket (no library): a dump is one request and
-a stream of messages of a few nested attributes each, and pyroute2's NFCT
-socket has no zero-on-read dump. Needs ``net.netfilter.nf_conntrack_acct=1``
+The netlink side is policy/ctnetlink.py. Needs ``net.netfilter.nf_conntrack_acct=1``
 (set on start; connections from before that have no counters).
 
 Only what was forwarded is charged. Conntrack counts a packet where it first
@@ -29,9 +27,7 @@ forwarded; the rest is counted as ``not_forwarded_bytes``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import select
 import socket
 import struct
@@ -39,65 +35,17 @@ import threading
 import time
 
 from ext import PacketBatch
+from policy.ctnetlink import (IPCTNL_MSG_CT_DELETE, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER,
+                              NFNLGRP_CONNTRACK_DESTROY, SOL_NETLINK, dump, messages, open_socket,
+                              parse_conntrack)
 
 from . import process_flows
 
+__all__ = ["ConntrackSource", "parse_conntrack"]
+
 log = logging.getLogger("tollgate.sources.conntrack")
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_GET_CTRZERO = range(4)
-NFNLGRP_CONNTRACK_DESTROY = 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_TYPE_MASK = 0x3FFF
-CTA_TUPLE_ORIG, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 1, 9, 10
-CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
-SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
-_NLMSG = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
-
-
-def _attrs(data: bytes, start: int = 0) -> dict:
-    """Netlink attributes of ``data[start:]`` by type (nested ones as bytes)."""
-    out, pos = {}, start
-    while pos + 4 <= len(data):
-        length, kind = _NLA.unpack_from(data, pos)
-        if length < 4 or pos + length > len(data):
-            raise ValueError("attribute runs past its message")
-        out[kind & NLA_TYPE_MASK] = data[pos + 4:pos + length]
-        pos += (length + 3) & ~3
-    return out
-
-
-def parse_conntrack(payload: bytes):
-    """A conntrack message's payload (after the netlink header) ->
-    ``(src, dst, proto, sport, dport, (orig_bytes, orig_packets), (reply_bytes, reply_packets))``,
-    or None when it has no counters (accounting off)."""
-    top = _attrs(payload, _NFGEN.size)
-    tuple_ = _attrs(top[CTA_TUPLE_ORIG])
-    ip = _attrs(tuple_[CTA_TUPLE_IP])
-    proto = _attrs(tuple_[CTA_TUPLE_PROTO])
-    if CTA_IP_V4_SRC in ip:
-        src, dst = ipaddress.IPv4Address(ip[CTA_IP_V4_SRC]), ipaddress.IPv4Address(ip[CTA_IP_V4_DST])
-    else:
-        src, dst = ipaddress.IPv6Address(ip[CTA_IP_V6_SRC]), ipaddress.IPv6Address(ip[CTA_IP_V6_DST])
-    number = proto[CTA_PROTO_NUM][0]
-    sport = struct.unpack("!H", proto[CTA_PROTO_SRC_PORT])[0] if CTA_PROTO_SRC_PORT in proto else 0
-    dport = struct.unpack("!H", proto[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in proto else 0
-    if CTA_COUNTERS_ORIG not in top:
-        return None
-    counters = []
-    for key in (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY):
-        c = _attrs(top.get(key, b""))
-        counters.append((struct.unpack("!Q", c.get(CTA_COUNTERS_BYTES, bytes(8)))[0],
-                         struct.unpack("!Q", c.get(CTA_COUNTERS_PACKETS, bytes(8)))[0]))
-    return str(src), str(dst), number, sport, dport, counters[0], counters[1]
 
 
 class ConntrackSource:
@@ -113,8 +61,7 @@ class ConntrackSource:
         if not 0.05 <= self.interval <= 60:
             raise ValueError("interval is 0.05..60 seconds")
         self._enable_accounting()
-        self.dumper = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.dumper.bind((0, 0))
+        self.dumper = open_socket()
         self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(rcvbuf))
         self.events.bind((0, 0))
@@ -176,22 +123,7 @@ class ConntrackSource:
     def dump(self) -> None:
         """One zero-on-read dump of every connection, rated."""
         self.seq += 1
-        kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_CTRZERO
-        body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
-        self.dumper.send(_NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body)
-        records, done = [], False
-        while not done:
-            data = self.dumper.recv(1 << 20)
-            for msg_type, payload in self._messages(data):
-                if msg_type == NLMSG_DONE:
-                    done = True
-                elif msg_type == NLMSG_ERROR:
-                    errno = -struct.unpack_from("=i", payload)[0]
-                    if errno:
-                        raise OSError(errno, f"conntrack dump refused: {os.strerror(errno)}")
-                    done = True
-                else:
-                    records.append(payload)
+        records = dump(self.dumper, self.seq, zero=True)
         self.counts["dumps"] += 1
         self._rate(records)
 
@@ -207,19 +139,9 @@ class ConntrackSource:
                     log.warning("conntrack events lost (ENOBUFS): those flows' last bytes are missing")
                     continue
                 raise
-            payloads = [p for t, p in self._messages(data) if t & 0xFF == IPCTNL_MSG_CT_DELETE]
+            payloads = [p for t, p in messages(data) if t & 0xFF == IPCTNL_MSG_CT_DELETE]
             self.counts["destroy_events"] += len(payloads)
             self._rate(payloads)
-
-    @staticmethod
-    def _messages(data: bytes):
-        pos = 0
-        while pos + _NLMSG.size <= len(data):
-            length, msg_type, _flags, _seq, _pid = _NLMSG.unpack_from(data, pos)
-            if length < _NLMSG.size or pos + length > len(data):
-                return
-            yield msg_type, data[pos + _NLMSG.size:pos + length]
-            pos += (length + 3) & ~3
 
     def _rate(self, payloads: list) -> None:
         now = time.time_ns()

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from gateway.sources import conntrack as ct
+from policy import ctnetlink as ct
 
 
 def nla(kind: int, payload: bytes, nested: bool = False) -> bytes:
