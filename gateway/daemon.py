@@ -211,6 +211,9 @@ class Gateway:
         self.saved_blocks: dict[int, int] = {}  # block bits the ledger holds per subscriber (block_state)
         self.unsaved_blocks: set[int] = set()  # subscribers whose block state is still to be written
         self.unsaved_records: list[tuple] = []  # block history rows still to be written
+        self.resetter = None  # policy.resets.Resetter, made at the first block
+        self.m_resets = Counter("tollgate_connection_resets", "TCP connections of blocked subscribers ended at "
+                                "once (policy/resets.py)", registry=self.registry)
         self.failed: dict[str, str] = {}  # thread name -> why it died: /healthz goes red, run() ends
         self.fatal = threading.Event()
         self.m_drift_alarms = Counter("tollgate_drift_alarms", "drift checks that found a subscriber beyond "
@@ -729,6 +732,20 @@ class Gateway:
         if block or unblock:
             self.m_nft_latency.observe(time.perf_counter() - started)
         self._record_events(events, done)
+        if block:
+            self._reset_connections(block)
+
+    def _reset_connections(self, networks) -> None:
+        """A download in flight would hang until the client gives up: end the
+        blocked networks' TCP connections at once (policy/resets.py)."""
+        try:
+            if self.resetter is None:
+                from policy.resets import Resetter
+
+                self.resetter = Resetter()
+            self.m_resets.inc(self.resetter.reset(networks))
+        except OSError as exc:  # no conntrack in this namespace, no raw sockets: the block holds all the same
+            log.warning("could not reset the connections of %d blocked networks: %s", len(networks), exc)
 
     def _record_events(self, events: list, done_ns: int) -> None:
         """Metrics, logs, notifications and the ledger's block records for

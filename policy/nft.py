@@ -64,6 +64,9 @@ counted once, by the first set that matches, in that order.
   and the allow-list; everything else is rejected.
 * ``portal`` (prerouting nat): a blocked subscriber's new tcp/80 connections
   not to the allow-list are redirected to the portal port on the gateway.
+* ``probes`` (output, raw): the gateway's own probes that end a blocked
+  subscriber's established connections (``policy/resets.py``, marked
+  ``PROBE_MARK``) are not tracked.
 
 Every change goes through one reused libnftables context (python-nftables,
 JSON for elements), never by forking ``nft``; a batch of elements is one
@@ -98,6 +101,7 @@ PURPOSES = ("blocked", "up", "down")
 PREFIX_OF = {suffix: plen for _f, suffix, _t, plen, _m in SLOTS}
 QUOTA_MAP = "quota"  # quota4, quota6_64, ...: network -> the subscriber's quota object
 QUOTA_PREFIX = "q"   # the quota object of subscriber 12 is q12
+PROBE_MARK = 0x74670001  # SO_MARK of the gateway's reset probes (policy/resets.py): left untracked
 
 
 class PolicyError(TollgateError):
@@ -387,6 +391,9 @@ class Enforcer:
             + lines(each("blocked", "s", "jump blocked_local"))
             + "  }\n  chain blocked_local {\n"
             + lines(local_allowed + [f"{r.match('d')} accept" for r in self.allow] + reject)
+            + "  }\n  chain probes {\n    type filter hook output priority raw; policy accept;\n"
+            # a probe poses as the peer of a tracked connection: tracking it would clash with that connection
+            + lines([f"meta mark {PROBE_MARK:#x} notrack"])
             + "  }\n  chain portal {\n    type nat hook prerouting priority dstnat; policy accept;\n"
             + lines(each("blocked", "s", "tcp dport 80 jump portal_redirect"))
             + "  }\n  chain portal_redirect {\n"

@@ -76,3 +76,21 @@ def test_a_queue_bound_elsewhere_is_a_clear_error(lab, tmp_path, clean):
         assert "--queues" in proc.stderr and "another" in proc.stderr
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_running_out_mid_download_resets_it_at_once(lab, tmp_path, clean, family):
+    """0.02 EUR at 0.01 EUR per MB: the 8 MB download is cut at about 2 MB. The
+    client must see its connection reset (curl exit 56), not hang until its own
+    timeout (exit 28): it had nothing to send that could meet the block's reject."""
+    i = 3 if family == "ipv4" else 4
+    url = f"http://{UP4}/big.bin" if family == "ipv4" else f"http://[{UP6}]/big.bin"
+    gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, {i: "0.02"}, upload_free=True)).start()
+    try:
+        proc = netns(lab.sub(i), "curl", "-s", "-g", "-m", "20", "--limit-rate", "4M", "-o", "/dev/null",
+                     "-w", "%{size_download}", url, timeout=40)
+        assert proc.returncode == 56, (proc.returncode, proc.stdout, proc.stderr)
+        assert 1_000_000 < int(proc.stdout) < 2_100_000
+        assert 'tollgate_connection_resets_total 1.0' in curl(lab.gw, "http://127.0.0.1:8080/metrics").stdout
+    finally:
+        gw.stop()
