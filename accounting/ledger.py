@@ -304,7 +304,9 @@ class Ledger:
         """Give ``network`` (an address or prefix, host bits zero) to a subscriber.
 
         The same prefix may belong to one subscriber only. Overlapping prefixes
-        of different length may (the engine takes the longest match).
+        of different subscribers are refused one level up, by
+        ``accounting.operations`` (every front end writes through it), and
+        reported by ``tollgate ledger check``; this low-level call does not look.
         """
         sid = self._sid(subscriber)
         net = _network(network)

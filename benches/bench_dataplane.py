@@ -145,8 +145,9 @@ def block_latency(work: Path, rounds: int) -> dict:
             for p in procs:
                 p.wait()
             for i in range(1, 3):
-                subprocess.run([sys.executable, "-m", "gateway.cli", "topup", f"s{i}", "0.0001", "-c",
-                                str(work / "t.toml"), "--db", db], cwd=REPO, capture_output=True)
+                # a payment is whole cents (issue 11, item 15): 0.01 EUR is 1 MB here, spent within the next round
+                subprocess.run([sys.executable, "-m", "gateway.cli", "topup", f"s{i}", "0.01", "-c",
+                                str(work / "t.toml"), "--db", db], cwd=REPO, capture_output=True, check=True)
             time.sleep(1.2)  # the flusher applies the top-ups
         return json.loads(ns("gw", "curl", "-s", "http://127.0.0.1:8080/healthz").stdout)["block_latency_ms"]
     finally:

@@ -480,9 +480,11 @@ class Gateway:
         from .sources import source_class
 
         if not self.opts.inline:
+            options = dict(self.opts.source_options)
+            if self.opts.source == "netflow" and self.config.netflow_exporters and "exporters" not in options:
+                options["exporters"] = ",".join(self.config.netflow_exporters)  # the command line wins
             try:
-                self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put,
-                                                                   **self.opts.source_options))
+                self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put, **options))
             except (ValueError, OSError) as exc:  # a bad option, a port taken, a group bound elsewhere (SourceError)
                 raise ConfigError(f"--source {self.opts.source}", str(exc)) from None
             return
