@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ext import PacketBatch
+from ext.batch import flow_entries, split_flow
 from ext.constants import MAX_WIRE_LEN
 
 from . import process_flows
@@ -63,6 +64,8 @@ DAY_NS = 86_400 * 10**9
 BATCH = 4096  # entries per engine call
 CHUNK = 1024 * MAX_WIRE_LEN  # bytes of a record put into one batch at most
 MAX_FILE_BYTES = 1 << 30  # a bigger file is refused whole (failed/), not read
+MAX_RECORD_BYTES = 1 << 46  # 70 TB: an hour of 100 Gbit/s with room to spare
+MAX_RECORD_PACKETS = 1 << 40
 # column aliases, lower case: pmacct (print plugin), nfdump (-o csv) and plain names
 COLUMNS = {
     "src": ("src_ip", "ip_src", "sa", "src", "srcaddr", "source"),
@@ -134,6 +137,15 @@ def _record(get, now_ns: int) -> tuple:
     packets = _count(get("packets") or 1, "packets")
     if nbytes and not packets:
         raise SpoolError("bytes without packets")
+    # a 100 Gbit/s flow over an hour is 2**45.4 bytes; more than MAX_RECORD_BYTES in one record, or more packets
+    # than bytes (an IP packet has at least 20), is no real traffic: refused, so a lying file cannot make the
+    # engine's per-drain counters (2**44 packets) wrap or keep the source busy for minutes
+    if nbytes > MAX_RECORD_BYTES:
+        raise SpoolError(f"{nbytes} bytes in one record is more than the {MAX_RECORD_BYTES} a record may hold")
+    if nbytes and packets > nbytes:
+        raise SpoolError(f"{packets} packets cannot carry {nbytes} bytes")
+    if packets > MAX_RECORD_PACKETS:
+        raise SpoolError(f"{packets} packets in one record is more than the {MAX_RECORD_PACKETS} a record may hold")
     proto = _proto(str(get("proto") or "0"))
     sport, dport = (_count(get(p) or 0, p) for p in ("sport", "dport"))
     if sport > 65535 or dport > 65535:
@@ -346,15 +358,11 @@ class SpoolSource:
         with self.lock:  # all of the file's records between two drains
             batch = PacketBatch(BATCH, aggregates=True)
             for src, dst, proto, sport, dport, size, packets, ts in records:
-                while True:  # a record of more than CHUNK bytes goes in pieces, packets in proportion
-                    part = min(size, CHUNK)
-                    share = packets if part == size else packets * part // size
-                    if batch.room() < CHUNK // MAX_WIRE_LEN + 1:
+                # a big record goes in pieces that add up to it exactly, packets in proportion (ext/batch.py)
+                for part, share in split_flow(size, packets, CHUNK // MAX_WIRE_LEN):
+                    if batch.room() < flow_entries(part, share):
                         process_flows(self.engine, self.on_events, batch)
                     batch.append_flow(src, dst, proto, sport, dport, part, share, ts)
-                    size, packets = size - part, packets - share
-                    if not size:
-                        break
             process_flows(self.engine, self.on_events, batch)
             self.rated.append((digest, path.name, len(records), nbytes))
             self.in_flight[digest] = path.name

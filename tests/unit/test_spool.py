@@ -152,6 +152,30 @@ def test_a_record_of_many_gigabytes_is_rated_whole(tmp_path):
     assert sum(r.packets for r in rows) == 3600000
 
 
+def test_records_at_the_limits_of_the_counters_are_rated_exactly(tmp_path):
+    """Packets beyond what one engine entry counts (2**32 - 1) and the largest record a line may hold
+    (2**46 bytes, 2**40 packets): charged exactly, never an exception out of the source (one would stop
+    it). Counts no traffic can have are a malformed file, charged not at all."""
+    engine = make_engine()
+    lines = [(2**32 + 5, 2**32), (2**46, 2**40), (0, 7)]
+    text = "sa,da,ipkt,ibyt\n" + "".join(f"198.18.0.2,100.64.1.2,{p},{b}\n" for b, p in lines)
+    src = spool(tmp_path, engine, edge__csv=text)
+    assert src.scan() == 1
+    rows = engine.drain()
+    assert sum(r.bytes for r in rows) == sum(b for b, _p in lines) == rated(engine)
+    assert sum(r.packets for r in rows) == sum(p for _b, p in lines)
+
+
+@pytest.mark.parametrize("bytes_, packets, says", [
+    (100, 2**49, "packets cannot carry 100 bytes"),
+    (2**46 + 1, 2**20, "more than the 70368744177664 a record may hold"),
+    (0, 2**40 + 1, "more than the 1099511627776 a record may hold"),
+])
+def test_counts_no_traffic_has_are_refused(bytes_, packets, says):
+    with pytest.raises(SpoolError, match=says):
+        parse_csv(f"sa,da,ipkt,ibyt\n198.18.0.2,100.64.1.2,{packets},{bytes_}\n", time.time_ns())
+
+
 def test_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="needs -o dir=PATH"):
         SpoolSource(make_engine(), print)
