@@ -1,0 +1,1 @@
+-- Tollgate ledger, schema 0015: reserved; filled in by the change that needs it.

@@ -1,0 +1,1 @@
+-- Tollgate ledger, schema 0016: reserved; filled in by the change that needs it.
