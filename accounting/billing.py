@@ -37,6 +37,7 @@ zone names, never internal units or zone ids.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -236,6 +237,13 @@ class Biller:
         self.currency = currency if not isinstance(currency, str) else get_currency(currency)
         self.zone_names = list(zone_names or ())
         self.accounts: dict[int, Account] = {}
+        # advance() looks only at accounts that something is due for: the work of a second is in proportion
+        # to what changed, not to the number of subscribers. due: (instant, sid) heap, entries made stale
+        # by a later one are skipped (due_at holds the live one); touched: accounts with new traffic or
+        # just opened, whose provisional settlement must be looked at now.
+        self.due: list[tuple[int, int]] = []
+        self.due_at: dict[int, int] = {}
+        self.touched: set[int] = set()
 
     def _zone_dir(self, zone: int, direction: int) -> str:
         """"external upload": a zone by its name (its id only if the config has none)."""
@@ -259,6 +267,7 @@ class Biller:
         acct.credit_on = terms.credit_until is None or since < terms.credit_until
         self.accounts[sid] = acct
         self._enter_period(acct, since, first=True)
+        self.touched.add(sid)
         return self._fee_at_start(acct, since)
 
     def change_tariff(self, sid: int, terms: Terms, now: int) -> list[Posting]:
@@ -295,6 +304,7 @@ class Biller:
             if acct is not None:
                 key = (r.zone, r.direction)
                 acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
+                self.touched.add(r.subscriber)
 
     def volume_left(self, sid: int) -> int | None:
         """What the subscriber's volume limit still allows this period from the
@@ -306,20 +316,52 @@ class Biller:
 
     # ---- the clock ------------------------------------------------------------------------
 
+    def _next_due(self, acct: Account, now: int) -> int | None:
+        """The earliest instant after ``now`` at which ``advance`` has
+        something to do for ``acct`` whatever its traffic: its period's end,
+        the next local day (a daily fee), an expiry of its discount or credit."""
+        plan = self._plan(acct)
+        times = [acct.end]
+        if plan.fee and plan.fee_mode == "daily":
+            times.append(_instant(_local(now, self.tz).date() + dt.timedelta(days=1), self.tz))
+        for until, on in ((acct.terms.discount_until, acct.discount_on), (acct.terms.credit_until, acct.credit_on)):
+            if on and until is not None:
+                times.append(until)
+        later = [t for t in times if t > now]
+        return min(later) if later else None
+
     def next_event(self, now: int) -> int | None:
         """The earliest instant after ``now`` at which something falls due
         (a period or day boundary, an expiry): a replay bills there first."""
-        times = []
-        for acct in self.accounts.values():
-            plan = self._plan(acct)
-            times.append(acct.end)
-            if plan.fee and plan.fee_mode == "daily":
-                times.append(_instant(_local(now, self.tz).date() + dt.timedelta(days=1), self.tz))
-            for until, on in ((acct.terms.discount_until, acct.discount_on), (acct.terms.credit_until, acct.credit_on)):
-                if on and until is not None:
-                    times.append(until)
-        later = [t for t in times if t > now]
+        later = [t for t in (self._next_due(acct, now) for acct in self.accounts.values()) if t is not None]
         return min(later) if later else None
+
+    def touch(self, sid: int) -> None:
+        """The account's terms changed (a discount, a credit limit, their
+        expiry): the next :meth:`advance` looks at it."""
+        if sid in self.accounts:
+            self.touched.add(sid)
+
+    def _schedule(self, acct: Account, now: int) -> None:
+        due = self._next_due(acct, now)
+        if due is None:
+            self.due_at.pop(acct.sid, None)
+        elif self.due_at.get(acct.sid) != due:
+            self.due_at[acct.sid] = due
+            heapq.heappush(self.due, (due, acct.sid))
+
+    def _due_now(self, now: int, end: bool) -> list[Account]:
+        """The accounts ``advance(now)`` must look at: touched ones and those
+        whose next due instant has come (at an exclusive end: also those due
+        exactly then, for what it settles)."""
+        sids = set(self.touched)
+        self.touched.clear()
+        while self.due and (self.due[0][0] <= now):
+            due, sid = heapq.heappop(self.due)
+            if self.due_at.get(sid) == due:
+                del self.due_at[sid]
+                sids.add(sid)
+        return [self.accounts[sid] for sid in sorted(sids) if sid in self.accounts]
 
     def advance(self, now: int, end: bool = False) -> tuple[list[Posting], list[EngineChange]]:
         """Everything due up to ``now``, in time order per subscriber.
@@ -330,7 +372,8 @@ class Biller:
         not that day's share of a daily fee, not an expiry falling on it."""
         postings: list[Posting] = []
         changes: list[EngineChange] = []
-        for acct in list(self.accounts.values()):
+        for acct in self._due_now(now, end):
+            self._schedule(acct, now)  # (again below, once its period may have moved on)
             terms = acct.terms
             for what, until, on in (("discount", terms.discount_until, acct.discount_on),
                                     ("credit", terms.credit_until, acct.credit_on)):
@@ -348,6 +391,7 @@ class Biller:
                 self._enter_period(acct, boundary)
                 changes.append(EngineChange(acct.sid, "renew", 0, boundary))
                 postings += self._fee_at_start(acct, boundary)
+            self._schedule(acct, now)
             if acct.settled_to == acct.end:
                 continue  # closed at an exclusive end, nothing of the next period yet
             # an exclusive end: the days begun before it (now - 1 is the last instant billed)

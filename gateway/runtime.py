@@ -151,6 +151,7 @@ class Accountant:
         acct.terms = terms
         acct.discount_on = terms.discount_until is None or acct.joined < terms.discount_until
         acct.credit_on = terms.credit_until is None or acct.joined < terms.credit_until
+        self.biller.touch(sid)  # its expiries may have moved: the next advance looks at it
         events = []
         old_limit = old.volume_limit if old is not None else None
         if terms.volume_limit != old_limit:

@@ -1,0 +1,101 @@
+"""The billing calendar looks only at the accounts something is due for
+(issue 12): a biller that looks at every account every time (as it did) is the
+oracle. Both get the same random subscribers, terms and traffic over weeks of
+random instants and must post the same postings and engine changes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import tomllib
+from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings, strategies as st
+
+from accounting.billing import Biller, Terms
+from ext.engine_py import CounterRow
+from gateway.config import parse_config
+
+TZ = "Europe/Berlin"
+CONFIG = f"""
+[gateway]
+currency = "EUR"
+timezone = "{TZ}"
+local_networks = ["100.64.0.0/10"]
+
+[[zone]]
+name = "peering"
+networks = ["198.18.0.0/16"]
+
+[[tariff]]
+name = "start"
+fee = "5.00"
+prices = {{ external = "0.01", peering = "0.005" }}
+price_unit = "MB"
+
+[[tariff]]
+name = "daily"
+period = "weekly"
+anchor = "mon"
+fee = "7.00"
+fee_mode = "daily"
+prices = {{ external = "0.01", peering = "0.005" }}
+price_unit = "MB"
+
+[[tariff]]
+name = "postpaid"
+fee = "3.00"
+scheme = "postpaid"
+prices = {{ external = "0.02", peering = "0.01" }}
+price_unit = "MB"
+
+[[tariff]]
+name = "prevailing"
+period = "daily"
+scheme = "prevailing"
+prices = {{ external = "0.03", peering = "0.02" }}
+price_unit = "MB"
+"""
+START = int(dt.datetime(2026, 3, 20, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9  # DST on the 29th
+DAY = 86400 * 10 ** 9
+
+
+def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
+    cfg = parse_config(tomllib.loads(CONFIG))
+    rng = random.Random(seed)
+    biller = Biller(cfg.tariffs, cfg.timezone)
+    out = []
+    names = sorted(cfg.tariffs)
+    for sid in range(1, n + 1):
+        until = START + rng.randrange(0, 20 * DAY) if rng.random() < 0.5 else None
+        terms = Terms(rng.choice(names), rng.choice([0, 1000, 2500]), until, 10 ** 9, until, None, None, None,
+                      None, None)
+        out.append(("open", sid, biller.open(sid, terms, START + rng.randrange(0, 3 * DAY))))
+    now = START + 3 * DAY
+    for _ in range(steps):
+        now += rng.choice([1, 10 ** 9, 3600 * 10 ** 9, DAY // 3, DAY])
+        rows = [CounterRow(sid, 1, rng.randrange(2), rng.randrange(1, 10 ** 7), 1, 0)
+                for sid in rng.sample(range(1, n + 1), rng.randrange(0, n + 1))]
+        biller.observe(rows)
+        if look_at_all:  # the old behaviour: every account, every time
+            biller.touched |= set(biller.accounts)
+        postings, changes = biller.advance(now)
+        out.append(("advance", now, sorted(postings, key=repr), sorted(changes, key=repr)))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 32), st.integers(1, 12), st.integers(1, 60))
+def test_looking_only_at_what_is_due_posts_what_looking_at_everyone_does(seed, n, steps):
+    assert run(seed, n, steps, look_at_all=False) == run(seed, n, steps, look_at_all=True)
+
+
+def test_an_idle_second_looks_at_nobody():
+    cfg = parse_config(tomllib.loads(CONFIG))
+    biller = Biller(cfg.tariffs, cfg.timezone)
+    for sid in range(1, 1001):
+        biller.open(sid, Terms("start", 0, None, 0, None, None, None, None, None, None), START)
+    biller.advance(START + 1)
+    assert biller._due_now(START + 2 * 10 ** 9, end=False) == []  # nothing due, no traffic: no work
+    biller.observe([CounterRow(7, 1, 0, 100, 1, 0)])
+    assert [a.sid for a in biller._due_now(START + 3 * 10 ** 9, end=False)] == [7]
