@@ -660,6 +660,34 @@ class Ledger:
                 self._add_kernel_marks(marks)
         return True
 
+    # ---- the change feed (migrations/0014_change_feed.sql) -----------------------------
+
+    def last_change_id(self) -> int:
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
+
+    def changes_since(self, change_id: int, limit: int = 100_000) -> tuple[int, dict[int, set[str]]]:
+        """``(newest id read, {subscriber: {what changed}})`` of the changes
+        after ``change_id`` (at most ``limit`` of them: call again while the
+        id moves). ``what``: ``subscriber`` (its row: tariff, terms, active,
+        name), ``addresses`` or ``manual`` (a manual block record)."""
+        rows = self.db.execute("SELECT id, subscriber_id, what FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+                               (change_id, limit)).fetchall()
+        out: dict[int, set[str]] = {}
+        for _id, sid, what in rows:
+            out.setdefault(sid, set()).add(what)
+        return (rows[-1][0] if rows else change_id), out
+
+    def prune_changes(self, upto: int) -> int:
+        """Delete the feed's rows up to ``upto`` (every reader has read them); returns how many."""
+        with self._tx():
+            return self.db.execute("DELETE FROM changes WHERE id <= ?", (_int(upto, "change id"),)).rowcount
+
+    def manual_block_of(self, subscriber) -> bool:
+        """Whether the subscriber's last manual block record is a block."""
+        row = self.db.execute("SELECT kind FROM blocks WHERE subscriber_id = ? AND reason LIKE 'manual%'"
+                              " ORDER BY id DESC LIMIT 1", (self._sid(subscriber),)).fetchone()
+        return bool(row) and row[0] == "block"
+
     # ---- what the gateway remembers of the kernel ----------------------------------
 
     def kernel_marks(self) -> dict[tuple[int, int], tuple[int, int]]:
@@ -807,6 +835,153 @@ class Ledger:
             cur = self.db.execute("INSERT OR IGNORE INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)",
                                   (digest, str(path), packets, time.time_ns()))
             return cur.rowcount == 1
+
+    # ---- pages and bulk (issue 12) -------------------------------------------------
+    # What the front ends show costs a page, not the table: every query here reads an index range the
+    # size of its answer (migrations/0015_subscriber_pages.sql), and the bulk import writes with
+    # executemany inside the caller's one transaction.
+
+    _PAGE_CHUNK = 10_000  # ids or names per IN (...): well under SQLite's 32766 variables
+
+    @staticmethod
+    def _subscriber_filter(tariff=None, active=None, name=None) -> tuple[list[str], list]:
+        clauses, args = [], []
+        if tariff is not None:
+            clauses.append("tariff = ?")
+            args.append(tariff)
+        if active is not None:
+            clauses.append("active = ?")
+            args.append(1 if active else 0)
+        if name is not None:
+            # names are ASCII (accounting.operations.NAME), where SQLite's lower() is Python's; the needle is
+            # lowered by Python, so it matches exactly what `needle.lower() in name.lower()` would
+            clauses.append("instr(lower(name), ?) > 0")
+            args.append(name.lower())
+        return clauses, args
+
+    def subscriber_page(self, limit: int, after_id: int = 0, offset: int = 0, tariff=None, active=None,
+                        name=None) -> list[dict]:
+        """Up to ``limit`` subscribers with ``id > after_id`` (keyset: the cost of a page does not grow
+        with its depth), skipping ``offset`` first, by id, that match every filter given; as
+        :meth:`get_subscriber` returns them."""
+        clauses, args = self._subscriber_filter(tariff, active, name)
+        clauses.append("id > ?")
+        args.append(_int(after_id, "after_id", 0))
+        rows = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers WHERE {' AND '.join(clauses)}"
+                               " ORDER BY id LIMIT ? OFFSET ?",
+                               (*args, _int(limit, "limit", 1), _int(offset, "offset", 0))).fetchall()
+        return self._with_addresses(rows)
+
+    def count_subscribers(self, tariff=None, active=None, name=None) -> int:
+        """How many subscribers match the filters (an index count, or a scan for a name substring)."""
+        clauses, args = self._subscriber_filter(tariff, active, name)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        return self.db.execute(f"SELECT count(*) FROM subscribers{where}", args).fetchone()[0]
+
+    def _with_addresses(self, rows) -> list[dict]:
+        subs = [dict(zip(self._COLS, r)) for r in rows]
+        held = self.addresses_of([s["id"] for s in subs])
+        for s in subs:
+            s["addresses"] = held.get(s["id"], [])
+        return subs
+
+    def addresses_of(self, sids) -> dict[int, list[str]]:
+        """``{subscriber: sorted networks}`` for the given ids (those with none are left out)."""
+        sids = list(sids)
+        out: dict[int, list[str]] = {}
+        for i in range(0, len(sids), self._PAGE_CHUNK):
+            part = sids[i:i + self._PAGE_CHUNK]
+            for sid, net in self.db.execute(f"SELECT subscriber_id, network FROM addresses WHERE subscriber_id IN"
+                                            f" ({', '.join('?' * len(part))}) ORDER BY subscriber_id, network", part):
+                out.setdefault(sid, []).append(net)
+        return out
+
+    def block_states_of(self, sids) -> dict[int, tuple[str | None, bool]]:
+        """``{subscriber: (reason of its last block record if that is a block, else None; whether its last
+        manual record is a block)}`` for the given ids: :meth:`block_reason` and :meth:`manually_blocked`
+        for a page, two queries through the subscriber's index of blocks."""
+        sids = list(sids)
+        out = {sid: (None, False) for sid in sids}
+        for i in range(0, len(sids), self._PAGE_CHUNK):
+            part = sids[i:i + self._PAGE_CHUNK]
+            marks = ", ".join("?" * len(part))
+            for sid, kind, reason in self.db.execute(
+                    f"SELECT subscriber_id, kind, reason FROM blocks WHERE id IN (SELECT max(id) FROM blocks"
+                    f" WHERE subscriber_id IN ({marks}) GROUP BY subscriber_id)", part):
+                if kind == "block":
+                    out[sid] = (reason, out[sid][1])
+            for sid, kind in self.db.execute(
+                    f"SELECT subscriber_id, kind FROM blocks WHERE id IN (SELECT max(id) FROM blocks"
+                    f" WHERE subscriber_id IN ({marks}) AND reason LIKE 'manual%' GROUP BY subscriber_id)", part):
+                out[sid] = (out[sid][0], kind == "block")
+        return out
+
+    def names_of(self, sids) -> dict[int, str]:
+        """``{id: name}`` for the given ids."""
+        sids = list(dict.fromkeys(sids))
+        out = {}
+        for i in range(0, len(sids), self._PAGE_CHUNK):
+            part = sids[i:i + self._PAGE_CHUNK]
+            out.update(self.db.execute(f"SELECT id, name FROM subscribers WHERE id IN ({', '.join('?' * len(part))})",
+                                       part).fetchall())
+        return out
+
+    def top_usage(self, n: int, since: int | None = None, until: int | None = None) -> list[dict]:
+        """The ``n`` subscribers with the most bytes in ``since <= minute < until`` (ties by id):
+        ``subscriber_id``, ``bytes``, ``packets``, ``amount``. One pass over the range's rows in the
+        covering index ``usage_minute_totals``, summed per subscriber; the subscribers table is not read."""
+        where, args = self._where(None, since, until, "minute")
+        rows = self.db.execute(
+            "SELECT subscriber_id, sum(bytes) AS b, sum(packets), sum(amount) FROM usage"
+            f" INDEXED BY usage_minute_totals{where} GROUP BY subscriber_id ORDER BY b DESC, subscriber_id LIMIT ?",
+            (*args, _int(n, "n", 1)))
+        return [dict(zip(("subscriber_id", "bytes", "packets", "amount"), r)) for r in rows]
+
+    def subscribers_named(self, names) -> dict[str, dict]:
+        """``{name: subscriber}`` (as :meth:`get_subscriber`) for those of ``names`` that exist."""
+        names = list(names)
+        out = {}
+        for i in range(0, len(names), self._PAGE_CHUNK):
+            part = names[i:i + self._PAGE_CHUNK]
+            rows = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers WHERE name IN"
+                                   f" ({', '.join('?' * len(part))})", part).fetchall()
+            out.update((s["name"], s) for s in self._with_addresses(rows))
+        return out
+
+    def count_addresses(self) -> int:
+        return self.db.execute("SELECT count(*) FROM addresses").fetchone()[0]
+
+    def all_networks(self):
+        """Every ``(network, subscriber id)``, streamed in the primary key's order."""
+        return self.db.execute("SELECT network, subscriber_id FROM addresses ORDER BY network")
+
+    def insert_subscribers(self, subscribers, addresses) -> None:
+        """Write checked subscribers and their addresses with ``executemany``, inside the caller's
+        transaction (``accounting.operations.Operations.import_subscribers`` checks them first: names,
+        tariffs, amounts, one owner per address). ``subscribers``: dicts with ``id`` and the columns of
+        ``_COLS`` they set; ``addresses``: ``(network, subscriber id)``. The change feed's triggers
+        (0014) fire once per row, so a running gateway sees the new subscribers."""
+        if not self.db.conn.in_transaction:
+            raise LedgerError("insert_subscribers runs inside the caller's transaction (ledger._tx())")
+        cols = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit",
+                "active", "created_ns", *(t for t in self.TERMS if t != "credit_limit"))
+        self.db.conn.executemany(f"INSERT INTO subscribers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                 (tuple(s.get(c) for c in cols) for s in subscribers))
+        self.db.conn.executemany("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", addresses)
+
+    def max_subscriber_id(self) -> int:
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM subscribers").fetchone()[0]
+
+    def iter_subscribers(self, batch: int = 5000):
+        """Every subscriber by id, as :meth:`get_subscriber` returns them, read a batch at a time by
+        keyset (the export streams: memory for one batch, whatever the size of the ledger)."""
+        after = 0
+        while True:
+            page = self.subscriber_page(batch, after_id=after)
+            if not page:
+                return
+            yield from page
+            after = page[-1]["id"]
 
     # ---- checks ------------------------------------------------------------------
 

@@ -177,6 +177,8 @@ class Gateway:
         self.last_payment = 0
         self.last_adjustment = 0
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
+        self.active: set[int] = set()  # subscribers with traffic since the last look at their volumes
+        self.last_change = 0  # the ledger's change feed, read up to here
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
         self.kernel_before: dict | None = None  # the previous drift check's kernel counters (passive sources)
@@ -227,6 +229,7 @@ class Gateway:
         events = self.acct.load_subscribers(ledger_rows(self.ledger))
         self.last_payment = self.ledger.last_payment_id()
         self.last_adjustment = self.ledger.last_adjustment_id()
+        self.last_change = self.ledger.last_change_id()  # what was loaded above includes everything before it
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
         events += self.acct.start_billing(self.calendar_now())[1]
@@ -643,40 +646,36 @@ class Gateway:
             if events:
                 self.events.put([(ev, None) for ev in events])
 
-    def _sync_subscribers(self) -> None:
-        """Subscribers changed in the ledger by another process (``tollgate
-        subscriber ...``): one scan a flush round, cheap next to the flush."""
-        wanted = {}
-        for row in self.ledger.subscribers():
-            if row.get("active", 1):
+    def _apply_changes(self) -> None:
+        """Subscribers, addresses, terms and manual blocks changed in the
+        ledger by any process (CLI, API, an import), read from the ledger's
+        change feed (migrations/0014_change_feed.sql): the work is in
+        proportion to what changed, never a scan of every subscriber."""
+        while True:
+            last, changed = self.ledger.changes_since(self.last_change)
+            if last == self.last_change:
+                return
+            self.last_change = last
+            for sid, what in sorted(changed.items()):
                 try:
-                    terms = self.acct.terms_for(row)
-                except TollgateError:
-                    terms = None  # _refresh_subscriber says why
-                wanted[row["id"]] = (row["tariff"], terms, tuple(sorted(row["addresses"])))
-        for sid in set(wanted) | set(self.acct.subscribers):
-            info = self.acct.subscribers.get(sid)
-            have = None if info is None else (info.tariff, self.acct.terms.get(sid), tuple(sorted(info.addresses)))
-            if have != wanted.get(sid):
-                try:
-                    self._refresh_subscriber(sid)
+                    if what & {"subscriber", "addresses"}:
+                        self._refresh_subscriber(sid)
+                    if "manual" in what:
+                        self._sync_manual_blocks(sid)
                 except TollgateError as exc:
                     log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
 
-    def _sync_manual_blocks(self, only: int | None = None) -> None:
+    def _sync_manual_blocks(self, sid: int) -> None:
         """Manual blocks are records in the ledger (``accounting.operations``:
         API, portal, CLI, from any process); the engine's ``BLOCK_MANUAL`` bit
         follows them, and the policy pusher the kernel's sets."""
-        wanted = set(self.ledger.manually_blocked())
-        events = []
+        if sid not in self.acct.subscribers:
+            return
+        wanted = self.ledger.manual_block_of(sid)
         with self.engine_lock:
-            for sid in ([only] if only is not None else list(self.acct.subscribers)):
-                if sid not in self.acct.subscribers:
-                    continue
-                has = bool(self.acct.engine.subscriber(sid).blocked & BLOCK_MANUAL)
-                if (sid in wanted) != has:
-                    change = self.acct.engine.block if sid in wanted else self.acct.engine.unblock
-                    events += change(sid, BLOCK_MANUAL)
+            has = bool(self.acct.engine.subscriber(sid).blocked & BLOCK_MANUAL)
+            events = [] if wanted == has else \
+                (self.acct.engine.block if wanted else self.acct.engine.unblock)(sid, BLOCK_MANUAL)
         if events:
             self.events.put([(ev, None) for ev in events])
 
@@ -823,8 +822,10 @@ class Gateway:
         """A notification when a period's free volume ("quota") or volume limit
         ("volume") is used to each of the configured levels, once a period."""
         levels = self.config.notify.quota_levels
-        for sid, acct in self.acct.biller.accounts.items():
-            if sid not in self.acct.subscribers:
+        active, self.active = self.active, set()  # only traffic moves how much of a volume is used
+        for sid in sorted(active):
+            acct = self.acct.biller.accounts.get(sid)
+            if acct is None or sid not in self.acct.subscribers:
                 continue
             used = {}  # event -> percent used this period
             total = sum(self.config.tariffs[acct.terms.tariff].allowance())
@@ -859,12 +860,11 @@ class Gateway:
             try:
                 self._apply_payments()
                 self._apply_refresh_requests()
+                self._apply_changes()
                 if time.monotonic() < next_flush:
                     continue
                 next_flush = time.monotonic() + self.opts.flush_interval
                 self._apply_tariff_changes(self.calendar_now())
-                self._sync_subscribers()
-                self._sync_manual_blocks()
                 # the kernel counts a packet just after the engine rates it: list the kernel first, drain
                 # second, and compare with the marks from before and after the drain (see _check_drift)
                 kernel = marks_before = None
@@ -907,6 +907,7 @@ class Gateway:
                 for spool in spools:  # the files taken are exactly those whose traffic is drained
                     held.enter_context(spool.lock)
                 rows = self.acct.engine.drain() + self.orphan_rows
+                self.active |= {r.subscriber for r in rows}
                 files = [f for spool in spools for f in spool.take_files()]
                 self.orphan_rows = []
                 self.acct.biller.observe(rows)

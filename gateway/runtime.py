@@ -65,6 +65,8 @@ class Accountant:
         self.terms: dict[int, Terms] = {}
         self.since: dict[int, int | None] = {}  # id -> when its billing started, if known before the first packet
         self.cheapest_price: dict[int, int] = {}  # engine tariff id -> its lowest non-zero price (0: all free)
+        self.access_verdicts: dict[int, tuple] = {}  # see check_access
+        self.access_dirty: set[int] = set()  # subscribers whose access hours check_access must look at
         self.load_tables(cfg)
 
     def load_tables(self, cfg: Config) -> None:
@@ -145,6 +147,7 @@ class Accountant:
         a credit limit or its expiry changed): the engine follows at once."""
         old = self.terms.get(sid)
         terms = self.terms[sid] = self.terms_for(row)
+        self.access_dirty.add(sid)
         acct = self.biller.accounts.get(sid)
         if acct is None:
             return []
@@ -210,6 +213,7 @@ class Accountant:
             tariff = self.config.tariffs[row["tariff"]]
             terms = self.terms_for(row)
             self.terms[row["id"]] = terms
+            self.access_dirty.add(row["id"])
             self.since[row["id"]] = row.get("since")
             events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
                                                  row["balance"], row["credit_limit"], tariff.allowance(),
@@ -261,6 +265,7 @@ class Accountant:
         if self.ledger is not None:  # the subscriber's own terms stay with it
             row = {**(self.ledger.get_subscriber(sid) or {}), **row}
         terms = self.terms[sid] = self.terms_for(row, tariff)
+        self.access_dirty.add(sid)
         if self.ledger is not None:
             self.ledger.assign_tariff(sid, tariff, now)
         state = self.engine.subscriber(sid)
@@ -320,16 +325,28 @@ class Accountant:
 
     def check_access(self, now: int) -> list:
         """Block (BLOCK_SCHEDULE) the subscribers whose tariff's access hours
-        do not include ``now``, lift it for those whose hours do."""
-        events, verdicts = [], {}  # one evaluation per distinct schedule
-        for sid in self.subscribers:
+        do not include ``now``, lift it for those whose hours do.
+
+        In proportion to what changed: each distinct schedule is evaluated
+        once; its subscribers are looked at only when its verdict flips (a
+        few times a day), and a subscriber whose terms changed (or that was
+        just loaded) on its own."""
+        verdicts = {}  # id(hours) -> (hours, allowed now)
+        for terms in {id(t.access): t for t in self.terms.values() if t.access is not None}.values():
+            verdicts[id(terms.access)] = (terms.access, access.allowed(terms.access, now, self.config.timezone))
+        flipped = {key for key, (_h, allowed) in verdicts.items()
+                   if self.access_verdicts.get(key, (None, None))[1] != allowed}
+        self.access_verdicts = verdicts  # the schedule objects are held, so their ids stay theirs
+        sids = set(self.access_dirty)
+        self.access_dirty.clear()
+        if flipped:
+            sids |= {sid for sid, t in self.terms.items() if t.access is not None and id(t.access) in flipped}
+        events = []
+        for sid in sorted(sids):
+            if sid not in self.subscribers:
+                continue
             hours = self.terms[sid].access if sid in self.terms else None
-            if hours is None:
-                allowed = True
-            else:
-                if id(hours) not in verdicts:
-                    verdicts[id(hours)] = access.allowed(hours, now, self.config.timezone)
-                allowed = verdicts[id(hours)]
+            allowed = hours is None or verdicts[id(hours)][1]
             events += self.engine.unblock(sid, BLOCK_SCHEDULE) if allowed else self.engine.block(sid, BLOCK_SCHEDULE)
         return events
 
