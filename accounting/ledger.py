@@ -236,9 +236,19 @@ class Ledger:
         return None if row is None else self._subscriber(row)
 
     def subscribers(self) -> list[dict]:
-        """All subscribers, by id, as :meth:`get_subscriber` returns them."""
-        rows = self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers ORDER BY id").fetchall()
-        return [self._subscriber(r) for r in rows]
+        """All subscribers, by id, as :meth:`get_subscriber` returns them:
+        two scans (subscribers, then addresses by subscriber), not a query per
+        subscriber, so a gateway of a million starts in seconds."""
+        addresses: dict[int, list[str]] = {}
+        for sid, network in self.db.execute("SELECT subscriber_id, network FROM addresses"
+                                            " ORDER BY subscriber_id, network"):
+            addresses.setdefault(sid, []).append(network)
+        out = []
+        for row in self.db.execute(f"SELECT {', '.join(self._COLS)} FROM subscribers ORDER BY id"):
+            d = dict(zip(self._COLS, row))
+            d["addresses"] = addresses.get(d["id"], [])
+            out.append(d)
+        return out
 
     def _subscriber(self, row) -> dict:
         d = dict(zip(self._COLS, row))
@@ -554,9 +564,15 @@ class Ledger:
                              subscriber, since, until)
 
     def charges(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
-        """Charges (one per subscriber per flush) with ``since <= ts_ns < until``, oldest first."""
-        return self._history("charges", ("id", "subscriber_id", "flush_id", "amount", "ts_ns"),
-                             subscriber, since, until)
+        """Charges with ``since <= ts_ns < until``, oldest first: one per
+        subscriber per flush (``flush_id``, ``span_ns`` 0, ``flush_count`` 1),
+        or, rolled up, the total of ``flush_count`` of them in ``[ts_ns, ts_ns +
+        span_ns)`` (``flush_id`` None). A bound inside such a bucket is
+        refused, as in :meth:`usage`."""
+        with _Snapshot(self.db.conn):
+            self._check_bounds("charges", since, until, 1_000_000_000)
+            return self._history("charges", ("id", "subscriber_id", "flush_id", "amount", "ts_ns", "span_ns",
+                                             "flush_count"), subscriber, since, until)
 
     def blocks(self, subscriber=None, since: int | None = None, until: int | None = None) -> list[dict]:
         """Block and unblock records, oldest first."""
@@ -635,7 +651,7 @@ class Ledger:
                 unknown = sorted(set(per_sub) - known)
                 if unknown:
                     raise LedgerError(f"flush {flush_id!r} has rows for unknown subscribers {unknown}")
-            if self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
+            if self._known_flush(flush_id):
                 return False
             self.db.execute("INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?)",
                             (flush_id, ts, len(rows), source))
@@ -774,7 +790,7 @@ class Ledger:
 
     def has_flush(self, flush_id: str) -> bool:
         """True if a flush with this id was applied."""
-        return self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone() is not None
+        return self._known_flush(flush_id)
 
     def record_block(self, subscriber, kind: str, reason: str, ts: int | None = None,
                      packet_ts: int | None = None, balance: int | None = None) -> int:
@@ -800,13 +816,22 @@ class Ledger:
         """Usage totals: ``bytes``, ``packets`` and ``amount`` summed over the
         minutes with ``since <= minute < until`` (epoch seconds), of one
         subscriber or all, per ``group_by`` (any of subscriber_id, zone,
-        direction, minute; empty: one grand total)."""
+        direction, minute; empty: one grand total).
+
+        Rolled up (:mod:`accounting.rollup`), a row is a bucket: grouped by
+        ``minute``, each row also says its ``span`` (seconds: 60, a local hour
+        or a local day) and ``minute`` is the bucket's start. A bound that
+        falls inside a bucket the ledger holds only whole is refused
+        (LedgerError naming the bounds to use instead; :meth:`exact_range`
+        widens a range to them), so an answer is never silently wrong."""
         if isinstance(group_by, str):
             group_by = (group_by,)
         group_by = tuple(group_by)
         bad = [g for g in group_by if g not in USAGE_GROUPS]
         if bad:
             raise LedgerError(f"usage can be grouped by {', '.join(USAGE_GROUPS)}, not {', '.join(map(str, bad))}")
+        if "minute" in group_by:  # a bucket start alone would merge a minute and an hour that start together
+            group_by = tuple(g for k in group_by for g in ((k, "span") if k == "minute" else (k,)))
         where, args = self._where(subscriber, since, until, "minute")
         keys = ", ".join(group_by)
         sql = (f"SELECT {keys + ', ' if keys else ''}coalesce(sum(bytes), 0), coalesce(sum(packets), 0), "
@@ -814,7 +839,9 @@ class Ledger:
         if keys:
             sql += f" GROUP BY {keys} ORDER BY {keys}"
         cols = group_by + ("bytes", "packets", "amount")
-        return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
+        with _Snapshot(self.db.conn):  # the cutoffs and the rows of one moment, whatever a rollup commits between
+            self._check_bounds("usage", since, until, 1)
+            return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
 
     def usage_by_zone(self, subscriber, since_minute: int = 0) -> list[dict]:
         """One subscriber's usage per zone and direction since ``since_minute`` (the block page)."""
@@ -983,6 +1010,80 @@ class Ledger:
             yield from page
             after = page[-1]["id"]
 
+    # ---- rollups (issue 12) ----------------------------------------------------
+    # accounting/rollup.py rolls usage and charges up into local hours and days and prunes old flushes;
+    # here is what every reader and writer needs of that: the flush ids pruned, and the bounds a range
+    # may have where rows are coarse.
+
+    def _known_flush(self, flush_id: str) -> bool:
+        """A flush with this id was applied: its row is there, or it was pruned (an id ``<boot>:<seq>`` at
+        or below its boot's watermark, see accounting/rollup.py)."""
+        if self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
+            return True
+        boot, _, seq = flush_id.rpartition(":")
+        if not (boot and seq.isdigit() and seq.isascii()) or ":" in boot:
+            return False
+        return self.db.execute("SELECT 1 FROM flush_watermarks WHERE boot = ? AND pruned_seq >= ?",
+                               (boot, int(seq))).fetchone() is not None
+
+    def rollup_state(self) -> dict | None:
+        """``{"timezone", "hour_cutoff", "day_cutoff"}`` (epoch seconds) once rolled up, else None: before
+        ``day_cutoff`` usage and charges may be held per local day, before ``hour_cutoff`` per local hour."""
+        row = self.db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
+        return None if row is None else dict(zip(("timezone", "hour_cutoff", "day_cutoff"), row))
+
+    def exact_range(self, since: int | None, until: int | None) -> tuple[int | None, int | None]:
+        """The smallest range of usage (epoch seconds) around ``[since, until)`` that the ledger answers
+        exactly: each bound moved out to the start or end of the bucket it falls in (where rows are coarse)."""
+        from .rollup import bucket
+
+        state = self.rollup_state()
+        out = []
+        for bound, outwards in ((since, 0), (until, 1)):
+            if bound is not None:
+                level = self._level(state, -(-_int(bound, "bound") // 60) * 60)
+                if level:
+                    b = bucket(-(-bound // 60) * 60, state["timezone"], level)
+                    bound = bound if b[0] == -(-bound // 60) * 60 else b[outwards]
+            out.append(bound)
+        return out[0], out[1]
+
+    @staticmethod
+    def _level(state, t: int) -> str | None:
+        if state is None or t >= state["hour_cutoff"]:
+            return None
+        return "day" if t < state["day_cutoff"] else "hour"
+
+    def _check_bounds(self, what: str, since, until, unit: int) -> None:
+        """Refuse a range of ``what`` (bounds in seconds / ``unit``) whose bound falls inside a bucket.
+
+        Usage minutes are counted by their start, so a bound counts from the next whole minute (as before
+        rollups: ``since=90`` starts with the minute 120); charges are instants, a bound counts as it is."""
+        from .rollup import bucket
+
+        state = self.rollup_state()
+        if state is None:
+            return
+        for name, bound in (("since", since), ("until", until)):
+            if bound is None:
+                continue
+            _int(bound, name)
+            if unit == 1:
+                t, exact = -(-bound // 60) * 60, True
+            else:
+                t, exact = -(-bound // unit), bound % unit == 0
+            level = self._level(state, t)
+            if level is None:
+                continue
+            b0, b1 = bucket(t, state["timezone"], level)
+            if b0 == t and exact:
+                continue
+            tz = state["timezone"]
+            raise LedgerError(
+                f"{what} {name}={bound} falls inside the {level} {_when(b0, tz)} to {_when(b1, tz)}, which the "
+                f"ledger holds only whole (rolled up: per {level} before {_when(state[level + '_cutoff'], tz)}); "
+                f"ask from or until {b0 * unit} or {b1 * unit}")
+
     # ---- checks ------------------------------------------------------------------
 
     def check_invariants(self) -> list[str]:
@@ -1027,6 +1128,32 @@ class _Transaction:
         if isinstance(exc, sqlite3.IntegrityError):  # a constraint the checks above missed: still bad input
             raise LedgerError(f"refused by the database: {exc}") from exc
         return False
+
+
+class _Snapshot:
+    """A read transaction (BEGIN DEFERRED): several SELECTs see one moment of the file, in WAL mode without
+    blocking or waiting for writers. Inside a transaction of this connection: part of it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self):
+        self.nested = self.conn.in_transaction
+        if not self.nested:
+            self.conn.execute("BEGIN DEFERRED")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if not self.nested and self.conn.in_transaction:
+            self.conn.execute("COMMIT")  # nothing written: ends the read
+        return False
+
+
+def _when(t: int, tzname: str) -> str:
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    return dt.datetime.fromtimestamp(t, ZoneInfo(tzname)).strftime("%Y-%m-%d %H:%M %Z")
 
 
 def _network(text) -> str:

@@ -186,32 +186,43 @@ class Operations:
 
     # ---- subscribers --------------------------------------------------------------
 
-    def view(self, row: dict) -> dict:
-        """A subscriber as the front ends show it."""
-        reason = self.ledger.block_reason(row["id"])
-        manual = row["id"] in self._manual_blocks()
+    def view(self, row: dict, state: tuple[str | None, bool] | None = None) -> dict:
+        """A subscriber as the front ends show it; ``state``: its ``Ledger.block_states_of`` entry when the
+        caller read a page's at once."""
+        reason, manual = state if state is not None else self.ledger.block_states_of([row["id"]])[row["id"]]
         return {"id": row["id"], "name": row["name"], "contract": row["contract"], "tariff": row["tariff"],
                 "currency": row["currency"], "balance": self._money(row["balance"]),
                 "credit_limit": self._money(row["credit_limit"]), "active": bool(row["active"]),
                 "addresses": row["addresses"], "blocked": reason is not None or manual,
                 "block_reason": reason, "manually_blocked": manual}
 
-    def _manual_blocks(self) -> set[int]:
-        return set(self.ledger.manually_blocked())
+    def views(self, rows: list[dict]) -> list[dict]:
+        """:meth:`view` of each row, the block states read for all of them in two queries."""
+        states = self.ledger.block_states_of([r["id"] for r in rows])
+        return [self.view(r, states[r["id"]]) for r in rows]
 
     def get(self, key) -> dict:
         return self.view(self._row(key))
 
     def list(self, limit: int = 100, offset: int = 0, tariff: str | None = None, active: bool | None = None,
-             name: str | None = None) -> dict:
-        """A page of subscribers, by id, with the total that match."""
-        if not 1 <= limit <= MAX_PAGE or offset < 0:
+             name: str | None = None, after_id: int = 0) -> dict:
+        """A page of subscribers, by id, with the total that match the filters (cursor or not).
+
+        ``after_id`` is a cursor (keyset): the page starts after that id, and ``next_after_id`` is the
+        cursor of the next page (None on the last), so that a deep page costs what the first does;
+        ``offset`` skips that many more (kept for callers that count pages, at a cost that grows with it).
+        One index range for the page, one count, one query for the page's addresses and two for its
+        block states: never the whole table."""
+        if (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE
+                or isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
             raise OperationError(f"limit is 1..{MAX_PAGE} and offset 0 or more")
-        rows = [r for r in self.ledger.subscribers()
-                if (tariff is None or r["tariff"] == tariff) and (active is None or bool(r["active"]) == active)
-                and (name is None or name.lower() in r["name"].lower())]
-        return {"total": len(rows), "limit": limit, "offset": offset,
-                "items": [self.view(r) for r in rows[offset:offset + limit]]}
+        if isinstance(after_id, bool) or not isinstance(after_id, int) or not 0 <= after_id <= MAX_TS:
+            raise OperationError("after_id is a subscriber id, 0 or more")
+        rows = self.ledger.subscriber_page(limit + 1, after_id, offset, tariff, active, name)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"total": self.ledger.count_subscribers(tariff, active, name), "limit": limit, "offset": offset,
+                "after_id": after_id, "next_after_id": rows[-1]["id"] if more else None, "items": self.views(rows)}
 
     def _tariff(self, name: str) -> str:
         if not isinstance(name, str) or name not in self.config.tariffs:
@@ -306,15 +317,11 @@ class Operations:
         return {"id": row["id"], "name": row["name"], "tariff": row["tariff"],
                 "terms": {k: self._money(row[k]) if k == "credit_limit" else row[k] for k in Ledger.TERMS}}
 
-    def set_terms(self, key, **terms) -> dict:
-        """Set a subscriber's own terms (``group_name``, ``discount_bp``, ``discount_until_ns``,
-        ``credit_until_ns``, ``volume_limit``, ``speed_up_bps``, ``speed_down_bps``, ``max_connections``,
-        ``access_hours``; None clears one), in internal values: the front end parses "15%" or "50M".
-        ``credit_limit`` is :meth:`update`'s, with its amount checks."""
-        row = self._row(key)
+    def _terms(self, terms: dict) -> dict:
+        """A subscriber's own terms as :meth:`set_terms` and the import take them; OperationError if not."""
         bad = set(terms) - (set(Ledger.TERMS) - {"credit_limit"})
         if bad:
-            raise OperationError(f"unknown terms {', '.join(sorted(bad))}")
+            raise OperationError(f"unknown terms {', '.join(sorted(map(str, bad)))}")
         group = terms.get("group_name")
         if group is not None and group not in self.config.groups:
             raise OperationError(f"unknown group {group!r} (groups: {', '.join(self.config.groups) or 'none'})")
@@ -324,6 +331,9 @@ class Operations:
                     self._text(v, k, required=True)
             elif v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TS):
                 raise OperationError(f"{k} must be a whole number, 0 or more, not {v!r}")
+            elif v == 0 and k in ("speed_up_bps", "speed_down_bps", "max_connections"):
+                # the ledger's CHECK says so too; said here, it says which term
+                raise OperationError(f"{k} must be more than zero (clear it to use the tariff's)")
         if terms.get("discount_bp") is not None and terms["discount_bp"] > 10000:
             raise OperationError("a discount is 0 to 100% (0..10000 basis points)")
         if terms.get("access_hours") is not None:
@@ -335,6 +345,15 @@ class Operations:
                 parse_access(terms["access_hours"], "access_hours")  # refused here, not when the gateway loads it
             except ConfigError as exc:
                 raise OperationError(str(exc)) from None
+        return terms
+
+    def set_terms(self, key, **terms) -> dict:
+        """Set a subscriber's own terms (``group_name``, ``discount_bp``, ``discount_until_ns``,
+        ``credit_until_ns``, ``volume_limit``, ``speed_up_bps``, ``speed_down_bps``, ``max_connections``,
+        ``access_hours``; None clears one), in internal values: the front end parses "15%" or "50M".
+        ``credit_limit`` is :meth:`update`'s, with its amount checks."""
+        row = self._row(key)
+        self._terms(terms)
         before = {k: row[k] for k in terms}
         if terms and before != terms:
             with self.ledger._tx():
@@ -467,7 +486,7 @@ class Operations:
     def _manual(self, key, kind: str, reason: str) -> dict:
         row = self._row(key)
         reason = self._text(reason, "reason", required=True)
-        blocked = row["id"] in self._manual_blocks()
+        blocked = self.ledger.block_states_of([row["id"]])[row["id"]][1]
         if (kind == "block") == blocked:
             raise OperationError(f"subscriber {row['name']} is {'already' if blocked else 'not'} blocked by hand", 409)
         with self.ledger._tx():
@@ -521,11 +540,261 @@ class Operations:
         return [{**v, "amount": self._money(v["amount"])} for v in out.values()]
 
     def top(self, n: int = 10, since: int | None = None, until: int | None = None) -> list[dict]:
-        """The ``n`` subscribers with the most bytes in the range."""
-        if not 1 <= n <= MAX_PAGE:
+        """The ``n`` subscribers with the most bytes in the range (ties by id): one GROUP BY over the range's
+        usage rows (``Ledger.top_usage``), then the names of those ``n``."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PAGE:
             raise OperationError(f"n is 1..{MAX_PAGE}")
-        rows = sorted(self.ledger.usage(None, since, until, group_by=("subscriber_id",)),
-                      key=lambda r: (-r["bytes"], r["subscriber_id"]))[:n]
-        names = {r["id"]: r["name"] for r in self.ledger.subscribers()}
+        rows = self.ledger.top_usage(n, since, until)
+        names = self.ledger.names_of(r["subscriber_id"] for r in rows)
         return [{"subscriber_id": r["subscriber_id"], "name": names.get(r["subscriber_id"]), "bytes": r["bytes"],
                  "packets": r["packets"], "amount": self._money(r["amount"])} for r in rows]
+
+    # ---- bulk import and export (issue 12) ---------------------------------------------
+
+    def import_subscribers(self, data, fmt: str = "jsonl", source: str = "-") -> dict:
+        """Add every subscriber of an import file (``accounting.bulk``: JSON lines or CSV), all or nothing.
+
+        Each line gets the checks of :meth:`add` (name, tariff of the config, amounts in whole minor units,
+        contract text, canonical addresses, at most MAX_ADDRESSES) and of :meth:`set_terms`; then, under the
+        write lock, names against the ledger and every address against every other of the file and of the
+        ledger (one sort and sweep, ``bulk.overlaps``). Any bad line refuses the whole file with
+        :class:`ImportRefused`, whose ``errors`` are ``(line, reason)``, the first MAX_ERRORS of them.
+
+        A line whose subscriber exists with the same values (its balance equal to the opening balance, as
+        this file set it, or to the balance now, as an export wrote it) is left as it is, so the same file
+        again adds nothing and says so; one that exists with other values is an error of its line.
+
+        The new subscribers get consecutive ids and are written with executemany in one transaction with
+        one audit row (``subscriber.import``: the file's SHA-256, the count and the ids added); the change
+        feed's triggers tell a running gateway, which loads them within a second. ``data``: bytes or a
+        binary file."""
+        from . import bulk
+
+        sha, records = bulk.read_records(data, fmt)
+        errors: list[tuple[int, str]] = []
+        bad = 0
+        checked: list[dict] = []
+        seen: dict[str, int] = {}
+
+        def refuse(line: int, reason: str) -> None:
+            nonlocal bad
+            bad += 1
+            if len(errors) < bulk.MAX_ERRORS:
+                errors.append((line, reason))
+
+        try:
+            for line, raw, problem in records:
+                if problem is None:
+                    try:
+                        rec = self._import_record(raw)
+                    except OperationError as exc:
+                        problem = str(exc)
+                if problem is None and rec["name"] in seen:
+                    problem = f"subscriber {rec['name']!r} is on line {seen[rec['name']]} too"
+                if problem is not None:
+                    refuse(line, problem)
+                    continue
+                seen[rec["name"]] = rec["line"] = line
+                checked.append(rec)
+        except bulk.FileFormatError as exc:
+            raise OperationError(f"{source}: {exc}; nothing was written") from None
+        digest = sha.hexdigest()
+        invalid = bad  # lines refused by their own content (422); the rest conflict with others (409)
+        # the valid lines are checked against the ledger and each other even when some were refused, so
+        # that one run lists every bad line (up to MAX_ERRORS)
+        with self.ledger._tx():
+            existing = self.ledger.subscribers_named(seen)
+            new, unchanged = [], 0
+            for rec in checked:
+                old = existing.get(rec["name"])
+                if old is None:
+                    new.append(rec)
+                    continue
+                differ = self._import_differs(rec, old)
+                if differ:
+                    refuse(rec["line"], f"subscriber {rec['name']!r} exists (id {old['id']}) with another "
+                                        f"{', '.join(differ)}")
+                else:
+                    unchanged += 1
+            self._import_overlaps(new, refuse)
+            if bad:
+                raise ImportRefused(source, sorted(errors), bad, 422 if invalid else 409)
+            summary = {"source": source, "file_sha256": digest, "lines": len(checked), "added": len(new),
+                       "unchanged": unchanged, "first_id": None, "last_id": None}
+            if not new:
+                return summary  # nothing changes: no audit row either, as for an update that changes nothing
+            first = self.ledger.max_subscriber_id() + 1
+            now = _now()
+            rows, addresses = [], []
+            for sid, rec in enumerate(new, first):
+                rows.append({"id": sid, "name": rec["name"], "contract": rec["contract"], "tariff": rec["tariff"],
+                             "currency": self.currency, "opening_balance": rec["balance"],
+                             "balance": rec["balance"], "credit_limit": rec["credit_limit"],
+                             "active": 1 if rec["active"] else 0, "created_ns": now, **rec["terms"]})
+                addresses.extend((p[0], sid) for p in rec["prefixes"])
+            try:
+                self.ledger.insert_subscribers(rows, addresses)
+            except LedgerError as exc:  # a constraint the checks above missed: still all or nothing
+                raise OperationError(f"{source}: {exc}; nothing was written", 409) from None
+            summary.update(first_id=first, last_id=first + len(new) - 1, addresses=len(addresses))
+            self._audit("subscriber.import", f"subscribers:{first}-{first + len(new) - 1}", None,
+                        {"source": source, "file_sha256": digest, "count": len(new), "first_id": first,
+                         "last_id": first + len(new) - 1, "addresses": len(addresses), "unchanged": unchanged})
+        return summary
+
+    def _import_amount(self, value, what: str) -> int:
+        """An amount of an import line: decimal text only (see accounting.bulk), then :meth:`_amount`'s checks,
+        with a fast path for plain "123.45" that gives what parse_amount gives."""
+        if isinstance(value, bool) or not isinstance(value, str):
+            kind = "a float" if isinstance(value, float) else type(value).__name__
+            raise OperationError(f"{what} must be decimal text such as \"10.00\", not {kind} {value!r}")
+        cur = self._currency_obj
+        m = _PLAIN_AMOUNT.fullmatch(value)
+        if m is None or len(m.group(3) or "") > cur.minor_digits or len(m.group(2)) > 12:
+            return self._amount(value, what)  # its error message, or a spelling the fast path does not take
+        frac = (m.group(3) or "").ljust(cur.minor_digits, "0")
+        units = int(m.group(2)) * cur.unit + (int(frac) * cur.minor_unit if frac else 0)
+        if abs(units) >= 1 << 60:
+            raise OperationError(f"{what} {value} is out of range")
+        return -units if m.group(1) else units
+
+    @property
+    def _currency_obj(self):
+        from .money import get_currency
+
+        cur = getattr(self, "_currency_cache", None)
+        if cur is None:
+            cur = self._currency_cache = get_currency(self.currency)
+        return cur
+
+    def _import_record(self, raw: dict) -> dict:
+        from . import bulk
+
+        unknown = [k for k in raw if k not in bulk.FIELDS]
+        if unknown:
+            raise OperationError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(bulk.FIELDS)})")
+        name = self._name(raw.get("name"))
+        tariff = self._tariff(raw.get("tariff"))
+        balance = self._import_amount(raw.get("balance", "0"), "balance")
+        credit = self._import_amount(raw.get("credit_limit", "0"), "credit_limit")
+        if credit < 0:
+            raise OperationError("credit_limit cannot be negative")
+        contract = self._text(raw.get("contract"), "contract", most=64)
+        active = raw.get("active", True)
+        if not isinstance(active, bool):
+            raise OperationError(f"active is true or false, not {active!r}")
+        given = raw.get("addresses", [])
+        if not isinstance(given, list):
+            raise OperationError("addresses is a list of addresses or prefixes")
+        if len(given) > MAX_ADDRESSES:
+            raise OperationError(f"at most {MAX_ADDRESSES} addresses per subscriber")
+        prefixes = {}
+        for a in given:
+            try:
+                p = bulk.prefix(a.strip() if isinstance(a, str) else a)
+            except ValueError as exc:
+                raise OperationError(str(exc)) from None
+            prefixes[p[0]] = p
+        terms = raw.get("terms", {})
+        if not isinstance(terms, dict):
+            raise OperationError("terms is an object of Ledger.TERMS (credit_limit is a field of its own)")
+        self._terms(terms)
+        return {"name": name, "tariff": tariff, "balance": balance, "credit_limit": credit, "contract": contract,
+                "active": active, "prefixes": [prefixes[k] for k in sorted(prefixes)],
+                "terms": {k: v for k, v in terms.items() if v is not None}}
+
+    def _import_differs(self, rec: dict, old: dict) -> list[str]:
+        """What of an import line differs from the subscriber of that name (empty: the same)."""
+        from . import bulk
+
+        differ = [what for what, mine, theirs in (
+            ("tariff", rec["tariff"], old["tariff"]), ("contract", rec["contract"], old["contract"]),
+            ("credit_limit", rec["credit_limit"], old["credit_limit"]), ("active", rec["active"], bool(old["active"])),
+            ("addresses", [p[0] for p in rec["prefixes"]], sorted(old["addresses"])),
+            ("currency", self.currency, old["currency"]),
+            *((t, rec["terms"].get(t), old[t]) for t in bulk.TERM_FIELDS)) if mine != theirs]
+        if rec["balance"] not in (old["opening_balance"], old["balance"]):
+            differ.insert(0, "balance")
+        return differ
+
+    def _import_overlaps(self, new: list[dict], refuse) -> None:
+        """One owner per address across the new lines and the ledger: a sort and a sweep of all prefixes
+        when the file is large next to the ledger; for a small file next to a large ledger, each prefix's
+        candidates from the index (:meth:`_refuse_overlaps`) and the sweep of the file alone."""
+        from . import bulk
+
+        items = [(p[1], p[2], p[3], ("line", rec["line"]), p[0]) for rec in new for p in rec["prefixes"]]
+        if not items:
+            return
+        held = self.ledger.count_addresses()
+        sweep_ledger = held <= 8 * len(items) + 10_000  # reading the ledger's prefixes costs ~1 us each
+        if sweep_ledger:
+            for net, sid in self.ledger.all_networks():
+                p = bulk.prefix(net)
+                items.append((p[1], p[2], p[3], (None, sid), p[0]))
+        else:
+            for rec in new:
+                try:
+                    self._refuse_overlaps(None, [p[0] for p in rec["prefixes"]])
+                except OperationError as exc:
+                    refuse(rec["line"], str(exc))
+        reported = set()
+        for item, other in bulk.overlaps(items):
+            # report on the file's line; between two lines, on the later one (the earlier is named)
+            mine, theirs = (item, other) if item[3][0] is not None else (other, item)
+            if theirs[3][0] is not None and theirs[3][1] > mine[3][1]:
+                mine, theirs = theirs, mine
+            if mine[3][1] in reported:
+                continue
+            reported.add(mine[3][1])
+            if theirs[3][0] is None:
+                who = self.ledger.names_of([theirs[3][1]]).get(theirs[3][1], "?")
+                whose = f"subscriber {theirs[3][1]} ({who})"
+            else:
+                whose = f"line {theirs[3][1]}"
+            if mine[4] == theirs[4]:
+                refuse(mine[3][1], f"{mine[4]} already belongs to {whose}")
+            else:
+                refuse(mine[3][1], f"{mine[4]} overlaps {theirs[4]}, which belongs to {whose}: an address has "
+                                   "one owner")
+
+    def export_subscribers(self, fmt: str = "jsonl"):
+        """Every subscriber, by id, as lines of the import format (text), read a batch at a time: an
+        export imported into an empty ledger gives the same export. The balance now is written as the
+        opening balance of the ledger it goes to, exactly (a balance finer than the minor unit, left by
+        rated traffic, has more digits, which the import refuses like :meth:`add` would)."""
+        from . import bulk
+
+        if fmt not in ("jsonl", "csv"):
+            raise OperationError(f"the format is jsonl or csv, not {fmt!r}")
+        if fmt == "csv":
+            yield bulk.csv_header()
+        cur = self._currency_obj
+        for row in self.ledger.iter_subscribers():
+            yield bulk.export_line(bulk.export_record(row, lambda units: _decimal_text(units, cur)), fmt)
+
+
+_PLAIN_AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+
+
+def _decimal_text(units: int, currency) -> str:
+    """Internal units -> the exact decimal text parse_amount reads back: at least the minor digits
+    ("12.50"), more where the amount has them ("0.000000001")."""
+    digits = len(str(currency.unit)) - 1
+    whole, rest = divmod(abs(units), currency.unit)
+    frac = str(rest).rjust(digits, "0").rstrip("0") if digits else ""
+    frac = frac.ljust(currency.minor_digits, "0")
+    return f"{'-' if units < 0 else ''}{whole}{'.' + frac if frac else ''}"
+
+
+class ImportRefused(OperationError):
+    """An import file refused whole (nothing written); ``errors``: ``(line, reason)``, the first
+    ``accounting.bulk.MAX_ERRORS``; ``bad``: how many lines were refused in all."""
+
+    def __init__(self, source: str, errors: list[tuple[int, str]], bad: int, status: int) -> None:
+        shown = "; ".join(f"line {line}: {reason}" for line, reason in errors[:10])
+        more = f" (and {bad - 10} more)" if bad > 10 else ""
+        super().__init__(f"{source}: {bad} bad line{'s' if bad != 1 else ''}, nothing was written: {shown}{more}",
+                         status)
+        self.errors = errors
+        self.bad = bad
