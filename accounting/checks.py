@@ -12,6 +12,9 @@ says, one line per problem, what disagrees:
   and the usage amounts add up to the charges (both are written by one flush);
 - flushes: ids unique, at most one charge per subscriber per flush, charges
   and payments positive, adjustments not zero;
+- rollups (``accounting.rollup``): every hourly or daily row of usage and
+  charges is one whole local hour or day of the ledger's time zone, lies
+  before the cutoff that allows it, and a rolled charge counts its flushes;
 - addresses: canonical prefixes, and no prefix of one subscriber overlapping a
   prefix of another (``accounting.operations`` refuses them; a ledger written
   before that, or by hand, may hold some: the engine then takes the longest
@@ -39,7 +42,7 @@ def check_ledger(ledger) -> list[str]:
     db = ledger.db
     for name, check in (("SQLite integrity", _integrity), ("foreign keys", _foreign_keys),
                         ("balances", _balances), ("flushes", _flushes), ("amounts", _amounts),
-                        ("addresses", _addresses), ("audit log", _audit)):
+                        ("rollups", _rollups), ("addresses", _addresses), ("audit log", _audit)):
         try:
             found = check(ledger, db)
         except sqlite3.DatabaseError as exc:  # a damaged file can fail any query: that is a finding too
@@ -94,6 +97,7 @@ def _flushes(ledger, db) -> list[str]:
                 for fid, n in db.execute("SELECT id, count(*) FROM flushes GROUP BY id HAVING count(*) > 1")]
     problems += [f"flush {fid!r} charged subscriber {sid} {n} times"
                  for fid, sid, n in db.execute("SELECT flush_id, subscriber_id, count(*) FROM charges"
+                                               " WHERE flush_id IS NOT NULL"  # a rolled charge has none
                                                " GROUP BY flush_id, subscriber_id HAVING count(*) > 1")]
     return problems
 
@@ -106,6 +110,42 @@ def _amounts(ledger, db) -> list[str]:
                  for pid, sid, amount in db.execute("SELECT id, subscriber_id, amount FROM payments WHERE amount <= 0")]
     problems += [f"adjustment {aid} (subscriber {sid}) has amount 0"
                  for aid, sid in db.execute("SELECT id, subscriber_id FROM adjustments WHERE amount = 0")]
+    return problems
+
+
+def _rollups(ledger, db) -> list[str]:
+    from ext.errors import LedgerError
+
+    from .rollup import HOUR_MAX, NS, bucket
+
+    problems = []
+    state = db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
+    # distinct buckets, not rows: a few per hour of the windows and per day of history
+    spans = db.execute("SELECT DISTINCT minute, span FROM usage WHERE span > 60").fetchall()
+    spans += [(ts // NS, span // NS) for ts, span in db.execute(
+        "SELECT DISTINCT ts_ns, span_ns FROM charges WHERE span_ns > 0 AND ts_ns % ? = 0 AND span_ns % ? = 0",
+        (NS, NS))]
+    problems += [f"rolled charge {cid} (subscriber {sid}) starts or lasts a fraction of a second"
+                 for cid, sid in db.execute("SELECT id, subscriber_id FROM charges WHERE span_ns > 0"
+                                            " AND (ts_ns % ? != 0 OR span_ns % ? != 0)", (NS, NS))]
+    problems += [f"rolled charge {cid} (subscriber {sid}) has a flush id {fid!r}" for cid, sid, fid in
+                 db.execute("SELECT id, subscriber_id, flush_id FROM charges WHERE span_ns > 0 AND flush_id IS NOT NULL")]
+    if spans and state is None:
+        return problems + [f"{len(spans)} hourly or daily buckets of usage or charges, but no rollup recorded"]
+    for start, span in sorted(set(spans)):
+        level = "day" if span > HOUR_MAX else "hour"
+        cutoff = state[2] if level == "day" else state[1]
+        try:
+            want = bucket(start, state[0], level)
+        except LedgerError as exc:
+            problems.append(f"rolled bucket at {start}: {exc}")
+            continue
+        if want != (start, start + span):
+            problems.append(f"a rolled bucket {start}..{start + span} is not a local {level} of {state[0]} "
+                            f"({want[0]}..{want[1]}): ranges across it would be answered wrong")
+        elif start + span > cutoff:
+            problems.append(f"a rolled {level} {start}..{start + span} lies past the {level} cutoff {cutoff}: "
+                            f"readers would not refuse ranges cutting it")
     return problems
 
 

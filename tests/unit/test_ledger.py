@@ -124,12 +124,13 @@ def test_flush_is_idempotent(tmp_path):
         assert led.apply_flush("boot:1", rows + [(sid, 1, 0, M, 1, 1, 1)], 20) is False
         assert led.balance(sid) == 1000 - 150
         assert led.usage(group_by=()) == [{"bytes": 609, "packets": 7, "amount": 150}]
-        assert led.charges() == [{"id": 1, "subscriber_id": sid, "flush_id": "boot:1", "amount": 150, "ts_ns": 10}]
+        assert led.charges() == [{"id": 1, "subscriber_id": sid, "flush_id": "boot:1", "amount": 150, "ts_ns": 10,
+                                  "span_ns": 0, "flush_count": 1}]  # one flush's own charge (not rolled up)
         # a second flush adds into the same minute rows
         assert led.apply_flush("boot:2", [(sid, 1, 0, M, 500, 5, 120)], 30)
         assert led.usage(sid, group_by=("zone", "direction", "minute")) == [
-            {"zone": 1, "direction": 0, "minute": M, "bytes": 1000, "packets": 10, "amount": 240},
-            {"zone": 2, "direction": 1, "minute": M, "bytes": 100, "packets": 1, "amount": 30}]
+            {"zone": 1, "direction": 0, "minute": M, "span": 60, "bytes": 1000, "packets": 10, "amount": 240},
+            {"zone": 2, "direction": 1, "minute": M, "span": 60, "bytes": 100, "packets": 1, "amount": 30}]
         assert led.usage_by_zone(sid) == [{"zone": 1, "direction": 0, "bytes": 1000, "packets": 10, "amount": 240},
                                           {"zone": 2, "direction": 1, "bytes": 100, "packets": 1, "amount": 30}]
         assert led.usage(since=2 * M) == [{"subscriber_id": other, "zone": 0, "direction": 0, "bytes": 9,
