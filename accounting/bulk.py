@@ -28,6 +28,7 @@ import ipaddress
 import json
 import re
 import socket
+import struct
 
 from .ledger import Ledger
 
@@ -39,7 +40,7 @@ FIELDS = ("name", "tariff", "balance", "credit_limit", "contract", "active", "ad
 CSV_COLUMNS = ("name", "tariff", "balance", "credit_limit", "contract", "active", "addresses", *TERM_FIELDS)
 TEXT_TERMS = ("group_name", "access_hours")
 
-_V4 = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})")
+_V4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})/([0-9]{1,2})")  # ASCII digits only
 _V4_MASKS = [((1 << 32) - 1) >> p for p in range(33)]  # host bits of a /p
 _V6_MASKS = [((1 << 128) - 1) >> p for p in range(129)]
 
@@ -48,10 +49,10 @@ class FileFormatError(ValueError):
     """A file that is no import file at all (no header, not UTF-8): said once, not per line."""
 
 
-def _v6_text(value: int) -> str:
+def _v6_text(packed: bytes) -> str:
     """Python's canonical IPv6 text (RFC 5952: the longest run of two or more zero hextets, the first
     of equals, as '::'; lower case, no leading zeros) of an address that is not IPv4-mapped."""
-    hextets = [(value >> (112 - 16 * i)) & 0xFFFF for i in range(8)]
+    hextets = _HEXTETS.unpack(packed)
     best, best_len, start, run = -1, 0, -1, 0
     for i, h in enumerate(hextets):
         if h == 0:
@@ -62,11 +63,13 @@ def _v6_text(value: int) -> str:
                 best, best_len = start, run
         else:
             run = 0
-    parts = [f"{h:x}" for h in hextets]
+    parts = ["%x" % h for h in hextets]
     if best_len > 1:
-        head, tail = ":".join(parts[:best]), ":".join(parts[best + best_len:])
-        return f"{head}::{tail}"
+        return ":".join(parts[:best]) + "::" + ":".join(parts[best + best_len:])
     return ":".join(parts)
+
+
+_HEXTETS = struct.Struct(">8H")
 
 
 def prefix(text) -> tuple[str, int, int, int]:
@@ -76,23 +79,25 @@ def prefix(text) -> tuple[str, int, int, int]:
         raise ValueError(f"bad address {text!r}: give a string such as \"100.64.0.2/32\"")
     m = _V4.fullmatch(text)
     if m is not None:
-        octets = m.groups()
+        a, b, c, d, p = m.groups()
+        ia, ib, ic, id_, plen = int(a), int(b), int(c), int(d), int(p)
         # canonical already (no leading zeros, in range, host bits zero): the text is what ipaddress would print
-        if all(o == str(int(o)) and int(o) < 256 for o in octets):
-            plen = int(octets[4])
-            value = (int(octets[0]) << 24) | (int(octets[1]) << 16) | (int(octets[2]) << 8) | int(octets[3])
-            if plen <= 32 and not value & _V4_MASKS[plen]:
+        if (ia < 256 and ib < 256 and ic < 256 and id_ < 256 and plen <= 32 and (a[0] != "0" or a == "0")
+                and (b[0] != "0" or b == "0") and (c[0] != "0" or c == "0") and (d[0] != "0" or d == "0")
+                and (p[0] != "0" or p == "0")):
+            value = (ia << 24) | (ib << 16) | (ic << 8) | id_
+            if not value & _V4_MASKS[plen]:
                 return text, 4, value, plen
     elif ":" in text and "/" in text and "." not in text:
-        addr, _, plen_text = text.partition("/")
+        addr, _, p = text.partition("/")
         try:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, addr), "big")
+            packed = socket.inet_pton(socket.AF_INET6, addr)
         except OSError:
-            value = None
-        if (value is not None and plen_text.isdigit() and plen_text == str(int(plen_text)) and int(plen_text) <= 128
-                and not value & _V6_MASKS[int(plen_text)] and value >> 32 != 0xFFFF):
-            if _v6_text(value) == addr:
-                return text, 6, value, int(plen_text)
+            packed = None
+        if packed is not None and p.isascii() and p.isdigit() and len(p) <= 3 and (p[0] != "0" or p == "0") and int(p) <= 128:
+            value = int.from_bytes(packed, "big")
+            if not value & _V6_MASKS[int(p)] and value >> 32 != 0xFFFF and _v6_text(packed) == addr:
+                return text, 6, value, int(p)
     try:
         net = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
@@ -138,13 +143,16 @@ def _float(text):
     return _Float(text)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_float)
+
+
 def _jsonl(lines):
     for number, raw in lines:
         text = raw.strip()
         if not text:
             continue  # a blank line (the last newline) is no subscriber
         try:
-            value = json.loads(text, parse_constant=_no_constant, parse_float=_float)
+            value = _DECODER.decode(text)
         except ValueError as exc:
             yield number, None, f"not JSON ({exc})"
             continue

@@ -982,19 +982,69 @@ class Ledger:
         """Every ``(network, subscriber id)``, streamed in the primary key's order."""
         return self.db.execute("SELECT network, subscriber_id FROM addresses ORDER BY network")
 
+    BULK_COLUMNS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit",
+                    "active", "created_ns", *(t for t in TERMS if t != "credit_limit"))
+
+    # migrations/0014_change_feed.sql's insert triggers, as sqlite_master keeps them (whitespace folded):
+    # insert_subscribers writes their rows itself when they are exactly these
+    _FEED_INSERT_TRIGGERS = {
+        "changes_subscriber_insert": "CREATE TRIGGER changes_subscriber_insert AFTER INSERT ON subscribers BEGIN"
+                                     " INSERT INTO changes (subscriber_id, what) VALUES (NEW.id, 'subscriber'); END",
+        "changes_address_insert": "CREATE TRIGGER changes_address_insert AFTER INSERT ON addresses BEGIN INSERT INTO"
+                                  " changes (subscriber_id, what) VALUES (NEW.subscriber_id, 'addresses'); END",
+    }
+
     def insert_subscribers(self, subscribers, addresses) -> None:
         """Write checked subscribers and their addresses with ``executemany``, inside the caller's
         transaction (``accounting.operations.Operations.import_subscribers`` checks them first: names,
-        tariffs, amounts, one owner per address). ``subscribers``: dicts with ``id`` and the columns of
-        ``_COLS`` they set; ``addresses``: ``(network, subscriber id)``. The change feed's triggers
-        (0014) fire once per row, so a running gateway sees the new subscribers."""
+        tariffs, amounts, one owner per address). ``subscribers``: tuples of ``BULK_COLUMNS``;
+        ``addresses``: ``(network, subscriber id)``. The change feed's triggers (0014) fire once per row,
+        so a running gateway sees the new subscribers."""
         if not self.db.conn.in_transaction:
             raise LedgerError("insert_subscribers runs inside the caller's transaction (ledger._tx())")
-        cols = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit",
-                "active", "created_ns", *(t for t in self.TERMS if t != "credit_limit"))
+        cols = self.BULK_COLUMNS
+        subscribers = subscribers if isinstance(subscribers, list) else list(subscribers)
+        # The feed's per-row triggers cost more than the rows themselves (measured: 100k subscribers with
+        # 180k addresses, 1.4 s without them, 3.4 s with). When they are exactly 0014's, they are set aside
+        # for this transaction and the same rows written with one INSERT ... SELECT each (0.06 s): one feed
+        # row per subscriber and per address, in this commit, as the triggers would. The DDL is part of the
+        # transaction (it rolls back with it), and no other writer can insert meanwhile (we hold the write
+        # lock), so no change escapes the feed. Triggers changed since 0014 fire as they are.
+        triggers = dict(self.db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN"
+                                        " ('changes_subscriber_insert', 'changes_address_insert')").fetchall())
+        set_aside = len(subscribers) > 100 and all(
+            " ".join(triggers.get(name, "").split()) == sql for name, sql in self._FEED_INSERT_TRIGGERS.items())
+        if set_aside:
+            for name in self._FEED_INSERT_TRIGGERS:
+                self.db.execute(f"DROP TRIGGER {name}")
         self.db.conn.executemany(f"INSERT INTO subscribers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                 (tuple(s.get(c) for c in cols) for s in subscribers))
+                                 subscribers)
         self.db.conn.executemany("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", addresses)
+        if set_aside:
+            first, last = min(r[0] for r in subscribers), max(r[0] for r in subscribers)
+            self.db.execute("INSERT INTO changes (subscriber_id, what) SELECT id, 'subscriber' FROM subscribers"
+                            " WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))
+            self.db.execute("INSERT INTO changes (subscriber_id, what) SELECT subscriber_id, 'addresses' FROM addresses"
+                            " WHERE subscriber_id BETWEEN ? AND ? ORDER BY subscriber_id", (first, last))
+            for name in self._FEED_INSERT_TRIGGERS:
+                self.db.execute(triggers[name])
+
+    def bulk_cache(self, rows: int):
+        """A page cache for a transaction writing ``rows`` subscribers (~250 B of pages each, up to 256 MiB),
+        so that a large import does not spill its uncommitted pages to the WAL half-way (measured: 4.1 s
+        for 100k subscribers with the default 2 MiB, 3.4 s with this); the usual size again afterwards."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cache():
+            before = self.db.execute("PRAGMA cache_size").fetchone()[0]
+            self.db.execute(f"PRAGMA cache_size = -{min(256 << 10, max(2 << 10, rows // 4))}")  # KiB
+            try:
+                yield
+            finally:
+                self.db.execute(f"PRAGMA cache_size = {before}")
+
+        return cache()
 
     def max_subscriber_id(self) -> int:
         return self.db.execute("SELECT coalesce(max(id), 0) FROM subscribers").fetchone()[0]

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 from ext.errors import TollgateError
 
-from . import prepaid
+from . import bulk, prepaid
 from .audit import AuditLog
 from .ledger import Ledger, LedgerError
-from .money import MoneyError, format_amount, parse_amount
+from .money import MoneyError, format_amount, get_currency, parse_amount
 
 MAX_PAGE = 1000
 MAX_ADDRESSES = 64  # per subscriber and request
@@ -568,8 +568,6 @@ class Operations:
         one audit row (``subscriber.import``: the file's SHA-256, the count and the ids added); the change
         feed's triggers tell a running gateway, which loads them within a second. ``data``: bytes or a
         binary file."""
-        from . import bulk
-
         sha, records = bulk.read_records(data, fmt)
         errors: list[tuple[int, str]] = []
         bad = 0
@@ -602,7 +600,7 @@ class Operations:
         invalid = bad  # lines refused by their own content (422); the rest conflict with others (409)
         # the valid lines are checked against the ledger and each other even when some were refused, so
         # that one run lists every bad line (up to MAX_ERRORS)
-        with self.ledger._tx():
+        with self.ledger.bulk_cache(len(checked)), self.ledger._tx():
             existing = self.ledger.subscribers_named(seen)
             new, unchanged = [], 0
             for rec in checked:
@@ -626,11 +624,13 @@ class Operations:
             first = self.ledger.max_subscriber_id() + 1
             now = _now()
             rows, addresses = [], []
+            code = self.currency
+            terms = Ledger.BULK_COLUMNS[10:]
             for sid, rec in enumerate(new, first):
-                rows.append({"id": sid, "name": rec["name"], "contract": rec["contract"], "tariff": rec["tariff"],
-                             "currency": self.currency, "opening_balance": rec["balance"],
-                             "balance": rec["balance"], "credit_limit": rec["credit_limit"],
-                             "active": 1 if rec["active"] else 0, "created_ns": now, **rec["terms"]})
+                given = rec["terms"]
+                rows.append((sid, rec["name"], rec["contract"], rec["tariff"], code, rec["balance"], rec["balance"],
+                             rec["credit_limit"], 1 if rec["active"] else 0, now,
+                             *((given.get(t) for t in terms) if given else _NO_TERMS)))
                 addresses.extend((p[0], sid) for p in rec["prefixes"])
             try:
                 self.ledger.insert_subscribers(rows, addresses)
@@ -650,26 +650,24 @@ class Operations:
             raise OperationError(f"{what} must be decimal text such as \"10.00\", not {kind} {value!r}")
         cur = self._currency_obj
         m = _PLAIN_AMOUNT.fullmatch(value)
-        if m is None or len(m.group(3) or "") > cur.minor_digits or len(m.group(2)) > 12:
+        if m is None:
             return self._amount(value, what)  # its error message, or a spelling the fast path does not take
-        frac = (m.group(3) or "").ljust(cur.minor_digits, "0")
-        units = int(m.group(2)) * cur.unit + (int(frac) * cur.minor_unit if frac else 0)
-        if abs(units) >= 1 << 60:
+        sign, whole, frac = m.groups()
+        if (frac and len(frac) > cur.minor_digits) or len(whole) > 12:
+            return self._amount(value, what)
+        units = int(whole) * cur.unit + (int(frac.ljust(cur.minor_digits, "0")) * cur.minor_unit if frac else 0)
+        if units >= 1 << 60:
             raise OperationError(f"{what} {value} is out of range")
-        return -units if m.group(1) else units
+        return -units if sign else units
 
     @property
     def _currency_obj(self):
-        from .money import get_currency
-
-        cur = getattr(self, "_currency_cache", None)
-        if cur is None:
-            cur = self._currency_cache = get_currency(self.currency)
+        cur = self.__dict__.get("_currency_cache")
+        if cur is None or cur.code != self.currency:
+            cur = self.__dict__["_currency_cache"] = get_currency(self.currency)
         return cur
 
     def _import_record(self, raw: dict) -> dict:
-        from . import bulk
-
         unknown = [k for k in raw if k not in bulk.FIELDS]
         if unknown:
             raise OperationError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(bulk.FIELDS)})")
@@ -705,8 +703,6 @@ class Operations:
 
     def _import_differs(self, rec: dict, old: dict) -> list[str]:
         """What of an import line differs from the subscriber of that name (empty: the same)."""
-        from . import bulk
-
         differ = [what for what, mine, theirs in (
             ("tariff", rec["tariff"], old["tariff"]), ("contract", rec["contract"], old["contract"]),
             ("credit_limit", rec["credit_limit"], old["credit_limit"]), ("active", rec["active"], bool(old["active"])),
@@ -721,8 +717,6 @@ class Operations:
         """One owner per address across the new lines and the ledger: a sort and a sweep of all prefixes
         when the file is large next to the ledger; for a small file next to a large ledger, each prefix's
         candidates from the index (:meth:`_refuse_overlaps`) and the sweep of the file alone."""
-        from . import bulk
-
         items = [(p[1], p[2], p[3], ("line", rec["line"]), p[0]) for rec in new for p in rec["prefixes"]]
         if not items:
             return
@@ -763,8 +757,6 @@ class Operations:
         export imported into an empty ledger gives the same export. The balance now is written as the
         opening balance of the ledger it goes to, exactly (a balance finer than the minor unit, left by
         rated traffic, has more digits, which the import refuses like :meth:`add` would)."""
-        from . import bulk
-
         if fmt not in ("jsonl", "csv"):
             raise OperationError(f"the format is jsonl or csv, not {fmt!r}")
         if fmt == "csv":
@@ -774,6 +766,7 @@ class Operations:
             yield bulk.export_line(bulk.export_record(row, lambda units: _decimal_text(units, cur)), fmt)
 
 
+_NO_TERMS = (None,) * (len(Ledger.BULK_COLUMNS) - 10)
 _PLAIN_AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 
 
