@@ -19,10 +19,14 @@ from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from starlette.concurrency import run_in_threadpool
+
 from accounting.audit import AuditLog
+from accounting.bulk import MAX_ERRORS
 from accounting.money import get_currency
 from accounting.operations import NAME, TEXT, Operations
 
+from .app import BULK_MAX_BODY
 from .auth import AuthError, Principal, TokenStore
 
 # amounts are decimal strings of at most 9 integer digits and 9 decimals (a nano-unit: 64-bit internal
@@ -46,6 +50,7 @@ def money_patterns(digits: int) -> dict[str, str]:
     return {"money": rf"^-?[0-9]{{1,9}}{fraction}$", "not_negative": rf"^[0-9]{{1,9}}{fraction}$",
             "positive": rf"^{positive}$", "nonzero": rf"^-?{positive}$"}
 
+REFRESH_AT_ONCE = 100  # an import of up to this many asks the running gateway to load each at once
 NETWORK = r"^[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?$"
 MAX_TS = 2**62
 SubscriberId = Annotated[int, Path(ge=1, le=2**31, description="the subscriber's id")]
@@ -127,10 +132,29 @@ class Subscriber(BaseModel):
 
 
 class SubscriberPage(BaseModel):
-    total: int
+    total: int = Field(description="how many subscribers match the filters (all of them, not after the cursor)")
     limit: int
     offset: int
+    after_id: int = Field(0, description="the cursor this page starts after")
+    next_after_id: int | None = Field(None, description="the cursor of the next page; null on the last")
     items: list[Subscriber]
+
+
+class ImportLineError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ImportResult(BaseModel):
+    source: str
+    file_sha256: str
+    lines: int = Field(description="subscribers in the file")
+    added: int
+    unchanged: int = Field(description="lines whose subscriber was in the ledger with the same values already")
+    first_id: int | None
+    last_id: int | None
+    addresses: int = 0
 
 
 def admin_address(client: str, networks) -> bool:
@@ -204,8 +228,46 @@ def admin_router(view) -> APIRouter:
     @router.get("/subscribers", response_model=SubscriberPage, summary="List subscribers, a page at a time")
     def list_subscribers(who: Principal = caller("read"), limit: int = Query(100, ge=1, le=1000),
                          offset: int = Query(0, ge=0, le=2**31), tariff: str | None = Query(None, max_length=64),
-                         active: bool | None = None, name: str | None = Query(None, max_length=64)):
-        return ops(who).list(limit, offset, tariff, active, name)
+                         active: bool | None = None, name: str | None = Query(None, max_length=64),
+                         after_id: int = Query(0, ge=0, le=2**62, description="a cursor: the page after this id "
+                                               "(next_after_id of the page before); as fast deep down as at the "
+                                               "start, unlike offset")):
+        return ops(who).list(limit, offset, tariff, active, name, after_id)
+
+    @router.post("/subscribers:import", response_model=ImportResult, responses={
+        **CONFLICT, 413: {"description": f"the body is larger than {BULK_MAX_BODY} bytes"},
+        415: {"description": "not JSON lines or CSV"},
+        422: {"description": "bad lines, each with its number (nothing was written)"}},
+        summary="Add many subscribers at once, all or nothing (JSON lines or CSV, as `tollgate subscriber import`)",
+        description="One subscriber a line, as `tollgate subscriber export` writes them: JSON lines "
+                    "(`application/x-ndjson`) or CSV with a header (`text/csv`). Every line is checked as "
+                    "`POST /subscribers` checks one, and no address may overlap another of the body or the ledger; "
+                    "any bad line refuses the whole body (422, or 409 for conflicts, with every bad line's number, "
+                    f"the first {MAX_ERRORS}) and nothing is written. Lines whose subscriber exists with the same "
+                    f"values are left alone, so sending the same body again changes nothing. Bodies up to "
+                    f"{BULK_MAX_BODY >> 20} MiB.",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/x-ndjson": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}}}}})
+    async def import_subscribers(request: Request, who: Principal = caller("write")):
+        kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        fmt = {"application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "application/json": "jsonl",
+               "text/csv": "csv"}.get(kind)
+        if fmt is None:
+            raise HTTPException(415, "send JSON lines (Content-Type: application/x-ndjson) or CSV (text/csv)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
+            size += len(chunk)
+            if size > BULK_MAX_BODY:
+                raise HTTPException(413, f"the body is larger than {BULK_MAX_BODY} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        # the checks and the transaction are blocking work: in the thread pool, on that thread's ledger
+        done = await run_in_threadpool(lambda: ops(who).import_subscribers(body, fmt, f"api:{who.actor}"))
+        if done["added"] and done["added"] <= REFRESH_AT_ONCE:
+            for sid in range(done["first_id"], done["last_id"] + 1):
+                changed(sid)  # a large import reaches the running gateway through the ledger's change feed
+        return done
 
     @router.post("/subscribers", status_code=201, response_model=Subscriber, responses=CONFLICT,
                  summary="Create a subscriber")

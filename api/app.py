@@ -28,9 +28,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from accounting.ledger import Ledger
 from accounting.money import format_volume
-from accounting.operations import OperationError
+from accounting.operations import ImportRefused, OperationError
 
 MAX_BODY = 1 << 20  # bytes; a larger request body is refused before it is read
+# the bulk import (POST /api/v1/subscribers:import) takes files of subscribers: ~100 B a line, so 64 MiB is
+# some 600k subscribers a request; its route reads the body as a stream and counts it (api/admin.py)
+BULK_MAX_BODY = 64 << 20
+BULK_PATHS = ("/api/v1/subscribers:import",)
 
 
 class _NotJSON(Exception):
@@ -257,6 +261,10 @@ def create_app(view: GatewayView) -> FastAPI:
         # refuse an oversized body by its declared length before reading it; a body sent without
         # a length (chunked) is counted as it arrives and refused once past the limit
         declared = request.headers.get("content-length")
+        if request.url.path in BULK_PATHS:  # its own, larger limit, counted by the route as the body streams
+            if declared is not None and (not declared.isdigit() or int(declared) > BULK_MAX_BODY):
+                return JSONResponse({"detail": f"the body is larger than {BULK_MAX_BODY} bytes"}, status_code=413)
+            return await call_next(request)
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
             return JSONResponse({"detail": f"the body is larger than {MAX_BODY} bytes"}, status_code=413)
         if declared is None and request.method in ("POST", "PUT", "PATCH"):
@@ -280,6 +288,11 @@ def create_app(view: GatewayView) -> FastAPI:
 
     @app.exception_handler(OperationError)
     def operation_error(request: Request, exc: OperationError) -> JSONResponse:
+        if isinstance(exc, ImportRefused):  # every bad line (up to accounting.bulk.MAX_ERRORS) with its number
+            lines = [{"loc": ["body", "line", line], "msg": reason, "type": "value_error"} for line, reason in exc.errors]
+            if exc.status == 422:
+                return JSONResponse({"detail": lines, "bad_lines": exc.bad}, 422)
+            return JSONResponse({"detail": str(exc), "lines": lines, "bad_lines": exc.bad}, exc.status)
         if exc.status == 422:  # the shape FastAPI documents for 422: a list of what is wrong
             return JSONResponse({"detail": [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]}, 422)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)

@@ -352,7 +352,7 @@ def cmd_subscriber_show(args, ops, cfg) -> int:
 
 @_operation
 def cmd_subscriber_list(args, ops, cfg) -> int:
-    page = ops.list(args.limit, args.offset, args.tariff, args.active, args.name)
+    page = ops.list(args.limit, args.offset, args.tariff, args.active, args.name, after_id=args.after)
     if args.json:
         _print_json(page)
         return EXIT_OK
@@ -363,10 +363,56 @@ def cmd_subscriber_list(args, ops, cfg) -> int:
     for s in page["items"]:
         print(f"{s['id']:>5}  {s['name']:<16} {s['tariff']:<14} {s['balance']:>16}  "
               f"{'active' if s['active'] else 'inactive':<8} {_block_state(s):<15}  {' '.join(s['addresses'])}")
+    if args.after:  # a cursor: where the page stands among all that match is not counted
+        print(f"{len(page['items'])} after id {args.after} of {page['total']}"
+              + (f" (--after {page['next_after_id']} for more)" if page["next_after_id"] else ""))
+        return EXIT_OK
     shown_to = page["offset"] + len(page["items"])
     if page["offset"] or shown_to < page["total"]:
         print(f"{page['offset'] + 1}-{shown_to} of {page['total']}"
               + (f" (--offset {shown_to} for more)" if shown_to < page["total"] else ""))
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_import(args, ops, cfg) -> int:
+    """A file of subscribers, all or nothing (accounting.operations.Operations.import_subscribers)."""
+    from accounting.bulk import guess_format
+    from accounting.operations import ImportRefused
+
+    fmt = args.format or guess_format(args.file)
+    source = "stdin" if args.file == "-" else os.path.basename(args.file)
+    try:
+        if args.file == "-":
+            done = ops.import_subscribers(sys.stdin.buffer, fmt, source)
+        else:
+            with open(args.file, "rb") as f:
+                done = ops.import_subscribers(f, fmt, source)
+    except ImportRefused as exc:
+        for line, reason in exc.errors:
+            print(f"{source}:{line}: {reason}", file=sys.stderr)
+        more = exc.bad - len(exc.errors)
+        return _fail(f"{source}: {exc.bad} bad line{'s' if exc.bad != 1 else ''}"
+                     + (f" ({more} more not listed)" if more > 0 else "") + "; nothing was written", EXIT_USAGE)
+    if not done["added"]:
+        print(f"{source}: nothing to do, all {done['unchanged']} subscribers are in the ledger as the file has them")
+    else:
+        print(f"{source}: imported {done['added']} subscribers (ids {done['first_id']}-{done['last_id']}, "
+              f"{done['addresses']} addresses)" + (f", {done['unchanged']} already there" if done["unchanged"] else "")
+              + "; a running gateway loads them within a second")
+    return EXIT_OK
+
+
+@_operation
+def cmd_subscriber_export(args, ops, cfg) -> int:
+    """Every subscriber in the import format, streamed (a batch of rows in memory at a time)."""
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        for line in ops.export_subscribers(args.format):
+            out.write(line)
+    finally:
+        if args.output:
+            out.close()
     return EXIT_OK
 
 
@@ -609,7 +655,7 @@ def cmd_usage(args, ops, cfg) -> int:
     by = tuple(b.strip() for b in args.by.split(",") if b.strip())
     rows = ops.usage(args.subscriber, since, until, by, args.zone, args.direction)
     if "subscriber" in by:
-        names = {s["id"]: s["name"] for s in ops.ledger.subscribers()}
+        names = ops.ledger.names_of(r["subscriber_id"] for r in rows)
         rows = [{"name": names.get(r["subscriber_id"]), **r} for r in rows]
     if "minute" in by:  # the same clock as "day": UTC
         rows = [{**r, "minute": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["minute"]))} for r in rows]
@@ -741,7 +787,7 @@ def _raw(help_text: str, description: str, epilog: str) -> dict:
 def _subscriber_parsers(sub, with_config) -> None:
     """``tollgate subscriber ACTION``: add, show, list, set, deactivate (through accounting.operations) and password."""
     p = with_config(sub.add_parser(
-        "subscriber", help="subscribers: add, show, list, set, deactivate; a portal password",
+        "subscriber", help="subscribers: add, show, list, set, deactivate, import, export; a portal password",
         description="Every change is checked first (nothing is written if it is refused) and written with its "
                     "audit row, as the admin API does; a running gateway follows within a second.",
         epilog="examples:\n  tollgate subscriber add alice --tariff basic --address 100.64.0.2/32 --balance 10.00\n"
@@ -790,7 +836,32 @@ def _subscriber_parsers(sub, with_config) -> None:
     a.add_argument("--name", metavar="SUBSTR", help="only names containing this (any case)")
     a.add_argument("--limit", type=int, default=100, help="at most this many (1..1000, default 100)")
     a.add_argument("--offset", type=int, default=0, help="skip this many first (default 0)")
+    a.add_argument("--after", type=int, default=0, metavar="ID",
+                   help="the page after this id (a cursor: as fast deep in the table as at its start)")
     a.add_argument("--json", action="store_true", help="as JSON, with the total that match")
+
+    a = action("import", cmd_subscriber_import, "add subscribers from a CSV or JSON lines file, all or nothing",
+               "Every line gets the checks of `subscriber add` (and of `terms`), and no address may overlap another "
+               "of the file or of the ledger; any bad line refuses the whole file (each listed with its line "
+               "number, exit 2) and nothing is written. A line whose subscriber exists with the same values is "
+               "left as it is, so the same file again changes nothing. One transaction, one audit row.",
+               "examples:\n  tollgate subscriber import new.csv\n  tollgate subscriber export > all.jsonl && "
+               "tollgate subscriber import all.jsonl --db other.db\n\n"
+               "JSON lines: {\"name\": \"alice\", \"tariff\": \"basic\", \"balance\": \"10.00\", "
+               "\"credit_limit\": \"0\", \"contract\": \"C-17\",\n  \"active\": true, \"addresses\": "
+               "[\"100.64.0.2/32\"], \"terms\": {\"volume_limit\": 50000000000}}\n"
+               "CSV: a header of name,tariff and any of balance,credit_limit,contract,active,addresses "
+               "(space-separated)\n  and the terms (group_name, discount_bp, ...); empty cells are not given.")
+    a.add_argument("file", help="the file (- for stdin)")
+    a.add_argument("--format", choices=("csv", "jsonl"), help="default: csv for *.csv, else jsonl")
+
+    a = action("export", cmd_subscriber_export, "write every subscriber in the import format",
+               "Every subscriber by id, as `subscriber import` reads them (streamed): the balance now becomes the "
+               "opening balance of the ledger it is imported into.",
+               "examples:\n  tollgate subscriber export > subscribers.jsonl\n"
+               "  tollgate subscriber export --format csv --output subscribers.csv")
+    a.add_argument("--format", choices=("csv", "jsonl"), default="jsonl", help="default jsonl")
+    a.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
 
     a = action("set", cmd_subscriber_set, "change a subscriber's tariff, credit limit or addresses",
                "Change what is given. A tariff change is scheduled (now, or at --effective); the gateway "
