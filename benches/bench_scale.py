@@ -44,6 +44,7 @@ of them; the lab uses 2001:db8:100:1-ff::), then /128s in 2001:db8:100:ffff::/64
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -209,6 +210,13 @@ def time_import(work: Path, config: Path, n: int, timeout: float) -> str | float
     proc = run([*TOLLGATE, "subscriber", "import", str(src), "-c", str(config), "--db", str(db)], timeout=timeout)
     dt = time.perf_counter() - t0
     src.unlink()
+    imported = None
+    if proc.returncode == 0:
+        con = sqlite3.connect(db)
+        try:
+            imported = con.execute("SELECT count(*) FROM subscribers").fetchone()[0]
+        finally:
+            con.close()
     for p in work.glob("import.db*"):
         p.unlink()
     if proc.returncode == -9:
@@ -217,6 +225,8 @@ def time_import(work: Path, config: Path, n: int, timeout: float) -> str | float
         first = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["?"]
         say(f"  import failed (exit {proc.returncode}): {first[0]}\n{help_text[:600]}")
         return f"failed: exit {proc.returncode}: {first[0][:80]}"
+    if imported != n:
+        return f"{dt:.1f} s, but {imported} of {n} subscribers in the ledger"
     return dt
 
 
@@ -234,7 +244,8 @@ class Gateway:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.lab.gw, *TOLLGATE, "-v", "run", "-c",
                                       str(self.config), "--db", str(self.db), *self.extra],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash leaves its stacks
 
     @property
     def pid(self) -> int:
@@ -355,6 +366,8 @@ def measure(n: int, args, out: dict) -> None:
     from gateway.lab import lab_config, lab_down, lab_up
 
     dl = Deadline(args.size_timeout)
+    out["commit"], dirty = git_commit()  # others' work in progress runs too: say which files differed
+    out["dirty_files"] = " ".join(dirty)
     work = Path(tempfile.mkdtemp(prefix=f"tollgate-scale-{n}-", dir=args.workdir))
     config, db = work / "tollgate.toml", work / "ledger.db"
     # s1..s3 from the config (seeded at the first start, as an operator's would be); s4 is added by the CLI later
@@ -370,19 +383,23 @@ def measure(n: int, args, out: dict) -> None:
         out["import_s"] = "not built yet"
     lab = gw = blaster = None
     try:
-        lab = lab_up(LAB_SUBS, args.prefix)
+        with contextlib.redirect_stdout(sys.stderr):  # the lab's progress lines; stdout is for the tables
+            lab = lab_up(LAB_SUBS, args.prefix)
         # replies to the bulk subscribers' addresses go back to lab subscriber 1, whose namespace sends for them
         netns(lab.gw, "ip", "route", "add", "100.64.0.0/10", "via", lab.sub_addr4(1), "dev", "s1", timeout=10)
         gw = Gateway(lab, work, config, db, args.run_args)
         start_and_count(gw, lab, args, dl, out, "")
         if not gw.alive() or out.get("healthz_s") is None or isinstance(out.get("healthz_s"), str):
             return
+        if not gw.alive():
+            return
         settle(gw, 3)
         idle_cpu(gw, args, out)
         flush_lag(gw, args, out, dl)
-        blaster = active_lag(gw, lab, n, args, out, dl, work)
-        topups(gw, args, out, dl)
+        # before the bulk subscribers send: /metrics shows the --metrics-subscribers (1000) busiest only
+        topups(gw, lab, args, out, dl)
         live_add(gw, lab, args, out, dl)
+        blaster = active_lag(gw, lab, n, args, out, dl, work)
         commands(gw, out, dl, args)
         nft_table(lab, out, dl, args)
         out["rss_peak_mb"] = int(gw.status()["VmHWM"].split()[0]) / 1024
@@ -391,7 +408,13 @@ def measure(n: int, args, out: dict) -> None:
             say("  restart: SIGTERM, `tollgate run` again")
             gw.stop()
             start_and_count(gw, lab, args, dl, out, "restart_")
-            if gw.alive():
+            if gw.alive() and not isinstance(out.get("restart_counted_s"), str):
+                time.sleep(min(10.0, dl.left(10)))  # a few flush rounds and a drift check after the restart
+            if not gw.alive():
+                out["restart_alive"] = f"no: exited ({gw.proc.returncode}) after {time.monotonic() - gw.t0:.0f} s"
+                say(f"  the restarted gateway exited with {gw.proc.returncode}: {gw.log_tail()}")
+            else:
+                out["restart_alive"] = "yes"
                 out["restart_rss_peak_mb"] = int(gw.status()["VmHWM"].split()[0]) / 1024
     finally:
         if blaster is not None and blaster.poll() is None:
@@ -401,7 +424,8 @@ def measure(n: int, args, out: dict) -> None:
             if args.keep:
                 say(f"  gateway log: {work / 'gateway.log'}")
         if lab is not None:
-            lab_down(args.prefix)
+            with contextlib.redirect_stdout(sys.stderr):
+                lab_down(args.prefix)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)], check=False)
     if args.pps_packets and not dl.over:
@@ -425,11 +449,17 @@ def start_and_count(gw: Gateway, lab, args, dl: Deadline, out: dict, tag: str) -
     say(f"  /healthz after {out[f'{tag}healthz_s']:.1f} s")
 
     def counted() -> bool:
+        if not gw.alive():
+            return True
         ping(lab, 1, 1)
         return (metric(gw.metrics(), "tollgate_subscriber_bytes", "s1") or 0) > 0
 
     bound = dl.left(args.measure_timeout)
     got = wait_until(counted, bound, 0.2)
+    if not gw.alive():
+        out[f"{tag}counted_s"] = f"exited ({gw.proc.returncode}) after {time.monotonic() - gw.t0:.0f} s"
+        say(f"  the gateway exited with {gw.proc.returncode}: {gw.log_tail()}")
+        return
     if got is None:
         out[f"{tag}counted_s"] = f"> {time.monotonic() - gw.t0:.0f} s"
         return
@@ -517,8 +547,11 @@ def active_lag(gw: Gateway, lab, n: int, args, out: dict, dl: Deadline, work: Pa
     return blaster
 
 
-def topups(gw: Gateway, args, out: dict, dl: Deadline) -> None:
+def topups(gw: Gateway, lab, args, out: dict, dl: Deadline) -> None:
     say(f"  {args.repeats} top-ups of s2 reaching the engine")
+    ping(lab, 2, 2)
+    wait_until(lambda: metric(gw.metrics(), "tollgate_subscriber_balance", "s2") is not None,
+               dl.left(args.measure_timeout), 0.2)
     times, cli = [], []
     for r in range(args.repeats):
         before = metric(gw.metrics(), "tollgate_subscriber_balance", "s2")
@@ -551,8 +584,12 @@ def topups(gw: Gateway, args, out: dict, dl: Deadline) -> None:
 def live_add(gw: Gateway, lab, args, out: dict, dl: Deadline) -> None:
     """``tollgate subscriber add s4`` while s4 pings: until /healthz counts one subscriber more (in the engine),
     and until /metrics has its bytes (counted)."""
-    h = gw.health() or {}
-    count = h.get("subscribers")
+    health = []
+    wait_until(lambda: health.append(gw.health()) or health[-1] is not None, dl.left(args.measure_timeout), 0.2)
+    count = (health[-1] or {}).get("subscribers")
+    if count is None:
+        out["add_engine_s"] = "no /healthz before the add"
+        return
     pinger = subprocess.Popen(["ip", "netns", "exec", lab.sub(4), "ping", "-4", "-q", "-i", "0.2", "-W", "1",
                                "-c", str(int(5 * args.measure_timeout) + 50), "198.18.0.2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -567,7 +604,7 @@ def live_add(gw: Gateway, lab, args, out: dict, dl: Deadline) -> None:
             out["add_engine_s"] = f"add failed: {(proc.stderr or proc.stdout).strip()[-80:]}"
             return
         bound = dl.left(args.measure_timeout)
-        engine = wait_until(lambda: ((gw.health() or {}).get("subscribers") or 0) > (count or 0), bound, 0.05)
+        engine = wait_until(lambda: ((gw.health() or {}).get("subscribers") or 0) > count, bound, 0.05)
         out["add_engine_s"] = engine if engine is not None else f"> {bound:.0f} s"
         bound = dl.left(args.measure_timeout)
         counted = wait_until(lambda: (metric(gw.metrics(), "tollgate_subscriber_bytes", "s4") or 0) > 0, bound, 0.1)
@@ -654,6 +691,7 @@ def engine_pps(n: int, args, out: dict) -> None:
 # ---- tables -----------------------------------------------------------------------------
 
 ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
+    ("commit", "commit measured (+dirty: uncommitted changes in the work tree)", "text"),
     ("build_s", "ledger of N built by this bench (SQL executemany)", "s"),
     ("ledger_mb", "ledger file, MB", "MB"),
     ("import_s", "`tollgate subscriber import` of N", "s"),
@@ -662,13 +700,14 @@ ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("exact", "s1: ledger bytes = nft counters", "text"),
     ("restart_healthz_s", "restart (SIGTERM, run) to /healthz", "s"),
     ("restart_counted_s", "restart to s1's traffic counted", "s"),
+    ("restart_alive", "restarted gateway still running 10 s after counting", "text"),
     ("rss_peak_mb", "peak resident memory (VmHWM), MB", "MB"),
     ("rss_now_mb", "resident memory after the measures, MB", "MB"),
     ("restart_rss_peak_mb", "peak resident memory after a restart, MB", "MB"),
     ("idle_cpu_pct", "idle CPU, % of a core", "%"),
     ("lag_idle_max_s", "flush lag idle, max (flush every 1 s)", "s"),
     ("lag_active_max_s", "flush lag with the bulk subscribers active, max", "s"),
-    ("active_seen", "bulk subscribers active (in /metrics)", "n"),
+    ("active_seen", "bulk subscribers in /metrics after (capped at 1000)", "n"),
     ("active_rated", "their packets rated by the engine", "n"),
     ("topup_worst_s", "a top-up reaching the engine, worst (after the CLI)", "s"),
     ("topup_median_s", "a top-up reaching the engine, median", "s"),
@@ -685,6 +724,7 @@ ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("cli_usage_s", "`tollgate usage s1`", "s"),
     ("api_list_s", "`GET /api/v1/subscribers?limit=50`", "s"),
     ("metrics_s", "`GET /metrics`", "s"),
+    ("error", "error", "text"),
     ("engine_mpps", "engine alone, Mpps (random mix, 1 core)", "M"),
     ("ledger_growth", "ledger bytes per active subscriber-day", "text"),
 ]
@@ -791,23 +831,31 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         ap.error("needs root (the lab builds network namespaces)")
     check_addressing()
+
+    def interrupted(signum, frame):  # SIGTERM and SIGINT (ignored in background jobs otherwise): clean up, keep results
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     commit, dirty = git_commit()
     doc = {"commit": commit, "dirty_files": dirty, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "options": {k: v for k, v in vars(args).items() if k not in ("json", "compare")}, "results": {}}
     growth = REPO / "benches" / "bench_ledger_growth.py"
     for n in sizes:
         out = doc["results"][str(n)] = {}
+        out["ledger_growth"] = "see benches/bench_ledger_growth.py" if growth.exists() else "not measured here"
         try:
             measure(n, args, out)
         except KeyboardInterrupt:
+            out["error"] = "interrupted"
             say("interrupted")
             break
         except Exception as exc:  # one size failing does not lose the others
             out["error"] = f"{type(exc).__name__}: {exc}"
             say(f"  size {n:,} failed: {out['error']}")
-        out["ledger_growth"] = "see benches/bench_ledger_growth.py" if growth.exists() else "not measured here"
-        if args.json:  # after each size: a long run interrupted keeps what it measured
-            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        finally:
+            if args.json:  # after each size: a long run interrupted keeps what it measured
+                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"commit {doc['commit']}, {doc['date']}, {os.cpu_count()} CPUs"
           + (f" (uncommitted changes in: {', '.join(dirty)})" if dirty else "") + "\n")
     print(result_table(doc, args.markdown))
