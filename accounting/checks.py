@@ -119,6 +119,8 @@ def _rollups(ledger, db) -> list[str]:
     from .rollup import HOUR_MAX, NS, bucket
 
     problems = []
+    if "rollup_state" not in db.table_names():  # `ledger check` opens an older schema as it is: no rollups there
+        return problems
     state = db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
     # distinct buckets, not rows: a few per hour of the windows and per day of history
     spans = db.execute("SELECT DISTINCT minute, span FROM usage WHERE span > 60").fetchall()
@@ -129,7 +131,8 @@ def _rollups(ledger, db) -> list[str]:
                  for cid, sid in db.execute("SELECT id, subscriber_id FROM charges WHERE span_ns > 0"
                                             " AND (ts_ns % ? != 0 OR span_ns % ? != 0)", (NS, NS))]
     problems += [f"rolled charge {cid} (subscriber {sid}) has a flush id {fid!r}" for cid, sid, fid in
-                 db.execute("SELECT id, subscriber_id, flush_id FROM charges WHERE span_ns > 0 AND flush_id IS NOT NULL")]
+                 db.execute("SELECT id, subscriber_id, flush_id FROM charges"
+                            " WHERE span_ns > 0 AND flush_id IS NOT NULL")]
     if spans and state is None:
         return problems + [f"{len(spans)} hourly or daily buckets of usage or charges, but no rollup recorded"]
     for start, span in sorted(set(spans)):

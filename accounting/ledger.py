@@ -964,6 +964,40 @@ class Ledger:
             (*args, _int(n, "n", 1)))
         return [dict(zip(("subscriber_id", "bytes", "packets", "amount"), r)) for r in rows]
 
+    def usage_range(self, subscriber=None, since: int | None = None, until: int | None = None,
+                    group_by=("zone", "direction"), bucket: int = 60) -> list[dict]:
+        """:meth:`usage`, where ``group_by`` may also hold ``day`` (the UTC day's first second, under the
+        key ``minute``), and ``minute`` means buckets of ``bucket`` seconds (a multiple of 60; under the key
+        ``minute``, the bucket's first second): summed by SQLite, not minute by minute in Python. One
+        subscriber over a range reads that range of ``usage_subscriber_minute``, not the subscriber's whole
+        history (the primary key orders by zone and direction before the minute)."""
+        group_by = tuple(group_by)
+        bad = [g for g in group_by if g not in USAGE_GROUPS + ("day",)]
+        if bad:
+            raise LedgerError(f"usage can be grouped by {', '.join(USAGE_GROUPS)}, day, not {', '.join(map(str, bad))}")
+        if _int(bucket, "bucket", 60) % 60:
+            raise LedgerError(f"a bucket is whole minutes, not {bucket} s")
+        if "day" in group_by and "minute" in group_by:
+            group_by = tuple(g for g in group_by if g != "day")  # the finer one; the day follows from it
+        exprs = ["minute - minute % 86400" if g == "day" else
+                 f"minute - minute % {bucket}" if g == "minute" and bucket != 60 else g for g in group_by]
+        where, args = self._where(subscriber, since, until, "minute")
+        hint = " INDEXED BY usage_subscriber_minute" if subscriber is not None and (since or until) is not None else ""
+        keys = ", ".join(exprs)
+        sql = (f"SELECT {keys + ', ' if keys else ''}coalesce(sum(bytes), 0), coalesce(sum(packets), 0), "
+               f"coalesce(sum(amount), 0) FROM usage{hint}{where}")
+        if keys:
+            sql += f" GROUP BY {keys} ORDER BY {keys}"
+        cols = tuple("minute" if g == "day" else g for g in group_by) + ("bytes", "packets", "amount")
+        return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
+
+    def last_payments(self, subscriber, n: int) -> list[dict]:
+        """The subscriber's ``n`` latest payments, newest first (the portal's list)."""
+        cols = ("id", "subscriber_id", "amount", "ts_ns", "method", "comment", "idempotency_key")
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM payments WHERE subscriber_id = ?"
+                               " ORDER BY ts_ns DESC, id DESC LIMIT ?", (self._sid(subscriber), _int(n, "n", 1)))
+        return [dict(zip(cols, r)) for r in rows]
+
     def subscribers_named(self, names) -> dict[str, dict]:
         """``{name: subscriber}`` (as :meth:`get_subscriber`) for those of ``names`` that exist."""
         names = list(names)
@@ -1079,7 +1113,10 @@ class Ledger:
     def rollup_state(self) -> dict | None:
         """``{"timezone", "hour_cutoff", "day_cutoff"}`` (epoch seconds) once rolled up, else None: before
         ``day_cutoff`` usage and charges may be held per local day, before ``hour_cutoff`` per local hour."""
-        row = self.db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
+        try:
+            row = self.db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
+        except sqlite3.OperationalError:  # a file of an older schema opened as it is (`ledger check`): never rolled
+            return None
         return None if row is None else dict(zip(("timezone", "hour_cutoff", "day_cutoff"), row))
 
     def exact_range(self, since: int | None, until: int | None) -> tuple[int | None, int | None]:

@@ -205,13 +205,15 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
     return s
 
 
-# What each stage rolls: (table, level, queries finding the rows finer than the level, as (where, time unit)).
+# What each stage rolls: (table, level, (index, where) of the rows finer than the level, time unit).
 # Each WHERE matches one partial index (migration 0016), so a subscriber's years of daily rows are never read.
+# INDEXED BY: schema 15's usage (subscriber_id, minute) would serve too, and read the years of daily rows first.
 _FINER = {
-    "usage-day": ("usage", "day", ("span = 60", "span > 60 AND span <= 7200"), 1),
-    "usage-hour": ("usage", "hour", ("span = 60",), 1),
-    "charges-day": ("charges", "day", ("span_ns = 0", f"span_ns > 0 AND span_ns <= {HOUR_MAX * NS}"), NS),
-    "charges-hour": ("charges", "hour", ("span_ns = 0",), NS),
+    "usage-day": ("usage", "day", (("usage_fine", "span = 60"), ("usage_hourly", "span > 60 AND span <= 7200")), 1),
+    "usage-hour": ("usage", "hour", (("usage_fine", "span = 60"),), 1),
+    "charges-day": ("charges", "day", (("charges_subscriber", "span_ns = 0"),
+                                       ("charges_subscriber", f"span_ns > 0 AND span_ns <= {HOUR_MAX * NS}")), NS),
+    "charges-hour": ("charges", "hour", (("charges_subscriber", "span_ns = 0"),), NS),
 }
 
 
@@ -225,8 +227,9 @@ def _units(db, stage: str, sids, s: RollupSummary):
         pos = 0
         while True:
             first = None
-            for where in finer:
-                (m,) = db.execute(f"SELECT min({col}) FROM {table} WHERE {where} AND subscriber_id = ?"
+            for index, where in finer:
+                (m,) = db.execute(f"SELECT min({col}) FROM {table} INDEXED BY {index} WHERE {where}"
+                                  f" AND subscriber_id = ?"
                                   f" AND {col} >= ? AND {col} < ?", (sid, pos, cutoff)).fetchone()
                 if m is not None and (first is None or m < first):
                     first = m
@@ -261,8 +264,9 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
     touched = 0
     if table == "usage":
         sums: dict[tuple[int, int], list[int]] = {}
-        for where in finer:
-            rows = db.execute(f"SELECT zone, direction, minute + span, bytes, packets, amount FROM usage WHERE {where}"
+        for index, where in finer:
+            rows = db.execute(f"SELECT zone, direction, minute + span, bytes, packets, amount FROM usage"
+                              f" INDEXED BY {index} WHERE {where}"
                               " AND subscriber_id = ? AND minute >= ? AND minute < ?", (sid, lo, hi)).fetchall()
             for z, d, end, nbytes, packets, amount in rows:
                 if end > hi:  # a bucket of other bounds: never written by this module in one time zone
@@ -273,7 +277,8 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 acc[1] += packets
                 acc[2] += amount
             touched += len(rows)
-            db.execute(f"DELETE FROM usage WHERE {where} AND subscriber_id = ? AND minute >= ? AND minute < ?",
+            db.execute(f"DELETE FROM usage INDEXED BY {index} WHERE {where} AND subscriber_id = ? AND minute >= ?"
+                       " AND minute < ?",
                        (sid, lo, hi))
         # a coarse row of this bucket already there (a late flush rolled since): added into
         for (z, d), (nbytes, packets, amount) in sorted(sums.items()):
@@ -288,8 +293,9 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                        " amount = amount + excluded.amount", (sid, z, d, lo, span, nbytes, packets, amount))
     else:
         amount = flushes = 0
-        for where in finer:
-            rows = db.execute(f"SELECT ts_ns + span_ns, amount, flush_count FROM charges WHERE {where}"
+        for index, where in finer:
+            rows = db.execute(f"SELECT ts_ns + span_ns, amount, flush_count FROM charges INDEXED BY {index}"
+                              f" WHERE {where}"
                               " AND subscriber_id = ? AND ts_ns >= ? AND ts_ns < ?", (sid, lo, hi)).fetchall()
             for end, a, n in rows:
                 if end > hi:
@@ -298,7 +304,8 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 amount += a
                 flushes += n
             touched += len(rows)
-            db.execute(f"DELETE FROM charges WHERE {where} AND subscriber_id = ? AND ts_ns >= ? AND ts_ns < ?",
+            db.execute(f"DELETE FROM charges INDEXED BY {index} WHERE {where} AND subscriber_id = ? AND ts_ns >= ?"
+                       " AND ts_ns < ?",
                        (sid, lo, hi))
         prior = db.execute("SELECT id FROM charges WHERE subscriber_id = ? AND span_ns = ? AND ts_ns = ?",
                            (sid, span, lo)).fetchone()

@@ -135,7 +135,8 @@ class World:
 def dump(led: Ledger) -> dict:
     """The rows rollups touch, without charge ids (which number inserts)."""
     q = {"usage": "SELECT * FROM usage ORDER BY 1, 2, 3, 4",
-         "charges": "SELECT subscriber_id, flush_id, amount, ts_ns, span_ns, flush_count FROM charges ORDER BY 1, 4, 5, 2",
+         "charges": "SELECT subscriber_id, flush_id, amount, ts_ns, span_ns, flush_count FROM charges"
+                    " ORDER BY 1, 4, 5, 2",
          "flushes": "SELECT * FROM flushes ORDER BY id", "marks": "SELECT * FROM flush_watermarks ORDER BY boot",
          "state": "SELECT * FROM rollup_state", "balances": "SELECT id, balance FROM subscribers ORDER BY id"}
     return {k: led.db.execute(v).fetchall() for k, v in q.items()}
