@@ -1105,7 +1105,7 @@ class Ledger:
         if self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
             return True
         boot, _, seq = flush_id.rpartition(":")
-        if not (boot and seq.isdigit() and seq.isascii()) or ":" in boot:
+        if not (boot and seq.isdigit() and seq.isascii() and len(seq) <= 18) or ":" in boot:  # rollup.ENGINE_ID
             return False
         return self.db.execute("SELECT 1 FROM flush_watermarks WHERE boot = ? AND pruned_seq >= ?",
                                (boot, int(seq))).fetchone() is not None

@@ -512,9 +512,14 @@ class Operations:
         if direction not in (None, "upload", "download"):
             raise OperationError("direction is upload or download")
         sid = None if key is None else self._row(key)["id"]
+        # days are summed by SQLite (Ledger.usage_range), not minute by minute here
+        allowed["day"] = "day"
         group = tuple(dict.fromkeys(allowed[b] for b in by)) + tuple(
             c for c, want in (("zone", zone), ("direction", direction)) if want is not None and c not in by)
-        rows = self.ledger.usage(sid, since, until, group_by=group)
+        for what, value in (("since", since), ("until", until)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise OperationError(f"{what} is an epoch second, 0 or more")
+        rows = self.ledger.usage_range(sid, since, until, group_by=group)
         out: dict[tuple, dict] = {}
         names = self.config.zones.names
         for r in rows:
