@@ -998,6 +998,13 @@ class Ledger:
                                " ORDER BY ts_ns DESC, id DESC LIMIT ?", (self._sid(subscriber), _int(n, "n", 1)))
         return [dict(zip(cols, r)) for r in rows]
 
+    def import_of_file(self, sha256: str) -> dict | None:
+        """The audit row (``id``, ``ts_ns``, ``actor``, ``after``) of the bulk import of the file with this
+        SHA-256, if there was one (the partial index ``audit_log_imports``)."""
+        row = self.db.execute("SELECT id, ts_ns, actor, after FROM audit_log WHERE action = 'subscriber.import'"
+                              " AND json_extract(after, '$.file_sha256') = ? ORDER BY id LIMIT 1", (sha256,)).fetchone()
+        return None if row is None else {"id": row[0], "ts_ns": row[1], "actor": row[2], "after": json.loads(row[3])}
+
     def subscribers_named(self, names) -> dict[str, dict]:
         """``{name: subscriber}`` (as :meth:`get_subscriber`) for those of ``names`` that exist."""
         names = list(names)

@@ -155,6 +155,8 @@ class ImportResult(BaseModel):
     first_id: int | None
     last_id: int | None
     addresses: int = 0
+    imported_before: int | None = Field(None, description="the audit row of the import of this same body before, "
+                                                          "if there was one (then nothing was read or written)")
 
 
 def admin_address(client: str, networks) -> bool:

@@ -394,7 +394,9 @@ def cmd_subscriber_import(args, ops, cfg) -> int:
         more = exc.bad - len(exc.errors)
         return _fail(f"{source}: {exc.bad} bad line{'s' if exc.bad != 1 else ''}"
                      + (f" ({more} more not listed)" if more > 0 else "") + "; nothing was written", EXIT_USAGE)
-    if not done["added"]:
+    if done.get("imported_before"):
+        print(f"{source}: nothing to do, this file was imported before (audit row {done['imported_before']})")
+    elif not done["added"]:
         print(f"{source}: nothing to do, all {done['unchanged']} subscribers are in the ledger as the file has them")
     else:
         print(f"{source}: imported {done['added']} subscribers (ids {done['first_id']}-{done['last_id']}, "

@@ -17,3 +17,7 @@ DROP INDEX usage_minute;
 -- primary key starts with the subscriber but then zone and direction, so a range of minutes would
 -- read all of the subscriber's history
 CREATE INDEX usage_subscriber_minute ON usage (subscriber_id, minute);
+
+-- the bulk imports in the audit log, by the SHA-256 of their file: the same file again is known at once
+-- (accounting.operations.Operations.import_subscribers), however long the log
+CREATE INDEX audit_log_imports ON audit_log (json_extract(after, '$.file_sha256')) WHERE action = 'subscriber.import';
