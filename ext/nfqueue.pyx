@@ -31,6 +31,14 @@ import os
 from .engine_py import Event
 from .errors import QueueError  # noqa: F401  (raised below; importable from here as before)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
 cdef extern from "nfq_netlink.h" nogil:
     enum:
         NFQNL_CFG_CMD_BIND
@@ -78,11 +86,17 @@ cdef class QueueReader:
     cdef volatile bint stopping
     cdef uint64_t n_packets, n_bytes, n_batches, n_verdict_msgs, n_recv_errors, n_enobufs, n_malformed
     cdef uint64_t n_send_errors, n_events
+    # held from rating a batch to sending its verdicts: a drain taken while it is held (hold()) never
+    # sees counters of packets whose verdicts are not with the kernel yet. Otherwise a flush could write
+    # bytes that a SIGKILL then stops from being forwarded (the kernel drops queued packets when the
+    # socket goes): charged, never delivered, and the kernel's count would trail the ledger's mark.
+    cdef pthread_mutex_t rating
 
     def __cinit__(self, int queue_num, EngineC engine not None, *, int batch_size=64, int copy_range=128,
                   int queue_maxlen=8192, int rcvbuf=64 << 20, bint fail_open=True, bint gso=True, on_events=None,
                   int linger_us=0):
         self.fd = -1
+        pthread_mutex_init(&self.rating, NULL)
         self.linger_ns = linger_us * 1000
         if not 1 <= batch_size <= 1024:
             raise ValueError("batch_size must be 1..1024")
@@ -148,6 +162,15 @@ cdef class QueueReader:
         PyMem_Free(self.rx); PyMem_Free(self.msgs); PyMem_Free(self.iovs); PyMem_Free(self.offset)
         PyMem_Free(self.caplen); PyMem_Free(self.wirelen); PyMem_Free(self.ids); PyMem_Free(self.ts)
         PyMem_Free(self.verdict); PyMem_Free(self.events); PyMem_Free(self.tx)
+
+    def hold(self):
+        """Wait until no batch is between rating and verdict, and keep it so
+        until ``release()``: the daemon drains the engine in between."""
+        with nogil:
+            pthread_mutex_lock(&self.rating)
+
+    def release(self):
+        pthread_mutex_unlock(&self.rating)
 
     def stop(self):
         """Ask ``run`` to return after the batch in hand."""
@@ -252,6 +275,7 @@ cdef class QueueReader:
         b.verdict = self.verdict
         b.packets = NULL  # real packets
         b.n = k
+        pthread_mutex_lock(&self.rating)
         n_events = self.engine.process_c(&b, self.events)
         # verdicts: one batch verdict per run of equal verdicts, in id order
         cdef uint32_t j = 0
@@ -266,6 +290,7 @@ cdef class QueueReader:
         kernel.nl_family = AF_NETLINK
         if sendto(self.fd, self.tx, used, 0, <void *> &kernel, sizeof(kernel)) < 0:
             self.n_send_errors += 1
+        pthread_mutex_unlock(&self.rating)
         self.n_batches += 1
         self.n_packets += k
         for i in range(<int> k):

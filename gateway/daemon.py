@@ -48,6 +48,7 @@ from .runtime import MINUTE_NS, NS, Accountant, ledger_rows
 log = logging.getLogger("tollgate.daemon")
 PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
 QUOTA_POLL = 0.1  # seconds between kernel quota rounds (passive sources)
+DRIFT_ROUNDS = 30  # a drift check reads the active subscribers and 1/30 of the others (see _drift_sample)
 FAILED_GRACE = 2.0  # seconds /healthz answers "failed" before a gateway with a dead thread exits
 
 
@@ -178,6 +179,8 @@ class Gateway:
         self.last_adjustment = 0
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.active: set[int] = set()  # subscribers with traffic since the last look at their volumes
+        self.drift_active: set[int] = set()  # subscribers with traffic since the last drift check
+        self.drift_cursor = 0  # where the next drift check's slice of everyone begins
         self.last_change = 0  # the ledger's change feed, read up to here
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
@@ -252,9 +255,9 @@ class Gateway:
             else:  # conntrack: what passed while we were down is in the connections' counters; bound them
                 self._charge_unrated(kernel, "start", charge=False)
                 base = {key: mark[0] for key, mark in self.marks.items()}
-                self.readers[0].bound_by(lambda: {
+                self.readers[0].bound_by(lambda sids: {
                     sid: tuple(ways[d][0] - base.get((sid, d), 0) for d in (0, 1))
-                    for sid, ways in self._kernel_counts().items()})
+                    for sid, ways in self._kernel_counts(sids).items()})
         if self.opts.quotas:
             from .sources.nflog import KernelQuotas
 
@@ -301,17 +304,37 @@ class Gateway:
     # the default zone's price at the current time slot (the kernel does not
     # know zones), and so lands in the ledger with the next flush.
 
-    def _kernel_counts(self) -> dict[int, tuple]:
+    def _kernel_counts(self, sids=None) -> dict[int, tuple]:
         """``{subscriber: ((up bytes, up packets), (down bytes, down packets))}``
-        from one listing of our table."""
-        with self.enforcer_lock:
-            counters = self.enforcer.counters()
+        of every subscriber (one listing of our table), or of just ``sids``
+        (their elements asked for by value)."""
+        if sids is None:
+            with self.enforcer_lock:
+                counters = self.enforcer.counters()
+            subs = self.acct.subscribers
+        else:
+            subs = {sid: self.acct.subscribers[sid] for sid in sids if sid in self.acct.subscribers}
+            with self.enforcer_lock:
+                counters = self.enforcer.counters_of([n for info in subs.values() for n in info.addresses])
         out = {}
-        for sid, info in self.acct.subscribers.items():
+        for sid, info in subs.items():
             rows = [counters[n] for n in info.addresses if n in counters]
             out[sid] = tuple((sum(r[f"{way}_bytes"] for r in rows), sum(r[f"{way}_packets"] for r in rows))
                              for way in ("up", "down"))
         return out
+
+    def _drift_sample(self) -> list[int]:
+        """Whom a drift check reads: every subscriber with traffic since the
+        last check, and the next slice of the others in turn (all of them
+        every DRIFT_ROUNDS checks): traffic that bypasses the engine for a
+        subscriber it never sees is found too, while a check costs in
+        proportion to the active subscribers."""
+        active, self.drift_active = self.drift_active, set()
+        everyone = sorted(self.acct.subscribers)
+        step = max(1, -(-len(everyone) // DRIFT_ROUNDS))
+        start = self.drift_cursor % max(1, len(everyone))
+        self.drift_cursor = start + step
+        return sorted(active | set(everyone[start:start + step]))
 
     def _charge_unrated(self, kernel: dict, when: str, reset_behind: bool = True, charge: bool = True) -> dict[str, int]:
         """Charge what the kernel counted beyond the marks. Called with a
@@ -344,9 +367,11 @@ class Gateway:
                         charged[name] = charged.get(name, 0) + kbytes - mbytes
         if reset:
             self.thread_ledger().set_kernel_marks(reset)
+            log.warning("kernel counters below what the ledger holds, taken as started again (a new table, "
+                        "recreated elements): %s", ", ".join(
+                            f"{self.acct.subscribers[sid].name} {('upload', 'download')[d]}: kernel {kb} B, "
+                            f"ledger {self.marks.get((sid, d), (0, 0))[0]} B" for (sid, d), (kb, _kp) in sorted(reset.items())))
             self.marks.update({k: list(v) for k, v in reset.items()})
-            log.warning("kernel counters of %d subscriber directions started again from zero (a new table or "
-                        "recreated elements): marks reset", len(reset))
         if charged:
             self.m_unrated.inc(sum(charged.values()))
             log.warning("%s: charged %d bytes the kernel forwarded that the engine never rated (rated but not "
@@ -869,7 +894,7 @@ class Gateway:
                 # second, and compare with the marks from before and after the drain (see _check_drift)
                 kernel = marks_before = None
                 if time.monotonic() >= self.next_drift_check:
-                    kernel = self._kernel_counts() if self.opts.inline else self._kernel_bytes()
+                    kernel = self._kernel_counts(self._drift_sample()) if self.opts.inline else self._kernel_bytes()
                     marks_before = {key: tuple(v) for key, v in self.marks.items()}
                 self._flush()
                 if kernel is not None:
@@ -906,8 +931,13 @@ class Gateway:
             with self.engine_lock, contextlib.ExitStack() as held:
                 for spool in spools:  # the files taken are exactly those whose traffic is drained
                     held.enter_context(spool.lock)
+                for reader in self.readers:  # no batch between rating and verdict (see ext/nfqueue.pyx)
+                    if hasattr(reader, "hold"):
+                        reader.hold()
+                        held.callback(reader.release)
                 rows = self.acct.engine.drain() + self.orphan_rows
                 self.active |= {r.subscriber for r in rows}
+                self.drift_active |= {r.subscriber for r in rows}
                 files = [f for spool in spools for f in spool.take_files()]
                 self.orphan_rows = []
                 self.acct.biller.observe(rows)

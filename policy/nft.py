@@ -78,6 +78,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -169,6 +170,9 @@ def _split(networks) -> dict[str, list]:
             {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
         out.setdefault(suffix, []).append(elem)
     return out
+
+
+_ELEMENT_COUNTER = re.compile(r"([0-9a-f.:]+) counter packets (\d+) bytes (\d+)")  # nft's text form of a counted element
 
 
 def _canon(network) -> str:
@@ -552,6 +556,57 @@ class Enforcer:
                 row[f"{way}_bytes"] = counter.get("bytes", 0)
                 row[f"{way}_packets"] = counter.get("packets", 0)
         return rows
+
+    def counters_of(self, networks, batch: int = 4096) -> dict[str, dict]:
+        """The counters of just these networks, as :meth:`counters` gives
+        them: what the drift check reads of the subscribers that had traffic,
+        instead of listing the whole table (3.6M counted elements at a million
+        subscribers). Hash-set elements are asked for by value (``get
+        element``: the text form, the only one that carries their counters in
+        nft 1.0.6); the interval sets, which hold only the unusual prefix
+        lengths, are listed whole. A network that is no element of ours is
+        left out (the slow path finds it: one listing per missing batch)."""
+        wanted = {_canon(n) for n in networks}
+        by_slot = _split(wanted)
+        rows: dict[str, dict] = {}
+
+        def put(way: str, net: str, packets: int, nbytes: int) -> None:
+            row = rows.setdefault(net, {"up_bytes": 0, "up_packets": 0, "down_bytes": 0, "down_packets": 0})
+            row[f"{way}_bytes"], row[f"{way}_packets"] = nbytes, packets
+
+        for way in ("up", "down"):
+            for suffix, elems in by_slot.items():
+                plen = PREFIX_OF[suffix]
+                if plen is None:
+                    continue
+                for i in range(0, len(elems), batch):
+                    chunk = elems[i:i + batch]
+                    out = self._get_elements(f"{way}{suffix}", chunk)
+                    if out is None:  # some element is gone: read them from the set's listing
+                        listed = self._read((way,))[way]
+                        for e in chunk:
+                            c = listed.get(f"{e}/{plen}")
+                            if c is not None:
+                                put(way, f"{e}/{plen}", c.get("packets", 0), c.get("bytes", 0))
+                        continue
+                    for addr, packets, nbytes in out:
+                        put(way, _canon(f"{addr}/{plen}"), packets, nbytes)
+            if any(PREFIX_OF[suffix] is None for suffix in by_slot):
+                for net, c in self._read((way,))[way].items():
+                    if net in wanted and PREFIX_OF[next(iter(_split([net])))] is None:
+                        put(way, net, c.get("packets", 0), c.get("bytes", 0))
+        return rows
+
+    def _get_elements(self, set_name: str, elems: list) -> list[tuple[str, int, int]] | None:
+        """``(address, packets, bytes)`` of these elements of a counted hash set; None if one is missing."""
+        self.nft.set_json_output(False)
+        try:
+            rc, out, _err = self.nft.cmd(f"get element inet {TABLE} {set_name} {{ {', '.join(elems)} }}")
+        finally:
+            self.nft.set_json_output(True)
+        if rc != 0:
+            return None
+        return [(a, int(p), int(b)) for a, p, b in _ELEMENT_COUNTER.findall(out)]
 
     # ---- kernel quotas -------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import threading
 import time
 
 from ext import PacketBatch
+from ext.batch import flow_entries, split_flow
 from policy.ctnetlink import (IPCTNL_MSG_CT_DELETE, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER,
                               NFNLGRP_CONNTRACK_DESTROY, SOL_NETLINK, dump, messages, open_socket,
                               parse_conntrack)
@@ -46,6 +47,7 @@ __all__ = ["ConntrackSource", "parse_conntrack"]
 log = logging.getLogger("tollgate.sources.conntrack")
 
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
+BATCH = 4096  # engine entries per call (of at most 1 MiB and 2**32-1 packets each)
 
 
 class ConntrackSource:
@@ -75,10 +77,11 @@ class ConntrackSource:
 
     def bound_by(self, forwarded) -> None:
         """Charge no subscriber more than the gateway forwarded for it:
-        ``forwarded()`` returns ``{subscriber: (upload bytes, download bytes)}``
-        that the kernel's forward counters hold and the ledger did not when
-        this was called; it is asked after each read of the connections, so
-        everything conntrack counted by then that the gateway forwarded is in it."""
+        ``forwarded(sids)`` returns ``{subscriber: (upload bytes, download
+        bytes)}`` of those subscribers that the kernel's forward counters hold
+        and the ledger did not when this was called; it is asked after each
+        read of the connections, so everything conntrack counted by then that
+        the gateway forwarded is in it."""
         self.forwarded = forwarded
         self.fed = {}
 
@@ -145,17 +148,21 @@ class ConntrackSource:
 
     def _rate(self, payloads: list) -> None:
         now = time.time_ns()
-        budget = self.forwarded() if self.forwarded is not None and payloads else None
-        batch = PacketBatch(4096, aggregates=True)  # room for a 4 GiB record (entries of at most 1 MiB)
+        flows = []
         for payload in payloads:
             try:
                 flow = parse_conntrack(payload)
             except (KeyError, ValueError, struct.error, IndexError):
                 self.counts["malformed"] += 1
                 continue
-            if flow is None:
-                continue
-            src, dst, proto, sport, dport, orig, reply = flow
+            if flow is not None:
+                flows.append(flow)
+        budget = None
+        if self.forwarded is not None and flows:  # the counters of just the subscribers of these flows
+            sids = {self.engine.lookup_subscriber(a) for f in flows for a in f[:2]} - {0}
+            budget = self.forwarded(sids)
+        batch = PacketBatch(BATCH, aggregates=True)
+        for src, dst, proto, sport, dport, orig, reply in flows:
             for (a, b, pa, pb), (nbytes, npackets) in (((src, dst, sport, dport), orig),
                                                        ((dst, src, dport, sport), reply)):
                 if not nbytes and not npackets:
@@ -164,10 +171,10 @@ class ConntrackSource:
                     nbytes, npackets = self._forwarded_part(budget, a, b, nbytes, npackets)
                     if not nbytes:
                         continue
-                pieces = -(-nbytes // (1 << 20)) or 1
-                if batch.room() < pieces:
-                    self._process(batch)
-                batch.append_flow(a, b, proto, pa, pb, nbytes, npackets, now)
+                for part, share in split_flow(nbytes, npackets, BATCH):  # any size, exactly (ext/batch.py)
+                    if batch.room() < flow_entries(part, share):
+                        self._process(batch)
+                    batch.append_flow(a, b, proto, pa, pb, part, share, now)
                 self.counts["records"] += 1
                 self.counts["bytes"] += nbytes
         self._process(batch)
