@@ -107,7 +107,8 @@ def prefix(text) -> tuple[str, int, int, int]:
 
 def overlaps(items):
     """``items``: ``(version, first address, prefix length, owner, text)``; yields ``(item, other)`` for
-    each item that overlaps a prefix of another owner (``other`` the earlier in address order).
+    each pair of prefixes of different owners where ``other`` holds ``item`` (or is the same prefix, then
+    the earlier given).
 
     Two prefixes are either disjoint or one holds the other, so after sorting by first address (the
     larger prefix first where they start alike) the prefixes holding an item are exactly the stack of
@@ -124,7 +125,6 @@ def overlaps(items):
             for _last, other in stack:
                 if other[3] != owner and not (other[3][0] is None and owner[0] is None):
                     yield item, other
-                    break
             stack.append((first + (1 << (bits - plen)) - 1, item))
 
 
