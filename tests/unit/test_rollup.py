@@ -318,3 +318,18 @@ def test_checks_find_a_bucket_that_is_no_local_day(world):
                      " (SELECT subscriber_id, zone, direction, minute FROM usage WHERE span > 7200 LIMIT 1)")
     problems = w.led.check_invariants()
     assert any("is not a local day" in p for p in problems), problems
+
+
+def test_main_is_what_the_command_line_runs(world, tmp_path):
+    w = world
+    w.led.close()
+    path = tmp_path / "ledger.db"
+    s = rollup.main(path, w.tz, now_ns=local(w.tz, END) * NS, **WINDOWS)
+    assert s.usage_rows_after < s.usage_rows_before and s.flushes_pruned > 0
+    assert s.text().startswith(f"rolled up ({w.tz}): usage rows {s.usage_rows_before} -> {s.usage_rows_after}")
+    w.led = Ledger.open(path)
+    assert w.by_day() == w.usage and w.charges_by_day() == w.charged
+    with pytest.raises(LedgerError, match="minute window"):
+        rollup.main(path, w.tz, minute_window=60)
+    with pytest.raises(LedgerError, match="unknown time zone"):
+        rollup.main(path, "Mars/Olympus")
