@@ -402,3 +402,70 @@ def test_ledger_check_on_the_command_line(ledger, tollgate, traffic):
     assert "1 problem" in out.stderr
     missing = tollgate("ledger", "check", "--db", str(ledger.path) + ".nope")
     assert missing.returncode == 2 and "no such ledger" in missing.stderr
+
+
+# ---- issue 12: import, export, pages by cursor ----------------------------------------------------------------
+
+def counted(ledger) -> tuple:
+    return tuple(ledger.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                 for t in ("subscribers", "addresses", "changes", "audit_log"))
+
+
+def test_import_export_on_the_command_line(ledger, tollgate, three, tmp_path):
+    new = tmp_path / "new.csv"
+    new.write_text("name,tariff,balance,addresses,contract\n"
+                   "dave,basic,5.00,100.64.1.2/32 2001:db8:100:1::/64,C-20\n"
+                   "erin,premium,,100.64.1.3/32,\n")
+    out = tollgate("subscriber", "import", str(new))
+    assert out.returncode == 0, out.stderr
+    assert "imported 2 subscribers (ids 4-5, 3 addresses)" in out.stdout
+    assert ledger.get_subscriber("dave")["addresses"] == ["100.64.1.2/32", "2001:db8:100:1::/64"]
+    assert audit(ledger)[-1] == ("subscriber.import", "subscribers:4-5")
+    before = counted(ledger)
+    out = tollgate("subscriber", "import", str(new))
+    assert out.returncode == 0 and "nothing to do, this file was imported before" in out.stdout
+    assert counted(ledger) == before
+
+    # bad lines: each on stderr with its line number, exit 2, nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"name": "fay", "tariff": "basic", "addresses": ["100.64.0.0/30"]}) + "\n"
+                   + json.dumps({"name": "gus", "tariff": "gold"}) + "\n"
+                   + json.dumps({"name": "hal", "tariff": "basic", "balance": 2.5}) + "\n")
+    out = tollgate("subscriber", "import", str(bad))
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.splitlines()
+    assert err[0].startswith("bad.jsonl:1: 100.64.0.0/30 overlaps 100.64.0.2/32, which belongs to subscriber 1 (alice)")
+    assert err[1].startswith("bad.jsonl:2: unknown tariff 'gold'") and err[2].startswith("bad.jsonl:3: balance")
+    assert "3 bad lines; nothing was written" in err[-1]
+    assert counted(ledger) == before
+
+    # export -> import into an empty ledger -> the same export
+    exported = tollgate("subscriber", "export")
+    assert exported.returncode == 0, exported.stderr
+    rows = [json.loads(x) for x in exported.stdout.splitlines()]
+    assert [r["name"] for r in rows] == ["alice", "bob", "carol", "dave", "erin"]
+    assert rows[0] == {"name": "alice", "tariff": "basic", "balance": "10.00", "credit_limit": "2.50",
+                       "contract": "C-17", "active": True, "addresses": ["100.64.0.2/32"], "terms": {}}
+    (tmp_path / "all.jsonl").write_text(exported.stdout)
+    other = str(tmp_path / "other.db")
+    out = tollgate("subscriber", "import", str(tmp_path / "all.jsonl"), "--db", other)
+    assert out.returncode == 0 and "imported 5 subscribers" in out.stdout, out.stderr
+    again = tollgate("subscriber", "export", "--db", other)
+    assert again.stdout == exported.stdout
+    out = tollgate("subscriber", "export", "--format", "csv", "--output", str(tmp_path / "all.csv"))
+    assert out.returncode == 0 and out.stdout == ""
+    text = (tmp_path / "all.csv").read_text()
+    assert text.splitlines()[0].startswith("name,tariff,balance") and len(text.splitlines()) == 6
+    # stdin, and the format given
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "subscriber", "import", "-", "--format", "csv",
+                          "-c", ledger.config_path, "--db", str(tmp_path / "third.db")], input=text,
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "stdin: imported 5 subscribers" in out.stdout, out.stderr
+
+
+def test_list_by_cursor(ledger, tollgate, three):
+    out = tollgate("subscriber", "list", "--limit", "1", "--after", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].split()[:2] == ["2", "bob"] and "(--after 2 for more)" in out.stdout
+    page = json.loads(tollgate("subscriber", "list", "--after", "2", "--json").stdout)
+    assert [s["name"] for s in page["items"]] == ["carol"] and page["next_after_id"] is None and page["total"] == 3
