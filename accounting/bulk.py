@@ -153,8 +153,11 @@ def _jsonl(lines):
             continue  # a blank line (the last newline) is no subscriber
         try:
             value = _DECODER.decode(text)
-        except ValueError as exc:
+        except ValueError as exc:  # also an integer of more than 4300 digits
             yield number, None, f"not JSON ({exc})"
+            continue
+        except RecursionError:
+            yield number, None, "not a subscriber (nested too deep)"
             continue
         if not isinstance(value, dict):
             yield number, None, "a line is one JSON object"

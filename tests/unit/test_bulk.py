@@ -200,6 +200,13 @@ def test_every_bad_line_is_listed_up_to_the_cap(make):
     (b'{"name": "a", "tariff": "basic"}\n{"name": "b", "tariff": "basic", "balance": NaN}\n', "jsonl", "line 2"),
     (b'{"name": "a", "tariff": "basic"}\n[1, 2]\n', "jsonl", "line 2"),
     (b'{"name": "a", "tariff": "basic"}\n{"name": "b",\n', "jsonl", "line 2"),
+    (b'{"name": "a", "tariff": "basic"}\n' + b"[" * 100_000 + b"\n", "jsonl", "line 2"),
+    (b'{"name": "a", "tariff": "basic"}\n{"name": "b", "tariff": "basic", "balance": ' + b"1" * 5000 + b"}\n",
+     "jsonl", "line 2"),
+    (b'{"name": "a", "tariff": "basic"}\n{"name": "b", "tariff": "basic", "addresses": [5, null]}\n', "jsonl",
+     "line 2"),
+    (b'{"name": "a", "tariff": "basic"}\n{"name": "b", "tariff": "basic", "terms": {"discount_bp": 1e3}}\n',
+     "jsonl", "line 2"),
     (b"name,tariff\na,basic\nb,basic,extra\n", "csv", "line 3"),
     (b"name,tariff\na,basic\nb,basic\nc,basic,active\n", "csv", "line 4"),
 ])
