@@ -399,3 +399,34 @@ def test_the_access_state_is_the_views_live_one(world):
     assert "Internet access is on." in client.get("/portal").text
     world.view.subscriber_page = lambda address: {"id": world.a, "reasons": ["manual", "schedule"]}
     assert ("paused: the operator paused it; it is outside your access hours." in client.get("/portal").text)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kathmandu", "America/St_Johns"])
+def test_the_day_chart_sums_each_local_day(world, zone):
+    """The 30 days are summed by SQLite in quarter hours (issue 12: a page, not every minute of a month), then
+    into the config's days: every bar equals the sum of its day's minutes, also where the zone is off UTC by
+    45 or 30 minutes."""
+    import datetime as dt
+    import random
+    from zoneinfo import ZoneInfo
+
+    from accounting.money import format_volume
+
+    world.view.config.timezone = zone
+    tz, rng = ZoneInfo(zone), random.Random(zone)
+    now = int(time.time()) // 60 * 60
+    rows, per_day = {}, {}
+    for _ in range(400):
+        minute = now - 60 * rng.randint(0, 29 * 1440)
+        key = (world.a, rng.randint(0, 1), rng.randint(0, 1), minute)
+        rows[key] = rows.get(key, 0) + rng.randint(1, 10**7)
+    for (_s, _z, _d, minute), b in rows.items():
+        day = dt.datetime.fromtimestamp(minute, tz).date()
+        per_day[day] = per_day.get(day, 0) + b
+    world.ledger.apply_flush(f"days-{zone}", [(*k, b, 1, 0) for k, b in rows.items()], time.time_ns())
+    page = logged_in(world).get("/portal").text
+    bars = dict(re.findall(r"<title>(\d{4}-\d\d-\d\d): ([^<]+)</title>", page))
+    assert len(bars) == 30
+    for day, text in bars.items():
+        assert text == format_volume(per_day.get(dt.date.fromisoformat(day), 0)), day
+    assert sum(1 for t in bars.values() if t != format_volume(0)) > 20
