@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -424,16 +425,21 @@ def test_small_import_next_to_a_large_ledger_checks_overlaps_by_index(make):
 
 # ---- the fast paths agree with ipaddress and parse_amount ----------------------------------------------------
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.one_of(st.ip_addresses(v=4).map(lambda a: (a, 32)), st.ip_addresses(v=6).map(lambda a: (a, 128))),
        st.integers(0, 128), st.booleans())
 def test_prefix_fast_path_equals_ipaddress(addr_bits, plen, mask):
     addr, bits = addr_bits
     plen = min(plen, bits)
     net = ipaddress.ip_network(f"{addr}/{plen}", strict=False)
+    if addr.version == 6 and addr.ipv4_mapped is None:
+        assert bulk._v6_text(addr.packed) == str(addr)
     for text in {f"{net.network_address}/{plen}" if mask else f"{addr}/{plen}", f"{addr.exploded}/{plen}",
                  f"{net.network_address.exploded}/{plen}", f"{str(net.network_address).upper()}/{plen}",
-                 f"{net.network_address}/0{plen}"}:
+                 f"{net.network_address}/0{plen}", f"{bulk._v6_text(net.network_address.packed)}/{plen}"
+                 if net.version == 6 else f"{net.network_address}/{plen}",
+                 f"{socket.inet_ntop(socket.AF_INET6, net.network_address.packed)}/{plen}"
+                 if net.version == 6 else f"{net.network_address}/{plen}"}:
         try:
             want = ipaddress.ip_network(text, strict=True)
         except ValueError:
