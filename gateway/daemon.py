@@ -917,7 +917,10 @@ class Gateway:
 
         Drained rows get their flush id before the write; if the write fails
         they stay pending and the same id is retried, so they are neither
-        lost nor charged twice."""
+        lost nor charged twice. A pending flush is written first and then a
+        fresh drain, so that when this returns everything the engine had
+        rated before it was called is in the ledger (the drift check counts
+        on it: kernel minus marks is then unrated traffic only)."""
         if self.unsaved_blocks or self.unsaved_records:
             self._save_block_state(())
         while True:
@@ -926,32 +929,41 @@ class Gateway:
             except queue.Empty:
                 break
             enqueue(self.ledger, key, event, sid, payload)
+        if self.pending is not None:
+            self._write_pending()
+        self._drain()
+        if self.pending is not None:
+            self._write_pending()
+        self.last_flush = time.time()
+
+    def _drain(self) -> None:
+        """The engine's counters (and the spool files they hold) into ``self.pending``."""
         spools = [r for r in self.readers if hasattr(r, "take_files")]  # see gateway/sources/spool.py
-        if self.pending is None:
-            with self.engine_lock, contextlib.ExitStack() as held:
-                for spool in spools:  # the files taken are exactly those whose traffic is drained
-                    held.enter_context(spool.lock)
-                for reader in self.readers:  # no batch between rating and verdict (see ext/nfqueue.pyx)
-                    if hasattr(reader, "hold"):
-                        reader.hold()
-                        held.callback(reader.release)
-                rows = self.acct.engine.drain() + self.orphan_rows
-                self.active |= {r.subscriber for r in rows}
-                self.drift_active |= {r.subscriber for r in rows}
-                files = [f for spool in spools for f in spool.take_files()]
-                self.orphan_rows = []
-                self.acct.biller.observe(rows)
-            for r in rows:
-                self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
-            if not rows and not files:
-                self.last_flush = time.time()
-                return
-            self.flush_seq += 1
-            now = time.time_ns()
-            minute = (now - now % MINUTE_NS) // NS
-            self.pending = (f"{self.boot}:{self.flush_seq}", now,
-                            [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
-                            files)
+        with self.engine_lock, contextlib.ExitStack() as held:
+            for spool in spools:  # the files taken are exactly those whose traffic is drained
+                held.enter_context(spool.lock)
+            for reader in self.readers:  # no batch between rating and verdict (see ext/nfqueue.pyx)
+                if hasattr(reader, "hold"):
+                    reader.hold()
+                    held.callback(reader.release)
+            rows = self.acct.engine.drain() + self.orphan_rows
+            self.active |= {r.subscriber for r in rows}
+            self.drift_active |= {r.subscriber for r in rows}
+            files = [f for spool in spools for f in spool.take_files()]
+            self.orphan_rows = []
+            self.acct.biller.observe(rows)
+        for r in rows:
+            self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
+        if not rows and not files:
+            return
+        self.flush_seq += 1
+        now = time.time_ns()
+        minute = (now - now % MINUTE_NS) // NS
+        self.pending = (f"{self.boot}:{self.flush_seq}", now,
+                        [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
+                        files)
+
+    def _write_pending(self) -> None:
         flush_id, now, rows, files = self.pending
         self.ledger.apply_flush(flush_id, rows, now, source=self.opts.source, files=files,
                                 kernel_marks=self.opts.kernel_marked)
@@ -961,8 +973,7 @@ class Gateway:
                 mark = self.marks.setdefault((sid, direction), [0, 0])
                 mark[0] += nbytes
                 mark[1] += packets
-        self.last_flush = time.time()
-        for spool in spools:
+        for spool in (r for r in self.readers if hasattr(r, "take_files")):
             spool.committed(files)
 
     def _kernel_bytes(self) -> dict[int, int]:
