@@ -998,6 +998,11 @@ class Ledger:
                                " ORDER BY ts_ns DESC, id DESC LIMIT ?", (self._sid(subscriber), _int(n, "n", 1)))
         return [dict(zip(cols, r)) for r in rows]
 
+    def last_change_id(self) -> int:
+        """The newest row of the change feed (migrations/0014): a change to any subscriber or address since
+        a reading of this shows as a higher number."""
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
+
     def import_of_file(self, sha256: str) -> dict | None:
         """The audit row (``id``, ``ts_ns``, ``actor``, ``after``) of the bulk import of the file with this
         SHA-256, if there was one (the partial index ``audit_log_imports``)."""

@@ -508,3 +508,31 @@ def test_overlap_sweep_equals_pairs_by_hand():
     by_hand = {id(i) for n, i in nets if any(j[3] != i[3] and n.subnet_of(m) and order[id(j)] < order[id(i)]
                                              for m, j in nets)}
     assert set(flagged) == by_hand and len(by_hand) > 20
+
+
+def test_a_change_made_while_the_file_is_checked_is_checked_again_under_the_lock(make):
+    """The checks against the ledger run before the write lock is taken; a subscriber added meanwhile by
+    another process (here: another connection, between the checks and the lock) is seen by the feed, and the
+    checks run again under the lock."""
+    ops = make()
+
+    class Racing(Operations):
+        rounds = 0
+
+        def _import_overlaps(self, new, refuse):
+            super()._import_overlaps(new, refuse)
+            if Racing.rounds == 0:
+                with Ledger.open(self.ledger.path) as other:
+                    Operations(other, self.config, "cli:other").add("rival", "basic", ["100.64.0.0/24"])
+            Racing.rounds += 1
+
+    racing = Racing(ops.ledger, ops.config, "cli:test")
+    with pytest.raises(ImportRefused) as err:
+        racing.import_subscribers(jsonl(line(i) for i in range(1, 11)), "jsonl")
+    assert Racing.rounds == 2 and err.value.status == 409
+    assert [n for n, _ in err.value.errors] == list(range(1, 11)) and "rival" in err.value.errors[0][1]
+    assert [s["name"] for s in ops.ledger.subscribers()] == ["rival"]
+    # nothing changing meanwhile: checked once
+    Racing.rounds = 1
+    done = racing.import_subscribers(jsonl(line(i) for i in range(300, 310)), "jsonl")
+    assert done["added"] == 10 and Racing.rounds == 2
