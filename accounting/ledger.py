@@ -1138,12 +1138,13 @@ class Ledger:
 
         state = self.rollup_state()
         out = []
-        for bound, outwards in ((since, 0), (until, 1)):
+        for bound, side in ((since, 0), (until, 1)):  # since moves back to a bucket's start, until on to its end
             if bound is not None:
-                level = self._level(state, -(-_int(bound, "bound") // 60) * 60)
+                t = -(-_int(bound, "bound") // 60) * 60  # minutes count by their start (see _check_bounds)
+                level = self._level(state, t)
                 if level:
-                    b = bucket(-(-bound // 60) * 60, state["timezone"], level)
-                    bound = bound if b[0] == -(-bound // 60) * 60 else b[outwards]
+                    b = bucket(t, state["timezone"], level)
+                    bound = bound if b[0] == t else b[side]
             out.append(bound)
         return out[0], out[1]
 
