@@ -651,26 +651,19 @@ class Operations:
         new, unchanged = against_ledger()
         if bad:
             raise ImportRefused(source, sorted(errors), bad, 422 if invalid else 409)
+        # the rows are made before the lock too, numbered from the next id as it is now (checked under it)
+        first, rows, addresses = self._import_rows(new)
         with self.ledger.bulk_cache(len(checked)), self.ledger._tx():
-            if self.ledger.last_change_id() != seen_change:
+            # (a new id too: a subscriber added whose feed rows were pruned at once would not show in the feed)
+            if self.ledger.last_change_id() != seen_change or self.ledger.max_subscriber_id() + 1 != first:
                 new, unchanged = against_ledger()
                 if bad:
                     raise ImportRefused(source, sorted(errors), bad, 422 if invalid else 409)
+                first, rows, addresses = self._import_rows(new)
             summary = {"source": source, "file_sha256": digest, "lines": len(checked), "added": len(new),
                        "unchanged": unchanged, "first_id": None, "last_id": None}
             if not new:
                 return summary  # nothing changes: no audit row either, as for an update that changes nothing
-            first = self.ledger.max_subscriber_id() + 1
-            now = _now()
-            rows, addresses = [], []
-            code = self.currency
-            terms = Ledger.BULK_COLUMNS[10:]
-            for sid, rec in enumerate(new, first):
-                given = rec["terms"]
-                rows.append((sid, rec["name"], rec["contract"], rec["tariff"], code, rec["balance"], rec["balance"],
-                             rec["credit_limit"], 1 if rec["active"] else 0, now,
-                             *((given.get(t) for t in terms) if given else _NO_TERMS)))
-                addresses.extend((p[0], sid) for p in rec["prefixes"])
             try:
                 self.ledger.insert_subscribers(rows, addresses)
             except LedgerError as exc:  # a constraint the checks above missed: still all or nothing
@@ -680,6 +673,22 @@ class Operations:
                         {"source": source, "file_sha256": digest, "count": len(new), "first_id": first,
                          "last_id": first + len(new) - 1, "addresses": len(addresses), "unchanged": unchanged})
         return summary
+
+    def _import_rows(self, new: list[dict]) -> tuple[int, list[tuple], list[tuple]]:
+        """``(first id, subscriber rows of Ledger.BULK_COLUMNS, (network, id) rows)`` for the new lines,
+        numbered from the ledger's next id."""
+        first = self.ledger.max_subscriber_id() + 1
+        now = _now()
+        rows, addresses = [], []
+        code = self.currency
+        terms = Ledger.BULK_COLUMNS[10:]
+        for sid, rec in enumerate(new, first):
+            given = rec["terms"]
+            rows.append((sid, rec["name"], rec["contract"], rec["tariff"], code, rec["balance"], rec["balance"],
+                         rec["credit_limit"], 1 if rec["active"] else 0, now,
+                         *((given.get(t) for t in terms) if given else _NO_TERMS)))
+            addresses.extend((p[0], sid) for p in rec["prefixes"])
+        return first, rows, addresses
 
     def _import_amount(self, value, what: str) -> int:
         """An amount of an import line: decimal text only (see accounting.bulk), then :meth:`_amount`'s checks,
