@@ -49,6 +49,8 @@ log = logging.getLogger("tollgate.daemon")
 PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
 QUOTA_POLL = 0.1  # seconds between kernel quota rounds (passive sources)
 DRIFT_ROUNDS = 30  # a drift check reads the active subscribers and 1/30 of the others (see _drift_sample)
+ROLLUP_FIRST = 300.0  # seconds after start before the first rollup (a restart loop should not roll up each time)
+ROLLUP_INTERVAL = 3600.0  # seconds between rollups
 FAILED_GRACE = 2.0  # seconds /healthz answers "failed" before a gateway with a dead thread exits
 
 
@@ -272,6 +274,7 @@ class Gateway:
         if self.kernel_quotas is not None:
             self._spawn("quotas", self._quota_loop)
         self._spawn("flusher", self._flush_loop)
+        self._spawn("rollup", self._rollup_loop)
         self._spawn("http", self._serve_http)
         if self.config.notify.webhook or self.config.notify.command:
             self._spawn("notify", self._notify_loop)
@@ -865,6 +868,24 @@ class Gateway:
                     if key not in self.quota_noted:
                         self.quota_noted.add(key)
                         enqueue(self.ledger, key, event, sid, self._payload(sid, time.time_ns(), percent=level))
+
+    def _rollup_loop(self) -> None:
+        """Every ROLLUP_INTERVAL: the ledger's old minute rows into hours, old
+        hours into days, old flushes pruned (accounting/rollup.py), on a
+        connection of its own in short transactions (a flush waits a few ms at
+        most): the ledger grows with active subscriber-days, not seconds."""
+        from accounting.rollup import roll_up
+
+        wait = ROLLUP_FIRST
+        while not self.stopping.wait(wait):
+            wait = ROLLUP_INTERVAL
+            try:
+                summary = roll_up(self.thread_ledger(), time.time_ns(), self.config.timezone)
+                log.info("rollup: %s", summary.text())
+            except TollgateError as exc:  # e.g. a ledger rolled up under another time zone: said, not fatal
+                log.error("rollup refused: %s", exc)
+            except Exception:
+                log.exception("rollup round failed; retrying in %d s", ROLLUP_INTERVAL)
 
     def _notify_loop(self) -> None:
         notifier = Notifier(Ledger.open(self.opts.db_path), self.config.notify)
