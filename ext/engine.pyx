@@ -227,6 +227,18 @@ cdef inline int rules_find(const tg_rules *r, uint32_t group_plus1, uint8_t prot
     return -1
 
 
+cdef inline void emit(tg_event *events, Py_ssize_t *n_events, int kind, uint32_t sid, int64_t index, int reason,
+                      int64_t balance) noexcept nogil:
+    """Append one event; the caller's buffer has room for TG_MAX_EVENTS_PER_PACKET a packet."""
+    cdef tg_event *ev = &events[n_events[0]]
+    n_events[0] += 1
+    ev.kind = kind
+    ev.subscriber = sid
+    ev.index = index
+    ev.reason = reason
+    ev.balance = balance
+
+
 cdef int64_t as_int64(value, str what) except? -1:
     """``value`` as an int64, or EngineError: the C state holds money and
     volumes in 64 bits, where the twin has Python's unbounded ints."""
@@ -1019,7 +1031,6 @@ cdef class EngineC:
         cdef int64_t drawn[TG_MAX_BUCKETS]
         cdef int64_t *allow
         cdef int b, verdict = NF_ACCEPT
-        cdef tg_event *ev
         tg_lock(&s.lock)
         if s.blocked:
             if allowed < 0:
@@ -1047,13 +1058,7 @@ cdef class EngineC:
             # the next flush, as when the biller checked it).
             if not s.blocked & BLOCK_VOLUME:
                 s.blocked |= BLOCK_VOLUME
-                ev = &events[n_events[0]]
-                n_events[0] += 1
-                ev.kind = EV_BLOCK
-                ev.subscriber = sid
-                ev.index = index
-                ev.reason = BLOCK_VOLUME
-                ev.balance = s.balance
+                emit(events, n_events, EV_BLOCK, sid, index, BLOCK_VOLUME, s.balance)
             if not pk.aggregate:
                 verdict = self._drop(s, pk, st)
                 tg_unlock(&s.lock)
@@ -1081,13 +1086,7 @@ cdef class EngineC:
         if cost > 0 and breaches(s, cost):
             if not s.blocked & BLOCK_LIMIT:
                 s.blocked |= BLOCK_LIMIT
-                ev = &events[n_events[0]]
-                n_events[0] += 1
-                ev.kind = EV_BLOCK
-                ev.subscriber = sid
-                ev.index = index
-                ev.reason = BLOCK_LIMIT
-                ev.balance = s.balance
+                emit(events, n_events, EV_BLOCK, sid, index, BLOCK_LIMIT, s.balance)
             if not pk.aggregate:
                 for b in range(t.n_buckets):
                     allow[b] += drawn[b]
@@ -1106,13 +1105,7 @@ cdef class EngineC:
         self._mark(sid, s)
         if cost > 0:
             while s.warned < t.n_warn and s.balance < t.warn[s.warned]:
-                ev = &events[n_events[0]]
-                n_events[0] += 1
-                ev.kind = EV_WARN
-                ev.subscriber = sid
-                ev.index = index
-                ev.reason = s.warned
-                ev.balance = s.balance
+                emit(events, n_events, EV_WARN, sid, index, s.warned, s.balance)
                 s.warned += 1
         tg_unlock(&s.lock)
         return verdict
@@ -1150,7 +1143,6 @@ cdef class EngineC:
         cdef int64_t cost, balance, charged
         cdef bint breach, by_volume, past_volume = False
         cdef int b
-        cdef tg_event *ev
         tg_lock(&s.lock)
         t = &self.tariffs[s.tariff]
         allow = self.allowance + <size_t> sid * self.bucket_stride
@@ -1185,23 +1177,11 @@ cdef class EngineC:
             allow[b] -= <int64_t> drawn[b]
         if past_volume and not s.blocked & BLOCK_VOLUME:
             s.blocked |= BLOCK_VOLUME
-            ev = &events[n_events[0]]
-            n_events[0] += 1
-            ev.kind = EV_BLOCK
-            ev.subscriber = sid
-            ev.index = -1
-            ev.reason = BLOCK_VOLUME
-            ev.balance = s.balance
+            emit(events, n_events, EV_BLOCK, sid, -1, BLOCK_VOLUME, s.balance)
         if breach:
             if not s.blocked & BLOCK_LIMIT:
                 s.blocked |= BLOCK_LIMIT
-                ev = &events[n_events[0]]
-                n_events[0] += 1
-                ev.kind = EV_BLOCK
-                ev.subscriber = sid
-                ev.index = -1
-                ev.reason = BLOCK_LIMIT
-                ev.balance = s.balance
+                emit(events, n_events, EV_BLOCK, sid, -1, BLOCK_LIMIT, s.balance)
             tg_add_u64(&self.stats_.over_limit_bytes, nbytes)
         s.balance = balance
         c.bytes += nbytes
@@ -1213,13 +1193,7 @@ cdef class EngineC:
         self._mark(sid, s)
         if cost > 0:
             while s.warned < t.n_warn and s.balance < t.warn[s.warned]:
-                ev = &events[n_events[0]]
-                n_events[0] += 1
-                ev.kind = EV_WARN
-                ev.subscriber = sid
-                ev.index = -1
-                ev.reason = s.warned
-                ev.balance = s.balance
+                emit(events, n_events, EV_WARN, sid, -1, s.warned, s.balance)
                 s.warned += 1
         tg_unlock(&s.lock)
         return 0
