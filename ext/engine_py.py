@@ -412,6 +412,23 @@ _V4 = struct.Struct("!BxHxxHBBxx4s4s")
 _PORTS = struct.Struct("!HH")
 
 
+def _draw(tariff, allowance, zone: int, direction: int, length: int) -> tuple[list, int, int]:
+    """What ``length`` bytes of ``zone`` and ``direction`` would draw from the
+    allowance buckets, in order: ``([(bucket, bytes)], amount of the drawn
+    bytes in price units, bytes left to pay at the slot's price)``. Nothing is
+    taken: the caller applies it once the traffic is accepted."""
+    remaining, drawn, amount = length, [], 0
+    for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
+        if remaining == 0:
+            break
+        if zone_mask >> zone & 1 and dir_mask >> direction & 1 and allowance[b] > 0:
+            take = min(remaining, allowance[b])
+            remaining -= take
+            amount += take * bucket_price
+            drawn.append((b, take))
+    return drawn, amount, remaining
+
+
 def parse_packet(data: bytes, wirelen: int, aggregate: bool = False):
     """Parse an IP header: (family, src, dst, proto, has_ports, sport, dport, length)
     or None if malformed. Addresses come back as ints. An aggregate's length is
@@ -756,18 +773,7 @@ class EnginePy:
                 return self._drop(sub, length, count)
             verdict = NF_DROP  # an aggregate already passed: counted (volume_left goes negative) and charged
         tariff = self._tariffs[sub.tariff]
-        remaining = length
-        drawn = []
-        amount = 0
-        for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
-            if remaining == 0:
-                break
-            if zone_mask >> zone & 1 and dir_mask >> direction & 1 and sub.allowance[b] > 0:
-                take = min(remaining, sub.allowance[b])
-                sub.allowance[b] -= take
-                remaining -= take
-                amount += take * bucket_price
-                drawn.append((b, take))
+        drawn, amount, remaining = _draw(tariff, sub.allowance, zone, direction, length)
         price = tariff.prices[(zone * 2 + direction) * self.n_slots + slot]
         key = (zone, direction)
         amount += remaining * price + sub.carry.get(key, 0)
@@ -776,12 +782,12 @@ class EnginePy:
             if not sub.blocked & BLOCK_LIMIT:
                 sub.blocked |= BLOCK_LIMIT
                 events.append(Event(EV_BLOCK, sid, index, BLOCK_LIMIT, sub.balance))
-            if not aggregate:
-                for b, take in drawn:  # the packet is dropped: give back what it drew
-                    sub.allowance[b] += take
+            if not aggregate:  # the packet is dropped: it draws nothing
                 return self._drop(sub, length, count)
             verdict = NF_DROP  # an aggregate is charged all the same: it already passed
             self._stats.over_limit_bytes += length
+        for b, take in drawn:
+            sub.allowance[b] -= take
         sub.carry[key] = carry
         sub.balance -= cost
         self._count(sub, zone, direction, length, count, cost)
@@ -817,17 +823,7 @@ class EnginePy:
         sub = self._sub(sid)
         tariff = self._tariffs[sub.tariff]
         # what _rate does for an aggregate, computed first and applied only once it is known to fit
-        remaining = nbytes
-        drawn = []
-        amount = 0
-        for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
-            if remaining == 0:
-                break
-            if zone_mask >> zone & 1 and dir_mask >> direction & 1 and sub.allowance[b] > 0:
-                take = min(remaining, sub.allowance[b])
-                remaining -= take
-                amount += take * bucket_price
-                drawn.append((b, take))
+        drawn, amount, remaining = _draw(tariff, sub.allowance, zone, direction, nbytes)
         key = (zone, direction)
         amount += remaining * tariff.prices[(zone * 2 + direction) * self.n_slots + self._slot(ts_ns)]
         amount += sub.carry.get(key, 0)
