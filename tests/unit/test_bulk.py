@@ -536,3 +536,14 @@ def test_a_change_made_while_the_file_is_checked_is_checked_again_under_the_lock
     Racing.rounds = 1
     done = racing.import_subscribers(jsonl(line(i) for i in range(300, 310)), "jsonl")
     assert done["added"] == 10 and Racing.rounds == 2
+
+
+def test_the_name_filter_is_a_plain_substring_in_any_case(make):
+    ops = make()
+    names = ["x_y", "xzy", "a-b", "Kilo.k", "MIKE@home", "r2"]  # (% and \\ are no name characters: needles only)
+    ops.import_subscribers(jsonl({"name": n, "tariff": "basic"} for n in names), "jsonl")
+    everyone = [s["name"] for s in ops.ledger.subscribers()]
+    for needle in ("x_y", "_", "%", "a%", "K", "\u212a", "ike@H", ".", "", "\\", "é", "zz"):
+        want = [n for n in everyone if needle.lower() in n.lower()]
+        page = ops.list(100, name=needle)
+        assert [s["name"] for s in page["items"]] == want and page["total"] == len(want), needle
