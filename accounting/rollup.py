@@ -169,7 +169,8 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
     ``flushes`` with the number pruned). ``cache_mib``: SQLite's page cache
     for the run (restored after): the rows deleted are spread over every
     index of usage and charges, and with the default 2 MiB cache a large
-    ledger is read from the OS again and again (benches/README.md).
+    ledger is read from the OS again and again (the gain is not measured
+    apart yet: benches/README.md).
     """
     from .ledger import _int
 
