@@ -382,7 +382,9 @@ def measure(n: int, args, out: dict) -> None:
     out["build_s"] = build_ledger(db, n, parse_amount("100.00", "EUR"))
     out["ledger_mb"] = db.stat().st_size / 1e6
     say(f"  ledger built in {out['build_s']:.1f} s, {out['ledger_mb']:.0f} MB")
-    if has_import():
+    if not args.import_:
+        out["import_s"] = "not run (--no-import)"
+    elif has_import():
         say("  timing `tollgate subscriber import`")
         out["import_s"] = time_import(work, config, n, dl.left(args.measure_timeout * 2))
     else:
@@ -402,6 +404,9 @@ def measure(n: int, args, out: dict) -> None:
         settle(gw, 3)
         idle_cpu(gw, args, out)
         flush_lag(gw, args, out, dl)
+        if args.py_spy and not dl.over:  # after the idle measures, which it would disturb
+            say(f"  py-spy: {args.lag_seconds * 2:.0f} s of the idle gateway")
+            spy_done(profile(gw, args, "idle", args.lag_seconds * 2), args, out, "profile_idle")
         # before the bulk subscribers send: /metrics shows the --metrics-subscribers (1000) busiest only
         topups(gw, lab, args, out, dl)
         live_add(gw, lab, args, out, dl)
@@ -441,8 +446,11 @@ def measure(n: int, args, out: dict) -> None:
 def start_and_count(gw: Gateway, lab, args, dl: Deadline, out: dict, tag: str) -> None:
     say(f"  {tag or 'first '}start: `tollgate run`, waiting for /healthz (bound {dl.left(args.start_timeout):.0f} s)")
     gw.start()
+    spy = profile(gw, args, f"{tag}start") if not tag else None
     bound = dl.left(args.start_timeout)
     up = wait_until(lambda: not gw.alive() or gw.health() is not None, bound, 0.2)
+    if spy is not None:
+        spy_done(spy, args, out, "profile_start")
     if not gw.alive():
         out[f"{tag}healthz_s"] = "exited"
         say(f"  the gateway exited: {gw.log_tail()}")
@@ -487,6 +495,52 @@ def start_and_count(gw: Gateway, lab, args, dl: Deadline, out: dict, tag: str) -
     led, ker = last[0] or (None, None)
     out["exact"] = f"yes ({led} B)" if led is not None and led == ker else f"no: ledger {led} B, kernel {ker} B"
     say(f"  s1: ledger {led} B, kernel {ker} B")
+
+
+def profile(gw: Gateway, args, name: str, seconds: float | None = None):
+    """py-spy (``--py-spy PATH``, not a dependency) recording the gateway: collapsed stacks at 50 Hz."""
+    if not args.py_spy:
+        return None
+    out = Path(args.workdir) / f"{gw.work.name}-py-spy-{name}.txt"  # beside the work dir, which goes at the end
+    cmd = [args.py_spy, "record", "--pid", str(gw.pid), "--format", "raw", "-r", "50", "--nonblocking", "-o", str(out)]
+    proc = subprocess.Popen(cmd + ["-d", str(int(seconds or 3600))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    if seconds:
+        try:
+            proc.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc, out
+
+
+def spy_done(spy, args, out: dict, key: str) -> None:
+    """Stop a recording (SIGINT: py-spy writes what it has) and keep its top steps: the share of the
+    samples each function is on the stack of, the ten largest below the thread's entry points."""
+    proc, path = spy
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shares, total = {}, 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        out[key] = "no py-spy output"
+        return
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        for fn in {f.split(" (")[0] for f in stack.split(";")}:
+            shares[fn] = shares.get(fn, 0) + int(count)
+    skip = {"_run_module_as_main", "_run_code", "<module>", "main", "cmd_run", "run", "Gateway.start",
+            "Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run", "Gateway._spawn.<locals>.guarded"}
+    top = sorted(((n, fn) for fn, n in shares.items() if fn not in skip), reverse=True)[:10]
+    out[key] = ", ".join(f"{fn} {100 * n / max(1, total):.0f}%" for n, fn in top) + f" ({total} samples; {path})"
+    say(f"  {key}: {out[key]}")
 
 
 def settle(gw: Gateway, seconds: float) -> None:
@@ -733,6 +787,8 @@ ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("error", "error", "text"),
     ("engine_mpps", "engine alone, Mpps (random mix, 1 core)", "M"),
     ("ledger_growth", "ledger bytes per active subscriber-day", "text"),
+    ("profile_start", "py-spy, start: share of samples", "text"),
+    ("profile_idle", "py-spy, idle: share of samples", "text"),
 ]
 
 
@@ -822,7 +878,10 @@ def main(argv=None) -> int:
     ap.add_argument("--active-pps", type=int, default=2000, help="their packets per second, in all")
     ap.add_argument("--repeats", type=int, default=5, help="top-ups timed")
     ap.add_argument("--no-restart", dest="restart", action="store_false", help="skip the restart measure")
+    ap.add_argument("--no-import", dest="import_", action="store_false", help="skip `tollgate subscriber import`")
     ap.add_argument("--pps-packets", type=int, default=200_000, help="packets for the engine-alone pps (0: skip)")
+    ap.add_argument("--py-spy", metavar="PATH", help="a py-spy binary: profile the gateway's first start and 2 x "
+                    "--lag-seconds of it idle (collapsed stacks in --workdir; the top steps in the results)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the ledgers are built")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (ledger, config, gateway log)")
     ap.add_argument("--run-arg", dest="run_args", action="append", default=[],
