@@ -962,6 +962,7 @@ class Ledger:
         """The ``n`` subscribers with the most bytes in ``since <= minute < until`` (ties by id):
         ``subscriber_id``, ``bytes``, ``packets``, ``amount``. One pass over the range's rows in the
         covering index ``usage_minute_totals``, summed per subscriber; the subscribers table is not read."""
+        self._check_bounds("usage", since, until, 1)  # as usage(): no bound inside a rolled-up bucket (schema 16)
         where, args = self._where(None, since, until, "minute")
         rows = self.db.execute(
             "SELECT subscriber_id, sum(bytes) AS b, sum(packets), sum(amount) FROM usage"
@@ -986,6 +987,7 @@ class Ledger:
             group_by = tuple(g for g in group_by if g != "day")  # the finer one; the day follows from it
         exprs = ["minute - minute % 86400" if g == "day" else
                  f"minute - minute % {bucket}" if g == "minute" and bucket != 60 else g for g in group_by]
+        self._check_bounds("usage", since, until, 1)  # as usage(): no bound inside a rolled-up bucket (schema 16)
         where, args = self._where(subscriber, since, until, "minute")
         hint = " INDEXED BY usage_subscriber_minute" if subscriber is not None and (since or until) is not None else ""
         keys = ", ".join(exprs)

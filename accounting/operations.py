@@ -520,7 +520,10 @@ class Operations:
         for what, value in (("since", since), ("until", until)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise OperationError(f"{what} is an epoch second, 0 or more")
-        rows = self.ledger.usage_range(sid, since, until, group_by=group)
+        try:
+            rows = self.ledger.usage_range(sid, since, until, group_by=group)
+        except LedgerError as exc:  # a bound inside a rolled-up hour or day: the message names the bounds to use
+            raise OperationError(str(exc)) from None
         out: dict[tuple, dict] = {}
         names = self.config.zones.names
         for r in rows:
@@ -550,7 +553,10 @@ class Operations:
         usage rows (``Ledger.top_usage``), then the names of those ``n``."""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PAGE:
             raise OperationError(f"n is 1..{MAX_PAGE}")
-        rows = self.ledger.top_usage(n, since, until)
+        try:
+            rows = self.ledger.top_usage(n, since, until)
+        except LedgerError as exc:  # a bound inside a rolled-up hour or day: the message names the bounds to use
+            raise OperationError(str(exc)) from None
         names = self.ledger.names_of(r["subscriber_id"] for r in rows)
         return [{"subscriber_id": r["subscriber_id"], "name": names.get(r["subscriber_id"]), "bytes": r["bytes"],
                  "packets": r["packets"], "amount": self._money(r["amount"])} for r in rows]

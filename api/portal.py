@@ -371,6 +371,8 @@ def account_page(view, ledger, sid: int, token: str, flash: tuple[str, str] | No
     today = dt.datetime.now(tz).date()
     days = [today - dt.timedelta(days=k) for k in range(USAGE_DAYS - 1, -1, -1)]
     since = int(dt.datetime.combine(days[0], dt.time(0), tz).timestamp()) // 60 * 60
+    # rolled-up days are those of the rollup's time zone: start at the bucket holding this midnight, if any
+    since = ledger.exact_range(since, None)[0]
     per_day = dict.fromkeys(days, 0)
     # summed by SQLite in quarter hours (every time zone's offset is whole quarter hours), then into the
     # zone's days here: 96 rows a day at most, whatever the traffic
