@@ -402,17 +402,27 @@ def measure(n: int, args, out: dict) -> None:
         if not gw.alive():
             return
         settle(gw, 3)
-        idle_cpu(gw, args, out)
-        flush_lag(gw, args, out, dl)
-        if args.py_spy and not dl.over:  # after the idle measures, which it would disturb
-            say(f"  py-spy: {args.lag_seconds * 2:.0f} s of the idle gateway")
-            spy_done(profile(gw, args, "idle", args.lag_seconds * 2), args, out, "profile_idle")
+        steps = [lambda: idle_cpu(gw, args, out), lambda: flush_lag(gw, args, out, dl)]
+        if args.py_spy:  # after the idle measures, which it would disturb
+            steps.append(lambda: spy_done(profile(gw, args, "idle", args.lag_seconds * 2), args, out, "profile_idle"))
         # before the bulk subscribers send: /metrics shows the --metrics-subscribers (1000) busiest only
-        topups(gw, lab, args, out, dl)
-        live_add(gw, lab, args, out, dl)
-        blaster = active_lag(gw, lab, n, args, out, dl, work)
-        commands(gw, out, dl, args)
-        nft_table(lab, out, dl, args)
+        steps += [lambda: topups(gw, lab, args, out, dl), lambda: live_add(gw, lab, args, out, dl)]
+        held = []
+        steps += [lambda: held.append(active_lag(gw, lab, n, args, out, dl, work)),
+                  lambda: commands(gw, out, dl, args), lambda: nft_table(lab, out, dl, args)]
+        for step in steps:
+            if not gw.alive():  # the rest would only wait for a dead gateway
+                out["error"] = f"the gateway exited ({gw.proc.returncode}) {time.monotonic() - gw.t0:.0f} s after its start"
+                say(f"  {out['error']}: {gw.log_tail()}")
+                return
+            if dl.over:
+                out["error"] = f"the size's time bound ({args.size_timeout:.0f} s) ran out"
+                break
+            step()
+            blaster = held[0] if held else blaster
+        if not gw.alive():
+            out["error"] = f"the gateway exited ({gw.proc.returncode}) {time.monotonic() - gw.t0:.0f} s after its start"
+            return
         out["rss_peak_mb"] = int(gw.status()["VmHWM"].split()[0]) / 1024
         out["rss_now_mb"] = int(gw.status()["VmRSS"].split()[0]) / 1024
         if args.restart and not dl.over:
