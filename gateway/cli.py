@@ -597,8 +597,29 @@ def cmd_terms(args, ops, cfg) -> int:
     return EXIT_OK
 
 
+def _ledger_rollup(args) -> int:
+    from accounting.rollup import main as roll_up
+
+    cfg = _config(args)
+    db = args.db or cfg.database
+    if db is None:
+        return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
+    if not os.path.isfile(db):
+        return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
+    windows = {k: v for k, v in (("minute_window", args.minute_window), ("hour_window", args.hour_window),
+                                 ("flush_horizon", args.flush_horizon)) if v is not None}
+    try:
+        print(roll_up(db, cfg.timezone, **windows).text())
+    except LedgerError as exc:  # a window too short, a ledger rolled up in another time zone: nothing changed
+        return _fail(f"ledger: {exc}", EXIT_USAGE)
+    return EXIT_OK
+
+
 def cmd_ledger(args) -> int:
-    """``tollgate ledger check``: the ledger's invariants (accounting.checks); exit 1 naming each problem."""
+    """``tollgate ledger check``: the ledger's invariants (accounting.checks); exit 1 naming each problem.
+    ``tollgate ledger rollup``: accounting.rollup, in the config's time zone."""
+    if args.action == "rollup":
+        return _ledger_rollup(args)
     import sqlite3
 
     import sqlite_utils
@@ -1119,15 +1140,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     p = with_config(sub.add_parser(
-        "ledger", help="check the ledger: balances against their history, flushes, keys, integrity, addresses",
+        "ledger", help="check the ledger (balances against their history, flushes, keys, integrity, addresses) "
+                       "or roll it up",
         description="`check` recomputes what the ledger keeps twice (each balance against its opening balance, "
                     "payments, adjustments, charges and postings; usage against charges), and checks flush ids, "
                     "foreign keys, SQLite's integrity, overlapping prefixes of different subscribers and the "
-                    "audit chain. The file is opened read only. Exit 0 if all hold, 1 listing each problem.",
-        epilog="example:\n  tollgate ledger check --db /var/lib/tollgate/ledger.db",
+                    "audit chain. The file is opened read only. Exit 0 if all hold, 1 listing each problem.\n"
+                    "`rollup` replaces minute usage and one-flush charges older than --minute-window by local "
+                    "hours, hours older than --hour-window by local days (the config's time zone), and prunes "
+                    "flushes older than --flush-horizon; every total stays exact (accounting/rollup.py). "
+                    "A running gateway does it hourly by itself.",
+        epilog="examples:\n  tollgate ledger check --db /var/lib/tollgate/ledger.db\n"
+               "  tollgate ledger rollup -c /etc/tollgate/tollgate.toml --minute-window 86400",
         formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("action", choices=("check",))
+    p.add_argument("action", choices=("check", "rollup"))
     p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--minute-window", type=int, metavar="SECONDS", help="keep minute rows this long (default 2 days)")
+    p.add_argument("--hour-window", type=int, metavar="SECONDS", help="keep hourly rows this long (default 35 days)")
+    p.add_argument("--flush-horizon", type=int, metavar="SECONDS", help="keep flush ids this long (default 1 day)")
     p.set_defaults(func=cmd_ledger)
 
     p = with_config(sub.add_parser(

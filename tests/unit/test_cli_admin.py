@@ -469,3 +469,23 @@ def test_list_by_cursor(ledger, tollgate, three):
     assert out.stdout.splitlines()[1].split()[:2] == ["2", "bob"] and "(--after 2 for more)" in out.stdout
     page = json.loads(tollgate("subscriber", "list", "--after", "2", "--json").stdout)
     assert [s["name"] for s in page["items"]] == ["carol"] and page["next_after_id"] is None and page["total"] == 3
+
+
+def test_ledger_rollup_from_the_command_line(tmp_path):
+    """`tollgate ledger rollup` rolls old minutes into hours with every total kept; a bad window is exit 2."""
+    from gateway.cli import main
+    from gateway.lab import lab_config
+
+    config = tmp_path / "t.toml"
+    config.write_text(lab_config(1))
+    db = tmp_path / "l.db"
+    with Ledger.open(db) as led:
+        sid = led.add_subscriber("s1", "lab", "EUR")
+        minutes = [60 * (1_000_000 + k) for k in range(180)]  # three hours of 1980-and-some
+        led.apply_flush("f1", [(sid, 1, 1, m, 1000 + k, 1, 7) for k, m in enumerate(minutes)], 1)
+        before = led.usage(sid, group_by=())
+    assert main(["ledger", "rollup", "-c", str(config), "--db", str(db)]) == 0
+    with Ledger.open(db) as led:
+        assert led.usage(sid, group_by=()) == before
+        assert led.db.execute("SELECT count(*) FROM usage").fetchone()[0] < 180
+    assert main(["ledger", "rollup", "-c", str(config), "--db", str(db), "--minute-window", "5"]) == 2
