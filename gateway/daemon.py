@@ -389,7 +389,7 @@ class Gateway:
         with them: their counts leave the subscriber's marks too, so that
         kernel - mark keeps meaning unrated traffic."""
         with self.enforcer_lock:
-            counters = self.enforcer.counters()
+            counters = self.enforcer.counters_of(networks)
         deltas = {}
         for d, way in enumerate(("up", "down")):
             rows = [counters[n] for n in networks if n in counters]
@@ -594,39 +594,54 @@ class Gateway:
             self._update_limits(sid)
 
     def _refresh_engine_and_sets(self, sid: int) -> None:
-        """The live balance stays the engine's (the ledger's lags by a flush)."""
+        """The live balance stays the engine's (the ledger's lags by a flush).
+
+        Order matters for the kernel's counters, which must never count less
+        than the engine rated (kernel minus mark is unrated traffic): a
+        network is counted by the kernel before the engine rates it, and
+        leaves the engine (with every batch it rated answered) before its
+        counter is read and deleted. In between, its traffic is counted and
+        not rated, and found as such by the next drift check."""
         row = self.ledger.get_subscriber(sid)
         active = row is not None and row.get("active", 1)
         info = self.acct.subscribers.get(sid)
+        events = []
         with self.engine_lock:
             if info is None and not active:
                 return
             if info is None:
+                with self.enforcer_lock:
+                    self.enforcer.add_subscriber_addresses(row["addresses"])
                 events = self.acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
                                                       "since": row["billing_since_ns"] or row["created_ns"]}])
                 events += self.acct.open_billing(sid, self.calendar_now())[1]
-                with self.enforcer_lock:
-                    self.enforcer.add_subscriber_addresses(row["addresses"])
                 if events:
                     self.events.put([(ev, None) for ev in events])
                 log.info("subscriber %s added live", row["name"])
                 return
             old = set(info.addresses)
             new = set(row["addresses"]) if active else set()
-            if old - new and self.opts.kernel_marked:
-                self._forget_counters(sid, sorted(old - new))
-            with self.enforcer_lock:
-                self.enforcer.unblock(sorted(old - new))
-                self.enforcer.remove_subscriber_addresses(sorted(old - new))
+            gone, added = sorted(old - new), sorted(new - old)
             if not active:
                 self.acct.close_billing(sid, self.calendar_now())
                 self.orphan_rows += self.acct.engine.remove_subscriber(sid)
                 del self.acct.subscribers[sid]
+            else:
+                for net in gone:
+                    self.acct.engine.remove_address(net)
+            if gone:
+                self._quiesce()  # every batch rated with those networks is answered: the kernel has counted it
+                if self.opts.kernel_marked:
+                    self._forget_counters(sid, gone)
+                with self.enforcer_lock:
+                    self.enforcer.unblock(gone)
+                    self.enforcer.remove_subscriber_addresses(gone)
+            if not active:
                 log.info("subscriber %s deactivated live", info.name)
                 return
-            for net in sorted(old - new):
-                self.acct.engine.remove_address(net)
-            for net in sorted(new - old):
+            with self.enforcer_lock:
+                self.enforcer.add_subscriber_addresses(added)
+            for net in added:
                 self.acct.engine.add_address(sid, net)
             if row["tariff"] not in self.acct.tariff_ids:
                 raise TollgateError(f"subscriber {row['name']!r}: tariff {row['tariff']!r} is not in the config")
@@ -635,12 +650,18 @@ class Gateway:
             else:
                 events = self.acct.update_terms(sid, row)
             info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
-            with self.enforcer_lock:
-                self.enforcer.add_subscriber_addresses(sorted(new - old))
-                if self.acct.engine.subscriber(sid).blocked:
+            if self.acct.engine.subscriber(sid).blocked:
+                with self.enforcer_lock:
                     self.enforcer.block(sorted(new))
         if events:
             self.events.put([(ev, None) for ev in events])
+
+    def _quiesce(self) -> None:
+        """Wait until no reader has a batch between rating and verdict (ext/nfqueue.pyx)."""
+        for reader in self.readers:
+            if hasattr(reader, "hold"):
+                reader.hold()
+                reader.release()
 
     def _apply_refresh_requests(self) -> None:
         while True:

@@ -102,6 +102,8 @@ PURPOSES = ("blocked", "up", "down")
 PREFIX_OF = {suffix: plen for _f, suffix, _t, plen, _m in SLOTS}
 QUOTA_MAP = "quota"  # quota4, quota6_64, ...: network -> the subscriber's quota object
 QUOTA_PREFIX = "q"   # the quota object of subscriber 12 is q12
+# elements per `get element` command: libnftables 1.0.6 crashes the process (SIGSEGV in libmnl) from 255 on
+GET_BATCH = 200
 PROBE_MARK = 0x74670001  # SO_MARK of the gateway's reset probes (policy/resets.py): left untracked
 
 
@@ -557,7 +559,7 @@ class Enforcer:
                 row[f"{way}_packets"] = counter.get("packets", 0)
         return rows
 
-    def counters_of(self, networks, batch: int = 4096) -> dict[str, dict]:
+    def counters_of(self, networks, batch: int = GET_BATCH) -> dict[str, dict]:
         """The counters of just these networks, as :meth:`counters` gives
         them: what the drift check reads of the subscribers that had traffic,
         instead of listing the whole table (3.6M counted elements at a million

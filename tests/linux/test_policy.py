@@ -363,3 +363,20 @@ def test_sighup_reloads_and_a_broken_config_is_refused(lab, tmp_path):
     finally:
         gw.stop()
         enforcer(lab, "e.remove()")
+
+
+def test_counters_of_some_networks_equal_the_listing(lab, clean):
+    """What a drift check reads (Enforcer.counters_of, elements asked for by value in batches) equals the
+    whole table's listing for the same networks, for more networks than one `get element` may carry
+    (libnftables 1.0.6 crashes from 255), with /32, /64 and an interval-set prefix among them."""
+    many = [f"100.65.{i // 250}.{i % 250 + 1}/32" for i in range(600)] + [f"2001:db8:100:{i:x}::/64"
+                                                                           for i in range(0x100, 0x200)]
+    subs = SUB1 + SUB2 + ["100.64.3.0/28"] + many
+    enforcer(lab, f"e.install(); e.restore([], {subs!r})", local_networks=LOCAL)
+    assert ping(lab, 1, UP4, count=5, size=500).returncode == 0
+    assert ping(lab, 2, UP6, count=3, size=300).returncode == 0
+    out = json.loads(enforcer(lab, f"print(json.dumps([e.counters(), e.counters_of({subs!r}), "
+                                    f"e.counters_of({SUB1!r})]))"))
+    listing, some, one = out
+    assert set(some) == {n for n in subs} and some == {n: listing[n] for n in subs}
+    assert one == {n: listing[n] for n in SUB1} and one["100.64.1.2/32"]["up_bytes"] == 5 * (500 + 8 + 20)
