@@ -136,7 +136,7 @@ cdef class EngineC:
     cdef object owner_prefixes       # {packed prefix: sid}: the control plane's view (see _pack)
 
     cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil
-    cdef int _slot_at(self, int64_t ts) noexcept nogil
+    cdef uint32_t _slot_index(self, int64_t ts) noexcept nogil
     cdef int _rate_volume(self, uint32_t sid, int zone, int direction, uint64_t nbytes, uint64_t npackets,
                           int slot, tg_event *events, Py_ssize_t *n_events) noexcept nogil
 

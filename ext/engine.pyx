@@ -1110,8 +1110,8 @@ cdef class EngineC:
         tg_unlock(&s.lock)
         return verdict
 
-    cdef int _slot_at(self, int64_t ts) noexcept nogil:
-        """The time slot of ``ts``: the rightmost start <= ts, before the first the first slot."""
+    cdef uint32_t _slot_index(self, int64_t ts) noexcept nogil:
+        """The timeline entry of ``ts``: the rightmost start <= ts; before the first start, the first."""
         cdef uint32_t lo = 0, hi = self.tl_len, mid
         while lo < hi:
             mid = (lo + hi) // 2
@@ -1119,7 +1119,7 @@ cdef class EngineC:
                 lo = mid + 1
             else:
                 hi = mid
-        return self.tl_slots[lo - 1 if lo > 0 else 0]
+        return lo - 1 if lo > 0 else 0
 
     cdef int _rate_volume(self, uint32_t sid, int zone, int direction, uint64_t nbytes, uint64_t npackets,
                           int slot, tg_event *events, Py_ssize_t *n_events) noexcept nogil:
@@ -1212,7 +1212,7 @@ cdef class EngineC:
         self._sub(sid)
         cdef tg_event events[2 + TG_MAX_WARN]
         cdef Py_ssize_t n_events = 0
-        if self._rate_volume(sid, zone, direction, nbytes, npackets, self._slot_at(ts_ns), events, &n_events) < 0:
+        if self._rate_volume(sid, zone, direction, nbytes, npackets, self.tl_slots[self._slot_index(ts_ns)], events, &n_events) < 0:
             raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "
                               f"out of 64 bits; drain first or rate less at once")
         return events_to_python(events, n_events)
@@ -1241,7 +1241,7 @@ cdef class EngineC:
         cdef int verdict, cur_slot = 0
         cdef int dst_allowed
         cdef int64_t ts, lo_ts = 1, hi_ts = 0  # cached timeline interval [lo_ts, hi_ts)
-        cdef uint32_t lo, hi, mid
+        cdef uint32_t lo
         cdef const tg_trie *owners
         memset(&st, 0, sizeof(tg_stats))
         pthread_rwlock_rdlock(&self.rwlock)
@@ -1285,17 +1285,8 @@ cdef class EngineC:
                     __builtin_prefetch(&self.counters[(<size_t> sid * self.n_zones + down_zone[j]) * 2 + DOWNLOAD])
                     __builtin_prefetch(self.allowance + <size_t> sid * self.bucket_stride)
                 ts = b.ts[i]
-                if not (lo_ts <= ts < hi_ts):
-                    # rightmost start <= ts; before the first start, the first slot
-                    lo = 0
-                    hi = self.tl_len
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        if self.tl_starts[mid] <= ts:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    lo = lo - 1 if lo > 0 else 0
+                if not (lo_ts <= ts < hi_ts):  # outside the cached slot's window: look it up
+                    lo = self._slot_index(ts)
                     cur_slot = self.tl_slots[lo]
                     lo_ts = self.tl_starts[lo] if ts >= self.tl_starts[lo] else INT64_MIN
                     hi_ts = self.tl_starts[lo + 1] if lo + 1 < self.tl_len else INT64_MAX

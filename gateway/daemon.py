@@ -183,6 +183,7 @@ class Gateway:
         self.active: set[int] = set()  # subscribers with traffic since the last look at their volumes
         self.drift_active: set[int] = set()  # subscribers with traffic since the last drift check
         self.drift_cursor = 0  # where the next drift check's slice of everyone begins
+        self.drift_ring: list[int] | None = None  # everyone, in the order the slices take them
         self.last_change = 0  # the ledger's change feed, read up to here
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
@@ -333,7 +334,9 @@ class Gateway:
         subscriber it never sees is found too, while a check costs in
         proportion to the active subscribers."""
         active, self.drift_active = self.drift_active, set()
-        everyone = sorted(self.acct.subscribers)
+        if self.drift_ring is None:  # made again only when subscribers come or go, not each check
+            self.drift_ring = list(self.acct.subscribers)
+        everyone = self.drift_ring
         step = max(1, -(-len(everyone) // DRIFT_ROUNDS))
         start = self.drift_cursor % max(1, len(everyone))
         self.drift_cursor = start + step
@@ -617,6 +620,7 @@ class Gateway:
                 events += self.acct.open_billing(sid, self.calendar_now())[1]
                 if events:
                     self.events.put([(ev, None) for ev in events])
+                self.drift_ring = None
                 log.info("subscriber %s added live", row["name"])
                 return
             old = set(info.addresses)
@@ -626,6 +630,7 @@ class Gateway:
                 self.acct.close_billing(sid, self.calendar_now())
                 self.orphan_rows += self.acct.engine.remove_subscriber(sid)
                 del self.acct.subscribers[sid]
+                self.drift_ring = None
             else:
                 for net in gone:
                     self.acct.engine.remove_address(net)

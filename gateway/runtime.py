@@ -67,6 +67,7 @@ class Accountant:
         self.cheapest_price: dict[int, int] = {}  # engine tariff id -> its lowest non-zero price (0: all free)
         self.access_verdicts: dict[int, tuple] = {}  # see check_access
         self.access_dirty: set[int] = set()  # subscribers whose access hours check_access must look at
+        self.access_schedules: dict[int, object] | None = None  # the distinct schedules of self.terms
         self.load_tables(cfg)
 
     def load_tables(self, cfg: Config) -> None:
@@ -331,9 +332,10 @@ class Accountant:
         once; its subscribers are looked at only when its verdict flips (a
         few times a day), and a subscriber whose terms changed (or that was
         just loaded) on its own."""
-        verdicts = {}  # id(hours) -> (hours, allowed now)
-        for terms in {id(t.access): t for t in self.terms.values() if t.access is not None}.values():
-            verdicts[id(terms.access)] = (terms.access, access.allowed(terms.access, now, self.config.timezone))
+        if self.access_dirty or self.access_schedules is None:  # the distinct schedules, found again only on change
+            self.access_schedules = {id(t.access): t.access for t in self.terms.values() if t.access is not None}
+        verdicts = {key: (hours, access.allowed(hours, now, self.config.timezone))
+                    for key, hours in self.access_schedules.items()}  # id(hours) -> (hours, allowed now)
         flipped = {key for key, (_h, allowed) in verdicts.items()
                    if self.access_verdicts.get(key, (None, None))[1] != allowed}
         self.access_verdicts = verdicts  # the schedule objects are held, so their ids stay theirs
