@@ -184,6 +184,7 @@ class Gateway:
         self.drift_active: set[int] = set()  # subscribers with traffic since the last drift check
         self.drift_cursor = 0  # where the next drift check's slice of everyone begins
         self.drift_ring: list[int] | None = None  # everyone, in the order the slices take them
+        self.last_flushed: dict[tuple[int, int], int] = {}  # bytes of the latest flush, per (subscriber, direction)
         self.last_change = 0  # the ledger's change feed, read up to here
         self.quota_noted: set = set()  # quota notification keys queued by this process
         self.refresh_requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
@@ -939,13 +940,16 @@ class Gateway:
                 self._apply_tariff_changes(self.calendar_now())
                 # the kernel counts a packet just after the engine rates it: list the kernel first, drain
                 # second, and compare with the marks from before and after the drain (see _check_drift)
-                kernel = marks_before = None
+                kernel = settled = None
                 if time.monotonic() >= self.next_drift_check:
-                    kernel = self._kernel_counts(self._drift_sample()) if self.opts.inline else self._kernel_bytes()
-                    marks_before = {key: tuple(v) for key, v in self.marks.items()}
+                    if self.opts.inline:
+                        kernel = self._kernel_counts(self._drift_sample())
+                        settled = self._settled_marks(kernel)
+                    else:
+                        kernel = self._kernel_bytes()
                 self._flush()
                 if kernel is not None:
-                    self._check_drift(kernel, marks_before)
+                    self._check_drift(kernel, settled)
                 now = time.time_ns()
                 with self.engine_lock:
                     self.acct.ensure_timeline(now, since_ns=now)
@@ -1016,7 +1020,9 @@ class Gateway:
                                 kernel_marks=self.opts.kernel_marked)
         self.pending = None
         if self.opts.kernel_marked:  # the ledger's marks moved in the same transaction: follow them
+            self.last_flushed = {}
             for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
+                self.last_flushed[(sid, direction)] = self.last_flushed.get((sid, direction), 0) + nbytes
                 mark = self.marks.setdefault((sid, direction), [0, 0])
                 mark[0] += nbytes
                 mark[1] += packets
@@ -1032,14 +1038,20 @@ class Gateway:
             out[sid] = sum(r["up_bytes"] + r["down_bytes"] for r in rows)
         return out
 
-    def _check_drift(self, kernel: dict, marks_before: dict) -> None:
+    def _settled_marks(self, sids) -> dict[int, int]:
+        """Bytes in the marks of ``sids`` as of the flush before the latest:
+        drained a whole flush interval ago or more, so long past the kernel."""
+        return {sid: sum(self.marks.get((sid, d), (0, 0))[0] - self.last_flushed.get((sid, d), 0) for d in (0, 1))
+                for sid in sids}
+
+    def _check_drift(self, kernel: dict, settled: dict | None) -> None:
         """Compare the kernel's per-subscriber counters with what the engine
         rated, at a consistent point.
 
         Inline, ``kernel`` was listed between two flushes: every byte it
         counted through the engine is in the marks after the second one
-        (``self.marks``), and every byte in the marks before it
-        (``marks_before``) had long passed the kernel. So kernel > marks
+        (``self.marks``), and every byte in the marks one flush earlier
+        (``settled``, of the same subscribers) had long passed the kernel. So kernel > marks
         after is traffic that certainly bypassed the engine (fail-open at a
         full queue, a rule the operator added before ours): charged by
         :meth:`_charge_unrated`; kernel < marks before, beyond noise, is the
@@ -1055,7 +1067,7 @@ class Gateway:
                 if sid not in self.acct.subscribers:
                     continue
                 counted = sum(b for b, _p in ways)
-                rated = sum(marks_before.get((sid, d), (0, 0))[0] for d in (0, 1))
+                rated = settled.get(sid, 0)
                 if rated - counted > max(self.opts.drift_min_bytes, counted // 200):
                     drift[self.acct.subscribers[sid].name] = counted - rated
         else:
