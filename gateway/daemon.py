@@ -256,6 +256,14 @@ class Gateway:
             kernel = self._kernel_counts()
             if self.opts.inline:
                 self._charge_unrated(kernel, "start")
+                # the queues were bound above only to fail before the kernel was touched; bound again now that
+                # its state is final, so that no packet waits in a queue across the table's renewal (one that
+                # did could be answered past our counters: rated, never counted); what passes fail-open in
+                # between is counted, not rated, and charged by the next drift check
+                for reader in self.readers:
+                    reader.close()
+                self.readers = []
+                self._make_readers()
             else:  # conntrack: what passed while we were down is in the connections' counters; bound them
                 self._charge_unrated(kernel, "start", charge=False)
                 base = {key: mark[0] for key, mark in self.marks.items()}
