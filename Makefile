@@ -8,20 +8,29 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the gateway and its tests need (nft, the xtables NFQUEUE
 # fallback, traffic tools for the lab, libnftables for python-nftables; softflowd,
-# nfdump and pmacct to check our sources against; chromium for the portal test).
+# nfdump and pmacct to check our sources against; chromium for the portal test;
+# clang, libbpf and bpftool for the tc/eBPF data path; dnsmasq, Kea, dhclient and
+# radclient as the real DHCP and RADIUS peers of the session sources).
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump poppler-utils faketime \
-	softflowd nfdump pmacct chromium
+	softflowd nfdump pmacct chromium \
+	clang llvm libbpf-dev bpftool \
+	dnsmasq kea-dhcp4-server isc-dhcp-client freeradius-utils
 
 .PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
 
 all: build
 
+# The DHCP servers are installed as tools for the lab, never as host services:
+# a policy-rc.d of our own (unless one exists) keeps apt from starting them.
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "==> installing Debian packages:" $$missing; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install $$missing"; exit 1; fi; \
-	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  rcd=/usr/sbin/policy-rc.d; own=; \
+	  if [ ! -e $$rcd ]; then printf '#!/bin/sh\nexit 101\n' > $$rcd && chmod +x $$rcd && own=1; fi; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; rc=$$?; \
+	  [ -n "$$own" ] && rm -f $$rcd; [ $$rc = 0 ] || exit $$rc; \
 	fi
 
 $(BIN)/python:

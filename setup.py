@@ -42,6 +42,7 @@ setup(
         "uvicorn>=0.23",
         "python-multipart>=0.0.9",  # the portal's forms
         "sqlite-utils>=3.35",
+        "pyrad>=2.4",  # RADIUS accounting packets (gateway/sessions)
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6.80", "httpx>=0.24", "schemathesis>=4.0"]},
     entry_points={"console_scripts": ["tollgate = gateway.cli:main"]},
