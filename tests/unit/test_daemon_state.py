@@ -68,13 +68,13 @@ def test_a_limit_block_comes_back_until_money_comes(tmp_path):
     s2 = gw.ledger.get_subscriber("s2")["id"]
     # blocked at the breaching packet with money left (the packet was dropped, not charged)
     gw.ledger.save_block_state([(s1, BLOCK_LIMIT, 0, 0), (s2, BLOCK_LIMIT | BLOCK_MANUAL, 0, 0)])
-    gw._restore_blocks()
+    gw.pusher.restore()
     assert gw.acct.engine.subscriber(s1).blocked == BLOCK_LIMIT
     assert gw.acct.engine.subscriber(s2).blocked == BLOCK_LIMIT  # manual comes from its own records only
     gw.ledger.close()
     again = gateway(tmp_path)
     again.ledger.add_payment(s1, 1)
-    again._restore_blocks()
+    again.pusher.restore()
     assert again.acct.engine.subscriber(s1).blocked == 0  # a payment after the block lifts it
     assert again.acct.engine.subscriber(s2).blocked == BLOCK_LIMIT
     again.ledger.close()

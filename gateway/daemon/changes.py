@@ -1,0 +1,207 @@
+"""Changes made in the ledger by anyone (CLI, API, portal, an import, another
+process) brought into the running engine and kernel, in proportion to what
+changed: payments and adjustments by id, subscribers, addresses, terms and
+manual blocks from the ledger's change feed (migrations/0014_change_feed.sql),
+tariff changes when they fall due. Run by the flusher thread every
+``PAYMENT_POLL`` seconds, so a top-up unblocks well within a second.
+
+Locks: none of its own. Each engine change is made under ``engine_lock``
+(payment ids move with the balance under it, so a block state never pairs
+one without the other); kernel set changes under ``enforcer_lock``, taken
+inside ``engine_lock`` where both are needed (the lock order of the daemon).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+from ext.constants import BLOCK_MANUAL
+from ext.errors import TollgateError
+
+from ..runtime import NS
+
+log = logging.getLogger("tollgate.daemon")
+
+
+class ChangeFollower:
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.last_payment = 0
+        self.last_adjustment = 0
+        self.last_change = 0  # the ledger's change feed, read up to here
+        self.requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
+
+    def start_from_ledger(self) -> None:
+        """What was loaded at start includes everything up to these ids."""
+        ledger = self.gw.ledger
+        self.last_payment = ledger.last_payment_id()
+        self.last_adjustment = ledger.last_adjustment_id()
+        self.last_change = ledger.last_change_id()
+
+    def applied_ids(self) -> tuple[int, int]:
+        """(payment id, adjustment id) the live balances include; read under ``engine_lock``."""
+        return self.last_payment, self.last_adjustment
+
+    def poll(self) -> None:
+        self.apply_payments()
+        self.apply_requests()
+        self.apply_feed()
+
+    def apply_payments(self) -> None:
+        """Payments and adjustments written to the ledger by others (CLI, API)
+        reach the live balance."""
+        gw = self.gw
+        for change in gw.ledger.balance_changes_since(self.last_payment, self.last_adjustment):
+            events = []
+            with gw.engine_lock:
+                if change["subscriber_id"] in gw.acct.subscribers:
+                    events = gw.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
+                if change["kind"] == "payment":
+                    self.last_payment = max(self.last_payment, change["id"])
+                else:
+                    self.last_adjustment = max(self.last_adjustment, change["id"])
+            gw.post(events)
+
+    def request(self, sid: int) -> None:
+        """Ask for one subscriber in the engine and the kernel to be brought in
+        line with the ledger (the API changed it): done by the flusher thread,
+        which owns the ledger connection, within PAYMENT_POLL seconds."""
+        self.requests.put(sid)
+
+    def apply_requests(self) -> None:
+        while True:
+            try:
+                sid = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.refresh(sid)
+                self.sync_manual_blocks(sid)
+            except TollgateError as exc:
+                log.error("subscriber %s: the change cannot be applied: %s", sid, exc)
+
+    def apply_feed(self) -> None:
+        """Subscribers, addresses, terms and manual blocks changed in the
+        ledger, read from its change feed: the work is in proportion to what
+        changed, never a scan of every subscriber."""
+        ledger = self.gw.ledger
+        while True:
+            last, changed = ledger.changes_since(self.last_change)
+            if last == self.last_change:
+                return
+            self.last_change = last
+            for sid, what in sorted(changed.items()):
+                try:
+                    if what & {"subscriber", "addresses"}:
+                        self.refresh(sid)
+                    if "manual" in what:
+                        self.sync_manual_blocks(sid)
+                except TollgateError as exc:
+                    log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
+
+    def apply_tariff_changes(self, now: int) -> None:
+        """Tariff changes scheduled in the ledger that fell due: billing under
+        the new tariff from the change's own time (the next period's start)."""
+        gw = self.gw
+        for change in gw.ledger.due_tariff_changes(now):
+            sid = change["subscriber_id"]
+            gw.ledger.apply_tariff_change(change["id"], now)
+            info = gw.acct.subscribers.get(sid)
+            if info is None or change["tariff"] not in gw.acct.tariff_ids:
+                continue
+            with gw.engine_lock:
+                _postings, events = gw.acct.change_billing(sid, change["tariff"], gw.acct.engine.subscriber(sid).credit,
+                                                           change["effective_ns"])
+                info.tariff = change["tariff"]
+            gw.limits.update(sid)
+            log.info("subscriber %s: tariff %s from %s as scheduled", info.name, change["tariff"],
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(change["effective_ns"] // NS)))
+            gw.post(events)
+
+    def sync_manual_blocks(self, sid: int) -> None:
+        """Manual blocks are records in the ledger (``accounting.operations``:
+        API, portal, CLI, from any process); the engine's ``BLOCK_MANUAL`` bit
+        follows them, and the policy pusher the kernel's sets."""
+        gw = self.gw
+        if sid not in gw.acct.subscribers:
+            return
+        wanted = gw.ledger.manual_block_of(sid)
+        with gw.engine_lock:
+            has = bool(gw.acct.engine.subscriber(sid).blocked & BLOCK_MANUAL)
+            events = [] if wanted == has else (gw.acct.engine.block if wanted else gw.acct.engine.unblock)(sid, BLOCK_MANUAL)
+        gw.post(events)
+
+    def refresh(self, sid: int) -> None:
+        """Added, deactivated, new addresses, tariff or terms: the engine, the
+        kernel's sets and the speed/connection limits follow the ledger."""
+        try:
+            self._refresh_engine_and_sets(sid)
+        finally:
+            self.gw.limits.update(sid)
+
+    def _refresh_engine_and_sets(self, sid: int) -> None:
+        """The live balance stays the engine's (the ledger's lags by a flush).
+
+        Order matters for the kernel's counters, which must never count less
+        than the engine rated (kernel minus mark is unrated traffic): a
+        network is counted by the kernel before the engine rates it, and
+        leaves the engine (with every batch it rated answered) before its
+        counter is read and deleted. In between, its traffic is counted and
+        not rated, and found as such by the next drift check."""
+        gw = self.gw
+        acct = gw.acct
+        row = gw.ledger.get_subscriber(sid)
+        active = row is not None and row.get("active", 1)
+        info = acct.subscribers.get(sid)
+        events = []
+        with gw.engine_lock:
+            if info is None and not active:
+                return
+            if info is None:
+                with gw.enforcer_lock:
+                    gw.enforcer.add_subscriber_addresses(row["addresses"])
+                events = acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
+                                                 "since": row["billing_since_ns"] or row["created_ns"]}])
+                events += acct.open_billing(sid, gw.calendar_now())[1]
+                gw.post(events)
+                gw.kernel.subscribers_changed()
+                log.info("subscriber %s added live", row["name"])
+                return
+            old = set(info.addresses)
+            new = set(row["addresses"]) if active else set()
+            gone, added = sorted(old - new), sorted(new - old)
+            if not active:
+                acct.close_billing(sid, gw.calendar_now())
+                gw.flusher.orphan_rows += acct.engine.remove_subscriber(sid)
+                del acct.subscribers[sid]
+                gw.kernel.subscribers_changed()
+            else:
+                for net in gone:
+                    acct.engine.remove_address(net)
+            if gone:
+                gw.quiesce()  # every batch rated with those networks is answered: the kernel has counted it
+                if gw.opts.kernel_marked:
+                    gw.kernel.forget(sid, gone)
+                with gw.enforcer_lock:
+                    gw.enforcer.unblock(gone)
+                    gw.enforcer.remove_subscriber_addresses(gone)
+            if not active:
+                log.info("subscriber %s deactivated live", info.name)
+                return
+            with gw.enforcer_lock:
+                gw.enforcer.add_subscriber_addresses(added)
+            for net in added:
+                acct.engine.add_address(sid, net)
+            if row["tariff"] not in acct.tariff_ids:
+                raise TollgateError(f"subscriber {row['name']!r}: tariff {row['tariff']!r} is not in the config")
+            if row["tariff"] != info.tariff:
+                events = acct.change_billing(sid, row["tariff"], row["credit_limit"], gw.calendar_now())[1]
+            else:
+                events = acct.update_terms(sid, row)
+            info.addresses, info.tariff, info.name = tuple(sorted(new)), row["tariff"], row["name"]
+            if acct.engine.subscriber(sid).blocked:
+                with gw.enforcer_lock:
+                    gw.enforcer.block(sorted(new))
+        gw.post(events)

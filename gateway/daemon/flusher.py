@@ -1,0 +1,202 @@
+"""The flusher thread: the engine's counters to the ledger, and the
+once-a-second work around it.
+
+Every ``PAYMENT_POLL`` seconds it lets :mod:`.changes` apply what the
+ledger says changed (a top-up unblocks well within a second); every
+``flush_interval`` it applies due tariff changes, drains the engine into the
+ledger (idempotent flush ids: a failed write is retried with the same id,
+never lost, never charged twice), compares the kernel with the engine at
+each due drift check (:mod:`.kernel`), keeps the time-slot timeline ahead of
+the clock, bills fees and period ends, and sends volume notifications.
+Also here: the rollup and notification threads, which only need the ledger.
+
+Locks: a drain holds ``engine_lock``, then each spool's lock and each
+inline reader's hold (no batch between rating and verdict, see
+ext/nfqueue.pyx), so that what is drained is exactly what was answered.
+Its own state (pending flush, orphan rows, totals) is the flusher thread's
+alone; ``orphan_rows`` is appended to by :mod:`.changes`, which runs in
+this same thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+
+from accounting.ledger import Ledger
+from accounting.money import format_amount
+from accounting.notify import Notifier, enqueue
+from ext.errors import TollgateError
+
+from ..runtime import MINUTE_NS, NS
+
+log = logging.getLogger("tollgate.daemon")
+PAYMENT_POLL = 0.2  # seconds between looks for new payments in the ledger
+ROLLUP_FIRST = 300.0  # seconds after start before the first rollup (a restart loop should not roll up each time)
+ROLLUP_INTERVAL = 3600.0  # seconds between rollups
+
+
+class Flusher:
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.boot = gw.boot
+        self.seq = 0
+        self.pending: tuple | None = None  # a drained flush not yet in the ledger
+        self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
+        self.active: set[int] = set()  # subscribers with traffic since the last look at their volumes
+        self.engine_bytes: dict[int, int] = {}  # bytes drained from the engine since start, per subscriber
+        self.notices: queue.Queue = queue.Queue()  # notifications other threads ask for, written here
+        self.quota_noted: set = set()  # quota notification keys queued by this process
+        self.last_flush = time.time()
+
+    def notify_later(self, key: str, event: str, sid: int, payload: dict) -> None:
+        """A notification to enqueue in the ledger with the next flush (this thread owns the connection)."""
+        self.notices.put((key, event, sid, payload))
+
+    def loop(self) -> None:
+        gw = self.gw
+        next_flush = time.monotonic() + gw.opts.flush_interval
+        while not gw.stopping.wait(PAYMENT_POLL):
+            try:
+                gw.changes.poll()
+                if time.monotonic() < next_flush:
+                    continue
+                next_flush = time.monotonic() + gw.opts.flush_interval
+                gw.changes.apply_tariff_changes(gw.calendar_now())
+                drift = gw.kernel.before_flush()
+                self.flush()
+                if drift is not None:
+                    gw.kernel.check_drift(*drift)
+                self._bill()
+                self._check_quotas()
+            except Exception:  # the ledger may be busy or full: drained rows wait in self.pending
+                log.exception("flush round failed; retrying next round")
+
+    def _bill(self) -> None:
+        gw = self.gw
+        now = time.time_ns()
+        with gw.engine_lock:
+            gw.acct.ensure_timeline(now, since_ns=now)
+            postings, events = gw.acct.bill(gw.calendar_now())
+        for p in postings:
+            log.info("billing: subscriber %s %s %s (%s)", p.subscriber, p.kind,
+                     format_amount(p.amount, gw.config.currency), p.detail)
+        gw.post(events)
+
+    def flush(self) -> None:
+        """Write block records and the engine's counters to the ledger.
+
+        Drained rows get their flush id before the write; if the write fails
+        they stay pending and the same id is retried, so they are neither
+        lost nor charged twice. A pending flush is written first and then a
+        fresh drain, so that when this returns everything the engine had
+        rated before it was called is in the ledger (the drift check counts
+        on it: kernel minus marks is then unrated traffic only)."""
+        gw = self.gw
+        if gw.pusher.pending():
+            gw.pusher.save()
+        while True:
+            try:
+                key, event, sid, payload = self.notices.get_nowait()
+            except queue.Empty:
+                break
+            enqueue(gw.ledger, key, event, sid, payload)
+        if self.pending is not None:
+            self._write_pending()
+        self._drain()
+        if self.pending is not None:
+            self._write_pending()
+        self.last_flush = time.time()
+
+    def _drain(self) -> None:
+        """The engine's counters (and the spool files they hold) into ``self.pending``."""
+        gw = self.gw
+        spools = [r for r in gw.readers if hasattr(r, "take_files")]  # see gateway/sources/spool.py
+        with gw.engine_lock, contextlib.ExitStack() as held:
+            for spool in spools:  # the files taken are exactly those whose traffic is drained
+                held.enter_context(spool.lock)
+            for reader in gw.readers:  # no batch between rating and verdict (see ext/nfqueue.pyx)
+                if hasattr(reader, "hold"):
+                    reader.hold()
+                    held.callback(reader.release)
+            rows = gw.acct.engine.drain() + self.orphan_rows
+            self.active |= {r.subscriber for r in rows}
+            gw.kernel.note_drained(rows)
+            files = [f for spool in spools for f in spool.take_files()]
+            self.orphan_rows = []
+            gw.acct.biller.observe(rows)
+        for r in rows:
+            self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
+        if not rows and not files:
+            return
+        self.seq += 1
+        now = time.time_ns()
+        minute = (now - now % MINUTE_NS) // NS
+        self.pending = (f"{self.boot}:{self.seq}", now,
+                        [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
+                        files)
+
+    def _write_pending(self) -> None:
+        gw = self.gw
+        flush_id, now, rows, files = self.pending
+        gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
+                              kernel_marks=gw.opts.kernel_marked)
+        self.pending = None
+        if gw.opts.kernel_marked:
+            gw.kernel.note_flushed(rows)
+        for spool in (r for r in gw.readers if hasattr(r, "take_files")):
+            spool.committed(files)
+
+    def _check_quotas(self) -> None:
+        """A notification when a period's free volume ("quota") or volume limit
+        ("volume") is used to each of the configured levels, once a period."""
+        gw = self.gw
+        levels = gw.config.notify.quota_levels
+        active, self.active = self.active, set()  # only traffic moves how much of a volume is used
+        for sid in sorted(active):
+            acct = gw.acct.biller.accounts.get(sid)
+            if acct is None or sid not in gw.acct.subscribers:
+                continue
+            used = {}  # event -> percent used this period
+            total = sum(gw.config.tariffs[acct.terms.tariff].allowance())
+            if total:
+                used["quota"] = 100 * (total - sum(gw.acct.engine.subscriber(sid).allowance)) // total
+            if acct.terms.volume_limit:
+                volume = sum(v for (zone, _d), v in acct.volumes.items() if zone != 0)
+                used["volume"] = 100 * volume // acct.terms.volume_limit
+            for event, percent in used.items():
+                for level in (lvl for lvl in levels if percent >= lvl):
+                    key = f"{event}:{sid}:{acct.start}:{level}"
+                    if key not in self.quota_noted:
+                        self.quota_noted.add(key)
+                        enqueue(gw.ledger, key, event, sid, gw.payload(sid, time.time_ns(), percent=level))
+
+    def rollup_loop(self) -> None:
+        """Every ROLLUP_INTERVAL: the ledger's old minute rows into hours, old
+        hours into days, old flushes pruned (accounting/rollup.py), on a
+        connection of its own in short transactions (a flush waits a few ms at
+        most): the ledger grows with active subscriber-days, not seconds."""
+        from accounting.rollup import roll_up
+
+        gw = self.gw
+        wait = ROLLUP_FIRST
+        while not gw.stopping.wait(wait):
+            wait = ROLLUP_INTERVAL
+            try:
+                summary = roll_up(gw.thread_ledger(), time.time_ns(), gw.config.timezone)
+                log.info("rollup: %s", summary.text())
+            except TollgateError as exc:  # e.g. a ledger rolled up under another time zone: said, not fatal
+                log.error("rollup refused: %s", exc)
+            except Exception:
+                log.exception("rollup round failed; retrying in %d s", ROLLUP_INTERVAL)
+
+    def notify_loop(self) -> None:
+        gw = self.gw
+        notifier = Notifier(Ledger.open(gw.opts.db_path), gw.config.notify)
+        while not gw.stopping.wait(1.0):
+            try:
+                notifier.deliver_due()
+            except Exception:
+                log.exception("notification round failed; retrying")

@@ -1,0 +1,315 @@
+"""The running gateway: what its parts share, the order of start and stop,
+reload, and the threads.
+
+Shared here, and only here: the config, the flusher's ledger connection
+(``ledger``; other threads use ``thread_ledger()``), the accountant and its
+engine, the kernel enforcer, the readers, the event queue the policy pusher
+takes from (``post``), and the two locks:
+
+* ``engine_lock``: control operations on the engine and the daemon's maps of
+  subscribers (the C engine also locks inside, so packets keep flowing);
+* ``enforcer_lock``: the one libnftables context, used by several threads.
+
+Lock order: ``engine_lock``, then a reader's hold or a spool's lock, then
+``enforcer_lock``; never the other way round.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from accounting.ledger import Ledger
+from accounting.money import format_amount
+from ext.errors import ConfigError, SourceError, TollgateError
+
+from ..config import Config, load_config
+from ..runtime import NS, Accountant, ledger_rows
+from .changes import ChangeFollower
+from .flusher import Flusher
+from .http import LiveView, listen_socket, serve
+from .kernel import KernelTruth
+from .limits import SpeedLimits
+from .metrics import Metrics
+from .options import RunOptions
+from .pusher import PolicyPusher
+
+log = logging.getLogger("tollgate.daemon")
+FAILED_GRACE = 2.0  # seconds /healthz answers "failed" before a gateway with a dead thread exits
+
+
+class Gateway:
+    """The running daemon; see the package docstring (gateway/daemon/__init__.py)."""
+
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.config: Config = load_config(opts.config_path)
+        self.ledger = Ledger.open(opts.db_path)
+        self.acct = Accountant(self.config, self.ledger, opts.engine)
+        self.boot = uuid.uuid4().hex[:12]
+        self.events: queue.Queue = queue.Queue()  # lists of (Event, packet ts) for the policy pusher
+        self.stopping = threading.Event()
+        self.readers: list = []
+        self.threads: list[threading.Thread] = []
+        self.engine_lock = threading.Lock()
+        self.enforcer_lock = threading.Lock()
+        self.enforcer = None  # policy.nft.Enforcer, made at start
+        self.http_local = threading.local()  # per-thread read connections to the ledger
+        self.failed: dict[str, str] = {}  # thread name -> why it died: /healthz goes red, run() ends
+        self.fatal = threading.Event()
+        self.metrics = Metrics(self)
+        self.kernel = KernelTruth(self)
+        self.pusher = PolicyPusher(self)
+        self.changes = ChangeFollower(self)
+        self.flusher = Flusher(self)
+        self.limits = SpeedLimits(self)
+        self.quotas = None  # .quotas.QuotaKeeper, under a passive source with kernel quotas
+        self.view = LiveView(self)
+
+    # ---- start and stop --------------------------------------------------
+
+    def start(self) -> None:
+        self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
+        self.acct.seed_ledger()
+        events = self.acct.load_subscribers(ledger_rows(self.ledger))
+        self.changes.start_from_ledger()
+        now = time.time_ns()
+        self.acct.ensure_timeline(now, since_ns=now)
+        events += self.acct.start_billing(self.calendar_now())[1]
+        events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
+        events += self.acct.resume_from_ledger(self.calendar_now())  # a volume limit used up before the restart
+        self.pusher.restore()
+        self._make_readers()
+        for reader in self.readers:
+            if hasattr(reader, "recover"):  # a spool: what a crash left half-way, against the ledger
+                reader.recover(lambda digest: self.thread_ledger().ingested_file(digest))
+        self.enforcer = self._enforcer(self.config)
+        self.enforcer.install()  # keeps the elements of our sets, so the blocks that held still hold
+        self.limits.restore()
+        self.enforcer.restore(blocked=self.blocked_networks(), subscribers=self.all_networks())
+        if self.opts.kernel_marked:
+            self._recover_from_kernel()
+        if self.opts.quotas:
+            from .quotas import QuotaKeeper
+
+            self.quotas = QuotaKeeper(self)
+            self.quotas.restore()
+        log.info("restored kernel state: %d subscribers, %d blocked", len(self.acct.subscribers),
+                 len(self.blocked_networks()))
+        self.pusher.record([(ev, None) for ev in events], time.time_ns())
+        self._start_readers()
+        self._spawn("policy", self.pusher.loop)
+        if self.quotas is not None:
+            self._spawn("quotas", self.quotas.loop)
+        self._spawn("flusher", self.flusher.loop)
+        self._spawn("rollup", self.flusher.rollup_loop)
+        self._spawn("http", lambda: serve(self.view, self.http_socket))
+        if self.config.notify.webhook or self.config.notify.command:
+            self._spawn("notify", self.flusher.notify_loop)
+
+    def _recover_from_kernel(self) -> None:
+        """What the kernel forwarded while we were down (see .kernel)."""
+        self.kernel.load_marks()
+        kernel = self.kernel.counts()
+        if self.opts.inline:
+            self.kernel.charge_unrated(kernel, "start")
+            # the queues were bound above only to fail before the kernel was touched; bound again now that
+            # its state is final, so that no packet waits in a queue across the table's renewal (one that
+            # did could be answered past our counters: rated, never counted); what passes fail-open in
+            # between is counted, not rated, and charged by the next drift check
+            for reader in self.readers:
+                reader.close()
+            self.readers = []
+            self._make_readers()
+        else:  # conntrack: what passed while we were down is in the connections' counters; bound them
+            self.kernel.charge_unrated(kernel, "start", charge=False)
+            base = {key: mark[0] for key, mark in self.kernel.marks.items()}
+            self.readers[0].bound_by(lambda sids: {
+                sid: tuple(ways[d][0] - base.get((sid, d), 0) for d in (0, 1))
+                for sid, ways in self.kernel.counts(sids).items()})
+
+    def stop(self) -> None:
+        """Flush and stop; the kernel table and its blocks stay in place."""
+        if self.stopping.is_set():
+            return
+        log.info("stopping: flushing counters, leaving blocks in place")
+        self.stopping.set()
+        for reader in self.readers:
+            reader.stop()
+        for t in self.threads:
+            if t.name != "tollgate-http":
+                t.join(timeout=5)
+        self.pusher.drain()
+        self.flusher.flush()
+        for reader in self.readers:
+            reader.close()
+        self.ledger.close()
+
+    def reload(self) -> None:
+        """SIGHUP: a new config for zones, tariffs, slots and the allow-list."""
+        try:
+            cfg = load_config(self.opts.config_path)
+        except TollgateError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        if len(cfg.zones) != len(self.config.zones) or len(cfg.schedule.slots) != len(self.config.schedule.slots):
+            log.error("reload refused: the number of zones or time slots changed; restart to apply")
+            return
+        try:
+            enforcer = self._enforcer(cfg)
+            with self.enforcer_lock:
+                enforcer.install()  # the new allow-list in the kernel; blocks and counters stay
+                self.enforcer = enforcer
+        except TollgateError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        with self.engine_lock:
+            self.acct.load_tables(cfg)
+            self.config = cfg
+            now = time.time_ns()
+            self.acct.ensure_timeline(now, since_ns=now)
+        self.limits.restore()  # the tariffs' speeds and connection limits may have changed
+        log.info("config reloaded from %s", self.opts.config_path)
+
+    def _enforcer(self, cfg: Config):
+        from policy.nft import Enforcer
+
+        if self.opts.inline:
+            kw = {"queues": self.opts.queues}
+        else:  # the source says what it needs (NFLOG: the log rule)
+            kw = {"queues": (), **getattr(self.readers[0], "enforcer_options", dict)(), "quotas": self.opts.quotas}
+        return Enforcer.from_config(cfg, fail_open=self.opts.fail_open, portal_port=self.opts.port, **kw)
+
+    # ---- threads and readers -----------------------------------------------
+
+    def _spawn(self, name: str, target) -> None:
+        """Run ``target`` in a thread of its own. Every thread is needed: one
+        that dies (an exception, or returning while the gateway is not
+        stopping) turns /healthz red at once and ends ``run()`` with exit
+        code 1, so that systemd restarts the gateway and a monitor sees it,
+        instead of a gateway that looks healthy and has stopped charging."""
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - whatever it was, the thread is gone
+                why = f"{type(exc).__name__}: {exc}"
+                log.critical("thread %s died: %s", name, why, exc_info=True)
+            else:
+                if self.stopping.is_set():
+                    return
+                why = "returned while the gateway was running"
+                log.critical("thread %s %s", name, why)
+            self.failed[name] = why
+            self.fatal.set()
+
+        t = threading.Thread(target=guarded, name=f"tollgate-{name}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _make_readers(self) -> None:
+        from ext.nfqueue import QueueReader
+
+        from ..sources import source_class
+
+        if not self.opts.inline:
+            options = dict(self.opts.source_options)
+            if self.opts.source == "netflow" and self.config.netflow_exporters and "exporters" not in options:
+                options["exporters"] = ",".join(self.config.netflow_exporters)  # the command line wins
+            try:
+                self.readers.append(source_class(self.opts.source)(self.acct.engine, self.events.put, **options))
+            except (ValueError, OSError) as exc:  # a bad option, a port taken, a group bound elsewhere (SourceError)
+                raise ConfigError(f"--source {self.opts.source}", str(exc)) from None
+            return
+        for q in self.opts.queues:
+            try:
+                self.readers.append(QueueReader(q, self.acct.engine, batch_size=self.opts.batch_size,
+                                                fail_open=self.opts.fail_open, on_events=self.events.put,
+                                                linger_us=self.opts.linger_us))
+            except SourceError as exc:
+                # the kernel answers EPERM when another socket holds the queue (nfnetlink_queue.c, NFQNL_CFG_CMD_BIND)
+                hint = " (is another tollgate, or another nfqueue program, reading it?)" \
+                    if exc.errno in (errno.EBUSY, errno.EPERM) else ""
+                raise ConfigError("--queues", f"{exc.strerror or exc}{hint}") from None
+
+    def _start_readers(self) -> None:
+        for reader in self.readers:
+            self._spawn(f"queue{reader.queue_num}" if self.opts.inline else self.opts.source, reader.run)
+
+    def quiesce(self) -> None:
+        """Wait until no reader has a batch between rating and verdict (ext/nfqueue.pyx)."""
+        for reader in self.readers:
+            if hasattr(reader, "hold"):
+                reader.hold()
+                reader.release()
+
+    def reader_label(self, reader) -> str:
+        """A reader's name in /healthz and /metrics: its queue number (``nflog<group>`` for NFLOG),
+        or the passive source's name."""
+        return str(getattr(reader, "queue_num", self.opts.source))
+
+    # ---- shared helpers ---------------------------------------------------------
+
+    def post(self, events) -> None:
+        """Engine events with no packet behind them, for the policy pusher."""
+        if events:
+            self.events.put([(ev, None) for ev in events])
+
+    def calendar_now(self) -> int:
+        """The clock of the billing calendar and the access hours: the system's,
+        shifted by ``--clock-offset`` (drills and tests; packets keep the kernel's time)."""
+        return time.time_ns() + int(self.opts.clock_offset * NS)
+
+    def thread_ledger(self) -> Ledger:
+        """This thread's own connection to the ledger (the flusher owns ``self.ledger``)."""
+        ledger = getattr(self.http_local, "ledger", None)
+        if ledger is None:
+            ledger = self.http_local.ledger = Ledger.open(self.opts.db_path)
+        return ledger
+
+    def networks(self, sid: int) -> tuple:
+        return self.acct.subscribers[sid].addresses
+
+    def all_networks(self) -> list[str]:
+        return [n for sid in self.acct.subscribers for n in self.networks(sid)]
+
+    def blocked_networks(self) -> list[str]:
+        return [n for sid in self.acct.subscribers if self.acct.engine.subscriber(sid).blocked
+                for n in self.networks(sid)]
+
+    def payload(self, sid: int, ts: int, balance: int | None = None, **detail) -> dict:
+        """A notification's body."""
+        info = self.acct.subscribers.get(sid)
+        out = {"subscriber": info.name if info else str(sid), "subscriber_id": sid,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts // NS)), **detail}
+        if balance is not None:
+            out["balance"] = format_amount(balance, self.config.currency)
+        return out
+
+    def health(self) -> dict:
+        return self.view.health()
+
+
+def run(opts: RunOptions) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    import signal
+
+    gw = Gateway(opts)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: gw.reload())
+    gw.start()
+    log.info("tollgate running: queues %s, %s, portal and metrics on %s:%d", list(opts.queues),
+             "fail-open" if opts.fail_open else "fail-closed", opts.listen, opts.port)
+    while not stop.wait(0.5):
+        if gw.fatal.is_set():
+            log.critical("stopping: a thread of the gateway died (%s); exit code 1 for the supervisor to restart it",
+                         ", ".join(f"{n}: {why}" for n, why in gw.failed.items()))
+            time.sleep(FAILED_GRACE)  # a monitor polling /healthz sees it red before the port closes
+            break
+    gw.stop()
+    return 1 if gw.failed else 0
