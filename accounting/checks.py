@@ -19,6 +19,8 @@ says, one line per problem, what disagrees:
   prefix of another (``accounting.operations`` refuses them; a ledger written
   before that, or by hand, may hold some: the engine then takes the longest
   match, and who pays for an address depends on what else is registered);
+- sessions (``accounting.sessions``): each live one holds its address row, each session-marked address
+  row is a live session's, and no two sessions of one network overlap in time;
 - the audit log's hash chain (``accounting.audit``).
 
 Read only: nothing is repaired, because which side of a disagreement is right
@@ -42,7 +44,8 @@ def check_ledger(ledger) -> list[str]:
     db = ledger.db
     for name, check in (("SQLite integrity", _integrity), ("foreign keys", _foreign_keys),
                         ("balances", _balances), ("flushes", _flushes), ("amounts", _amounts),
-                        ("rollups", _rollups), ("addresses", _addresses), ("audit log", _audit)):
+                        ("rollups", _rollups), ("addresses", _addresses), ("sessions", _sessions),
+                        ("audit log", _audit)):
         try:
             found = check(ledger, db)
         except sqlite3.DatabaseError as exc:  # a damaged file can fail any query: that is a finding too
@@ -178,6 +181,12 @@ def _addresses(ledger, db) -> list[str]:
                                 "should have one owner (the engine takes the longest match)")
         stack.append(entry)
     return problems
+
+
+def _sessions(ledger, db) -> list[str]:
+    from .sessions import check
+
+    return check(db)
 
 
 def _audit(ledger, db) -> list[str]:

@@ -327,18 +327,20 @@ class Ledger:
         """Take ``network`` from whoever holds it; an error if nobody does."""
         net = _network(network)
         with self._tx():
-            cur = self.db.execute("DELETE FROM addresses WHERE network = ?", (net,))
+            # a session's address leaves with its session (accounting/sessions.py), never on its own
+            cur = self.db.execute("DELETE FROM addresses WHERE network = ? AND session_id IS NULL", (net,))
             if cur.rowcount == 0:
-                raise LedgerError(f"{network} belongs to no subscriber")
+                raise LedgerError(f"{network} belongs to no subscriber (as a static address)")
 
     def set_addresses(self, subscriber, networks) -> None:
-        """Replace all of a subscriber's addresses with ``networks``, at once."""
+        """Replace all of a subscriber's static addresses with ``networks``, at once (the addresses of its
+        live sessions stay, accounting/sessions.py)."""
         sid = self._sid(subscriber)
         if isinstance(networks, str):
             networks = [networks]
         nets = sorted({_network(n) for n in networks})
         with self._tx():
-            self.db.execute("DELETE FROM addresses WHERE subscriber_id = ?", (sid,))
+            self.db.execute("DELETE FROM addresses WHERE subscriber_id = ? AND session_id IS NULL", (sid,))
             for net in nets:
                 self._insert_address(sid, net)
 

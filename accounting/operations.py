@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ext.errors import TollgateError
 
-from . import bulk, prepaid
+from . import bulk, prepaid, sessions
 from .audit import AuditLog
 from .ledger import Ledger, LedgerError
 from .money import MoneyError, format_amount, get_currency, parse_amount
@@ -830,8 +830,272 @@ class Operations:
             yield bulk.csv_header()
         cur = self._currency_obj
         for row in self.ledger.iter_subscribers():
+            if row["addresses"]:  # a live session's address is not the subscriber's to keep (schema 17)
+                held = sessions.session_networks_of(self.ledger.db, [row["id"]])
+                row["addresses"] = [a for a in row["addresses"] if (row["id"], a) not in held]
             yield bulk.export_line(bulk.export_record(row, lambda units: _decimal_text(units, cur)), fmt)
 
+    # ---- sessions (issue 15; the storage in accounting/sessions.py) --------------------------------------------
+    # Who is behind an address: DHCP leases, RADIUS accounting, portal logins. One owner per address at a time,
+    # live or static; the rule when two claims meet is session_start's. Starts, stops, replacements, expiries and
+    # closes write an audit row; an Interim-Update or a renewal that only moves "last seen", the expiry and the
+    # byte counts does not (it changes no owner, and there is one per session and interval).
+
+    def _session_id(self, source, client, key) -> tuple[str, str, str]:
+        if source not in sessions.SOURCES:
+            raise OperationError(f"a session's source is one of {', '.join(sessions.SOURCES)}, not {source!r}")
+        client = self._text(client, "a session's client (NAS or DHCP server)", required=True, most=128)
+        key = self._text(key, "a session's id", required=True, most=253)
+        return source, client, key
+
+    @staticmethod
+    def _ns(value, what: str = "time") -> int:
+        if value is None:
+            return _now()
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TS:
+            raise OperationError(f"{what} must be a time in ns since the epoch, 0..{MAX_TS}")
+        return value
+
+    @staticmethod
+    def _count(value, what: str) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+            raise OperationError(f"{what} must be a byte count, 0 or more")
+        return value
+
+    @staticmethod
+    def mac(value) -> str:
+        """A MAC address as aa:bb:cc:dd:ee:ff (from : - . separated or bare hex, any case); OperationError if not."""
+        text = value.strip().lower() if isinstance(value, str) else ""
+        digits = re.sub(r"[:.\-]", "", text)
+        if len(digits) != 12 or not re.fullmatch(r"[0-9a-f]{12}", digits) or (
+                text != digits and not re.fullmatch(r"([0-9a-f]{2}[:-]){5}[0-9a-f]{2}|([0-9a-f]{4}\.){2}[0-9a-f]{4}",
+                                                    text)):
+            raise OperationError(f"{value!r} is not a MAC address such as 52:54:00:12:34:56")
+        return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+    def _binding_value(self, kind, value) -> str:
+        if kind not in sessions.BINDING_KINDS:
+            raise OperationError(f"a binding is by {', '.join(sessions.BINDING_KINDS)}, not {kind!r}")
+        if kind == "mac":
+            return self.mac(value)
+        return self._text(value, kind, required=True, most=253).lower()
+
+    def _session_view(self, r: dict) -> dict:
+        return {k: r.get(k) for k in ("id", "network", "subscriber_id", "subscriber", "source", "session_key",
+                                      "client", "mac", "started_ns", "last_seen_ns", "expires_ns", "ended_ns",
+                                      "end_reason", "up_bytes", "down_bytes")}
+
+    def session_start(self, source: str, client: str, key: str, subscriber, networks, mac: str | None = None,
+                      expires_ns: int | None = None, up_bytes: int | None = None, down_bytes: int | None = None,
+                      now: int | None = None) -> dict:
+        """The source's session (``source``, ``client``, ``key``) holds ``networks`` for ``subscriber`` from now.
+
+        The rule when claims meet (one owner per address, never two):
+
+        - the same session, subscriber and networks again: a duplicate (a retransmitted Start, dnsmasq's
+          ``old`` at its restart): last seen, expiry and bytes move, nothing else, ``status`` "duplicate";
+        - networks the same session held and no longer names, or held for another subscriber: closed "moved";
+        - a network live in another session of the same source and client: the newer claim replaces it (the
+          older is closed "replaced"): that server hands the address out and knows best, and its Stop or
+          ``del`` for the older one may have been lost;
+        - a network live in a session of another source or client: refused (409), nothing written;
+        - another subscriber's static address, or a prefix overlapping another subscriber's address (static or
+          session), the check of static addresses: refused (409); a static address is never taken over;
+        - the subscriber's own static address: the session is recorded, the static row stays.
+        """
+        source, client, key = self._session_id(source, client, key)
+        nets = self._networks(networks)
+        if not nets:
+            raise OperationError("a session holds at least one address")
+        mac = None if mac is None else self.mac(mac)
+        now = self._ns(now)
+        expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
+        up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
+        db = self.ledger.db
+        with self.ledger._tx():
+            sid = self._row(subscriber)["id"]
+            mine = sessions.live_rows_of_key(db, source, client, key)
+            if mine and {r["network"] for r in mine} == set(nets) and all(r["subscriber_id"] == sid for r in mine):
+                sessions.touch_rows(db, [r["id"] for r in mine], now, expires, up, down)
+                return {"status": "duplicate", "sessions": [self._session_view(r) for r in mine], "closed": []}
+            stale = [r for r in mine if r["network"] not in nets or r["subscriber_id"] != sid]
+            kept = [r for r in mine if r not in stale]
+            sessions.close_rows(db, [r["id"] for r in stale], now, "moved")
+            closed = [self._session_view(r) for r in stale]
+            held = {r["network"] for r in kept}
+            for net in nets:
+                if net in held:
+                    continue
+                other = sessions.live_row_on(db, net)
+                if other is not None:
+                    if (other["source"], other["client"]) != (source, client):
+                        raise OperationError(
+                            f"{net} is held by {other['source']} session {other['session_key']!r} of "
+                            f"{other['client']} for subscriber {other['subscriber_id']} ({other['subscriber']}): "
+                            "refused, an address has one owner (only the same source and client replace a claim)",
+                            409)
+                    sessions.close_rows(db, [other["id"]], now, "replaced")
+                    closed.append(self._session_view(other))
+                static = sessions.static_owner(db, net)
+                if static is not None and static != sid:
+                    name = self.ledger.names_of([static]).get(static, "?")
+                    raise OperationError(f"{net} is a static address of subscriber {static} ({name}): a session "
+                                         "never takes a static address over", 409)
+                self._refuse_overlaps(sid, [net])
+                sessions.open_row(db, net, sid, source, client, key, mac, now, expires)
+            live = sessions.live_rows_of_key(db, source, client, key)
+            sessions.touch_rows(db, [r["id"] for r in live], now, expires, up, down)
+            live = sessions.live_rows_of_key(db, source, client, key)
+            if closed:
+                closed = [self._session_view(r) for r in sessions.rows_by_ids(db, [c["id"] for c in closed])]
+            result = {"status": "started" if not kept else "updated",
+                      "sessions": [self._session_view(r) for r in live], "closed": closed}
+            self._audit("session.start", f"session:{source}:{client}:{key}",
+                        {"closed": [{k: c[k] for k in ("id", "network", "subscriber_id", "session_key")}
+                                    for c in closed]} if closed else None,
+                        {"subscriber_id": sid, "networks": nets, "mac": mac, "ids": [r["id"] for r in live]})
+        return result
+
+    def session_update(self, source: str, client: str, key: str, subscriber=None, networks=None,
+                       mac: str | None = None, expires_ns: int | None = None, up_bytes: int | None = None,
+                       down_bytes: int | None = None, now: int | None = None) -> dict:
+        """An Interim-Update or a lease renewal: last seen, expiry and bytes move. Given ``subscriber`` and
+        ``networks`` that differ from what the session holds, or for a session the ledger does not know (its
+        Start was lost), it is :meth:`session_start`. Without them, an unknown session is ``status``
+        "unknown" and nothing is written."""
+        source, client, key = self._session_id(source, client, key)
+        now = self._ns(now)
+        expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
+        up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
+        db = self.ledger.db
+        with self.ledger._tx():
+            live = sessions.live_rows_of_key(db, source, client, key)
+            if subscriber is not None and networks is not None:
+                nets = self._networks(networks)
+                sid = self._row(subscriber)["id"]
+                if not live or {r["network"] for r in live} != set(nets) or any(
+                        r["subscriber_id"] != sid for r in live):
+                    return self.session_start(source, client, key, subscriber, networks, mac, expires_ns, up_bytes,
+                                              down_bytes, now)
+            if not live:
+                return {"status": "unknown", "sessions": [], "closed": []}
+            sessions.touch_rows(db, [r["id"] for r in live], now, expires, up, down)
+            live = sessions.live_rows_of_key(db, source, client, key)
+        return {"status": "updated", "sessions": [self._session_view(r) for r in live], "closed": []}
+
+    def session_stop(self, source: str, client: str, key: str, up_bytes: int | None = None,
+                     down_bytes: int | None = None, now: int | None = None, reason: str = "stop") -> dict:
+        """The session ends: its rows close (history stays), its addresses leave the subscriber. A Stop for a
+        session that is not live (a duplicate, or one whose Start never came) writes nothing: "unknown"."""
+        source, client, key = self._session_id(source, client, key)
+        self._name(reason, "a reason")
+        now = self._ns(now)
+        up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
+        db = self.ledger.db
+        with self.ledger._tx():
+            live = sessions.live_rows_of_key(db, source, client, key)
+            if not live:
+                return {"status": "unknown", "sessions": [], "closed": []}
+            ids = [r["id"] for r in live]
+            sessions.touch_rows(db, ids, now, live[0]["expires_ns"], up, down)
+            sessions.close_rows(db, ids, now, reason)
+            rows = [self._session_view(r) for r in sessions.rows_by_ids(db, ids)]
+            self._audit("session.stop", f"session:{source}:{client}:{key}",
+                        {"subscriber_id": live[0]["subscriber_id"], "networks": [r["network"] for r in live]},
+                        {"reason": reason, "ids": ids, "up_bytes": rows[0]["up_bytes"],
+                         "down_bytes": rows[0]["down_bytes"]})
+        return {"status": "stopped", "sessions": [], "closed": rows}
+
+    def close_sessions_of_client(self, source: str, client: str, reason: str = "client-restart",
+                                 now: int | None = None) -> dict:
+        """Every live session of one NAS or DHCP server ends (RADIUS Accounting-On/Off: it restarted and holds
+        none of them any more)."""
+        source, client, _ = self._session_id(source, client, "-")
+        self._name(reason, "a reason")
+        now = self._ns(now)
+        db = self.ledger.db
+        with self.ledger._tx():
+            live = sessions.live_rows_of_client(db, source, client)
+            if not live:
+                return {"status": "none", "closed": []}
+            sessions.close_rows(db, [r["id"] for r in live], now, reason)
+            self._audit("session.close_client", f"client:{source}:{client}", None,
+                        {"reason": reason, "ids": [r["id"] for r in live],
+                         "networks": sorted({r["network"] for r in live})})
+            live = sessions.rows_by_ids(db, [r["id"] for r in live])
+        return {"status": "closed", "closed": [self._session_view(r) for r in live]}
+
+    def expire_sessions(self, now: int | None = None) -> dict:
+        """Close the live sessions whose expiry passed (a lost Stop, a lease that ended with no ``del``)."""
+        now = self._ns(now)
+        db = self.ledger.db
+        if not sessions.due_rows(db, now):  # the usual call: no write lock taken
+            return {"status": "none", "closed": []}
+        with self.ledger._tx():
+            due = sessions.due_rows(db, now)
+            if not due:
+                return {"status": "none", "closed": []}
+            sessions.close_rows(db, [r["id"] for r in due], now, "expired")
+            self._audit("session.expire", "sessions", None,
+                        {"ids": [r["id"] for r in due], "networks": sorted({r["network"] for r in due})})
+            due = sessions.rows_by_ids(db, [r["id"] for r in due])
+        return {"status": "closed", "closed": [self._session_view(r) for r in due]}
+
+    def who_had(self, address, at: int | None = None) -> list[dict]:
+        """Who held ``address`` (an address or prefix) at ``at`` ns (None: now), longest prefix first."""
+        try:
+            ipaddress.ip_network(str(address).strip(), strict=False)
+        except ValueError as exc:
+            raise OperationError(f"bad address {address!r}: {exc}") from None
+        at = None if at is None else self._ns(at, "at")
+        found = sessions.who(self.ledger.db, str(address).strip(), at)
+        return [r if r.get("static") else self._session_view(r) for r in found]
+
+    def sessions(self, live: bool | None = None, subscriber=None, address=None, limit: int = 100,
+                 after_id: int = 0) -> list[dict]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise OperationError(f"limit is 1..{MAX_PAGE}")
+        sid = None if subscriber is None else self._row(subscriber)["id"]
+        if address is not None:
+            try:
+                ipaddress.ip_network(str(address).strip(), strict=False)
+            except ValueError as exc:
+                raise OperationError(f"bad address {address!r}: {exc}") from None
+        return [self._session_view(r) for r in sessions.rows(self.ledger.db, live, sid, address, limit, after_id)]
+
+    def bind(self, subscriber, kind: str, value: str) -> dict:
+        """A DHCP lease with this MAC, client id or circuit id is the subscriber's (one subscriber per value)."""
+        value = self._binding_value(kind, value)
+        with self.ledger._tx():
+            sid = self._row(subscriber)["id"]
+            owner = sessions.binding_owner(self.ledger.db, kind, value)
+            if owner == sid:
+                return {"kind": kind, "value": value, "subscriber_id": sid, "replayed": True}
+            if owner is not None:
+                raise OperationError(f"{kind} {value} is bound to subscriber {owner} already", 409)
+            self.ledger.db.execute("INSERT INTO bindings (kind, value, subscriber_id) VALUES (?, ?, ?)",
+                                   (kind, value, sid))
+            self._audit("binding.add", f"subscriber:{sid}", None, {"kind": kind, "value": value})
+        return {"kind": kind, "value": value, "subscriber_id": sid, "replayed": False}
+
+    def unbind(self, kind: str, value: str) -> dict:
+        value = self._binding_value(kind, value)
+        with self.ledger._tx():
+            owner = sessions.binding_owner(self.ledger.db, kind, value)
+            if owner is None:
+                raise OperationError(f"{kind} {value} is bound to nobody", 404)
+            self.ledger.db.execute("DELETE FROM bindings WHERE kind = ? AND value = ?", (kind, value))
+            self._audit("binding.remove", f"subscriber:{owner}", {"kind": kind, "value": value}, None)
+        return {"kind": kind, "value": value, "subscriber_id": owner}
+
+    def binding_owner(self, kind: str, value: str) -> int | None:
+        return sessions.binding_owner(self.ledger.db, kind, self._binding_value(kind, value))
+
+    def bindings(self, subscriber=None) -> list[dict]:
+        sid = None if subscriber is None else self._row(subscriber)["id"]
+        return sessions.bindings_of(self.ledger.db, sid)
 
 _NO_TERMS = (None,) * (len(Ledger.BULK_COLUMNS) - 10)
 _IMPORT_FIELDS = frozenset(bulk.FIELDS)
