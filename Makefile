@@ -48,8 +48,17 @@ $(VENV)/.built: $(VENV)/.deps $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 	$(BIN)/python setup.py -q build_ext --inplace
 	@touch $@
 
+# The tc/eBPF program (ext/bpf/tollgate.bpf.c), loaded by ext/bpfmaps.pyx. No
+# clang, no build: the data path must not go missing silently.
+BPF_OBJ := ext/bpf/tollgate.bpf.o
+BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I/usr/include/$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH") or "")')
+$(BPF_OBJ): ext/bpf/tollgate.bpf.c
+	@command -v clang >/dev/null || { echo "clang is missing: run \`make system-deps\` (Debian: clang llvm libbpf-dev)"; exit 1; }
+	@echo "==> building the eBPF program $@"
+	clang $(BPF_CFLAGS) -c $< -o $@
+
 deps: system-deps $(VENV)/.deps
-build: deps $(VENV)/.built
+build: deps $(VENV)/.built $(BPF_OBJ)
 
 test: build
 	$(BIN)/python -m pytest -q tests
@@ -70,4 +79,4 @@ bench: build
 	$(BIN)/python benches/bench_engine.py --markdown
 
 clean:
-	rm -rf build $(VENV) *.egg-info ext/*.c ext/*.so
+	rm -rf build $(VENV) *.egg-info ext/*.c ext/*.so $(BPF_OBJ)

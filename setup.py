@@ -11,11 +11,16 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 
+# ext/bpfmaps.pyx loads the tc/eBPF program (ext/bpf/tollgate.bpf.o, built by
+# `make build` with clang) through libbpf.
+LIBRARIES = {"bpfmaps": ["bpf"]}
+
 extensions = [
     Extension(
         f"ext.{pyx.stem}",
         [str(pyx.relative_to(HERE))],
         extra_compile_args=["-O3", "-fno-strict-aliasing", "-Wno-unused-function"],
+        libraries=LIBRARIES.get(pyx.stem, []),
     )
     for pyx in sorted((HERE / "ext").glob("*.pyx"))
 ]
@@ -26,7 +31,7 @@ setup(
     description="Traffic accounting and prepaid enforcement gateway for Linux",
     python_requires=">=3.11",
     packages=["gateway", "accounting", "ext", "policy", "api"],
-    package_data={"ext": ["*.pxd", "*.pyx", "*.h"], "accounting": ["migrations/*.sql"]},
+    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting": ["migrations/*.sql"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -1,0 +1,604 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Tollgate's in-kernel data path: per-packet metering and enforcement of
+ * byte grants, a tc (clsact, direct-action) program.
+ *
+ * Where it runs
+ * -------------
+ * On the gateway's SUBSCRIBER-FACING interfaces: `tollgate_ingress` on
+ * ingress sees a subscriber's UPLOAD (the subscriber is the source),
+ * `tollgate_egress` on egress sees its DOWNLOAD (the subscriber is the
+ * destination). Both are therefore keyed by the subscriber's inside address,
+ * whatever masquerade the operator does on the upstream side (SNAT happens
+ * after egress towards the upstream, reply un-NAT before our egress).
+ * Traffic between two subscribers is an upload at one interface and a
+ * download at the other.
+ *
+ * What a packet is (the same as ext/engine.pyx's parse_packet)
+ * -----------------------------------------------------------
+ * Ethernet, optionally one 802.1Q/802.1ad tag (an accelerated tag is not in
+ * the frame and needs nothing). EtherType other than IPv4/IPv6: not IP,
+ * passed and not counted (STAT_NONIP). Then the IP header is parsed by its
+ * version nibble exactly as the engine does, with n = wirelen = skb->len less
+ * the link-layer header (everything after L2 is readable: we read through
+ * bpf_skb_load_bytes, so a non-linear skb parses like a linear one):
+ *   IPv4: n < 20, IHL < 20, tot_len < IHL or tot_len > wirelen: malformed.
+ *         Ports only on first fragments (offset 0).
+ *   IPv6: n < 40 or 40 + payload_len > wirelen: malformed; payload_len 0
+ *         (jumbo / BIG TCP) takes the wire length. Extension headers
+ *         (hop-by-hop, routing, fragment, AH, destination options) are
+ *         walked; a chain that runs past the packet ends the walk (no ports,
+ *         not malformed), as in the engine. The walk is bounded for the
+ *         verifier at TG_MAX_EXT_HDRS headers: a longer chain ends there the
+ *         same way (the engine, with its ~128-byte copy range on the nfqueue
+ *         path, stops at the same point for any chain that long).
+ *   other versions: malformed.
+ * Malformed packets are counted in STAT_MALFORMED (bytes = wirelen) and
+ * passed, or dropped if TG_F_MALFORMED_DROP is set: never charged.
+ * Ports: TCP, UDP, SCTP, UDP-Lite, first fragment, 4 bytes present.
+ *
+ * Bytes
+ * -----
+ * IP bytes, as the engine and the kernel's forward-hook counters count them:
+ * tot_len (IPv4) / 40 + payload_len (IPv6), which drops link-layer padding,
+ * or the wire length (skb->len less L2) when the header says 0. A GSO/GRO
+ * aggregate is one skb here, as in the forward hook: one packet with its
+ * whole length (GRO rewrites tot_len to the aggregate's).
+ *
+ * Subscriber lookup (value: struct tg_sub, a dense slot index)
+ * ------------------------------------------------------------
+ *   IPv4: tg_sub4 (hash, /32) then tg_sub4_lpm (other lengths).
+ *   IPv6: tg_sub6 (hash, /128), tg_sub6_lpm if its match is longer than
+ *         /64, tg_sub6_64 (hash of the upper 64 bits), then tg_sub6_lpm.
+ * Why hash before LPM: almost every subscriber owns one address or one /64;
+ * a hash lookup costs the same at 10 or 10M entries, while an LPM trie walk
+ * grows with the table (62 ns at 100 entries, 665 ns at 1M, published
+ * xdp-project figures). The order above is still a longest-prefix match
+ * (subscriber networks do not overlap, see policy/nft.py).
+ *
+ * Zones and the allow-list (ext/engine_py.py compile_rules, flattened)
+ * -------------------------------------------------------------------
+ * tg_zone4/tg_zone6 (LPM) map the remote address's longest matching prefix
+ * to a group in tg_zone_groups; a group holds that prefix's rules in order
+ * and the index of the group of the next shorter matching prefix
+ * (fallback). The first rule, longest prefix first, whose protocol (0: any)
+ * and remote port range match gives the zone; nothing: the default zone. A
+ * rule with the full port range 0-65535 matches packets without ports too.
+ * Bounded for the verifier: TG_MAX_RULES rules per prefix, TG_MAX_DEPTH
+ * nested prefixes; the loader refuses anything bigger before it writes.
+ * The allow-list (tg_allow4/6, tg_allow_groups) has the same shape: any
+ * rule of any matching prefix allows.
+ *
+ * Counters (tg_counters, BPF_F_MMAPABLE array of struct tg_counter)
+ * ---------------------------------------------------------------
+ * Index (slot * n_zones + zone) * 2 + direction (0 upload, 1 download).
+ * One 64-byte entry (a cache line: two subscribers on two CPUs never share
+ * one) per (slot, zone, direction):
+ *   used     bytes passed against the grant: monotonic, never reset
+ *   grant    cumulative byte limit, written by userspace (2^64-1: free)
+ *   packets  packets passed against the grant
+ *   dropped_bytes/packets  refused here (grant, or blocked)
+ *   allowed_bytes/packets  passed by the allow-list while blocked: never
+ *            charged
+ *   flags    TG_C_BLOCKED, written by userspace
+ * A packet passes only if used + len <= grant. `used` advances by
+ * compare-and-swap, retried at most TG_CAS_RETRIES times (then dropped and
+ * counted in STAT_CAS_EXHAUSTED: fail closed): a plain read-check-add would
+ * let two CPUs that both read the same `used` pass a byte beyond the grant.
+ * Why cumulative grants and monotonic counters: userspace reads deltas and
+ * raises `grant`, each a single 64-bit store; nothing is ever reset, so a
+ * daemon restart or SIGKILL loses nothing and the grant keeps holding while
+ * the daemon is down.
+ * Blocked (the engine's blocked state, mirrored by userspace): the packet is
+ * dropped unless the allow-list matches, and allow-listed bytes are counted
+ * apart and never touch the grant. A subscriber that is not blocked is
+ * charged for allow-listed traffic too, as in the engine (step 4 of
+ * ext/engine_py.py's docstring).
+ *
+ * tg_stats (per-CPU array of struct tg_stat, summed by userspace): the
+ * STAT_* ids below. tg_info (array, one entry): magic, ABI version and the
+ * configuration (zones, default zone, flags); until userspace has written
+ * it, packets pass uncounted (STAT_UNCONFIGURED).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define TG_MAGIC 0x54474154454c4c54ULL /* "TLLETAGT" */
+#define TG_ABI 1
+
+#define TG_MAX_EXT_HDRS 16
+#define TG_MAX_RULES 16
+#define TG_MAX_DEPTH 8
+#define TG_CAS_RETRIES 64
+#define TG_MAX_WIRE_LEN (1U << 20) /* as ext/constants.py's MAX_WIRE_LEN */
+#define TG_NO_GROUP 0xffffffffU
+
+#define TG_F_MALFORMED_DROP 1U
+#define TG_F_UNKNOWN_DROP 2U
+#define TG_C_BLOCKED 1ULL
+
+enum tg_stat_id {
+	STAT_UNKNOWN = 0,      /* IP, but no subscriber on our side */
+	STAT_MALFORMED = 1,    /* the engine's malformed */
+	STAT_PASSED = 2,       /* passed against a grant */
+	STAT_DROPPED = 3,      /* refused: grant or blocked */
+	STAT_ALLOWED = 4,      /* blocked, but allow-listed */
+	STAT_NONIP = 5,        /* not IPv4/IPv6 */
+	STAT_CAS_EXHAUSTED = 6,/* dropped after TG_CAS_RETRIES lost races */
+	STAT_UNCONFIGURED = 7, /* tg_info not written yet */
+	STAT_NOSLOT = 8,       /* subscriber slot/zone outside tg_counters */
+	STAT_MAX = 9,
+};
+
+struct tg_stat {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct tg_info {
+	__u64 magic;
+	__u32 abi;
+	__u32 n_zones;
+	__u32 default_zone;
+	__u32 flags;
+	__u32 max_slots;
+	__u32 reserved;
+};
+
+struct tg_counter {
+	__u64 used;
+	__u64 grant;
+	__u64 packets;
+	__u64 dropped_bytes;
+	__u64 dropped_packets;
+	__u64 allowed_bytes;
+	__u64 allowed_packets;
+	__u64 flags;
+};
+
+struct tg_sub {
+	__u32 slot;
+	__u32 plen; /* the prefix length of the entry (for the /64 vs LPM order) */
+};
+
+struct tg_lpm4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct tg_lpm6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct tg_rule {
+	__u8 proto;   /* 0: any */
+	__u8 zone;
+	__u16 port_lo;
+	__u16 port_hi;
+	__u16 reserved;
+};
+
+struct tg_group {
+	__u32 n_rules;
+	__u32 fallback; /* TG_NO_GROUP: none */
+	struct tg_rule rules[TG_MAX_RULES];
+};
+
+/* Sizes are placeholders: the loader sets max_entries before loading. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct tg_sub);
+} tg_sub4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u8[16]);
+	__type(value, struct tg_sub);
+} tg_sub6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct tg_sub);
+} tg_sub6_64 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm4);
+	__type(value, struct tg_sub);
+} tg_sub4_lpm SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm6);
+	__type(value, struct tg_sub);
+} tg_sub6_lpm SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm4);
+	__type(value, __u32);
+} tg_zone4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm6);
+	__type(value, __u32);
+} tg_zone6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, struct tg_group);
+} tg_zone_groups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm4);
+	__type(value, __u32);
+} tg_allow4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tg_lpm6);
+	__type(value, __u32);
+} tg_allow6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2048);
+	__type(key, __u32);
+	__type(value, struct tg_group);
+} tg_allow_groups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct tg_counter);
+} tg_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, struct tg_stat);
+} tg_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tg_info);
+} tg_info SEC(".maps");
+
+struct tg_pkt {
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 length;
+	__u8 v6;
+	__u8 proto;
+	__u8 has_ports;
+	__u8 pad;
+	__u16 sport;
+	__u16 dport;
+};
+
+enum { PARSE_OK, PARSE_NONIP, PARSE_MALFORMED };
+
+static __always_inline void stat_add(__u32 id, __u64 bytes)
+{
+	struct tg_stat *s = bpf_map_lookup_elem(&tg_stats, &id);
+
+	if (s) { /* per-CPU: no other writer, no atomics needed */
+		s->packets += 1;
+		s->bytes += bytes;
+	}
+}
+
+static __always_inline int is_ext_hdr(__u8 proto)
+{
+	return proto == 0 || proto == 43 || proto == 44 || proto == 51 || proto == 60;
+}
+
+static __always_inline int has_port_proto(__u8 proto)
+{
+	return proto == 6 || proto == 17 || proto == 132 || proto == 136;
+}
+
+/* The engine's parse_packet (see the header comment); *wirelen is set for
+ * the malformed count as well. */
+static __always_inline int parse(struct __sk_buff *skb, struct tg_pkt *p, __u32 *wirelen)
+{
+	__u32 off = ETH_HLEN, n, l4, length;
+	__u16 eth_proto;
+	__u8 hdr[40];
+	int first_fragment = 1;
+
+	if (bpf_skb_load_bytes(skb, 12, &eth_proto, 2))
+		return PARSE_NONIP;
+	if (eth_proto == bpf_htons(ETH_P_8021Q) || eth_proto == bpf_htons(ETH_P_8021AD)) {
+		if (bpf_skb_load_bytes(skb, 16, &eth_proto, 2))
+			return PARSE_NONIP;
+		off = ETH_HLEN + 4;
+	}
+	if (eth_proto != bpf_htons(ETH_P_IP) && eth_proto != bpf_htons(ETH_P_IPV6))
+		return PARSE_NONIP;
+	if (skb->len < off)
+		return PARSE_NONIP;
+	n = skb->len - off;
+	*wirelen = n;
+	if (n < 1 || n > TG_MAX_WIRE_LEN)
+		return PARSE_MALFORMED;
+	if (bpf_skb_load_bytes(skb, off, hdr, 1))
+		return PARSE_MALFORMED;
+	if ((hdr[0] >> 4) == 4) {
+		__u32 ihl, total;
+
+		if (n < 20 || bpf_skb_load_bytes(skb, off, hdr, 20))
+			return PARSE_MALFORMED;
+		ihl = (hdr[0] & 0x0f) * 4;
+		total = ((__u32)hdr[2] << 8) | hdr[3];
+		if (ihl < 20 || total < ihl || total > n)
+			return PARSE_MALFORMED;
+		length = total;
+		l4 = ihl;
+		first_fragment = ((((__u32)hdr[6] << 8) | hdr[7]) & 0x1fff) == 0;
+		p->proto = hdr[9];
+		p->v6 = 0;
+		__builtin_memcpy(p->src, &hdr[12], 4);
+		__builtin_memcpy(p->dst, &hdr[16], 4);
+	} else if ((hdr[0] >> 4) == 6) {
+		__u32 payload;
+		__u8 proto;
+		int i;
+
+		if (n < 40 || bpf_skb_load_bytes(skb, off, hdr, 40))
+			return PARSE_MALFORMED;
+		payload = ((__u32)hdr[4] << 8) | hdr[5];
+		/* jumbo (RFC 2675) or BIG TCP: only the wire length tells */
+		length = payload == 0 ? n : 40 + payload;
+		if (length > n)
+			return PARSE_MALFORMED;
+		proto = hdr[6];
+		p->v6 = 1;
+		__builtin_memcpy(p->src, &hdr[8], 16);
+		__builtin_memcpy(p->dst, &hdr[24], 16);
+		l4 = 40;
+		for (i = 0; i < TG_MAX_EXT_HDRS; i++) {
+			__u8 ext[4];
+			__u32 hdrlen;
+
+			if (!is_ext_hdr(proto))
+				break;
+			if (l4 + 8 > n) /* runs past the packet: no ports, not malformed */
+				break;
+			if (bpf_skb_load_bytes(skb, off + l4, ext, 4))
+				break;
+			if (proto == 44) { /* fragment: offset in the upper 13 bits */
+				first_fragment = ((((__u32)ext[2] << 8) | ext[3]) & 0xfff8) == 0;
+				hdrlen = 8;
+			} else if (proto == 51) { /* AH counts 4-octet units, RFC 4302 */
+				hdrlen = ((__u32)ext[1] + 2) * 4;
+			} else {
+				hdrlen = ((__u32)ext[1] + 1) * 8;
+			}
+			proto = ext[0];
+			l4 += hdrlen;
+		}
+		p->proto = proto;
+	} else {
+		return PARSE_MALFORMED;
+	}
+	if (length == 0) /* IPv4 BIG TCP: tot_len 0 */
+		length = n;
+	p->length = length;
+	p->has_ports = first_fragment && has_port_proto(p->proto) && l4 + 4 <= n;
+	p->sport = p->dport = 0;
+	if (p->has_ports) {
+		__u8 ports[4];
+
+		if (bpf_skb_load_bytes(skb, off + l4, ports, 4)) {
+			p->has_ports = 0;
+		} else {
+			p->sport = ((__u16)ports[0] << 8) | ports[1];
+			p->dport = ((__u16)ports[2] << 8) | ports[3];
+		}
+	}
+	return PARSE_OK;
+}
+
+static __always_inline struct tg_sub *lookup_sub(const struct tg_pkt *p, const __u8 *addr)
+{
+	struct tg_sub *s, *lpm;
+
+	if (!p->v6) {
+		struct tg_lpm4 k4 = {.prefixlen = 32};
+		__u32 a;
+
+		__builtin_memcpy(&a, addr, 4);
+		s = bpf_map_lookup_elem(&tg_sub4, &a);
+		if (s)
+			return s;
+		__builtin_memcpy(k4.addr, addr, 4);
+		return bpf_map_lookup_elem(&tg_sub4_lpm, &k4);
+	}
+	s = bpf_map_lookup_elem(&tg_sub6, addr);
+	if (s)
+		return s;
+	{
+		struct tg_lpm6 k6 = {.prefixlen = 128};
+		__u64 hi;
+
+		__builtin_memcpy(k6.addr, addr, 16);
+		lpm = bpf_map_lookup_elem(&tg_sub6_lpm, &k6);
+		if (lpm && lpm->plen > 64)
+			return lpm;
+		__builtin_memcpy(&hi, addr, 8);
+		s = bpf_map_lookup_elem(&tg_sub6_64, &hi);
+		if (s)
+			return s;
+		return lpm;
+	}
+}
+
+static __always_inline int rule_matches(const struct tg_rule *r, const struct tg_pkt *p, __u16 port)
+{
+	if (r->proto && r->proto != p->proto)
+		return 0;
+	if (r->port_lo == 0 && r->port_hi == 65535)
+		return 1;
+	return p->has_ports && r->port_lo <= port && port <= r->port_hi;
+}
+
+/* The first matching rule, longest prefix first: returns the group's rule's
+ * zone, or -1. `groups` is tg_zone_groups or tg_allow_groups. */
+static __always_inline int match_rules(void *lpm4, void *lpm6, void *groups, const struct tg_pkt *p,
+				       const __u8 *addr, __u16 port)
+{
+	__u32 *first, gi;
+	int d, r;
+
+	if (p->v6) {
+		struct tg_lpm6 k6 = {.prefixlen = 128};
+
+		__builtin_memcpy(k6.addr, addr, 16);
+		first = bpf_map_lookup_elem(lpm6, &k6);
+	} else {
+		struct tg_lpm4 k4 = {.prefixlen = 32};
+
+		__builtin_memcpy(k4.addr, addr, 4);
+		first = bpf_map_lookup_elem(lpm4, &k4);
+	}
+	if (!first)
+		return -1;
+	gi = *first;
+	for (d = 0; d < TG_MAX_DEPTH; d++) {
+		struct tg_group *g = bpf_map_lookup_elem(groups, &gi);
+
+		if (!g)
+			return -1;
+		for (r = 0; r < TG_MAX_RULES; r++) {
+			if (r >= g->n_rules)
+				break;
+			if (rule_matches(&g->rules[r], p, port))
+				return g->rules[r].zone;
+		}
+		if (g->fallback == TG_NO_GROUP)
+			return -1;
+		gi = g->fallback;
+	}
+	return -1;
+}
+
+static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction)
+{
+	struct tg_pkt p;
+	struct tg_info *info;
+	struct tg_sub *sub;
+	struct tg_counter *c;
+	const __u8 *local, *remote;
+	__u32 zero = 0, wirelen = 0, zone, idx;
+	__u16 port;
+	__u64 len;
+	int z, i;
+
+	info = bpf_map_lookup_elem(&tg_info, &zero);
+	if (!info || info->magic != TG_MAGIC || info->n_zones == 0) {
+		stat_add(STAT_UNCONFIGURED, skb->len);
+		return TC_ACT_OK;
+	}
+	switch (parse(skb, &p, &wirelen)) {
+	case PARSE_NONIP:
+		stat_add(STAT_NONIP, skb->len);
+		return TC_ACT_OK;
+	case PARSE_MALFORMED:
+		stat_add(STAT_MALFORMED, wirelen);
+		return info->flags & TG_F_MALFORMED_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+	}
+	len = p.length;
+	/* upload: the subscriber is the source, rated in the destination's zone */
+	local = direction == 0 ? p.src : p.dst;
+	remote = direction == 0 ? p.dst : p.src;
+	port = direction == 0 ? p.dport : p.sport;
+	sub = lookup_sub(&p, local);
+	if (!sub) {
+		stat_add(STAT_UNKNOWN, len);
+		return info->flags & TG_F_UNKNOWN_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+	}
+	z = match_rules(&tg_zone4, &tg_zone6, &tg_zone_groups, &p, remote, port);
+	zone = z < 0 ? info->default_zone : (__u32)z;
+	if (sub->slot >= info->max_slots || zone >= info->n_zones) {
+		stat_add(STAT_NOSLOT, len);
+		return TC_ACT_SHOT;
+	}
+	idx = (sub->slot * info->n_zones + zone) * 2 + direction;
+	c = bpf_map_lookup_elem(&tg_counters, &idx);
+	if (!c) {
+		stat_add(STAT_NOSLOT, len);
+		return TC_ACT_SHOT;
+	}
+	if (c->flags & TG_C_BLOCKED) {
+		if (match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, &p, remote, port) >= 0) {
+			__sync_fetch_and_add(&c->allowed_bytes, len);
+			__sync_fetch_and_add(&c->allowed_packets, 1);
+			stat_add(STAT_ALLOWED, len);
+			return TC_ACT_OK;
+		}
+		goto drop;
+	}
+	for (i = 0; i < TG_CAS_RETRIES; i++) {
+		__u64 used = *(volatile __u64 *)&c->used;
+		__u64 grant = *(volatile __u64 *)&c->grant;
+
+		if (used > grant || len > grant - used)
+			goto drop;
+		if (__sync_val_compare_and_swap(&c->used, used, used + len) == used) {
+			__sync_fetch_and_add(&c->packets, 1);
+			stat_add(STAT_PASSED, len);
+			return TC_ACT_OK;
+		}
+	}
+	stat_add(STAT_CAS_EXHAUSTED, len);
+drop:
+	__sync_fetch_and_add(&c->dropped_bytes, len);
+	__sync_fetch_and_add(&c->dropped_packets, 1);
+	stat_add(STAT_DROPPED, len);
+	return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int tollgate_ingress(struct __sk_buff *skb)
+{
+	return tollgate(skb, 0); /* UPLOAD */
+}
+
+SEC("tc")
+int tollgate_egress(struct __sk_buff *skb)
+{
+	return tollgate(skb, 1); /* DOWNLOAD */
+}
+
+char _license[] SEC("license") = "GPL";

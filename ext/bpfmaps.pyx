@@ -1,0 +1,786 @@
+# cython: language_level=3
+"""The maps of the tc/eBPF data path (``ext/bpf/tollgate.bpf.c``): load, pin,
+reopen, fill, read. One module, one job; attaching to interfaces is
+``policy/bpf.py``'s.
+
+Contract
+--------
+``Maps.load(pin_dir, max_slots=..., n_zones=..., ...)`` opens
+``ext/bpf/tollgate.bpf.o`` through libbpf, sizes every map, loads the two
+programs (``tollgate_ingress``: UPLOAD, ``tollgate_egress``: DOWNLOAD), pins
+maps and programs under ``pin_dir`` (default ``/sys/fs/bpf/tollgate``, bpffs
+mounted there if it is not) and writes the configuration (``tg_info``). It
+refuses to load over an existing pin directory: ``Maps.open(pin_dir)``
+reopens what is pinned (a daemon restart: counters and grants are the
+kernel's, nothing is lost), ``Maps.unpin(pin_dir)`` removes it.
+
+Subscribers are *slots*: dense indices 0..max_slots-1 chosen by the caller
+(the daemon maps subscriber ids to slots). ``set_subscribers(slots,
+prefixes)`` binds prefixes (CIDR strings; /32 and /128 and IPv6 /64 go to
+hash maps, other lengths to LPM tries) to slots in bulk, batched;
+``remove_subscribers(prefixes)`` unbinds them. Every argument is checked
+before anything is written: a bad one raises ``BpfError`` and changes
+nothing.
+
+Counters: one entry per (slot, zone, direction), index
+``counter_index(slot, zone, direction) = (slot * n_zones + zone) * 2 +
+direction``, eight uint64 each, in ``COUNTER_FIELDS`` order (used, grant,
+packets, dropped_bytes, dropped_packets, allowed_bytes, allowed_packets,
+flags). ``counters()`` is a zero-copy ``memoryview`` (format ``Q``, shape
+``(n_counters, 8)``) of the mmapped array: read it to take deltas. ``used``
+and ``packets`` are monotonic and never reset by anyone; ``grant`` is the
+cumulative byte limit: a packet passes only while ``used + length <=
+grant``. ``set_grant(slot, zone, direction, nbytes)`` stores it (one atomic
+64-bit store, no system call); ``GRANT_FREE`` (2**64-1) never stops a
+packet. A new slot's grant is 0: nothing passes until one is written. When a
+slot is reused, its ``used`` goes on from where it was: grants are absolute,
+so the caller keeps ``used`` at the moment it took the slot as its base.
+``set_blocked(slot, blocked)`` mirrors the engine's blocked state: a blocked
+slot's packets are dropped unless allow-listed, and allow-listed ones pass
+without touching the grant (``allowed_*``). ``set_zones(rules)`` and
+``set_allowlist(rules)`` take the engine's ``ZoneRule``s (same semantics,
+compiled with ``ext.engine_py.compile_rules``); each map element is replaced
+atomically, the table as a whole is not (a packet during the change may see
+part old, part new).
+
+``stats()``: the program's global counters (per-CPU, summed). ``test_run``:
+BPF_PROG_TEST_RUN of one program on an Ethernet frame (tests, benches).
+``map_memory()``: what each map takes (the kernel's memlock figure).
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memset, memcpy, strerror
+from libc.stdlib cimport malloc, free
+from libc.errno cimport errno
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+
+import ipaddress
+import mmap as _mmap
+import os
+from collections import namedtuple
+from pathlib import Path
+
+from ext.errors import TollgateError
+from ext.engine_py import ZoneRule, compile_rules
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    int AF_INET
+    int AF_INET6
+
+cdef extern from "<bpf/libbpf.h>" nogil:
+    struct bpf_object:
+        pass
+    struct bpf_map:
+        pass
+    struct bpf_program:
+        pass
+    struct bpf_object_open_opts:
+        pass
+    bpf_object *bpf_object__open_file(const char *path, const bpf_object_open_opts *opts)
+    int bpf_object__load(bpf_object *obj)
+    void bpf_object__close(bpf_object *obj)
+    bpf_map *bpf_object__find_map_by_name(const bpf_object *obj, const char *name)
+    bpf_program *bpf_object__find_program_by_name(const bpf_object *obj, const char *name)
+    int bpf_map__set_max_entries(bpf_map *map, uint32_t max_entries)
+    int bpf_map__fd(const bpf_map *map)
+    int bpf_program__fd(const bpf_program *prog)
+    int bpf_program__pin(bpf_program *prog, const char *path)
+    int bpf_map__pin(bpf_map *map, const char *path)
+    long libbpf_get_error(const void *ptr)
+    int libbpf_num_possible_cpus()
+
+cdef extern from "<bpf/bpf.h>" nogil:
+    struct bpf_map_batch_opts:
+        size_t sz
+        uint64_t elem_flags
+        uint64_t flags
+    struct bpf_test_run_opts:
+        size_t sz
+        const void *data_in
+        void *data_out
+        uint32_t data_size_in
+        uint32_t data_size_out
+        uint32_t retval
+        int repeat
+        uint32_t duration
+    int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags)
+    int bpf_map_lookup_elem(int fd, const void *key, void *value)
+    int bpf_map_delete_elem(int fd, const void *key)
+    int bpf_map_get_next_key(int fd, const void *key, void *next_key)
+    int bpf_map_update_batch(int fd, const void *keys, const void *values, uint32_t *count,
+                             const bpf_map_batch_opts *opts)
+    int bpf_map_delete_batch(int fd, const void *keys, uint32_t *count, const bpf_map_batch_opts *opts)
+    int bpf_obj_get(const char *pathname)
+    int bpf_prog_test_run_opts(int prog_fd, bpf_test_run_opts *opts)
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+# 64-bit atomics on the mmapped counters (the program reads them on other CPUs)
+cdef extern from *:
+    """
+    static inline void tg_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t tg_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void tg_or64(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL); }
+    static inline void tg_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, __ATOMIC_ACQ_REL); }
+    """
+    void tg_store64(uint64_t *p, uint64_t v) nogil
+    uint64_t tg_load64(uint64_t *p) nogil
+    void tg_or64(uint64_t *p, uint64_t v) nogil
+    void tg_and64(uint64_t *p, uint64_t v) nogil
+
+# ---- the program's ABI (keep in step with ext/bpf/tollgate.bpf.c) -------------
+
+TG_MAGIC = 0x54474154454c4c54
+TG_ABI = 1
+MAX_RULES = 16  # TG_MAX_RULES
+MAX_DEPTH = 8  # TG_MAX_DEPTH
+NO_GROUP = 0xFFFFFFFF
+F_MALFORMED_DROP = 1
+F_UNKNOWN_DROP = 2
+C_BLOCKED = 1
+GRANT_FREE = (1 << 64) - 1
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+
+COUNTER_FIELDS = ("used", "grant", "packets", "dropped_bytes", "dropped_packets", "allowed_bytes",
+                  "allowed_packets", "flags")
+Counter = namedtuple("Counter", COUNTER_FIELDS)
+STATS = ("unknown", "malformed", "passed", "dropped", "allowed", "nonip", "cas_exhausted", "unconfigured",
+         "noslot")
+MAPS = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm", "tg_zone4", "tg_zone6",
+        "tg_zone_groups", "tg_allow4", "tg_allow6", "tg_allow_groups", "tg_counters", "tg_stats", "tg_info")
+PROGRAMS = ("tollgate_ingress", "tollgate_egress")  # index = direction (UPLOAD 0, DOWNLOAD 1)
+DEFAULT_PIN_DIR = "/sys/fs/bpf/tollgate"
+OBJECT = Path(__file__).resolve().parent / "bpf" / "tollgate.bpf.o"
+
+cdef enum:
+    COUNTER_SIZE = 64
+    GROUP_SIZE = 8 + 8 * 16
+    BATCH = 65536
+
+cdef packed struct tg_sub:
+    uint32_t slot
+    uint32_t plen
+
+cdef packed struct tg_lpm4:
+    uint32_t prefixlen
+    uint8_t addr[4]
+
+cdef packed struct tg_lpm6:
+    uint32_t prefixlen
+    uint8_t addr[16]
+
+cdef packed struct tg_info:
+    uint64_t magic
+    uint32_t abi
+    uint32_t n_zones
+    uint32_t default_zone
+    uint32_t flags
+    uint32_t max_slots
+    uint32_t reserved
+
+cdef packed struct tg_rule:
+    uint8_t proto
+    uint8_t zone
+    uint16_t port_lo
+    uint16_t port_hi
+    uint16_t reserved
+
+cdef packed struct tg_group:
+    uint32_t n_rules
+    uint32_t fallback
+    tg_rule rules[16]
+
+
+class BpfError(TollgateError, OSError):
+    """A BPF object, map or program could not be loaded, opened or written,
+    or an argument was refused before anything was written. ``errno`` is the
+    kernel's where there is one."""
+
+    def __init__(self, message, err=0):
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self):
+        return f"{self.message}: {os.strerror(self.errno)}" if self.errno else self.message
+
+
+cdef int _err(long rc):
+    return <int> (-rc if rc < 0 else errno)
+
+
+def ensure_bpffs(path=DEFAULT_PIN_DIR):
+    """Mount bpffs on /sys/fs/bpf if ``path`` lies under it and nothing is
+    mounted there (what iproute2 does too); the host's other mounts are left
+    alone."""
+    path = Path(path)
+    root = Path("/sys/fs/bpf")
+    if root not in path.parents and path != root:
+        return
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == str(root) and line.split()[2] == "bpf" for line in f):
+            return
+    import subprocess
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True)
+    if proc.returncode:
+        raise BpfError(f"cannot mount bpffs on {root}: {proc.stderr.strip()}")
+
+
+cdef bint _parse_prefix(object text, int *family, uint8_t *addr, int *plen) except -1:
+    """CIDR text -> family 4|6, network bytes, prefix length; host bits must be 0."""
+    cdef bytes b
+    cdef int i, bits, full, rem
+    if not isinstance(text, str):
+        raise BpfError(f"a prefix is a CIDR string, not {text!r}")
+    addr_text, slash, len_text = text.partition("/")
+    b = addr_text.encode()
+    memset(addr, 0, 16)
+    if inet_pton(AF_INET, b, addr) == 1:
+        family[0], bits = 4, 32
+    elif inet_pton(AF_INET6, b, addr) == 1:
+        family[0], bits = 6, 128
+    else:
+        raise BpfError(f"bad prefix {text!r}: not an address")
+    if not slash:
+        plen[0] = bits
+    elif len_text.isdigit() and int(len_text) <= bits:
+        plen[0] = int(len_text)
+    else:
+        raise BpfError(f"bad prefix {text!r}: prefix length must be 0..{bits}")
+    full, rem = plen[0] // 8, plen[0] % 8
+    for i in range(full, bits // 8):
+        if (addr[i] & (0xFF >> rem)) if (i == full and rem) else addr[i]:
+            raise BpfError(f"bad prefix {text!r}: host bits set")
+    return True
+
+
+cdef class Maps:
+    """The loaded program's maps; see the module docstring."""
+
+    cdef readonly str pin_dir
+    cdef readonly unsigned int n_zones, max_slots, default_zone, flags
+    cdef readonly unsigned long long n_counters
+    cdef dict fds
+    cdef int prog_fds[2]
+    cdef object _mm
+    cdef Py_buffer _buf
+    cdef bint _has_buf
+    cdef uint64_t *_counters
+    cdef int ncpus
+
+    def __cinit__(self):
+        self.fds = {}
+        self.prog_fds[0] = self.prog_fds[1] = -1
+        self._counters = NULL
+
+    # ---- life cycle -----------------------------------------------------------
+
+    @staticmethod
+    def load(pin_dir=DEFAULT_PIN_DIR, *, unsigned int max_slots, unsigned int n_zones, unsigned int default_zone=1,
+             max_hosts4=None, max_hosts6=None, max_nets6_64=None, unsigned int max_nets4=65536,
+             unsigned int max_nets6=65536, unsigned int max_zone_prefixes=4096, unsigned int max_allow_prefixes=1024,
+             bint malformed_drop=False, bint unknown_drop=False, obj_path=None):
+        """Load, size, pin and configure a fresh program and its maps.
+
+        ``max_hosts4``/``max_hosts6``/``max_nets6_64`` size the hash maps of
+        /32, /128 and /64 subscriber prefixes (default: ``max_slots``);
+        ``max_nets4``/``max_nets6`` the LPM tries of other lengths. The
+        counters take ``max_slots * n_zones * 2 * 64`` bytes."""
+        cdef Maps self = Maps.__new__(Maps)
+        cdef bpf_object *obj
+        cdef bpf_map *m
+        cdef bpf_program *prog
+        cdef long rc
+        cdef int i
+        if not 1 <= n_zones <= 64 or not default_zone < n_zones:
+            raise BpfError(f"n_zones must be 1..64 and default_zone one of them, not {n_zones}/{default_zone}")
+        if max_slots < 1 or <unsigned long long> max_slots * n_zones * 2 > 0xFFFFFFFF:
+            raise BpfError(f"max_slots * n_zones * 2 must fit in 32 bits (max_slots {max_slots})")
+        pin = Path(pin_dir)
+        ensure_bpffs(pin)
+        if pin.exists() and any(pin.iterdir()):
+            raise BpfError(f"{pin} holds a loaded program already: open it with Maps.open() or unpin it first")
+        path = str(obj_path or OBJECT)
+        if not Path(path).exists():
+            raise BpfError(f"{path} is not built: run `make build` (needs clang)")
+        sizes = {"tg_sub4": max_hosts4 or max_slots, "tg_sub6": max_hosts6 or max_slots,
+                 "tg_sub6_64": max_nets6_64 or max_slots, "tg_sub4_lpm": max_nets4, "tg_sub6_lpm": max_nets6,
+                 "tg_zone4": max_zone_prefixes, "tg_zone6": max_zone_prefixes, "tg_zone_groups": max_zone_prefixes,
+                 "tg_allow4": max_allow_prefixes, "tg_allow6": max_allow_prefixes,
+                 "tg_allow_groups": max_allow_prefixes, "tg_counters": max_slots * n_zones * 2}
+        obj = bpf_object__open_file(path.encode(), NULL)
+        rc = libbpf_get_error(obj)
+        if rc:
+            raise BpfError(f"cannot open {path}", _err(rc))
+        try:
+            for name, size in sizes.items():
+                m = bpf_object__find_map_by_name(obj, name.encode())
+                if m == NULL:
+                    raise BpfError(f"{path} has no map {name}: built from another version?")
+                rc = bpf_map__set_max_entries(m, size)
+                if rc:
+                    raise BpfError(f"cannot size {name} to {size}", _err(rc))
+            rc = bpf_object__load(obj)
+            if rc:
+                raise BpfError(f"the kernel refused {path} (verifier log above, on stderr)", _err(rc))
+            pin.mkdir(parents=True, exist_ok=True)
+            try:
+                for name in MAPS:
+                    m = bpf_object__find_map_by_name(obj, name.encode())
+                    rc = bpf_map__pin(m, str(pin / name).encode())
+                    if rc:
+                        raise BpfError(f"cannot pin {name} at {pin}", _err(rc))
+                for i, name in enumerate(PROGRAMS):
+                    prog = bpf_object__find_program_by_name(obj, name.encode())
+                    if prog == NULL:
+                        raise BpfError(f"{path} has no program {name}")
+                    rc = bpf_program__pin(prog, str(pin / name).encode())
+                    if rc:
+                        raise BpfError(f"cannot pin {name} at {pin}", _err(rc))
+            except BaseException:
+                Maps.unpin(pin)
+                raise
+        finally:
+            # the pins hold the maps and programs; our own fds come from the pins
+            bpf_object__close(obj)
+        try:
+            self._open(pin)
+            self._write_info(n_zones, default_zone, max_slots,
+                             (F_MALFORMED_DROP if malformed_drop else 0) | (F_UNKNOWN_DROP if unknown_drop else 0))
+        except BaseException:
+            self.close()
+            Maps.unpin(pin)
+            raise
+        return self
+
+    @staticmethod
+    def open(pin_dir=DEFAULT_PIN_DIR):
+        """Reopen the maps and programs pinned under ``pin_dir`` (after a restart)."""
+        cdef Maps self = Maps.__new__(Maps)
+        self._open(Path(pin_dir))
+        return self
+
+    @staticmethod
+    def unpin(pin_dir=DEFAULT_PIN_DIR):
+        """Remove the pins under ``pin_dir`` (and the directory). The kernel
+        frees the maps and programs once nothing (no tc filter, no open fd)
+        holds them any more."""
+        pin = Path(pin_dir)
+        if not pin.exists():
+            return
+        for entry in pin.iterdir():
+            if entry.name in MAPS or entry.name in PROGRAMS:
+                entry.unlink()
+        try:
+            pin.rmdir()
+        except OSError as exc:
+            raise BpfError(f"{pin} holds files that are not ours", exc.errno) from None
+
+    cdef _open(self, pin):
+        cdef int fd, i
+        cdef tg_info info
+        cdef uint32_t zero = 0
+        self.pin_dir = str(pin)
+        try:
+            for name in MAPS:
+                fd = bpf_obj_get(str(pin / name).encode())
+                if fd < 0:
+                    raise BpfError(f"no map {name} pinned at {pin}", _err(fd))
+                self.fds[name] = fd
+            for i, name in enumerate(PROGRAMS):
+                fd = bpf_obj_get(str(pin / name).encode())
+                if fd < 0:
+                    raise BpfError(f"no program {name} pinned at {pin}", _err(fd))
+                self.prog_fds[i] = fd
+            self.ncpus = libbpf_num_possible_cpus()
+            if bpf_map_lookup_elem(self.fds["tg_info"], &zero, &info) == 0 and info.magic == TG_MAGIC:
+                if info.abi != TG_ABI:
+                    raise BpfError(f"the program pinned at {pin} has ABI {info.abi}, this loader {TG_ABI}")
+                self._set_config(info.n_zones, info.default_zone, info.max_slots, info.flags)
+        except BaseException:
+            self.close()
+            raise
+
+    cdef _set_config(self, unsigned int n_zones, unsigned int default_zone, unsigned int max_slots,
+                     unsigned int flags):
+        self.n_zones, self.default_zone, self.max_slots, self.flags = n_zones, default_zone, max_slots, flags
+        self.n_counters = <unsigned long long> max_slots * n_zones * 2
+        if self._mm is None:
+            nbytes = int(self.n_counters) * COUNTER_SIZE
+            size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
+            try:
+                self._mm = _mmap.mmap(self.fds["tg_counters"], size, _mmap.MAP_SHARED,
+                                      _mmap.PROT_READ | _mmap.PROT_WRITE)
+            except OSError as exc:
+                raise BpfError("cannot mmap tg_counters (BPF_F_MMAPABLE)", exc.errno) from None
+            PyObject_GetBuffer(self._mm, &self._buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            self._has_buf = True
+            self._counters = <uint64_t *> self._buf.buf
+
+    cdef _write_info(self, unsigned int n_zones, unsigned int default_zone, unsigned int max_slots,
+                     unsigned int flags):
+        cdef tg_info info
+        cdef uint32_t zero = 0
+        memset(&info, 0, sizeof(info))
+        info.magic, info.abi, info.n_zones, info.default_zone = TG_MAGIC, TG_ABI, n_zones, default_zone
+        info.flags, info.max_slots = flags, max_slots
+        self._set_config(n_zones, default_zone, max_slots, flags)  # mmap first: a failure leaves it unconfigured
+        if bpf_map_update_elem(self.fds["tg_info"], &zero, &info, 0):
+            raise BpfError("cannot write tg_info", errno)
+
+    def close(self):
+        """Close our fds and the mmap (the pins keep everything loaded)."""
+        cdef int i
+        self._counters = NULL
+        if self._has_buf:
+            PyBuffer_Release(&self._buf)
+            self._has_buf = False
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        for fd in self.fds.values():
+            close(fd)
+        self.fds.clear()
+        for i in range(2):
+            if self.prog_fds[i] >= 0:
+                close(self.prog_fds[i])
+                self.prog_fds[i] = -1
+
+    def __dealloc__(self):
+        cdef int i
+        if self._has_buf:
+            PyBuffer_Release(&self._buf)
+        for fd in (self.fds or {}).values():
+            close(fd)
+        for i in range(2):
+            if self.prog_fds[i] >= 0:
+                close(self.prog_fds[i])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def prog_fd(self, int direction):
+        """The fd of the program of ``direction`` (0 ingress/upload, 1 egress/download)."""
+        if direction not in (0, 1) or self.prog_fds[direction] < 0:
+            raise BpfError(f"no program for direction {direction}")
+        return self.prog_fds[direction]
+
+    def map_fd(self, str name):
+        return self.fds[name]
+
+    # ---- subscribers ------------------------------------------------------------
+
+    def set_subscribers(self, slots, prefixes):
+        """Bind ``prefixes[i]`` (CIDR text) to ``slots[i]``, in bulk. A prefix
+        bound already is rebound. Checked first; BpfError changes nothing."""
+        self._subscribers(slots, prefixes, False)
+
+    def remove_subscribers(self, prefixes):
+        """Unbind ``prefixes``; one that is not bound is ignored."""
+        self._subscribers(None, prefixes, True)
+
+    cdef _subscribers(self, slots, prefixes, bint remove):
+        cdef Py_ssize_t n = len(prefixes), i, k
+        cdef int family, plen
+        cdef uint8_t addr[16]
+        cdef uint32_t slot
+        cdef tg_sub *vals[5]
+        cdef uint8_t *keys[5]
+        cdef Py_ssize_t counts[5]
+        cdef int ksize[5]
+        cdef int which
+        if not remove and len(slots) != n:
+            raise BpfError(f"{len(slots)} slots for {n} prefixes")
+        names = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm")
+        ksize[0], ksize[1], ksize[2], ksize[3], ksize[4] = 4, 16, 8, 8, 20
+        for k in range(5):
+            counts[k] = 0
+            keys[k] = <uint8_t *> malloc(ksize[k] * n + 1)
+            vals[k] = <tg_sub *> malloc(sizeof(tg_sub) * n + 1)
+        try:
+            for k in range(5):
+                if keys[k] == NULL or vals[k] == NULL:
+                    raise MemoryError()
+            for i in range(n):
+                _parse_prefix(prefixes[i], &family, addr, &plen)
+                if not remove:
+                    slot_obj = slots[i]
+                    if not 0 <= slot_obj < self.max_slots:
+                        raise BpfError(f"slot {slot_obj!r} of {prefixes[i]!r} is not in 0..{self.max_slots - 1}")
+                    slot = slot_obj
+                if family == 4:
+                    which = 0 if plen == 32 else 3
+                else:
+                    which = 1 if plen == 128 else (2 if plen == 64 else 4)
+                k = counts[which]
+                if which == 0:
+                    memcpy(keys[0] + 4 * k, addr, 4)
+                elif which == 1:
+                    memcpy(keys[1] + 16 * k, addr, 16)
+                elif which == 2:
+                    memcpy(keys[2] + 8 * k, addr, 8)
+                elif which == 3:
+                    (<tg_lpm4 *> (keys[3] + 8 * k)).prefixlen = plen
+                    memcpy((<tg_lpm4 *> (keys[3] + 8 * k)).addr, addr, 4)
+                else:
+                    (<tg_lpm6 *> (keys[4] + 20 * k)).prefixlen = plen
+                    memcpy((<tg_lpm6 *> (keys[4] + 20 * k)).addr, addr, 16)
+                vals[which][k].slot = slot if not remove else 0
+                vals[which][k].plen = plen
+                counts[which] = k + 1
+            for k in range(5):
+                if counts[k]:
+                    self._write(names[k], keys[k], ksize[k], <uint8_t *> vals[k], sizeof(tg_sub), counts[k],
+                                remove)
+        finally:
+            for k in range(5):
+                free(keys[k])
+                free(vals[k])
+
+    cdef _write(self, str name, uint8_t *keys, int ksize, uint8_t *vals, int vsize, Py_ssize_t n, bint remove):
+        """Batched update (or delete) of ``n`` elements; element by element
+        where the map type has no batch operations (LPM tries)."""
+        cdef int fd = self.fds[name]
+        cdef bpf_map_batch_opts opts
+        cdef uint32_t count
+        cdef Py_ssize_t done = 0, i
+        cdef int rc = 0, err = 0
+        memset(&opts, 0, sizeof(opts))
+        opts.sz = sizeof(opts)
+        with nogil:
+            while done < n:
+                count = <uint32_t> min(n - done, <Py_ssize_t> BATCH)
+                if remove:
+                    rc = bpf_map_delete_batch(fd, keys + done * ksize, &count, &opts)
+                else:
+                    rc = bpf_map_update_batch(fd, keys + done * ksize, vals + done * vsize, &count, &opts)
+                if rc == 0:
+                    done += count
+                    continue
+                err = -rc if rc < 0 else errno
+                if err == 2 and remove:  # ENOENT: the batch stops at a missing key; go on one by one
+                    err = 0
+                if err not in (0, 22, 95, 524):  # EINVAL/EOPNOTSUPP/ENOTSUPP: no batch ops for this map
+                    break
+                err = 0
+                for i in range(done, n):
+                    if remove:
+                        rc = bpf_map_delete_elem(fd, keys + i * ksize)
+                        if rc and (-rc if rc < 0 else errno) != 2:
+                            err = -rc if rc < 0 else errno
+                            break
+                    else:
+                        rc = bpf_map_update_elem(fd, keys + i * ksize, vals + i * vsize, 0)
+                        if rc:
+                            err = -rc if rc < 0 else errno
+                            break
+                done = n
+        if err:
+            raise BpfError(f"cannot {'delete from' if remove else 'update'} {name}"
+                           + (" (full? size it with Maps.load)" if err == 7 else ""), err)
+
+    def subscriber_count(self):
+        """Entries per subscriber map (walks the maps: for tests and checks)."""
+        return {name: self._count_keys(name) for name in ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm",
+                                                           "tg_sub6_lpm")}
+
+    cdef Py_ssize_t _count_keys(self, str name):
+        cdef uint8_t key[32]
+        cdef uint8_t nxt[32]
+        cdef int fd = self.fds[name]
+        cdef Py_ssize_t n = 0
+        cdef int rc
+        with nogil:
+            rc = bpf_map_get_next_key(fd, NULL, nxt)
+            while rc == 0:
+                n += 1
+                memcpy(key, nxt, 32)
+                rc = bpf_map_get_next_key(fd, key, nxt)
+        return n
+
+    # ---- grants and counters ----------------------------------------------------------
+
+    cpdef unsigned long long counter_index(self, unsigned int slot, unsigned int zone, unsigned int direction) except? 0:
+        if slot >= self.max_slots or zone >= self.n_zones or direction > 1:
+            raise BpfError(f"no counter for slot {slot}, zone {zone}, direction {direction}")
+        return (<unsigned long long> slot * self.n_zones + zone) * 2 + direction
+
+    cdef uint64_t *_entry(self, unsigned int slot, unsigned int zone, unsigned int direction) except NULL:
+        if self._counters == NULL:
+            raise BpfError("the maps are closed or not configured")
+        return self._counters + self.counter_index(slot, zone, direction) * 8
+
+    def set_grant(self, unsigned int slot, unsigned int zone, unsigned int direction, nbytes):
+        """The cumulative byte limit of (slot, zone, direction): packets pass
+        while ``used + length <= grant``. One atomic store."""
+        if not 0 <= nbytes <= GRANT_FREE:
+            raise BpfError(f"a grant is 0..2**64-1 bytes, not {nbytes}")
+        cdef uint64_t value = nbytes
+        cdef uint64_t *e = self._entry(slot, zone, direction)
+        tg_store64(&e[1], value)
+
+    def set_blocked(self, unsigned int slot, bint blocked):
+        """Mirror the engine's blocked state of ``slot`` (every zone and direction)."""
+        cdef unsigned int z, d
+        cdef uint64_t *e
+        for z in range(self.n_zones):
+            for d in range(2):
+                e = self._entry(slot, z, d)
+                if blocked:
+                    tg_or64(&e[7], <uint64_t> C_BLOCKED)
+                else:
+                    tg_and64(&e[7], ~(<uint64_t> C_BLOCKED))
+
+    def counter(self, unsigned int slot, unsigned int zone, unsigned int direction):
+        """One entry as a ``Counter`` (a copy)."""
+        cdef uint64_t *e = self._entry(slot, zone, direction)
+        return Counter(*[tg_load64(&e[k]) for k in range(8)])
+
+    def counters(self):
+        """The whole counter array, zero-copy: a memoryview of format ``Q``
+        and shape ``(n_counters, 8)`` over the mmapped map. Valid until close()."""
+        if self._mm is None:
+            raise BpfError("the maps are closed or not configured")
+        return memoryview(self._mm).cast("B")[:self.n_counters * COUNTER_SIZE].cast("Q", (self.n_counters, 8))
+
+    # ---- zones and the allow-list -----------------------------------------------
+
+    def set_zones(self, rules):
+        """Replace the zone rules (``ZoneRule``s, the engine's semantics)."""
+        self._rules(rules, "tg_zone4", "tg_zone6", "tg_zone_groups", self.n_zones)
+
+    def set_allowlist(self, rules):
+        """Replace the allow-list (``ZoneRule``s; ``zone`` is ignored)."""
+        self._rules(rules, "tg_allow4", "tg_allow6", "tg_allow_groups", None)
+
+    cdef _rules(self, rules, str lpm4, str lpm6, str groups_name, n_zones):
+        cdef tg_group g
+        cdef tg_lpm6 key6
+        cdef tg_lpm4 key4
+        cdef uint32_t gi, value
+        cdef int rc
+        try:
+            compiled = compile_rules(rules, n_zones)
+        except TollgateError as exc:
+            raise BpfError(str(exc)) from None
+        capacity = self._max_entries(groups_name)
+        if len(compiled) > capacity:
+            raise BpfError(f"{len(compiled)} prefixes, {groups_name} holds {capacity}")
+        for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
+            if len(group_rules) > MAX_RULES:
+                raise BpfError(f"{len(group_rules)} rules for one prefix ({ipaddress.ip_network((net, plen))}): "
+                               f"the program takes {MAX_RULES}")
+            depth, j = 1, fallback
+            while j >= 0:
+                depth, j = depth + 1, compiled[j][4]
+            if depth > MAX_DEPTH:
+                raise BpfError(f"{depth} nested prefixes around {ipaddress.ip_network((net, plen))}: "
+                               f"the program walks {MAX_DEPTH}")
+        fd = self.fds[groups_name]
+        for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
+            memset(&g, 0, sizeof(g))
+            g.n_rules = len(group_rules)
+            g.fallback = NO_GROUP if fallback < 0 else fallback
+            for r, rule in enumerate(group_rules):
+                rule = ZoneRule(*rule)
+                g.rules[r].proto = rule.proto
+                g.rules[r].zone = rule.zone if n_zones is not None else 0
+                g.rules[r].port_lo = rule.port_lo
+                g.rules[r].port_hi = rule.port_hi
+            gi = i
+            if bpf_map_update_elem(fd, &gi, &g, 0):
+                raise BpfError(f"cannot write {groups_name}", errno)
+        wanted = {4: set(), 6: set()}
+        for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
+            value = i
+            if family == 4:
+                key4.prefixlen = plen
+                memcpy(key4.addr, PyBytes_AS_STRING(net.to_bytes(4, "big")), 4)
+                rc = bpf_map_update_elem(self.fds[lpm4], &key4, &value, 0)
+            else:
+                key6.prefixlen = plen
+                memcpy(key6.addr, PyBytes_AS_STRING(net.to_bytes(16, "big")), 16)
+                rc = bpf_map_update_elem(self.fds[lpm6], &key6, &value, 0)
+            if rc:
+                raise BpfError(f"cannot write {lpm4 if family == 4 else lpm6} (full?)", errno)
+            wanted[family].add((plen, net))
+        self._prune(lpm4, 4, wanted[4])
+        self._prune(lpm6, 16, wanted[6])
+
+    cdef _prune(self, str name, int alen, set keep):
+        """Delete the LPM keys not in ``keep`` ((plen, net) pairs)."""
+        cdef uint8_t key[20]
+        cdef uint8_t nxt[20]
+        cdef int fd = self.fds[name]
+        stale = []
+        rc = bpf_map_get_next_key(fd, NULL, nxt)
+        while rc == 0:
+            plen = (<uint32_t *> nxt)[0]
+            net = int.from_bytes((<char *> nxt)[4:4 + alen], "big")
+            if (plen, net) not in keep:
+                stale.append((<char *> nxt)[:4 + alen])
+            memcpy(key, nxt, 20)
+            rc = bpf_map_get_next_key(fd, key, nxt)
+        for k in stale:
+            bpf_map_delete_elem(fd, PyBytes_AS_STRING(k))
+
+    cdef uint32_t _max_entries(self, str name):
+        return int(self.map_info(name)["max_entries"])
+
+    # ---- the program's own counters, memory, test runs ----------------------------------
+
+    def stats(self):
+        """The program's global counters, summed over CPUs: {name: (packets, bytes)}."""
+        cdef uint32_t key
+        cdef int c
+        cdef uint64_t *buf = <uint64_t *> malloc(16 * self.ncpus)
+        if buf == NULL:
+            raise MemoryError()
+        out = {}
+        try:
+            for key in range(len(STATS)):
+                if bpf_map_lookup_elem(self.fds["tg_stats"], &key, buf):
+                    raise BpfError("cannot read tg_stats", errno)
+                out[STATS[key]] = (sum(buf[2 * c] for c in range(self.ncpus)),
+                                   sum(buf[2 * c + 1] for c in range(self.ncpus)))
+        finally:
+            free(buf)
+        return out
+
+    def map_info(self, str name):
+        """``/proc/self/fdinfo`` of the map: map_type, max_entries, memlock (bytes), ..."""
+        info = {}
+        with open(f"/proc/self/fdinfo/{self.fds[name]}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+        return info
+
+    def map_memory(self):
+        """{map name: bytes the kernel charges for it (memlock)}."""
+        return {name: int(self.map_info(name).get("memlock", 0)) for name in MAPS}
+
+    def test_run(self, int direction, frame, int repeat=1):
+        """BPF_PROG_TEST_RUN of the program of ``direction`` on ``frame`` (an
+        Ethernet frame, 14..~3.5k bytes): ``(retval, duration_ns)``, the
+        duration being the kernel's average per repetition."""
+        cdef bytes data = bytes(frame)
+        cdef bpf_test_run_opts opts
+        cdef int fd = self.prog_fd(direction)
+        cdef int rc
+        memset(&opts, 0, sizeof(opts))
+        opts.sz = sizeof(opts)
+        opts.data_in = PyBytes_AS_STRING(data)
+        opts.data_size_in = PyBytes_GET_SIZE(data)
+        opts.repeat = repeat
+        with nogil:
+            rc = bpf_prog_test_run_opts(fd, &opts)
+        if rc:
+            raise BpfError(f"BPF_PROG_TEST_RUN of {PROGRAMS[direction]}", _err(rc))
+        return opts.retval, opts.duration
