@@ -974,6 +974,167 @@ def _operation_parsers(sub, with_config) -> None:
     p.add_argument("--json", action="store_true", help="as JSON (bytes as integers)")
 
 
+
+# ---- sessions, bindings, RADIUS accounting and DHCP hooks (issue 15) ----------------------------------------
+
+def _session_line(r: dict, cfg) -> str:
+    if r.get("static"):
+        return f"{r['network']:<22} {r['subscriber']:<16} static (the ledger keeps no history of static addresses)"
+    end = "live" if r["ended_ns"] is None else f"{_local_time(r['ended_ns'], cfg)} ({r['end_reason']})"
+    return (f"{r['network']:<22} {r['subscriber']:<16} {r['source']}:{r['client']} {r['session_key']}  "
+            f"{_local_time(r['started_ns'], cfg)} .. {end}  up {r['up_bytes']} B down {r['down_bytes']} B"
+            + (f"  mac {r['mac']}" if r["mac"] else ""))
+
+
+def cmd_session(args, ops, cfg) -> int:
+    if args.session_action == "who":
+        if args.address is None:
+            return _fail("session who: give an address", EXIT_USAGE)
+        at = None if args.at is None else _instant_ns(args.at, "--at", cfg)
+        found = ops.who_had(args.address, at)
+        if args.json:
+            _print_json(found)
+        elif not found:
+            print(f"{args.address}: nobody's{'' if at is None else ' at ' + _local_time(at, cfg)}")
+        for r in [] if args.json else found:
+            print(_session_line(r, cfg))
+        return EXIT_OK if found else EXIT_FAILED
+    if args.session_action == "expire":
+        done = ops.expire_sessions()
+        print(f"{len(done['closed'])} session rows expired")
+        return EXIT_OK
+    live = True if args.live else False if args.closed else None
+    rows = ops.sessions(live, args.subscriber, args.address, args.limit, args.after_id)
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['id']:>6} {_session_line(r, cfg)}")
+    return EXIT_OK
+
+
+def _binding_of(args) -> tuple[str, str]:
+    from accounting.operations import OperationError
+
+    given = [(k, v) for k, v in (("mac", args.mac), ("client_id", args.client_id), ("circuit_id", args.circuit_id))
+             if v is not None]
+    if len(given) != 1:
+        raise OperationError("give one of --mac, --client-id, --circuit-id")
+    return given[0]
+
+
+def cmd_binding(args, ops, cfg) -> int:
+    if args.binding_action == "list":
+        rows = ops.bindings(args.subscriber)
+        if args.json:
+            _print_json(rows)
+        for r in [] if args.json else rows:
+            print(f"{r['subscriber']:<16} {r['kind']:<10} {r['value']}")
+        return EXIT_OK
+    kind, value = _binding_of(args)
+    if args.binding_action == "add":
+        if args.subscriber is None:
+            return _fail("binding add: name the subscriber", EXIT_USAGE)
+        r = ops.bind(args.subscriber, kind, value)
+        print(f"{kind} {r['value']}: subscriber {r['subscriber_id']}{' (already)' if r['replayed'] else ''}")
+    else:
+        r = ops.unbind(kind, value)
+        print(f"{kind} {r['value']}: unbound from subscriber {r['subscriber_id']}")
+    return EXIT_OK
+
+
+def cmd_radius(args) -> int:
+    from .config import parse_listen
+    from .radius import serve
+
+    cfg = _config(args)
+    db = args.db or cfg.database
+    if db is None:
+        raise ConfigError("gateway.database", "no ledger: give --db FILE or set gateway.database")
+    listen = [parse_listen(v, "--listen") for v in args.listen] if args.listen else None
+    metrics = parse_listen(args.metrics, "--metrics", 9813) if args.metrics else None
+    if not (cfg.radius and cfg.radius.clients):
+        return _fail("config: no [[radius.client]]: nobody could send accounting", EXIT_USAGE)
+    return serve(cfg, db, listen, metrics)
+
+
+def cmd_dhcp_hook(args) -> int:
+    from .dhcp_hook import main as hook
+
+    by = tuple(b.strip() for b in args.by.split(",") if b.strip())
+    if not by or not set(by) <= {"mac", "client_id", "circuit_id"}:
+        return _fail(f"--by {args.by!r}: a comma-separated list of mac, client_id, circuit_id", EXIT_USAGE)
+    cfg = _config(args)
+    with _ledger(args, cfg) as ledger:
+        return hook(args.kind, args.args, cfg, ledger, args.server, by)
+
+
+def _session_parsers(sub, with_config) -> None:
+    p = with_config(sub.add_parser(
+        "session", **_raw("sessions: who is (and was) behind an address",
+                          "Sessions bind addresses to subscribers for a while: DHCP leases (tollgate dhcp-hook), "
+                          "RADIUS accounting (tollgate radius serve), portal logins. History is kept.",
+                          "examples:\n  tollgate session who 100.64.7.9 --at '2026-03-03 14:03'\n"
+                          "  tollgate session list --live --subscriber alice\n  tollgate session expire")))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=_operation(cmd_session))
+    p.add_argument("session_action", choices=("who", "list", "expire"),
+                   help="who: who had ADDRESS at --at (default now); list: sessions, oldest first; expire: close "
+                        "those whose expiry passed (lost Stops, leases with no del)")
+    p.add_argument("address", nargs="?", help="an address or prefix (who; list: those on it)")
+    p.add_argument("--at", metavar="TIME", help="YYYY-MM-DD or 'YYYY-MM-DD HH:MM[:SS]', local time of the config")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--live", action="store_true", help="list: only live ones")
+    g.add_argument("--closed", action="store_true", help="list: only ended ones")
+    p.add_argument("--subscriber", help="list: name or id")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--after-id", type=int, default=0, help="list: the page after this session id")
+    p.add_argument("--json", action="store_true")
+
+    p = with_config(sub.add_parser(
+        "binding", **_raw("what binds a DHCP lease to a subscriber: its MAC, client id or circuit id",
+                          "A lease whose MAC (or client id, or option 82 circuit id, see tollgate dhcp-hook --by) "
+                          "is bound to a subscriber becomes that subscriber's session.",
+                          "examples:\n  tollgate binding add alice --mac 52:54:00:12:34:56\n"
+                          "  tollgate binding remove --mac 52:54:00:12:34:56\n  tollgate binding list alice")))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=_operation(cmd_binding))
+    p.add_argument("binding_action", choices=("add", "remove", "list"))
+    p.add_argument("subscriber", nargs="?", help="name or id (add, list)")
+    p.add_argument("--mac")
+    p.add_argument("--client-id")
+    p.add_argument("--circuit-id")
+    p.add_argument("--json", action="store_true")
+
+    p = with_config(sub.add_parser(
+        "radius", **_raw("RADIUS accounting server (RFC 2866): access servers report sessions",
+                         "Listen for Accounting-Request Start, Interim-Update, Stop and Accounting-On/Off from the "
+                         "clients of [[radius.client]] and bind the sessions' addresses to the subscribers named "
+                         "by User-Name. Runs until SIGTERM or SIGINT.",
+                         "example:\n  tollgate radius serve -c /etc/tollgate/tollgate.toml --listen '[::]:1813'")))
+    p.add_argument("action", choices=("serve",))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--listen", action="append", metavar="ADDR[:PORT]",
+                   help="instead of [radius] listen (repeatable; [v6]:port for IPv6)")
+    p.add_argument("--metrics", metavar="ADDR[:PORT]", help="serve Prometheus metrics here (port 9813 by default)")
+    p.set_defaults(func=cmd_radius)
+
+    p = with_config(sub.add_parser(
+        "dhcp-hook", **_raw("the lease script of dnsmasq (--dhcp-script) or Kea (libdhcp_run_script.so)",
+                            "Bind leases to subscribers by their bindings (tollgate binding): dnsmasq's add, old "
+                            "and del; Kea's leases4_committed, lease4_renew, lease4_recover, lease4_release, "
+                            "lease4_expire, lease4_decline. Exit 0 done, 1 refused, 2 garbage arguments.",
+                            "examples (through a wrapper script, see the README):\n"
+                            "  tollgate dhcp-hook -c tollgate.toml dnsmasq add 52:54:00:12:34:56 100.64.7.9\n"
+                            "  tollgate dhcp-hook -c tollgate.toml --server kea1 kea lease4_release")))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--server", help="this DHCP server's name in the sessions (default: dnsmasq or kea)")
+    p.add_argument("--by", default="mac", help="what names the subscriber, in order: mac,client_id,circuit_id")
+    p.add_argument("kind", choices=("dnsmasq", "kea"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="what the DHCP server passes")
+    p.set_defaults(func=cmd_dhcp_hook)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tollgate",
@@ -1179,6 +1340,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = with_config(csub.add_parser("check", help="validate the config and summarise it"))
     p.set_defaults(func=cmd_config_check)
+    _session_parsers(sub, with_config)
     return parser
 
 

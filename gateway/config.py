@@ -89,6 +89,8 @@ class Config:
     wan_interfaces: tuple = ()  # upstream: uploads are shaped here
     admin_networks: tuple = ("127.0.0.0/8", "::1/128")  # who may reach /api/v1 (subscribers reach the port too)
     netflow_exporters: tuple | None = None  # [netflow] exporters: who may send flow records; None: anyone
+    sessions: "SessionSettings" = None  # [sessions]: expiry of sessions whose end never came (issue 15)
+    radius: "RadiusSettings" = None  # [radius]: the accounting server's sockets and clients
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -355,7 +357,8 @@ def _allowlist(gw: dict) -> list[ZoneRule]:
 
 def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify", "netflow"})
+    _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify", "netflow",
+                          "sessions", "radius"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database",
                                 "lan_interfaces", "wan_interfaces", "admin_networks"})
@@ -412,7 +415,108 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     cfg.subscribers = _subscribers(doc, cfg)
     cfg.notify = _notify(doc)
     cfg.netflow_exporters = _netflow_exporters(doc)
+    cfg.sessions = _sessions(doc)
+    cfg.radius = _radius(doc)
     return cfg
+
+
+# ---- sessions and RADIUS accounting (issue 15): additive sections ---------------------------------------------
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """``[sessions]``. A RADIUS session whose Stop was lost ends ``interim_interval * interim_missed + grace``
+    seconds after the last packet of it (the access servers send an Interim-Update every
+    ``interim_interval``); a DHCP lease whose ``del`` never came ends ``dhcp_grace`` after its expiry.
+    Expired sessions are looked for every ``expiry_check`` seconds by the RADIUS server (and on every
+    DHCP hook call, and by ``tollgate session expire``)."""
+
+    interim_interval: int = 300
+    interim_missed: int = 3
+    grace: int = 60
+    dhcp_grace: int = 60
+    expiry_check: float = 5.0
+
+    @property
+    def radius_ttl_ns(self) -> int:
+        return (self.interim_interval * self.interim_missed + self.grace) * 1_000_000_000
+
+
+@dataclass(frozen=True)
+class RadiusClient:
+    name: str
+    network: str  # the addresses its packets come from
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class RadiusSettings:
+    """``[radius]``: ``listen`` (host:port, [v6]:port or a host, port 1813) and ``[[radius.client]]``."""
+
+    listen: tuple = (("127.0.0.1", 1813),)
+    clients: tuple = ()
+
+
+def _sessions(doc: dict) -> SessionSettings:
+    raw = _table(doc, "sessions")
+    _check_keys(raw, "sessions", {"interim_interval", "interim_missed", "grace", "dhcp_grace", "expiry_check"})
+    out = {}
+    for key, lo, hi in (("interim_interval", 1, 86400), ("interim_missed", 1, 100), ("grace", 0, 86400),
+                        ("dhcp_grace", 0, 86400)):
+        if key in raw:
+            v = raw[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"sessions.{key}", f"must be a whole number {lo}..{hi} (seconds or a count)")
+            out[key] = v
+    if "expiry_check" in raw:
+        v = raw["expiry_check"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.05 <= v <= 3600:
+            raise ConfigError("sessions.expiry_check", "must be 0.05..3600 seconds")
+        out["expiry_check"] = float(v)
+    return SessionSettings(**out)
+
+
+def parse_listen(value, where: str, default_port: int = 1813) -> tuple[str, int]:
+    """ "198.18.0.1:1813", "[2001:db8::1]:1813", "::1" or "0.0.0.0" -> (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(where, "must be an address such as \"127.0.0.1:1813\" or \"[::1]:1813\"")
+    text = value.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?", text) or re.fullmatch(r"([0-9.]+)(?::(\d{1,5}))?", text)
+    host, port = (m.group(1), m.group(2)) if m else (text, None)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(where, f"{value!r} is not an IP address with an optional port") from None
+    port = default_port if port is None else int(port)
+    if not 0 <= port <= 65535:
+        raise ConfigError(where, f"port {port} is out of range")
+    return host, port
+
+
+def _radius(doc: dict) -> RadiusSettings:
+    raw = _table(doc, "radius")
+    _check_keys(raw, "radius", {"listen", "client"})
+    listen = tuple(parse_listen(v, f"radius.listen[{i}]") for i, v in enumerate(_list(raw, "listen", "radius.listen")))
+    clients, names = [], set()
+    for i, c in enumerate(_list(raw, "client", "radius.client")):
+        where = f"radius.client[{i}]"
+        if not isinstance(c, dict):
+            raise ConfigError(where, "must be a table ([[radius.client]])")
+        _check_keys(c, where, {"name", "address", "secret"})
+        name = c.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+            raise ConfigError(f"{where}.name", "every client needs a name (letters, digits, . _ @ -)")
+        if name in names:
+            raise ConfigError(f"{where}.name", f"duplicate client {name!r}")
+        names.add(name)
+        try:
+            net = str(ipaddress.ip_network(str(c.get("address", "")).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{where}.address", "must be the address (or network) its packets come from") from None
+        secret = c.get("secret")
+        if not isinstance(secret, str) or not secret or len(secret.encode()) > 128:
+            raise ConfigError(f"{where}.secret", "the shared secret: 1 to 128 bytes of text")
+        clients.append(RadiusClient(name, net, secret.encode()))
+    return RadiusSettings(listen or RadiusSettings.listen, tuple(clients))
 
 
 def _netflow_exporters(doc: dict) -> tuple | None:
