@@ -1059,14 +1059,20 @@ def cmd_radius(args) -> int:
 
 
 def cmd_dhcp_hook(args) -> int:
+    from accounting.operations import OperationError
+
     from .dhcp_hook import main as hook
 
     by = tuple(b.strip() for b in args.by.split(",") if b.strip())
     if not by or not set(by) <= {"mac", "client_id", "circuit_id"}:
         return _fail(f"--by {args.by!r}: a comma-separated list of mac, client_id, circuit_id", EXIT_USAGE)
     cfg = _config(args)
-    with _ledger(args, cfg) as ledger:
-        return hook(args.kind, args.args, cfg, ledger, args.server, by)
+    if args.server is not None and not args.server.strip():
+        return _fail("--server: a name", EXIT_USAGE)
+    try:
+        return hook(args.kind, args.args, cfg, lambda: _ledger(args, cfg), args.server, by)
+    except OperationError as exc:
+        return _fail(str(exc), EXIT_USAGE if exc.status == 422 else EXIT_FAILED)
 
 
 def _session_parsers(sub, with_config) -> None:

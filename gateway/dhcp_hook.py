@@ -200,8 +200,9 @@ def apply(ops: Operations, source: str, server: str, start: list[Lease], stop: l
     return code
 
 
-def main(kind: str, argv: list[str], cfg, ledger, server: str | None, by: tuple, env=None) -> int:
-    """``tollgate dhcp-hook dnsmasq|kea ...``; exit code as the module says."""
+def main(kind: str, argv: list[str], cfg, open_ledger, server: str | None, by: tuple, env=None) -> int:
+    """``tollgate dhcp-hook dnsmasq|kea ...``; exit code as the module says. ``open_ledger()`` is called once
+    the call is known to be good (garbage never opens, let alone creates, the ledger)."""
     from gateway.config import SessionSettings
 
     env = os.environ if env is None else env
@@ -217,6 +218,7 @@ def main(kind: str, argv: list[str], cfg, ledger, server: str | None, by: tuple,
         return 2
     if not start and not stop:
         return 0
-    ops = Operations(ledger, cfg, f"dhcp:{kind}")
     grace = (cfg.sessions or SessionSettings()).dhcp_grace * NS
-    return apply(ops, kind, server or kind, start, stop, by, grace)
+    with open_ledger() as ledger:
+        ops = Operations(ledger, cfg, f"dhcp:{kind}")
+        return apply(ops, kind, server or kind, start, stop, by, grace)
