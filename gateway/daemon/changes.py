@@ -92,6 +92,12 @@ class ChangeFollower:
             if last == self.last_change:
                 return
             self.last_change = last
+            moved = sorted(sid for sid, what in changed.items() if what & {"subscriber", "addresses"})
+            for sid in moved:  # first every network that leaves, then every one that arrives (see release)
+                try:
+                    self.release(sid)
+                except TollgateError as exc:
+                    log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
             for sid, what in sorted(changed.items()):
                 try:
                     if what & {"subscriber", "addresses"}:
@@ -141,6 +147,38 @@ class ChangeFollower:
         finally:
             self.gw.limits.update(sid)
 
+    def release(self, sid: int) -> None:
+        """The first pass over a round of changes: the networks a subscriber
+        no longer has leave the engine and the kernel before any subscriber
+        gets new ones, so that a network handed from one subscriber to
+        another in one round (a session's address replaced, a lease taken
+        again) is never still its old owner's when the new one takes it."""
+        gw = self.gw
+        info = gw.acct.subscribers.get(sid)
+        if info is None:
+            return
+        row = gw.ledger.get_subscriber(sid)
+        if row is None or not row.get("active", 1):
+            self.refresh(sid)  # a deactivation is all leaving
+            return
+        gone = sorted(set(info.addresses) - set(row["addresses"]))
+        if gone:
+            with gw.engine_lock:
+                for net in gone:
+                    gw.acct.engine.remove_address(net)
+                self._drop_networks(sid, gone)
+                info.addresses = tuple(sorted(set(info.addresses) - set(gone)))
+
+    def _drop_networks(self, sid: int, gone) -> None:
+        """Networks already out of the engine leave the kernel (under ``engine_lock``)."""
+        gw = self.gw
+        gw.quiesce()  # every batch rated with those networks is answered: the kernel has counted it
+        if gw.opts.kernel_marked:
+            gw.kernel.forget(sid, gone)
+        with gw.enforcer_lock:
+            gw.enforcer.unblock(gone)
+            gw.enforcer.remove_subscriber_addresses(gone)
+
     def _refresh_engine_and_sets(self, sid: int) -> None:
         """The live balance stays the engine's (the ledger's lags by a flush).
 
@@ -181,12 +219,7 @@ class ChangeFollower:
                 for net in gone:
                     acct.engine.remove_address(net)
             if gone:
-                gw.quiesce()  # every batch rated with those networks is answered: the kernel has counted it
-                if gw.opts.kernel_marked:
-                    gw.kernel.forget(sid, gone)
-                with gw.enforcer_lock:
-                    gw.enforcer.unblock(gone)
-                    gw.enforcer.remove_subscriber_addresses(gone)
+                self._drop_networks(sid, gone)
             if not active:
                 log.info("subscriber %s deactivated live", info.name)
                 return
