@@ -919,6 +919,7 @@ class Operations:
             mine = sessions.live_rows_of_key(db, source, client, key)
             if mine and {r["network"] for r in mine} == set(nets) and all(r["subscriber_id"] == sid for r in mine):
                 sessions.touch_rows(db, [r["id"] for r in mine], now, expires, up, down)
+                mine = sessions.live_rows_of_key(db, source, client, key)  # as touched
                 return {"status": "duplicate", "sessions": [self._session_view(r) for r in mine], "closed": []}
             stale = [r for r in mine if r["network"] not in nets or r["subscriber_id"] != sid]
             kept = [r for r in mine if r not in stale]
@@ -1096,6 +1097,181 @@ class Operations:
     def bindings(self, subscriber=None) -> list[dict]:
         sid = None if subscriber is None else self._row(subscriber)["id"]
         return sessions.bindings_of(self.ledger.db, sid)
+
+    # ---- portal logins and vouchers (issue 15, phase 2) -----------------------------------------------------
+    # A portal session is source "portal", client "portal", keyed by the device's address (the one it logged in
+    # from): it holds that address as a /32 or /128 and, where the gateway knows the device's MAC, the device's
+    # other addresses in the subscribers' networks (its IPv6 next to its IPv4). Logging in again from the same
+    # address renews it; another account logging in from it replaces it (session_start's rule for one source).
+
+    PORTAL = "portal"
+
+    def _device_networks(self, address, others=()) -> list[str]:
+        nets = []
+        for a in [address, *others]:
+            try:
+                ip = ipaddress.ip_interface(str(a).strip())  # an address, or itself as a /32 or /128
+            except ValueError:
+                raise OperationError(f"bad device address {a!r}") from None
+            if ip.network.prefixlen != ip.max_prefixlen:
+                raise OperationError(f"a device's address is one address, not {a!r}")
+            ip = ip.ip
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            net = str(ipaddress.ip_network(ip))
+            if net not in nets:
+                nets.append(net)
+        return nets[:MAX_ADDRESSES]
+
+    def portal_devices(self, subscriber) -> list[str]:
+        """The keys (device addresses) of the subscriber's live portal sessions."""
+        sid = self._row(subscriber)["id"]
+        return [k for (k,) in self.ledger.db.execute(
+            "SELECT DISTINCT session_key FROM sessions WHERE source = 'portal' AND client = 'portal' AND "
+            "subscriber_id = ? AND ended_ns IS NULL ORDER BY session_key", (sid,))]
+
+    def portal_login(self, subscriber, address, others=(), mac: str | None = None, devices: int | None = None,
+                     ends_ns: int | None = None, now: int | None = None) -> dict:
+        """Bind the device at ``address`` (and its ``others``) to ``subscriber`` as a portal session, until
+        ``[sessions] portal_session`` seconds from now or ``ends_ns`` if sooner. ``devices``: at most this many
+        live portal sessions of the subscriber, this device's not counted (409 past it)."""
+        nets = self._device_networks(address, others)
+        key = str(ipaddress.ip_network(nets[0]).network_address)
+        now = self._ns(now)
+        ttl = getattr(getattr(self.config, "sessions", None), "portal_session", 86400) * 10**9
+        expires = now + ttl if ends_ns is None else min(now + ttl, ends_ns)
+        with self.ledger._tx():
+            sid = self._row(subscriber)["id"]
+            if devices is not None:
+                others_live = [k for k in self.portal_devices(sid) if k != key]
+                if len(others_live) >= devices:
+                    raise OperationError(f"this account is in use on {len(others_live)} devices, its limit: log "
+                                         "out on one of them first", 409)
+            return self.session_start(self.PORTAL, self.PORTAL, key, sid, nets, mac, expires, now=now)
+
+    def portal_logout(self, address, subscriber=None, now: int | None = None) -> dict:
+        """End the portal session of the device at ``address`` (of ``subscriber`` only, if given): its
+        addresses leave the account. "unknown" if there is none."""
+        key = str(ipaddress.ip_network(self._device_networks(address)[0]).network_address)
+        rows = sessions.live_rows_of_key(self.ledger.db, self.PORTAL, self.PORTAL, key)
+        if not rows or (subscriber is not None and rows[0]["subscriber_id"] != self._row(subscriber)["id"]):
+            return {"status": "unknown", "sessions": [], "closed": []}
+        return self.session_stop(self.PORTAL, self.PORTAL, key, now=now, reason="logout")
+
+    def generate_vouchers(self, count: int, value=None, volume=None, days: int | None = 1, hours: int | None = None,
+                          devices: int | None = None, tariff: str | None = None, redeem_days: int = 365,
+                          batch: str | None = None) -> list[dict]:
+        """``count`` vouchers for guests: ``value`` (a decimal amount: the guest account's balance) and/or
+        ``volume`` (bytes or text such as "1GB": the account's volume limit, traffic outside the local zone),
+        valid ``days`` (or ``hours``) from the first use, on at most ``devices`` devices at once, redeemable for
+        ``redeem_days``. The account's tariff is ``tariff`` or ``[sessions] voucher_tariff``. Codes are returned
+        this once."""
+        from .money import MoneyError, parse_volume
+
+        units = 0 if value is None else self._amount(value, "value", positive=True)
+        nbytes = None
+        if volume is not None:
+            try:
+                nbytes = parse_volume(volume)
+            except MoneyError as exc:
+                raise OperationError(f"volume: {exc}") from None
+            if not 0 < nbytes < 1 << 62:
+                raise OperationError("a voucher's volume is more than 0 bytes")
+        if units == 0 and nbytes is None:
+            raise OperationError("a voucher holds a value, a volume or both")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+            raise OperationError("a batch has 1 to 100000 vouchers")
+        if hours is not None:
+            if isinstance(hours, bool) or not isinstance(hours, int) or not 1 <= hours <= 24 * 3660:
+                raise OperationError("a voucher lasts 1 hour or more")
+            valid = hours * 3600 * 10**9
+        else:
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3660:
+                raise OperationError("a voucher lasts 1 to 3660 days from its first use")
+            valid = days * 86_400 * 10**9
+        if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int)
+                                    or not 1 <= devices <= 1000):
+            raise OperationError("a device limit is 1 to 1000")
+        if isinstance(redeem_days, bool) or not isinstance(redeem_days, int) or not 1 <= redeem_days <= 3650:
+            raise OperationError("vouchers are redeemable for 1 to 3650 days")
+        tariff = tariff if tariff is not None else getattr(getattr(self.config, "sessions", None), "voucher_tariff",
+                                                           None)
+        if tariff is None:
+            raise OperationError("name the guests' tariff (--tariff, or [sessions] voucher_tariff)")
+        self._tariff(tariff)
+        batch = self._text(batch, "batch", most=64)
+        with self.ledger._tx():
+            try:
+                made = prepaid.generate_vouchers(self.ledger, count, units, self.currency, nbytes, valid, devices,
+                                                 tariff, _now() + redeem_days * 86_400 * 10**9, batch)
+            except prepaid.CardError as exc:
+                raise OperationError(str(exc)) from None
+            self._audit("vouchers.generate", f"vouchers:{made[0][0]}-{made[-1][0]}", None,
+                        {"count": count, "value": self._money(units), "volume": nbytes, "valid_ns": valid,
+                         "devices": devices, "tariff": tariff, **({"batch": batch} if batch else {})})
+        return [{"serial": s, "code": c} for s, c in made]
+
+    def redeem_voucher(self, code: str, address, others=(), mac: str | None = None, now: int | None = None) -> dict:
+        """A guest types a voucher's code on the portal from the device at ``address``: the first use opens the
+        guest account (``guest-<serial>``: the voucher's tariff, value as its balance, volume as its volume
+        limit, valid until first use + validity) in the same transaction that marks the voucher used; every use
+        binds the device as a portal session (:meth:`portal_login`, the voucher's device limit, until the
+        voucher ends). Guessing is limited per address as for cards (prepaid.MAX_FAILURES in WINDOW_NS)."""
+        if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
+            raise OperationError("a voucher's code is 1 to 64 printable characters")
+        nets = self._device_networks(address, others)
+        who = str(ipaddress.ip_network(nets[0]).network_address)
+        now = self._ns(now)
+        if prepaid.voucher_failures(self.ledger, who, now) >= prepaid.MAX_FAILURES:
+            raise OperationError(f"too many wrong codes: try again in {prepaid.WINDOW_NS // 60 // 10**9} minutes", 429)
+        failed = None
+        try:
+            with self.ledger._tx():
+                v = prepaid.voucher_by_code(self.ledger, code)
+                if v is None:
+                    raise OperationError("no voucher has this code", 404)
+                first = v["first_used_ns"] is None
+                if first:
+                    if now >= v["expires_ns"]:
+                        raise OperationError(f"voucher {v['serial']} expired unused", 409)
+                    if v["tariff"] not in self.config.tariffs:
+                        raise OperationError(f"voucher {v['serial']}: its tariff {v['tariff']!r} is not in the "
+                                             "config: ask the front desk", 409)
+                    if v["currency"] != self.currency:
+                        raise OperationError(f"voucher {v['serial']} is in {v['currency']}", 409)
+                    name = f"guest-{v['serial'].lower()}"
+                    sid = self.ledger.add_subscriber(name, v["tariff"], self.currency, v["value"], 0, v["serial"])
+                    if v["volume"] is not None:
+                        self.ledger.set_terms(sid, volume_limit=v["volume"])
+                    done = self.ledger.db.execute(
+                        "UPDATE vouchers SET first_used_ns = ?, ends_ns = ?, subscriber_id = ? WHERE id = ? AND "
+                        "first_used_ns IS NULL", (now, now + v["valid_ns"], sid, v["id"]))
+                    if done.rowcount != 1:
+                        raise OperationError(f"voucher {v['serial']} was redeemed at this moment: try again", 409)
+                    v = prepaid.voucher_by_code(self.ledger, code)
+                    self._audit("voucher.redeem", f"subscriber:{sid}", None,
+                                {"serial": v["serial"], "value": self._money(v["value"]), "volume": v["volume"],
+                                 "ends_ns": v["ends_ns"], "tariff": v["tariff"]})
+                elif now >= v["ends_ns"]:
+                    raise OperationError(f"voucher {v['serial']} ended", 409)
+                sid = v["subscriber_id"]
+                row = self._row(sid)
+                if not row["active"]:
+                    raise OperationError(f"voucher {v['serial']}: its account is closed", 409)
+                session = self.portal_login(sid, nets[0], nets[1:], mac, v["devices"], v["ends_ns"], now)
+        except OperationError as exc:
+            failed = exc
+        if failed is not None:
+            if failed.status == 404:  # a wrong code, not a refusal of a right one: counts towards the limit
+                prepaid.voucher_attempt(self.ledger, who, now, False)
+            raise failed
+        prepaid.voucher_attempt(self.ledger, who, now, True)
+        return {"serial": v["serial"], "subscriber_id": sid, "subscriber": row["name"], "first_use": first,
+                "ends_ns": v["ends_ns"], "value": self._money(v["value"]), "volume": v["volume"],
+                "devices": v["devices"], "session": session}
+
+    def voucher_of(self, subscriber) -> dict | None:
+        """The voucher a guest account was opened with (None: not a guest account)."""
+        return prepaid.voucher_of(self.ledger, self._row(subscriber)["id"])
 
 _NO_TERMS = (None,) * (len(Ledger.BULK_COLUMNS) - 10)
 _IMPORT_FIELDS = frozenset(bulk.FIELDS)

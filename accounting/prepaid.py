@@ -103,3 +103,65 @@ def activate(ledger: Ledger, subscriber, code: str, now: int | None = None) -> d
     with ledger._tx():
         ledger.db.execute("INSERT INTO card_attempts (subscriber_id, ts_ns, ok) VALUES (?, ?, 1)", (sid, now))
     return {"serial": serial, "value": value, "payment_id": payment}
+
+
+# ---- vouchers (schema 18): a card that opens a guest account on first use --------------------------------------
+# The same codes as cards (16 characters of Crockford's base 32, only the SHA-256 kept); what a voucher is worth
+# (money, volume or both), how long it lasts from its first use and on how many devices at once are its own.
+# The account and the device's session are accounting.operations' (redeem_voucher), in one transaction with
+# the voucher's first use, so a voucher opens one account, even when two devices race.
+
+def generate_vouchers(ledger: Ledger, count: int, value: int, currency: str, volume: int | None, valid_ns: int,
+                      devices: int | None, tariff: str, expires_ns: int, batch: str | None = None
+                      ) -> list[tuple[str, str]]:
+    """``count`` vouchers; ``(serial, code)`` pairs, the only time the codes exist in clear."""
+    if not 1 <= count <= 100_000:
+        raise CardError("a batch has 1 to 100000 vouchers")
+    if value < 0 or (value == 0 and volume is None):
+        raise CardError("a voucher holds a value, a volume or both")
+    if volume is not None and volume <= 0 or valid_ns <= 0 or devices is not None and devices <= 0:
+        raise CardError("a voucher's volume, validity and device limit are positive")
+    now = time.time_ns()
+    if expires_ns <= now:
+        raise CardError("the expiry must be in the future")
+    batch = batch or time.strftime("v%Y%m%d-%H%M%S", time.gmtime(now // 10 ** 9))
+    out = []
+    with ledger._tx():
+        start = ledger.db.execute("SELECT coalesce(max(id), 0) FROM vouchers").fetchone()[0]
+        for k in range(count):
+            code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+            serial = f"V{start + k + 1:07d}"
+            ledger.db.execute("INSERT INTO vouchers (batch, serial, code_sha256, value, currency, volume, valid_ns, "
+                              "devices, tariff, created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              (batch, serial, _digest(code), value, currency, volume, valid_ns, devices, tariff, now,
+                               expires_ns))
+            out.append((serial, "-".join(code[i:i + 4] for i in range(0, CODE_LENGTH, 4))))
+    return out
+
+
+VOUCHER_COLUMNS = ("id", "batch", "serial", "value", "currency", "volume", "valid_ns", "devices", "tariff",
+                   "created_ns", "expires_ns", "first_used_ns", "ends_ns", "subscriber_id")
+
+
+def voucher_by_code(ledger: Ledger, code: str) -> dict | None:
+    row = ledger.db.execute(f"SELECT {', '.join(VOUCHER_COLUMNS)} FROM vouchers WHERE code_sha256 = ?",
+                            (_digest(code),)).fetchone()
+    return None if row is None else dict(zip(VOUCHER_COLUMNS, row))
+
+
+def voucher_of(ledger: Ledger, subscriber_id: int) -> dict | None:
+    """The voucher whose guest account ``subscriber_id`` is, or None."""
+    row = ledger.db.execute(f"SELECT {', '.join(VOUCHER_COLUMNS)} FROM vouchers WHERE subscriber_id = ?",
+                            (subscriber_id,)).fetchone()
+    return None if row is None else dict(zip(VOUCHER_COLUMNS, row))
+
+
+def voucher_failures(ledger: Ledger, address: str, now: int) -> int:
+    return ledger.db.execute("SELECT count(*) FROM voucher_attempts WHERE address = ? AND ok = 0 AND ts_ns > ?",
+                             (address, now - WINDOW_NS)).fetchone()[0]
+
+
+def voucher_attempt(ledger: Ledger, address: str, now: int, ok: bool) -> None:
+    with ledger._tx():
+        ledger.db.execute("INSERT INTO voucher_attempts (address, ts_ns, ok) VALUES (?, ?, ?)",
+                          (address, now, int(ok)))

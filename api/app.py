@@ -223,8 +223,13 @@ def portal_login_url(request: Request) -> str:
     return f"http://{host}{'' if port in (80, None) else f':{port}'}/portal/login"
 
 
-def render_block_page(info: dict | None, address: str, login_url: str = "/portal/login") -> str:
+def render_block_page(info: dict | None, address: str, login_url: str = "/portal/login", guests: bool = False) -> str:
     esc = html.escape
+    if info is None and guests:  # [sessions] portal_login (issue 15): a guest's device logs in or redeems a voucher
+        return PAGE.format(title="Log in to use the Internet", body=(
+            f"<p>This device ({esc(address)}) is not logged in.</p><p>Redeem a voucher or log in to your "
+            f'account:</p><p><a class=button id=portal-login href="{esc(login_url)}">Log in or redeem a voucher'
+            "</a></p>"))
     if info is None:
         return PAGE.format(title="Not a subscriber", body=f"<p>The address {esc(address)} belongs to no subscriber "
                                                          "of this network. Ask the operator to register it.</p>")
@@ -340,10 +345,11 @@ def create_app(view: GatewayView) -> FastAPI:
             return JSONResponse({"detail": "no such API path"}, 404)
         address = request.client.host if request.client else ""
         info = view.subscriber_page(address)
-        status = 511 if info is not None and info["blocked"] else 200
+        guests = bool(getattr(getattr(view.config, "sessions", None), "portal_login", False))
+        status = 511 if info is not None and info["blocked"] or info is None and guests else 200
         # Connection: close, because a connection the kernel redirected here stays redirected: a browser
         # keeping it alive would go on getting this page from the "upstream" after a top-up
-        return HTMLResponse(render_block_page(info, address, portal_login_url(request)), status_code=status,
+        return HTMLResponse(render_block_page(info, address, portal_login_url(request), guests), status_code=status,
                             headers={"Cache-Control": "no-store", "Connection": "close"})
 
     return app

@@ -266,9 +266,14 @@ def find_subscriber(ledger, login: str) -> int | None:
 # ---- pages ----------------------------------------------------------------------------------
 
 def login_page(message: str = "", login: str = "", status: int = 200, kind: str = "error",
-               headers: dict | None = None) -> HTMLResponse:
+               headers: dict | None = None, vouchers: bool = False) -> HTMLResponse:
     esc = html.escape
     note = f"<p class={kind} role=alert>{esc(message)}</p>" if message else ""
+    if vouchers:  # [sessions] portal_login: a guest's device is bound by a voucher (or a login) here
+        note += ("<h2>Have a voucher?</h2><form class=inline method=post action=\"/portal/voucher\">"
+                 "<input id=voucher name=code required maxlength=64 placeholder=XXXX-XXXX-XXXX-XXXX autocomplete=off "
+                 "aria-label='voucher code'><button type=submit id=redeem>Go online</button></form>"
+                 "<h2>Or log in to your account</h2>")
     body = f"""<h1>Log in to your account</h1>
 {note}
 <form method=post action="/portal/login">
@@ -359,6 +364,15 @@ def account_page(view, ledger, sid: int, token: str, flash: tuple[str, str] | No
         f"<tr><th>Tariff</th><td id=tariff>{esc(row['tariff'])}{change}</td></tr>"
         "</table>")
 
+    voucher = ops.voucher_of(sid)
+    if voucher is not None:  # a guest account (issue 15): what its voucher holds, and until when
+        held = [format_amount(voucher["value"], currency)] if voucher["value"] else []
+        if voucher["volume"] is not None:
+            held.append(f"{format_volume(voucher['volume'])} of traffic")
+        devices = ops.portal_devices(sid)
+        parts.append(f"<p id=voucher>Voucher {esc(voucher['serial'])}: {esc(' and '.join(held))}, valid until "
+                     f"{when(voucher['ends_ns'])}; online devices: {len(devices)}"
+                     + (f" of {voucher['devices']}" if voucher["devices"] else "") + ".</p>")
     parts.append("<h2>Top up with a prepaid card</h2>"
                  "<form class=inline method=post action=/portal/card>"
                  f"<input type=hidden name=csrf value='{esc(token)}'>"
@@ -427,6 +441,56 @@ def _blocked_page(title: str, text: str, status: int, retry_after: float | None 
                  f"<p><a href='{back}'>Back</a></p>", title, status, headers)
 
 
+# ---- devices (portal logins, issue 15 phase 2) ---------------------------------------------------------------
+
+def bindable(ledger, address: str) -> bool:
+    """Whether a portal login may bind ``address``: it belongs to no one, or only to a portal session (a device
+    logging in again, or another account from the same device: the newer login replaces it)."""
+    from accounting import sessions
+
+    from .app import owner_of
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    if owner_of(ledger, str(ip)) is None:
+        return not sessions.who(ledger.db, str(ip), None)  # nor an inactive subscriber's static address
+    live = sessions.live_row_on(ledger.db, str(ipaddress.ip_network(ip)))
+    return live is not None and live["source"] == "portal" and not any(
+        r.get("static") or r["network"] != live["network"] for r in sessions.who(ledger.db, str(ip), None))
+
+
+def device_neighbours(address: str) -> tuple[str | None, list[str]]:
+    """(MAC, the other global addresses with that MAC) of the device at ``address``, from the kernel's
+    neighbour table of the namespace the portal runs in (the gateway's): a dual-stack device that logs in over
+    IPv4 gets its IPv6 addresses bound too, as far as the gateway has seen them. (None, []) if unknown."""
+    import json
+    import subprocess
+
+    try:
+        got = subprocess.run(["ip", "-j", "neigh", "show"], capture_output=True, text=True, timeout=2, check=False)
+        table = json.loads(got.stdout or "[]")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None, []
+    mac = next((n.get("lladdr") for n in table if n.get("dst") == address and n.get("lladdr")), None)
+    if mac is None:
+        return None, []
+    others = []
+    for n in table:
+        if n.get("lladdr") != mac or n.get("dst") == address or "FAILED" in n.get("state", []):
+            continue
+        try:
+            ip = ipaddress.ip_address(n["dst"])
+        except (KeyError, ValueError):
+            continue
+        if ip.is_global or ip in ipaddress.ip_network("100.64.0.0/10") or (ip.version == 6 and not ip.is_link_local
+                                                                           and not ip.is_multicast):
+            others.append(str(ip))
+    return mac.lower(), sorted(set(others))
+
+
 # ---- the router ------------------------------------------------------------------------------
 
 def portal_router(view) -> APIRouter:
@@ -469,11 +533,86 @@ def portal_router(view) -> APIRouter:
         query = urlencode({"kind": kind, "msg": text, "sig": _mac(secret(), b"flash", cookie, kind, text)})
         return _redirect(f"/portal?{query}")
 
+    # ---- portal logins bind devices ([sessions] portal_login; issue 15, phase 2) ----------------------------
+
+    def guests() -> bool:
+        return bool(getattr(getattr(view.config, "sessions", None), "portal_login", False))
+
+    def device(request: Request) -> tuple[str, list[str], str | None]:
+        """(the client's address, the device's other addresses the portal may bind, its MAC or None)."""
+        client = _client(request)
+        finder = getattr(view, "device_neighbours", None) or device_neighbours
+        mac, others = finder(client)
+        ledger = view.thread_ledger()
+        local = [ipaddress.ip_network(n) for n in view.config.zones.local_networks]
+        others = [a for a in others if a != client and any(ipaddress.ip_address(a) in n for n in local)
+                  and bindable(ledger, a)]
+        return client, others, mac
+
+    def local_address(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        return any(ip in ipaddress.ip_network(n) for n in view.config.zones.local_networks)
+
+    def bind_device(request: Request, sid: int) -> tuple[str, str] | None:
+        """After a password login: the device is bound unless its address is someone's already (a static
+        address, another source's session); a flash message (kind, text) when something is worth saying."""
+        client, others, mac = device(request)
+        ledger = view.thread_ledger()
+        if not local_address(client) or not bindable(ledger, client):
+            return None  # the subscriber's own address, or another's: logged in, nothing bound
+        try:
+            Operations(ledger, view.config, f"portal:{sid}").portal_login(sid, client, others, mac)
+        except OperationError as exc:
+            return "error", f"Logged in, but this device was not connected: {exc}."
+        view.refresh_subscriber(sid)
+        return "ok", "Logged in: this device is online."
+
+    @router.post("/portal/voucher", response_class=HTMLResponse)
+    def voucher(request: Request, fields: dict = Depends(form_fields)):
+        if not guests():
+            raise HTTPException(404, "vouchers are not redeemed here ([sessions] portal_login)")
+        if not same_origin(request):
+            return _blocked_page("Refused", "This form was sent from another site.", 403, back="/portal/login")
+        client, others, mac = device(request)
+        if not local_address(client) or not bindable(view.thread_ledger(), client):
+            return login_page("This device's address belongs to a subscriber already: a voucher cannot take it.",
+                              status=409, vouchers=True)
+        code = fields.get("code", "").strip()
+        if not code or len(code) > 64:
+            return login_page("Type the code printed on the voucher.", status=422, vouchers=True)
+        keys = (("voucher-address", client),)
+        wait = logins.begin(keys)
+        if wait > 0:
+            return login_page("Too many wrong codes. Wait a minute and try again.", status=429, vouchers=True,
+                              headers={"Retry-After": str(int(wait) + 1)})
+        failed = True
+        try:
+            done = Operations(view.thread_ledger(), view.config, f"portal:{client}").redeem_voucher(
+                code, client, others, mac)
+            failed = False
+        except OperationError as exc:
+            log.info("portal: voucher refused for %s: %s", client, exc)
+            return login_page(f"The voucher was not accepted: {exc}.", status=exc.status, vouchers=True)
+        finally:
+            logins.end(keys, failed=failed)
+        sid = done["subscriber_id"]
+        view.refresh_subscriber(sid)
+        cookie = SessionSigner(secret()).issue(str(sid), AUDIENCE, SESSION_TTL_S)
+        until = dt.datetime.fromtimestamp(done["ends_ns"] / 1e9, ZoneInfo(getattr(view.config, "timezone", "UTC")
+                                                                           or "UTC")).strftime("%Y-%m-%d %H:%M")
+        answer = back_with(cookie, "ok", f"Voucher {done['serial']} accepted: this device is online until {until}.")
+        answer.set_cookie(COOKIE, cookie, max_age=SESSION_TTL_S, path="/portal", httponly=True, samesite="lax")
+        return answer
+
     @router.get("/portal/login", response_class=HTMLResponse)
     def login_form(request: Request, out: str | None = None):
         if session(request) is not None:
             return _redirect("/portal")
-        return login_page("You are logged out." if out else "", kind="ok")
+        return login_page("You are logged out." if out else "", kind="ok", vouchers=guests())
 
     @router.post("/portal/login", response_class=HTMLResponse)
     def login(request: Request, fields: dict = Depends(form_fields)):
@@ -491,7 +630,7 @@ def portal_router(view) -> APIRouter:
         wait = logins.begin(keys)
         if wait > 0:
             return login_page("Too many failed logins. Wait a minute and try again.", typed, 429,
-                              headers={"Retry-After": str(int(wait) + 1)})
+                              headers={"Retry-After": str(int(wait) + 1)}, vouchers=guests())
         ok = False
         try:
             ok = PortalPasswords(ledger).verify(sid, password)  # sid None: the same scrypt work, then False
@@ -499,9 +638,13 @@ def portal_router(view) -> APIRouter:
             logins.end(keys, failed=not ok)
         if not ok:
             log.info("portal: failed login from %s", _client(request))
-            return login_page("Login failed: check what you typed and try again.", typed, 401)
+            return login_page("Login failed: check what you typed and try again.", typed, 401, vouchers=guests())
         cookie = SessionSigner(secret()).issue(str(sid), AUDIENCE, SESSION_TTL_S)
         answer = _redirect("/portal")
+        if guests():  # [sessions] portal_login: a device that belongs to no one is the account's from now
+            note = bind_device(request, sid)
+            if note is not None:
+                answer = back_with(cookie, *note)
         # not Secure: the portal is served over plain HTTP on the subscribers' own network
         answer.set_cookie(COOKIE, cookie, max_age=SESSION_TTL_S, path="/portal", httponly=True, samesite="lax")
         return answer
@@ -565,6 +708,11 @@ def portal_router(view) -> APIRouter:
         current = checked_post(request, fields)
         if isinstance(current, Response) and current.status_code != 303:
             return current
+        if not isinstance(current, Response) and guests():  # the device's portal session ends with it
+            sid = current[0]
+            gone = Operations(view.thread_ledger(), view.config, f"portal:{sid}").portal_logout(_client(request), sid)
+            if gone["status"] == "stopped":
+                view.refresh_subscriber(sid)
         answer = _redirect("/portal/login?out=1")
         answer.delete_cookie(COOKIE, path="/portal", httponly=True, samesite="lax")
         return answer

@@ -416,6 +416,8 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     cfg.notify = _notify(doc)
     cfg.netflow_exporters = _netflow_exporters(doc)
     cfg.sessions = _sessions(doc)
+    if cfg.sessions.voucher_tariff is not None and cfg.sessions.voucher_tariff not in cfg.tariffs:
+        raise ConfigError("sessions.voucher_tariff", f"unknown tariff {cfg.sessions.voucher_tariff!r}")
     cfg.radius = _radius(doc)
     return cfg
 
@@ -435,6 +437,12 @@ class SessionSettings:
     grace: int = 60
     dhcp_grace: int = 60
     expiry_check: float = 5.0
+    # portal logins (phase 2): an address that belongs to no one gets the portal (its tcp/80 redirected, the rest
+    # of what it forwards rejected in the kernel, policy/nft.py "guests"); logging in or redeeming a voucher
+    # binds it for at most portal_session seconds; vouchers open accounts of voucher_tariff unless they name one
+    portal_login: bool = False
+    portal_session: int = 86400
+    voucher_tariff: str | None = None
 
     @property
     def radius_ttl_ns(self) -> int:
@@ -458,10 +466,19 @@ class RadiusSettings:
 
 def _sessions(doc: dict) -> SessionSettings:
     raw = _table(doc, "sessions")
-    _check_keys(raw, "sessions", {"interim_interval", "interim_missed", "grace", "dhcp_grace", "expiry_check"})
+    _check_keys(raw, "sessions", {"interim_interval", "interim_missed", "grace", "dhcp_grace", "expiry_check",
+                                  "portal_login", "portal_session", "voucher_tariff"})
     out = {}
+    if "portal_login" in raw:
+        if not isinstance(raw["portal_login"], bool):
+            raise ConfigError("sessions.portal_login", "must be true or false")
+        out["portal_login"] = raw["portal_login"]
+    if "voucher_tariff" in raw:
+        if not isinstance(raw["voucher_tariff"], str) or not raw["voucher_tariff"]:
+            raise ConfigError("sessions.voucher_tariff", "must name a tariff")
+        out["voucher_tariff"] = raw["voucher_tariff"]
     for key, lo, hi in (("interim_interval", 1, 86400), ("interim_missed", 1, 100), ("grace", 0, 86400),
-                        ("dhcp_grace", 0, 86400)):
+                        ("dhcp_grace", 0, 86400), ("portal_session", 60, 366 * 86400)):
         if key in raw:
             v = raw[key]
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
