@@ -23,7 +23,8 @@ import ipaddress
 
 from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, BLOCK_VOLUME as _BLOCK_VOLUME, EV_BLOCK as _EV_BLOCK,
                         EV_UNBLOCK as _EV_UNBLOCK, MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
-from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_reason, check_subscriber_id, check_volume,
+from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_grant_allowance, check_reason,
+                        check_subscriber_id, check_volume,
                         check_volume_left, compile_rules, parse_network, validate_engine_args, validate_tariff,
                         validate_timeline)
 from .errors import EngineError
@@ -1216,6 +1217,91 @@ cdef class EngineC:
             raise EngineError(f"rate_volume: {nbytes} bytes would take subscriber {sid}'s balance or counters "
                               f"out of 64 bits; drain first or rate less at once")
         return events_to_python(events, n_events)
+
+    # ---- grants (the eBPF data path: gateway/daemon/grants.py) ----------------
+
+    def quote_bytes(self, sid, zone, direction, nbytes, ts_ns, allowance=None):
+        """What ``rate_volume`` of ``nbytes`` would charge now; see ``EnginePy.quote_bytes``."""
+        zone, direction, _n, _p, ts_ns = check_volume(self.n_zones, zone, direction, 0, 0, ts_ns)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes <= UINT64_MAX:
+            raise EngineError(f"quote_bytes: nbytes must be 0..2**64-1, not {nbytes!r}")
+        cdef int64_t view[TG_MAX_BUCKETS]
+        cdef uint64_t n = nbytes, take
+        cdef tg_u128 amount = 0
+        cdef int b, z = zone, d = direction
+        cdef tg_sub *s = self._grant_view(sid, allowance, view)
+        cdef const tg_tariff *t = &self.tariffs[s.tariff]
+        cdef tg_counter *c = &self.counters[(<size_t> (<uint32_t> sid) * self.n_zones + z) * 2 + d]
+        cdef int slot = self.tl_slots[self._slot_index(ts_ns)]
+        tg_lock(&s.lock)
+        for b in range(t.n_buckets):
+            if n and (t.bucket_zones[b] >> z) & 1 and (t.bucket_dirs[b] >> d) & 1 and view[b] > 0:
+                take = n if n < <uint64_t> view[b] else <uint64_t> view[b]
+                n -= take
+                amount += <tg_u128> take * <tg_u128> t.bucket_price[b]
+        amount += <tg_u128> n * <tg_u128> t.prices[(z * 2 + d) * self.n_slots + slot]
+        amount += <tg_u128> (c.packets_carry & CARRY_MASK)
+        tg_unlock(&s.lock)
+        return ((int(<uint64_t> (amount >> 64)) << 64) | int(<uint64_t> amount)) // PRICE_SCALE
+
+    def affordable_bytes(self, sid, zone, direction, ts_ns, budget=None, allowance=None):
+        """The most bytes ``sid`` can pass in ``zone``/``direction`` now; see ``EnginePy.affordable_bytes``."""
+        zone, direction, _n, _p, ts_ns = check_volume(self.n_zones, zone, direction, 0, 0, ts_ns)
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise EngineError(f"affordable_bytes: budget is None or an int, not {budget!r}")
+        cdef int64_t view[TG_MAX_BUCKETS]
+        cdef int b, z = zone, d = direction
+        cdef tg_sub *s = self._grant_view(sid, allowance, view)
+        cdef const tg_tariff *t = &self.tariffs[s.tariff]
+        cdef tg_counter *c = &self.counters[(<size_t> (<uint32_t> sid) * self.n_zones + z) * 2 + d]
+        cdef int slot = self.tl_slots[self._slot_index(ts_ns)]
+        cdef int64_t price, q, balance, credit, carry, volume_left
+        cdef bint vol
+        tg_lock(&s.lock)
+        price = t.prices[(z * 2 + d) * self.n_slots + slot]
+        balance, credit, carry = s.balance, s.credit, <int64_t> (c.packets_carry & CARRY_MASK)
+        vol = s.vol_on and (self.volume_zones >> z) & 1
+        volume_left = s.volume_left
+        tg_unlock(&s.lock)
+        # the arithmetic in Python ints (no overflow to reason about; this is not per packet)
+        if budget is None:
+            budget = balance + credit
+        room = (max(budget, 0) + 1) * PRICE_SCALE - 1 - carry
+        n = 0
+        finite = False
+        for b in range(t.n_buckets):
+            if not ((t.bucket_zones[b] >> z) & 1 and (t.bucket_dirs[b] >> d) & 1 and view[b] > 0):
+                continue
+            q = t.bucket_price[b]
+            if q == 0 or view[b] * q <= room:
+                n += view[b]
+                room -= view[b] * q
+            else:
+                n += room // q
+                finite = True
+                break
+        if not finite:
+            n = UINT64_MAX if price == 0 else n + room // price
+        n = min(n, UINT64_MAX)
+        if vol:
+            n = min(n, max(0, volume_left))
+        return n
+
+    cdef tg_sub *_grant_view(self, sid, allowance, int64_t *view) except NULL:
+        """The subscriber, and in ``view`` the bucket bytes to draw on (its own, or ``allowance``)."""
+        cdef tg_sub *s = self._sub(sid)
+        cdef int b, n = self.tariffs[s.tariff].n_buckets
+        cdef int64_t *own = self.allowance + <size_t> (<uint32_t> sid) * self.bucket_stride
+        if allowance is None:
+            tg_lock(&s.lock)
+            for b in range(n):
+                view[b] = own[b]
+            tg_unlock(&s.lock)
+        else:
+            values = check_grant_allowance(allowance, (), n)
+            for b in range(n):
+                view[b] = values[b]
+        return s
 
     cdef Py_ssize_t process_c(self, tg_batch *b, tg_event *events) noexcept nogil:
         """Account every packet of ``b`` and write its verdict; returns the

@@ -328,6 +328,17 @@ def as_int64(value, what: str) -> int:
     return value
 
 
+def check_grant_allowance(allowance, own, n_buckets: int) -> list[int]:
+    """``allowance`` of quote_bytes/affordable_bytes: None (the subscriber's
+    own, ``own``) or one non-negative int64 per bucket of its tariff."""
+    if allowance is None:
+        return list(own)
+    allowance = [as_int64(a, "allowance") for a in allowance]
+    if len(allowance) != n_buckets or any(a < 0 for a in allowance):
+        raise EngineError(f"allowance is one non-negative volume per bucket of the tariff ({n_buckets})")
+    return allowance
+
+
 def check_reason(reason) -> None:
     """A block reason is one or more of the BLOCK_* bits."""
     if isinstance(reason, bool) or not isinstance(reason, int) or reason <= 0 or reason & ~BLOCK_ANY:
@@ -857,6 +868,65 @@ class EnginePy:
                 events.append(Event(EV_WARN, sid, -1, sub.warned, sub.balance))
                 sub.warned += 1
         return events
+
+    # ---- grants (the eBPF data path: gateway/daemon/grants.py) ----------------
+
+    def _grant_view(self, sid: int, zone, direction, ts_ns, allowance):
+        """Checked arguments of quote_bytes/affordable_bytes: (sub, tariff, allowance, price, carry)."""
+        zone, direction, _n, _p, ts_ns = check_volume(self.n_zones, zone, direction, 0, 0, ts_ns)
+        sub = self._sub(sid)
+        tariff = self._tariffs[sub.tariff]
+        allowance = check_grant_allowance(allowance, sub.allowance, len(tariff.buckets))
+        price = tariff.prices[(zone * 2 + direction) * self.n_slots + self._slot(ts_ns)]
+        return sub, tariff, allowance, price, sub.carry.get((zone, direction), 0)
+
+    def quote_bytes(self, sid: int, zone: int, direction: int, nbytes: int, ts_ns: int,
+                    allowance: Sequence[int] | None = None) -> int:
+        """What ``rate_volume(sid, zone, direction, nbytes, _, ts_ns)`` would
+        charge now (minor units), changing nothing: the buckets drawn on in
+        order (``allowance``: bytes left per bucket to draw on instead of the
+        subscriber's own), the slot's price for the rest, the carry."""
+        sub, tariff, allowance, price, carry = self._grant_view(sid, zone, direction, ts_ns, allowance)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes <= UINT64_MAX:
+            raise EngineError(f"quote_bytes: nbytes must be 0..2**64-1, not {nbytes!r}")
+        _drawn, amount, remaining = _draw(tariff, allowance, zone, direction, nbytes)
+        return (amount + remaining * price + carry) // PRICE_SCALE
+
+    def affordable_bytes(self, sid: int, zone: int, direction: int, ts_ns: int, budget: int | None = None,
+                         allowance: Sequence[int] | None = None) -> int:
+        """The most bytes of ``zone`` and ``direction`` that ``sid`` can pass
+        at the time slot of ``ts_ns``: the largest n whose
+        :meth:`quote_bytes` is 0 or at most ``budget`` (minor units; None:
+        balance + credit), free volume and tiers (``allowance``, as in
+        quote_bytes) drawn on first, and no more than the volume limit leaves
+        when the zone counts toward it. ``UINT64_MAX`` (the eBPF program's
+        GRANT_FREE) when no number of bytes would ever cost anything and no
+        volume limit applies. Changes nothing."""
+        sub, tariff, allowance, price, carry = self._grant_view(sid, zone, direction, ts_ns, allowance)
+        if budget is None:
+            budget = sub.balance + sub.credit
+        elif isinstance(budget, bool) or not isinstance(budget, int):
+            raise EngineError(f"affordable_bytes: budget is None or an int, not {budget!r}")
+        # amounts (minor units * PRICE_SCALE) n bytes may come to: floor((carry + amount) / SCALE) <= budget,
+        # or the cost is 0, which always passes (step 5 of the module docstring)
+        room = (max(budget, 0) + 1) * PRICE_SCALE - 1 - carry
+        n = 0
+        for b, (zone_mask, dir_mask, bucket_price) in enumerate(tariff.buckets):
+            if not (zone_mask >> zone & 1 and dir_mask >> direction & 1 and allowance[b] > 0):
+                continue
+            if bucket_price == 0 or allowance[b] * bucket_price <= room:
+                n += allowance[b]
+                room -= allowance[b] * bucket_price
+            else:
+                n += room // bucket_price
+                return self._volume_cap(sub, zone, min(n, UINT64_MAX))
+        n = UINT64_MAX if price == 0 else min(UINT64_MAX, n + room // price)
+        return self._volume_cap(sub, zone, n)
+
+    def _volume_cap(self, sub: Subscriber, zone: int, n: int) -> int:
+        if sub.volume_left is not None and self.volume_zones >> zone & 1:
+            return min(n, max(0, sub.volume_left))
+        return n
 
     def process(self, batch) -> list[Event]:
         """Account every packet of ``batch``, write its verdicts, return events."""
