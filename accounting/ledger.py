@@ -845,6 +845,32 @@ class Ledger:
             self._check_bounds("usage", since, until, 1)
             return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
 
+    def period_totals(self, since_ns: dict[int, int], until_ns: int) -> tuple[dict, dict]:
+        """For a restart, in two scans whatever the number of subscribers:
+        ``({sid: {(zone, direction): bytes}}, {sid: prevailing charged})``
+        over each subscriber's own period, from ``since_ns[sid]`` (its
+        minute, as :meth:`usage` counts it, and its postings) up to
+        ``until_ns``; the same sums as :meth:`usage` and :meth:`postings` of
+        each, and the same refusal of a bound inside a rolled-up bucket."""
+        until_minute = until_ns // 1_000_000_000 + 60
+        with _Snapshot(self.db.conn):
+            for since in set(since_ns.values()):
+                self._check_bounds("usage", since // 1_000_000_000, until_minute, 1)
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS period_start (sid INTEGER PRIMARY KEY, since_ns INTEGER)")
+            self.db.execute("DELETE FROM temp.period_start")
+            self.db.conn.executemany("INSERT INTO temp.period_start VALUES (?, ?)", since_ns.items())
+            volumes: dict[int, dict] = {}
+            for sid, zone, direction, nbytes in self.db.execute(
+                    "SELECT u.subscriber_id, u.zone, u.direction, sum(u.bytes) FROM temp.period_start p"
+                    " JOIN usage u ON u.subscriber_id = p.sid AND u.minute >= p.since_ns / 1000000000"
+                    " AND u.minute < ? GROUP BY 1, 2, 3", (until_minute,)):
+                volumes.setdefault(sid, {})[(zone, direction)] = nbytes
+            prevailing = dict(self.db.execute(
+                "SELECT p.sid, sum(x.amount) FROM temp.period_start p JOIN postings x ON x.subscriber_id = p.sid"
+                " AND x.ts_ns >= p.since_ns AND x.ts_ns < ? WHERE x.kind = 'prevailing' GROUP BY 1", (until_ns,)))
+            self.db.execute("DELETE FROM temp.period_start")
+        return volumes, prevailing
+
     def usage_by_zone(self, subscriber, since_minute: int = 0) -> list[dict]:
         """One subscriber's usage per zone and direction since ``since_minute`` (the block page)."""
         return [{k: v for k, v in u.items() if k != "subscriber_id"}

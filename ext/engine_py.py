@@ -111,6 +111,7 @@ from .constants import (
     PRICE_SCALE,
     UPLOAD,
 )
+from . import netaddr
 from .errors import EngineError
 
 INT64_MIN = -(1 << 63)
@@ -181,10 +182,9 @@ class EngineStats(NamedTuple):
 def parse_network(network: str) -> tuple[int, int, int]:
     """``"100.64.0.0/10"`` -> (family 4|6, network as int, prefix length)."""
     try:
-        net = ipaddress.ip_network(network, strict=True)
-    except ValueError as exc:
+        return netaddr.parse(network, strict=True)
+    except (TypeError, ValueError) as exc:
         raise EngineError(f"bad network {network!r}: {exc}") from None
-    return net.version, int(net.network_address), net.prefixlen
 
 
 def check_rule(rule: ZoneRule) -> None:

@@ -76,6 +76,7 @@ class Accountant:
         self.engine.set_zones(cfg.zones.rules())
         self.engine.set_allowlist(cfg.allowlist)
         self.config = cfg
+        self.seeds = {seed.name: seed for seed in cfg.subscribers}  # terms_for's look-up, once per config
         self.tariff_ids = cfg.tariff_ids()
         known = getattr(self, "engine_tariffs", {})  # a reload re-prices the discounted copies in place
         self.engine_tariffs: dict[tuple[str, int], int] = {}
@@ -118,7 +119,7 @@ class Accountant:
         it): what the ledger sets for it, else its config entry, else its
         group's, else its tariff's (``tariff`` overrides the row's)."""
         tariff = tariff or row["tariff"]
-        seed = next((s for s in self.config.subscribers if s.name == row["name"]), None)
+        seed = self.seeds.get(row["name"])
         group_name = row.get("group_name") or (seed.group if seed else None)
         group = self.config.groups.get(group_name) if group_name else None
         if group_name and group is None:
@@ -359,12 +360,11 @@ class Accountant:
         is the limit less what the period used: a block if it is past it).
         Returns the engine's events."""
         events = []
+        volumes, prevailing = self.ledger.period_totals(
+            {sid: acct.start for sid, acct in self.biller.accounts.items()}, now)
         for sid, acct in self.biller.accounts.items():
-            for u in self.ledger.usage(sid, since=acct.start // NS, until=now // NS + 60,
-                                       group_by=("zone", "direction")):
-                acct.volumes[(u["zone"], u["direction"])] = u["bytes"]
-            acct.prevailing_charged = sum(p["amount"] for p in self.ledger.postings(sid, since=acct.start, until=now)
-                                          if p["kind"] == "prevailing")
+            acct.volumes.update(volumes.get(sid, {}))
+            acct.prevailing_charged = prevailing.get(sid, 0)
             if acct.terms.volume_limit is not None:
                 events += self.engine.set_volume(sid, self.biller.volume_left(sid))
         return events

@@ -67,6 +67,17 @@ counted once, by the first set that matches, in that order.
 * ``probes`` (output, raw): the gateway's own probes that end a blocked
   subscriber's established connections (``policy/resets.py``, marked
   ``PROBE_MARK``) are not tracked.
+* guests (``guests=True``, ``[sessions] portal_login``; issue 15): an
+  address of the local networks that is in no ``up`` set belongs to no one
+  (a hotel guest's device before it logs in). ``block`` jumps to
+  ``guests_out`` for every packet from the local networks: an address in an
+  ``up`` set returns, the allow-list is accepted, the rest is rejected as a
+  blocked subscriber's is; ``portal`` jumps to ``guests_portal`` for their
+  tcp/80, which returns for an address in an ``up`` set and otherwise
+  redirects to the portal (``portal_redirect``). A portal login or a
+  voucher makes the device's address a session's, so it enters the ``up``
+  sets and leaves both rules with no rule change. Only new connections are
+  redirected (nat sees the first packet); the block page closes its own.
 
 Every change goes through one reused libnftables context (python-nftables,
 JSON for elements), never by forking ``nft``; a batch of elements is one
@@ -85,6 +96,7 @@ from dataclasses import dataclass
 
 import nftables
 
+from ext import netaddr
 from ext.constants import IPPROTO_TCP, PORT_PROTOCOLS
 from ext.errors import TollgateError
 
@@ -164,24 +176,33 @@ def _split(networks) -> dict[str, list]:
     out: dict[str, list] = {}
     for n in networks:
         try:
-            net = ipaddress.ip_network(n, strict=False)
+            version, addr, plen = netaddr.split(n)
         except (TypeError, ValueError) as exc:
             raise PolicyError(f"{n!r} is not an address or network: {exc}") from None
-        fam = str(net.version)
-        suffix = fam if net.prefixlen == net.max_prefixlen else "6_64" if (fam, net.prefixlen) == ("6", 64) \
+        fam = str(version)
+        suffix = fam if plen == (32 if version == 4 else 128) else "6_64" if (version, plen) == (6, 64) \
             else f"{fam}_net"
-        elem = str(net.network_address) if PREFIX_OF[suffix] else \
-            {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-        out.setdefault(suffix, []).append(elem)
+        out.setdefault(suffix, []).append(addr if PREFIX_OF[suffix] else {"prefix": {"addr": addr, "len": plen}})
     return out
 
 
 _ELEMENT_COUNTER = re.compile(r"([0-9a-f.:]+) counter packets (\d+) bytes (\d+)")  # nft's text form of a counted element
 
 
+def _counter_rows(read: dict) -> dict[str, dict]:
+    """``Enforcer._read``'s up and down sets as per-network counter rows (see ``Enforcer.counters``)."""
+    rows: dict[str, dict] = {}
+    for way in ("up", "down"):
+        for net, counter in read.get(way, {}).items():
+            row = rows.setdefault(net, {"up_bytes": 0, "up_packets": 0, "down_bytes": 0, "down_packets": 0})
+            row[f"{way}_bytes"] = counter.get("bytes", 0)
+            row[f"{way}_packets"] = counter.get("packets", 0)
+    return rows
+
+
 def _canon(network) -> str:
     """The key networks are reported under: ``100.64.1.2/32``, ``2001:db8:100:1::/64``."""
-    return str(ipaddress.ip_network(network, strict=False))
+    return netaddr.canonical(network)
 
 
 def _value(elem):
@@ -223,7 +244,7 @@ class Enforcer:
 
     def __init__(self, queues=(0,), fail_open: bool = True, portal_port: int = 8080,
                  local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53, log_group: int | None = None,
-                 log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False) -> None:
+                 log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False, guests: bool = False) -> None:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
         queues = sorted(queues)
@@ -246,11 +267,13 @@ class Enforcer:
         self.log_snaplen = int(log_snaplen)
         self.log_threshold = int(log_threshold)
         self.quotas_on = bool(quotas)
+        self.guests = bool(guests)  # see the module docstring: guests
 
     @classmethod
     def from_config(cls, config, **kw) -> Enforcer:
         """One for a gateway ``Config``: its local networks and allow-list;
         ``kw`` (queues, fail_open, portal_port) as for the constructor."""
+        kw.setdefault("guests", bool(getattr(getattr(config, "sessions", None), "portal_login", False)))
         return cls(local_networks=config.zones.local_networks, allow=config.allowlist, **kw)
 
     # ---- plumbing ------------------------------------------------------------
@@ -382,7 +405,8 @@ class Enforcer:
             f"table inet {TABLE} {{\n"
             + sets
             + "  chain block {\n    type filter hook forward priority -10; policy accept;\n"
-            + lines(each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in"))
+            + lines(each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in")
+                    + self._guest_rules("jump guests_out"))
             + "  }\n  chain blocked_out {\n"
             + lines([f"{r.match('d')} accept" for r in self.allow] + reject)
             + "  }\n  chain blocked_in {\n"
@@ -403,11 +427,33 @@ class Enforcer:
             # a probe poses as the peer of a tracked connection: tracking it would clash with that connection
             + lines([f"meta mark {PROBE_MARK:#x} notrack"])
             + "  }\n  chain portal {\n    type nat hook prerouting priority dstnat; policy accept;\n"
-            + lines(each("blocked", "s", "tcp dport 80 jump portal_redirect"))
+            + lines(each("blocked", "s", "tcp dport 80 jump portal_redirect")
+                    + self._guest_rules("tcp dport 80 jump guests_portal"))
             + "  }\n  chain portal_redirect {\n"
             + lines([f"{r.match('d')} return" for r in self.allow if r.covers_http()]
                     + [f"tcp dport 80 redirect to :{self.portal_port}"])
-            + "  }\n}\n")
+            + "  }\n" + self._guest_chains(lines, each, reject) + "}\n")
+
+    # ---- guests: addresses of no one go to the portal (issue 15; the module docstring's "guests") ----------------
+
+    def _guest_rules(self, then: str) -> list[str]:
+        """Rules sending every packet from the local networks to ``then`` (none unless ``guests``)."""
+        if not self.guests:
+            return []
+        out = []
+        for fam in ("ip", "ip6"):
+            nets = [n for n in self.local_networks if (":" in n) == (fam == "ip6")]
+            if nets:
+                out.append(f"{fam} saddr {{ {', '.join(nets)} }} {then}")
+        return out
+
+    def _guest_chains(self, lines, each, reject) -> str:
+        if not self.guests:
+            return ""
+        return ("  chain guests_out {\n" + lines(each("up", "s", "return") + [f"{r.match('d')} accept" for r in self.allow]
+                                                 + reject)
+                + "  }\n  chain guests_portal {\n" + lines(each("up", "s", "return") + ["jump portal_redirect"])
+                + "  }\n")
 
     def install(self) -> None:
         """Create our table, or renew its rules (the allow-list, the portal
@@ -455,9 +501,13 @@ class Enforcer:
 
     # ---- elements ----------------------------------------------------------------
 
-    def _element_cmds(self, verb: str, purpose: str, networks) -> list:
+    def _element_cmds(self, verb: str, purposes, networks) -> list:
+        """``verb`` (add, delete) the networks in the sets of each of ``purposes`` (one name or several:
+        the networks are parsed once)."""
+        split = _split(networks)
         return [{verb: {"element": {"family": "inet", "table": TABLE, "name": purpose + suffix, "elem": elems}}}
-                for suffix, elems in _split(networks).items()]
+                for purpose in ((purposes,) if isinstance(purposes, str) else purposes)
+                for suffix, elems in split.items()]
 
     def _present(self, networks, purpose: str) -> list:
         """The given networks that are elements of the purpose's sets."""
@@ -476,7 +526,7 @@ class Enforcer:
 
     def add_subscriber_addresses(self, networks) -> None:
         """Start counting these subscriber networks (one transaction)."""
-        self._run(self._element_cmds("add", "up", networks) + self._element_cmds("add", "down", networks))
+        self._run(self._element_cmds("add", ("up", "down"), networks))
 
     def remove_subscriber_addresses(self, networks) -> None:
         """Stop counting these networks (their counters go with them)."""
@@ -488,7 +538,7 @@ class Enforcer:
         the present ones looked up and deleted (rare: the daemon deletes
         what it added)."""
         def cmds(nets):
-            return [c for purpose in purposes for c in self._element_cmds("delete", purpose, nets)]
+            return self._element_cmds("delete", purposes, nets)
 
         batch = cmds(networks)  # validates every address before the kernel is asked
         if not batch:
@@ -504,25 +554,33 @@ class Enforcer:
         if cmds:
             self._json(cmds)
 
-    def restore(self, blocked, subscribers) -> None:
+    def restore(self, blocked, subscribers) -> dict[str, dict]:
         """Bring the sets to exactly this state (the daemon calls it on start,
         from the ledger), in one transaction, without ever emptying them:
         missing elements are added first, then the others deleted. An element
         that stays keeps its counter and a blocked network that stays blocked
         never leaves its set, so a restart neither lets a blocked subscriber
         through for a moment nor resets the kernel's count that crash
-        recovery reads as a delta (gateway/daemon.py). Running it twice
-        changes nothing."""
+        recovery reads as a delta (gateway/daemon/kernel.py). Running it twice
+        changes nothing. Returns the counters of the subscriber networks as
+        :meth:`counters` would have read them just before (an element added
+        here starts at zero), so that a start lists the table once."""
         have = self._read()
         want = {"blocked": {_canon(n) for n in blocked}, "up": {_canon(n) for n in subscribers}}
         want["down"] = want["up"]
         adds, deletes = [], []
+        missing = {purpose: sorted(want[purpose] - set(have[purpose])) for purpose in PURPOSES}
+        if missing["up"] == missing["down"]:  # as usual: parsed once for both
+            adds += self._element_cmds("add", ("up", "down"), missing.pop("up"))
+            missing.pop("down")
+        for purpose, nets in missing.items():
+            adds += self._element_cmds("add", purpose, nets)
         for purpose in PURPOSES:
-            adds += self._element_cmds("add", purpose, sorted(want[purpose] - set(have[purpose])))
             # "a-b": an interval the kernel merged (our sets never ask it to): nothing to delete it by
             deletes += self._element_cmds("delete", purpose, sorted(k for k in set(have[purpose]) - want[purpose]
                                                                     if "-" not in k))
         self._run(adds + deletes)
+        return {net: row for net, row in _counter_rows(have).items() if net in want["up"]}
 
     # ---- reading back ------------------------------------------------------------
 
@@ -553,13 +611,7 @@ class Enforcer:
         """The kernel's per-network counters, read in one call:
         ``{"100.64.1.2/32": {"up_bytes", "up_packets", "down_bytes", "down_packets"}}``
         (what they count: see the module docstring)."""
-        rows: dict[str, dict] = {}
-        for way, nets in self._read(("up", "down")).items():
-            for net, counter in nets.items():
-                row = rows.setdefault(net, {"up_bytes": 0, "up_packets": 0, "down_bytes": 0, "down_packets": 0})
-                row[f"{way}_bytes"] = counter.get("bytes", 0)
-                row[f"{way}_packets"] = counter.get("packets", 0)
-        return rows
+        return _counter_rows(self._read(("up", "down")))
 
     def counters_of(self, networks, batch: int = GET_BATCH) -> dict[str, dict]:
         """The counters of just these networks, as :meth:`counters` gives

@@ -90,9 +90,9 @@ class Gateway:
         self.enforcer = self._enforcer(self.config)
         self.enforcer.install()  # keeps the elements of our sets, so the blocks that held still hold
         self.limits.restore()
-        self.enforcer.restore(blocked=self.blocked_networks(), subscribers=self.all_networks())
+        listing = self.enforcer.restore(blocked=self.blocked_networks(), subscribers=self.all_networks())
         if self.opts.kernel_marked:
-            self._recover_from_kernel()
+            self._recover_from_kernel(listing)
         if self.opts.quotas:
             from .quotas import QuotaKeeper
 
@@ -111,10 +111,14 @@ class Gateway:
         if self.config.notify.webhook or self.config.notify.command:
             self._spawn("notify", self.flusher.notify_loop)
 
-    def _recover_from_kernel(self) -> None:
-        """What the kernel forwarded while we were down (see .kernel)."""
+    def _recover_from_kernel(self, listing: dict) -> None:
+        """What the kernel forwarded while we were down (see .kernel), from
+        the counters read by the restore of our sets (a second listing of
+        the table would cost as much again: seconds at 100k subscribers).
+        What passes fail-open from that listing until the readers are bound
+        again below is counted and not rated, and found by the drift checks."""
         self.kernel.load_marks()
-        kernel = self.kernel.counts()
+        kernel = self.kernel.counts(listing=listing)
         if self.opts.inline:
             self.kernel.charge_unrated(kernel, "start")
             # the queues were bound above only to fail before the kernel was touched; bound again now that

@@ -67,12 +67,15 @@ class KernelTruth:
 
     # ---- reading the kernel -------------------------------------------------
 
-    def counts(self, sids=None) -> dict[int, tuple]:
+    def counts(self, sids=None, listing: dict | None = None) -> dict[int, tuple]:
         """``{subscriber: ((up bytes, up packets), (down bytes, down packets))}``
-        of every subscriber (one listing of our table), or of just ``sids``
-        (their elements asked for by value)."""
+        of every subscriber (one listing of our table, or ``listing``, the
+        per-network counters ``Enforcer.restore`` read at start), or of just
+        ``sids`` (their elements asked for by value)."""
         gw = self.gw
-        if sids is None:
+        if listing is not None:
+            counters, subs = listing, gw.acct.subscribers
+        elif sids is None:
             with gw.enforcer_lock:
                 counters = gw.enforcer.counters()
             subs = gw.acct.subscribers
