@@ -69,14 +69,18 @@ counted once, by the first set that matches, in that order.
   ``PROBE_MARK``) are not tracked.
 * guests (``guests=True``, ``[sessions] portal_login``; issue 15): an
   address of the local networks that is in no ``up`` set belongs to no one
-  (a hotel guest's device before it logs in). ``block`` jumps to
-  ``guests_out`` for every packet from the local networks: an address in an
-  ``up`` set returns, the allow-list is accepted, the rest is rejected as a
-  blocked subscriber's is; ``portal`` jumps to ``guests_portal`` for their
-  tcp/80, which returns for an address in an ``up`` set and otherwise
-  redirects to the portal (``portal_redirect``). A portal login or a
-  voucher makes the device's address a session's, so it enters the ``up``
-  sets and leaves both rules with no rule change. Only new connections are
+  (a hotel guest's device before it logs in). The ``known*`` sets hold the
+  same networks as ``up*`` with no counters (a lookup in a set with
+  counters counts the packet in the element: the up sets are looked up by
+  ``account`` only, or a subscriber's upload would count twice); the
+  ``GuestEnforcer`` that ``from_config`` makes keeps them in line. ``block``
+  jumps to ``guests_out`` for every packet from the local networks: an
+  address in a ``known`` set returns, the allow-list is accepted, the rest
+  is rejected as a blocked subscriber's is; ``portal`` jumps to
+  ``guests_portal`` for their tcp/80, which returns for a known address and
+  otherwise redirects to the portal (``portal_redirect``). A portal login or
+  a voucher makes the device's address a session's, so it enters the sets
+  and leaves both rules with no rule change. Only new connections are
   redirected (nat sees the first packet); the block page closes its own.
 
 Every change goes through one reused libnftables context (python-nftables,
@@ -274,7 +278,8 @@ class Enforcer:
         """One for a gateway ``Config``: its local networks and allow-list;
         ``kw`` (queues, fail_open, portal_port) as for the constructor."""
         kw.setdefault("guests", bool(getattr(getattr(config, "sessions", None), "portal_login", False)))
-        return cls(local_networks=config.zones.local_networks, allow=config.allowlist, **kw)
+        return (GuestEnforcer if kw["guests"] and cls is Enforcer else cls)(
+            local_networks=config.zones.local_networks, allow=config.allowlist, **kw)
 
     # ---- plumbing ------------------------------------------------------------
 
@@ -403,7 +408,7 @@ class Enforcer:
         ]
         return (
             f"table inet {TABLE} {{\n"
-            + sets
+            + sets + self._guest_sets()
             + "  chain block {\n    type filter hook forward priority -10; policy accept;\n"
             + lines(each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in")
                     + self._guest_rules("jump guests_out"))
@@ -447,12 +452,18 @@ class Enforcer:
                 out.append(f"{fam} saddr {{ {', '.join(nets)} }} {then}")
         return out
 
+    def _guest_sets(self) -> str:
+        if not self.guests:
+            return ""
+        return "".join(f"  set {GUEST_KNOWN}{suffix} {{ type {kind};{'' if plen else ' flags interval;'} }}\n"
+                       for _fam, suffix, kind, plen, _mask in SLOTS)
+
     def _guest_chains(self, lines, each, reject) -> str:
         if not self.guests:
             return ""
-        return ("  chain guests_out {\n" + lines(each("up", "s", "return") + [f"{r.match('d')} accept" for r in self.allow]
-                                                 + reject)
-                + "  }\n  chain guests_portal {\n" + lines(each("up", "s", "return") + ["jump portal_redirect"])
+        return ("  chain guests_out {\n" + lines(each(GUEST_KNOWN, "s", "return")
+                                                 + [f"{r.match('d')} accept" for r in self.allow] + reject)
+                + "  }\n  chain guests_portal {\n" + lines(each(GUEST_KNOWN, "s", "return") + ["jump portal_redirect"])
                 + "  }\n")
 
     def install(self) -> None:
@@ -772,3 +783,35 @@ class Enforcer:
         finally:
             self.nft.set_json_output(True)
         return out
+
+
+# ---- guests: the known sets follow the up sets (issue 15; the module docstring's "guests") ----------------------
+
+GUEST_KNOWN = "known"
+
+
+class GuestEnforcer(Enforcer):
+    """An ``Enforcer`` with ``guests=True`` that keeps the counter-less ``known*`` sets equal to the ``up*`` sets:
+    a network is known before it is counted and counted until it is forgotten, so no packet of a subscriber
+    is refused as a guest's (one of nobody's may be, in the instant between the two transactions)."""
+
+    def add_subscriber_addresses(self, networks) -> None:
+        networks = list(networks)
+        self._run(self._element_cmds("add", GUEST_KNOWN, networks))
+        super().add_subscriber_addresses(networks)
+
+    def remove_subscriber_addresses(self, networks) -> None:
+        networks = list(networks)
+        super().remove_subscriber_addresses(networks)
+        self._delete(networks, GUEST_KNOWN)
+
+    add_subscribers = add_subscriber_addresses
+    remove_subscribers = remove_subscriber_addresses
+
+    def restore(self, blocked, subscribers) -> None:
+        subscribers = list(subscribers)
+        want = {_canon(n) for n in subscribers}
+        have = set(self._read((GUEST_KNOWN,))[GUEST_KNOWN])
+        self._run(self._element_cmds("add", GUEST_KNOWN, sorted(want - have)))
+        super().restore(blocked, subscribers)
+        self._run(self._element_cmds("delete", GUEST_KNOWN, sorted(k for k in have - want if "-" not in k)))
