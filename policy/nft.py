@@ -808,10 +808,12 @@ class GuestEnforcer(Enforcer):
     add_subscribers = add_subscriber_addresses
     remove_subscribers = remove_subscriber_addresses
 
-    def restore(self, blocked, subscribers) -> None:
+    def restore(self, blocked, subscribers):
+        """``Enforcer.restore`` (and what it returns), the known sets brought to the same networks first."""
         subscribers = list(subscribers)
         want = {_canon(n) for n in subscribers}
         have = set(self._read((GUEST_KNOWN,))[GUEST_KNOWN])
         self._run(self._element_cmds("add", GUEST_KNOWN, sorted(want - have)))
-        super().restore(blocked, subscribers)
+        listing = super().restore(blocked, subscribers)
         self._run(self._element_cmds("delete", GUEST_KNOWN, sorted(k for k in have - want if "-" not in k)))
+        return listing
