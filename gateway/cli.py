@@ -1075,7 +1075,46 @@ def cmd_dhcp_hook(args) -> int:
         return _fail(str(exc), EXIT_USAGE if exc.status == 422 else EXIT_FAILED)
 
 
+def cmd_voucher(args, ops, cfg) -> int:
+    """tollgate voucher generate: guest vouchers (issue 15); the codes are printed once, as CSV."""
+    from accounting.operations import OperationError
+
+    if args.value is None and args.volume is None:
+        raise OperationError("voucher generate: give --value, --volume or both")
+    made = ops.generate_vouchers(args.count, args.value, args.volume, days=args.days, hours=args.hours,
+                                 devices=args.devices, tariff=args.tariff, redeem_days=args.redeem_days,
+                                 batch=args.batch)
+    held = " and ".join(x for x in (args.value and f"{args.value} {cfg.currency}", args.volume) if x)
+    print(f"# {len(made)} vouchers of {held}, valid {f'{args.hours} h' if args.hours else f'{args.days} days'} "
+          f"from first use{f' on {args.devices} devices' if args.devices else ''}; redeem within {args.redeem_days} "
+          "days; the codes are not kept anywhere else: print or store them now")
+    print("serial,code")
+    for v in made:
+        print(f"{v['serial']},{v['code']}")
+    return EXIT_OK
+
+
 def _session_parsers(sub, with_config) -> None:
+    p = with_config(sub.add_parser(
+        "voucher", **_raw("guest vouchers: prepaid cards that open a guest account on first use",
+                          "A voucher redeemed on the portal ([sessions] portal_login) opens an account with its value "
+                          "as the balance and its volume as the volume limit, valid from the first use, and binds "
+                          "the device; --devices limits the devices online at once.",
+                          "examples:\n  tollgate voucher generate --count 50 --volume 1GB --days 1 --devices 2\n"
+                          "  tollgate voucher generate --count 10 --value 5.00 --days 7 --tariff guest")))
+    p.add_argument("action", choices=("generate",))
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--value", help='a balance, e.g. "5.00"')
+    p.add_argument("--volume", help='a volume limit, e.g. "1GB" (traffic outside the local zone)')
+    p.add_argument("--days", type=int, default=1, help="valid this many days from first use (default 1)")
+    p.add_argument("--hours", type=int, help="valid this many hours from first use (instead of --days)")
+    p.add_argument("--devices", type=int, help="devices online at once (default: any)")
+    p.add_argument("--tariff", help="the guest accounts' tariff (default: [sessions] voucher_tariff)")
+    p.add_argument("--redeem-days", type=int, default=365, help="redeemable for this many days (default 365)")
+    p.add_argument("--batch", help="a name for the batch (default: the time)")
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.set_defaults(func=_operation(cmd_voucher))
+
     p = with_config(sub.add_parser(
         "session", **_raw("sessions: who is (and was) behind an address",
                           "Sessions bind addresses to subscribers for a while: DHCP leases (tollgate dhcp-hook), "
