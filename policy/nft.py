@@ -190,6 +190,8 @@ def _split(networks) -> dict[str, list]:
     return out
 
 
+# an element of a set in nft's text form: the address, prefix or range, and its counter if the set counts
+_SET_ITEM = re.compile(r"([0-9a-fA-F.:]+(?:/\d+|-[0-9a-fA-F.:]+)?)(?:\s+counter packets (\d+) bytes (\d+))?")
 _ELEMENT_COUNTER = re.compile(r"([0-9a-f.:]+) counter packets (\d+) bytes (\d+)")  # nft's text form of a counted element
 
 
@@ -596,22 +598,27 @@ class Enforcer:
     # ---- reading back ------------------------------------------------------------
 
     def _read(self, purposes=PURPOSES) -> dict[str, dict[str, dict]]:
-        """``{purpose: {network: counter}}`` from one listing of our table
-        (the counter is ``{}`` for the blocked sets)."""
-        out = self._json([{"list": {"table": {"family": "inet", "name": TABLE}}}])
+        """``{purpose: {network: counter}}`` from a listing of each of the
+        purposes' sets (the counter is ``{}`` for sets without counters). The
+        text form, parsed here, because nft's JSON is far dearer at scale:
+        for 360k counted elements (100k subscribers) 4.7 s and 800 MB of
+        Python objects, against 2.6 s and 90 MB."""
         found: dict[str, dict[str, dict]] = {p: {} for p in purposes}
-        for item in out.get("nftables", []):
-            s = item.get("set")
-            if not s:
-                continue
-            name = s["name"]
-            purpose = next((p for p in found if name.startswith(p) and name[len(p):] in PREFIX_OF), None)
-            if purpose is None:
-                continue
-            plen = PREFIX_OF[name[len(purpose):]]
-            for e in s.get("elem", []):
-                counter = (e["elem"].get("counter") if isinstance(e, dict) and "elem" in e else None) or {}
-                found[purpose][_elem_key(e, plen)] = counter
+        self.nft.set_json_output(False)
+        try:
+            for purpose in purposes:
+                for suffix, plen in PREFIX_OF.items():
+                    rc, out, _err = self.nft.cmd(f"list set inet {TABLE} {purpose}{suffix}")
+                    start = out.find("elements = {") if rc == 0 else -1
+                    if start < 0:  # no such set, or an empty one
+                        continue
+                    block = out[start + len("elements = {"):out.index("}", start)]
+                    into = found[purpose]
+                    for m in _SET_ITEM.finditer(block):
+                        key = m.group(1) if plen is None else f"{m.group(1)}/{plen}"
+                        into[key] = {"packets": int(m.group(2)), "bytes": int(m.group(3))} if m.group(2) else {}
+        finally:
+            self.nft.set_json_output(True)
         return found
 
     def blocked(self) -> set[str]:
