@@ -91,6 +91,7 @@ transaction. Everything applies to the network namespace of the process.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -122,6 +123,7 @@ QUOTA_PREFIX = "q"   # the quota object of subscriber 12 is q12
 # (measured here: IPv4 from 255, IPv6 from 129 elements: "stack smashing detected", the process dies), so a
 # command asks for far fewer
 GET_BATCH = 64
+QUOTA_BATCH = 256  # quota objects asked for by name in one call
 PROBE_MARK = 0x74670001  # SO_MARK of the gateway's reset probes (policy/resets.py): left untracked
 
 
@@ -204,6 +206,16 @@ def _counter_rows(read: dict) -> dict[str, dict]:
             row[f"{way}_bytes"] = counter.get("bytes", 0)
             row[f"{way}_packets"] = counter.get("packets", 0)
     return rows
+
+
+def _quota_items(out: dict) -> dict[int, dict]:
+    """Our quota objects in nft's JSON output: ``{subscriber id: {"used", "allowed"}}``."""
+    found = {}
+    for item in out.get("nftables", []):
+        q = item.get("quota")
+        if q and q.get("table") == TABLE and q["name"].startswith(QUOTA_PREFIX) and q["name"][len(QUOTA_PREFIX):].isdigit():
+            found[int(q["name"][len(QUOTA_PREFIX):])] = {"used": q.get("used", 0), "allowed": q.get("bytes", 0)}
+    return found
 
 
 def _canon(network) -> str:
@@ -735,7 +747,11 @@ class Enforcer:
         """``{subscriber id: networks}``: drop the map elements and the quota
         objects, one transaction (elements missing already are no error)."""
         self._need_quotas()
-        have = self.quotas()
+        direct = [c for sid, networks in quotas.items() for c in self._quota_elements("delete", sid, networks)]
+        direct += [{"delete": {"quota": self._quota_obj(sid)}} for sid in quotas]
+        if not direct or self.nft.json_cmd({"nftables": direct})[0] == 0:  # as usual: everything was there
+            return
+        have = self.quotas()  # a batch with a missing element fails whole: delete what is there
         elements = self._read_quota_maps()
         cmds = []
         for sid, networks in quotas.items():
@@ -758,15 +774,25 @@ class Enforcer:
             cmds += self._quota_elements("add", sid, networks)
         self._run(cmds)
 
-    def quotas(self) -> dict[int, dict]:
-        """``{subscriber id: {"used": bytes, "allowed": bytes}}`` from one listing."""
-        out = self._json([{"list": {"quotas": {"family": "inet", "table": TABLE}}}])
-        found = {}
-        for item in out.get("nftables", []):
-            q = item.get("quota")
-            if q and q.get("table") == TABLE and q["name"].startswith(QUOTA_PREFIX) \
-                    and q["name"][len(QUOTA_PREFIX):].isdigit():
-                found[int(q["name"][len(QUOTA_PREFIX):])] = {"used": q.get("used", 0), "allowed": q.get("bytes", 0)}
+    def quotas(self, sids=None) -> dict[int, dict]:
+        """``{subscriber id: {"used": bytes, "allowed": bytes}}`` of every
+        quota of ours (one listing), or of just ``sids`` (asked for by name,
+        QUOTA_BATCH at a time: what a quota round of the active subscribers
+        reads; one that does not exist makes its batch fail, and the listing
+        answers for it)."""
+        if sids is None:
+            return _quota_items(self._json([{"list": {"quotas": {"family": "inet", "table": TABLE}}}]))
+        sids = sorted({int(sid) for sid in sids})
+        found: dict[int, dict] = {}
+        for i in range(0, len(sids), QUOTA_BATCH):
+            part = sids[i:i + QUOTA_BATCH]
+            rc, out, _err = self.nft.cmd("; ".join(f"list quota inet {TABLE} {QUOTA_PREFIX}{sid}" for sid in part))
+            if rc != 0:
+                every = self.quotas()
+                return {sid: every[sid] for sid in sids if sid in every}
+            for line in out.splitlines():  # one JSON document per command
+                if line.strip():
+                    found.update(_quota_items(json.loads(line)))
         return found
 
     def _read_quota_maps(self) -> dict[str, int]:

@@ -58,6 +58,7 @@ class ChangeFollower:
             with gw.engine_lock:
                 if change["subscriber_id"] in gw.acct.subscribers:
                     events = gw.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
+                gw.touch((change["subscriber_id"],))
                 if change["kind"] == "payment":
                     self.last_payment = max(self.last_payment, change["id"])
                 else:
@@ -122,6 +123,7 @@ class ChangeFollower:
                                                            change["effective_ns"])
                 info.tariff = change["tariff"]
             gw.limits.update(sid)
+            gw.touch((sid,))
             log.info("subscriber %s: tariff %s from %s as scheduled", info.name, change["tariff"],
                      time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(change["effective_ns"] // NS)))
             gw.post(events)
@@ -146,6 +148,7 @@ class ChangeFollower:
             self._refresh_engine_and_sets(sid)
         finally:
             self.gw.limits.update(sid)
+            self.gw.touch((sid,))
 
     def release(self, sid: int) -> None:
         """The first pass over a round of changes: the networks a subscriber

@@ -80,6 +80,7 @@ class Flusher:
         with gw.engine_lock:
             gw.acct.ensure_timeline(now, since_ns=now)
             postings, events = gw.acct.bill(gw.calendar_now())
+        gw.touch({p.subscriber for p in postings})
         for p in postings:
             log.info("billing: subscriber %s %s %s (%s)", p.subscriber, p.kind,
                      format_amount(p.amount, gw.config.currency), p.detail)
@@ -129,6 +130,7 @@ class Flusher:
             gw.acct.biller.observe(rows)
         for r in rows:
             self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
+        gw.touch({r.subscriber for r in rows})
         if not rows and not files:
             return
         self.seq += 1

@@ -257,6 +257,11 @@ class Gateway:
 
     # ---- shared helpers ---------------------------------------------------------
 
+    def touch(self, sids) -> None:
+        """These subscribers' balance, traffic, terms or networks moved (for the kernel quotas, if any)."""
+        if self.quotas is not None:
+            self.quotas.touch(sids)
+
     def post(self, events) -> None:
         """Engine events with no packet behind them, for the policy pusher."""
         if events:

@@ -113,15 +113,20 @@ class KernelQuotas:
         self.at_limit: set[int] = set()     # subscribers at their limit in the last check
         self.counts = {"refreshes": 0, "resets": 0, "quota_blocks": 0}
 
-    def sync(self, subscribers: dict) -> None:
+    def sync(self, subscribers: dict, gone=None) -> None:
         """``{sid: (networks, bytes_left, rated_bytes)}`` for every subscriber
         under a quota: ``bytes_left`` what its balance still buys (0 if
         none), ``rated_bytes`` all bytes the engine has rated for it
         (``SubscriberState.rated_bytes``, a running total). New subscribers get a quota,
         vanished ones lose theirs, changed networks are re-pointed; limits
-        change in one transaction."""
+        change in one transaction. With ``gone`` given (the subscribers that
+        vanished), ``subscribers`` may be just those whose state moved: the
+        others keep their quotas as they are."""
         with self.lock:
-            gone = {sid: self.networks[sid] for sid in self.networks if sid not in subscribers}
+            if gone is None:
+                gone = {sid: self.networks[sid] for sid in self.networks if sid not in subscribers}
+            else:
+                gone = {sid: self.networks[sid] for sid in gone if sid in self.networks}
             if gone:
                 self.enforcer.remove_quotas(gone)
                 for sid in gone:
@@ -156,17 +161,19 @@ class KernelQuotas:
                 self.limit.update(changed)
                 self.counts["refreshes"] += 1
 
-    def check(self) -> list:
+    def check(self, sids=None) -> list:
         """Block in the engine every subscriber its quota has stopped at two
         checks in a row (with a :meth:`sync` between them, so the engine has
         rated what was in flight: a subscriber whose free traffic outran the
         last refresh gets a higher limit, not a block); the ``(Event, ts_ns)``
-        pairs to hand to the kernel sets."""
+        pairs to hand to the kernel sets. ``sids``: look at just these (the
+        caller then syncs every subscriber of :attr:`at_limit` before the
+        next check)."""
         with self.lock:
             events = []
             now = time.time_ns()
             at_limit = set()
-            for sid, q in self.enforcer.quotas().items():
+            for sid, q in self.enforcer.quotas(sids).items():
                 # the kernel reports use capped at the limit: reaching it means nothing more passes
                 if q["used"] >= q["allowed"] and sid in self.base and sid not in self.stopped:
                     at_limit.add(sid)
