@@ -1230,6 +1230,48 @@ class Ledger:
         return check_ledger(self)
 
 
+    # ---- the eBPF data path's kernel marks (migrations/0019_bpf_marks.sql; gateway/sources/ebpf.py) ----
+    # A block of its own, kept apart from the methods above.
+
+    def bpf_marks(self, pin_dir: str, load_id: int) -> dict[tuple[int, int, int], tuple[int, int]]:
+        """``{(subscriber, zone, direction): (bytes, packets)}``: how much of
+        the eBPF counters of the maps pinned at ``pin_dir`` the ledger holds
+        as usage. Maps of another load (``load_id``) count from 0: the marks
+        are set to 0 and the load recorded, one transaction."""
+        _text(pin_dir, "pin dir")
+        _int(load_id, "load id")
+        with self._tx():
+            row = self.db.execute("SELECT load_id FROM bpf_maps WHERE pin_dir = ?", (pin_dir,)).fetchone()
+            if row is None or row[0] != load_id:
+                self.db.execute("DELETE FROM bpf_marks")
+                self.db.execute("INSERT INTO bpf_maps (pin_dir, load_id) VALUES (?, ?) ON CONFLICT (pin_dir)"
+                                " DO UPDATE SET load_id = excluded.load_id", (pin_dir, load_id))
+                return {}
+            return {(sid, z, d): (b, p) for sid, z, d, b, p in
+                    self.db.execute("SELECT subscriber_id, zone, direction, bytes, packets FROM bpf_marks")}
+
+    def apply_flush_bpf(self, flush_id: str, rows, ts: int, source: str = "ebpf", files=()) -> bool:
+        """:meth:`apply_flush`, and in the same transaction the rows' bytes
+        and packets added to the :meth:`bpf_marks` of their (subscriber,
+        zone, direction): every row of the eBPF source is traffic its
+        counters counted. A replayed flush id changes nothing, marks
+        included."""
+        with self._tx():
+            if not self.apply_flush(flush_id, rows, ts, source=source, files=files):
+                return False
+            marks: dict[tuple[int, int, int], list[int]] = {}
+            for sid, zone, direction, _minute, nbytes, packets, _charged in rows:
+                m = marks.setdefault((sid, zone, direction), [0, 0])
+                m[0] += nbytes
+                m[1] += packets
+            self.db.conn.executemany(
+                "INSERT INTO bpf_marks (subscriber_id, zone, direction, bytes, packets) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (subscriber_id, zone, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
+                " packets = packets + excluded.packets",
+                [(sid, z, d, b, p) for (sid, z, d), (b, p) in sorted(marks.items())])
+        return True
+
+
 class _Transaction:
     """BEGIN IMMEDIATE .. COMMIT/ROLLBACK on an autocommit connection: writers
     queue up at BEGIN (busy timeout) instead of failing half-way, and an

@@ -50,7 +50,7 @@ BPF_PROG_TEST_RUN of one program on an Ethernet frame (tests, benches).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset, memcpy, strerror
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, realloc
 from libc.errno cimport errno
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
@@ -61,7 +61,7 @@ import os
 from collections import namedtuple
 from pathlib import Path
 
-from ext.errors import TollgateError
+from ext.errors import BpfError, TollgateError
 from ext.engine_py import ZoneRule, compile_rules
 
 cdef extern from "<arpa/inet.h>" nogil:
@@ -195,19 +195,6 @@ cdef packed struct tg_group:
     tg_rule rules[16]
 
 
-class BpfError(TollgateError, OSError):
-    """A BPF object, map or program could not be loaded, opened or written,
-    or an argument was refused before anything was written. ``errno`` is the
-    kernel's where there is one."""
-
-    def __init__(self, message, err=0):
-        OSError.__init__(self, err, message)
-        self.message = message
-
-    def __str__(self):
-        return f"{self.message}: {os.strerror(self.errno)}" if self.errno else self.message
-
-
 cdef int _err(long rc):
     return <int> (-rc if rc < 0 else errno)
 
@@ -263,6 +250,7 @@ cdef class Maps:
     cdef readonly str pin_dir
     cdef readonly unsigned int n_zones, max_slots, default_zone, flags
     cdef readonly unsigned long long n_counters
+    cdef readonly unsigned int load_id  # random at each load: the counters of another load start again at 0
     cdef dict fds
     cdef int prog_fds[2]
     cdef object _mm
@@ -400,6 +388,7 @@ cdef class Maps:
                 if info.abi != TG_ABI:
                     raise BpfError(f"the program pinned at {pin} has ABI {info.abi}, this loader {TG_ABI}")
                 self._set_config(info.n_zones, info.default_zone, info.max_slots, info.flags)
+                self.load_id = info.reserved
         except BaseException:
             self.close()
             raise
@@ -427,6 +416,8 @@ cdef class Maps:
         memset(&info, 0, sizeof(info))
         info.magic, info.abi, info.n_zones, info.default_zone = TG_MAGIC, TG_ABI, n_zones, default_zone
         info.flags, info.max_slots = flags, max_slots
+        info.reserved = int.from_bytes(os.urandom(4), "little") or 1  # the load's id (see load_id)
+        self.load_id = info.reserved
         self._set_config(n_zones, default_zone, max_slots, flags)  # mmap first: a failure leaves it unconfigured
         if bpf_map_update_elem(self.fds["tg_info"], &zero, &info, 0):
             raise BpfError("cannot write tg_info", errno)
@@ -648,6 +639,63 @@ cdef class Maps:
         if self._mm is None:
             raise BpfError("the maps are closed or not configured")
         return memoryview(self._mm).cast("B")[:self.n_counters * COUNTER_SIZE].cast("Q", (self.n_counters, 8))
+
+    SCAN_FIELDS = ("used", "packets", "dropped_packets")
+
+    def scan(self, snapshot):
+        """What moved since the last scan: ``[(index, used, packets,
+        dropped_packets, old used, old packets, old dropped_packets)]`` of every counter whose ``used``, ``packets`` or
+        ``dropped_packets`` differs from ``snapshot`` (a writable buffer of
+        ``n_counters * 24`` bytes, three uint64 per counter, zeroed by the
+        caller at first), which is brought up to date. One pass over the
+        mmapped array, without the GIL: the cost is the array's size, the
+        result's is what moved."""
+        cdef Py_buffer view
+        cdef uint64_t *snap
+        cdef uint64_t *e
+        cdef uint64_t used, packets, dropped
+        cdef unsigned long long i, n = self.n_counters, k = 0, cap = 1024
+        cdef int W = 7
+        cdef unsigned long long *hits
+        cdef unsigned long long *grown
+        cdef bint oom = False
+        if self._counters == NULL:
+            raise BpfError("the maps are closed or not configured")
+        PyObject_GetBuffer(snapshot, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if view.len != <Py_ssize_t> (n * 24):
+                raise BpfError(f"a scan snapshot is {n * 24} bytes, not {view.len}")
+            snap = <uint64_t *> view.buf
+            hits = <unsigned long long *> malloc(cap * W * sizeof(unsigned long long))
+            if hits == NULL:
+                raise MemoryError()
+            try:
+                with nogil:
+                    for i in range(n):
+                        e = self._counters + i * 8
+                        used = tg_load64(&e[0])
+                        packets = tg_load64(&e[2])
+                        dropped = tg_load64(&e[4])
+                        if used == snap[3 * i] and packets == snap[3 * i + 1] and dropped == snap[3 * i + 2]:
+                            continue
+                        if k == cap:
+                            grown = <unsigned long long *> realloc(hits, cap * 2 * W * sizeof(unsigned long long))
+                            if grown == NULL:
+                                oom = True
+                                break
+                            hits, cap = grown, cap * 2
+                        hits[W * k], hits[W * k + 1], hits[W * k + 2], hits[W * k + 3] = i, used, packets, dropped
+                        hits[W * k + 4], hits[W * k + 5], hits[W * k + 6] = snap[3 * i], snap[3 * i + 1], snap[3 * i + 2]
+                        snap[3 * i], snap[3 * i + 1], snap[3 * i + 2] = used, packets, dropped  # only once reported
+                        k += 1
+                if oom:
+                    raise MemoryError()
+                return [(hits[W * i], hits[W * i + 1], hits[W * i + 2], hits[W * i + 3], hits[W * i + 4],
+                         hits[W * i + 5], hits[W * i + 6]) for i in range(k)]
+            finally:
+                free(hits)
+        finally:
+            PyBuffer_Release(&view)
 
     # ---- zones and the allow-list -----------------------------------------------
 

@@ -56,3 +56,18 @@ class QueueError(SourceError):
 
 class LogError(SourceError):
     """The NFLOG group could not be opened, bound or configured."""
+
+
+class BpfError(TollgateError, OSError):
+    """A BPF object, map or program could not be loaded, opened or written
+    (``ext/bpfmaps.pyx``), or an argument was refused before anything was
+    written. ``errno`` is the kernel's where there is one."""
+
+    def __init__(self, message, err=0):
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self):
+        import os
+
+        return f"{self.message}: {os.strerror(self.errno)}" if self.errno else self.message

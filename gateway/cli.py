@@ -780,6 +780,15 @@ def cmd_policy(args) -> int:
 
         enforcer.remove()
         Limits().remove()  # it knows the interfaces it shaped from its own table
+        from pathlib import Path
+
+        from ext.bpfmaps import DEFAULT_PIN_DIR
+
+        if Path(DEFAULT_PIN_DIR).exists():  # the eBPF data path: our tc filters wherever they are, then the pins
+            from policy import bpf
+
+            bpf.detach(None, DEFAULT_PIN_DIR)
+            print(f"detached the tc/eBPF program and unpinned {DEFAULT_PIN_DIR}")
         print("removed tables inet tollgate and tollgate_limits, the queue rules and the shaping on "
               f"{', '.join(cfg.lan_interfaces + cfg.wan_interfaces) or 'no interface'}; nothing else was touched")
     else:

@@ -143,8 +143,11 @@ class Flusher:
     def _write_pending(self) -> None:
         gw = self.gw
         flush_id, now, rows, files = self.pending
-        gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
-                              kernel_marks=gw.opts.kernel_marked)
+        if gw.opts.bpf_marked:  # its marks per zone advance in the flush's transaction (gateway/sources/ebpf.py)
+            gw.ledger.apply_flush_bpf(flush_id, rows, now, files=files)
+        else:
+            gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
+                                  kernel_marks=gw.opts.kernel_marked)
         self.pending = None
         if gw.opts.kernel_marked:
             gw.kernel.note_flushed(rows)

@@ -93,6 +93,9 @@ class Gateway:
         listing = self.enforcer.restore(blocked=self.blocked_networks(), subscribers=self.all_networks())
         if self.opts.kernel_marked:
             self._recover_from_kernel(listing)
+        for reader in self.readers:  # the eBPF source: its maps, marks, grants, attach (gateway/sources/ebpf.py)
+            if hasattr(reader, "begin"):
+                reader.begin(self)
         if self.opts.quotas:
             from .quotas import QuotaKeeper
 

@@ -49,7 +49,8 @@ class KernelTruth:
         self.ring = None
 
     def due(self) -> bool:
-        return time.monotonic() >= self.next_check
+        # the eBPF source counts in the kernel itself and checks its program's presence (its heartbeat)
+        return not self.gw.opts.bpf_marked and time.monotonic() >= self.next_check
 
     # ---- what the flusher tells ---------------------------------------------
 
@@ -90,9 +91,9 @@ class KernelTruth:
                              for way in ("up", "down"))
         return out
 
-    def total_bytes(self) -> dict[int, int]:
-        """Up plus down bytes of every subscriber (passive sources)."""
-        return {sid: sum(b for b, _p in ways) for sid, ways in self.counts().items()}
+    def total_bytes(self, sids) -> dict[int, int]:
+        """Up plus down bytes of these subscribers (passive sources)."""
+        return {sid: sum(b for b, _p in ways) for sid, ways in self.counts(sids).items()}
 
     def sample(self) -> list[int]:
         """Whom a drift check reads: every subscriber with traffic since the
@@ -188,7 +189,7 @@ class KernelTruth:
         if self.gw.opts.inline:
             kernel = self.counts(self.sample())
             return kernel, self.settled_marks(kernel)
-        return self.total_bytes(), None
+        return self.total_bytes(self.sample()), None
 
     def check_drift(self, kernel: dict, settled: dict | None) -> None:
         """Compare the kernel's per-subscriber counters with what the engine
@@ -204,8 +205,8 @@ class KernelTruth:
         noise, is the engine certainly ahead of the kernel (counters reset,
         packets dropped after the queue): an alarm. A passive source reports
         traffic a while after the kernel counted it: the kernel's count of the
-        previous check must have reached the engine by now; only a shortfall
-        is an alarm."""
+        previous check's subscribers must have reached the engine by now; only
+        a shortfall is an alarm."""
         gw, opts = self.gw, self.gw.opts
         self.next_check = time.monotonic() + opts.drift_interval
         drift = {}  # name -> kernel minus engine bytes, beyond noise

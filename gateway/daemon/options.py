@@ -37,6 +37,12 @@ class RunOptions:
         return self.source in ("nfqueue", "conntrack")
 
     @property
+    def bpf_marked(self) -> bool:
+        """The eBPF source: the ledger keeps per-zone marks of its kernel
+        counters (Ledger.apply_flush_bpf), and the nft drift check is off."""
+        return self.source == "ebpf"
+
+    @property
     def quotas(self) -> bool:
         """Whether kernel quotas back a passive source (see gateway/sources/nflog.py):
         meaningful only where the gateway forwards the traffic it counts."""

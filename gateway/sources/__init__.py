@@ -27,6 +27,7 @@ SOURCES: dict[str, str] = {
     "nflog": "gateway.sources.nflog:NflogSource",
     "netflow": "gateway.sources.netflow:NetflowSource",
     "spool": "gateway.sources.spool:SpoolSource",
+    "ebpf": "gateway.sources.ebpf:EbpfSource",
 }
 
 

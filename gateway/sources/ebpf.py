@@ -1,0 +1,352 @@
+"""The eBPF source: packets metered and refused in the kernel by the tc
+program (ext/bpf/tollgate.bpf.c), charged from its monotonic counters.
+
+Money stays in the control plane and bytes in the kernel: the engine rates
+what the kernel counted (``rate_volume``, remainder carried as for any
+aggregate), the grant keeper (gateway/daemon/grants.py) turns balances into
+per-(subscriber, zone, direction) byte grants, and the program passes a
+packet only while it fits its grant. No packet waits for this process: when
+it is down (a restart, a SIGKILL) the program stays attached and pinned and
+the grants keep holding, at the byte. ``tollgate policy remove`` detaches
+and unpins.
+
+Start (``begin``, called by the daemon once the engine has its subscribers
+and the nft table its blocks): open the maps pinned under ``pin_dir`` (or
+load them: ``max_slots`` slots, the config's zones), put every subscriber's
+prefixes (slot = subscriber id), the zones and the allow-list in, in bulk,
+take the ledger's marks (migrations/0019_bpf_marks.sql) as the counters'
+last charged values so that the first poll charges exactly kernel - mark
+(what was forwarded and never flushed: rated but lost in a crash, or passed
+while the daemon was down), grant, and attach to ``interfaces`` (default:
+``gateway.lan_interfaces``).
+
+The loop (``run``), every ``interval`` seconds: one scan of the mmapped
+counters (ext/bpfmaps.pyx ``Maps.scan``: only what moved comes back),
+the deltas rated, the grants of the subscribers that moved (and of the
+blocked and refused ones every ``WATCH_INTERVAL``, of everyone in turn
+over ``SWEEP_SECONDS``) brought up to date; at a time-slot boundary the
+keeper's freeze, a charge at the old slot and new grants for everyone; new
+and removed addresses followed every ``SYNC_INTERVAL``; the heartbeat
+(``policy.bpf.present``) every ``heartbeat`` seconds: a program gone is an
+alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again.
+
+The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
+marks advance in the flush's own transaction.
+
+Needs a kernel with BPF (``CONFIG_BPF_SYSCALL``), tc clsact and BPF
+classifiers (``CONFIG_NET_CLS_BPF``, ``CONFIG_NET_SCH_INGRESS``), bpffs, and
+the program built (``make build``, clang): otherwise the daemon stops at
+start with the reason (exit code 2) and nothing attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from accounting.zones import LOCAL
+from ext.engine_py import ZoneRule
+from ext.errors import BpfError, ConfigError
+
+log = logging.getLogger("tollgate.sources.ebpf")
+
+WATCH_INTERVAL = 0.2  # seconds between looks at blocked and refused subscribers (a top-up flows within 1 s)
+SWEEP_SECONDS = 5.0  # everyone's grants looked at once in this time, a slice per poll
+SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
+# The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
+# discovery to solicited-node multicast, MLD, mDNS, broadcasts. Those destinations are never forwarded
+# (the forward hook, where the nft path counts, never sees them): into the local zone with them.
+NOT_FORWARDED = [ZoneRule(net, LOCAL) for net in ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16",
+                                                  "ff00::/8", "fe80::/10")]
+
+
+class EbpfSource:
+    """See the module docstring; the daemon runs it for ``--source ebpf``."""
+
+    OPTIONS = {"interfaces": "subscriber-facing interfaces, comma-separated (default gateway.lan_interfaces)",
+               "pin_dir": "bpffs directory of the pinned maps and programs (default /sys/fs/bpf/tollgate)",
+               "interval": "seconds between polls of the kernel's counters (default 0.05)",
+               "max_slots": "slots (subscriber ids 0..max_slots-1) when the maps are loaded (default 65536)",
+               "heartbeat": "seconds between checks that the program is still attached (default 2)"}
+
+    def __init__(self, engine, on_events, interfaces: str = "", pin_dir: str = "", interval: str = "0.05",
+                 max_slots: str = "65536", heartbeat: str = "2") -> None:
+        from ext.bpfmaps import DEFAULT_PIN_DIR
+
+        self.engine = engine
+        self.on_events = on_events
+        self.interfaces = [i for i in interfaces.split(",") if i]
+        self.pin_dir = pin_dir or DEFAULT_PIN_DIR
+        self.interval = float(interval)
+        self.max_slots = int(max_slots)
+        self.heartbeat = float(heartbeat)
+        if not 0.005 <= self.interval <= 5:
+            raise ValueError("interval is 0.005..5 seconds")
+        if not 1 <= self.max_slots <= 1 << 24:
+            raise ValueError("max_slots is 1..16777216")
+        self.stopping = threading.Event()
+        self.maps = None
+        self.keeper = None
+        self.gw = None
+        self.counts = {"polls": 0, "charged_bytes": 0, "charged_packets": 0, "start_charged_bytes": 0,
+                       "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False}
+        self.queue_num = "ebpf"
+
+    # ---- start ------------------------------------------------------------------
+
+    def begin(self, gw) -> None:
+        """Maps, subscribers, marks, grants, attach (see the module docstring)."""
+        from ext.bpfmaps import Maps
+        from policy import bpf
+
+        from ..daemon.grants import GrantKeeper
+
+        self.gw = gw
+        self.interfaces = self.interfaces or list(gw.config.lan_interfaces)
+        if not self.interfaces:
+            raise ConfigError("--source ebpf", "no subscriber-facing interface: set gateway.lan_interfaces or "
+                                               "--source-option interfaces=IFACE[,IFACE]")
+        n_zones = len(gw.config.zones)
+        try:
+            try:
+                self.maps = Maps.open(self.pin_dir)
+                if self.maps.n_zones != n_zones:
+                    raise ConfigError("--source ebpf", f"the maps pinned at {self.pin_dir} have {self.maps.n_zones} "
+                                                       f"zones, the config {n_zones}: `tollgate policy remove` first "
+                                                       "(their counters go; the ledger has what was flushed)")
+                log.info("reopened the maps pinned at %s (load %08x): counters and grants as the kernel kept them",
+                         self.pin_dir, self.maps.load_id)
+            except BpfError:
+                Maps.unpin(self.pin_dir)  # a half-made directory (no tg_info): nothing of value in it
+                self.maps = Maps.load(self.pin_dir, max_slots=self.max_slots, n_zones=n_zones,
+                                      default_zone=gw.acct.engine.default_zone,
+                                      malformed_drop=gw.config.malformed_verdict == 0,
+                                      unknown_drop=False)
+                log.info("loaded the tc program and its maps, pinned at %s (load %08x, %d slots)", self.pin_dir,
+                         self.maps.load_id, self.max_slots)
+        except BpfError as exc:
+            raise ConfigError("--source ebpf", f"the kernel's BPF data path is not available here ({exc}); "
+                                               "run with --source nfqueue (the inline path) instead") from None
+        maps = self.maps
+        too_big = [sid for sid in gw.acct.subscribers if sid >= maps.max_slots]
+        if too_big:
+            raise ConfigError("--source ebpf", f"subscriber ids up to {max(too_big)} do not fit the maps' "
+                                               f"{maps.max_slots} slots: `tollgate policy remove`, then "
+                                               "--source-option max_slots=N")
+        self.dropped_bytes: dict[int, int] = {}  # counter index -> dropped_bytes at the last refusal seen
+        self.snapshot = bytearray(maps.n_counters * 24)
+        self.snap = memoryview(self.snapshot).cast("Q")
+        self.keeper = GrantKeeper(gw, maps, lambda i: self.snap[3 * i])
+        with gw.engine_lock:
+            subs = dict(gw.acct.subscribers)
+            self.known = {sid: info.addresses for sid, info in subs.items()}
+            maps.set_zones(gw.config.zones.rules() + NOT_FORWARDED)
+            maps.set_allowlist(gw.config.allowlist)
+            slots, prefixes = [], []
+            for sid, info in subs.items():
+                slots += [sid] * len(info.addresses)
+                prefixes += list(info.addresses)
+            maps.set_subscribers(slots, prefixes)
+            # the marks are what the ledger holds: the first scan charges kernel - mark, exactly
+            marks = gw.ledger.bpf_marks(self.pin_dir, maps.load_id)
+            nz = maps.n_zones
+            for (sid, zone, d), (nbytes, packets) in marks.items():
+                if sid < maps.max_slots and zone < nz:
+                    i = (sid * nz + zone) * 2 + d
+                    self.snap[3 * i], self.snap[3 * i + 1] = nbytes, packets
+            for sid in subs:  # refusals from before this start are not news
+                for zone in range(nz):
+                    for d in (0, 1):
+                        i = (sid * nz + zone) * 2 + d
+                        c = maps.counter(sid, zone, d)
+                        self.snap[3 * i + 2] = c.dropped_packets
+                        if c.dropped_bytes:
+                            self.dropped_bytes[i] = c.dropped_bytes
+            self.keeper.load_grants(subs)
+        self.last_poll = time.monotonic()
+        charged = self.poll(start=True)
+        self.counts["start_charged_bytes"] = charged
+        if charged:
+            log.warning("start: charged %d bytes the kernel forwarded that the ledger did not hold (rated but not "
+                        "flushed before a crash, or passed within its grants while the daemon was down)", charged)
+        with gw.engine_lock:
+            events = []
+            now = time.time_ns()
+            for sid in subs:
+                events += self.keeper.refresh(sid, now)
+        gw.post(events)
+        try:
+            bpf.attach(self.interfaces, self.pin_dir)
+        except bpf.AttachError as exc:
+            raise ConfigError("--source ebpf", f"cannot attach to {', '.join(self.interfaces)}: {exc}") from None
+        self.counts["attached"] = True
+        from prometheus_client import Counter
+
+        self.alarms = Counter("tollgate_bpf_heartbeat_alarms", "heartbeat checks that found the tc program "
+                              "detached (attached again)", registry=gw.metrics.registry)
+        self.next_boundary = self.keeper.next_boundary(time.time_ns())
+        self.sweep = list(subs)
+        self.cursor = 0
+
+    # ---- the loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        next_watch = next_sync = time.monotonic()
+        next_beat = time.monotonic() + self.heartbeat
+        while not self.stopping.wait(self.interval):
+            mono = time.monotonic()
+            watch = mono >= next_watch
+            if watch:
+                next_watch = mono + WATCH_INTERVAL
+            self.poll(watch=watch)
+            if mono >= next_sync:
+                next_sync = mono + SYNC_INTERVAL
+                self.sync_addresses()
+            if mono >= next_beat:
+                next_beat = mono + self.heartbeat
+                self.check_heartbeat()
+
+    def poll(self, start: bool = False, watch: bool = False) -> int:
+        """One scan: deltas charged, grants refreshed. Returns the bytes charged."""
+        gw, maps, keeper = self.gw, self.maps, self.keeper
+        now = time.time_ns()
+        boundary = self.next_boundary if not start else None
+        at_boundary = boundary is not None and now >= boundary
+        if at_boundary:  # nothing more at the old prices, then charge what passed at them
+            with gw.engine_lock:
+                keeper.freeze(list(gw.acct.subscribers), now)
+        hits = maps.scan(self.snapshot)
+        mono = time.monotonic()
+        seconds, self.last_poll = mono - self.last_poll, mono
+        nz = maps.n_zones
+        ts = boundary - 1 if at_boundary else now
+        charged = 0
+        events = []
+        moved: dict[int, dict] = {}
+        with gw.engine_lock:
+            subs = gw.acct.subscribers
+            for i, used, packets, dropped, old_used, old_packets, old_dropped in hits:
+                sid, rest = divmod(i, 2 * nz)
+                zone, d = divmod(rest, 2)
+                du, dp = used - old_used, packets - old_packets
+                if sid not in subs:
+                    self.counts["unowned_bytes"] += max(0, du)
+                    continue
+                refused = moved.setdefault(sid, {})
+                if dropped > old_dropped:
+                    dbytes = maps.counter(sid, zone, d).dropped_bytes
+                    refused[(zone, d)] = (dropped - old_dropped, max(1, dbytes - self.dropped_bytes.get(i, 0)))
+                    self.dropped_bytes[i] = dbytes
+                if du < 0:
+                    log.error("eBPF counter of subscriber %s zone %d direction %d went back (%d < %d): taken as is",
+                              sid, zone, d, used, old_used)
+                    continue
+                if du or dp:
+                    events += gw.acct.engine.rate_volume(sid, zone, d, du, max(0, dp), ts)
+                    keeper.observe(i, du, seconds)
+                    charged += du
+                    self.counts["charged_bytes"] += du
+                    self.counts["charged_packets"] += max(0, dp)
+            if start:
+                gw.post(events)
+                return charged
+            now = time.time_ns()
+            if at_boundary:
+                self.next_boundary = keeper.next_boundary(now)
+                todo = set(subs)
+                log.info("time-slot boundary: %d subscribers granted again at the new prices", len(todo))
+            else:
+                todo = set(moved)
+                if watch:
+                    todo |= keeper.refused
+                step = max(1, int(len(self.sweep) * self.interval / SWEEP_SECONDS) + 1)
+                if self.sweep:
+                    start_at = self.cursor % len(self.sweep)
+                    todo |= set(self.sweep[start_at:start_at + step])
+                    self.cursor = start_at + step
+            for sid in todo:
+                if sid in subs:
+                    events += keeper.refresh(sid, now, moved.get(sid))
+        self.counts["polls"] += 1
+        gw.post(events)
+        return charged
+
+    def sync_addresses(self) -> None:
+        """Follow the subscribers and addresses the change follower applied to the engine."""
+        gw, maps = self.gw, self.maps
+        with gw.engine_lock:
+            subs = {sid: info.addresses for sid, info in gw.acct.subscribers.items()}
+        if subs.keys() == self.known.keys() and all(subs[s] is self.known[s] or subs[s] == self.known[s]
+                                                    for s in subs):
+            return
+        gone, slots, added = [], [], []
+        for sid, nets in self.known.items():
+            gone += [n for n in nets if n not in set(subs.get(sid, ()))]
+        for sid, nets in subs.items():
+            if sid >= maps.max_slots:
+                log.error("subscriber %s does not fit the maps' %d slots: its traffic is not metered by the eBPF "
+                          "path (restart after `tollgate policy remove` with a larger max_slots)", sid, maps.max_slots)
+                continue
+            new = [n for n in nets if n not in set(self.known.get(sid, ()))]
+            slots += [sid] * len(new)
+            added += new
+        with gw.engine_lock:
+            if gone:
+                maps.remove_subscribers(gone)
+            for sid in set(self.known) - set(subs):
+                self.keeper.forget(sid)
+            now = time.time_ns()
+            events = []
+            for sid in set(subs) - set(self.known):
+                events += self.keeper.refresh(sid, now)
+            if added:
+                maps.set_subscribers(slots, added)
+        self.known = subs
+        self.sweep = list(subs)
+        gw.post(events)
+        log.info("eBPF maps follow the ledger: %d prefixes added, %d removed", len(added), len(gone))
+
+    def check_heartbeat(self) -> bool:
+        """The program still attached, both hooks, every interface? If not: alarm and attach again."""
+        from policy import bpf
+
+        ok = bpf.present(self.interfaces, self.pin_dir)
+        self.counts["attached"] = ok
+        if ok:
+            return True
+        self.counts["heartbeat_alarms"] += 1
+        self.alarms.inc()
+        log.error("heartbeat: the tc program is not attached to all of %s (someone removed a filter or the "
+                  "clsact qdisc): attaching it again", ", ".join(self.interfaces))
+        try:
+            bpf.attach(self.interfaces, self.pin_dir)
+            self.counts["reattached"] += 1
+            self.counts["attached"] = bpf.present(self.interfaces, self.pin_dir)
+        except Exception as exc:  # noqa: BLE001 - said, retried at the next beat
+            log.error("heartbeat: attaching again failed: %s", exc)
+        return False
+
+    # ---- the passive source's interface -------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Close our fds; the program stays attached and pinned, its grants in force. What the
+        kernel counted after the last flush is charged at the next start (kernel - mark)."""
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+
+    def stats(self) -> dict:
+        out = dict(self.counts)
+        if self.keeper is not None:
+            out.update(self.keeper.stats)
+            out["refused_subscribers"] = len(self.keeper.refused)
+        if self.maps is not None:
+            try:
+                out["program"] = {k: v[0] for k, v in self.maps.stats().items()}
+            except BpfError:
+                pass
+        return out
