@@ -951,7 +951,7 @@ class Operations:
             live = sessions.live_rows_of_key(db, source, client, key)
             if closed:
                 closed = [self._session_view(r) for r in sessions.rows_by_ids(db, [c["id"] for c in closed])]
-            result = {"status": "started" if not kept else "updated",
+            result = {"status": "started" if not kept else "updated", "changed": True,  # owners moved
                       "sessions": [self._session_view(r) for r in live], "closed": closed}
             self._audit("session.start", f"session:{source}:{client}:{key}",
                         {"closed": [{k: c[k] for k in ("id", "network", "subscriber_id", "session_key")}

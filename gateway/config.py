@@ -443,10 +443,20 @@ class SessionSettings:
     portal_login: bool = False
     portal_session: int = 86400
     voucher_tariff: str | None = None
+    # address binding (phase 3, anti-spoofing): the sources whose addresses are bound to their MAC (a forwarded
+    # packet from a bound address with another source MAC is dropped, policy/nft.py "bindings"); true means
+    # BIND_MAC_DEFAULT; "static" binds a subscriber's static /32 and /128 addresses to its MAC bindings
+    bind_mac: tuple = ()
 
     @property
     def radius_ttl_ns(self) -> int:
         return (self.interim_interval * self.interim_missed + self.grace) * 1_000_000_000
+
+
+# RADIUS sessions are not bound by default: their Calling-Station-Id is the CPE's MAC, which the gateway sees only
+# when it is on the subscriber's link (behind a BRAS every packet carries the BRAS's MAC)
+BIND_MAC_SOURCES = ("dnsmasq", "kea", "portal", "radius", "static")
+BIND_MAC_DEFAULT = ("dnsmasq", "kea", "portal", "static")
 
 
 @dataclass(frozen=True)
@@ -458,17 +468,27 @@ class RadiusClient:
 
 @dataclass(frozen=True)
 class RadiusSettings:
-    """``[radius]``: ``listen`` (host:port, [v6]:port or a host, port 1813) and ``[[radius.client]]``."""
+    """``[radius]``: ``listen`` (host:port, [v6]:port or a host, port 1813) and ``[[radius.client]]``;
+    ``serve_in_gateway``: ``tollgate run`` hosts the server (gateway/daemon/sessions.py)."""
 
     listen: tuple = (("127.0.0.1", 1813),)
     clients: tuple = ()
+    serve_in_gateway: bool = False
 
 
 def _sessions(doc: dict) -> SessionSettings:
     raw = _table(doc, "sessions")
     _check_keys(raw, "sessions", {"interim_interval", "interim_missed", "grace", "dhcp_grace", "expiry_check",
-                                  "portal_login", "portal_session", "voucher_tariff"})
+                                  "portal_login", "portal_session", "voucher_tariff", "bind_mac"})
     out = {}
+    if "bind_mac" in raw:
+        v = raw["bind_mac"]
+        if v is True or v is False:
+            out["bind_mac"] = BIND_MAC_DEFAULT if v else ()
+        elif isinstance(v, list) and v and all(x in BIND_MAC_SOURCES for x in v) and len(set(v)) == len(v):
+            out["bind_mac"] = tuple(v)
+        else:
+            raise ConfigError("sessions.bind_mac", f"must be true, false or a list of {', '.join(BIND_MAC_SOURCES)}")
     if "portal_login" in raw:
         if not isinstance(raw["portal_login"], bool):
             raise ConfigError("sessions.portal_login", "must be true or false")
@@ -511,7 +531,10 @@ def parse_listen(value, where: str, default_port: int = 1813) -> tuple[str, int]
 
 def _radius(doc: dict) -> RadiusSettings:
     raw = _table(doc, "radius")
-    _check_keys(raw, "radius", {"listen", "client"})
+    _check_keys(raw, "radius", {"listen", "client", "serve_in_gateway"})
+    serve = raw.get("serve_in_gateway", False)
+    if not isinstance(serve, bool):
+        raise ConfigError("radius.serve_in_gateway", "must be true or false")
     listen = tuple(parse_listen(v, f"radius.listen[{i}]") for i, v in enumerate(_list(raw, "listen", "radius.listen")))
     clients, names = [], set()
     for i, c in enumerate(_list(raw, "client", "radius.client")):
@@ -533,7 +556,7 @@ def _radius(doc: dict) -> RadiusSettings:
         if not isinstance(secret, str) or not secret or len(secret.encode()) > 128:
             raise ConfigError(f"{where}.secret", "the shared secret: 1 to 128 bytes of text")
         clients.append(RadiusClient(name, net, secret.encode()))
-    return RadiusSettings(listen or RadiusSettings.listen, tuple(clients))
+    return RadiusSettings(listen or RadiusSettings.listen, tuple(clients), serve)
 
 
 def _netflow_exporters(doc: dict) -> tuple | None:

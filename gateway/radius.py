@@ -24,8 +24,12 @@ again. A retransmission (the same client, Identifier and Request Authenticator w
 the same answer again without touching the ledger (RFC 5080 section 2.2.2).
 
 Hosting. ``start()`` binds the sockets and runs one thread (with its own ledger connection); ``stop()`` ends it.
-``tollgate radius serve -c CONFIG`` runs one on its own; a daemon hosts one by calling ``start()`` after its own
-start and ``stop()`` before closing the ledger, and adds ``server.registry``'s collectors to its /metrics.
+``tollgate radius serve -c CONFIG`` runs one on its own. ``tollgate run`` hosts one with ``[radius]
+serve_in_gateway = true`` (gateway/daemon/sessions.py): ``open()`` at its start, ``serve()`` in a thread of the
+gateway's (a death turns /healthz red), ``stop()`` before its ledger closes, ``registry`` in its /metrics;
+``on_change(result)`` is called after every write that changed an owner (the operation's result, with the
+``closed`` rows of the old owners and the live ``sessions`` of the new), so that the gateway refreshes them at
+once; ``expire=False`` leaves the expiry of sessions to the host.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def check_structure(data: bytes) -> None:
 class RadiusServer:
     """An accounting server on ``cfg.radius.listen`` writing to the ledger at ``db`` (see the module)."""
 
-    def __init__(self, cfg, db, listen=None, actor: str = "radius") -> None:
+    def __init__(self, cfg, db, listen=None, actor: str = "radius", on_change=None, expire: bool = True) -> None:
         from gateway.config import RadiusSettings, SessionSettings
 
         self.cfg = cfg
@@ -146,6 +150,8 @@ class RadiusServer:
         self._stopping = threading.Event()
         self._ledger: Ledger | None = None
         self._next_expiry = 0.0
+        self.on_change = on_change
+        self.expire = expire
 
     # ---- life --------------------------------------------------------------------------------------------------
 
@@ -172,17 +178,23 @@ class RadiusServer:
 
     def start(self) -> RadiusServer:
         self.open()
-        self._thread = threading.Thread(target=self._loop, name="radius", daemon=True)
+        self._thread = threading.Thread(target=self.serve, name="radius", daemon=True)
         self._thread.start()
+        return self
+
+    def serve(self) -> None:
+        """Answer packets until ``stop()``, in the calling thread (after ``open()``)."""
+        if self._thread is None:
+            self._thread = threading.current_thread()
         log.info("RADIUS accounting on %s for %d clients", ", ".join(f"{h} port {p}" for h, p in self.addresses),
                  len(self.clients))
-        return self
+        self._loop()
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
-            self._thread = None
+        self._thread = None
         self.close()
 
     def close(self) -> None:
@@ -215,7 +227,7 @@ class RadiusServer:
                         s.sendto(reply, addr)
                     except OSError as exc:
                         log.warning("radius: cannot answer %s: %s", addr[0], exc)
-            if time.monotonic() >= self._next_expiry:
+            if self.expire and time.monotonic() >= self._next_expiry:
                 self._next_expiry = time.monotonic() + self.timing.expiry_check
                 try:
                     done = self.ops.expire_sessions()
@@ -312,6 +324,7 @@ class RadiusServer:
                                                          "accounting-on" if status == ACCOUNTING_ON else
                                                          "accounting-off", now=now)
                 self.m_sessions.labels("close_client").inc(len(done["closed"]))
+                self._changed(done)
                 log.info("radius: %s from %s closed %d session rows", "Accounting-On" if status == ACCOUNTING_ON
                          else "Accounting-Off", client.name, len(done["closed"]))
                 return False
@@ -342,7 +355,17 @@ class RadiusServer:
         if done["status"] == "duplicate":
             self._count("duplicate")
         self.m_sessions.labels(done["status"]).inc()
+        self._changed(done)
         return False
+
+    def _changed(self, done: dict) -> None:
+        """Tell the host which owners a write changed (a touch of last seen and bytes changes none)."""
+        if self.on_change is None or not (done.get("closed") or done.get("changed")):
+            return
+        try:
+            self.on_change(done)
+        except Exception:  # the host's business; the packet is recorded and will be answered
+            log.exception("radius: the host could not take a session change")
 
 
 def _message_authenticator_ok(pkt, data: bytes, secret: bytes) -> bool:

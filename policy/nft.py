@@ -82,6 +82,17 @@ counted once, by the first set that matches, in that order.
   a voucher makes the device's address a session's, so it enters the sets
   and leaves both rules with no rule change. Only new connections are
   redirected (nat sees the first packet); the block page closes its own.
+* bindings (``bindings=True``, ``[sessions] bind_mac``; issue 15,
+  anti-spoofing): ``bound4``/``bound6`` map a bound address (a /32 or
+  /128) to its subscriber's named counter ``spoof<subscriber id>``;
+  ``bound_mac4``/``bound_mac6`` hold the ``address . MAC`` pairs allowed.
+  The first rules of ``block``: ``ip saddr . ether saddr != @bound_mac4
+  counter name ip saddr map @bound4 drop`` (and ip6): a packet whose pair is
+  not allowed is counted and dropped only if its address is bound (the map
+  lookup fails for an address that is not, and the rule does not match), so
+  nothing changes for unbound addresses. Forwarded packets only, and only
+  from Ethernet-like links (``ether saddr`` needs a MAC header); kept by
+  ``AddressBindings`` (gateway/daemon/sessions.py decides what is bound).
 
 Every change goes through one reused libnftables context (python-nftables,
 JSON for elements), never by forking ``nft``; a batch of elements is one
@@ -262,7 +273,8 @@ class Enforcer:
 
     def __init__(self, queues=(0,), fail_open: bool = True, portal_port: int = 8080,
                  local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53, log_group: int | None = None,
-                 log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False, guests: bool = False) -> None:
+                 log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False, guests: bool = False,
+                 bindings: bool = False) -> None:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
         queues = sorted(queues)
@@ -286,12 +298,14 @@ class Enforcer:
         self.log_threshold = int(log_threshold)
         self.quotas_on = bool(quotas)
         self.guests = bool(guests)  # see the module docstring: guests
+        self.bindings = bool(bindings)  # see the module docstring: bindings
 
     @classmethod
     def from_config(cls, config, **kw) -> Enforcer:
         """One for a gateway ``Config``: its local networks and allow-list;
         ``kw`` (queues, fail_open, portal_port) as for the constructor."""
         kw.setdefault("guests", bool(getattr(getattr(config, "sessions", None), "portal_login", False)))
+        kw.setdefault("bindings", bool(getattr(getattr(config, "sessions", None), "bind_mac", ())))
         return (GuestEnforcer if kw["guests"] and cls is Enforcer else cls)(
             local_networks=config.zones.local_networks, allow=config.allowlist, **kw)
 
@@ -422,9 +436,9 @@ class Enforcer:
         ]
         return (
             f"table inet {TABLE} {{\n"
-            + sets + self._guest_sets()
+            + sets + self._guest_sets() + binding_sets(self.bindings)
             + "  chain block {\n    type filter hook forward priority -10; policy accept;\n"
-            + lines(each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in")
+            + lines(binding_rules(self.bindings) + each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in")
                     + self._guest_rules("jump guests_out"))
             + "  }\n  chain blocked_out {\n"
             + lines([f"{r.match('d')} accept" for r in self.allow] + reject)
@@ -850,3 +864,100 @@ class GuestEnforcer(Enforcer):
         listing = super().restore(blocked, subscribers)
         self._run(self._element_cmds("delete", GUEST_KNOWN, sorted(k for k in have - want if "-" not in k)))
         return listing
+
+
+# ---- bindings: an address bound to a MAC (anti-spoofing; issue 15; the module docstring's "bindings") -----------
+
+BOUND = "bound"          # bound4, bound6: address -> the subscriber's counter
+BOUND_MAC = "bound_mac"  # bound_mac4, bound_mac6: the allowed address . MAC pairs
+SPOOF_PREFIX = "spoof"   # the counter of subscriber 12's dropped packets is spoof12
+
+
+def binding_sets(on: bool) -> str:
+    if not on:
+        return ""
+    return "".join(f"  map {BOUND}{v} {{ type {kind} : counter; }}\n  set {BOUND_MAC}{v} {{ type {kind} . ether_addr; }}\n"
+                   for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")))
+
+
+def binding_rules(on: bool) -> list[str]:
+    if not on:
+        return []
+    return [f"{fam} saddr . ether saddr != @{BOUND_MAC}{v} counter name {fam} saddr map @{BOUND}{v} drop"
+            for fam, v in (("ip", "4"), ("ip6", "6"))]
+
+
+def _bound_key(network: str) -> tuple[str, str]:
+    """(set suffix, address) of a /32 or /128; PolicyError for anything else."""
+    try:
+        net = ipaddress.ip_network(str(network).strip())
+    except ValueError:
+        raise PolicyError(f"bad address {network!r}") from None
+    if net.prefixlen != net.max_prefixlen:
+        raise PolicyError(f"only single addresses are bound to a MAC, not {network!r}")
+    return ("4" if net.version == 4 else "6"), str(net.network_address)
+
+
+class AddressBindings:
+    """The kernel half of address binding, through an ``Enforcer`` made with ``bindings=True`` (its libnftables
+    context: the caller holds the daemon's ``enforcer_lock``). A binding is ``{network: (subscriber id,
+    frozenset of MACs)}``; ``apply(old, new)`` moves the kernel from one to the other in one transaction."""
+
+    def __init__(self, enforcer: Enforcer) -> None:
+        self.enforcer = enforcer
+
+    def read(self) -> dict[str, tuple[int, frozenset]]:
+        """What the kernel binds now."""
+        out: dict[str, list] = {}
+        for v, plen in (("4", 32), ("6", 128)):
+            for item in self.enforcer._json([{"list": {"map": {"family": "inet", "table": TABLE,
+                                                               "name": f"{BOUND}{v}"}}}])["nftables"]:
+                for key, counter in (item.get("map") or {}).get("elem", []):
+                    out[f"{key}/{plen}"] = [int(str(counter).removeprefix(SPOOF_PREFIX)), set()]
+            for item in self.enforcer._json([{"list": {"set": {"family": "inet", "table": TABLE,
+                                                               "name": f"{BOUND_MAC}{v}"}}}])["nftables"]:
+                for elem in (item.get("set") or {}).get("elem", []):
+                    addr, mac = elem["concat"]
+                    got = out.get(f"{addr}/{plen}")
+                    if got is not None:
+                        got[1].add(mac)
+        return {net: (sid, frozenset(macs)) for net, (sid, macs) in out.items()}
+
+    def apply(self, old: dict, new: dict) -> int:
+        """Change the kernel from ``old`` (what it holds) to ``new`` for the networks of either; returns how
+        many networks changed. Counters are added as needed and kept (a subscriber's count is history)."""
+        lines, counters = [], set()
+        changed = 0
+        for net in sorted(set(old) | set(new)):
+            was, will = old.get(net), new.get(net)
+            if was == will:
+                continue
+            changed += 1
+            v, addr = _bound_key(net)
+            if was is not None:
+                for mac in sorted(was[1] - (will[1] if will else frozenset())):
+                    lines.append(f"delete element inet {TABLE} {BOUND_MAC}{v} {{ {addr} . {mac} }}")
+                if will is None or will[0] != was[0]:
+                    lines.append(f"delete element inet {TABLE} {BOUND}{v} {{ {addr} }}")
+            if will is not None:
+                if was is None or will[0] != was[0]:
+                    counters.add(will[0])
+                    lines.append(f'add element inet {TABLE} {BOUND}{v} {{ {addr} : "{SPOOF_PREFIX}{will[0]}" }}')
+                for mac in sorted(will[1] - (was[1] if was else frozenset())):
+                    lines.append(f"add element inet {TABLE} {BOUND_MAC}{v} {{ {addr} . {mac} }}")
+        if lines:
+            self.enforcer._text("".join(f"add counter inet {TABLE} {SPOOF_PREFIX}{sid}\n" for sid in sorted(counters))
+                                + "\n".join(lines) + "\n")
+        return changed
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        """``{subscriber id: (packets, bytes)}`` of the packets dropped from its bound addresses."""
+        out = {}
+        for item in self.enforcer._json([{"list": {"counters": {"family": "inet", "table": TABLE}}}])["nftables"]:
+            c = item.get("counter")
+            if c and c.get("table") == TABLE and str(c.get("name", "")).startswith(SPOOF_PREFIX):
+                try:
+                    out[int(c["name"][len(SPOOF_PREFIX):])] = (c["packets"], c["bytes"])
+                except ValueError:
+                    continue
+        return out

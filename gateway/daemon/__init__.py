@@ -23,6 +23,10 @@ Threads, each with one job:
   the admin API, the block page and the portal;
 * the **rollup** and **notification** threads (:mod:`.flusher`), on
   connections of their own.
+* the **sessions** thread (:mod:`.sessions`): closes expired sessions every
+  few seconds, keeps the kernel's address bindings (anti-spoofing) in line
+  with the ledger; and the **radius** thread, the hosted RADIUS accounting
+  server (``[radius] serve_in_gateway``).
 
 :mod:`.gateway` holds what they share and the lock order; speed and
 connection limits are :mod:`.limits`.

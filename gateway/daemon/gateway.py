@@ -37,6 +37,7 @@ from .limits import SpeedLimits
 from .metrics import Metrics
 from .options import RunOptions
 from .pusher import PolicyPusher
+from .sessions import SessionHost
 
 log = logging.getLogger("tollgate.daemon")
 FAILED_GRACE = 2.0  # seconds /healthz answers "failed" before a gateway with a dead thread exits
@@ -69,11 +70,13 @@ class Gateway:
         self.limits = SpeedLimits(self)
         self.quotas = None  # .quotas.QuotaKeeper, under a passive source with kernel quotas
         self.view = LiveView(self)
+        self.sessions = SessionHost(self)  # expiry, the hosted RADIUS server, address binding (.sessions)
 
     # ---- start and stop --------------------------------------------------
 
     def start(self) -> None:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
+        self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
         events = self.acct.load_subscribers(ledger_rows(self.ledger))
         self.changes.start_from_ledger()
@@ -113,6 +116,7 @@ class Gateway:
         self._spawn("http", lambda: serve(self.view, self.http_socket))
         if self.config.notify.webhook or self.config.notify.command:
             self._spawn("notify", self.flusher.notify_loop)
+        self.sessions.start()
 
     def _recover_from_kernel(self, listing: dict) -> None:
         """What the kernel forwarded while we were down (see .kernel), from
@@ -145,6 +149,7 @@ class Gateway:
             return
         log.info("stopping: flushing counters, leaving blocks in place")
         self.stopping.set()
+        self.sessions.stop()  # the hosted RADIUS server, before the ledger closes
         for reader in self.readers:
             reader.stop()
         for t in self.threads:

@@ -38,6 +38,13 @@ class Metrics:
         self.resets = Counter("tollgate_connection_resets", "TCP connections of blocked subscribers ended at once "
                               "(policy/resets.py)", registry=r)
         r.register(EngineCollector(gw))
+        from .sessions import SessionCollector  # issue 15: sessions and address binding
+
+        r.register(SessionCollector(gw))
+
+    def add_collectors(self, registry) -> None:
+        """Another part's own registry (the hosted RADIUS server's) served at /metrics as well."""
+        self.registry.register(registry)
 
 
 class EngineCollector:
