@@ -10,6 +10,10 @@ when dnsmasq starts) start or confirm the lease's session, ``del`` ends it. The 
 ``leases4_committed``, ``LEASES4_AT<i>_*`` and ``DELETED_LEASES4_AT<i>_*``) in the environment:
 ``leases4_committed``, ``lease4_renew`` and ``lease4_recover`` start or confirm, ``lease4_release``,
 ``lease4_expire`` and ``lease4_decline`` end; ``lease4_select`` is not committed yet and changes nothing.
+As a real Kea 2.2 runs it (tests/unit/test_dhcp_kea.py holds the environment it gave): a DHCPRELEASE is two
+calls at once (``"sync": false`` runs them as two processes), ``lease4_release`` and ``leases4_committed`` with
+the released lease in ``DELETED_LEASES4_AT0_*``: both end the session, the second finds it ended and writes
+nothing; a client that sends no client id gets ``CLIENT_ID`` set and empty.
 
 Which subscriber: the first of ``--by`` (default ``mac``; also ``client_id``, ``circuit_id``) that the lease has
 and that a binding in the ledger names (``tollgate binding add alice --mac 52:54:00:12:34:56``). A lease that no
