@@ -22,9 +22,12 @@ passed since are inside the grant, so inside that sum). How:
   low-water mark: half a second of their recent rate, at least
   ``LOW_MIN``), each raised to at most ``SLICE_SECONDS`` of its rate (at least
   ``SLICE_MIN``), so that one busy direction does not hold the whole balance
-  while another starves. Grants are only raised here; they are lowered only
-  at a time-slot boundary (:meth:`freeze`). A volume limit is shared the same
-  way among the pairs of the volume zones.
+  while another starves. When the spare cannot pay what the needy pairs
+  want, the outstanding grants of the others are cut to what their own rate
+  needs (at least ``RECLAIM_KEEP``): the money goes where the traffic is
+  (:meth:`_reclaim`). Otherwise grants are lowered only at a time-slot
+  boundary (:meth:`freeze`). A volume limit is shared the same way among the
+  pairs of the volume zones (not reclaimed).
 * **Free pairs** (nothing they pass would ever cost: ``affordable_bytes`` is
   GRANT_FREE) get GRANT_FREE.
 * **Money out.** When the kernel refused a packet of a pair (its
@@ -67,6 +70,7 @@ SLICE_MIN = 1 << 20  # ... and is raised to at least this many
 LOW_SECONDS = 0.5
 SLICE_SECONDS = 2.0
 RATE_ALPHA = 0.3  # weight of the newest poll in a pair's rate
+RECLAIM_KEEP = 16 * 1024  # what an idle pair keeps when a busy one needs the money it holds
 
 
 class GrantKeeper:
@@ -82,7 +86,7 @@ class GrantKeeper:
         self.blocked: dict[int, bool] = {}  # slot -> the blocked flag in the maps
         self.refused: set[int] = set()  # subscribers refused for want of money or volume: watched
         self.masks: dict[int, list] = {}  # engine tariff id -> [(zone mask, direction mask)] of its buckets
-        self.stats = {"raises": 0, "money_out_blocks": 0, "freezes": 0}
+        self.stats = {"raises": 0, "money_out_blocks": 0, "freezes": 0, "reclaims": 0}
 
     # ---- what the source tells ------------------------------------------------
 
@@ -178,8 +182,11 @@ class GrantKeeper:
         for p in priced:
             i = self.index(sid, *p)
             rate = self.rate.get(i, 0.0)
-            if outstanding[p] < max(LOW_MIN, rate * LOW_SECONDS) or (refused and p in refused):
+            low = max(LOW_MIN, rate * LOW_SECONDS) if rate > 0 else RECLAIM_KEEP  # an idle pair keeps a little
+            if outstanding[p] < low or (refused and p in refused):
                 needy.append(p)
+        if needy and len(needy) < len(priced):
+            spare = self._reclaim(sid, now, views, priced, needy, outstanding, committed, spare)
         events = []
         n_vol = sum(1 for z, _d in needy if vol_zones >> z & 1)
         out_of = None
@@ -218,6 +225,41 @@ class GrantKeeper:
         else:
             self.refused.discard(sid)
         return events
+
+    def _reclaim(self, sid, now, views, priced, needy, outstanding, committed, spare) -> int:
+        """Pairs that need more and a spare that cannot pay for it: the
+        outstanding grants of the others (idle ones hold a slice each) are cut
+        to what their recent rate needs (at least ``RECLAIM_KEEP``), so that
+        the money goes where the traffic is. Returns the new spare."""
+        engine = self.gw.acct.engine
+        want = 0
+        for z, d in needy:
+            i = self.index(sid, z, d)
+            size = int(max(SLICE_MIN, self.rate.get(i, 0.0) * SLICE_SECONDS))
+            want += engine.quote_bytes(sid, z, d, max(size, outstanding[(z, d)]), now, views[(z, d)] or None) \
+                - committed[(z, d)]
+        if spare >= want:
+            return spare
+        for z, d in priced:
+            if (z, d) in needy:
+                continue
+            i = self.index(sid, z, d)
+            keep = int(max(RECLAIM_KEEP, self.rate.get(i, 0.0) * LOW_SECONDS))
+            if outstanding[(z, d)] <= keep:
+                continue
+            # lowering races with a packet on another CPU that read the old grant: at most one each passes
+            live = self.maps.counter(sid, z, d).used
+            used = self.used_of(i)
+            grant = max(live, used + keep)
+            if grant >= self.grants.get(i, 0):
+                continue
+            self._store(i, sid, z, d, grant)
+            self.stats["reclaims"] += 1
+            out = grant - used
+            cost = engine.quote_bytes(sid, z, d, out, now, views[(z, d)] or None)
+            spare += committed[(z, d)] - cost
+            committed[(z, d)], outstanding[(z, d)] = cost, out
+        return spare
 
     def freeze(self, sids, next_now: int) -> None:
         """A time-slot boundary: shrink every finite grant to what the kernel

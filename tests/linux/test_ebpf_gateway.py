@@ -256,8 +256,12 @@ def test_money_out_then_top_up(ebpf_lab):
     time.sleep(1.5)  # flushed
     got = far_end(lab)["s3"] - before
     assert balance(gw.db, "s3") >= 0, "s3 got more than its balance bought"
-    # what it received cost at most its 0.05 EUR (peak: 0.02 EUR/MB, day 0.01): 2.5 to 5 MB, nothing beyond
+    # what it received cost at most its 0.05 EUR (peak: 0.02 EUR/MB, day 0.01): 2.5 to 5 MB, nothing beyond;
+    # and the money went where the traffic was: left is only what the other pairs kept (16 KiB each, the
+    # upload of its ACKs half a second of their rate): under 0.005 EUR, 250 KB at the peak price
+    left = balance(gw.db, "s3")
     assert 0 < got <= 5_000_000 + 1
+    assert left <= 5_000_000, f"s3 was refused with {left / 1e9:.4f} EUR left"
     assert charged_bytes(gw.db)["s3"] == far_end(lab)["s3"]
     # a top-up: traffic flows again within a second of the payment reaching the ledger
     ping = ["ip", "netns", "exec", lab.sub(POOR), "ping", "-c", "1", "-W", "0.2", UPSTREAM4]
@@ -266,5 +270,5 @@ def test_money_out_then_top_up(ebpf_lab):
     assert proc.returncode == 0, proc.stderr
     took = wait_for("s3 flows again", lambda: subprocess.run(ping, capture_output=True).returncode == 0, timeout=5,
                     step=0.0)
-    print(f"\n  s3: {got:,} B for 0.05 EUR; a top-up flowed again after {took:.2f} s")
+    print(f"\n  s3: {got:,} B for 0.05 EUR ({left / 1e9:.4f} EUR left); a top-up flowed again after {took:.2f} s")
     assert took < 1.0
