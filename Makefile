@@ -14,7 +14,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump poppler-utils faketime \
 	softflowd nfdump pmacct chromium \
 	clang llvm libbpf-dev bpftool \
-	dnsmasq kea-dhcp4-server isc-dhcp-client freeradius-utils
+	dnsmasq kea-dhcp4-server isc-dhcp-client freeradius-utils postgresql
 
 .PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
 

@@ -30,8 +30,9 @@ setup(
     version="0.1.0",
     description="Traffic accounting and prepaid enforcement gateway for Linux",
     python_requires=">=3.11",
-    packages=["gateway", "accounting", "ext", "policy", "api"],
-    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting": ["migrations/*.sql"]},
+    packages=["gateway", "accounting", "accounting.credit", "ext", "policy", "api"],
+    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting": ["migrations/*.sql"],
+                  "accounting.credit": ["migrations/*.sql"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,
@@ -48,6 +49,7 @@ setup(
         "python-multipart>=0.0.9",  # the portal's forms
         "sqlite-utils>=3.35",
         "pyrad>=2.4",  # RADIUS accounting packets (gateway/sessions)
+        "psycopg[binary,pool]>=3.1",  # the shared PostgreSQL ledger's credit grants (accounting/credit, issue 13)
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6.80", "httpx>=0.24", "schemathesis>=4.0"]},
     entry_points={"console_scripts": ["tollgate = gateway.cli:main"]},
