@@ -18,7 +18,11 @@ Threads, each with one job:
   (:mod:`.changes`: a top-up from the CLI or the API unblocks well within a
   second);
 * the **quota keeper** (:mod:`.quotas`), under a passive source with kernel
-  quotas;
+  quotas; under the eBPF source, its reader charges the tc program's
+  counters and the **grant keeper** (:mod:`.grants`) turns money into the
+  kernel's byte grants (gateway/sources/ebpf.py);
+* the **session host** (:mod:`.sessions`): expiry of sessions, the RADIUS
+  accounting server when the gateway serves it, and address binding;
 * the **HTTP service** (:mod:`.http`): health, ``/metrics`` (:mod:`.metrics`),
   the admin API, the block page and the portal;
 * the **rollup** and **notification** threads (:mod:`.flusher`), on
