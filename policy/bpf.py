@@ -87,11 +87,13 @@ def attach(ifaces, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None) -> 
     ifaces = list(ifaces)
     _pinned_ids(pin_dir)  # fails early, with the loader's reason, if nothing is pinned
     done: list[tuple[str, str]] = []
+    added: list[str] = []  # the clsact qdiscs this call added
     try:
         for iface in ifaces:
             qdiscs = _tc(["-j", "qdisc", "show", "dev", iface], netns).stdout
             if not any(q.get("kind") == "clsact" for q in json.loads(qdiscs or "[]")):
                 _tc(["qdisc", "add", "dev", iface, "clsact"], netns)
+                added.append(iface)
             for direction, hook in enumerate(HOOKS):
                 _tc(["filter", "replace", "dev", iface, hook, "pref", str(PREF), "handle", HANDLE, "bpf", "da",
                      "object-pinned", f"{pin_dir}/{PROGRAMS[direction]}"], netns)
@@ -100,6 +102,9 @@ def attach(ifaces, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None) -> 
     except BaseException:
         for iface, hook in done:
             _tc(["filter", "del", "dev", iface, hook, "pref", str(PREF), "handle", HANDLE, "bpf"], netns, check=False)
+        for iface in added:
+            if not _filters(iface, "ingress", netns) and not _filters(iface, "egress", netns):
+                _tc(["qdisc", "del", "dev", iface, "clsact"], netns, check=False)
         raise
 
 

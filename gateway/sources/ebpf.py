@@ -68,10 +68,11 @@ class EbpfSource:
                "pin_dir": "bpffs directory of the pinned maps and programs (default /sys/fs/bpf/tollgate)",
                "interval": "seconds between polls of the kernel's counters (default 0.05)",
                "max_slots": "slots (subscriber ids 0..max_slots-1) when the maps are loaded (default 65536)",
-               "heartbeat": "seconds between checks that the program is still attached (default 2)"}
+               "heartbeat": "seconds between checks that the program is still attached (default 2)",
+               "object": "the compiled program, a .bpf.o (default ext/bpf/tollgate.bpf.o, built by make build)"}
 
     def __init__(self, engine, on_events, interfaces: str = "", pin_dir: str = "", interval: str = "0.05",
-                 max_slots: str = "65536", heartbeat: str = "2") -> None:
+                 max_slots: str = "65536", heartbeat: str = "2", object: str = "") -> None:
         from ext.bpfmaps import DEFAULT_PIN_DIR
 
         self.engine = engine
@@ -81,6 +82,7 @@ class EbpfSource:
         self.interval = float(interval)
         self.max_slots = int(max_slots)
         self.heartbeat = float(heartbeat)
+        self.obj_path = object or None
         if not 0.005 <= self.interval <= 5:
             raise ValueError("interval is 0.005..5 seconds")
         if not 1 <= self.max_slots <= 1 << 24:
@@ -90,24 +92,55 @@ class EbpfSource:
         self.keeper = None
         self.gw = None
         self.counts = {"polls": 0, "charged_bytes": 0, "charged_packets": 0, "start_charged_bytes": 0,
-                       "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False}
+                       "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False,
+                       "last_alarm_time": 0}
         self.queue_num = "ebpf"
 
     # ---- start ------------------------------------------------------------------
 
     def begin(self, gw) -> None:
         """Maps, subscribers, marks, grants, attach (see the module docstring)."""
-        from ext.bpfmaps import Maps
-        from policy import bpf
+        import socket
 
-        from ..daemon.grants import GrantKeeper
+        from ext.bpfmaps import Maps
 
         self.gw = gw
         self.interfaces = self.interfaces or list(gw.config.lan_interfaces)
         if not self.interfaces:
             raise ConfigError("--source ebpf", "no subscriber-facing interface: set gateway.lan_interfaces or "
                                                "--source-option interfaces=IFACE[,IFACE]")
+        missing = []
+        for iface in self.interfaces:  # before anything is loaded: in this process's network namespace
+            try:
+                socket.if_nametoindex(iface)
+            except OSError:
+                missing.append(iface)
+        if missing:
+            raise ConfigError("--source ebpf", f"no interface {', '.join(missing)} in this network namespace: "
+                                               "nothing loaded or attached")
         n_zones = len(gw.config.zones)
+        self.loaded = False  # True: this start loaded and pinned the program (a failed start unpins it again)
+        try:
+            self._begin(gw, n_zones)
+        except BaseException:
+            # a start that fails leaves the kernel as it found it: what this start loaded is unpinned (and,
+            # attached nowhere, freed); maps reopened from an earlier run keep their pins and grants
+            if self.maps is not None:
+                self.maps.close()
+                self.maps = None
+            if self.loaded:
+                try:
+                    Maps.unpin(self.pin_dir)
+                except BpfError as exc:
+                    log.error("a failed start could not unpin %s: %s", self.pin_dir, exc)
+            raise
+
+    def _begin(self, gw, n_zones: int) -> None:
+        from ext.bpfmaps import Maps
+        from policy import bpf
+
+        from ..daemon.grants import GrantKeeper
+
         try:
             try:
                 self.maps = Maps.open(self.pin_dir)
@@ -122,7 +155,8 @@ class EbpfSource:
                 self.maps = Maps.load(self.pin_dir, max_slots=self.max_slots, n_zones=n_zones,
                                       default_zone=gw.acct.engine.default_zone,
                                       malformed_drop=gw.config.malformed_verdict == 0,
-                                      unknown_drop=False)
+                                      unknown_drop=False, obj_path=self.obj_path)
+                self.loaded = True
                 log.info("loaded the tc program and its maps, pinned at %s (load %08x, %d slots)", self.pin_dir,
                          self.maps.load_id, self.max_slots)
         except BpfError as exc:
@@ -316,6 +350,7 @@ class EbpfSource:
         if ok:
             return True
         self.counts["heartbeat_alarms"] += 1
+        self.counts["last_alarm_time"] = round(time.time(), 3)
         self.alarms.inc()
         log.error("heartbeat: the tc program is not attached to all of %s (someone removed a filter or the "
                   "clsact qdisc): attaching it again", ", ".join(self.interfaces))
@@ -340,13 +375,16 @@ class EbpfSource:
             self.maps = None
 
     def stats(self) -> dict:
+        """Flat numbers (/healthz shows them under queue.ebpf, /metrics as tollgate_queue_stat): the
+        heartbeat's (attached, heartbeat_alarms, reattached, last_alarm_time: unix seconds, 0 never), the
+        charging's, the keeper's and the program's own (program_*: packets, tg_stats)."""
         out = dict(self.counts)
         if self.keeper is not None:
             out.update(self.keeper.stats)
             out["refused_subscribers"] = len(self.keeper.refused)
         if self.maps is not None:
             try:
-                out["program"] = {k: v[0] for k, v in self.maps.stats().items()}
+                out.update({f"program_{k}": v[0] for k, v in self.maps.stats().items()})
             except BpfError:
                 pass
         return out
