@@ -210,7 +210,8 @@ class CreditStore:
         delay = 0.02
         while True:
             try:
-                with self.pool.connection() as conn:
+                # never wait for a connection beyond the deadline (the pool's own timeout is for opening)
+                with self.pool.connection(timeout=max(0.05, deadline - time.monotonic())) as conn:
                     with conn.transaction(), conn.cursor() as cur:
                         return fn(cur)
             except self.RETRYABLE as exc:
