@@ -6,14 +6,15 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the gateway and its tests need (nft, the xtables NFQUEUE
+# Debian packages the gateway, its tests and benches need (nft, the xtables NFQUEUE
 # fallback, traffic tools for the lab, libnftables for python-nftables; softflowd,
 # nfdump and pmacct to check our sources against; chromium for the portal test;
-# clang, libbpf and bpftool for the tc/eBPF data path; dnsmasq, Kea, dhclient and
+# clang, libbpf and bpftool for the tc/eBPF data path; libnetfilter-queue-dev for the
+# NetfilterQueue baseline of make bench; dnsmasq, Kea, dhclient and
 # radclient as the real DHCP and RADIUS peers of the session sources).
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump poppler-utils faketime \
 	softflowd nfdump pmacct chromium \
-	clang llvm libbpf-dev bpftool \
+	clang llvm libbpf-dev bpftool libnetfilter-queue-dev \
 	dnsmasq kea-dhcp4-server isc-dhcp-client freeradius-utils postgresql
 
 .PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
@@ -75,8 +76,15 @@ demo: build
 demo-replay: build
 	$(BIN)/python -m gateway.demo_replay
 
-bench: build
+# The data-plane bench compares against Python NetfilterQueue (PyPI netfilterqueue, built against
+# libnetfilter-queue-dev from system-deps): installed into the venv here, not for the gateway itself.
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(BIN)/pip install -q netfilterqueue
+	@touch $@
+
+bench: build $(VENV)/.bench-deps
 	$(BIN)/python benches/bench_engine.py --markdown
+	$(BIN)/python benches/bench_dataplane.py --markdown
 
 clean:
 	rm -rf build $(VENV) *.egg-info ext/*.c ext/*.so $(BPF_OBJ)
