@@ -207,10 +207,9 @@ def _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_
                    " ON CONFLICT (id) DO UPDATE SET hour_cutoff = excluded.hour_cutoff,"
                    " day_cutoff = excluded.day_cutoff", (timezone, s.hour_cutoff, s.day_cutoff))
     s.transactions += 1
-    sids = [sid for (sid,) in db.execute("SELECT id FROM subscribers ORDER BY id")]
     # days first: old minute rows (a late replay, a first rollup) go to their day at once, not through hours
     for stage in ("usage-day", "usage-hour", "charges-day", "charges-hour"):
-        n, replaced, written = _batched(ledger, _units(db, stage, sids, s), batch_rows, progress)
+        n, replaced, written = _batched(ledger, _units(db, stage, _with_rows(db, stage, s), s), batch_rows, progress)
         s.transactions += n
         if stage.startswith("usage"):
             s.usage_rows_replaced += replaced
@@ -230,10 +229,24 @@ def _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_
 _FINER = {
     "usage-day": ("usage", "day", (("usage_fine", "span = 60"), ("usage_hourly", "span > 60 AND span <= 7200")), 1),
     "usage-hour": ("usage", "hour", (("usage_fine", "span = 60"),), 1),
-    "charges-day": ("charges", "day", (("charges_subscriber", "span_ns = 0"),
-                                       ("charges_subscriber", f"span_ns > 0 AND span_ns <= {HOUR_MAX * NS}")), NS),
-    "charges-hour": ("charges", "hour", (("charges_subscriber", "span_ns = 0"),), NS),
+    "charges-day": ("charges", "day", (("charges_fine", "span_ns = 0"),
+                                       ("charges_hourly", f"span_ns > 0 AND span_ns <= {HOUR_MAX * NS}")), NS),
+    "charges-hour": ("charges", "hour", (("charges_fine", "span_ns = 0"),), NS),
 }
+
+
+def _with_rows(db, stage: str, s: RollupSummary) -> list[int]:
+    """The subscribers that have rows to roll in this stage, found before any transaction: one scan of the
+    finer rows' partial indexes (the recent window: in proportion to the active subscribers), not a look at
+    every subscriber (a million subscribers: 95 s, much of it inside the write transactions, before this)."""
+    table, level, finer, unit = _FINER[stage]
+    cutoff = (s.day_cutoff if level == "day" else s.hour_cutoff) * unit
+    col = "minute" if table == "usage" else "ts_ns"
+    sids: set[int] = set()
+    for index, where in finer:
+        sids.update(sid for (sid,) in db.execute(f"SELECT DISTINCT subscriber_id FROM {table} INDEXED BY {index}"
+                                                 f" WHERE {where} AND {col} < ?", (cutoff,)))
+    return sorted(sids)
 
 
 def _units(db, stage: str, sids, s: RollupSummary):
