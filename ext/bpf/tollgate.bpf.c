@@ -95,6 +95,18 @@
  * charged for allow-listed traffic too, as in the engine (step 4 of
  * ext/engine_py.py's docstring).
  *
+ * tg_dirty (BPF_F_MMAPABLE array of __u64): bit (idx % 64) of word idx / 64
+ * is set, with an atomic OR, whenever counter idx moves (passed, refused or
+ * allowed), and only if it is not set already (a plain read first: the
+ * locked OR, and the cache line bouncing between CPUs, happen once per
+ * counter per poll, not per packet). Userspace swaps each nonzero word to 0
+ * (__atomic_exchange_n in the mmap) and reads just those counters, so a poll
+ * costs what moved, not max_slots. Lossless: the program's counter update
+ * is a locked (fully ordered) instruction before its read of the word, so a
+ * bit found set means the swap that clears it comes after the update, and
+ * the read after the swap sees it; a bit set after the swap only makes the
+ * next poll look again.
+ *
  * tg_stats (per-CPU array of struct tg_stat, summed by userspace): the
  * STAT_* ids below. tg_info (array, one entry): magic, ABI version and the
  * configuration (zones, default zone, flags); until userspace has written
@@ -107,7 +119,7 @@
 #include <bpf/bpf_endian.h>
 
 #define TG_MAGIC 0x54474154454c4c54ULL /* "TLLETAGT" */
-#define TG_ABI 1
+#define TG_ABI 2 /* 2: tg_dirty */
 
 #define TG_MAX_EXT_HDRS 16
 #define TG_MAX_RULES 16
@@ -281,6 +293,14 @@ struct {
 } tg_counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} tg_dirty SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
@@ -316,6 +336,17 @@ static __always_inline void stat_add(__u32 id, __u64 bytes)
 		s->packets += 1;
 		s->bytes += bytes;
 	}
+}
+
+/* Counter idx moved: its bit in tg_dirty (see the header comment). */
+static __always_inline void mark_dirty(__u32 idx)
+{
+	__u32 w = idx / 64;
+	__u64 bit = 1ULL << (idx % 64);
+	__u64 *d = bpf_map_lookup_elem(&tg_dirty, &w);
+
+	if (d && !(*(volatile __u64 *)d & bit))
+		__sync_fetch_and_or(d, bit);
 }
 
 static __always_inline int is_ext_hdr(__u8 proto)
@@ -564,6 +595,7 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 		if (match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, &p, remote, port) >= 0) {
 			__sync_fetch_and_add(&c->allowed_bytes, len);
 			__sync_fetch_and_add(&c->allowed_packets, 1);
+			mark_dirty(idx);
 			stat_add(STAT_ALLOWED, len);
 			return TC_ACT_OK;
 		}
@@ -577,6 +609,7 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 			goto drop;
 		if (__sync_val_compare_and_swap(&c->used, used, used + len) == used) {
 			__sync_fetch_and_add(&c->packets, 1);
+			mark_dirty(idx);
 			stat_add(STAT_PASSED, len);
 			return TC_ACT_OK;
 		}
@@ -585,6 +618,7 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 drop:
 	__sync_fetch_and_add(&c->dropped_bytes, len);
 	__sync_fetch_and_add(&c->dropped_packets, 1);
+	mark_dirty(idx);
 	stat_add(STAT_DROPPED, len);
 	return TC_ACT_SHOT;
 }

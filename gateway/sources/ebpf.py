@@ -21,7 +21,9 @@ while the daemon was down), grant, and attach to ``interfaces`` (default:
 ``gateway.lan_interfaces``).
 
 The loop (``run``), every ``interval`` seconds: one scan of the mmapped
-counters (ext/bpfmaps.pyx ``Maps.scan``: only what moved comes back),
+counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
+program set in its dirty bitmap are read, so a poll costs what moved; the
+start reads them all),
 the deltas rated, the grants of the subscribers that moved (and of the
 blocked and refused ones every ``WATCH_INTERVAL``, of everyone in turn
 over ``SWEEP_SECONDS``) brought up to date; at a time-slot boundary the
@@ -250,7 +252,7 @@ class EbpfSource:
         if at_boundary:  # nothing more at the old prices, then charge what passed at them
             with gw.engine_lock:
                 keeper.freeze(list(gw.acct.subscribers), now)
-        hits = maps.scan(self.snapshot)
+        hits = maps.scan(self.snapshot, full=start)  # a start reads everything: see Maps.scan
         mono = time.monotonic()
         seconds, self.last_poll = mono - self.last_poll, mono
         nz = maps.n_zones
