@@ -52,17 +52,25 @@ def generate(ledger: Ledger, count: int, value: int, currency: str, expires_ns: 
     if expires_ns <= now:
         raise CardError("the expiry must be in the future")
     batch = batch or time.strftime("%Y%m%d-%H%M%S", time.gmtime(now // 10 ** 9))
-    cards = []
+    return _issue(ledger, "cards", count, "{:08d}",
+                  "INSERT INTO cards (batch, serial, code_sha256, value, currency, created_ns, expires_ns)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)", lambda serial, digest: (batch, serial, digest, value, currency, now,
+                                                                           expires_ns))
+
+
+def _issue(ledger: Ledger, table: str, count: int, serial_format: str, insert: str, row) -> list[tuple[str, str]]:
+    """``count`` new codes of cards or vouchers in one transaction: serials numbered on from the table's
+    last id, each row (``row(serial, code digest)``) written with ``insert``; ``(serial, code)`` pairs, the
+    code grouped by four for reading aloud."""
+    out = []
     with ledger._tx():
-        start = ledger.db.execute("SELECT coalesce(max(id), 0) FROM cards").fetchone()[0]
+        start = ledger.db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
         for k in range(count):
             code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
-            serial = f"{start + k + 1:08d}"
-            ledger.db.execute("INSERT INTO cards (batch, serial, code_sha256, value, currency, created_ns, expires_ns)"
-                              " VALUES (?, ?, ?, ?, ?, ?, ?)", (batch, serial, _digest(code), value, currency, now,
-                                                                expires_ns))
-            cards.append((serial, "-".join(code[i:i + 4] for i in range(0, CODE_LENGTH, 4))))
-    return cards
+            serial = serial_format.format(start + k + 1)
+            ledger.db.execute(insert, row(serial, _digest(code)))
+            out.append((serial, "-".join(code[i:i + 4] for i in range(0, CODE_LENGTH, 4))))
+    return out
 
 
 def activate(ledger: Ledger, subscriber, code: str, now: int | None = None) -> dict:
@@ -125,18 +133,11 @@ def generate_vouchers(ledger: Ledger, count: int, value: int, currency: str, vol
     if expires_ns <= now:
         raise CardError("the expiry must be in the future")
     batch = batch or time.strftime("v%Y%m%d-%H%M%S", time.gmtime(now // 10 ** 9))
-    out = []
-    with ledger._tx():
-        start = ledger.db.execute("SELECT coalesce(max(id), 0) FROM vouchers").fetchone()[0]
-        for k in range(count):
-            code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
-            serial = f"V{start + k + 1:07d}"
-            ledger.db.execute("INSERT INTO vouchers (batch, serial, code_sha256, value, currency, volume, valid_ns, "
-                              "devices, tariff, created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                              (batch, serial, _digest(code), value, currency, volume, valid_ns, devices, tariff, now,
-                               expires_ns))
-            out.append((serial, "-".join(code[i:i + 4] for i in range(0, CODE_LENGTH, 4))))
-    return out
+    return _issue(ledger, "vouchers", count, "V{:07d}",
+                  "INSERT INTO vouchers (batch, serial, code_sha256, value, currency, volume, valid_ns, devices, "
+                  "tariff, created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  lambda serial, digest: (batch, serial, digest, value, currency, volume, valid_ns, devices, tariff,
+                                          now, expires_ns))
 
 
 VOUCHER_COLUMNS = ("id", "batch", "serial", "value", "currency", "volume", "valid_ns", "devices", "tariff",
