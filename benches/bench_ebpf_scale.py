@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""``tollgate run --source ebpf`` at N subscribers: start to /healthz (a
+fresh load, then a restart that reopens the pins), peak resident memory
+(VmHWM), idle CPU (utime+stime over --idle-seconds, no traffic but the
+lab's own), the maps' memory (memlock) and the dirty bitmap's size.
+
+bench_scale's ledger (benches/bench_scale.py build_ledger: N subscribers, a
+/32 each, 80% an IPv6 prefix) in bench_scale's lab, the gateway entered with
+``nsenter --net`` (its pins must live in the host's bpffs: ``ip netns exec``
+mounts a private /sys), max_slots = N + 64, interfaces s1..s4. Everything is
+detached, unpinned and removed at the end.
+
+    sudo .venv/bin/python benches/bench_ebpf_scale.py --sizes 100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benches"))
+
+from bench_scale import HZ, build_ledger, say  # noqa: E402
+
+PREFIX = "tgebscale"
+PIN = f"/sys/fs/bpf/tollgate-bench-scale-{os.getpid()}"
+
+
+def health(gw_ns: str) -> dict | None:
+    out = subprocess.run(["ip", "netns", "exec", gw_ns, "curl", "-s", "-m", "2", "http://127.0.0.1:8080/healthz"],
+                         capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def cpu(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / HZ
+
+
+def vm(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start(lab, work: Path, n: int, timeout: float) -> tuple[subprocess.Popen, float | None]:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.gw}", sys.executable, "-m", "gateway.cli", "-v", "run",
+                             "-c", str(work / "tollgate.toml"), "--db", str(work / "ledger.db"), "--source", "ebpf",
+                             "--source-option", f"pin_dir={PIN}", "--source-option", "interfaces=s1,s2,s3,s4",
+                             "--source-option", f"max_slots={n + 64}"], cwd=REPO,
+                            stdout=open(work / "gateway.log", "a"), stderr=subprocess.STDOUT)
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            return proc, None
+        if health(lab.gw) is not None:
+            return proc, time.monotonic() - t0
+        time.sleep(0.2)
+    return proc, None
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(n: int, args) -> dict:
+    from accounting.money import parse_amount
+    from ext.bpfmaps import Maps
+    from gateway.lab import lab_config, lab_down, lab_up
+    from policy import bpf
+
+    work = Path(tempfile.mkdtemp(prefix=f"tollgate-ebscale-{n}-", dir=args.workdir))
+    (work / "tollgate.toml").write_text(lab_config(3))
+    say(f"== {n:,} subscribers")
+    build_ledger(work / "ledger.db", n, parse_amount("100.00", "EUR"))
+    out = {"n": n}
+    Maps.unpin(PIN)
+    lab_down(PREFIX)
+    with contextlib.redirect_stdout(sys.stderr):
+        lab = lab_up(4, PREFIX)
+    proc = None
+    try:
+        for tag in ("fresh", "restart"):
+            proc, took = start(lab, work, n, args.start_timeout)
+            out[f"healthz_{tag}_s"] = took
+            if took is None:
+                out["error"] = (work / "gateway.log").read_text()[-1500:]
+                break
+            say(f"  {tag}: /healthz after {took:.1f} s")
+            time.sleep(args.settle)
+            c0, t0 = cpu(proc.pid), time.monotonic()
+            time.sleep(args.idle_seconds)
+            out[f"idle_cpu_{tag}"] = (cpu(proc.pid) - c0) / (time.monotonic() - t0)
+            out[f"rss_peak_{tag}_mb"] = vm(proc.pid, "VmHWM") / 1e6
+            polls = (health(lab.gw) or {}).get("queue", {}).get("ebpf", {}).get("polls")
+            out[f"polls_{tag}"] = polls
+            if tag == "fresh":
+                with Maps.open(PIN) as maps:
+                    mem = maps.map_memory()
+                out["maps_mib"] = sum(mem.values()) / (1 << 20)
+                out["counters_mib"] = mem["tg_counters"] / (1 << 20)
+                out["dirty_kib"] = mem["tg_dirty"] / 1024
+            say(f"  {tag}: idle CPU {out[f'idle_cpu_{tag}']:.1%}, peak RSS {out[f'rss_peak_{tag}_mb']:.0f} MB")
+            stop(proc)
+    finally:
+        if proc is not None:
+            stop(proc)
+        try:
+            bpf.detach(None, PIN, netns=lab.gw, unpin=False)
+        finally:
+            Maps.unpin(PIN)
+            lab_down(PREFIX)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="100000")
+    ap.add_argument("--idle-seconds", type=float, default=10)
+    ap.add_argument("--settle", type=float, default=5, help="seconds after /healthz before the idle window")
+    ap.add_argument("--start-timeout", type=float, default=900)
+    ap.add_argument("--workdir", default="/var/tmp")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root")
+    rows = [measure(int(s), args) for s in args.sizes.split(",")]
+    print("| subscribers | start to /healthz (fresh load / restart) | peak RSS (fresh / restart) | idle CPU of a core "
+          "(fresh / restart) | map memory (counters) | dirty bitmap |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        print(f"| {r['n']:,} | {f('healthz_fresh_s', '{:.1f} s')} / {f('healthz_restart_s', '{:.1f} s')} | "
+              f"{f('rss_peak_fresh_mb', '{:.0f} MB')} / {f('rss_peak_restart_mb', '{:.0f} MB')} | "
+              f"{f('idle_cpu_fresh', '{:.1%}')} / {f('idle_cpu_restart', '{:.1%}')} | "
+              f"{f('maps_mib', '{:.0f} MiB')} ({f('counters_mib', '{:.0f}')}) | {f('dirty_kib', '{:.0f} KiB')} |")
+        if r.get("error"):
+            print(f"\n{r['n']:,}: the gateway did not come up: {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
