@@ -188,20 +188,21 @@ def test_exact_across_zones_slots_and_kills(ebpf_lab):
     wait_for("s4 blocked", lambda: blocked_in_kernel(lab, lab.sub_addr4(ALWAYS_POOR)))
     p.wait(timeout=15)
     s4_at_block = far_end(lab)["s4"]
-    # traffic across the slot boundary: both zones, TCP both ways, UDP, IPv4 and IPv6, ICMP
-    wait = boundary - 4 - time.time()
+    # traffic across the slot boundary: both zones, TCP both ways, UDP, IPv4 and IPv6, ICMP; started 8 s
+    # before it, so that the first kill and restart are over when it comes (the running daemon crosses it)
+    wait = boundary - 8 - time.time()
     if wait > 0:
         time.sleep(wait)
-    procs = [iperf(lab, 1, EXT + 1, "-R", "-b", "40M", seconds=8),
-             iperf(lab, 1, BULK + 1, "-6", "-b", "20M", seconds=8),
-             iperf(lab, 2, BULK + 2, "-R", "-6", "-b", "30M", seconds=8),
-             iperf(lab, 2, EXT + 2, "-u", "-b", "10M", "-l", "1200", seconds=8),
-             subprocess.Popen(["ip", "netns", "exec", lab.sub(1), "ping", "-q", "-c", "40", "-i", "0.2", "-s", "700",
+    procs = [iperf(lab, 1, EXT + 1, "-R", "-b", "40M", seconds=12),
+             iperf(lab, 1, BULK + 1, "-6", "-b", "20M", seconds=12),
+             iperf(lab, 2, BULK + 2, "-R", "-6", "-b", "30M", seconds=12),
+             iperf(lab, 2, EXT + 2, "-u", "-b", "10M", "-l", "1200", seconds=12),
+             subprocess.Popen(["ip", "netns", "exec", lab.sub(1), "ping", "-q", "-c", "60", "-i", "0.2", "-s", "700",
                                UPSTREAM4], stdout=subprocess.DEVNULL),
-             subprocess.Popen(["ip", "netns", "exec", lab.sub(1), "ping", "-q", "-6", "-c", "40", "-i", "0.2",
+             subprocess.Popen(["ip", "netns", "exec", lab.sub(1), "ping", "-q", "-6", "-c", "60", "-i", "0.2",
                                UPSTREAM6], stdout=subprocess.DEVNULL)]
-    # killed twice under traffic, once after the boundary
-    for pause in (2.0, 4.5):
+    # killed twice under traffic: 6 s before the boundary and after it
+    for pause in (2.0, 6.0):
         time.sleep(pause)
         gw.stop(signal.SIGKILL)
         time.sleep(0.7)
