@@ -17,6 +17,9 @@ Threads, each with one job:
   five times a second it applies what changed in the ledger
   (:mod:`.changes`: a top-up from the CLI or the API unblocks well within a
   second);
+* the **drift thread** (:mod:`.kernel`): reads the kernel's counters of the
+  active subscribers and a slice of the others, through a libnftables
+  context of its own, for the flusher to compare after its next flush;
 * the **quota keeper** (:mod:`.quotas`), under a passive source with kernel
   quotas; under the eBPF source, its reader charges the tc program's
   counters and the **grant keeper** (:mod:`.grants`) turns money into the

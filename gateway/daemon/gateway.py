@@ -112,6 +112,8 @@ class Gateway:
         if self.quotas is not None:
             self._spawn("quotas", self.quotas.loop)
         self._spawn("flusher", self.flusher.loop)
+        if not self.opts.bpf_marked:  # the eBPF source has its own heartbeat instead (gateway/sources/ebpf.py)
+            self._spawn("drift", self.kernel.loop)
         self._spawn("rollup", self.flusher.rollup_loop)
         self._spawn("http", lambda: serve(self.view, self.http_socket))
         if self.config.notify.webhook or self.config.notify.command:

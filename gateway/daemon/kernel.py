@@ -19,15 +19,25 @@ bench before the cap: 26% of a core idle, the first traffic counted 208 s
 after /healthz), so there the quiet ones are looked at over hours instead
 of five minutes.
 
-Locks: none of its own. It takes the gateway's ``enforcer_lock`` around each
-read of the kernel's counters and the ``engine_lock`` around the charges of
-unrated traffic, never both at once. Its state (marks, drift) is touched by
-the flusher thread only, and by ``Gateway.start`` before any thread runs.
+The drift thread (``loop``) reads the kernel, through a libnftables
+context of its own, and hands the reading to the flusher, which compares it
+with the marks right after its next flush, as before. The reading is off the
+flusher's path because at a million subscribers nft 1.0.6 answers a ``get
+element`` in seconds (it loads the whole set first): flushes, payments and
+changes must not wait for it.
+
+Locks: ``lock`` (its own) around the marks, the latest flush's bytes and the
+active set, which the flusher thread writes and the drift thread reads. The
+gateway's ``enforcer_lock`` is taken only around reads through the shared
+context (start, a subscriber's networks leaving, the conntrack bound), the
+``engine_lock`` around the charges of unrated traffic (never both at once).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 
 log = logging.getLogger("tollgate.daemon")
@@ -46,6 +56,9 @@ class KernelTruth:
         self.drift: dict[str, int] = {}  # subscriber -> kernel minus engine bytes, where beyond noise
         self.kernel_before: dict | None = None  # the previous drift check's kernel counters (passive sources)
         self.next_check = time.monotonic() + gw.opts.drift_interval
+        self.lock = threading.Lock()
+        self.readings: queue.Queue = queue.Queue(maxsize=1)  # (kernel, settled) for the flusher's next round
+        self.reader = None  # policy.nft.Enforcer: the drift thread's own libnftables context
 
     def load_marks(self) -> None:
         self.marks = {key: list(v) for key, v in self.gw.ledger.kernel_marks().items()}
@@ -61,24 +74,27 @@ class KernelTruth:
     # ---- what the flusher tells ---------------------------------------------
 
     def note_drained(self, rows) -> None:
-        self.active |= {r.subscriber for r in rows}
+        with self.lock:
+            self.active |= {r.subscriber for r in rows}
 
     def note_flushed(self, rows) -> None:
         """A flush reached the ledger, its marks moved in the same transaction: follow them."""
-        self.last_flushed = {}
-        for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
-            self.last_flushed[(sid, direction)] = self.last_flushed.get((sid, direction), 0) + nbytes
-            mark = self.marks.setdefault((sid, direction), [0, 0])
-            mark[0] += nbytes
-            mark[1] += packets
+        with self.lock:
+            self.last_flushed = {}
+            for sid, _zone, direction, _minute, nbytes, packets, _charged in rows:
+                self.last_flushed[(sid, direction)] = self.last_flushed.get((sid, direction), 0) + nbytes
+                mark = self.marks.setdefault((sid, direction), [0, 0])
+                mark[0] += nbytes
+                mark[1] += packets
 
     # ---- reading the kernel -------------------------------------------------
 
-    def counts(self, sids=None, listing: dict | None = None) -> dict[int, tuple]:
+    def counts(self, sids=None, listing: dict | None = None, reader=None) -> dict[int, tuple]:
         """``{subscriber: ((up bytes, up packets), (down bytes, down packets))}``
         of every subscriber (one listing of our table, or ``listing``, the
         per-network counters ``Enforcer.restore`` read at start), or of just
-        ``sids`` (their elements asked for by value)."""
+        ``sids`` (their elements asked for by value; through ``reader``, a
+        context of the caller's own, without the shared one's lock)."""
         gw = self.gw
         if listing is not None:
             counters, subs = listing, gw.acct.subscribers
@@ -88,8 +104,12 @@ class KernelTruth:
             subs = gw.acct.subscribers
         else:
             subs = {sid: gw.acct.subscribers[sid] for sid in sids if sid in gw.acct.subscribers}
-            with gw.enforcer_lock:
-                counters = gw.enforcer.counters_of([n for info in subs.values() for n in info.addresses])
+            networks = [n for info in subs.values() for n in info.addresses]
+            if reader is not None:
+                counters = reader.counters_of(networks)
+            else:
+                with gw.enforcer_lock:
+                    counters = gw.enforcer.counters_of(networks)
         out = {}
         for sid, info in subs.items():
             rows = [counters[n] for n in info.addresses if n in counters]
@@ -97,17 +117,19 @@ class KernelTruth:
                              for way in ("up", "down"))
         return out
 
-    def total_bytes(self, sids) -> dict[int, int]:
+    def total_bytes(self, sids, reader=None) -> dict[int, int]:
         """Up plus down bytes of these subscribers (passive sources)."""
-        return {sid: sum(b for b, _p in ways) for sid, ways in self.counts(sids).items()}
+        return {sid: sum(b for b, _p in ways) for sid, ways in self.counts(sids, reader=reader).items()}
 
     def sample(self) -> list[int]:
         """Whom a drift check reads: every subscriber with traffic since the
         last check, and the next slice of the others in turn: traffic that
         bypasses the engine for a subscriber it never sees is found too."""
-        active, self.active = self.active, set()
+        with self.lock:
+            active, self.active = self.active, set()
         if self.ring is None:  # made again only when subscribers come or go, not each check
-            self.ring = list(self.gw.acct.subscribers)
+            with self.gw.engine_lock:  # where subscribers come and go
+                self.ring = list(self.gw.acct.subscribers)
         everyone = self.ring
         step = min(DRIFT_SLICE, max(1, -(-len(everyone) // DRIFT_ROUNDS)))
         start = self.cursor % max(1, len(everyone))
@@ -117,8 +139,9 @@ class KernelTruth:
     def settled_marks(self, sids) -> dict[int, int]:
         """Bytes in the marks of ``sids`` as of the flush before the latest:
         drained a whole flush interval ago or more, so long past the kernel."""
-        return {sid: sum(self.marks.get((sid, d), (0, 0))[0] - self.last_flushed.get((sid, d), 0) for d in (0, 1))
-                for sid in sids}
+        with self.lock:
+            return {sid: sum(self.marks.get((sid, d), (0, 0))[0] - self.last_flushed.get((sid, d), 0)
+                             for d in (0, 1)) for sid in sids}
 
     # ---- unrated traffic ----------------------------------------------------
 
@@ -179,23 +202,48 @@ class KernelTruth:
             rows = [counters[n] for n in networks if n in counters]
             deltas[(sid, d)] = (-sum(r[f"{way}_bytes"] for r in rows), -sum(r[f"{way}_packets"] for r in rows))
         gw.ledger.adjust_kernel_marks(deltas)
-        for key, (b, p) in deltas.items():
-            mark = self.marks.setdefault(key, [0, 0])
-            mark[0] += b
-            mark[1] += p
+        with self.lock:
+            for key, (b, p) in deltas.items():
+                mark = self.marks.setdefault(key, [0, 0])
+                mark[0] += b
+                mark[1] += p
 
     # ---- drift ----------------------------------------------------------------
 
+    def loop(self) -> None:
+        """The drift thread: every ``drift_interval``, the kernel's side of a
+        check, read *before* the flush that will compare it (the kernel
+        counts a packet just after the engine rates it, so the listing comes
+        first and the drain second, see check_drift), handed to the flusher.
+        The settled marks are taken before the reading starts: every byte in
+        them had passed the kernel by then."""
+        gw = self.gw
+        while not gw.stopping.wait(0.2):
+            if not self.due() or self.readings.full():
+                continue
+            try:
+                if self.reader is None:
+                    self.reader = gw._enforcer(gw.config)
+                sids = self.sample()
+                if gw.opts.inline:
+                    settled = self.settled_marks(sids)
+                    reading = (self.counts(sids, reader=self.reader), settled)
+                else:
+                    reading = (self.total_bytes(sids, reader=self.reader), None)
+            except Exception:  # nft busy, a set renewed by a reload: the next check reads again
+                log.exception("drift check: the kernel's counters could not be read; next check in %.0f s",
+                              gw.opts.drift_interval)
+                reading = None
+            self.next_check = time.monotonic() + gw.opts.drift_interval
+            if reading is not None:
+                self.readings.put(reading)
+
     def before_flush(self) -> tuple | None:
-        """At a due drift check, the kernel's side, read *before* the flush:
-        the kernel counts a packet just after the engine rates it, so the
-        listing comes first and the drain second (see check_drift)."""
-        if not self.due():
+        """A reading the drift thread took since the last flush, if any (see loop)."""
+        try:
+            return self.readings.get_nowait()
+        except queue.Empty:
             return None
-        if self.gw.opts.inline:
-            kernel = self.counts(self.sample())
-            return kernel, self.settled_marks(kernel)
-        return self.total_bytes(self.sample()), None
 
     def check_drift(self, kernel: dict, settled: dict | None) -> None:
         """Compare the kernel's per-subscriber counters with what the engine
@@ -214,7 +262,6 @@ class KernelTruth:
         previous check's subscribers must have reached the engine by now; only
         a shortfall is an alarm."""
         gw, opts = self.gw, self.gw.opts
-        self.next_check = time.monotonic() + opts.drift_interval
         drift = {}  # name -> kernel minus engine bytes, beyond noise
         if opts.inline:
             self.charge_unrated(kernel, "drift check", reset_behind=False)
