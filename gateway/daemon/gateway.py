@@ -268,9 +268,13 @@ class Gateway:
     # ---- shared helpers ---------------------------------------------------------
 
     def touch(self, sids) -> None:
-        """These subscribers' balance, traffic, terms or networks moved (for the kernel quotas, if any)."""
+        """These subscribers' balance, traffic, terms or networks moved (for the kernel quotas, if any, and a
+        reader that keeps kernel state per subscriber: the eBPF source's grants and maps)."""
         if self.quotas is not None:
             self.quotas.touch(sids)
+        for reader in self.readers:
+            if hasattr(reader, "touch"):
+                reader.touch(sids)
 
     def post(self, events) -> None:
         """Engine events with no packet behind them, for the policy pusher."""

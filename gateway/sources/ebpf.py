@@ -25,10 +25,12 @@ counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
 program set in its dirty bitmap are read, so a poll costs what moved; the
 start reads them all),
 the deltas rated, the grants of the subscribers that moved (and of the
-blocked and refused ones every ``WATCH_INTERVAL``, of everyone in turn
-over ``SWEEP_SECONDS``) brought up to date; at a time-slot boundary the
+blocked and refused ones every ``WATCH_INTERVAL``, of those the daemon
+touched (payments, fees, changes: ``touch``), and of everyone in turn over
+``SWEEP_SECONDS``, a safety net) brought up to date; at a time-slot boundary the
 keeper's freeze, a charge at the old slot and new grants for everyone; new
-and removed addresses followed every ``SYNC_INTERVAL``; the heartbeat
+and removed addresses of the touched subscribers followed every
+``SYNC_INTERVAL`` (never a comparison of everyone); the heartbeat
 (``policy.bpf.present``) every ``heartbeat`` seconds: a program gone is an
 alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again.
 
@@ -54,7 +56,10 @@ from ext.errors import BpfError, ConfigError
 log = logging.getLogger("tollgate.sources.ebpf")
 
 WATCH_INTERVAL = 0.2  # seconds between looks at blocked and refused subscribers (a top-up flows within 1 s)
-SWEEP_SECONDS = 5.0  # everyone's grants looked at once in this time, a slice per poll
+# everyone's grants looked at once in this time, a slice per poll: a safety net, since what moves a grant is
+# traffic (refreshed at each poll) or a touch (payments, fees, changes); at 5 s, 100k subscribers cost 20k
+# refreshes a second, a third of a core idle
+SWEEP_SECONDS = 60.0
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
 # discovery to solicited-node multicast, MLD, mDNS, broadcasts. Those destinations are never forwarded
@@ -93,6 +98,9 @@ class EbpfSource:
         self.maps = None
         self.keeper = None
         self.gw = None
+        self.touch_lock = threading.Lock()
+        self.touched: set[int] = set()  # for the next poll's refreshes
+        self.touched_addresses: set[int] = set()  # for the next sync_addresses
         self.counts = {"polls": 0, "charged_bytes": 0, "charged_packets": 0, "start_charged_bytes": 0,
                        "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False,
                        "last_alarm_time": 0}
@@ -227,6 +235,12 @@ class EbpfSource:
 
     # ---- the loop -----------------------------------------------------------------
 
+    def touch(self, sids) -> None:
+        """The daemon changed these subscribers (balance, terms, networks; Gateway.touch, from its threads)."""
+        with self.touch_lock:
+            self.touched.update(sids)
+            self.touched_addresses.update(sids)
+
     def run(self) -> None:
         next_watch = next_sync = time.monotonic()
         next_beat = time.monotonic() + self.heartbeat
@@ -293,7 +307,9 @@ class EbpfSource:
                 todo = set(subs)
                 log.info("time-slot boundary: %d subscribers granted again at the new prices", len(todo))
             else:
-                todo = set(moved)
+                with self.touch_lock:
+                    touched, self.touched = self.touched, set()
+                todo = set(moved) | touched
                 if watch:
                     todo |= keeper.refused
                 step = max(1, int(len(self.sweep) * self.interval / SWEEP_SECONDS) + 1)
@@ -311,35 +327,40 @@ class EbpfSource:
     def sync_addresses(self) -> None:
         """Follow the subscribers and addresses the change follower applied to the engine."""
         gw, maps = self.gw, self.maps
+        with self.touch_lock:
+            touched, self.touched_addresses = self.touched_addresses, set()
         with gw.engine_lock:
-            subs = {sid: info.addresses for sid, info in gw.acct.subscribers.items()}
-        if subs.keys() == self.known.keys() and all(subs[s] is self.known[s] or subs[s] == self.known[s]
-                                                    for s in subs):
+            subs = {sid: gw.acct.subscribers[sid].addresses for sid in touched if sid in gw.acct.subscribers}
+        known = {sid: self.known[sid] for sid in touched if sid in self.known}
+        if subs == known:
             return
         gone, slots, added = [], [], []
-        for sid, nets in self.known.items():
+        for sid, nets in known.items():
             gone += [n for n in nets if n not in set(subs.get(sid, ()))]
         for sid, nets in subs.items():
             if sid >= maps.max_slots:
                 log.error("subscriber %s does not fit the maps' %d slots: its traffic is not metered by the eBPF "
                           "path (restart after `tollgate policy remove` with a larger max_slots)", sid, maps.max_slots)
                 continue
-            new = [n for n in nets if n not in set(self.known.get(sid, ()))]
+            new = [n for n in nets if n not in set(known.get(sid, ()))]
             slots += [sid] * len(new)
             added += new
         with gw.engine_lock:
             if gone:
                 maps.remove_subscribers(gone)
-            for sid in set(self.known) - set(subs):
+            for sid in set(known) - set(subs):
                 self.keeper.forget(sid)
             now = time.time_ns()
             events = []
-            for sid in set(subs) - set(self.known):
+            for sid in set(subs) - set(known):
                 events += self.keeper.refresh(sid, now)
             if added:
                 maps.set_subscribers(slots, added)
-        self.known = subs
-        self.sweep = list(subs)
+        for sid in set(known) - set(subs):
+            del self.known[sid]
+        self.known.update(subs)
+        if subs.keys() != known.keys():  # someone came or went
+            self.sweep = list(self.known)
         gw.post(events)
         log.info("eBPF maps follow the ledger: %d prefixes added, %d removed", len(added), len(gone))
 

@@ -273,3 +273,28 @@ def test_money_out_then_top_up(ebpf_lab):
                     step=0.0)
     print(f"\n  s3: {got:,} B for 0.05 EUR ({left / 1e9:.4f} EUR left); a top-up flowed again after {took:.2f} s")
     assert took < 1.0
+
+
+def test_addresses_follow_the_ledger_live(ebpf_lab):
+    """A subscriber's networks changed in the ledger reach the maps (the change follower touches it, the
+    source syncs what was touched): its IPv6 /64 taken away is no longer charged to it, given back it is."""
+    lab, gw, _ = ebpf_lab
+    v4, v6 = f"{lab.sub_addr4(2)}/32", "2001:db8:100:2::/64"
+
+    def ping6() -> None:
+        subprocess.run(["ip", "netns", "exec", lab.sub(2), "ping", "-6", "-q", "-c", "5", "-i", "0.2", "-s", "500",
+                        UPSTREAM6], capture_output=True, timeout=15)
+
+    proc = gw.tollgate("subscriber", "set", "s2", "--address", v4)
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(2.5)  # the change follower's poll (0.2 s), the source's address sync (1 s), a flush
+    before = charged_bytes(gw.db)["s2"]
+    ping6()
+    time.sleep(2.5)
+    assert charged_bytes(gw.db)["s2"] == before, "s2 was charged for a network it no longer has"
+    proc = gw.tollgate("subscriber", "set", "s2", "--address", v4, v6)
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(2.5)
+    ping6()
+    time.sleep(2.5)
+    assert charged_bytes(gw.db)["s2"] >= before + 5 * 548, "s2's /64, given back, is not charged to it"
