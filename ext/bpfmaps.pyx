@@ -409,28 +409,24 @@ cdef class Maps:
         self.n_zones, self.default_zone, self.max_slots, self.flags = n_zones, default_zone, max_slots, flags
         self.n_counters = <unsigned long long> max_slots * n_zones * 2
         if self._mm is None:
-            nbytes = int(self.n_counters) * COUNTER_SIZE
-            size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
-            try:
-                self._mm = _mmap.mmap(self.fds["tg_counters"], size, _mmap.MAP_SHARED,
-                                      _mmap.PROT_READ | _mmap.PROT_WRITE)
-            except OSError as exc:
-                raise BpfError("cannot mmap tg_counters (BPF_F_MMAPABLE)", exc.errno) from None
+            self._mm = self._mmap("tg_counters", int(self.n_counters) * COUNTER_SIZE)
             PyObject_GetBuffer(self._mm, &self._buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._has_buf = True
             self._counters = <uint64_t *> self._buf.buf
         if self._dmm is None:
             self.n_words = (self.n_counters + 63) // 64
-            nbytes = int(self.n_words) * 8
-            size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
-            try:
-                self._dmm = _mmap.mmap(self.fds["tg_dirty"], size, _mmap.MAP_SHARED,
-                                       _mmap.PROT_READ | _mmap.PROT_WRITE)
-            except OSError as exc:
-                raise BpfError("cannot mmap tg_dirty (BPF_F_MMAPABLE)", exc.errno) from None
+            self._dmm = self._mmap("tg_dirty", int(self.n_words) * 8)
             PyObject_GetBuffer(self._dmm, &self._dbuf, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._has_dbuf = True
             self._dirty = <uint64_t *> self._dbuf.buf
+
+    def _mmap(self, str name, nbytes):
+        """The array map ``name`` (made BPF_F_MMAPABLE) shared with the program, whole pages of it."""
+        size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
+        try:
+            return _mmap.mmap(self.fds[name], size, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        except OSError as exc:
+            raise BpfError(f"cannot mmap {name} (BPF_F_MMAPABLE)", exc.errno) from None
 
     cdef _write_info(self, unsigned int n_zones, unsigned int default_zone, unsigned int max_slots,
                      unsigned int flags):

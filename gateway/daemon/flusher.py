@@ -130,7 +130,8 @@ class Flusher:
             gw.acct.biller.observe(rows)
         for r in rows:
             self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
-        gw.touch({r.subscriber for r in rows})
+        if gw.quotas is not None:  # traffic moves a kernel quota (the eBPF source sees its own traffic at once)
+            gw.quotas.touch({r.subscriber for r in rows})
         if not rows and not files:
             return
         self.seq += 1

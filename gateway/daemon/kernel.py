@@ -68,8 +68,7 @@ class KernelTruth:
         self.ring = None
 
     def due(self) -> bool:
-        # the eBPF source counts in the kernel itself and checks its program's presence (its heartbeat)
-        return not self.gw.opts.bpf_marked and time.monotonic() >= self.next_check
+        return time.monotonic() >= self.next_check
 
     # ---- what the flusher tells ---------------------------------------------
 
@@ -91,17 +90,13 @@ class KernelTruth:
 
     def counts(self, sids=None, listing: dict | None = None, reader=None) -> dict[int, tuple]:
         """``{subscriber: ((up bytes, up packets), (down bytes, down packets))}``
-        of every subscriber (one listing of our table, or ``listing``, the
-        per-network counters ``Enforcer.restore`` read at start), or of just
+        of every subscriber from ``listing`` (the per-network counters
+        ``Enforcer.restore`` read at start: the only whole listing), or of just
         ``sids`` (their elements asked for by value; through ``reader``, a
         context of the caller's own, without the shared one's lock)."""
         gw = self.gw
         if listing is not None:
             counters, subs = listing, gw.acct.subscribers
-        elif sids is None:
-            with gw.enforcer_lock:
-                counters = gw.enforcer.counters()
-            subs = gw.acct.subscribers
         else:
             subs = {sid: gw.acct.subscribers[sid] for sid in sids if sid in gw.acct.subscribers}
             networks = [n for info in subs.values() for n in info.addresses]
