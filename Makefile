@@ -15,7 +15,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping iperf3 curl conntrack tcpdump poppler-utils faketime \
 	softflowd nfdump pmacct chromium \
 	clang llvm libbpf-dev bpftool libnetfilter-queue-dev \
-	dnsmasq kea-dhcp4-server isc-dhcp-client freeradius-utils postgresql
+	dnsmasq kea-dhcp4-server kea-dhcp6-server isc-dhcp-client freeradius-utils postgresql
 
 .PHONY: all demo demo-replay test test-unit test-linux deps system-deps build bench clean
 
