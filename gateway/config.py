@@ -447,6 +447,10 @@ class SessionSettings:
     # packet from a bound address with another source MAC is dropped, policy/nft.py "bindings"); true means
     # BIND_MAC_DEFAULT; "static" binds a subscriber's static /32 and /128 addresses to its MAC bindings
     bind_mac: tuple = ()
+    # DHCP option 82 (RFC 3046): what a lease's circuit_id binding value is made of: the relay agent's circuit-id
+    # (sub-option 1), its remote-id (sub-option 2), or both as "remote-id|circuit-id" (a line of an access node
+    # is named by the pair); see gateway/dhcp_hook.py for the forms the servers pass them in
+    dhcp_circuit_id: str = "circuit-id"
 
     @property
     def radius_ttl_ns(self) -> int:
@@ -457,6 +461,7 @@ class SessionSettings:
 # when it is on the subscriber's link (behind a BRAS every packet carries the BRAS's MAC)
 BIND_MAC_SOURCES = ("dnsmasq", "kea", "portal", "radius", "static")
 BIND_MAC_DEFAULT = ("dnsmasq", "kea", "portal", "static")
+DHCP_CIRCUIT_ID = ("circuit-id", "remote-id", "remote-id|circuit-id")
 
 
 @dataclass(frozen=True)
@@ -479,8 +484,12 @@ class RadiusSettings:
 def _sessions(doc: dict) -> SessionSettings:
     raw = _table(doc, "sessions")
     _check_keys(raw, "sessions", {"interim_interval", "interim_missed", "grace", "dhcp_grace", "expiry_check",
-                                  "portal_login", "portal_session", "voucher_tariff", "bind_mac"})
+                                  "portal_login", "portal_session", "voucher_tariff", "bind_mac", "dhcp_circuit_id"})
     out = {}
+    if "dhcp_circuit_id" in raw:
+        if raw["dhcp_circuit_id"] not in DHCP_CIRCUIT_ID:
+            raise ConfigError("sessions.dhcp_circuit_id", f"must be one of {', '.join(DHCP_CIRCUIT_ID)}")
+        out["dhcp_circuit_id"] = raw["dhcp_circuit_id"]
     if "bind_mac" in raw:
         v = raw["bind_mac"]
         if v is True or v is False:
