@@ -30,8 +30,8 @@ setup(
     version="0.1.0",
     description="Traffic accounting and prepaid enforcement gateway for Linux",
     python_requires=">=3.11",
-    packages=["gateway", "accounting", "accounting.credit", "ext", "policy", "api"],
-    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting": ["migrations/*.sql"],
+    packages=["gateway", "accounting", "accounting.credit", "accounting.store", "ext", "policy", "api"],
+    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting.store": ["migrations/*/*.sql"],
                   "accounting.credit": ["migrations/*.sql"]},
     ext_modules=cythonize(
         extensions,

@@ -19,7 +19,7 @@ key whose name contains password, token, secret, digest or hash, at any
 depth, is replaced by ``"[redacted]"`` before it is stored and hashed.
 
 Atomicity. :meth:`AuditLog.append` writes inside the ledger's transaction
-helper, which nests: a caller that opens ``ledger._tx()``, makes its change
+helper, which nests: a caller that opens ``ledger.transaction()``, makes its change
 and appends the audit row commits both or neither.
 """
 
@@ -97,7 +97,7 @@ class AuditLog:
                ts_ns: int | None = None) -> int:
         """Append one row and return its id.
 
-        Runs in ``ledger._tx()``: inside a caller's transaction it is part of
+        Runs in ``ledger.transaction()``: inside a caller's transaction it is part of
         it; alone it is its own. The write lock that transaction holds
         (BEGIN IMMEDIATE) is what keeps two writers from chaining onto the
         same previous row.
@@ -112,7 +112,7 @@ class AuditLog:
         before_text, before_value = _stored(before, "before")
         after_text, after_value = _stored(after, "after")
         db = self.ledger.db
-        with self.ledger._tx():
+        with self.ledger.transaction():
             last = db.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
             row_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
             digest = _row_hash(prev_hash, row_id, ts_ns, actor, action, target, before_value, after_value)

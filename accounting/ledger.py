@@ -1,4 +1,4 @@
-"""The ledger: subscribers, payments, charges and usage in SQLite.
+"""The ledger: subscribers, payments, charges and usage.
 
 One writer per fact: the engine owns live balances, the ledger owns history.
 The engine's counters arrive as *flushes*, each with an id; a flush is applied
@@ -12,47 +12,32 @@ timestamp (``ts``, columns ending in ``_ns``) is integer nanoseconds since the
 Unix epoch, UTC; only ``usage.minute`` is in seconds: the epoch second its
 minute starts (a multiple of 60).
 
-Durability. WAL mode, so readers (portal, CLI, API) never block the flusher
-and the flusher never blocks them. ``synchronous=FULL``: in WAL mode NORMAL
-keeps the file consistent but may lose the last commits on a power cut, and
-a lost commit here is a payment the customer was told about, or a flush the
-engine has already forgotten (traffic never charged). FULL costs one fsync
-per commit; the gateway commits about once a second, so that is nothing.
+Storage. One SQL for every backend (:mod:`accounting.store`): an SQLite
+file, the embedded default, or a PostgreSQL database shared by gateways.
+Durability, locking and how a database is recognised as a ledger are the
+backend's (:mod:`accounting.store.sqlite`, :mod:`accounting.store.postgres`).
 
-Schema. Versioned by ``migrations/NNNN_*.sql``, applied in order on open,
-each in its own transaction with its ``schema_version`` row. A file that is
-not a Tollgate ledger (SQLite ``application_id``), or whose version is newer
-than this code, is refused.
+Schema. Versioned by ``store/migrations/<backend>/NNNN_*.sql``, the same
+numbers on every backend, applied in order on open, each in its own
+transaction with its ``schema_version`` row. A database whose version is
+newer than this code is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import sqlite3
 import time
 from pathlib import Path
 
-import sqlite_utils
-
 from ext.errors import LedgerError
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "Ledger"]
+from .store import Backend, open_backend
+from .store.backend import migrations as store_migrations
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-APPLICATION_ID = 0x546F6C6C  # "Toll": marks a SQLite file as a Tollgate ledger
+__all__ = ["Ledger"]
 
 USAGE_GROUPS = ("subscriber_id", "zone", "direction", "minute")
-
-
-def _migrations(folder: Path | None = None) -> list[tuple[int, Path]]:
-    found = []
-    for path in sorted((folder or MIGRATIONS).glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        found.append((int(path.name[:4]), path))
-    versions = [v for v, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise LedgerError(f"migrations in {folder or MIGRATIONS} are not numbered 1, 2, 3...: {versions}")
-    return found
 
 
 def _int(value, what: str, minimum: int | None = None) -> int:
@@ -84,83 +69,40 @@ class Ledger:
     :class:`LedgerError`, nothing.
     """
 
-    def __init__(self, db: sqlite_utils.Database, path: str) -> None:
+    def __init__(self, db: Backend) -> None:
         self.db = db
-        self.path = path
+        self.path = db.target
+        self._rollups: bool | None = None  # has the schema rollup_state (read once: an open ledger's schema is fixed)
 
     # ---- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path, migrations: Path | None = None) -> Ledger:
-        """Open (creating if needed) and migrate the ledger at ``path``.
+    def open(cls, target, migrations: Path | None = None) -> Ledger:
+        """Open (creating if needed) and migrate the ledger at ``target``: a
+        file path (SQLite) or a PostgreSQL conninfo (``postgresql://...``).
 
         ``migrations`` is another folder of migrations, for tests.
         """
-        path = str(path)
-        conn = None
+        db = open_backend(target)
         try:
-            # autocommit; transactions are explicit (BEGIN IMMEDIATE, see _Transaction)
-            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            db = sqlite_utils.Database(conn)
-            db.execute("PRAGMA foreign_keys = ON")
-            db.execute("PRAGMA synchronous = FULL")
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = db.table_names()
-            if tables and app_id != APPLICATION_ID:
-                raise LedgerError(f"{path} is an SQLite database but not a Tollgate ledger")
-            db.enable_wal()
-            ledger = cls(db, path)
-            ledger._migrate(_migrations(migrations))
-        except sqlite3.DatabaseError as exc:
-            if conn is not None:
-                conn.close()
-            raise LedgerError(f"{path}: not a usable SQLite database ({exc})") from None
+            db.migrate(store_migrations(db.dialect, migrations), time.time_ns())
         except BaseException:
-            if conn is not None:
-                conn.close()
+            db.close()
             raise
-        return ledger
+        return cls(db)
 
-    def _migrate(self, known: list[tuple[int, Path]]) -> None:
-        newest = known[-1][0] if known else 0
-        current = self._current_version()
-        if current == newest:
-            return  # the usual open: no write lock taken
-        for version, script in known:
-            with self._tx():  # re-read inside: another process may be migrating the same file
-                current = self._current_version()
-                if current > newest:
-                    raise LedgerError(f"{self.path} has schema version {current}; this Tollgate knows up to "
-                                      f"{newest}: upgrade Tollgate")
-                if version <= current:
-                    continue
-                if current == 0:
-                    # marks the file as ours in the same transaction as the first schema
-                    self.db.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                                    "(version INTEGER PRIMARY KEY, applied_ns INTEGER NOT NULL)")
-                    self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                try:
-                    for statement in _statements(script.read_text()):
-                        self.db.execute(statement)
-                except sqlite3.Error as exc:
-                    raise LedgerError(f"migration {script.name} failed on {self.path}: {exc}") from None
-                self.db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time_ns()))
-        current = self._current_version()
-        if current > newest:
-            raise LedgerError(f"{self.path} has schema version {current}; this Tollgate knows up to {newest}: "
-                              f"upgrade Tollgate")
+    def transaction(self, serialized: bool = True):
+        """A write transaction (see :meth:`accounting.store.backend.Backend.transaction`): callers that
+        make several changes (a change and its audit row) commit all of them or none."""
+        return self.db.transaction(serialized)
 
-    def _current_version(self) -> int:
-        if "schema_version" not in self.db.table_names():
-            return 0
-        return self.db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-
-    def _tx(self) -> _Transaction:
-        return _Transaction(self.db.conn)
+    def snapshot(self):
+        """A read transaction: the reads inside see one moment of the ledger."""
+        return self.db.snapshot()
 
     def close(self) -> None:
         """Close the connection (a committed ledger needs nothing else)."""
-        self.db.conn.close()
+        self.db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -170,8 +112,8 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        """The schema version of the open file."""
-        return self._current_version()
+        """The schema version of the open ledger."""
+        return self.db.schema_version()
 
     # ---- subscribers -----------------------------------------------------
 
@@ -204,14 +146,13 @@ class Ledger:
         if isinstance(addresses, str):
             addresses = [addresses]
         nets = [_network(a) for a in addresses]
-        with self._tx():
+        with self.transaction():
             if self.db.execute("SELECT 1 FROM subscribers WHERE name = ?", (name,)).fetchone():
                 raise LedgerError(f"subscriber {name!r} exists")
-            cur = self.db.execute(
+            sid = self.db.scalar(
                 "INSERT INTO subscribers (name, contract, tariff, currency, opening_balance, balance, credit_limit,"
-                " created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (name, contract, tariff, code, opening_balance, opening_balance, credit_limit, time.time_ns()))
-            sid = cur.lastrowid
             for net in nets:
                 self._insert_address(sid, net)
         return sid
@@ -265,7 +206,7 @@ class Ledger:
     def set_active(self, subscriber, active: bool) -> None:
         """Mark a subscriber active or not (an inactive one is not loaded into the engine)."""
         sid = self._sid(subscriber)
-        with self._tx():
+        with self.transaction():
             self.db.execute("UPDATE subscribers SET active = ? WHERE id = ?", (1 if active else 0, sid))
 
     def set_terms(self, subscriber, **terms) -> None:
@@ -286,7 +227,7 @@ class Ledger:
             raise LedgerError("credit_limit cannot be cleared: set 0")
         if not terms:
             return
-        with self._tx():
+        with self.transaction():
             self.db.execute(f"UPDATE subscribers SET {', '.join(f'{k} = ?' for k in terms)} WHERE id = ?",
                             (*terms.values(), sid))
 
@@ -294,7 +235,7 @@ class Ledger:
         """When the subscriber's billing under its current tariff began (fees prorate from here)."""
         sid = self._sid(subscriber)
         ts = _ts(ts)
-        with self._tx():
+        with self.transaction():
             self.db.execute("UPDATE subscribers SET billing_since_ns = ? WHERE id = ?", (ts, sid))
 
     def balance(self, subscriber) -> int:
@@ -320,13 +261,13 @@ class Ledger:
         """
         sid = self._sid(subscriber)
         net = _network(network)
-        with self._tx():
+        with self.transaction():
             self._insert_address(sid, net)
 
     def remove_address(self, network: str) -> None:
         """Take ``network`` from whoever holds it; an error if nobody does."""
         net = _network(network)
-        with self._tx():
+        with self.transaction():
             # a session's address leaves with its session (accounting/sessions.py), never on its own
             cur = self.db.execute("DELETE FROM addresses WHERE network = ? AND session_id IS NULL", (net,))
             if cur.rowcount == 0:
@@ -339,7 +280,7 @@ class Ledger:
         if isinstance(networks, str):
             networks = [networks]
         nets = sorted({_network(n) for n in networks})
-        with self._tx():
+        with self.transaction():
             self.db.execute("DELETE FROM addresses WHERE subscriber_id = ? AND session_id IS NULL", (sid,))
             for net in nets:
                 self._insert_address(sid, net)
@@ -355,7 +296,7 @@ class Ledger:
             text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"tariff {name!r}: spec is not JSON-serialisable ({exc})") from None
-        with self._tx():
+        with self.transaction():
             row = self.db.execute("SELECT version, spec FROM tariffs WHERE name = ? ORDER BY version DESC LIMIT 1",
                                   (name,)).fetchone()
             if row and row[1] == text:
@@ -376,7 +317,7 @@ class Ledger:
         sid = self._sid(subscriber)
         _text(tariff, "a subscriber's tariff")
         since = _ts(since)
-        with self._tx():
+        with self.transaction():
             self.db.execute("UPDATE subscribers SET tariff = ?, billing_since_ns = ? WHERE id = ?",
                             (tariff, since, sid))
 
@@ -386,11 +327,10 @@ class Ledger:
         sid = self._sid(subscriber)
         _text(tariff, "a subscriber's tariff")
         effective = _ts(effective)
-        with self._tx():
+        with self.transaction():
             self.db.execute("DELETE FROM tariff_changes WHERE subscriber_id = ? AND applied_ns IS NULL", (sid,))
-            cur = self.db.execute("INSERT INTO tariff_changes (subscriber_id, tariff, effective_ns, created_ns)"
-                                  " VALUES (?, ?, ?, ?)", (sid, tariff, effective, time.time_ns()))
-            return cur.lastrowid
+            return self.db.scalar("INSERT INTO tariff_changes (subscriber_id, tariff, effective_ns, created_ns)"
+                                  " VALUES (?, ?, ?, ?) RETURNING id", (sid, tariff, effective, time.time_ns()))
 
     def due_tariff_changes(self, now: int) -> list[dict]:
         cols = ("id", "subscriber_id", "tariff", "effective_ns")
@@ -400,7 +340,7 @@ class Ledger:
 
     def apply_tariff_change(self, change_id: int, now: int) -> None:
         """Assign the scheduled tariff and mark the change applied, at once."""
-        with self._tx():
+        with self.transaction():
             row = self.db.execute("SELECT subscriber_id, tariff, effective_ns FROM tariff_changes WHERE id = ?"
                                   " AND applied_ns IS NULL", (change_id,)).fetchone()
             if row is None:
@@ -433,7 +373,7 @@ class Ledger:
             _text(n, "a zone name")
         if len(set(names)) != len(names):
             raise LedgerError(f"zone names repeat: {names}")
-        with self._tx():
+        with self.transaction():
             known = dict(self.db.execute("SELECT id, name FROM zones").fetchall())
             for zid, name in enumerate(names):
                 if zid in known:
@@ -441,10 +381,9 @@ class Ledger:
                         raise LedgerError(f"zone {zid} is {known[zid]!r} in the ledger, not {name!r}: "
                                           "zone numbers are history; add new zones at the end")
                     continue
-                try:
-                    self.db.execute("INSERT INTO zones (id, name) VALUES (?, ?)", (zid, name))
-                except sqlite3.IntegrityError:
-                    raise LedgerError(f"zone name {name!r} already names another zone number") from None
+                if name in known.values():
+                    raise LedgerError(f"zone name {name!r} already names another zone number")
+                self.db.execute("INSERT INTO zones (id, name) VALUES (?, ?)", (zid, name))
 
     def zones(self) -> dict[int, str]:
         """Zone number -> name, as registered by :meth:`set_zones`."""
@@ -465,7 +404,7 @@ class Ledger:
         ts = _ts(ts)
         _text(method, "payment method")
         _text(idempotency_key, "idempotency key", optional=True)
-        with self._tx():
+        with self.transaction():
             if idempotency_key is not None:
                 prior = self.db.execute("SELECT id, subscriber_id, amount FROM payments WHERE idempotency_key = ?",
                                         (idempotency_key,)).fetchone()
@@ -474,11 +413,11 @@ class Ledger:
                         raise LedgerError(f"idempotency key {idempotency_key!r} was used for another payment "
                                           f"(id {prior[0]}: subscriber {prior[1]}, amount {prior[2]})")
                     return prior[0]
-            cur = self.db.execute(
+            payment = self.db.scalar(
                 "INSERT INTO payments (subscriber_id, amount, ts_ns, method, comment, idempotency_key)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (sid, amount, ts, method, comment, idempotency_key))
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (sid, amount, ts, method, comment, idempotency_key))
             self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
-            return cur.lastrowid
+            return payment
 
     def add_adjustment(self, subscriber, amount: int, reason: str, author: str, ts: int | None = None) -> int:
         """A correction by an operator (positive or negative, not zero), with a
@@ -490,11 +429,11 @@ class Ledger:
         _text(reason, "an adjustment's reason")
         _text(author, "an adjustment's author")
         ts = _ts(ts)
-        with self._tx():
-            cur = self.db.execute("INSERT INTO adjustments (subscriber_id, amount, ts_ns, reason, author)"
-                                  " VALUES (?, ?, ?, ?, ?)", (sid, amount, ts, reason, author))
+        with self.transaction():
+            adjustment = self.db.scalar("INSERT INTO adjustments (subscriber_id, amount, ts_ns, reason, author)"
+                                        " VALUES (?, ?, ?, ?, ?) RETURNING id", (sid, amount, ts, reason, author))
             self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
-            return cur.lastrowid
+            return adjustment
 
     def last_payment_id(self) -> int:
         """The highest payment id so far (0 if none)."""
@@ -509,7 +448,7 @@ class Ledger:
         _text(key, "posting key")
         _int(amount, "amount")
         ts = _ts(ts)
-        with self._tx():
+        with self.transaction():
             cur = self.db.execute("INSERT OR IGNORE INTO postings (subscriber_id, kind, amount, ts_ns, key, detail)"
                                   " VALUES (?, ?, ?, ?, ?, ?)", (sid, kind, amount, ts, key, detail))
             if cur.rowcount == 0:
@@ -571,7 +510,7 @@ class Ledger:
         or, rolled up, the total of ``flush_count`` of them in ``[ts_ns, ts_ns +
         span_ns)`` (``flush_id`` None). A bound inside such a bucket is
         refused, as in :meth:`usage`."""
-        with _Snapshot(self.db.conn):
+        with self.db.snapshot():
             self._check_bounds("charges", since, until, 1_000_000_000)
             return self._history("charges", ("id", "subscriber_id", "flush_id", "amount", "ts_ns", "span_ns",
                                              "flush_count"), subscriber, since, until)
@@ -645,7 +584,7 @@ class Ledger:
             if min(zone, minute, nbytes, packets, charged) < 0:
                 raise LedgerError(f"bad flush row {r!r}: zone, minute, bytes, packets and charged are >= 0")
             per_sub[sid] = per_sub.get(sid, 0) + charged
-        with self._tx():
+        with self.transaction():
             if per_sub:  # checked before the replay test, so bad rows are an error whether or not replayed
                 marks = ", ".join("?" * len(per_sub))
                 known = {s for (s,) in self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({marks})",
@@ -657,7 +596,7 @@ class Ledger:
                 return False
             self.db.execute("INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?)",
                             (flush_id, ts, len(rows), source))
-            self.db.conn.executemany(
+            self.db.executemany(
                 "INSERT INTO usage (subscriber_id, zone, direction, minute, bytes, packets, amount)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute) DO UPDATE SET"
                 " bytes = bytes + excluded.bytes, packets = packets + excluded.packets,"
@@ -667,7 +606,7 @@ class Ledger:
                     self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
                                     (sid, flush_id, amount, ts))
                     self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
-            self.db.conn.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
+            self.db.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
                                      " VALUES (?, ?, ?, ?, ?)", [(d, n, flush_id, r, b) for d, n, r, b in files])
             if kernel_marks:
                 marks: dict[tuple[int, int], list[int]] = {}
@@ -697,7 +636,7 @@ class Ledger:
 
     def prune_changes(self, upto: int) -> int:
         """Delete the feed's rows up to ``upto`` (every reader has read them); returns how many."""
-        with self._tx():
+        with self.transaction():
             return self.db.execute("DELETE FROM changes WHERE id <= ?", (_int(upto, "change id"),)).rowcount
 
     def manual_block_of(self, subscriber) -> bool:
@@ -716,7 +655,7 @@ class Ledger:
                 self.db.execute("SELECT subscriber_id, direction, bytes, packets FROM kernel_marks")}
 
     def _add_kernel_marks(self, deltas) -> None:
-        self.db.conn.executemany(
+        self.db.executemany(
             "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
             " packets = packets + excluded.packets",
@@ -732,15 +671,15 @@ class Ledger:
             _int(p, "packets")
             if d not in (0, 1):
                 raise LedgerError(f"direction is 0 (upload) or 1 (download), not {d!r}")
-        with self._tx():
+        with self.transaction():
             self._add_kernel_marks(deltas)
 
     def set_kernel_marks(self, marks: dict) -> None:
         """Set ``{(subscriber, direction): (bytes, packets)}`` exactly (the
         kernel's counters started again from zero: a new table, an element
         recreated), one transaction."""
-        with self._tx():
-            self.db.conn.executemany(
+        with self.transaction():
+            self.db.executemany(
                 "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = excluded.bytes,"
                 " packets = excluded.packets",
@@ -761,13 +700,13 @@ class Ledger:
             if kind not in ("block", "unblock"):
                 raise LedgerError(f"block kind is 'block' or 'unblock', not {kind!r}")
             _text(reason, "block reason")
-        with self._tx():
-            self.db.conn.executemany(
+        with self.transaction():
+            self.db.executemany(
                 "INSERT INTO block_state (subscriber_id, blocked, payment_id, adjustment_id, ts_ns)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (subscriber_id) DO UPDATE SET blocked = excluded.blocked,"
                 " payment_id = excluded.payment_id, adjustment_id = excluded.adjustment_id, ts_ns = excluded.ts_ns",
                 states)
-            self.db.conn.executemany(
+            self.db.executemany(
                 "INSERT INTO blocks (subscriber_id, kind, reason, ts_ns, packet_ts_ns, balance) VALUES (?, ?, ?, ?, ?, ?)",
                 [(sid, kind, reason, ts, packet_ts, balance) for sid, kind, reason, packet_ts, balance in records])
 
@@ -808,10 +747,9 @@ class Ledger:
             _ts(packet_ts, "packet_ts")
         if balance is not None:
             _int(balance, "balance")
-        with self._tx():
-            cur = self.db.execute("INSERT INTO blocks (subscriber_id, kind, reason, ts_ns, packet_ts_ns, balance)"
-                                  " VALUES (?, ?, ?, ?, ?, ?)", (sid, kind, reason, ts, packet_ts, balance))
-            return cur.lastrowid
+        with self.transaction():
+            return self.db.scalar("INSERT INTO blocks (subscriber_id, kind, reason, ts_ns, packet_ts_ns, balance)"
+                                  " VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (sid, kind, reason, ts, packet_ts, balance))
 
     def usage(self, subscriber=None, since: int | None = None, until: int | None = None,
               group_by=("subscriber_id", "zone", "direction")) -> list[dict]:
@@ -841,7 +779,7 @@ class Ledger:
         if keys:
             sql += f" GROUP BY {keys} ORDER BY {keys}"
         cols = group_by + ("bytes", "packets", "amount")
-        with _Snapshot(self.db.conn):  # the cutoffs and the rows of one moment, whatever a rollup commits between
+        with self.db.snapshot():  # the cutoffs and the rows of one moment, whatever a rollup commits between
             self._check_bounds("usage", since, until, 1)
             return [dict(zip(cols, r)) for r in self.db.execute(sql, args)]
 
@@ -853,22 +791,23 @@ class Ledger:
         ``until_ns``; the same sums as :meth:`usage` and :meth:`postings` of
         each, and the same refusal of a bound inside a rolled-up bucket."""
         until_minute = until_ns // 1_000_000_000 + 60
-        with _Snapshot(self.db.conn):
+        with self.db.snapshot():
             for since in set(since_ns.values()):
                 self._check_bounds("usage", since // 1_000_000_000, until_minute, 1)
-            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS period_start (sid INTEGER PRIMARY KEY, since_ns INTEGER)")
-            self.db.execute("DELETE FROM temp.period_start")
-            self.db.conn.executemany("INSERT INTO temp.period_start VALUES (?, ?)", since_ns.items())
+            # a temporary table (unqualified: it shadows any other of its name on both backends) joined in SQL
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS period_start (sid BIGINT PRIMARY KEY, since_ns BIGINT)")
+            self.db.execute("DELETE FROM period_start")
+            self.db.executemany("INSERT INTO period_start VALUES (?, ?)", since_ns.items())
             volumes: dict[int, dict] = {}
             for sid, zone, direction, nbytes in self.db.execute(
-                    "SELECT u.subscriber_id, u.zone, u.direction, sum(u.bytes) FROM temp.period_start p"
+                    "SELECT u.subscriber_id, u.zone, u.direction, sum(u.bytes) FROM period_start p"
                     " JOIN usage u ON u.subscriber_id = p.sid AND u.minute >= p.since_ns / 1000000000"
                     " AND u.minute < ? GROUP BY 1, 2, 3", (until_minute,)):
                 volumes.setdefault(sid, {})[(zone, direction)] = nbytes
             prevailing = dict(self.db.execute(
-                "SELECT p.sid, sum(x.amount) FROM temp.period_start p JOIN postings x ON x.subscriber_id = p.sid"
+                "SELECT p.sid, sum(x.amount) FROM period_start p JOIN postings x ON x.subscriber_id = p.sid"
                 " AND x.ts_ns >= p.since_ns AND x.ts_ns < ? WHERE x.kind = 'prevailing' GROUP BY 1", (until_ns,)))
-            self.db.execute("DELETE FROM temp.period_start")
+            self.db.execute("DELETE FROM period_start")
         return volumes, prevailing
 
     def usage_by_zone(self, subscriber, since_minute: int = 0) -> list[dict]:
@@ -886,7 +825,7 @@ class Ledger:
         """Remember a replayed capture; False if its digest was recorded before."""
         _text(digest, "import digest")
         _int(packets, "packets", 0)
-        with self._tx():
+        with self.transaction():
             cur = self.db.execute("INSERT OR IGNORE INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)",
                                   (digest, str(path), packets, time.time_ns()))
             return cur.rowcount == 1
@@ -1081,8 +1020,8 @@ class Ledger:
         tariffs, amounts, one owner per address). ``subscribers``: tuples of ``BULK_COLUMNS``;
         ``addresses``: ``(network, subscriber id)``. The change feed's triggers (0014) fire once per row,
         so a running gateway sees the new subscribers."""
-        if not self.db.conn.in_transaction:
-            raise LedgerError("insert_subscribers runs inside the caller's transaction (ledger._tx())")
+        if not self.db.in_transaction:
+            raise LedgerError("insert_subscribers runs inside the caller's transaction (ledger.transaction())")
         cols = self.BULK_COLUMNS
         subscribers = subscribers if isinstance(subscribers, list) else list(subscribers)
         # The feed's per-row triggers cost more than the rows themselves (measured: 100k subscribers with
@@ -1091,16 +1030,18 @@ class Ledger:
         # row per subscriber and per address, in this commit, as the triggers would. The DDL is part of the
         # transaction (it rolls back with it), and no other writer can insert meanwhile (we hold the write
         # lock), so no change escapes the feed. Triggers changed since 0014 fire as they are.
-        triggers = dict(self.db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN"
-                                        " ('changes_subscriber_insert', 'changes_address_insert')").fetchall())
-        set_aside = len(subscribers) > 100 and all(
+        # (SQLite only: its triggers are in sqlite_master as text; on PostgreSQL they fire as they are)
+        triggers = {} if self.db.dialect != "sqlite" else dict(self.db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN"
+            " ('changes_subscriber_insert', 'changes_address_insert')").fetchall())
+        set_aside = bool(triggers) and len(subscribers) > 100 and all(
             " ".join(triggers.get(name, "").split()) == sql for name, sql in self._FEED_INSERT_TRIGGERS.items())
         if set_aside:
             for name in self._FEED_INSERT_TRIGGERS:
                 self.db.execute(f"DROP TRIGGER {name}")
-        self.db.conn.executemany(f"INSERT INTO subscribers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        self.db.executemany(f"INSERT INTO subscribers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                                  subscribers)
-        self.db.conn.executemany("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", addresses)
+        self.db.executemany("INSERT INTO addresses (network, subscriber_id) VALUES (?, ?)", addresses)
         if set_aside:
             first, last = min(r[0] for r in subscribers), max(r[0] for r in subscribers)
             self.db.execute("INSERT INTO changes (subscriber_id, what) SELECT id, 'subscriber' FROM subscribers"
@@ -1111,21 +1052,8 @@ class Ledger:
                 self.db.execute(triggers[name])
 
     def bulk_cache(self, rows: int):
-        """A page cache for a transaction writing ``rows`` subscribers (~250 B of pages each, up to 256 MiB),
-        so that a large import does not spill its uncommitted pages to the WAL half-way (measured: 4.1 s
-        for 100k subscribers with the default 2 MiB, 3.4 s with this); the usual size again afterwards."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def cache():
-            before = self.db.execute("PRAGMA cache_size").fetchone()[0]
-            self.db.execute(f"PRAGMA cache_size = -{min(256 << 10, max(2 << 10, rows // 4))}")  # KiB
-            try:
-                yield
-            finally:
-                self.db.execute(f"PRAGMA cache_size = {before}")
-
-        return cache()
+        """A context for one transaction writing ``rows`` subscribers (the backend's, e.g. SQLite's page cache)."""
+        return self.db.bulk_cache(rows)
 
     def max_subscriber_id(self) -> int:
         return self.db.execute("SELECT coalesce(max(id), 0) FROM subscribers").fetchone()[0]
@@ -1160,10 +1088,11 @@ class Ledger:
     def rollup_state(self) -> dict | None:
         """``{"timezone", "hour_cutoff", "day_cutoff"}`` (epoch seconds) once rolled up, else None: before
         ``day_cutoff`` usage and charges may be held per local day, before ``hour_cutoff`` per local hour."""
-        try:
-            row = self.db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
-        except sqlite3.OperationalError:  # a file of an older schema opened as it is (`ledger check`): never rolled
+        if self._rollups is None:  # a file of an older schema opened as it is (`ledger check`): never rolled
+            self._rollups = "rollup_state" in self.db.table_names()
+        if not self._rollups:
             return None
+        row = self.db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
         return None if row is None else dict(zip(("timezone", "hour_cutoff", "day_cutoff"), row))
 
     def exact_range(self, since: int | None, until: int | None) -> tuple[int | None, int | None]:
@@ -1240,7 +1169,7 @@ class Ledger:
         are set to 0 and the load recorded, one transaction."""
         _text(pin_dir, "pin dir")
         _int(load_id, "load id")
-        with self._tx():
+        with self.transaction():
             row = self.db.execute("SELECT load_id FROM bpf_maps WHERE pin_dir = ?", (pin_dir,)).fetchone()
             if row is None or row[0] != load_id:
                 self.db.execute("DELETE FROM bpf_marks")
@@ -1256,7 +1185,7 @@ class Ledger:
         zone, direction): every row of the eBPF source is traffic its
         counters counted. A replayed flush id changes nothing, marks
         included."""
-        with self._tx():
+        with self.transaction():
             if not self.apply_flush(flush_id, rows, ts, source=source, files=files):
                 return False
             marks: dict[tuple[int, int, int], list[int]] = {}
@@ -1264,66 +1193,12 @@ class Ledger:
                 m = marks.setdefault((sid, zone, direction), [0, 0])
                 m[0] += nbytes
                 m[1] += packets
-            self.db.conn.executemany(
+            self.db.executemany(
                 "INSERT INTO bpf_marks (subscriber_id, zone, direction, bytes, packets) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (subscriber_id, zone, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
                 " packets = packets + excluded.packets",
                 [(sid, z, d, b, p) for (sid, z, d), (b, p) in sorted(marks.items())])
         return True
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE .. COMMIT/ROLLBACK on an autocommit connection: writers
-    queue up at BEGIN (busy timeout) instead of failing half-way, and an
-    error anywhere, the COMMIT included, leaves nothing behind."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self):
-        # inside another transaction of this connection: part of it (it commits or rolls back all)
-        self.nested = self.conn.in_transaction
-        if not self.nested:
-            self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.nested:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise LedgerError(f"refused by the database: {exc}") from exc
-            return False
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-                return False
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.IntegrityError):  # a constraint the checks above missed: still bad input
-            raise LedgerError(f"refused by the database: {exc}") from exc
-        return False
-
-
-class _Snapshot:
-    """A read transaction (BEGIN DEFERRED): several SELECTs see one moment of the file, in WAL mode without
-    blocking or waiting for writers. Inside a transaction of this connection: part of it."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self):
-        self.nested = self.conn.in_transaction
-        if not self.nested:
-            self.conn.execute("BEGIN DEFERRED")
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if not self.nested and self.conn.in_transaction:
-            self.conn.execute("COMMIT")  # nothing written: ends the read
-        return False
 
 
 def _when(t: int, tzname: str) -> str:
@@ -1343,17 +1218,3 @@ def _network(text) -> str:
         return str(ipaddress.ip_network(text.strip(), strict=True))
     except ValueError as exc:
         raise LedgerError(f"bad address {text!r}: {exc}") from None
-
-
-def _statements(script: str):
-    """Split a migration into statements (sqlite3 runs one per execute)."""
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        if not buf and line.strip().startswith("--"):
-            continue
-        buf += line
-        if sqlite3.complete_statement(buf):
-            yield buf.strip()
-            buf = ""
-    if buf.strip():
-        yield buf.strip()

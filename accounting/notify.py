@@ -50,7 +50,7 @@ def enqueue(ledger: Ledger, key: str, event: str, subscriber: int | None, payloa
     """Queue a notification; False when ``key`` was queued before."""
     now = time.time_ns() if now is None else now
     body = json.dumps({"event": event, "key": key, **payload}, sort_keys=True)
-    with ledger._tx():
+    with ledger.transaction():
         cur = ledger.db.execute(
             "INSERT OR IGNORE INTO notifications (key, subscriber_id, event, payload, created_ns, next_try_ns)"
             " VALUES (?, ?, ?, ?, ?, ?)", (key, subscriber, event, body, now, now))
@@ -82,7 +82,7 @@ class Notifier:
         for nid, key, event, payload, attempts in due:
             error = self._send(key, event, payload)
             attempts += 1
-            with self.ledger._tx():
+            with self.ledger.transaction():
                 if error is None:
                     self.ledger.db.execute("UPDATE notifications SET attempts = ?, delivered_ns = ?, last_error = NULL"
                                            " WHERE id = ?", (attempts, time.time_ns(), nid))

@@ -256,7 +256,7 @@ class Operations:
         if credit < 0:
             raise OperationError("credit_limit cannot be negative")
         nets = self._networks(addresses)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             if self.ledger.db.execute("SELECT 1 FROM subscribers WHERE name = ?", (name,)).fetchone():
                 raise OperationError(f"subscriber {name!r} exists", 409)
             self._refuse_overlaps(None, nets)
@@ -287,7 +287,7 @@ class Operations:
             raise OperationError(f"effective_ns is a time in ns since the epoch, 0..{MAX_TS}")
         nets = None if addresses is None else self._networks(addresses)
         effective = effective_ns if effective_ns is not None else _now()
-        with self.ledger._tx():
+        with self.ledger.transaction():
             before = self.view(row)
             if nets is not None:
                 self._refuse_overlaps(sid, nets)
@@ -357,7 +357,7 @@ class Operations:
         self._terms(terms)
         before = {k: row[k] for k in terms}
         if terms and before != terms:
-            with self.ledger._tx():
+            with self.ledger.transaction():
                 try:
                     self.ledger.set_terms(row["id"], **terms)
                 except LedgerError as exc:
@@ -379,7 +379,7 @@ class Operations:
             raise OperationError("an idempotency key of 1 to 200 characters is required")
         self._name(method, "method")
         comment = self._text(comment, "comment")
-        with self.ledger._tx():
+        with self.ledger.transaction():
             known = self.ledger.db.execute("SELECT id FROM payments WHERE idempotency_key = ?",
                                            (idempotency_key,)).fetchone()
             try:
@@ -402,7 +402,7 @@ class Operations:
         if units == 0:
             raise OperationError("an adjustment of zero changes nothing")
         reason = self._text(reason, "an adjustment's reason", required=True)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             aid = self.ledger.add_adjustment(row["id"], units, reason, self.actor)
             after = {"balance": self._money(self.ledger.balance(row["id"])), "adjustment_id": aid,
                      "amount": self._money(units), "reason": reason}
@@ -418,7 +418,7 @@ class Operations:
         row = self._row(key)
         if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
             raise OperationError("a card's code is 1 to 64 printable characters")
-        with self.ledger._tx():
+        with self.ledger.transaction():
             try:
                 card = prepaid.activate(self.ledger, row["id"], code)
             except prepaid.CardError as exc:
@@ -448,7 +448,7 @@ class Operations:
         elif isinstance(expires_ns, bool) or not isinstance(expires_ns, int) or not 0 <= expires_ns <= MAX_TS:
             raise OperationError(f"expires_ns is a time in ns since the epoch, 0..{MAX_TS}")
         batch = self._text(batch, "batch", most=64)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             try:
                 cards = prepaid.generate(self.ledger, count, units, self.currency, expires_ns, batch)
             except prepaid.CardError as exc:
@@ -490,7 +490,7 @@ class Operations:
         blocked = self.ledger.block_states_of([row["id"]])[row["id"]][1]
         if (kind == "block") == blocked:
             raise OperationError(f"subscriber {row['name']} is {'already' if blocked else 'not'} blocked by hand", 409)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             self.ledger.record_block(row["id"], kind, f"manual: {reason}", _now())
             self._audit(f"subscriber.{kind}", f"subscriber:{row['id']}", {"manually_blocked": blocked},
                         {"manually_blocked": not blocked, "reason": reason})
@@ -659,7 +659,7 @@ class Operations:
             raise ImportRefused(source, sorted(errors), bad, 422 if invalid else 409)
         # the rows are made before the lock too, numbered from the next id as it is now (checked under it)
         first, rows, addresses = self._import_rows(new)
-        with self.ledger.bulk_cache(len(checked)), self.ledger._tx():
+        with self.ledger.bulk_cache(len(checked)), self.ledger.transaction():
             # (a new id too: a subscriber added whose feed rows were pruned at once would not show in the feed)
             if self.ledger.last_change_id() != seen_change or self.ledger.max_subscriber_id() + 1 != first:
                 new, unchanged = against_ledger()
@@ -914,7 +914,7 @@ class Operations:
         expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger._tx():
+        with self.ledger.transaction():
             sid = self._row(subscriber)["id"]
             mine = sessions.live_rows_of_key(db, source, client, key)
             if mine and {r["network"] for r in mine} == set(nets) and all(r["subscriber_id"] == sid for r in mine):
@@ -971,7 +971,7 @@ class Operations:
         expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger._tx():
+        with self.ledger.transaction():
             live = sessions.live_rows_of_key(db, source, client, key)
             if subscriber is not None and networks is not None:
                 nets = self._networks(networks)
@@ -995,7 +995,7 @@ class Operations:
         now = self._ns(now)
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger._tx():
+        with self.ledger.transaction():
             live = sessions.live_rows_of_key(db, source, client, key)
             if not live:
                 return {"status": "unknown", "sessions": [], "closed": []}
@@ -1017,7 +1017,7 @@ class Operations:
         self._name(reason, "a reason")
         now = self._ns(now)
         db = self.ledger.db
-        with self.ledger._tx():
+        with self.ledger.transaction():
             live = sessions.live_rows_of_client(db, source, client)
             if not live:
                 return {"status": "none", "closed": []}
@@ -1034,7 +1034,7 @@ class Operations:
         db = self.ledger.db
         if not sessions.due_rows(db, now):  # the usual call: no write lock taken
             return {"status": "none", "closed": []}
-        with self.ledger._tx():
+        with self.ledger.transaction():
             due = sessions.due_rows(db, now)
             if not due:
                 return {"status": "none", "closed": []}
@@ -1069,7 +1069,7 @@ class Operations:
     def bind(self, subscriber, kind: str, value: str) -> dict:
         """A DHCP lease with this MAC, client id or circuit id is the subscriber's (one subscriber per value)."""
         value = self._binding_value(kind, value)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             sid = self._row(subscriber)["id"]
             owner = sessions.binding_owner(self.ledger.db, kind, value)
             if owner == sid:
@@ -1083,7 +1083,7 @@ class Operations:
 
     def unbind(self, kind: str, value: str) -> dict:
         value = self._binding_value(kind, value)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             owner = sessions.binding_owner(self.ledger.db, kind, value)
             if owner is None:
                 raise OperationError(f"{kind} {value} is bound to nobody", 404)
@@ -1139,7 +1139,7 @@ class Operations:
         now = self._ns(now)
         ttl = getattr(getattr(self.config, "sessions", None), "portal_session", 86400) * 10**9
         expires = now + ttl if ends_ns is None else min(now + ttl, ends_ns)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             sid = self._row(subscriber)["id"]
             if devices is not None:
                 others_live = [k for k in self.portal_devices(sid) if k != key]
@@ -1199,7 +1199,7 @@ class Operations:
             raise OperationError("name the guests' tariff (--tariff, or [sessions] voucher_tariff)")
         self._tariff(tariff)
         batch = self._text(batch, "batch", most=64)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             try:
                 made = prepaid.generate_vouchers(self.ledger, count, units, self.currency, nbytes, valid, devices,
                                                  tariff, _now() + redeem_days * 86_400 * 10**9, batch)
@@ -1225,7 +1225,7 @@ class Operations:
             raise OperationError(f"too many wrong codes: try again in {prepaid.WINDOW_NS // 60 // 10**9} minutes", 429)
         failed = None
         try:
-            with self.ledger._tx():
+            with self.ledger.transaction():
                 v = prepaid.voucher_by_code(self.ledger, code)
                 if v is None:
                     raise OperationError("no voucher has this code", 404)

@@ -63,7 +63,7 @@ def _issue(ledger: Ledger, table: str, count: int, serial_format: str, insert: s
     last id, each row (``row(serial, code digest)``) written with ``insert``; ``(serial, code)`` pairs, the
     code grouped by four for reading aloud."""
     out = []
-    with ledger._tx():
+    with ledger.transaction():
         start = ledger.db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
         for k in range(count):
             code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
@@ -86,7 +86,7 @@ def activate(ledger: Ledger, subscriber, code: str, now: int | None = None) -> d
     if failures >= MAX_FAILURES:
         raise CardError(f"too many wrong codes: try again in {WINDOW_NS // 60 // 10 ** 9} minutes")
     try:
-        with ledger._tx():
+        with ledger.transaction():
             card = ledger.db.execute("SELECT id, serial, value, currency, expires_ns, used_ns FROM cards"
                                      " WHERE code_sha256 = ?", (_digest(code),)).fetchone()
             if card is None:
@@ -105,10 +105,10 @@ def activate(ledger: Ledger, subscriber, code: str, now: int | None = None) -> d
             if used.rowcount != 1:
                 raise CardError(f"card {serial} has been used")
     except CardError:
-        with ledger._tx():
+        with ledger.transaction():
             ledger.db.execute("INSERT INTO card_attempts (subscriber_id, ts_ns, ok) VALUES (?, ?, 0)", (sid, now))
         raise
-    with ledger._tx():
+    with ledger.transaction():
         ledger.db.execute("INSERT INTO card_attempts (subscriber_id, ts_ns, ok) VALUES (?, ?, 1)", (sid, now))
     return {"serial": serial, "value": value, "payment_id": payment}
 
@@ -163,6 +163,6 @@ def voucher_failures(ledger: Ledger, address: str, now: int) -> int:
 
 
 def voucher_attempt(ledger: Ledger, address: str, now: int, ok: bool) -> None:
-    with ledger._tx():
+    with ledger.transaction():
         ledger.db.execute("INSERT INTO voucher_attempts (address, ts_ns, ok) VALUES (?, ?, ?)",
                           (address, now, int(ok)))

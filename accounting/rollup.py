@@ -196,7 +196,7 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
 def _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_rows, progress, t0) -> RollupSummary:
     s = RollupSummary(timezone, hour_cut, day_cut)
     # The cutoffs first, in their own transaction: readers refuse ranges cutting the buckets about to be written.
-    with ledger._tx():
+    with ledger.transaction():
         row = db.execute("SELECT timezone, hour_cutoff, day_cutoff FROM rollup_state").fetchone()
         if row and row[0] != timezone:
             raise LedgerError(f"this ledger is rolled up by the local days of {row[0]}, not {timezone}: "
@@ -278,7 +278,7 @@ def _batched(ledger, units, batch_rows: int, progress) -> tuple[int, int, int]:
     transactions = replaced = written = 0
     unit = next(units, None)
     while unit is not None:
-        with ledger._tx():
+        with ledger.transaction():
             touched = wrote = 0
             while unit is not None and touched < batch_rows:
                 t, w = _roll(ledger.db, *unit)
@@ -362,7 +362,7 @@ def _prune_flushes(ledger, before: int, batch_rows: int, progress) -> tuple[int,
     pruned = transactions = 0
     last = ""
     while True:
-        with ledger._tx():
+        with ledger.transaction():
             rows = db.execute(
                 "SELECT f.id FROM flushes f WHERE f.id > ? AND f.ts_ns < ?"
                 " AND NOT EXISTS (SELECT 1 FROM charges c WHERE c.flush_id = f.id)"
@@ -375,8 +375,8 @@ def _prune_flushes(ledger, before: int, batch_rows: int, progress) -> tuple[int,
                 if m:
                     marks[m.group(1)] = max(marks.get(m.group(1), 0), int(m.group(2)))
                     gone.append((fid,))
-            db.conn.executemany("DELETE FROM flushes WHERE id = ?", gone)
-            db.conn.executemany("INSERT INTO flush_watermarks (boot, pruned_seq) VALUES (?, ?) ON CONFLICT (boot)"
+            db.executemany("DELETE FROM flushes WHERE id = ?", gone)
+            db.executemany("INSERT INTO flush_watermarks (boot, pruned_seq) VALUES (?, ?) ON CONFLICT (boot)"
                            " DO UPDATE SET pruned_seq = max(pruned_seq, excluded.pruned_seq)", sorted(marks.items()))
             if gone and progress is not None:
                 progress("flushes", None, len(gone), 0)

@@ -1,7 +1,7 @@
 """Sessions: who is behind an address, from DHCP leases, RADIUS accounting and portal logins (schema 17).
 
 The storage half: SQL over the ledger's connection, always inside a transaction the caller holds
-(``ledger._tx()``); the checks, the rules and the audit rows are :mod:`accounting.operations`'
+(``ledger.transaction()``); the checks, the rules and the audit rows are :mod:`accounting.operations`'
 (``session_start`` ...), which every front end (the RADIUS server, the DHCP hooks, the CLI) calls.
 
 A session row is one network of one source's session (``source``, ``client``, ``session_key``): a

@@ -381,7 +381,7 @@ def admin_router(view) -> APIRouter:
     @router.post("/tokens", status_code=201, responses=CONFLICT, summary="A new token; its secret is shown once")
     def create_token(body: TokenIn, who: Principal = caller("tokens")):
         ledger = view.thread_ledger()
-        with ledger._tx():
+        with ledger.transaction():
             try:
                 token = TokenStore(ledger).create(body.name, body.role)
             except AuthError as exc:
@@ -393,7 +393,7 @@ def admin_router(view) -> APIRouter:
     @router.delete("/tokens/{name}", responses={404: {"description": "no such token"}})
     def revoke_token(name: Annotated[str, Path(pattern=NAME)], who: Principal = caller("tokens")):
         ledger = view.thread_ledger()
-        with ledger._tx():
+        with ledger.transaction():
             if TokenStore(ledger).get(name) is None:
                 raise HTTPException(404, f"no token {name!r}")
             revoked = TokenStore(ledger).revoke(name)

@@ -145,7 +145,7 @@ class TokenStore:
         """Make a token called ``name`` with ``role``; returns it in clear,
         the only time it exists so: the ledger keeps its SHA-256.
 
-        Runs in ``ledger._tx()``, so a caller can record it and its audit row together.
+        Runs in ``ledger.transaction()``, so a caller can record it and its audit row together.
         """
         if not isinstance(name, str) or not _TOKEN_NAME.fullmatch(name):
             raise AuthError(f"bad token name {name!r}: 1-64 characters of letters, digits and . _ @ -, "
@@ -153,7 +153,7 @@ class TokenStore:
         if role not in ROLES:
             raise AuthError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             if self.ledger.db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
                 raise AuthError(f"a token named {name!r} exists (revoked tokens keep their names): choose another")
             self.ledger.db.execute("INSERT INTO api_tokens (name, role, digest, created_ns) VALUES (?, ?, ?, ?)",
@@ -177,7 +177,7 @@ class TokenStore:
     def revoke(self, name: str, now_ns: int | None = None) -> bool:
         """Revoke the token called ``name``: True if done now, False if it was
         revoked before; AuthError if there is no such token."""
-        with self.ledger._tx():
+        with self.ledger.transaction():
             row = self.ledger.db.execute("SELECT revoked_ns FROM api_tokens WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise AuthError(f"no token named {name!r}")
@@ -257,13 +257,13 @@ class PortalPasswords:
     def set(self, subscriber_id: int, password: str, now_ns: int | None = None) -> None:
         """Set (or replace) a subscriber's password: 8 to 256 characters, else AuthError (a ValueError).
 
-        Runs in ``ledger._tx()``, so a caller can record it and its audit row together.
+        Runs in ``ledger.transaction()``, so a caller can record it and its audit row together.
         """
         sub = self.ledger.get_subscriber(subscriber_id) if isinstance(subscriber_id, int) else None
         if sub is None:
             raise AuthError(f"no subscriber with id {subscriber_id!r}")
         hashed = hash_password(password)
-        with self.ledger._tx():
+        with self.ledger.transaction():
             self.ledger.db.execute(
                 "INSERT INTO portal_passwords (subscriber_id, hash, changed_ns) VALUES (?, ?, ?)"
                 " ON CONFLICT (subscriber_id) DO UPDATE SET hash = excluded.hash, changed_ns = excluded.changed_ns",
@@ -434,7 +434,7 @@ def session_secret(ledger: Ledger) -> bytes:
     row = ledger.db.execute(query, (SESSION_SECRET_NAME,)).fetchone()
     if row is not None:  # the usual case: no write lock
         return row[0]
-    with ledger._tx():  # BEGIN IMMEDIATE, INSERT OR IGNORE: two processes starting at once agree on one key
+    with ledger.transaction():  # BEGIN IMMEDIATE, INSERT OR IGNORE: two processes starting at once agree on one key
         ledger.db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
                           (SESSION_SECRET_NAME, secrets.token_bytes(32)))
         return ledger.db.execute(query, (SESSION_SECRET_NAME,)).fetchone()[0]

@@ -187,7 +187,7 @@ def cmd_token(args) -> int:
         if args.action == "create" and not args.role:
             return _fail("token create needs --role (admin, operator or cashier)", EXIT_USAGE)
         try:
-            with ledger._tx():  # the change and its audit row: both or neither
+            with ledger.transaction():  # the change and its audit row: both or neither
                 if args.action == "create":
                     token = store.create(args.name, args.role)
                     AuditLog(ledger).append(_cli_actor(), "token.create", f"token:{args.name}",
@@ -237,7 +237,7 @@ def cmd_subscriber(args) -> int:
             return _fail("the two passwords differ; nothing changed", EXIT_USAGE)
         passwords = PortalPasswords(ledger)
         try:
-            with ledger._tx():
+            with ledger.transaction():
                 had = passwords.has_password(sub["id"])
                 passwords.set(sub["id"], password)
                 AuditLog(ledger).append(_cli_actor(), "subscriber.password", f"subscriber:{sub['id']}",
@@ -622,10 +622,9 @@ def cmd_ledger(args) -> int:
         return _ledger_rollup(args)
     import sqlite3
 
-    import sqlite_utils
-
     from accounting.checks import check_ledger, summary
-    from accounting.ledger import APPLICATION_ID, Ledger
+    from accounting.ledger import Ledger
+    from accounting.store.sqlite import SqliteBackend
 
     db = args.db or _config(args).database
     if db is None:
@@ -634,21 +633,19 @@ def cmd_ledger(args) -> int:
         return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
     # read only, and not through Ledger.open, which would migrate an older schema: a check changes nothing
     try:
-        conn = sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=30, isolation_level=None)
-    except sqlite3.Error as exc:
-        return _fail(f"cannot open {db}: {exc}", EXIT_FAILED)
+        backend = SqliteBackend.open(db, read_only=True)
+    except LedgerError as exc:
+        return _fail(str(exc), EXIT_USAGE if "not a Tollgate ledger" in str(exc) else EXIT_FAILED)
     try:
-        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-            return _fail(f"{db} is not a Tollgate ledger", EXIT_USAGE)
-        ledger = Ledger(sqlite_utils.Database(conn), db)
+        ledger = Ledger(backend)
         problems = check_ledger(ledger)
         if not problems:
             print(f"ledger ok ({summary(ledger)})")
             return EXIT_OK
-    except sqlite3.DatabaseError as exc:  # not even the header reads: the file is damaged or not SQLite
+    except sqlite3.DatabaseError as exc:  # a page that does not read
         return _fail(f"{db}: not a readable SQLite database ({exc})", EXIT_FAILED)
     finally:
-        conn.close()
+        backend.close()
     for problem in problems:
         print(problem)
     return _fail(f"ledger {db}: {len(problems)} problem{'s' if len(problems) != 1 else ''} (listed above)",

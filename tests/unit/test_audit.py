@@ -151,16 +151,16 @@ def test_paging(ledger):
 
 def test_the_change_and_its_row_commit_together_or_not_at_all(ledger):
     audit, tokens = AuditLog(ledger), TokenStore(ledger)
-    with ledger._tx():
+    with ledger.transaction():
         tokens.create("desk", "admin")
         audit.append("token:root", "token.create", "token:desk", after={"role": "admin"})
     assert len(tokens.list()) == 1 and audit.count() == 1
-    with pytest.raises(RuntimeError), ledger._tx():
+    with pytest.raises(RuntimeError), ledger.transaction():
         tokens.create("other", "admin")
         audit.append("token:root", "token.create", "token:other", after={"role": "admin"})
         raise RuntimeError("the handler failed after both writes")
     assert [t["name"] for t in tokens.list()] == ["desk"] and audit.count() == 1
-    with pytest.raises(LedgerError), ledger._tx():
+    with pytest.raises(LedgerError), ledger.transaction():
         tokens.create("third", "admin")
         audit.append("token:root", "", "token:third")  # the audit row is refused: so is the change
     assert [t["name"] for t in tokens.list()] == ["desk"] and audit.verify() == (True, None)

@@ -164,13 +164,13 @@ BAD = [
 def test_a_bad_line_refuses_the_whole_file(make, what, records, bad_line, says):
     ops = make()
     ops.add("x", "basic", ["100.65.0.1/32"])
-    before, dump = counts(ops), list(ops.ledger.db.conn.iterdump())
+    before, dump = counts(ops), list(ops.ledger.db.dump())
     with pytest.raises(ImportRefused) as err:
         ops.import_subscribers(jsonl(records), "jsonl", "bad.jsonl")
     assert [n for n, _ in err.value.errors] == [bad_line] and says in err.value.errors[0][1], err.value.errors
     assert f"line {bad_line}" in str(err.value) and "nothing was written" in str(err.value)
     assert isinstance(err.value, TollgateError) and err.value.status in (409, 422)
-    assert counts(ops) == before and list(ops.ledger.db.conn.iterdump()) == dump
+    assert counts(ops) == before and list(ops.ledger.db.dump()) == dump
 
 
 def test_conflicts_with_the_ledger_are_lines_too(make):
@@ -236,15 +236,15 @@ def test_the_same_file_again_changes_nothing_and_says_so(make):
     ops = make()
     data = jsonl(line(i) for i in range(1, 21))
     ops.import_subscribers(data, "jsonl")
-    before = list(ops.ledger.db.conn.iterdump())
+    before = list(ops.ledger.db.dump())
     again = ops.import_subscribers(data, "jsonl")
     assert again["added"] == 0 and again["unchanged"] == 20 and again["imported_before"] >= 1
-    assert list(ops.ledger.db.conn.iterdump()) == before
+    assert list(ops.ledger.db.dump()) == before
     # another file with the same rows (another order, a blank line) is known row by row
     other = jsonl(line(i) for i in range(20, 0, -1)) + b"\n"
     done = ops.import_subscribers(other, "jsonl")
     assert (done["added"], done["unchanged"], done.get("imported_before")) == (0, 20, None)
-    assert list(ops.ledger.db.conn.iterdump()) == before
+    assert list(ops.ledger.db.dump()) == before
     # ... and one more line adds just that one
     done = ops.import_subscribers(other + jsonl([line(21)]), "jsonl")
     assert (done["added"], done["unchanged"], done["first_id"]) == (1, 20, 21)

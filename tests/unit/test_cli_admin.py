@@ -336,11 +336,11 @@ def test_top(ledger, tollgate, traffic):
     (["terms", "nobody", "--speed-down", "8M"], 1, "no subscriber 'nobody'"),
 ])
 def test_a_refused_request_changes_nothing(ledger, tollgate, three, args, code, message):
-    before = list(ledger.db.conn.iterdump())
+    before = list(ledger.db.dump())
     out = tollgate(*args)
     assert out.returncode == code and message in out.stderr, out.stderr
     assert out.stderr.startswith(("tollgate: ", "usage: "))
-    assert list(ledger.db.conn.iterdump()) == before
+    assert list(ledger.db.dump()) == before
     assert AuditLog(ledger).verify() == (True, None)
 
 

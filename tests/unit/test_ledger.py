@@ -15,8 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accounting.ledger import APPLICATION_ID, MIGRATIONS, Ledger
+from accounting.ledger import Ledger
+from accounting.store.backend import MIGRATIONS as ALL_MIGRATIONS
+from accounting.store.sqlite import APPLICATION_ID
 from ext.errors import LedgerError
+
+MIGRATIONS = ALL_MIGRATIONS / "sqlite"
 
 REPO = Path(__file__).resolve().parents[2]
 NEWEST = len(list(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")))

@@ -150,7 +150,7 @@ def test_an_older_schema_is_checked_as_it_is_not_migrated(tmp_path):
 
     old = tmp_path / "migrations"
     old.mkdir()
-    for script in sorted((Path(accounting.__file__).parent / "migrations").glob("00*.sql"))[:11]:  # before auth/audit
+    for script in sorted((Path(accounting.__file__).parent / "store" / "migrations" / "sqlite").glob("00*.sql"))[:11]:  # before auth/audit
         shutil.copy(script, old)
     path = tmp_path / "old.db"
     with Ledger.open(path, migrations=old) as ledger:

@@ -57,7 +57,7 @@ def make(tmp_path):
 
 
 def dump(ops: Operations) -> list[str]:
-    return list(ops.ledger.db.conn.iterdump())
+    return list(ops.ledger.db.dump())
 
 
 # ---- item 15: amounts in the currency's minor unit -------------------------------------------------------

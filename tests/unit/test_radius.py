@@ -87,7 +87,7 @@ def live(srv) -> dict[str, str]:
 
 
 def dump(srv) -> list[str]:
-    return list(srv._ledger.db.conn.iterdump())
+    return list(srv._ledger.db.dump())
 
 
 def test_start_interim_stop_over_udp_v4_and_v6(server):

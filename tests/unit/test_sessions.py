@@ -84,12 +84,12 @@ def test_the_same_source_and_client_replace_another_source_is_refused(ops):
     assert [c["end_reason"] for c in ops.sessions(live=False)] == ["replaced"] and r["closed"][0]["subscriber"] == "bob"
     assert "100.64.7.9/32" in addresses(ops, "alice") and addresses(ops, "bob") == []
     # another source, or another server of the same kind: refused, nothing written
-    before = list(ops.ledger.db.conn.iterdump())
+    before = list(ops.ledger.db.dump())
     for source, client in (("radius", "nas1"), ("dnsmasq", "dhcp2")):
         with pytest.raises(OperationError, match="held by dnsmasq session") as exc:
             ops.session_start(source, client, "X", "bob", ["100.64.7.9/32"], now=120 * S)
         assert exc.value.status == 409
-    assert list(ops.ledger.db.conn.iterdump()) == before
+    assert list(ops.ledger.db.dump()) == before
     assert [w["subscriber"] for w in ops.who_had("100.64.7.9", 105 * S)] == ["bob"]
     assert [w["subscriber"] for w in ops.who_had("100.64.7.9", 110 * S)] == ["alice"]
 

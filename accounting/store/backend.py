@@ -1,0 +1,206 @@
+"""The ledger's storage boundary: what a database gives :class:`accounting.ledger.Ledger`.
+
+The ledger speaks one SQL to every backend, written with ``?`` placeholders
+in the syntax SQLite (3.35 or newer) and PostgreSQL (15) share: ``RETURNING``,
+``ON CONFLICT``, partial indexes, CTEs. A backend adds what differs:
+
+- how to connect, and how a database is recognised as a Tollgate ledger;
+- how a transaction starts: :meth:`Backend.transaction` for writes (nested
+  calls join the outer one, which commits or rolls back all of it) and
+  :meth:`Backend.snapshot` for several reads that must see one moment;
+- its migrations (``migrations/<dialect>/NNNN_*.sql``: the same numbers and
+  names on every backend, so a schema version means the same tables
+  everywhere; ``tests/pg/test_ledger_schema.py`` holds them equal);
+- the few spellings SQL does not share (:attr:`Backend.GREATEST`), and how
+  its errors become :class:`LedgerError`.
+
+Writers. SQLite has one writer at a time for the whole file (``BEGIN
+IMMEDIATE``), and the ledger's older methods rely on that: they check, then
+write. PostgreSQL runs writers concurrently; until each such method holds
+its invariant in the schema (a unique key, ``ON CONFLICT``, a row lock), its
+transaction asks for ``serialized=True`` (the default), which on PostgreSQL
+takes one transaction-level advisory lock, the same guarantee SQLite gives.
+A method whose invariants the schema holds opens ``serialized=False`` and
+runs beside the others.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from pathlib import Path
+
+from ext.errors import LedgerError
+
+__all__ = ["Backend", "MIGRATIONS", "migrations"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def migrations(dialect: str, folder: Path | None = None) -> list[tuple[int, Path]]:
+    """The migrations of ``dialect`` (or those in ``folder``, for tests) as
+    ``(version, path)``, checked to be numbered 1, 2, 3..."""
+    folder = folder or MIGRATIONS / dialect
+    found = [(int(p.name[:4]), p) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))]
+    versions = [v for v, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise LedgerError(f"migrations in {folder} are not numbered 1, 2, 3...: {versions}")
+    return found
+
+
+class Backend(abc.ABC):
+    """One connection to one ledger database. Not shared between threads."""
+
+    dialect: str  # "sqlite" or "postgres": the folder of its migrations
+    target: str  # the file or the database, as messages name it (no password)
+    GREATEST: str  # the scalar maximum of two values: max(a, b) in SQLite, greatest(a, b) in PostgreSQL
+
+    # ---- statements ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def execute(self, sql: str, params=()):
+        """Run one statement; returns a cursor (``fetchone``, ``fetchall``,
+        iteration, ``rowcount``). No ``lastrowid``: write ``RETURNING id``."""
+
+    @abc.abstractmethod
+    def executemany(self, sql: str, rows) -> None:
+        """Run one statement for each row of parameters."""
+
+    def scalar(self, sql: str, params=()):
+        """The first column of the first row, or None."""
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # ---- transactions ----------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def in_transaction(self) -> bool:
+        """True inside a transaction of this connection."""
+
+    @abc.abstractmethod
+    def _begin(self, serialized: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _begin_read(self) -> None: ...
+
+    @abc.abstractmethod
+    def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def _rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    def _refused(self, exc: BaseException) -> bool:
+        """True if ``exc`` is the database refusing a row (a constraint): bad input, not a fault."""
+
+    @contextlib.contextmanager
+    def transaction(self, serialized: bool = True):
+        """A write transaction: all of it or, on any error (the commit's
+        included), nothing. Inside another transaction of this connection it
+        is part of that one. A constraint the database enforces that the
+        code's checks missed is still bad input: :class:`LedgerError`."""
+        if self.in_transaction:
+            try:
+                yield self
+            except Exception as exc:
+                if self._refused(exc):
+                    raise LedgerError(f"refused by the database: {exc}") from exc
+                raise
+            return
+        self._begin(serialized)
+        try:
+            yield self
+        except BaseException as exc:
+            if self.in_transaction:
+                self._rollback()
+            if self._refused(exc):
+                raise LedgerError(f"refused by the database: {exc}") from exc
+            raise
+        try:
+            self._commit()
+        except BaseException as exc:
+            if self.in_transaction:
+                self._rollback()
+            if self._refused(exc):  # PostgreSQL checks deferred constraints at COMMIT
+                raise LedgerError(f"refused by the database: {exc}") from exc
+            raise
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """A read transaction: several SELECTs see one moment, without
+        blocking writers or waiting for them. Inside a transaction of this
+        connection: part of it."""
+        if self.in_transaction:
+            yield self
+            return
+        self._begin_read()
+        try:
+            yield self
+        finally:
+            if self.in_transaction:
+                self._commit()  # nothing written: ends the read
+
+    # ---- schema ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def table_names(self) -> list[str]:
+        """The ledger's tables (not the database's own)."""
+
+    @abc.abstractmethod
+    def _mark_new(self) -> None:
+        """Create ``schema_version (version, applied_ns)`` and mark an empty
+        database as a Tollgate ledger, inside the first migration's transaction."""
+
+    @abc.abstractmethod
+    def _run_script(self, script: str, name: str) -> None: ...
+
+    def _migration_lock(self) -> None:
+        """Inside a migration's transaction: keep other processes from migrating at the same time."""
+
+    def schema_version(self) -> int:
+        if "schema_version" not in self.table_names():
+            return 0
+        return self.scalar("SELECT coalesce(max(version), 0) FROM schema_version")
+
+    def migrate(self, known: list[tuple[int, Path]], now_ns: int) -> None:
+        """Bring the schema to the newest of ``known``, one transaction per
+        migration, each re-reading the version inside (another process may be
+        migrating the same database); a schema newer than ``known`` is refused."""
+        newest = known[-1][0] if known else 0
+        if self.schema_version() == newest:
+            return  # the usual open: no write lock taken
+        for version, script in known:
+            with self.transaction():
+                self._migration_lock()
+                current = self.schema_version()
+                if current > newest:
+                    break
+                if version <= current:
+                    continue
+                if current == 0:
+                    self._mark_new()
+                self._run_script(script.read_text(), script.name)
+                self.execute("INSERT INTO schema_version VALUES (?, ?)", (version, now_ns))
+        current = self.schema_version()
+        if current > newest:
+            raise LedgerError(f"{self.target} has schema version {current}; this Tollgate knows up to {newest}: "
+                              f"upgrade Tollgate")
+
+    # ---- tools -----------------------------------------------------------------------------
+
+    def bulk_cache(self, rows: int):
+        """A context for writing ``rows`` rows at once (SQLite: a page cache that holds their indexes)."""
+        return contextlib.nullcontext()
+
+    def dump(self) -> list[tuple]:
+        """Every row of every ledger table, in a stable order: tests compare two
+        dumps to show that a refused call wrote nothing."""
+        out = []
+        for table in sorted(self.table_names()):
+            rows = self.execute(f"SELECT * FROM {table}").fetchall()
+            out.extend((table, *r) for r in sorted(rows, key=repr))
+        return out
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,163 @@
+"""The ledger on a PostgreSQL server: the shared ledger of many gateways.
+
+One :class:`PostgresBackend` is one psycopg 3 connection in autocommit mode,
+with transactions begun and ended explicitly as on SQLite, so the ledger's
+transaction code is the same on both. Write transactions run under READ
+COMMITTED; a read :meth:`~Backend.snapshot` is REPEATABLE READ (one
+moment of the database, never blocking a writer).
+
+What the ledger's SQL assumes, made true here:
+
+- ``?`` placeholders: rewritten to psycopg's ``%s`` (and a literal ``%`` to
+  ``%%``) once per statement text, outside quoted strings;
+- integers in, integers out: every integer column is ``bigint``; ``sum()``
+  of a bigint is a ``numeric`` in PostgreSQL, loaded back as a Python int
+  when it is whole (amounts never have fractions); Python's ``bool`` is
+  stored as 0/1, as SQLite stores it;
+- ``serialized=True`` write transactions take one transaction-level
+  advisory lock (:data:`WRITE_LOCK`): the one-writer guarantee SQLite gives
+  every transaction, for the methods that still check, then write.
+
+A database is a Tollgate ledger when its ``schema_version`` table carries
+the comment :data:`MARK`; a database with other tables and no mark is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+from psycopg.types.numeric import Int8Dumper, NumericLoader
+
+from ext.errors import LedgerError
+
+from .backend import Backend
+
+__all__ = ["MARK", "PostgresBackend", "WRITE_LOCK", "pg_sql"]
+
+MARK = "Tollgate ledger"
+WRITE_LOCK = 0x546F6C6C_4C454447  # pg_advisory_xact_lock key of serialized writers: "TollLEDG"
+MIGRATION_LOCK = 0x546F6C6C_4D494752  # "TollMIGR"
+
+
+@functools.lru_cache(maxsize=4096)
+def pg_sql(sql: str) -> str:
+    """The ledger's ``?``-placeholder SQL in psycopg's spelling."""
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "?":
+            out.append("%s")
+            continue
+        if ch == "%":
+            out.append("%%")  # psycopg reads % everywhere in a statement with parameters, strings included
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+class _WholeNumeric(NumericLoader):
+    """numeric -> int when whole (sum() of bigint amounts), else Decimal."""
+
+    def load(self, data):
+        value = super().load(data)
+        return int(value) if value.is_finite() and value == value.to_integral_value() else value
+
+
+class _BoolAsInt(Int8Dumper):
+    """True/False -> 1/0: the ledger's flags are integer columns on both backends."""
+
+    def dump(self, obj):
+        return b"1" if obj else b"0"
+
+
+class PostgresBackend(Backend):
+    dialect = "postgres"
+    GREATEST = "greatest"
+
+    def __init__(self, conn: psycopg.Connection, target: str) -> None:
+        self.conn = conn
+        self.target = target
+
+    @classmethod
+    def open(cls, conninfo: str, connect_timeout: float = 10.0) -> PostgresBackend:
+        try:
+            conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=int(connect_timeout))
+        except psycopg.Error as exc:
+            raise LedgerError(f"cannot connect to the PostgreSQL ledger: {exc}".strip()) from None
+        conn.adapters.register_loader("numeric", _WholeNumeric)
+        conn.adapters.register_dumper(bool, _BoolAsInt)
+        info = conn.info
+        backend = cls(conn, f"postgresql database {info.dbname!r} on {info.host}:{info.port}")
+        try:
+            tables = backend.table_names()
+            if tables:
+                mark = backend.scalar("SELECT obj_description(to_regclass('schema_version'), 'pg_class')")
+                if mark != MARK:
+                    raise LedgerError(f"{backend.target} has tables but is not a Tollgate ledger")
+        except BaseException:
+            conn.close()
+            raise
+        return backend
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(pg_sql(sql), tuple(params))
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(pg_sql(sql), [tuple(r) for r in rows])
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.info.transaction_status != TransactionStatus.IDLE
+
+    def _begin(self, serialized: bool) -> None:
+        self.conn.execute("BEGIN")
+        if serialized:
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+
+    def _begin_read(self) -> None:
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")  # not READ ONLY: reads may fill a TEMP table
+
+    def _commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        self.conn.execute("ROLLBACK")
+
+    def _refused(self, exc: BaseException) -> bool:
+        return isinstance(exc, pg_errors.IntegrityError)
+
+    def table_names(self) -> list[str]:
+        return [t for (t,) in self.conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename")]
+
+    def _mark_new(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                          "(version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)")
+        self.conn.execute(f"COMMENT ON TABLE schema_version IS '{MARK}'")
+
+    def _migration_lock(self) -> None:
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+
+    def _run_script(self, script: str, name: str) -> None:
+        try:
+            self.conn.execute(script)  # no parameters: several statements in one call, % left alone
+        except psycopg.Error as exc:
+            raise LedgerError(f"migration {name} failed on {self.target}: {exc}") from None
+
+    def dump(self) -> list[tuple]:
+        out = []
+        for table in self.table_names():
+            rows = self.conn.execute(f'SELECT * FROM "{table}"').fetchall()
+            out.extend((table, *r) for r in sorted(rows, key=repr))
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
