@@ -167,3 +167,75 @@ def test_garbage_in_the_kea_environment_is_refused():
     del bad["LEASES4_AT0_ADDRESS"]
     with pytest.raises(HookError):
         kea_leases(["leases4_committed"], bad)
+
+
+# A DHCPDECLINE (the client found the address in use), relayed, to the same Kea 2.2.0 (scapy as the relay agent):
+# lease4_decline with the lease as it was, and at once a leases4_committed whose lease is the address in
+# probation: STATE=declined, no HWADDR, no client id, the probation period as its lifetime. Before, that second
+# call was refused as garbage (exit 2: "neither a hardware address nor a client id").
+DECLINE = """LEASE4_ADDRESS=100.64.203.10
+LEASE4_CLIENT_ID=
+LEASE4_CLTT=1796145144
+LEASE4_HOSTNAME=
+LEASE4_HWADDR=52:54:00:00:cb:06
+LEASE4_HWADDR_TYPE=1
+LEASE4_STATE=default
+LEASE4_SUBNET_ID=1
+LEASE4_VALID_LIFETIME=120
+QUERY4_CIADDR=0.0.0.0
+QUERY4_GIADDR=100.64.203.1
+QUERY4_HWADDR=52:54:00:00:cb:06
+QUERY4_HWADDR_TYPE=1
+QUERY4_OPTION_82=0x0106000400640107020963706520616C696365
+QUERY4_OPTION_82_SUB_OPTION_1=0x000400640107
+QUERY4_OPTION_82_SUB_OPTION_2=0x63706520616C696365
+QUERY4_RELAYED=true
+QUERY4_TYPE=DHCPDECLINE
+"""
+COMMITTED_DECLINED = """DELETED_LEASES4_SIZE=0
+LEASES4_AT0_ADDRESS=100.64.203.10
+LEASES4_AT0_CLIENT_ID=
+LEASES4_AT0_CLTT=1796145144
+LEASES4_AT0_HOSTNAME=
+LEASES4_AT0_HWADDR=
+LEASES4_AT0_HWADDR_TYPE=1
+LEASES4_AT0_STATE=declined
+LEASES4_AT0_SUBNET_ID=1
+LEASES4_AT0_VALID_LIFETIME=86400
+LEASES4_SIZE=1
+QUERY4_CIADDR=0.0.0.0
+QUERY4_GIADDR=100.64.203.1
+QUERY4_HWADDR=52:54:00:00:cb:06
+QUERY4_HWADDR_TYPE=1
+QUERY4_OPTION_82=0x0106000400640107020963706520616C696365
+QUERY4_OPTION_82_SUB_OPTION_1=0x000400640107
+QUERY4_OPTION_82_SUB_OPTION_2=0x63706520616C696365
+QUERY4_RELAYED=true
+QUERY4_TYPE=DHCPDECLINE
+"""
+
+
+def test_a_decline_is_two_calls_that_both_end_the_session_and_start_nothing(tmp_path):
+    from gateway.dhcp_hook import stop_reason
+
+    _h, start, (lease,) = kea_leases(["leases4_committed"], env(COMMITTED_DECLINED))
+    assert start == [] and not lease.held and lease.network == "100.64.203.10/32"
+    cfg_path = tmp_path / "t.toml"
+    cfg_path.write_text('[gateway]\ncurrency = "EUR"\nlocal_networks = ["100.64.0.0/10"]\n[[tariff]]\nname = "b"\n'
+                        'price_unit = "MB"\n[tariff.prices]\nexternal = "1"\n')
+    for first in ("lease4_decline", "leases4_committed"):
+        with Ledger.open(tmp_path / f"{first}.db") as ledger:
+            ops = Operations(ledger, load_config(cfg_path), "test")
+            ops.add("carol", "b")
+            ops.bind("carol", "circuit_id", "0x000400640107")
+            now = str(int(time.time()))
+            _h, start, _ = kea_leases(["lease4_renew"], env(DECLINE.replace("1796145144", now)))
+            assert apply(ops, "kea", "kea1", start, [], ("circuit_id",), 0) == 0
+            assert [r["subscriber"] for r in ops.sessions(live=True)] == ["carol"]
+            calls = [("lease4_decline", DECLINE), ("leases4_committed", COMMITTED_DECLINED)]
+            for hook, text in sorted(calls, key=lambda c: c[0] != first):
+                h, start, stop = kea_leases([hook], env(text.replace("1796145144", now)))
+                assert start == [] and apply(ops, "kea", "kea1", start, stop, ("circuit_id",), 0,
+                                             reason=stop_reason(h)) == 0
+            assert ops.sessions(live=True) == []
+            assert [r["end_reason"] for r in ops.sessions(live=False)] == ["declined"]

@@ -645,3 +645,26 @@ def test_fuzzed_lease6_environments_parse_or_are_refused_never_anything_else(cha
         net = ipaddress.ip_network(lease.network)
         assert net.version == 6 and str(net) == lease.network
         assert 1 <= len(lease.key) <= 253 and (lease.mac or lease.client_id or not lease.held)
+
+
+@pytest.mark.parametrize("argv,text,names", [g for g in GARBAGE if g[0]][:6] + [
+    (["lease6_renew"], RENEW_PD.replace("PREFIX_LEN=56", "PREFIX_LEN=40"), "bits set past"),
+    (["leases6_committed"], BOTH_COMMITTED.replace("LEASES6_SIZE=2", "LEASES6_SIZE=100000"), "LEASES6_SIZE"),
+    (["lease6_renew", "extra"], RENEW_NA, "one argument")])
+def test_the_real_command_exits_2_with_one_line_and_creates_no_ledger(argv, text, names, tmp_path):
+    """What Kea runs: the `tollgate dhcp-hook` process, its environment as Kea sets it (and nothing of ours)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[gateway]\ncurrency = "EUR"\nlocal_networks = ["2001:db8:100::/48"]\n[[tariff]]\nname = "b"\n'
+                   'price_unit = "MB"\n[tariff.prices]\nexternal = "1"\n')
+    db = tmp_path / "ledger.db"
+    got = subprocess.run([sys.executable, "-m", "gateway.cli", "dhcp-hook", "-c", str(cfg), "--db", str(db),
+                          "--server", "kea6", "kea", *argv], cwd=repo, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", **env(text)})
+    assert got.returncode == 2 and got.stdout == "", (got.stdout, got.stderr)
+    assert got.stderr.count("\n") == 1 and names in got.stderr and "Traceback" not in got.stderr, got.stderr
+    assert not db.exists()
