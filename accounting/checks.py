@@ -6,8 +6,8 @@ hand edit or a damaged file shows up as a cache that disagrees with its
 history. :func:`check_ledger` recomputes everything that can be recomputed and
 says, one line per problem, what disagrees:
 
-- SQLite's own ``PRAGMA integrity_check`` (pages, indexes, NOT NULL) and
-  ``PRAGMA foreign_key_check`` (a row whose subscriber, flush or payment is gone);
+- the database's own checks (:meth:`accounting.store.backend.Backend.integrity_problems`:
+  SQLite's pages, indexes, NOT NULL and foreign keys);
 - per subscriber: balance = opening + payments + adjustments - charges - postings,
   and the usage amounts add up to the charges (both are written by one flush);
 - flushes: ids unique, at most one charge per subscriber per flush, charges
@@ -30,7 +30,6 @@ is for a person to decide.
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 
 __all__ = ["check_ledger", "summary"]
 
@@ -42,13 +41,13 @@ def check_ledger(ledger) -> list[str]:
     when it is sound."""
     problems: list[str] = []
     db = ledger.db
-    for name, check in (("SQLite integrity", _integrity), ("foreign keys", _foreign_keys),
+    for name, check in (("database integrity", _integrity),
                         ("balances", _balances), ("flushes", _flushes), ("amounts", _amounts),
                         ("rollups", _rollups), ("addresses", _addresses), ("sessions", _sessions),
                         ("audit log", _audit)):
         try:
             found = check(ledger, db)
-        except sqlite3.DatabaseError as exc:  # a damaged file can fail any query: that is a finding too
+        except db.errors as exc:  # a damaged file can fail any query: that is a finding too
             found = [f"{name}: cannot be read ({exc})"]
         if len(found) > MAX_LISTED:
             found = found[:MAX_LISTED] + [f"{name}: {len(found) - MAX_LISTED} more problems like these"]
@@ -65,13 +64,7 @@ def summary(ledger) -> str:
 
 
 def _integrity(ledger, db) -> list[str]:
-    rows = [r[0] for r in db.execute("PRAGMA integrity_check")]
-    return [] if rows == ["ok"] else [f"SQLite integrity: {r}" for r in rows]
-
-
-def _foreign_keys(ledger, db) -> list[str]:
-    return [f"{table} row {rowid} refers to a missing {parent} row"
-            for table, rowid, parent, _fk in db.execute("PRAGMA foreign_key_check")]
+    return db.integrity_problems()
 
 
 def _balances(ledger, db) -> list[str]:

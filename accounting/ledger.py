@@ -89,7 +89,9 @@ class Ledger:
         except BaseException:
             db.close()
             raise
-        return cls(db)
+        ledger = cls(db)
+        ledger.path = str(target)  # what opens it again (another thread's connection), as given
+        return ledger
 
     def transaction(self, serialized: bool = True):
         """A write transaction (see :meth:`accounting.store.backend.Backend.transaction`): callers that
@@ -599,8 +601,8 @@ class Ledger:
             self.db.executemany(
                 "INSERT INTO usage (subscriber_id, zone, direction, minute, bytes, packets, amount)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute) DO UPDATE SET"
-                " bytes = bytes + excluded.bytes, packets = packets + excluded.packets,"
-                " amount = amount + excluded.amount", rows)
+                " bytes = usage.bytes + excluded.bytes, packets = usage.packets + excluded.packets,"
+                " amount = usage.amount + excluded.amount", rows)
             for sid, amount in sorted(per_sub.items()):
                 if amount:
                     self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
@@ -657,8 +659,8 @@ class Ledger:
     def _add_kernel_marks(self, deltas) -> None:
         self.db.executemany(
             "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
-            " packets = packets + excluded.packets",
+            " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = kernel_marks.bytes + excluded.bytes,"
+            " packets = kernel_marks.packets + excluded.packets",
             [(sid, d, b, p) for (sid, d), (b, p) in sorted(deltas.items())])
 
     def adjust_kernel_marks(self, deltas: dict) -> None:
@@ -1195,8 +1197,8 @@ class Ledger:
                 m[1] += packets
             self.db.executemany(
                 "INSERT INTO bpf_marks (subscriber_id, zone, direction, bytes, packets) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (subscriber_id, zone, direction) DO UPDATE SET bytes = bytes + excluded.bytes,"
-                " packets = packets + excluded.packets",
+                " ON CONFLICT (subscriber_id, zone, direction) DO UPDATE SET bytes = bpf_marks.bytes + excluded.bytes,"
+                " packets = bpf_marks.packets + excluded.packets",
                 [(sid, z, d, b, p) for (sid, z, d), (b, p) in sorted(marks.items())])
         return True
 

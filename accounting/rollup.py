@@ -325,8 +325,8 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
             written += prior is None
             db.execute("INSERT INTO usage (subscriber_id, zone, direction, minute, span, bytes, packets, amount)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute)"
-                       " DO UPDATE SET bytes = bytes + excluded.bytes, packets = packets + excluded.packets,"
-                       " amount = amount + excluded.amount", (sid, z, d, lo, span, nbytes, packets, amount))
+                       " DO UPDATE SET bytes = usage.bytes + excluded.bytes, packets = usage.packets + excluded.packets,"
+                       " amount = usage.amount + excluded.amount", (sid, z, d, lo, span, nbytes, packets, amount))
     else:
         amount = flushes = 0
         for index, where in finer:
@@ -377,7 +377,8 @@ def _prune_flushes(ledger, before: int, batch_rows: int, progress) -> tuple[int,
                     gone.append((fid,))
             db.executemany("DELETE FROM flushes WHERE id = ?", gone)
             db.executemany("INSERT INTO flush_watermarks (boot, pruned_seq) VALUES (?, ?) ON CONFLICT (boot)"
-                           " DO UPDATE SET pruned_seq = max(pruned_seq, excluded.pruned_seq)", sorted(marks.items()))
+                           f" DO UPDATE SET pruned_seq = {db.GREATEST}(flush_watermarks.pruned_seq, excluded.pruned_seq)",
+                           sorted(marks.items()))
             if gone and progress is not None:
                 progress("flushes", None, len(gone), 0)
         transactions += 1

@@ -71,10 +71,9 @@ def open_row(db, network: str, sid: int, source: str, client: str, key: str, mac
     than the network's last row ended, so that closed rows never overlap in time."""
     last = db.execute("SELECT max(ended_ns) FROM sessions WHERE network = ?", (network,)).fetchone()[0]
     started = max(now, last or 0)
-    cur = db.execute("INSERT INTO sessions (network, subscriber_id, source, session_key, client, mac, started_ns,"
-                     " last_seen_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (network, sid, source, key, client, mac, started, started, expires))
-    session_id = cur.lastrowid
+    session_id = db.scalar("INSERT INTO sessions (network, subscriber_id, source, session_key, client, mac,"
+                           " started_ns, last_seen_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                           (network, sid, source, key, client, mac, started, started, expires))
     if static_owner(db, network) != sid:
         db.execute("INSERT INTO addresses (network, subscriber_id, session_id) VALUES (?, ?, ?)",
                    (network, sid, session_id))
@@ -88,7 +87,7 @@ def close_rows(db, ids, now: int, reason: str) -> int:
         part = ids[i:i + 500]
         marks = ", ".join("?" * len(part))
         db.execute(f"DELETE FROM addresses WHERE session_id IN ({marks})", part)
-        db.execute(f"UPDATE sessions SET ended_ns = max(?, started_ns, last_seen_ns), end_reason = ? "
+        db.execute(f"UPDATE sessions SET ended_ns = {db.GREATEST}(?, started_ns, last_seen_ns), end_reason = ? "
                    f"WHERE id IN ({marks}) AND ended_ns IS NULL", (now, reason, *part))
     return len(ids)
 
@@ -97,9 +96,10 @@ def touch_rows(db, ids, now: int, expires: int | None, up_bytes: int | None, dow
     """Seen again (an Interim-Update, a lease renewed): last seen, expiry and the source's byte counts
     (which only grow: a late duplicate with smaller counts changes none)."""
     for session_id in ids:
-        db.execute("UPDATE sessions SET last_seen_ns = max(last_seen_ns, ?), expires_ns = ?,"
-                   " up_bytes = max(up_bytes, coalesce(?, 0)), down_bytes = max(down_bytes, coalesce(?, 0))"
-                   " WHERE id = ?", (now, expires, up_bytes, down_bytes, session_id))
+        db.execute(f"UPDATE sessions SET last_seen_ns = {db.GREATEST}(last_seen_ns, ?), expires_ns = ?,"
+                   f" up_bytes = {db.GREATEST}(up_bytes, coalesce(?, 0)),"
+                   f" down_bytes = {db.GREATEST}(down_bytes, coalesce(?, 0)) WHERE id = ?",
+                   (now, expires, up_bytes, down_bytes, session_id))
 
 
 def due_rows(db, now: int) -> list[dict]:
@@ -200,6 +200,6 @@ def check(db) -> list[str]:
     for network, a, b in db.execute(
             "SELECT network, prev_id, id FROM (SELECT network, id, started_ns, lag(id) OVER w AS prev_id, "
             "lag(coalesce(ended_ns, 9223372036854775807)) OVER w AS prev_end FROM sessions "
-            "WINDOW w AS (PARTITION BY network ORDER BY started_ns, id)) WHERE prev_end > started_ns"):
+            "WINDOW w AS (PARTITION BY network ORDER BY started_ns, id)) AS ordered WHERE prev_end > started_ns"):
         problems.append(f"sessions {a} and {b} on {network} overlap in time: two owners at once")
     return problems

@@ -53,6 +53,7 @@ class Backend(abc.ABC):
 
     dialect: str  # "sqlite" or "postgres": the folder of its migrations
     target: str  # the file or the database, as messages name it (no password)
+    errors: tuple[type[BaseException], ...]  # what a query on this database raises when it fails
     GREATEST: str  # the scalar maximum of two values: max(a, b) in SQLite, greatest(a, b) in PostgreSQL
 
     # ---- statements ------------------------------------------------------------------------
@@ -188,6 +189,10 @@ class Backend(abc.ABC):
                               f"upgrade Tollgate")
 
     # ---- tools -----------------------------------------------------------------------------
+
+    def integrity_problems(self) -> list[str]:
+        """What the database itself finds wrong with its pages, indexes and keys, one line each."""
+        return []
 
     def bulk_cache(self, rows: int):
         """A context for writing ``rows`` rows at once (SQLite: a page cache that holds their indexes)."""

@@ -79,6 +79,7 @@ class _BoolAsInt(Int8Dumper):
 
 class PostgresBackend(Backend):
     dialect = "postgres"
+    errors = (psycopg.DatabaseError,)
     GREATEST = "greatest"
 
     def __init__(self, conn: psycopg.Connection, target: str) -> None:
@@ -151,6 +152,11 @@ class PostgresBackend(Backend):
             self.conn.execute(script)  # no parameters: several statements in one call, % left alone
         except psycopg.Error as exc:
             raise LedgerError(f"migration {name} failed on {self.target}: {exc}") from None
+
+    def integrity_problems(self) -> list[str]:
+        """Nothing to ask: PostgreSQL enforces foreign keys and NOT NULL on every write, and a damaged
+        page is an error of the query that reads it."""
+        return []
 
     def dump(self) -> list[tuple]:
         out = []

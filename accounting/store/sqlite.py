@@ -32,6 +32,7 @@ APPLICATION_ID = 0x546F6C6C  # "Toll": marks a SQLite file as a Tollgate ledger
 
 class SqliteBackend(Backend):
     dialect = "sqlite"
+    errors = (sqlite3.DatabaseError,)
     GREATEST = "max"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
@@ -125,6 +126,14 @@ class SqliteBackend(Backend):
                 self.execute(f"PRAGMA cache_size = {before}")
 
         return cache()
+
+    def integrity_problems(self) -> list[str]:
+        """``PRAGMA integrity_check`` (pages, indexes, NOT NULL) and ``foreign_key_check`` (a row whose
+        subscriber, flush or payment is gone: SQLite checks foreign keys only on connections that ask)."""
+        rows = [r[0] for r in self.execute("PRAGMA integrity_check")]
+        problems = [] if rows == ["ok"] else [f"SQLite integrity: {r}" for r in rows]
+        return problems + [f"{table} row {rowid} refers to a missing {parent} row"
+                           for table, rowid, parent, _fk in self.execute("PRAGMA foreign_key_check")]
 
     def dump(self) -> list[tuple]:
         return list(self.conn.iterdump())  # the schema too: a refused call must not have changed it either

@@ -1,12 +1,6 @@
-"""Fixtures for the tests on a real PostgreSQL server: one throwaway cluster
-per test session (accounting/credit/pgcluster.py: its own directory, Unix
-socket and port, nothing on TCP), stopped and removed at the end whatever
-happens. A test that wants a clean database takes ``pg_db`` (a fresh
-database, migrated, dropped after the test).
-
-Where the PostgreSQL binaries are missing the tests here skip, and the guard
-(test_pg_guard.py) fails unless ``TOLLGATE_NO_PG=1`` says so on purpose. A
-cluster that is installed but does not start is an error, never a skip.
+"""Fixtures of the credit-control tests: a test that wants a clean database
+takes ``pg_db`` (a fresh database with the credit schema, dropped after the
+test). The cluster itself (``pg_cluster``) is tests/conftest.py's.
 """
 
 from __future__ import annotations
@@ -16,24 +10,7 @@ import os
 
 import pytest
 
-from accounting.credit.pgcluster import PgCluster, find_bindir
-
-NO_PG = os.environ.get("TOLLGATE_NO_PG", "") not in ("", "0")
 _counter = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    if NO_PG:
-        pytest.skip("TOLLGATE_NO_PG=1: PostgreSQL tests not run on purpose")
-    if find_bindir() is None:
-        pytest.skip("PostgreSQL is not installed (the guard test fails for this): `make system-deps`")
-    cluster = PgCluster()
-    try:
-        cluster.start()  # a PgClusterError here is an error of every test that needs it, not a skip
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(scope="session")

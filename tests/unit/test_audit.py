@@ -19,8 +19,8 @@ from ext.errors import LedgerError
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    with Ledger.open(tmp_path / "ledger.db") as ledger:
+def ledger(ledger_target):
+    with Ledger.open(ledger_target()) as ledger:
         ledger.add_subscriber("alice", "basic", "EUR")
         yield ledger
 
@@ -166,8 +166,8 @@ def test_the_change_and_its_row_commit_together_or_not_at_all(ledger):
     assert [t["name"] for t in tokens.list()] == ["desk"] and audit.verify() == (True, None)
 
 
-def test_two_connections_appending_keep_one_chain(tmp_path):
-    path = tmp_path / "ledger.db"
+def test_two_connections_appending_keep_one_chain(ledger_target):
+    path = ledger_target()
     Ledger.open(path).close()
 
     def append_many(who):

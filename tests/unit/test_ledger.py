@@ -118,8 +118,8 @@ def test_foreign_and_newer_databases_are_refused(tmp_path):
         Ledger.open(tmp_path / "no" / "such" / "dir.db")
 
 
-def test_flush_is_idempotent(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_flush_is_idempotent(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         sid = led.add_subscriber("a", "t", "EUR", opening_balance=1000)
         other = led.add_subscriber("b", "t", "EUR")
         rows = [(sid, 1, 0, M, 500, 5, 120), (sid, 2, 1, M, 100, 1, 30), (other, 0, 0, 2 * M, 9, 1, 0)]
@@ -148,8 +148,8 @@ def test_flush_is_idempotent(tmp_path):
             led.usage(group_by=("bytes; DROP TABLE usage",))
 
 
-def test_payments_with_idempotency_keys(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_payments_with_idempotency_keys(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         sid = led.add_subscriber("a", "t", "EUR")
         other = led.add_subscriber("b", "t", "EUR")
         first = led.add_payment(sid, 700, ts=5, idempotency_key="k1")
@@ -167,8 +167,8 @@ def test_payments_with_idempotency_keys(tmp_path):
         assert led.check_invariants() == []
 
 
-def test_adjustments_blocks_tariffs_zones(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_adjustments_blocks_tariffs_zones(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         sid = led.add_subscriber("a", "t", "EUR")
         led.add_adjustment(sid, -40, "refund of a double charge", "ops", ts=3)
         assert led.balance(sid) == -40 and led.adjustments(sid)[0]["author"] == "ops"
@@ -192,8 +192,8 @@ def test_adjustments_blocks_tariffs_zones(tmp_path):
         assert led.get_subscriber(sid)["active"] == 0
 
 
-def test_addresses(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_addresses(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         a = led.add_subscriber("a", "t", "EUR", addresses=["100.64.0.1/32", "2001:db8:100::/64"])
         b = led.add_subscriber("b", "t", "EUR")
         with pytest.raises(LedgerError, match="already belongs to subscriber .*\\(a\\)"):
@@ -221,8 +221,8 @@ def _snapshot(led: Ledger) -> list:
             for t in ("subscribers", "addresses", "payments", "adjustments", "flushes", "charges", "usage", "blocks")]
 
 
-def test_bad_input_changes_nothing(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_bad_input_changes_nothing(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         sid = led.add_subscriber("a", "t", "EUR", addresses=["100.64.0.1/32"])
         before = _snapshot(led)
         bad_calls = [
@@ -260,8 +260,8 @@ def test_bad_input_changes_nothing(tmp_path):
         assert led.check_invariants() == []
 
 
-def test_check_invariants_finds_a_tampered_ledger(tmp_path):
-    with Ledger.open(tmp_path / "l.db") as led:
+def test_check_invariants_finds_a_tampered_ledger(ledger_target):
+    with Ledger.open(ledger_target()) as led:
         sid = led.add_subscriber("a", "t", "EUR", opening_balance=100)
         led.apply_flush("f1", [(sid, 0, 0, 0, 10, 1, 7)], 1)
         led.db.execute("UPDATE subscribers SET balance = balance + 1")
@@ -444,10 +444,10 @@ def test_sigkill_at_random_moments_leaves_whole_flushes(tmp_path):
         last = max(applied)
 
 
-def test_two_writers_on_one_file(tmp_path):
+def test_two_writers_on_one_ledger(ledger_target):
     """The flusher and a top-up (CLI, API) write through connections of their
     own at the same time: every write lands once, nothing is lost to a lock."""
-    path = tmp_path / "l.db"
+    path = ledger_target()
     with Ledger.open(path) as led:
         sid = led.add_subscriber("a", "t", "EUR")
     errors = []

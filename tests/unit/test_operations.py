@@ -39,7 +39,7 @@ external = "1"
 
 
 @pytest.fixture
-def make(tmp_path):
+def make(tmp_path, ledger_target):
     """``make(currency, subscribers)`` -> (Operations as cli:test, the config) on a fresh ledger."""
     opened = []
 
@@ -47,7 +47,7 @@ def make(tmp_path):
         path = tmp_path / f"{currency}-{len(opened)}.toml"
         path.write_text(config_text(currency, subscribers))
         cfg = load_config(path)
-        ledger = Ledger.open(tmp_path / f"{currency}-{len(opened)}.db")
+        ledger = Ledger.open(ledger_target())
         opened.append(ledger)
         return Operations(ledger, cfg, "cli:test"), cfg
 

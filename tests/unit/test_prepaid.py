@@ -16,8 +16,8 @@ LATER = time.time_ns() + 86400 * 10 ** 9
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    with Ledger.open(tmp_path / "ledger.db") as ledger:
+def ledger(ledger_target):
+    with Ledger.open(ledger_target()) as ledger:
         ledger.add_subscriber("alice", "basic", "EUR")
         ledger.add_subscriber("bob", "basic", "EUR")
         yield ledger
@@ -71,7 +71,7 @@ def test_two_activations_racing_pay_once(ledger, tmp_path):
     results = []
 
     def activate(who):
-        with Ledger.open(tmp_path / "ledger.db") as own:
+        with Ledger.open(ledger.path) as own:
             try:
                 results.append(prepaid.activate(own, who, code))
             except prepaid.CardError as exc:
