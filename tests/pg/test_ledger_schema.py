@@ -170,14 +170,22 @@ def _sqlite_foreign_keys(conn, table: str) -> list[tuple]:
     return [(tuple(c for _, c, _ in rows), rows[0][0], tuple(r for _, _, r in rows)) for rows in keys.values()]
 
 
+def _sqlite_checks(conn, table: str) -> int:
+    """How many CHECK constraints the table has (SQLite keeps them only in its CREATE TABLE text, which its
+    ALTER TABLE ADD COLUMN extends)."""
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return len(re.findall(r"(?i)\bcheck\s*\(", re.sub(r"--[^\n]*", "", sql)))
+
+
 def sqlite_catalogue(conn) -> dict:
     tables = {}
     for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
         cols = conn.execute(f"PRAGMA table_info({name})").fetchall()
         pk = [c[1] for c in sorted((c for c in cols if c[5]), key=lambda c: c[5])]
         tables[name] = {
-            # (name, type, not null): a primary key column is NOT NULL on both (SQLite's rowid alias is)
-            "columns": [(c[1], SQLITE_TYPES[c[2].upper()], bool(c[3]) or c[1] in pk) for c in cols],
+            # (name, type, not null, default): a primary key column is NOT NULL on both (SQLite's rowid alias is)
+            "columns": [(c[1], SQLITE_TYPES[c[2].upper()], bool(c[3]) or c[1] in pk, loose(c[4])) for c in cols],
+            "checks": _sqlite_checks(conn, name),
             "primary_key": pk,
             "unique": sorted(tuple(r[2] for r in conn.execute(f"PRAGMA index_info({i[1]})"))
                              for i in conn.execute(f"PRAGMA index_list({name})") if i[3] == "u"),
@@ -197,9 +205,13 @@ def pg_catalogue(conn) -> dict:
     tables = {}
     for (name,) in conn.execute("SELECT relname FROM pg_class WHERE relkind = 'r'"
                                 " AND relnamespace = 'public'::regnamespace"):
-        cols = conn.execute("SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute"
-                            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                            (name,)).fetchall()
+        cols = conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+                            " pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a LEFT JOIN pg_attrdef d"
+                            " ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+                            " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+                            " ORDER BY a.attnum", (name,)).fetchall()
+        checks = conn.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c'",
+                              (name,)).fetchone()[0]
         keys = {}
         for contype, columns in conn.execute(
                 "SELECT c.contype, array_agg(a.attname ORDER BY k.ord) FROM pg_constraint c"
@@ -215,7 +227,8 @@ def pg_catalogue(conn) -> dict:
             " array(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a"
             "       ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)"
             " FROM pg_constraint c WHERE c.conrelid = %s::regclass AND c.contype = 'f'", (name,)).fetchall()
-        tables[name] = {"columns": [tuple(c) for c in cols], "primary_key": list(keys.get("p", [()])[0]),
+        tables[name] = {"columns": [(n, t, nn, loose(d)) for n, t, nn, d in cols], "checks": checks,
+                        "primary_key": list(keys.get("p", [()])[0]),
                         "unique": sorted(keys.get("u", [])),
                         "foreign_keys": sorted((tuple(c), ref, tuple(r)) for c, ref, r in foreign)}
     indexes = {}
@@ -457,12 +470,12 @@ def test_every_integer_column_is_a_bigint_and_holds_2_63_minus_1(ledgers):
     pg, lite = ledgers
     cat = pg_catalogue(pg)["tables"]
     for table, info in sqlite_catalogue(lite)["tables"].items():
-        for (name, want, _), (pg_name, got, _) in zip(info["columns"], cat[table]["columns"]):
+        for (name, want, *_), (pg_name, got, *_) in zip(info["columns"], cat[table]["columns"]):
             assert (pg_name, got) == (name, want), f"{table}.{name}"
     for table in sorted(set(cat) - PG_ONLY_TABLES):
         columns = cat[table]["columns"]
         assert not [c for c in columns if c[1] in ("integer", "smallint", "numeric")], table
-        values = {name: MAX if kind == "bigint" else b"\xff" if kind == "bytea" else "x" for name, kind, _ in columns}
+        values = {name: MAX if kind == "bigint" else b"\xff" if kind == "bytea" else "x" for name, kind, *_ in columns}
         with pg.transaction(force_rollback=True):
             pg.execute("SET LOCAL session_replication_role = replica")  # no triggers, no foreign keys
             for (check,) in pg.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass"

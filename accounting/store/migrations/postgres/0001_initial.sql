@@ -67,15 +67,14 @@ $$;
 -- picks max(rowid) + 1 for the next row without an id: otherwise the next
 -- add_subscriber after an import would take an id the import used. setval is
 -- not transactional: a rolled-back import leaves a gap, never a collision.
+-- A row trigger whose WHEN tests the sequence: a row with an id from the
+-- sequence queues nothing; a row of an import costs one setval (about 25 us,
+-- measured at 20k rows; a statement trigger over the inserted rows costs 45 us
+-- a row when they come one INSERT each, as executemany sends them).
 CREATE FUNCTION follow_explicit_ids() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    seq regclass := pg_get_serial_sequence(TG_TABLE_NAME, 'id')::regclass;
-    top bigint;
 BEGIN
-    SELECT max(id) INTO top FROM inserted;
-    IF top IS NOT NULL AND top > coalesce(pg_sequence_last_value(seq), 0) THEN
-        PERFORM setval(seq, top);
-    END IF;
+    PERFORM setval(TG_ARGV[0]::regclass, NEW.id)
+        WHERE NEW.id > coalesce(pg_sequence_last_value(TG_ARGV[0]::regclass), 0);
     RETURN NULL;
 END
 $$;
@@ -93,7 +92,8 @@ CREATE TABLE subscribers (
     created_ns      BIGINT NOT NULL
 );
 CREATE TRIGGER subscribers_follow_ids AFTER INSERT ON subscribers
-    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION follow_explicit_ids();
+    FOR EACH ROW WHEN (NEW.id > coalesce(pg_sequence_last_value('subscribers_id_seq'), 0))
+    EXECUTE FUNCTION follow_explicit_ids('subscribers_id_seq');
 
 CREATE TABLE addresses (
     network       TEXT PRIMARY KEY,  -- canonical CIDR

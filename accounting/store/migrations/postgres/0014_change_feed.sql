@@ -43,7 +43,8 @@ CREATE TRIGGER changes_subscriber_insert AFTER INSERT ON subscribers
 
 -- the balance cache changes with every flush: not a change of the subscriber (payments have their own feed).
 -- SQLite's IS / IS NOT on values are IS NOT DISTINCT FROM / IS DISTINCT FROM (NULLs compare as equal),
--- on a row value as there.
+-- on a row value as there. (The columns compared are all NOT NULL, so = and <> would do the same today;
+-- the translation keeps the meaning should one of them become nullable.)
 CREATE FUNCTION changes_subscriber_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO changes (subscriber_id, what) VALUES (NEW.id, 'subscriber');
