@@ -105,6 +105,8 @@ cdef extern from "<bpf/bpf.h>" nogil:
         uint32_t retval
         int repeat
         uint32_t duration
+        const void *ctx_in
+        uint32_t ctx_size_in
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags)
     int bpf_map_lookup_elem(int fd, const void *key, void *value)
     int bpf_map_delete_elem(int fd, const void *key)
@@ -114,6 +116,10 @@ cdef extern from "<bpf/bpf.h>" nogil:
     int bpf_map_delete_batch(int fd, const void *keys, uint32_t *count, const bpf_map_batch_opts *opts)
     int bpf_obj_get(const char *pathname)
     int bpf_prog_test_run_opts(int prog_fd, bpf_test_run_opts *opts)
+
+cdef extern from "<linux/bpf.h>" nogil:
+    ctypedef struct sk_buff_ctx "struct __sk_buff":
+        uint32_t ingress_ifindex
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -137,10 +143,13 @@ cdef extern from *:
 # ---- the program's ABI (keep in step with ext/bpf/tollgate.bpf.c) -------------
 
 TG_MAGIC = 0x54474154454c4c54
-TG_ABI = 2  # 2: tg_dirty
+TG_ABI = 3  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat
 MAX_RULES = 16  # TG_MAX_RULES
 MAX_DEPTH = 8  # TG_MAX_DEPTH
 NO_GROUP = 0xFFFFFFFF
+# TG_ZONE_NOT_FORWARDED: the zone of a rule whose addresses the gateway delivers to itself; the program passes
+# such packets uncounted, as the forward hook never sees them (see "Not forwarded" in tollgate.bpf.c)
+ZONE_NOT_FORWARDED = 0xFF
 F_MALFORMED_DROP = 1
 F_UNKNOWN_DROP = 2
 C_BLOCKED = 1
@@ -152,7 +161,7 @@ COUNTER_FIELDS = ("used", "grant", "packets", "dropped_bytes", "dropped_packets"
                   "allowed_packets", "flags")
 Counter = namedtuple("Counter", COUNTER_FIELDS)
 STATS = ("unknown", "malformed", "passed", "dropped", "allowed", "nonip", "cas_exhausted", "unconfigured",
-         "noslot")
+         "noslot", "local")
 MAPS = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm", "tg_zone4", "tg_zone6",
         "tg_zone_groups", "tg_allow4", "tg_allow6", "tg_allow_groups", "tg_counters", "tg_dirty", "tg_stats",
         "tg_info")
@@ -185,6 +194,8 @@ cdef packed struct tg_info:
     uint32_t flags
     uint32_t max_slots
     uint32_t reserved
+    uint32_t egress_groups
+    uint32_t pad
 
 cdef packed struct tg_rule:
     uint8_t proto
@@ -306,7 +317,7 @@ cdef class Maps:
             raise BpfError(f"{path} is not built: run `make build` (needs clang)")
         sizes = {"tg_sub4": max_hosts4 or max_slots, "tg_sub6": max_hosts6 or max_slots,
                  "tg_sub6_64": max_nets6_64 or max_slots, "tg_sub4_lpm": max_nets4, "tg_sub6_lpm": max_nets6,
-                 "tg_zone4": max_zone_prefixes, "tg_zone6": max_zone_prefixes, "tg_zone_groups": max_zone_prefixes,
+                 "tg_zone4": max_zone_prefixes, "tg_zone6": max_zone_prefixes, "tg_zone_groups": 2 * max_zone_prefixes,
                  "tg_allow4": max_allow_prefixes, "tg_allow6": max_allow_prefixes,
                  "tg_allow_groups": max_allow_prefixes, "tg_counters": max_slots * n_zones * 2,
                  "tg_dirty": (max_slots * n_zones * 2 + 63) // 64}
@@ -437,6 +448,7 @@ cdef class Maps:
         info.flags, info.max_slots = flags, max_slots
         info.reserved = int.from_bytes(os.urandom(4), "little") or 1  # the load's id (see load_id)
         self.load_id = info.reserved
+        info.egress_groups = self._max_entries("tg_zone_groups") // 2
         self._set_config(n_zones, default_zone, max_slots, flags)  # mmap first: a failure leaves it unconfigured
         if bpf_map_update_elem(self.fds["tg_info"], &zero, &info, 0):
             raise BpfError("cannot write tg_info", errno)
@@ -757,9 +769,22 @@ cdef class Maps:
 
     # ---- zones and the allow-list -----------------------------------------------
 
-    def set_zones(self, rules):
-        """Replace the zone rules (``ZoneRule``s, the engine's semantics)."""
-        self._rules(rules, "tg_zone4", "tg_zone6", "tg_zone_groups", self.n_zones)
+    def set_zones(self, rules, not_forwarded=()):
+        """Replace the zone rules (``ZoneRule``s, the engine's semantics);
+        ``not_forwarded``: networks (CIDR strings) the gateway delivers to
+        itself: uploads to them pass uncounted (they take precedence over a
+        zone rule of the same prefix; downloads from them, forwarded, are
+        rated as the engine rates them: egress reads a copy of the groups
+        without them, from index ``max_entries / 2`` on)."""
+        own = [ZoneRule(str(net), ZONE_NOT_FORWARDED)
+               for net in dict.fromkeys(ipaddress.ip_network(n) for n in not_forwarded)]
+        rules = [ZoneRule(*r) for r in rules]
+        for rule in rules:
+            if not 0 <= rule.zone < self.n_zones:
+                raise BpfError(f"rule {rule}: zone out of range")
+        # first in their prefix's group (compile_rules keeps the order): at ingress they match before anything,
+        # at egress the program skips them and the engine's rules of the same prefix follow
+        self._rules(own + rules, "tg_zone4", "tg_zone6", "tg_zone_groups", self.n_zones)
 
     def set_allowlist(self, rules):
         """Replace the allow-list (``ZoneRule``s; ``zone`` is ignored)."""
@@ -772,10 +797,13 @@ cdef class Maps:
         cdef uint32_t gi, value
         cdef int rc
         try:
-            compiled = compile_rules(rules, n_zones)
+            compiled = compile_rules(rules, None)  # zones checked by set_zones (ZONE_NOT_FORWARDED is none)
         except TollgateError as exc:
             raise BpfError(str(exc)) from None
         capacity = self._max_entries(groups_name)
+        egress = n_zones is not None  # the zones: a copy of the groups for egress (see set_zones)
+        if egress:
+            capacity //= 2
         if len(compiled) > capacity:
             raise BpfError(f"{len(compiled)} prefixes, {groups_name} holds {capacity}")
         for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
@@ -802,6 +830,19 @@ cdef class Maps:
             gi = i
             if bpf_map_update_elem(fd, &gi, &g, 0):
                 raise BpfError(f"cannot write {groups_name}", errno)
+            if egress:
+                kept = [ZoneRule(*rule) for rule in group_rules if ZoneRule(*rule).zone != ZONE_NOT_FORWARDED]
+                memset(&g, 0, sizeof(g))
+                g.fallback = NO_GROUP
+                g.n_rules = len(kept)
+                for r, rule in enumerate(kept):
+                    g.rules[r].proto, g.rules[r].zone = rule.proto, rule.zone
+                    g.rules[r].port_lo, g.rules[r].port_hi = rule.port_lo, rule.port_hi
+                if fallback >= 0:
+                    g.fallback = fallback + capacity
+                gi = i + capacity
+                if bpf_map_update_elem(fd, &gi, &g, 0):
+                    raise BpfError(f"cannot write {groups_name}", errno)
         wanted = {4: set(), 6: set()}
         for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
             value = i
@@ -872,18 +913,25 @@ cdef class Maps:
         """{map name: bytes the kernel charges for it (memlock)}."""
         return {name: int(self.map_info(name).get("memlock", 0)) for name in MAPS}
 
-    def test_run(self, int direction, frame, int repeat=1):
+    def test_run(self, int direction, frame, int repeat=1, int ingress_ifindex=1):
         """BPF_PROG_TEST_RUN of the program of ``direction`` on ``frame`` (an
         Ethernet frame, 14..~3.5k bytes): ``(retval, duration_ns)``, the
-        duration being the kernel's average per repetition."""
+        duration being the kernel's average per repetition.
+        ``ingress_ifindex``: the interface the packet came in on (skb_iif);
+        0 is a packet the gateway sent itself, which egress passes uncounted."""
         cdef bytes data = bytes(frame)
         cdef bpf_test_run_opts opts
+        cdef sk_buff_ctx ctx
         cdef int fd = self.prog_fd(direction)
         cdef int rc
         memset(&opts, 0, sizeof(opts))
+        memset(&ctx, 0, sizeof(ctx))
+        ctx.ingress_ifindex = ingress_ifindex
         opts.sz = sizeof(opts)
         opts.data_in = PyBytes_AS_STRING(data)
         opts.data_size_in = PyBytes_GET_SIZE(data)
+        opts.ctx_in = &ctx
+        opts.ctx_size_in = sizeof(ctx)
         opts.repeat = repeat
         with nogil:
             rc = bpf_prog_test_run_opts(fd, &opts)

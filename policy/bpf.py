@@ -108,6 +108,27 @@ def attach(ifaces, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None) -> 
         raise
 
 
+LOCAL_ROUTE_TYPES = ("local", "broadcast", "anycast", "multicast")
+
+
+def local_destinations(netns: str | None = None) -> list[str]:
+    """What the kernel of the namespace delivers to itself rather than
+    forwards: the destinations of its local routing table (own addresses,
+    broadcasts, IPv6 anycast and multicast), as CIDR strings. The tc program
+    passes a subscriber's packets to them uncounted, as the forward hook
+    (where the nfqueue path meters) never sees them."""
+    out = []
+    for family in ("-4", "-6"):
+        cmd = (["nsenter", f"--net=/run/netns/{netns}"] if netns else []) + \
+            ["ip", "-j", family, "route", "show", "table", "local"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        for route in json.loads(proc.stdout or "[]"):
+            dst = route.get("dst", "")
+            if route.get("type") in LOCAL_ROUTE_TYPES and dst and dst != "default":
+                out.append(dst if "/" in dst else f"{dst}/{32 if family == '-4' else 128}")
+    return sorted(set(out))
+
+
 def attached(netns: str | None = None) -> dict[str, dict[str, int]]:
     """{interface: {hook: program id}} of our filters in the namespace."""
     cmd = (["nsenter", f"--net=/run/netns/{netns}"] if netns else []) + ["ip", "-j", "link", "show"]

@@ -95,6 +95,31 @@
  * charged for allow-listed traffic too, as in the engine (step 4 of
  * ext/engine_py.py's docstring).
  *
+ * Not forwarded (STAT_LOCAL: passed, never counted against a grant)
+ * ------------------------------------------------------------------
+ * The nfqueue path meters in the forward hook, so traffic to or from the
+ * gateway itself (DNS, the portal, neighbour discovery, ICMP errors it
+ * sends) is never charged there (policy/nft.py); tc sees it, and must leave
+ * it alone the same way, whatever the zone of the gateway's addresses costs:
+ *   egress: a packet the gateway sent itself has no input interface
+ *           (skb->ingress_ifindex 0, the kernel's skb_iif); one it forwards
+ *           has the interface it came in on.
+ *   ingress: routing has not happened yet, so the program cannot ask it;
+ *           the addresses the kernel delivers locally (its local routing
+ *           table: own addresses, broadcasts, anycast, multicast, and
+ *           link-local) are zone rules of zone TG_ZONE_NOT_FORWARDED, written
+ *           by userspace (gateway/sources/ebpf.py) first in their prefix's
+ *           group: the zone lookup the packet needs anyway tells, at no cost
+ *           of its own. Egress has its own copy of the groups, without those
+ *           rules (tg_zone_groups from tg_info.egress_groups on: same
+ *           prefixes, same order): a forwarded packet from such a source is
+ *           rated in the zone the engine gives it. A copy, not a test in the
+ *           rule loop: that branch made the verifier's walk of the loops
+ *           exceed its million instructions. A blocked
+ *           subscriber's packets to the gateway pass too: what it may reach
+ *           on the gateway is the nft input chain's business, as on the
+ *           nfqueue path.
+ *
  * tg_dirty (BPF_F_MMAPABLE array of __u64): bit (idx % 64) of word idx / 64
  * is set, with an atomic OR, whenever counter idx moves (passed, refused or
  * allowed), and only if it is not set already (a plain read first: the
@@ -119,7 +144,7 @@
 #include <bpf/bpf_endian.h>
 
 #define TG_MAGIC 0x54474154454c4c54ULL /* "TLLETAGT" */
-#define TG_ABI 2 /* 2: tg_dirty */
+#define TG_ABI 3 /* 2: tg_dirty; 3: TG_ZONE_NOT_FORWARDED, STAT_LOCAL */
 
 #define TG_MAX_EXT_HDRS 16
 #define TG_MAX_RULES 16
@@ -127,6 +152,9 @@
 #define TG_CAS_RETRIES 64
 #define TG_MAX_WIRE_LEN (1U << 20) /* as ext/constants.py's MAX_WIRE_LEN */
 #define TG_NO_GROUP 0xffffffffU
+/* A zone rule's zone for addresses the gateway delivers to itself (see "Not
+ * forwarded" in the header comment). */
+#define TG_ZONE_NOT_FORWARDED 0xff
 
 #define TG_F_MALFORMED_DROP 1U
 #define TG_F_UNKNOWN_DROP 2U
@@ -142,7 +170,8 @@ enum tg_stat_id {
 	STAT_CAS_EXHAUSTED = 6,/* dropped after TG_CAS_RETRIES lost races */
 	STAT_UNCONFIGURED = 7, /* tg_info not written yet */
 	STAT_NOSLOT = 8,       /* subscriber slot/zone outside tg_counters */
-	STAT_MAX = 9,
+	STAT_LOCAL = 9,        /* not forwarded: to or from the gateway itself */
+	STAT_MAX = 10,
 };
 
 struct tg_stat {
@@ -157,7 +186,9 @@ struct tg_info {
 	__u32 default_zone;
 	__u32 flags;
 	__u32 max_slots;
-	__u32 reserved;
+	__u32 reserved; /* the load's id */
+	__u32 egress_groups; /* tg_zone_groups[egress_groups + i]: group i for egress (see "Not forwarded") */
+	__u32 pad;
 };
 
 struct tg_counter {
@@ -505,9 +536,10 @@ static __always_inline int rule_matches(const struct tg_rule *r, const struct tg
 }
 
 /* The first matching rule, longest prefix first: returns the group's rule's
- * zone, or -1. `groups` is tg_zone_groups or tg_allow_groups. */
+ * zone, or -1. `groups` is tg_zone_groups or tg_allow_groups; the groups of
+ * a prefix are at `base` + the index the trie holds (fallbacks are absolute). */
 static __always_inline int match_rules(void *lpm4, void *lpm6, void *groups, const struct tg_pkt *p,
-				       const __u8 *addr, __u16 port)
+				       const __u8 *addr, __u16 port, __u32 base)
 {
 	__u32 *first, gi;
 	int d, r;
@@ -525,7 +557,7 @@ static __always_inline int match_rules(void *lpm4, void *lpm6, void *groups, con
 	}
 	if (!first)
 		return -1;
-	gi = *first;
+	gi = *first + base;
 	for (d = 0; d < TG_MAX_DEPTH; d++) {
 		struct tg_group *g = bpf_map_lookup_elem(groups, &gi);
 
@@ -556,6 +588,10 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 	__u64 len;
 	int z, i;
 
+	if (direction == 1 && skb->ingress_ifindex == 0) { /* sent by the gateway itself */
+		stat_add(STAT_LOCAL, skb->len);
+		return TC_ACT_OK;
+	}
 	info = bpf_map_lookup_elem(&tg_info, &zero);
 	if (!info || info->magic != TG_MAGIC || info->n_zones == 0) {
 		stat_add(STAT_UNCONFIGURED, skb->len);
@@ -579,7 +615,12 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 		stat_add(STAT_UNKNOWN, len);
 		return info->flags & TG_F_UNKNOWN_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 	}
-	z = match_rules(&tg_zone4, &tg_zone6, &tg_zone_groups, &p, remote, port);
+	z = match_rules(&tg_zone4, &tg_zone6, &tg_zone_groups, &p, remote, port,
+			direction == 0 ? 0 : info->egress_groups);
+	if (z == TG_ZONE_NOT_FORWARDED) { /* to the gateway itself (or multicast, link-local) */
+		stat_add(STAT_LOCAL, len);
+		return TC_ACT_OK;
+	}
 	zone = z < 0 ? info->default_zone : (__u32)z;
 	if (sub->slot >= info->max_slots || zone >= info->n_zones) {
 		stat_add(STAT_NOSLOT, len);
@@ -592,7 +633,7 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 		return TC_ACT_SHOT;
 	}
 	if (c->flags & TG_C_BLOCKED) {
-		if (match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, &p, remote, port) >= 0) {
+		if (match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, &p, remote, port, 0) >= 0) {
 			__sync_fetch_and_add(&c->allowed_bytes, len);
 			__sync_fetch_and_add(&c->allowed_packets, 1);
 			mark_dirty(idx);

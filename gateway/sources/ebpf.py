@@ -32,7 +32,9 @@ keeper's freeze, a charge at the old slot and new grants for everyone; new
 and removed addresses of the touched subscribers followed every
 ``SYNC_INTERVAL`` (never a comparison of everyone); the heartbeat
 (``policy.bpf.present``) every ``heartbeat`` seconds: a program gone is an
-alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again.
+alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again;
+with it, the gateway's own destinations (its local routing table) are looked
+at again: packets to them are not forwarded, so not counted (``NOT_FORWARDED``).
 
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
@@ -49,8 +51,6 @@ import logging
 import threading
 import time
 
-from accounting.zones import LOCAL
-from ext.engine_py import ZoneRule
 from ext.errors import BpfError, ConfigError
 
 log = logging.getLogger("tollgate.sources.ebpf")
@@ -62,10 +62,11 @@ WATCH_INTERVAL = 0.2  # seconds between looks at blocked and refused subscribers
 SWEEP_SECONDS = 60.0
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
-# discovery to solicited-node multicast, MLD, mDNS, broadcasts. Those destinations are never forwarded
-# (the forward hook, where the nft path counts, never sees them): into the local zone with them.
-NOT_FORWARDED = [ZoneRule(net, LOCAL) for net in ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16",
-                                                  "ff00::/8", "fe80::/10")]
+# discovery to solicited-node multicast, MLD, mDNS, broadcasts, and everything to the gateway's own addresses
+# (DNS, the portal, pings). None of it is forwarded, so the forward hook, where the nfqueue path meters, never
+# sees it: the program passes it uncounted (Maps.set_zones' not_forwarded), whatever the local zone costs. These
+# never are; the gateway's own addresses come from its local routing table (policy.bpf.local_destinations).
+NOT_FORWARDED = ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16", "ff00::/8", "fe80::/10")
 
 
 class EbpfSource:
@@ -185,7 +186,8 @@ class EbpfSource:
         with gw.engine_lock:
             subs = dict(gw.acct.subscribers)
             self.known = {sid: info.addresses for sid, info in subs.items()}
-            maps.set_zones(gw.config.zones.rules() + NOT_FORWARDED)
+            self.not_forwarded = self.local_destinations()
+            maps.set_zones(gw.config.zones.rules(), self.not_forwarded)
             maps.set_allowlist(gw.config.allowlist)
             slots, prefixes = [], []
             for sid, info in subs.items():
@@ -364,10 +366,29 @@ class EbpfSource:
         gw.post(events)
         log.info("eBPF maps follow the ledger: %d prefixes added, %d removed", len(added), len(gone))
 
+    def local_destinations(self) -> list[str]:
+        from policy import bpf
+
+        return sorted(set(NOT_FORWARDED) | set(bpf.local_destinations()))
+
+    def follow_local_destinations(self) -> None:
+        """An address added to or removed from the gateway: the not-forwarded zone rules follow."""
+        try:
+            now = self.local_destinations()
+        except Exception as exc:  # noqa: BLE001 - said, tried again at the next beat
+            log.error("cannot read the local routing table: %s", exc)
+            return
+        if now != self.not_forwarded:
+            with self.gw.engine_lock:
+                self.maps.set_zones(self.gw.config.zones.rules(), now)
+            log.info("the gateway's own destinations changed (%d now): not counted", len(now))
+            self.not_forwarded = now
+
     def check_heartbeat(self) -> bool:
         """The program still attached, both hooks, every interface? If not: alarm and attach again."""
         from policy import bpf
 
+        self.follow_local_destinations()
         ok = bpf.present(self.interfaces, self.pin_dir)
         self.counts["attached"] = ok
         if ok:

@@ -330,6 +330,37 @@ def test_vlan_and_non_ip(maps):
 
 
 @needs_bpf
+def test_not_forwarded_passes_uncounted(maps):
+    """What the gateway delivers to itself or sends itself is never forwarded, so never metered (as in the
+    forward hook of the nfqueue path), even for a blocked subscriber without a grant: at ingress a packet to a
+    not-forwarded address (Maps.set_zones' not_forwarded), at egress one with no input interface (skb_iif 0).
+    The same packets, forwarded, are refused."""
+    def udp(src, dst):
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, 17, 0, ipaddress.ip_address(src).packed,
+                           ipaddress.ip_address(dst).packed) + struct.pack("!HHHH", 53, 53, 8, 0)
+
+    maps.set_blocked(1, True)
+    for zone in range(N_ZONES):
+        for direction in (0, 1):
+            maps.set_grant(1, zone, direction, maps.counter(1, zone, direction).used)
+    try:
+        maps.set_zones(ZONES, ["198.18.0.1/32", "ff00::/8"])
+        up, down = frame(udp("100.64.1.2", "198.18.0.1"), False), frame(udp("198.18.0.1", "100.64.1.2"), False)
+        before = snapshot(maps)
+        assert maps.test_run(0, up)[0] == 0
+        assert maps.test_run(1, down, ingress_ifindex=0)[0] == 0
+        changed, stats = bpf_effect(before, snapshot(maps))
+        assert changed == {} and stats["local"] == (2, 28 + len(down))  # egress: before parsing, skb->len
+        assert maps.test_run(1, down)[0] == 2  # forwarded (it came in somewhere): the subscriber is blocked
+    finally:
+        maps.set_zones(ZONES)
+        maps.set_blocked(1, False)
+    before = snapshot(maps)
+    assert maps.test_run(0, up)[0] == 2  # no longer the gateway's own: in its zone, without a grant
+    assert bpf_effect(before, snapshot(maps))[1]["local"] == (0, 0)
+
+
+@needs_bpf
 def test_two_cpus_never_pass_beyond_the_grant(maps):
     """Two threads run the program on one slot at once (each BPF_PROG_TEST_RUN
     runs on its thread's CPU, the GIL released): exactly the bytes passed are
