@@ -98,9 +98,10 @@ class AuditLog:
         """Append one row and return its id.
 
         Runs in ``ledger.transaction()``: inside a caller's transaction it is part of
-        it; alone it is its own. The write lock that transaction holds
-        (BEGIN IMMEDIATE) is what keeps two writers from chaining onto the
-        same previous row.
+        it; alone it is its own. The id and the previous hash come from the
+        one row of ``audit_head`` (schema 21), updated in the same statement
+        that reads it: its row lock, held to commit, keeps two writers from
+        chaining onto the same previous row on any backend.
         """
         _label(actor, "actor")
         _label(action, "action")
@@ -112,13 +113,14 @@ class AuditLog:
         before_text, before_value = _stored(before, "before")
         after_text, after_value = _stored(after, "after")
         db = self.ledger.db
-        with self.ledger.transaction():
-            last = db.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
-            row_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        with self.ledger.transaction(serialized=False):
+            row_id, prev_hash = db.execute("UPDATE audit_head SET id = id + 1 WHERE one = 1 RETURNING id, hash"
+                                           ).fetchone()
             digest = _row_hash(prev_hash, row_id, ts_ns, actor, action, target, before_value, after_value)
             db.execute("INSERT INTO audit_log (id, ts_ns, actor, action, target, before, after, prev_hash, hash)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (row_id, ts_ns, actor, action, target, before_text, after_text, prev_hash, digest))
+            db.execute("UPDATE audit_head SET hash = ? WHERE one = 1", (digest,))
         return row_id
 
     def verify(self) -> tuple[bool, int | None]:

@@ -406,7 +406,11 @@ class Ledger:
         ts = _ts(ts)
         _text(method, "payment method")
         _text(idempotency_key, "idempotency key", optional=True)
-        with self.transaction():
+        # Not serialized: the unique key on idempotency_key holds "once per key" (two writers racing with
+        # one key: the second is refused whole, and its retry finds the first here). The balance row is
+        # locked before the payment's feed id (PostgreSQL: schema 1's feed_head), the order in which a
+        # change of the subscriber's terms takes them too, so the two never deadlock.
+        with self.transaction(serialized=False):
             if idempotency_key is not None:
                 prior = self.db.execute("SELECT id, subscriber_id, amount FROM payments WHERE idempotency_key = ?",
                                         (idempotency_key,)).fetchone()
@@ -415,11 +419,10 @@ class Ledger:
                         raise LedgerError(f"idempotency key {idempotency_key!r} was used for another payment "
                                           f"(id {prior[0]}: subscriber {prior[1]}, amount {prior[2]})")
                     return prior[0]
-            payment = self.db.scalar(
+            self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
+            return self.db.scalar(
                 "INSERT INTO payments (subscriber_id, amount, ts_ns, method, comment, idempotency_key)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (sid, amount, ts, method, comment, idempotency_key))
-            self.db.execute("UPDATE subscribers SET balance = balance + ? WHERE id = ?", (amount, sid))
-            return payment
 
     def add_adjustment(self, subscriber, amount: int, reason: str, author: str, ts: int | None = None) -> int:
         """A correction by an operator (positive or negative, not zero), with a
@@ -586,7 +589,11 @@ class Ledger:
             if min(zone, minute, nbytes, packets, charged) < 0:
                 raise LedgerError(f"bad flush row {r!r}: zone, minute, bytes, packets and charged are >= 0")
             per_sub[sid] = per_sub.get(sid, 0) + charged
-        with self.transaction():
+        # Not serialized: many gateways flush at once. The flush id's primary key makes a replay (or the
+        # same flush from two processes) change nothing; usage rows and balances are changed by atomic
+        # upserts and updates, taken in key order in every flush, so concurrent flushes never deadlock.
+        rows.sort()
+        with self.transaction(serialized=False):
             if per_sub:  # checked before the replay test, so bad rows are an error whether or not replayed
                 marks = ", ".join("?" * len(per_sub))
                 known = {s for (s,) in self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({marks})",
@@ -594,10 +601,10 @@ class Ledger:
                 unknown = sorted(set(per_sub) - known)
                 if unknown:
                     raise LedgerError(f"flush {flush_id!r} has rows for unknown subscribers {unknown}")
-            if self._known_flush(flush_id):
+            if self._known_flush(flush_id, pruned_only=True) or self.db.scalar(
+                    "INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                    " RETURNING 1", (flush_id, ts, len(rows), source)) is None:
                 return False
-            self.db.execute("INSERT INTO flushes (id, ts_ns, rows, source) VALUES (?, ?, ?, ?)",
-                            (flush_id, ts, len(rows), source))
             self.db.executemany(
                 "INSERT INTO usage (subscriber_id, zone, direction, minute, bytes, packets, amount)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute) DO UPDATE SET"
@@ -1076,10 +1083,11 @@ class Ledger:
     # here is what every reader and writer needs of that: the flush ids pruned, and the bounds a range
     # may have where rows are coarse.
 
-    def _known_flush(self, flush_id: str) -> bool:
-        """A flush with this id was applied: its row is there, or it was pruned (an id ``<boot>:<seq>`` at
-        or below its boot's watermark, see accounting/rollup.py)."""
-        if self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
+    def _known_flush(self, flush_id: str, pruned_only: bool = False) -> bool:
+        """A flush with this id was applied: its row is there (unless ``pruned_only``: the caller's insert
+        tests that), or it was pruned (an id ``<boot>:<seq>`` at or below its boot's watermark, see
+        accounting/rollup.py)."""
+        if not pruned_only and self.db.execute("SELECT 1 FROM flushes WHERE id = ?", (flush_id,)).fetchone():
             return True
         boot, _, seq = flush_id.rpartition(":")
         if not (boot and seq.isdigit() and seq.isascii() and len(seq) <= 18) or ":" in boot:  # rollup.ENGINE_ID
