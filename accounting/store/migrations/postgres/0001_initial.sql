@@ -45,7 +45,9 @@
 -- for payments and adjustments (the second argument) the trigger takes the
 -- subscriber's row first (FOR NO KEY UPDATE: what the balance UPDATE takes
 -- anyway, which does not wait for inserts that merely refer to the row), then
--- the head: the same order everywhere.
+-- the head: the same order in both. (A transaction that writes the feed for
+-- one subscriber and then updates another's row can still deadlock with a
+-- payment of the second; PostgreSQL then aborts one of them, to be retried.)
 CREATE TABLE feed_head (
     one boolean PRIMARY KEY DEFAULT true CHECK (one)
 );
