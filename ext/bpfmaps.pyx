@@ -143,7 +143,7 @@ cdef extern from *:
 # ---- the program's ABI (keep in step with ext/bpf/tollgate.bpf.c) -------------
 
 TG_MAGIC = 0x54474154454c4c54
-TG_ABI = 3  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat
+TG_ABI = 3  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags
 MAX_RULES = 16  # TG_MAX_RULES
 MAX_DEPTH = 8  # TG_MAX_DEPTH
 NO_GROUP = 0xFFFFFFFF
@@ -152,6 +152,12 @@ NO_GROUP = 0xFFFFFFFF
 ZONE_NOT_FORWARDED = 0xFF
 F_MALFORMED_DROP = 1
 F_UNKNOWN_DROP = 2
+# which subscriber LPM tries may hold entries: the program skips the lookups that cannot match (most
+# subscribers own a /32, a /128 or a /64, all hashes; an LPM lookup costs even on an empty trie)
+F_SUB4_LPM = 4  # tg_sub4_lpm is not empty
+F_SUB6_LPM = 8  # tg_sub6_lpm is not empty
+F_SUB6_LONG = 16  # tg_sub6_lpm may hold a prefix longer than /64 (looked up before the /64 hash)
+F_SUB_LPM = F_SUB4_LPM | F_SUB6_LPM | F_SUB6_LONG
 C_BLOCKED = 1
 GRANT_FREE = (1 << 64) - 1
 TC_ACT_OK = 0
@@ -164,7 +170,7 @@ STATS = ("unknown", "malformed", "passed", "dropped", "allowed", "nonip", "cas_e
          "noslot", "local")
 MAPS = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm", "tg_zone4", "tg_zone6",
         "tg_zone_groups", "tg_allow4", "tg_allow6", "tg_allow_groups", "tg_counters", "tg_dirty", "tg_stats",
-        "tg_info")
+        "tg_info", "tg_scratch")
 PROGRAMS = ("tollgate_ingress", "tollgate_egress")  # index = direction (UPLOAD 0, DOWNLOAD 1)
 DEFAULT_PIN_DIR = "/sys/fs/bpf/tollgate"
 OBJECT = Path(__file__).resolve().parent / "bpf" / "tollgate.bpf.o"
@@ -565,14 +571,51 @@ cdef class Maps:
                 vals[which][k].slot = slot if not remove else 0
                 vals[which][k].plen = plen
                 counts[which] = k + 1
+            if not remove:  # the flags before the entries: a lookup too many, never one too few
+                need = (F_SUB4_LPM if counts[3] else 0) | (F_SUB6_LPM if counts[4] else 0)
+                for k in range(counts[4]):
+                    if vals[4][k].plen > 64:
+                        need |= F_SUB6_LONG
+                        break
+                if need & ~self.flags:
+                    self._set_flags(self.flags | need)
             for k in range(5):
                 if counts[k]:
                     self._write(names[k], keys[k], ksize[k], <uint8_t *> vals[k], sizeof(tg_sub), counts[k],
                                 remove)
+            if remove and (counts[3] or counts[4]):  # after the entries went: what the tries still hold
+                self._set_flags((self.flags & ~F_SUB_LPM) | self._lpm_flags())
         finally:
             for k in range(5):
                 free(keys[k])
                 free(vals[k])
+
+    cdef _lpm_flags(self):
+        """F_SUB* of what tg_sub4_lpm and tg_sub6_lpm hold (walks their keys: they are small)."""
+        cdef uint8_t key[20]
+        cdef uint8_t nxt[20]
+        out = 0
+        if bpf_map_get_next_key(self.fds["tg_sub4_lpm"], NULL, nxt) == 0:
+            out |= F_SUB4_LPM
+        rc = bpf_map_get_next_key(self.fds["tg_sub6_lpm"], NULL, nxt)
+        while rc == 0:
+            out |= F_SUB6_LPM
+            if (<uint32_t *> nxt)[0] > 64:
+                return out | F_SUB6_LONG
+            memcpy(key, nxt, 20)
+            rc = bpf_map_get_next_key(self.fds["tg_sub6_lpm"], key, nxt)
+        return out
+
+    cdef _set_flags(self, unsigned int flags):
+        """Rewrite tg_info's flags (the rest as it is)."""
+        cdef tg_info info
+        cdef uint32_t zero = 0
+        if bpf_map_lookup_elem(self.fds["tg_info"], &zero, &info):
+            raise BpfError("cannot read tg_info", errno)
+        info.flags = flags
+        if bpf_map_update_elem(self.fds["tg_info"], &zero, &info, 0):
+            raise BpfError("cannot write tg_info", errno)
+        self.flags = flags
 
     cdef _write(self, str name, uint8_t *keys, int ksize, uint8_t *vals, int vsize, Py_ssize_t n, bint remove):
         """Batched update (or delete) of ``n`` elements; element by element

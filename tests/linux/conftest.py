@@ -34,3 +34,18 @@ def lab(request):
         yield lab
     finally:
         lab_down(prefix)
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    """A cluster lab (gateway.lab.cluster_up: 3 gateways, 2 subscribers each, the shared subscriber x
+    on g1 and g2) per test module, under the module's prefix; torn down whatever happens."""
+    from gateway.lab import cluster_down, cluster_up
+
+    prefix = lab_prefix(request.module.__name__)
+    cluster_down(prefix)
+    cluster = cluster_up(3, 2, prefix)
+    try:
+        yield cluster
+    finally:
+        cluster_down(prefix)

@@ -89,3 +89,22 @@ def kernel_bytes(counters: dict, lab, i: int) -> int:
     """Bytes our nft table counted for lab subscriber ``i`` (both directions, IPv4 and IPv6)."""
     return sum(counters[n]["up_bytes"] + counters[n]["down_bytes"]
                for n in (f"{lab.sub_addr4(i)}/32", f"2001:db8:100:{i:x}::/64"))
+
+
+# ---- the cluster lab (gateway.lab.cluster_up): several gateways on one ledger ----------------------
+
+def cluster_kernel_bytes(counters: dict, sub) -> int:
+    """Bytes one gateway's nft table counted for cluster subscriber ``sub`` (a
+    ``gateway.lab.ClusterSubscriber``): both directions, all its networks, IPv4 and IPv6. A gateway
+    that lists a network it never sees has a zero counter for it."""
+    return sum(counters[n]["up_bytes"] + counters[n]["down_bytes"] for n in sub.networks if n in counters)
+
+
+def charged_bytes_of(target: str) -> dict[str, int]:
+    """Bytes charged per subscriber name in a ledger (a file or a PostgreSQL conninfo), through the
+    ledger's own interface; subscribers without usage are absent."""
+    from accounting.ledger import Ledger
+
+    with Ledger.open(target) as led:
+        names = {s["id"]: s["name"] for s in led.subscribers()}
+        return {names[u["subscriber_id"]]: u["bytes"] for u in led.usage(group_by="subscriber_id")}

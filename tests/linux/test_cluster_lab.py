@@ -1,0 +1,265 @@
+"""The cluster lab (gateway.lab.cluster_up, issue 13): three NAT gateways on one upstream, two
+subscribers behind each, and the shared subscriber x whose addresses are routed by source through g1
+and g2 at the same time.
+
+First without Tollgate: plain forwarding, each download through the gateway it should cross, as
+nft counters of our own in every gateway (forward hook, per subscriber network) and on the upstream
+(per uplink) show. Then Tollgate on every gateway with one PostgreSQL ledger: per subscriber, the
+bytes charged == the sum over the gateways of that subscriber's kernel counters, the shared one
+across two gateways included. Every transfer has a timeout."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from gateway.lab import BIG_FILE, UPSTREAM4, UPSTREAM6, cluster_config
+from lablib import Gateway, charged_bytes_of, cluster_kernel_bytes, netns
+
+EUR = 10 ** 9
+URL4, URL6 = f"http://{UPSTREAM4}/big.bin", f"http://[{UPSTREAM6}]/big.bin"
+HEADROOM = 1.10  # IP and TCP headers on top of the payload, well below 10%
+
+
+# ---- traffic ---------------------------------------------------------------------------------------
+
+def downloads(cluster) -> list[tuple[str, int, str, str]]:
+    """``(subscriber, gateway, source address, url)`` of one round: every subscriber of its own gateway
+    once (s1 over IPv4, s2 over IPv6), the shared one four times at once: IPv4 and IPv6 through g1 and
+    through g2, each from the source address routed through that gateway."""
+    out = []
+    for sub in cluster.subscribers:
+        for link in sub.links:
+            if sub.name == cluster.shared.name:
+                out += [(sub.name, link.gateway, link.addr4, URL4), (sub.name, link.gateway, link.addr6, URL6)]
+            else:
+                v6 = sub.name.endswith("2")
+                out.append((sub.name, link.gateway, link.addr6 if v6 else link.addr4, URL6 if v6 else URL4))
+    return out
+
+
+def run_downloads(cluster, jobs, timeout: float = 30) -> None:
+    """All ``jobs`` at once, each bounded by curl's -m and a wait; every one must get the whole file."""
+    procs = [(job, subprocess.Popen(
+        ["ip", "netns", "exec", cluster.subscriber(job[0]).ns, "curl", "-s", "-m", str(timeout), "--interface",
+         job[2], "-o", "/dev/null", "-w", "%{http_code} %{size_download}", job[3]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for job in jobs]
+    results = []
+    for job, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results.append((job, proc.returncode, out, err))
+    bad = [r for r in results if r[1] != 0 or r[2] != f"200 {BIG_FILE}"]
+    assert not bad, bad
+
+
+# ---- our own counters, without Tollgate --------------------------------------------------------------
+
+def _match(net: str, side: str) -> str:
+    fam = "ip6" if ":" in net else "ip"
+    return f"{fam} {side} {net}"
+
+
+def install_counters(cluster) -> None:
+    """A table ``inet labcount`` in every gateway (forward hook: per subscriber network, up = from it,
+    down = to it) and on the upstream (per uplink, in and out), made anew so counts start at zero."""
+    for g in cluster.gateways:
+        rules = "".join(f'    {_match(n, side)} counter comment "{n} {way}"\n'
+                        for s in cluster.subscribers for n in s.networks
+                        for side, way in (("saddr", "up"), ("daddr", "down")))
+        netns(g.ns, "nft", "delete", "table", "inet", "labcount")
+        proc = subprocess.run(["ip", "netns", "exec", g.ns, "nft", "-f", "-"], capture_output=True, text=True,
+                              input="table inet labcount {\n  chain forward { type filter hook forward priority -10;"
+                                    " policy accept;\n" + rules + "  }\n}\n")
+        assert proc.returncode == 0, proc.stderr
+    links = "".join(f'    {hook[0]}ifname "g{g.k}" counter comment "g{g.k} {hook[1]}"\n'
+                    for g in cluster.gateways for hook in (("i", "in"), ("o", "out")))
+    netns(cluster.up, "nft", "delete", "table", "inet", "labcount")
+    body = ("table inet labcount {\n  chain input { type filter hook input priority -10; policy accept;\n"
+            + "".join(line for line in links.splitlines(True) if " in\"" in line)
+            + "  }\n  chain output { type filter hook output priority -10; policy accept;\n"
+            + "".join(line for line in links.splitlines(True) if " out\"" in line) + "  }\n}\n")
+    proc = subprocess.run(["ip", "netns", "exec", cluster.up, "nft", "-f", "-"], capture_output=True, text=True,
+                          input=body)
+    assert proc.returncode == 0, proc.stderr
+
+
+def read_counters(ns: str) -> dict[str, int]:
+    """``{comment: bytes}`` of the counters in ``inet labcount`` of ``ns``."""
+    out = json.loads(netns(ns, "nft", "-j", "list", "table", "inet", "labcount", check=True).stdout)
+    counts = {}
+    for item in out["nftables"]:
+        rule = item.get("rule")
+        if rule and "comment" in rule:
+            counts[rule["comment"]] = sum(e["counter"]["bytes"] for e in rule["expr"] if "counter" in e)
+    return counts
+
+
+def remove_counters(cluster) -> None:
+    for ns in [cluster.up] + [g.ns for g in cluster.gateways]:
+        netns(ns, "nft", "delete", "table", "inet", "labcount")
+
+
+def test_plain_forwarding_crosses_the_intended_gateways(cluster):
+    install_counters(cluster)
+    try:
+        jobs = downloads(cluster)
+        run_downloads(cluster, jobs)
+        counts = {g.k: read_counters(g.ns) for g in cluster.gateways}
+        upstream = read_counters(cluster.up)
+    finally:
+        remove_counters(cluster)
+    # every network's download counted by exactly the gateway that should carry it, by no other
+    expected = {}  # (gateway, network) -> downloads
+    for name, k, src, _url in jobs:
+        link = cluster.subscriber(name).via(k)
+        net = link.networks[0] if src == link.addr4 else link.networks[1]
+        expected[(k, net)] = expected.get((k, net), 0) + 1
+    for sub in cluster.subscribers:
+        for net in sub.networks:
+            for k, c in counts.items():
+                n, got = expected.get((k, net), 0), c[f"{net} down"]
+                if n:
+                    assert n * BIG_FILE <= got <= n * BIG_FILE * HEADROOM, (sub.name, net, k, got)
+                    assert c[f"{net} up"] > 0, (sub.name, net, k)
+                else:
+                    assert got == 0 and c[f"{net} up"] == 0, (sub.name, net, k, got)
+    # the shared subscriber: its two addresses of each family, through two gateways at once
+    x = cluster.shared
+    for link in x.links:
+        for net in link.networks:
+            assert counts[link.gateway][f"{net} down"] >= BIG_FILE, (net, link.gateway)
+    assert {k for k, c in counts.items() if any(c[f"{n} down"] for n in x.networks)} == {1, 2}
+    # the far end: what left the upstream on each uplink is what that gateway forwarded down, and what
+    # came in on it what the gateway forwarded up (NAT changes no length)
+    for g in cluster.gateways:
+        forwarded = sum(counts[g.k][f"{n} down"] for s in cluster.subscribers for n in s.networks)
+        n = sum(1 for _name, k, _src, _url in jobs if k == g.k)
+        assert n * BIG_FILE <= forwarded, (g.k, forwarded)
+        assert forwarded <= upstream[f"g{g.k} out"] <= forwarded + 64 * 1024, (g.k, forwarded, upstream)
+        sent = sum(counts[g.k][f"{n} up"] for s in cluster.subscribers for n in s.networks)
+        assert sent <= upstream[f"g{g.k} in"] <= sent + 64 * 1024, (g.k, sent, upstream)  # + neighbour discovery
+
+
+# ---- Tollgate on every gateway, one PostgreSQL ledger ---------------------------------------------------
+
+@pytest.fixture
+def pg_gateways(cluster, tmp_path, pg_cluster):
+    """``start(balances)``: one new database, and ``tollgate run`` on every gateway of the cluster
+    (one after another: the first seeds the ledger from its config, the others find the subscribers
+    there), each with its own config (all subscribers) and log. Stopped and their kernel state
+    removed after the test."""
+    gws: list[Gateway] = []
+    made = iter(range(1, 100))
+
+    def start(balances=None) -> list[Gateway]:
+        db = pg_cluster.create_database(f"cluster{id(tmp_path) % 10 ** 6}_{next(made)}")
+        for g in cluster.gateways:
+            work = tmp_path / f"g{g.k}"
+            work.mkdir(exist_ok=True)
+            gw = Gateway(g.ns, work, cluster_config(cluster, g.k, balances or {}))
+            gw.db = db
+            gws.append(gw)
+            gw.start()
+        return gws
+
+    yield start
+    for gw in gws:
+        gw.stop()
+    for g in cluster.gateways:
+        netns(g.ns, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
+
+
+def kernel_figures(cluster, gws) -> dict[str, dict[int, int]]:
+    """``{subscriber: {gateway: bytes its kernel counters hold}}``."""
+    counters = {k: gw.kernel_counters() for k, gw in enumerate(gws, 1)}
+    return {s.name: {k: cluster_kernel_bytes(c, s) for k, c in counters.items()} for s in cluster.subscribers}
+
+
+def settle(cluster, gws, timeout: float = 10.0) -> tuple[dict, dict]:
+    """Wait (bounded) until the ledger holds every subscriber's kernel bytes summed over the gateways,
+    or the time is up; returns ``(charged, kernel figures)`` as last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kernel = kernel_figures(cluster, gws)
+        charged = charged_bytes_of(gws[0].db)
+        if all(charged.get(name, 0) == sum(per.values()) for name, per in kernel.items()) \
+                or time.monotonic() > deadline:
+            return charged, kernel
+        time.sleep(0.5)
+
+
+def mismatches(charged: dict, kernel: dict) -> dict:
+    return {name: {"charged": charged.get(name, 0), "kernel": per, "kernel total": sum(per.values())}
+            for name, per in kernel.items() if charged.get(name, 0) != sum(per.values())}
+
+
+def log_lines(gws, pattern=r"WARNING|ERROR|kernel counters below|never rated|drift") -> str:
+    out = []
+    for k, gw in enumerate(gws, 1):
+        text = (gw.dir / "gateway.log").read_text(errors="replace")
+        out += [f"g{k}: {line}" for line in text.splitlines() if re.search(pattern, line)]
+    return "\n".join(out[-40:])
+
+
+def check_ledger(cluster, db, gws) -> None:
+    from accounting.ledger import Ledger
+
+    with Ledger.open(db) as led:
+        assert led.check_invariants() == []
+        for s in cluster.subscribers:  # plenty of money: nobody blocked, the balance is what was charged
+            assert led.balance(s.name) == 100 * EUR - sum(c["amount"] for c in led.charges(s.name)), s.name
+            assert led.balance(s.name) > 90 * EUR, s.name
+
+
+def test_bytes_charged_are_the_sum_over_gateways_of_the_kernel_counters(cluster, pg_gateways):
+    gws = pg_gateways()
+    run_downloads(cluster, downloads(cluster))
+    charged, kernel = settle(cluster, gws)
+    assert not mismatches(charged, kernel), (mismatches(charged, kernel), log_lines(gws))
+    for sub in cluster.subscribers:
+        per = kernel[sub.name]
+        assert {k for k, b in per.items() if b} == set(sub.gateways), (sub.name, per)  # where it was served
+        for k in sub.gateways:
+            assert per[k] >= (2 if sub.name == cluster.shared.name else 1) * BIG_FILE, (sub.name, per)
+    assert charged[cluster.shared.name] == kernel[cluster.shared.name][1] + kernel[cluster.shared.name][2]
+    for gw in gws:
+        gw.stop()
+    check_ledger(cluster, gws[0].db, gws)
+
+
+class SharedKernelMarks(AssertionError):
+    """Charged != the kernel's bytes after a restart, with the start-up's kernel-mark warnings."""
+
+
+@pytest.mark.xfail(strict=True, raises=SharedKernelMarks, reason=(
+    "kernel_marks are kept per (subscriber, direction) in the shared ledger, summed over every gateway's "
+    "flushes, but each gateway compares them with its own kernel counters at start (gateway/daemon/kernel.py "
+    "charge_unrated): restarted g1 finds its counters of g2s1, g2s2, g3s1, g3s2 (0 B) and of x (its half) "
+    "'below what the ledger holds' and sets the shared marks to them (set_kernel_marks); restarted g2 then "
+    "finds its own counters above those marks and charges g2s1's and g2s2's whole earlier traffic again as "
+    "'never rated' (about 8.4 MB each), x a few hundred bytes"))
+def test_bytes_charged_after_a_rolling_restart_of_two_gateways(cluster, pg_gateways):
+    """As above, then g1 and then g2 restarted one after the other (SIGTERM, start: what an upgrade
+    does), another round of traffic: still charged == the sum of the kernel counters."""
+    gws = pg_gateways()
+    run_downloads(cluster, downloads(cluster))
+    charged, kernel = settle(cluster, gws)
+    assert not mismatches(charged, kernel), ("before the restarts", mismatches(charged, kernel), log_lines(gws))
+    for k in (1, 2):
+        gws[k - 1].stop(signal.SIGTERM)
+        gws[k - 1].start()
+    run_downloads(cluster, downloads(cluster))
+    charged, kernel = settle(cluster, gws)
+    wrong = mismatches(charged, kernel)
+    if wrong and "kernel counters below what the ledger holds" in log_lines(gws):
+        raise SharedKernelMarks(f"after restarting g1 and g2: {wrong}\n{log_lines(gws)}")
+    assert not wrong, ("after restarting g1 and g2", wrong, log_lines(gws))
