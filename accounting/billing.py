@@ -22,7 +22,8 @@ the daemon), says what is due as :class:`Posting` s and engine changes:
 
 Free volume (the tariff's buckets) is renewed at each period start, and so is
 the volume limit (the engine enforces it at the packet; the bytes that count
-are those outside the local zone, both directions: :data:`VOLUME_ZONE_RULE`).
+are those outside the local zone, both directions: :data:`VOLUME_ZONE_RULE`),
+except a limit whose terms say it is one allotment from an instant (``Terms.volume_since``: a voucher's).
 A posting's ``key`` is unique and stable (the same period, day or volume give
 the same key), so the ledger records each once even when billing runs again
 after a crash or over a replayed file.
@@ -95,6 +96,9 @@ class Terms:
     speed_down: int | None = None
     max_connections: int | None = None
     access: object = None  # accounting.access.AccessSchedule; None: always
+    # ns (last: Terms is built by position); set: volume_limit is one allotment from then on, never renewed
+    # at a period start (a voucher's volume, for its whole life from its first use: prepaid.volume_starts)
+    volume_since: int | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,7 @@ class Account:
     end: int = 0
     volumes: dict = field(default_factory=dict)  # (zone, direction) -> bytes this period
     prevailing_charged: int = 0  # provisional charges posted this period
+    since_volume: int = 0  # terms.volume_since set: bytes toward the volume limit since then, across periods
     settled_to: int | None = None  # the period ending here is settled (an exclusive end stopped at it)
     fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
     discount_on: bool = True
@@ -304,6 +309,8 @@ class Biller:
             if acct is not None:
                 key = (r.zone, r.direction)
                 acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
+                if acct.terms.volume_since is not None and counts_toward_volume(r.zone):
+                    acct.since_volume += r.bytes
                 self.touched.add(r.subscriber)
 
     def volume_left(self, sid: int) -> int | None:
@@ -312,6 +319,8 @@ class Biller:
         acct = self.accounts[sid]
         if acct.terms.volume_limit is None:
             return None
+        if acct.terms.volume_since is not None:  # one allotment, not the period's
+            return acct.terms.volume_limit - acct.since_volume
         return acct.terms.volume_limit - counted_volume(acct.volumes)
 
     # ---- the clock ------------------------------------------------------------------------

@@ -1161,10 +1161,10 @@ class Operations:
                           devices: int | None = None, tariff: str | None = None, redeem_days: int = 365,
                           batch: str | None = None) -> list[dict]:
         """``count`` vouchers for guests: ``value`` (a decimal amount: the guest account's balance) and/or
-        ``volume`` (bytes or text such as "1GB": the account's volume limit, traffic outside the local zone),
-        valid ``days`` (or ``hours``) from the first use, on at most ``devices`` devices at once, redeemable for
-        ``redeem_days``. The account's tariff is ``tariff`` or ``[sessions] voucher_tariff``. Codes are returned
-        this once."""
+        ``volume`` (bytes or text such as "1GB": the account's volume limit, traffic outside the local zone, one
+        allotment for the voucher's whole life whatever billing periods pass), valid ``days`` (or ``hours``)
+        from the first use, on at most ``devices`` devices at once, redeemable for ``redeem_days``. The account's
+        tariff is ``tariff`` or ``[sessions] voucher_tariff``. Codes are returned this once."""
         from .money import MoneyError, parse_volume
 
         units = 0 if value is None else self._amount(value, "value", positive=True)
@@ -1213,7 +1213,8 @@ class Operations:
     def redeem_voucher(self, code: str, address, others=(), mac: str | None = None, now: int | None = None) -> dict:
         """A guest types a voucher's code on the portal from the device at ``address``: the first use opens the
         guest account (``guest-<serial>``: the voucher's tariff, value as its balance, volume as its volume
-        limit, valid until first use + validity) in the same transaction that marks the voucher used; every use
+        limit, counted from this first use and not renewed at period starts (prepaid.volume_starts), valid
+        until first use + validity) in the same transaction that marks the voucher used; every use
         binds the device as a portal session (:meth:`portal_login`, the voucher's device limit, until the
         voucher ends). Guessing is limited per address as for cards (prepaid.MAX_FAILURES in WINDOW_NS)."""
         if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):

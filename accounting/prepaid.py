@@ -166,3 +166,14 @@ def voucher_attempt(ledger: Ledger, address: str, now: int, ok: bool) -> None:
     with ledger.transaction():
         ledger.db.execute("INSERT INTO voucher_attempts (address, ts_ns, ok) VALUES (?, ?, ?)",
                           (address, now, int(ok)))
+
+
+def volume_starts(ledger: Ledger, subscriber_id: int | None = None) -> dict[int, int]:
+    """``{guest account: its voucher's first use}`` (of one account, if ``subscriber_id``; one query either way,
+    the second by the unique index on ``subscriber_id``). A guest account's volume limit (its voucher's volume)
+    is one allotment for the voucher's life, counted from this first use and never renewed at a billing
+    period's start: ``accounting.billing.Terms.volume_since``, filled in by gateway.runtime."""
+    where = "" if subscriber_id is None else " AND subscriber_id = ?"
+    rows = ledger.db.execute(f"SELECT subscriber_id, first_used_ns FROM vouchers WHERE subscriber_id IS NOT NULL"
+                             f"{where}", () if subscriber_id is None else (subscriber_id,))
+    return {sid: first for sid, first in rows}

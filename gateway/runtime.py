@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from accounting import access
-from accounting.billing import Biller, Posting, Terms, volume_zone_mask
+from accounting import access, prepaid
+from accounting.billing import Biller, Posting, Terms, counted_volume, volume_zone_mask
 from accounting.ledger import Ledger
 from ext import engine_class
 from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
@@ -29,10 +29,14 @@ TIMELINE_SPAN_NS = 8 * DAY_NS  # how far ahead the timeline is computed each tim
 def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
     """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them.
     Billing runs from ``billing_since_ns``, else (unless ``created_is_since``
-    is false: a replay of older traffic) from when the subscriber was created."""
+    is false: a replay of older traffic) from when the subscriber was created.
+    ``volume_since``: a guest account's voucher's first use (see :meth:`Accountant.terms_for`), all of them
+    in one query."""
+    starts = prepaid.volume_starts(ledger)
     return [{**{k: s[k] for k in ("id", "name", "tariff", "balance", *Ledger.TERMS)},
              "addresses": list(s["addresses"]),
-             "since": s["billing_since_ns"] or (s["created_ns"] if created_is_since else None)}
+             "since": s["billing_since_ns"] or (s["created_ns"] if created_is_since else None),
+             "volume_since": starts.get(s["id"])}
             for s in ledger.subscribers() if s.get("active", 1)]
 
 
@@ -140,9 +144,20 @@ class Accountant:
         hours = t.access
         if row.get("access_hours"):
             hours = access.parse_access(row["access_hours"], f"subscriber {row['name']!r}: access_hours")
+        # A guest account's volume limit is its voucher's volume: one allotment for the voucher's whole life
+        # (from its first use until it ends), not a limit per billing period, so a period boundary inside
+        # the voucher's validity must not give the guest the volume again. The voucher's first use is the
+        # window's start (ledger_rows has it for all rows; a row of one subscriber, a live change, asks).
+        if "volume_since" in row:
+            volume_since = row["volume_since"]
+        elif self.ledger is not None and row.get("id") is not None:
+            volume_since = prepaid.volume_starts(self.ledger, row["id"]).get(row["id"])
+        else:
+            volume_since = None
         return Terms(tariff, discount, discount_until, row["credit_limit"], credit_until,
                      own("volume_limit", t.volume_limit), own("speed_up_bps", t.speed_up),
-                     own("speed_down_bps", t.speed_down), own("max_connections", t.max_connections), hours)
+                     own("speed_down_bps", t.speed_down), own("max_connections", t.max_connections), hours,
+                     volume_since)
 
     def update_terms(self, sid: int, row: dict) -> list:
         """New terms for a subscriber whose tariff stays (a discount, a group,
@@ -266,6 +281,9 @@ class Accountant:
         row = {"name": self.subscribers[sid].name, "credit_limit": credit_limit}
         if self.ledger is not None:  # the subscriber's own terms stay with it
             row = {**(self.ledger.get_subscriber(sid) or {}), **row}
+        old = self.terms.get(sid)
+        acct = self.biller.accounts.get(sid)
+        carried = acct.since_volume if acct is not None else 0  # a voucher's volume used: the new account's too
         terms = self.terms[sid] = self.terms_for(row, tariff)
         self.access_dirty.add(sid)
         if self.ledger is not None:
@@ -273,11 +291,24 @@ class Accountant:
         state = self.engine.subscriber(sid)
         events = self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
                                             allowance=self.config.tariffs[tariff].allowance())
-        # the new tariff's period volume starts now, as its billing account does
-        events += self.engine.set_volume(sid, terms.volume_limit)
+        if terms.volume_since is None:
+            # the new tariff's period volume starts now, as its billing account does
+            events += self.engine.set_volume(sid, terms.volume_limit)
+        elif old is None or terms.volume_limit != old.volume_limit:
+            # one allotment for the voucher's life whatever the tariff: what it used stays used (the
+            # engine's live figure where it has one, undrained bytes included)
+            left = state.volume_left if state else None
+            if terms.volume_limit is None:
+                new_left = None
+            elif left is None or old is None or old.volume_limit is None:
+                new_left = terms.volume_limit - carried
+            else:
+                new_left = left + terms.volume_limit - old.volume_limit
+            events += self.engine.set_volume(sid, new_left)
         if not state:
             return [], events
         applied, more = self._post(self.biller.change_tariff(sid, terms, now))
+        self.biller.accounts[sid].since_volume = carried
         return applied, events + more
 
     def close_billing(self, sid: int, now: int) -> tuple[list[Posting], list]:
@@ -310,8 +341,10 @@ class Accountant:
                 acct = self.biller.accounts[change.subscriber]
                 tariff = self.config.tariffs[acct.terms.tariff]
                 events += self.engine.set_subscriber(change.subscriber, allowance=tariff.allowance())
-                # a new period's volume: the engine counts it down packet by packet (and lifts BLOCK_VOLUME)
-                events += self.engine.set_volume(change.subscriber, acct.terms.volume_limit)
+                # a new period's volume: the engine counts it down packet by packet (and lifts BLOCK_VOLUME);
+                # not a voucher's, which is one allotment for its life (Terms.volume_since: see terms_for)
+                if acct.terms.volume_since is None:
+                    events += self.engine.set_volume(change.subscriber, acct.terms.volume_limit)
             else:
                 events += self._apply_terms(change.subscriber)
         applied, more = self._post(postings)
@@ -362,9 +395,19 @@ class Accountant:
         events = []
         volumes, prevailing = self.ledger.period_totals(
             {sid: acct.start for sid, acct in self.biller.accounts.items()}, now)
+        # A voucher's volume counts from its first use, whatever periods passed (Terms.volume_since). The guest
+        # account was opened at that first use and has no usage before it, so the window may start earlier
+        # without counting a byte more: at the start of its minute (usage minutes count by their start; the
+        # minute of the first use holds bytes after it) or of the rolled-up bucket holding it (a range must
+        # not cut one).
+        windows = {sid: self.ledger.exact_range(acct.terms.volume_since // MINUTE_NS * 60, None)[0] * NS
+                   for sid, acct in self.biller.accounts.items() if acct.terms.volume_since is not None}
+        since_first = self.ledger.period_totals(windows, now)[0] if windows else {}
         for sid, acct in self.biller.accounts.items():
             acct.volumes.update(volumes.get(sid, {}))
             acct.prevailing_charged = prevailing.get(sid, 0)
+            if sid in windows:
+                acct.since_volume = counted_volume(since_first.get(sid, {}))
             if acct.terms.volume_limit is not None:
                 events += self.engine.set_volume(sid, self.biller.volume_left(sid))
         return events
