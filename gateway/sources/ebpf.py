@@ -64,9 +64,10 @@ SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
 # discovery to solicited-node multicast, MLD, mDNS, broadcasts, and everything to the gateway's own addresses
 # (DNS, the portal, pings). None of it is forwarded, so the forward hook, where the nfqueue path meters, never
-# sees it: the program passes it uncounted (Maps.set_zones' not_forwarded), whatever the local zone costs. These
-# never are; the gateway's own addresses come from its local routing table (policy.bpf.local_destinations).
-NOT_FORWARDED = ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16", "ff00::/8", "fe80::/10")
+# sees it: the program passes it uncounted, whatever the local zone costs. These ranges the program tests by
+# itself (never_forwarded in tollgate.bpf.c); the gateway's own addresses come from its local routing table
+# (policy.bpf.local_destinations), those outside these ranges as Maps.set_zones' not_forwarded.
+NOT_FORWARDED = ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16", "127.0.0.0/8", "ff00::/8", "fe80::/10")
 
 
 class EbpfSource:
@@ -369,7 +370,12 @@ class EbpfSource:
     def local_destinations(self) -> list[str]:
         from policy import bpf
 
-        return sorted(set(NOT_FORWARDED) | set(bpf.local_destinations()))
+        import ipaddress
+
+        builtin = [ipaddress.ip_network(n) for n in NOT_FORWARDED]
+        return sorted(d for d in set(bpf.local_destinations())
+                      if not any(n.version == b.version and n.subnet_of(b) for b in builtin
+                                 for n in [ipaddress.ip_network(d)]))
 
     def follow_local_destinations(self) -> None:
         """An address added to or removed from the gateway: the not-forwarded zone rules follow."""

@@ -378,14 +378,19 @@ def test_not_forwarded_passes_uncounted(maps):
         before = snapshot(maps)
         assert maps.test_run(0, up)[0] == 0
         assert maps.test_run(1, down, ingress_ifindex=0)[0] == 0
+        # multicast, link-local, loopback, the limited broadcast: the program knows them without a rule
+        for dst in ("224.0.0.251", "169.254.1.1", "127.0.0.1", "255.255.255.255"):
+            assert maps.test_run(0, frame(udp("100.64.1.2", dst), False))[0] == 0, dst
         changed, stats = bpf_effect(before, snapshot(maps))
-        assert changed == {} and stats["local"] == (2, 28 + len(down))  # egress: before parsing, skb->len
+        assert changed == {} and stats["local"] == (6, 5 * 28 + len(down))  # egress: before parsing, skb->len
         assert maps.test_run(1, down)[0] == 2  # forwarded (it came in somewhere): the subscriber is blocked
     finally:
         maps.set_zones(ZONES)
         maps.set_blocked(1, False)
     before = snapshot(maps)
     assert maps.test_run(0, up)[0] == 2  # no longer the gateway's own: in its zone, without a grant
+    # a forwarded download from a link-local source is rated as the engine rates it (here: refused, no grant)
+    assert maps.test_run(1, frame(udp("169.254.1.1", "100.64.1.2"), False))[0] == 2
     assert bpf_effect(before, snapshot(maps))[1]["local"] == (0, 0)
 
 
