@@ -152,12 +152,13 @@ NO_GROUP = 0xFFFFFFFF
 ZONE_NOT_FORWARDED = 0xFF
 F_MALFORMED_DROP = 1
 F_UNKNOWN_DROP = 2
-# which subscriber LPM tries may hold entries: the program skips the lookups that cannot match (most
-# subscribers own a /32, a /128 or a /64, all hashes; an LPM lookup costs even on an empty trie)
+# which subscriber maps may hold entries (the /128 hash, the LPM tries): the program skips the lookups that
+# cannot match (most subscribers own a /32 or a /64; a lookup costs ~8-10 ns even in an empty map)
 F_SUB4_LPM = 4  # tg_sub4_lpm is not empty
 F_SUB6_LPM = 8  # tg_sub6_lpm is not empty
 F_SUB6_LONG = 16  # tg_sub6_lpm may hold a prefix longer than /64 (looked up before the /64 hash)
-F_SUB_LPM = F_SUB4_LPM | F_SUB6_LPM | F_SUB6_LONG
+F_SUB6_HOST = 32  # tg_sub6, the /128 hash, is not empty
+F_SUB_LPM = F_SUB4_LPM | F_SUB6_LPM | F_SUB6_LONG | F_SUB6_HOST
 C_BLOCKED = 1
 GRANT_FREE = (1 << 64) - 1
 TC_ACT_OK = 0
@@ -572,7 +573,8 @@ cdef class Maps:
                 vals[which][k].plen = plen
                 counts[which] = k + 1
             if not remove:  # the flags before the entries: a lookup too many, never one too few
-                need = (F_SUB4_LPM if counts[3] else 0) | (F_SUB6_LPM if counts[4] else 0)
+                need = (F_SUB4_LPM if counts[3] else 0) | (F_SUB6_LPM if counts[4] else 0) | \
+                    (F_SUB6_HOST if counts[1] else 0)
                 for k in range(counts[4]):
                     if vals[4][k].plen > 64:
                         need |= F_SUB6_LONG
@@ -583,7 +585,7 @@ cdef class Maps:
                 if counts[k]:
                     self._write(names[k], keys[k], ksize[k], <uint8_t *> vals[k], sizeof(tg_sub), counts[k],
                                 remove)
-            if remove and (counts[3] or counts[4]):  # after the entries went: what the tries still hold
+            if remove and (counts[1] or counts[3] or counts[4]):  # after the entries went: what is left
                 self._set_flags((self.flags & ~F_SUB_LPM) | self._lpm_flags())
         finally:
             for k in range(5):
@@ -591,12 +593,14 @@ cdef class Maps:
                 free(vals[k])
 
     cdef _lpm_flags(self):
-        """F_SUB* of what tg_sub4_lpm and tg_sub6_lpm hold (walks their keys: they are small)."""
+        """F_SUB* of what tg_sub6, tg_sub4_lpm and tg_sub6_lpm hold (walks the IPv6 trie's keys: it is small)."""
         cdef uint8_t key[20]
         cdef uint8_t nxt[20]
         out = 0
         if bpf_map_get_next_key(self.fds["tg_sub4_lpm"], NULL, nxt) == 0:
             out |= F_SUB4_LPM
+        if bpf_map_get_next_key(self.fds["tg_sub6"], NULL, nxt) == 0:
+            out |= F_SUB6_HOST
         rc = bpf_map_get_next_key(self.fds["tg_sub6_lpm"], NULL, nxt)
         while rc == 0:
             out |= F_SUB6_LPM

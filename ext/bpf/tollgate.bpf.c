@@ -55,8 +55,9 @@
  *   IPv4: tg_sub4 (hash, /32) then tg_sub4_lpm (other lengths).
  *   IPv6: tg_sub6 (hash, /128), tg_sub6_lpm if its match is longer than
  *         /64, tg_sub6_64 (hash of the upper 64 bits), then tg_sub6_lpm.
- * An LPM lookup that cannot match (TG_F_SUB* in tg_info.flags: the trie is
- * empty, or holds nothing longer than /64) is skipped.
+ * A lookup that cannot match (TG_F_SUB* in tg_info.flags: the /128 hash or
+ * an LPM trie is empty, or the IPv6 trie holds nothing longer than /64) is
+ * skipped.
  * Why hash before LPM: almost every subscriber owns one address or one /64;
  * a hash lookup costs the same at 10 or 10M entries, while an LPM trie walk
  * grows with the table (62 ns at 100 entries, 665 ns at 1M, published
@@ -172,6 +173,7 @@
 #define TG_F_SUB4_LPM 4U
 #define TG_F_SUB6_LPM 8U
 #define TG_F_SUB6_LONG 16U /* tg_sub6_lpm may hold a prefix longer than /64 */
+#define TG_F_SUB6_HOST 32U /* tg_sub6 (the /128 hash) is not empty */
 #define TG_C_BLOCKED 1ULL
 
 enum tg_stat_id {
@@ -595,9 +597,11 @@ static __always_inline struct tg_sub *lookup_sub(const struct tg_pkt *p, const _
 		__builtin_memcpy(k4.addr, addr, 4);
 		return bpf_map_lookup_elem(&tg_sub4_lpm, &k4);
 	}
-	s = bpf_map_lookup_elem(&tg_sub6, addr);
-	if (s)
-		return s;
+	if (flags & TG_F_SUB6_HOST) {
+		s = bpf_map_lookup_elem(&tg_sub6, addr);
+		if (s)
+			return s;
+	}
 	{
 		struct tg_lpm6 k6 = {.prefixlen = 128};
 		__u64 hi;
