@@ -73,6 +73,9 @@ class Ledger:
         self.db = db
         self.path = db.target
         self._rollups: bool | None = None  # has the schema rollup_state (read once: an open ledger's schema is fixed)
+        # The gateway this connection writes kernel state for (kernel marks, block state, grants: schema 22);
+        # '' on a ledger that only one gateway uses. Set by the daemon from [cluster] gateway.
+        self.gateway = ""
 
     # ---- opening -------------------------------------------------------------
 
@@ -121,7 +124,7 @@ class Ledger:
 
     _COLS = ("id", "name", "contract", "tariff", "currency", "opening_balance", "balance", "credit_limit", "active",
              "created_ns", "billing_since_ns", "group_name", "discount_bp", "discount_until_ns", "credit_until_ns",
-             "volume_limit", "speed_up_bps", "speed_down_bps", "max_connections", "access_hours")
+             "volume_limit", "speed_up_bps", "speed_down_bps", "max_connections", "access_hours", "reserved")
     TERMS = ("group_name", "discount_bp", "discount_until_ns", "credit_until_ns", "credit_limit", "volume_limit",
              "speed_up_bps", "speed_down_bps", "max_connections", "access_hours")
 
@@ -453,10 +456,10 @@ class Ledger:
         _text(key, "posting key")
         _int(amount, "amount")
         ts = _ts(ts)
-        with self.transaction():
-            cur = self.db.execute("INSERT OR IGNORE INTO postings (subscriber_id, kind, amount, ts_ns, key, detail)"
-                                  " VALUES (?, ?, ?, ?, ?, ?)", (sid, kind, amount, ts, key, detail))
-            if cur.rowcount == 0:
+        with self.transaction(serialized=False):  # once per key: the unique key holds it, on every backend
+            if self.db.scalar("INSERT INTO postings (subscriber_id, kind, amount, ts_ns, key, detail)"
+                              " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+                              (sid, kind, amount, ts, key, detail)) is None:
                 return False
             self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
             return True
@@ -546,7 +549,7 @@ class Ledger:
     # ---- flushes -------------------------------------------------------------
 
     def apply_flush(self, flush_id: str, rows, ts: int, source: str = "engine", files=(),
-                    kernel_marks: bool = False) -> bool:
+                    kernel_marks: bool = False, grants: bool = False) -> bool:
         """Write the engine's counters; True if written, False if ``flush_id``
         was applied before (then nothing changes, whatever ``rows`` hold).
 
@@ -566,6 +569,12 @@ class Ledger:
         are added to the subscribers' :meth:`kernel_marks` in the same
         transaction, so the marks say exactly what of the kernel's count the
         ledger holds, whenever the process dies.
+
+        ``grants``: the gateway rated against its grants (:meth:`reserve`):
+        each charge is taken off the gateway's grant as well as the balance,
+        in the same transaction; what a charge exceeds its grant by (a grant
+        that expired while the gateway still served) is charged all the same.
+        The flush id is the report id: a report applied twice is applied once.
         """
         _text(flush_id, "flush id")
         _ts(ts, "flush ts")
@@ -615,6 +624,8 @@ class Ledger:
                     self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
                                     (sid, flush_id, amount, ts))
                     self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
+                    if grants:  # the row is locked by the UPDATE above, then its grant: reserve's order
+                        self._charge_grant(sid, amount)
             self.db.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
                                      " VALUES (?, ?, ?, ?, ?)", [(d, n, flush_id, r, b) for d, n, r, b in files])
             if kernel_marks:
@@ -660,15 +671,15 @@ class Ledger:
         """``{(subscriber, direction): (bytes, packets)}``: how much of the
         subscriber's kernel counters the ledger holds as usage (see
         migrations/0013_kernel_state.sql)."""
-        return {(sid, d): (b, p) for sid, d, b, p in
-                self.db.execute("SELECT subscriber_id, direction, bytes, packets FROM kernel_marks")}
+        return {(sid, d): (b, p) for sid, d, b, p in self.db.execute(
+            "SELECT subscriber_id, direction, bytes, packets FROM kernel_marks WHERE gateway = ?", (self.gateway,))}
 
     def _add_kernel_marks(self, deltas) -> None:
         self.db.executemany(
-            "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = kernel_marks.bytes + excluded.bytes,"
-            " packets = kernel_marks.packets + excluded.packets",
-            [(sid, d, b, p) for (sid, d), (b, p) in sorted(deltas.items())])
+            "INSERT INTO kernel_marks (gateway, subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (gateway, subscriber_id, direction) DO UPDATE SET"
+            " bytes = kernel_marks.bytes + excluded.bytes, packets = kernel_marks.packets + excluded.packets",
+            [(self.gateway, sid, d, b, p) for (sid, d), (b, p) in sorted(deltas.items())])
 
     def adjust_kernel_marks(self, deltas: dict) -> None:
         """Add ``{(subscriber, direction): (bytes, packets)}`` (negative too) to
@@ -689,10 +700,10 @@ class Ledger:
         recreated), one transaction."""
         with self.transaction():
             self.db.executemany(
-                "INSERT INTO kernel_marks (subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (subscriber_id, direction) DO UPDATE SET bytes = excluded.bytes,"
+                "INSERT INTO kernel_marks (gateway, subscriber_id, direction, bytes, packets) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (gateway, subscriber_id, direction) DO UPDATE SET bytes = excluded.bytes,"
                 " packets = excluded.packets",
-                [(_int(sid, "subscriber"), d, _int(b, "bytes"), _int(p, "packets"))
+                [(self.gateway, _int(sid, "subscriber"), d, _int(b, "bytes"), _int(p, "packets"))
                  for (sid, d), (b, p) in sorted(marks.items())])
 
     def save_block_state(self, states, ts: int | None = None, records=()) -> None:
@@ -702,7 +713,7 @@ class Ledger:
         by the gateway right after each kernel update, so a restart finds the
         blocks that held when it died."""
         ts = _ts(time.time_ns() if ts is None else ts)
-        states = [(_int(sid, "subscriber"), _int(bits, "blocked bits", 0), _int(pid, "payment id", 0),
+        states = [(self.gateway, _int(sid, "subscriber"), _int(bits, "blocked bits", 0), _int(pid, "payment id", 0),
                    _int(aid, "adjustment id", 0), ts) for sid, bits, pid, aid in states]
         records = [tuple(r) for r in records]
         for _sid, kind, reason, _packet_ts, _balance in records:
@@ -711,8 +722,8 @@ class Ledger:
             _text(reason, "block reason")
         with self.transaction():
             self.db.executemany(
-                "INSERT INTO block_state (subscriber_id, blocked, payment_id, adjustment_id, ts_ns)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (subscriber_id) DO UPDATE SET blocked = excluded.blocked,"
+                "INSERT INTO block_state (gateway, subscriber_id, blocked, payment_id, adjustment_id, ts_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, subscriber_id) DO UPDATE SET blocked = excluded.blocked,"
                 " payment_id = excluded.payment_id, adjustment_id = excluded.adjustment_id, ts_ns = excluded.ts_ns",
                 states)
             self.db.executemany(
@@ -730,7 +741,7 @@ class Ledger:
             " EXISTS (SELECT 1 FROM payments p WHERE p.subscriber_id = b.subscriber_id AND p.id > b.payment_id)"
             " OR EXISTS (SELECT 1 FROM adjustments a WHERE a.subscriber_id = b.subscriber_id"
             "            AND a.id > b.adjustment_id)"
-            " FROM block_state b")
+            " FROM block_state b WHERE b.gateway = ?", (self.gateway,))
         return {r[0]: dict(zip(cols[1:], (*r[1:5], bool(r[5])))) for r in rows}
 
     def ingested_file(self, digest: str) -> str | None:
@@ -834,10 +845,85 @@ class Ledger:
         """Remember a replayed capture; False if its digest was recorded before."""
         _text(digest, "import digest")
         _int(packets, "packets", 0)
-        with self.transaction():
-            cur = self.db.execute("INSERT OR IGNORE INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)",
-                                  (digest, str(path), packets, time.time_ns()))
-            return cur.rowcount == 1
+        with self.transaction(serialized=False):
+            return self.db.scalar("INSERT INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)"
+                                  " ON CONFLICT DO NOTHING RETURNING 1",
+                                  (digest, str(path), packets, time.time_ns())) is not None
+
+    # ---- credit grants (schema 22): gateways sharing the ledger ------------------------------
+
+    def reserve(self, amounts: dict[int, int], valid_until_ns: int) -> dict[int, int]:
+        """Grants for this connection's gateway: ``{subscriber: asked}`` -> ``{subscriber: taken}``, each
+        taken = min(asked, balance + credit - reserved), none where nothing is left (a subscriber out of
+        money is absent from the result). Each subscriber's take is one conditional UPDATE of its row
+        (its row lock orders concurrent takes, from any gateway), then the gateway's grant grows by it
+        and lives until ``valid_until_ns``: at most what the balance can pay is ever outstanding."""
+        if not self.gateway:
+            raise LedgerError("grants need a gateway name ([cluster] gateway)")
+        _ts(valid_until_ns, "grant valid until")
+        taken: dict[int, int] = {}
+        least = self.db.LEAST
+        # the subscriber's row, then its grant: the order apply_flush takes them in too
+        with self.transaction(serialized=False):
+            for sid, asked in sorted(amounts.items()):
+                if _int(asked, "grant asked", 0) == 0:
+                    continue
+                took = self.db.scalar(
+                    f"UPDATE subscribers SET last_reserve = {least}(?, balance + credit_limit - reserved),"
+                    f" reserved = reserved + {least}(?, balance + credit_limit - reserved)"
+                    " WHERE id = ? AND balance + credit_limit - reserved > 0 RETURNING last_reserve",
+                    (asked, asked, _int(sid, "subscriber")))
+                if took:
+                    taken[sid] = took
+            self.db.executemany(
+                "INSERT INTO grants (gateway, subscriber_id, amount, valid_until_ns) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (gateway, subscriber_id) DO UPDATE SET amount = grants.amount + excluded.amount,"
+                " valid_until_ns = excluded.valid_until_ns",
+                [(self.gateway, sid, took, valid_until_ns) for sid, took in sorted(taken.items())])
+        return taken
+
+    def _charge_grant(self, sid: int, amount: int) -> None:
+        held = self.db.scalar(f"SELECT amount FROM grants WHERE gateway = ? AND subscriber_id = ?{self.db.FOR_UPDATE}",
+                              (self.gateway, sid)) or 0
+        covered = min(held, amount)
+        if covered:
+            self.db.execute("UPDATE grants SET amount = amount - ? WHERE gateway = ? AND subscriber_id = ?",
+                            (covered, self.gateway, sid))
+            self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (covered, sid))
+
+    def grants(self) -> dict[int, tuple[int, int]]:
+        """This gateway's grants: ``{subscriber: (amount not yet charged, valid until ns)}``."""
+        return {sid: (amount, until) for sid, amount, until in self.db.execute(
+            "SELECT subscriber_id, amount, valid_until_ns FROM grants WHERE gateway = ?", (self.gateway,))}
+
+    def renew_grants(self, valid_until_ns: int) -> None:
+        """The gateway is alive: its grants stay its own until ``valid_until_ns``."""
+        with self.transaction(serialized=False):
+            self.db.execute("UPDATE grants SET valid_until_ns = ? WHERE gateway = ?", (valid_until_ns, self.gateway))
+
+    def _return_grants(self, where: str, params) -> list[tuple[str, int, int]]:
+        """Give grants back to the balance: ``(gateway, subscriber, amount)`` of each returned. Row by
+        row, the subscriber's row first (the order of reserve and apply_flush: no deadlock), and only
+        what is still there when its row is locked (a flush may have charged it meanwhile)."""
+        returned = []
+        with self.transaction(serialized=False):
+            for gateway, sid in self.db.execute(f"SELECT gateway, subscriber_id FROM grants WHERE {where}"
+                                                " ORDER BY subscriber_id, gateway", params).fetchall():
+                self.db.execute(f"SELECT 1 FROM subscribers WHERE id = ?{self.db.FOR_UPDATE}", (sid,))
+                amount = self.db.scalar(f"DELETE FROM grants WHERE gateway = ? AND subscriber_id = ? AND {where}"
+                                        " RETURNING amount", (gateway, sid, *params))
+                if amount is not None:
+                    self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (amount, sid))
+                    returned.append((gateway, sid, amount))
+        return returned
+
+    def release_grants(self) -> list[tuple[str, int, int]]:
+        """At shutdown, after the last flush: all of this gateway's grants back to the balance."""
+        return self._return_grants("gateway = ?", (self.gateway,))
+
+    def expire_grants(self, now_ns: int) -> list[tuple[str, int, int]]:
+        """Grants of any gateway not renewed by ``now_ns`` (a gateway killed or cut off) back to the balance."""
+        return self._return_grants("valid_until_ns < ?", (_ts(now_ns, "now"),))
 
     # ---- pages and bulk (issue 12) -------------------------------------------------
     # What the front ends show costs a page, not the table: every query here reads an index range the

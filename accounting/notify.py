@@ -50,11 +50,11 @@ def enqueue(ledger: Ledger, key: str, event: str, subscriber: int | None, payloa
     """Queue a notification; False when ``key`` was queued before."""
     now = time.time_ns() if now is None else now
     body = json.dumps({"event": event, "key": key, **payload}, sort_keys=True)
-    with ledger.transaction():
-        cur = ledger.db.execute(
-            "INSERT OR IGNORE INTO notifications (key, subscriber_id, event, payload, created_ns, next_try_ns)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (key, subscriber, event, body, now, now))
-        return cur.rowcount == 1
+    with ledger.transaction(serialized=False):  # once per key: the unique key holds it, on every backend
+        return ledger.db.scalar(
+            "INSERT INTO notifications (key, subscriber_id, event, payload, created_ns, next_try_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+            (key, subscriber, event, body, now, now)) is not None
 
 
 def pending(ledger: Ledger) -> list[dict]:

@@ -434,7 +434,9 @@ def session_secret(ledger: Ledger) -> bytes:
     row = ledger.db.execute(query, (SESSION_SECRET_NAME,)).fetchone()
     if row is not None:  # the usual case: no write lock
         return row[0]
-    with ledger.transaction():  # BEGIN IMMEDIATE, INSERT OR IGNORE: two processes starting at once agree on one key
-        ledger.db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
+    # two processes starting at once agree on one key: the second's insert waits on the name's key, then
+    # does nothing, and reads the first's
+    with ledger.transaction(serialized=False):
+        ledger.db.execute("INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
                           (SESSION_SECRET_NAME, secrets.token_bytes(32)))
         return ledger.db.execute(query, (SESSION_SECRET_NAME,)).fetchone()[0]

@@ -11,8 +11,10 @@ in the syntax SQLite (3.35 or newer) and PostgreSQL (15) share: ``RETURNING``,
 - its migrations (``migrations/<dialect>/NNNN_*.sql``: the same numbers and
   names on every backend, so a schema version means the same tables
   everywhere; ``tests/pg/test_ledger_schema.py`` holds them equal);
-- the few spellings SQL does not share (:attr:`Backend.GREATEST`), and how
-  its errors become :class:`LedgerError`.
+- the few spellings SQL does not share (:attr:`Backend.GREATEST`,
+  :attr:`Backend.ILIKE`, :meth:`Backend.index_hint`), what it does with
+  integers past 2^63-1 (:meth:`Backend.sums`), and how its errors become
+  :class:`LedgerError`.
 
 Writers. SQLite has one writer at a time for the whole file (``BEGIN
 IMMEDIATE``), and the ledger's older methods rely on that: they check, then
@@ -55,6 +57,17 @@ class Backend(abc.ABC):
     target: str  # the file or the database, as messages name it (no password)
     errors: tuple[type[BaseException], ...]  # what a query on this database raises when it fails
     GREATEST: str  # the scalar maximum of two values: max(a, b) in SQLite, greatest(a, b) in PostgreSQL
+    LEAST: str  # the scalar minimum: min(a, b) in SQLite, least(a, b) in PostgreSQL
+    FOR_UPDATE: str  # after a SELECT: lock the rows read until commit (PostgreSQL); SQLite's writer holds the file
+    ILIKE: str  # LIKE ignoring ASCII case: SQLite's LIKE does already, PostgreSQL's ILIKE
+    INT_MAX = (1 << 63) - 1  # the largest integer a column holds on every backend (SQLite INTEGER, bigint)
+
+    def index_hint(self, index: str) -> str:
+        """The clause after a table name that makes the query read ``index``: SQLite's
+        `` INDEXED BY index`` (its planner would take a wider index for some of the ledger's partial
+        ones, accounting/rollup.py), nothing where the planner takes no hints (PostgreSQL, which
+        picks a partial index by its WHERE and the statistics)."""
+        return ""
 
     # ---- statements ------------------------------------------------------------------------
 
@@ -197,6 +210,27 @@ class Backend(abc.ABC):
     def bulk_cache(self, rows: int):
         """A context for writing ``rows`` rows at once (SQLite: a page cache that holds their indexes)."""
         return contextlib.nullcontext()
+
+    def page_cache(self, kib: int):
+        """A context in which this connection caches ``kib`` KiB of pages, the usual size again after
+        (SQLite's ``cache_size``; nothing on a server, whose shared buffers are its own)."""
+        return contextlib.nullcontext()
+
+    def _overflowed(self, exc: BaseException) -> bool:
+        """True if ``exc`` is an integer result beyond :attr:`INT_MAX` (SQLite's ``sum()``)."""
+        return False
+
+    def sums(self, sql: str, params=(), what: str = "a sum"):
+        """Every row of a query whose columns sum integers: exact integers (PostgreSQL's ``sum()`` of a
+        bigint is a numeric, loaded back as an int however large), or a :class:`LedgerError` naming
+        ``what`` where the database cannot sum beyond :attr:`INT_MAX` (SQLite's ``integer overflow``),
+        never a rounded or wrapped number."""
+        try:
+            return self.execute(sql, params).fetchall()
+        except self.errors as exc:
+            if self._overflowed(exc):
+                raise LedgerError(f"{what} passes 2^63-1, more than {self.target} can sum exactly ({exc})") from None
+            raise
 
     def dump(self) -> list[tuple]:
         """Every row of every ledger table, in a stable order: tests compare two

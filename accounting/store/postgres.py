@@ -81,6 +81,9 @@ class PostgresBackend(Backend):
     dialect = "postgres"
     errors = (psycopg.DatabaseError,)
     GREATEST = "greatest"
+    LEAST = "least"
+    FOR_UPDATE = " FOR UPDATE"
+    ILIKE = "ILIKE"
 
     def __init__(self, conn: psycopg.Connection, target: str) -> None:
         self.conn = conn
@@ -133,7 +136,11 @@ class PostgresBackend(Backend):
         self.conn.execute("ROLLBACK")
 
     def _refused(self, exc: BaseException) -> bool:
-        return isinstance(exc, pg_errors.IntegrityError)
+        # (and a number no column holds: a parameter or a result past 2^63-1 for a bigint)
+        return isinstance(exc, pg_errors.IntegrityError) or self._overflowed(exc)
+
+    def _overflowed(self, exc: BaseException) -> bool:
+        return isinstance(exc, pg_errors.NumericValueOutOfRange)  # a bigint result out of range
 
     def table_names(self) -> list[str]:
         return [t for (t,) in self.conn.execute(
