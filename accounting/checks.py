@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from ext.errors import LedgerError
+
 __all__ = ["check_ledger", "summary"]
 
 MAX_LISTED = 50  # lines per kind of problem: a badly damaged file should not print a million
@@ -47,8 +49,8 @@ def check_ledger(ledger) -> list[str]:
                         ("audit log", _audit)):
         try:
             found = check(ledger, db)
-        except db.errors as exc:  # a damaged file can fail any query: that is a finding too
-            found = [f"{name}: cannot be read ({exc})"]
+        except (*db.errors, LedgerError) as exc:  # a damaged file can fail any query: that is a finding too
+            found = [f"{name}: cannot be read ({exc})"]  # (LedgerError: a sum SQLite cannot make, Backend.sums)
         if len(found) > MAX_LISTED:
             found = found[:MAX_LISTED] + [f"{name}: {len(found) - MAX_LISTED} more problems like these"]
         problems += found
@@ -69,14 +71,14 @@ def _integrity(ledger, db) -> list[str]:
 
 def _balances(ledger, db) -> list[str]:
     problems = []
-    rows = db.execute("""
+    rows = db.sums("""
         SELECT s.id, s.name, s.balance, s.opening_balance,
                (SELECT coalesce(sum(amount), 0) FROM payments p WHERE p.subscriber_id = s.id),
                (SELECT coalesce(sum(amount), 0) FROM adjustments a WHERE a.subscriber_id = s.id),
                (SELECT coalesce(sum(amount), 0) FROM charges c WHERE c.subscriber_id = s.id),
                (SELECT coalesce(sum(amount), 0) FROM usage u WHERE u.subscriber_id = s.id),
                (SELECT coalesce(sum(amount), 0) FROM postings b WHERE b.subscriber_id = s.id)
-        FROM subscribers s ORDER BY s.id""").fetchall()
+        FROM subscribers s ORDER BY s.id""", (), "a subscriber's history")
     for sid, name, balance, opening, paid, adjusted, charged, used, posted in rows:
         expected = opening + paid + adjusted - charged - posted
         if balance != expected:
@@ -110,8 +112,6 @@ def _amounts(ledger, db) -> list[str]:
 
 
 def _rollups(ledger, db) -> list[str]:
-    from ext.errors import LedgerError
-
     from .rollup import HOUR_MAX, NS, bucket
 
     problems = []

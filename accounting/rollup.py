@@ -185,12 +185,8 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
     day_cut = min(day_bounds(now - hour_window, timezone)[0], hour_cut)
     _int(cache_mib, "cache (MiB)", 1)
     db = ledger.db
-    (cache,) = db.execute("PRAGMA cache_size").fetchone()
-    db.execute(f"PRAGMA cache_size = {-cache_mib * 1024}")
-    try:
+    with db.page_cache(cache_mib * 1024):
         return _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_rows, progress, t0)
-    finally:
-        db.execute(f"PRAGMA cache_size = {int(cache)}")
 
 
 def _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_rows, progress, t0) -> RollupSummary:
@@ -225,7 +221,8 @@ def _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_
 
 # What each stage rolls: (table, level, (index, where) of the rows finer than the level, time unit).
 # Each WHERE matches one partial index (migration 0016), so a subscriber's years of daily rows are never read.
-# INDEXED BY: schema 15's usage (subscriber_id, minute) would serve too, and read the years of daily rows first.
+# INDEXED BY (db.index_hint, SQLite's): schema 15's usage (subscriber_id, minute) would serve too, and read the
+# years of daily rows first. PostgreSQL takes no hints: its planner picks the partial index whose WHERE is the query's.
 _FINER = {
     "usage-day": ("usage", "day", (("usage_fine", "span = 60"), ("usage_hourly", "span > 60 AND span <= 7200")), 1),
     "usage-hour": ("usage", "hour", (("usage_fine", "span = 60"),), 1),
@@ -244,7 +241,7 @@ def _with_rows(db, stage: str, s: RollupSummary) -> list[int]:
     col = "minute" if table == "usage" else "ts_ns"
     sids: set[int] = set()
     for index, where in finer:
-        sids.update(sid for (sid,) in db.execute(f"SELECT DISTINCT subscriber_id FROM {table} INDEXED BY {index}"
+        sids.update(sid for (sid,) in db.execute(f"SELECT DISTINCT subscriber_id FROM {table}{db.index_hint(index)}"
                                                  f" WHERE {where} AND {col} < ?", (cutoff,)))
     return sorted(sids)
 
@@ -260,7 +257,7 @@ def _units(db, stage: str, sids, s: RollupSummary):
         while True:
             first = None
             for index, where in finer:
-                (m,) = db.execute(f"SELECT min({col}) FROM {table} INDEXED BY {index} WHERE {where}"
+                (m,) = db.execute(f"SELECT min({col}) FROM {table}{db.index_hint(index)} WHERE {where}"
                                   f" AND subscriber_id = ?"
                                   f" AND {col} >= ? AND {col} < ?", (sid, pos, cutoff)).fetchone()
                 if m is not None and (first is None or m < first):
@@ -301,7 +298,7 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
         sums: dict[tuple[int, int], list[int]] = {}
         for index, where in finer:
             rows = db.execute(f"SELECT zone, direction, minute + span, bytes, packets, amount FROM usage"
-                              f" INDEXED BY {index} WHERE {where}"
+                              f"{db.index_hint(index)} WHERE {where}"
                               " AND subscriber_id = ? AND minute >= ? AND minute < ?", (sid, lo, hi)).fetchall()
             for z, d, end, nbytes, packets, amount in rows:
                 if end > hi:  # a bucket of other bounds: never written by this module in one time zone
@@ -312,16 +309,18 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 acc[1] += packets
                 acc[2] += amount
             touched += len(rows)
-            db.execute(f"DELETE FROM usage INDEXED BY {index} WHERE {where} AND subscriber_id = ? AND minute >= ?"
+            db.execute(f"DELETE FROM usage{db.index_hint(index)} WHERE {where} AND subscriber_id = ? AND minute >= ?"
                        " AND minute < ?",
                        (sid, lo, hi))
         # a coarse row of this bucket already there (a late flush rolled since): added into
         for (z, d), (nbytes, packets, amount) in sorted(sums.items()):
-            prior = db.execute("SELECT span FROM usage WHERE subscriber_id = ? AND zone = ? AND direction = ?"
-                               " AND minute = ?", (sid, z, d, lo)).fetchone()
+            prior = db.execute("SELECT span, bytes, packets, amount FROM usage WHERE subscriber_id = ? AND zone = ?"
+                               " AND direction = ? AND minute = ?", (sid, z, d, lo)).fetchone()
             if prior is not None and prior[0] != span:
                 raise LedgerError(f"usage of subscriber {sid} at {lo} spans {prior[0]} s, not the {span} s of its "
                                   "bucket: rolled up in another time zone?")
+            _fits(db, f"usage of subscriber {sid} (zone {z}, direction {d})", b0, b1, nbytes, packets, amount,
+                  *(() if prior is None else (nbytes + prior[1], packets + prior[2], amount + prior[3])))
             written += prior is None
             db.execute("INSERT INTO usage (subscriber_id, zone, direction, minute, span, bytes, packets, amount)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute)"
@@ -330,7 +329,7 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
     else:
         amount = flushes = 0
         for index, where in finer:
-            rows = db.execute(f"SELECT ts_ns + span_ns, amount, flush_count FROM charges INDEXED BY {index}"
+            rows = db.execute(f"SELECT ts_ns + span_ns, amount, flush_count FROM charges{db.index_hint(index)}"
                               f" WHERE {where}"
                               " AND subscriber_id = ? AND ts_ns >= ? AND ts_ns < ?", (sid, lo, hi)).fetchall()
             for end, a, n in rows:
@@ -340,11 +339,13 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 amount += a
                 flushes += n
             touched += len(rows)
-            db.execute(f"DELETE FROM charges INDEXED BY {index} WHERE {where} AND subscriber_id = ? AND ts_ns >= ?"
+            db.execute(f"DELETE FROM charges{db.index_hint(index)} WHERE {where} AND subscriber_id = ? AND ts_ns >= ?"
                        " AND ts_ns < ?",
                        (sid, lo, hi))
-        prior = db.execute("SELECT id FROM charges WHERE subscriber_id = ? AND span_ns = ? AND ts_ns = ?",
-                           (sid, span, lo)).fetchone()
+        prior = db.execute("SELECT id, amount, flush_count FROM charges WHERE subscriber_id = ? AND span_ns = ?"
+                           " AND ts_ns = ?", (sid, span, lo)).fetchone()
+        _fits(db, f"charges of subscriber {sid}", b0, b1, amount, flushes,
+              *(() if prior is None else (amount + prior[1], flushes + prior[2])))
         if prior is not None:
             db.execute("UPDATE charges SET amount = amount + ?, flush_count = flush_count + ? WHERE id = ?",
                        (amount, flushes, prior[0]))
@@ -353,6 +354,15 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                        " VALUES (?, NULL, ?, ?, ?, ?)", (sid, amount, lo, span, flushes))
             written += 1
     return touched, written
+
+
+def _fits(db, what: str, b0: int, b1: int, *sums: int) -> None:
+    """Refuse to write a rolled row whose sums a column cannot hold: SQLite would turn ``a + b`` past 2^63-1
+    into an inexact float and PostgreSQL refuse it; a bucket that big stays as its finer rows (the caller's
+    transaction rolls back)."""
+    if not all(-db.INT_MAX - 1 <= v <= db.INT_MAX for v in sums):
+        raise LedgerError(f"{what} in the bucket {b0}..{b1} add up to more than a row holds (2^63-1): "
+                          "not rolled up, its rows are kept as they are")
 
 
 def _prune_flushes(ledger, before: int, batch_rows: int, progress) -> tuple[int, int]:

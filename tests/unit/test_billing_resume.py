@@ -1,4 +1,5 @@
-"""A restart mid-period: what the period has seen comes back from the ledger."""
+"""A restart mid-period: what the period has seen comes back from the ledger, on both backends (``[sqlite]``,
+``[pg]``: tests/conftest.py's ledger_target)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ def run(ledger, cfg, packets, now):
     return acct
 
 
-def test_postpaid_counts_the_traffic_from_before_a_restart(tmp_path):
+def test_postpaid_counts_the_traffic_from_before_a_restart(ledger_target):
     cfg = parse_config(tomllib.loads(POSTPAID))
-    with Ledger.open(tmp_path / "ledger.db") as ledger:
+    with Ledger.open(ledger_target()) as ledger:
         run(ledger, cfg, traffic("2026-03-05T12:00", 2 * MB), at("2026-03-05T12:00"))
         # the gateway restarts on the 20th; 1 MB more; the period ends
         acct = run(ledger, cfg, traffic("2026-03-20T12:00", MB), at("2026-03-20T12:00"))
@@ -76,14 +77,14 @@ addresses = ["100.64.0.2/32"]
 """
 
 
-def test_the_volume_limit_counts_what_came_before_a_restart(tmp_path):
+def test_the_volume_limit_counts_what_came_before_a_restart(ledger_target):
     """10 kB a month: 8,000 B before the restart leave 2,000 B; after it, two 1,000 B packets pass
     (exactly to the limit) and the third is dropped at the packet, blocked for the volume; April
     renews it."""
     from ext.constants import BLOCK_VOLUME, NF_ACCEPT, NF_DROP
 
     cfg = parse_config(tomllib.loads(LIMITED))
-    with Ledger.open(tmp_path / "ledger.db") as ledger:
+    with Ledger.open(ledger_target()) as ledger:
         run(ledger, cfg, traffic("2026-03-05T12:00", 8000, size=1000), at("2026-03-05T12:00"))
         acct = run(ledger, cfg, [], at("2026-03-20T12:00"))
         assert acct.engine.subscriber(1).volume_left == 10_000 - 8000
@@ -97,13 +98,13 @@ def test_the_volume_limit_counts_what_came_before_a_restart(tmp_path):
         assert (state.volume_left, state.blocked) == (10_000, 0)
 
 
-def test_a_period_already_past_its_volume_limit_is_blocked_at_restart(tmp_path):
+def test_a_period_already_past_its_volume_limit_is_blocked_at_restart(ledger_target):
     """Flow records may count past the limit (they had passed): 12,000 B of a 10 kB month in the ledger.
     After a restart the subscriber is blocked for the volume before any packet."""
     from ext.constants import BLOCK_VOLUME
 
     cfg = parse_config(tomllib.loads(LIMITED))
-    with Ledger.open(tmp_path / "ledger.db") as ledger:
+    with Ledger.open(ledger_target()) as ledger:
         acct = run(ledger, cfg, [], at("2026-03-05T12:00"))
         acct.engine.rate_volume(1, 1, 1, 12_000, 12, at("2026-03-05T12:00"))
         acct.flush("f-flows", at("2026-03-05T12:00"), at("2026-03-05T12:00:30"), "test")

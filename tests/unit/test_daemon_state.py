@@ -1,5 +1,6 @@
 """What the gateway keeps across restarts (ledger schema 13) and how it
-shows a dead thread; no root needed: no kernel is touched."""
+shows a dead thread; no root needed: no kernel is touched. On both
+backends (``[sqlite]``, ``[pg]``: tests/conftest.py's ledger_target)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from gateway.runtime import ledger_rows
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    led = Ledger.open(tmp_path / "ledger.db")
+def ledger(ledger_target):
+    led = Ledger.open(ledger_target())
     yield led
     led.close()
 
@@ -53,17 +54,18 @@ def test_block_state_says_whether_money_came_after_it(ledger):
     assert ledger.block_states()[b]["blocked"] == 0
 
 
-def gateway(tmp_path, balances=None) -> Gateway:
+def gateway(tmp_path, target: str, balances=None) -> Gateway:
     config = tmp_path / "tollgate.toml"
     config.write_text(lab_config(2, balances))
-    gw = Gateway(RunOptions(str(config), str(tmp_path / "ledger.db")))
+    gw = Gateway(RunOptions(str(config), target))
     gw.acct.seed_ledger()
     gw.acct.load_subscribers(ledger_rows(gw.ledger))
     return gw
 
 
-def test_a_limit_block_comes_back_until_money_comes(tmp_path):
-    gw = gateway(tmp_path)
+def test_a_limit_block_comes_back_until_money_comes(tmp_path, ledger_target):
+    target = ledger_target()
+    gw = gateway(tmp_path, target)
     s1 = gw.ledger.get_subscriber("s1")["id"]
     s2 = gw.ledger.get_subscriber("s2")["id"]
     # blocked at the breaching packet with money left (the packet was dropped, not charged)
@@ -72,7 +74,7 @@ def test_a_limit_block_comes_back_until_money_comes(tmp_path):
     assert gw.acct.engine.subscriber(s1).blocked == BLOCK_LIMIT
     assert gw.acct.engine.subscriber(s2).blocked == BLOCK_LIMIT  # manual comes from its own records only
     gw.ledger.close()
-    again = gateway(tmp_path)
+    again = gateway(tmp_path, target)
     again.ledger.add_payment(s1, 1)
     again.pusher.restore()
     assert again.acct.engine.subscriber(s1).blocked == 0  # a payment after the block lifts it
@@ -80,8 +82,8 @@ def test_a_limit_block_comes_back_until_money_comes(tmp_path):
     again.ledger.close()
 
 
-def test_a_dying_thread_turns_health_red(tmp_path):
-    gw = gateway(tmp_path)
+def test_a_dying_thread_turns_health_red(tmp_path, ledger_target):
+    gw = gateway(tmp_path, ledger_target())
     assert gw.health()["status"] == "ok"
     gw._spawn("doomed", lambda: 1 // 0)
     gw._spawn("quitter", lambda: None)

@@ -1,4 +1,5 @@
-"""Rollups (accounting/rollup.py, issue 12) against a real SQLite ledger.
+"""Rollups (accounting/rollup.py, issue 12) against a real ledger, SQLite and PostgreSQL (``[sqlite]``,
+``[pg]``: tests/conftest.py's ledger_target).
 
 Twelve days of flushes of two subscribers (three zones, both directions,
 random sizes) in a zone with a DST change (Europe/Berlin, 29 March 2026) and
@@ -16,6 +17,7 @@ import random
 import sqlite3
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 
 from accounting import rollup
@@ -40,9 +42,10 @@ def day_of(tzname: str, t: int) -> dt.date:
 class World:
     """A ledger and what was put into it, kept independently of it."""
 
-    def __init__(self, path, tzname: str) -> None:
+    def __init__(self, target: str, tzname: str) -> None:
         self.tz = tzname
-        self.led = Ledger.open(path)
+        self.target = target
+        self.led = Ledger.open(target)
         self.a = self.led.add_subscriber("alice", "t", "EUR", opening_balance=10 ** 15)
         self.b = self.led.add_subscriber("bob", "t", "EUR", opening_balance=10 ** 15)
         self.usage: dict[tuple, list[int]] = {}  # (sid, zone, direction, local day) -> [bytes, packets, amount]
@@ -149,9 +152,9 @@ WINDOWS = {"minute_window": 6 * 3600, "hour_window": 3 * 86400, "flush_horizon":
 
 
 @pytest.fixture(params=TZS)
-def world(request, tmp_path):
+def world(request, ledger_target):
     tzname = request.param
-    w = World(tmp_path / "ledger.db", tzname)
+    w = World(ledger_target(), tzname)
     w.run(local(tzname, START), local(tzname, MIDDLE))
     # late at night the gateway restarts: a new boot, seqs from 1 again
     w.boot, w.flushes = "gw2", 0
@@ -259,14 +262,40 @@ def test_rollup_twice_is_once(world):
     assert (s.usage_rows_replaced, s.charge_rows_replaced, s.flushes_pruned) == (0, 0, 0)
 
 
+@pytest.fixture
+def copy_ledger(request, tmp_path):
+    """A callable: ``copy_ledger(world)`` -> the target of a copy of the world's ledger as it is now."""
+    made = []
+
+    def copy(w: World) -> str:
+        if w.led.db.dialect == "sqlite":  # sqlite3's online backup, page by page
+            target = str(tmp_path / "copy.db")
+            with sqlite3.connect(target) as dst:
+                w.led.db.conn.backup(dst)
+            return target
+        # PostgreSQL copies a database as the template of a new one, with no connection to it meanwhile
+        cluster = request.getfixturevalue("pg_cluster")
+        name = f"{psycopg.conninfo.conninfo_to_dict(w.target)['dbname']}_copy"
+        w.led.close()
+        made.append(name)
+        target = cluster.create_database(name, template=psycopg.conninfo.conninfo_to_dict(w.target)["dbname"])
+        w.led = Ledger.open(w.target)
+        return target
+
+    yield copy
+    if made:
+        cluster = request.getfixturevalue("pg_cluster")
+        with psycopg.connect(cluster.conninfo, autocommit=True) as conn:
+            for name in made:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.mark.parametrize("fail_at", [1, 40, 333])
-def test_interrupted_rollup_leaves_a_consistent_ledger(world, tmp_path, fail_at):
+def test_interrupted_rollup_leaves_a_consistent_ledger(world, copy_ledger, fail_at):
     w = world
     now = local(w.tz, END) * NS
     before = w.answers()
-    copy = tmp_path / "copy.db"
-    with sqlite3.connect(copy) as dst:
-        w.led.db.conn.backup(dst)
+    copy = copy_ledger(w)
     seen = []
 
     def progress(*unit):
@@ -322,10 +351,10 @@ def test_checks_find_a_bucket_that_is_no_local_day(world):
     assert any("is not a local day" in p for p in problems), problems
 
 
-def test_main_is_what_the_command_line_runs(world, tmp_path):
+def test_main_is_what_the_command_line_runs(world):
     w = world
     w.led.close()
-    path = tmp_path / "ledger.db"
+    path = w.target
     s = rollup.main(path, w.tz, now_ns=local(w.tz, END) * NS, **WINDOWS)
     assert s.usage_rows_replaced > s.usage_rows_written and s.flushes_pruned > 0
     assert s.text().startswith(f"rolled up ({w.tz}): usage rows {s.usage_rows_replaced} -> {s.usage_rows_written}")

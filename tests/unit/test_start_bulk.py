@@ -1,6 +1,7 @@
 """What a start reads in bulk equals what it read one subscriber at a time:
 ``Ledger.period_totals`` against ``usage`` and ``postings`` per subscriber,
-each over its own period (the restart path of ``Accountant.resume_from_ledger``)."""
+each over its own period (the restart path of ``Accountant.resume_from_ledger``), on both backends
+(``[sqlite]``, ``[pg]``: a fresh ledger per example)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ postings = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["prevailing", 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flush_rows, postings, st.lists(st.integers(0, 12_000), min_size=4, max_size=4), st.integers(0, 13_000))
-def test_period_totals_equal_the_per_subscriber_queries(tmp_path_factory, rows, posts, starts_s, until_s):
-    ledger = Ledger.open(tmp_path_factory.mktemp("l") / "ledger.db")
+def test_period_totals_equal_the_per_subscriber_queries(ledger_target, rows, posts, starts_s, until_s):
+    ledger = Ledger.open(ledger_target())
     try:
         sids = [ledger.add_subscriber(f"s{i}", "basic", "EUR") for i in range(4)]
         minute_rows = [(sids[i], zone, d, minute * 60, nbytes, 1, 0) for i, zone, d, minute, nbytes in rows]

@@ -6,7 +6,7 @@ summer time starts on the 29th), and the balance expected when the billing
 calendar has run to ``until``. Every scenario runs through both engines
 packet by packet with the billing calendar beside them, and through
 ``tollgate replay`` of a pcap file written from the same packets into a real
-ledger, whose invariants must hold. Scenarios with a mid-period action (a
+ledger (SQLite and PostgreSQL: ``[sqlite]``, ``[pg]``), whose invariants must hold. Scenarios with a mid-period action (a
 tariff change, leaving) cannot be expressed as a capture file and run through
 the engines only.
 
@@ -441,7 +441,7 @@ def test_scenario_through_the_engines(name, engine):
 
 
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not (len(s) > 6 and s[6])])
-def test_scenario_through_replay(name, tmp_path):
+def test_scenario_through_replay(name, tmp_path, ledger_target):
     scenario = SCENARIOS[name]
     cfg = parse_config(tomllib.loads(config_text(scenario)))
     capture = tmp_path / "scenario.pcap"
@@ -451,8 +451,8 @@ def test_scenario_through_replay(name, tmp_path):
         frame = IP(src="192.0.2.1", dst="192.0.2.2") / UDP()
         frame.time = Decimal(min(cfg.subscribers[0].since or at(scenario[4]), at(scenario[4]))) / NS
         wrpcap(str(capture), [frame], linktype=228)  # raw IPv4
-    db = tmp_path / "ledger.db"
-    result = replay(cfg, str(capture), str(db), progress=False, bill_until=at(scenario[4]))
+    db = ledger_target()  # written by the replay, on each backend
+    result = replay(cfg, str(capture), db, progress=False, bill_until=at(scenario[4]))
     assert result.subscribers[0].balance == expected(scenario), name
     doc = result_json(result, cfg)["subscribers"][0]
     if "blocked" in checks(scenario):

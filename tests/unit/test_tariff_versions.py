@@ -1,4 +1,5 @@
-"""Tariff versions in the ledger, re-rating under an older one, scheduled changes."""
+"""Tariff versions in the ledger, re-rating under an older one, scheduled changes; on both backends
+(``[sqlite]``, ``[pg]``: tests/conftest.py's ledger_target), the command line given the target as --db."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tomllib
 import pytest
 
 from accounting.ledger import Ledger
+from accounting.store import is_conninfo
 from ext.errors import LedgerError
 from gateway.config import parse_config
 from gateway.runtime import Accountant
@@ -47,8 +49,20 @@ def tollgate(*args):
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True)
 
 
-def test_replay_dry_run_under_an_older_version(tmp_path):
-    db = tmp_path / "ledger.db"
+@pytest.fixture
+def dry_run_target(request, ledger_target):
+    """A new ledger for tests whose replays are dry runs reading it. On PostgreSQL they fail for now:
+    gateway/replay.py opens a dry run's ledger only if ``os.path.exists(db_path)``, never a conninfo (so the
+    versions and terms of a PostgreSQL ledger are not read); strict, so that the fix shows here."""
+    target = ledger_target()
+    if is_conninfo(target):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="gateway/replay.py: a dry run reads a ledger "
+                                                                  "only where os.path.exists(db_path)"))
+    return target
+
+
+def test_replay_dry_run_under_an_older_version(tmp_path, dry_run_target):
+    db = dry_run_target
     with Ledger.open(db) as ledger:
         for price in ("1.00", "2.00", "2.00"):  # the same tariff twice is one version
             Accountant(parse_config(tomllib.loads(config(price))), ledger).seed_ledger()
@@ -69,8 +83,8 @@ def test_replay_dry_run_under_an_older_version(tmp_path):
     assert charged.returncode == 2 and "only with --dry-run" in charged.stderr
 
 
-def test_a_change_scheduled_for_the_next_period(tmp_path):
-    db = tmp_path / "ledger.db"
+def test_a_change_scheduled_for_the_next_period(tmp_path, ledger_target):
+    db = ledger_target()
     (tmp_path / "t.toml").write_text(config("1.00"))
     with Ledger.open(db) as ledger:
         Accountant(parse_config(tomllib.loads(config("1.00"))), ledger).seed_ledger()
@@ -89,9 +103,9 @@ def test_a_change_scheduled_for_the_next_period(tmp_path):
     assert bad.returncode == 2 and "unknown tariff 'gold'" in bad.stderr
 
 
-def test_terms_set_in_the_ledger_win_over_the_config(tmp_path):
+def test_terms_set_in_the_ledger_win_over_the_config(tmp_path, dry_run_target):
     """An operator gives alice half price and a group in the ledger: replay rates with them."""
-    db = tmp_path / "ledger.db"
+    db = dry_run_target
     cfg_text = config("1.00") + '\n[[group]]\nname = "staff"\ncredit_limit = "5.00"\ncredit_until = "2026-03-01"\n'
     cfg = parse_config(tomllib.loads(cfg_text))
     with Ledger.open(db) as ledger:
@@ -108,9 +122,9 @@ def test_terms_set_in_the_ledger_win_over_the_config(tmp_path):
     assert out["subscribers"][0]["charged_text"] == "0.50 EUR"
 
 
-def test_a_subscribers_own_access_hours(tmp_path):
+def test_a_subscribers_own_access_hours(tmp_path, dry_run_target):
     """`tollgate terms alice --access ...`: her download at 07:59 is refused, at noon it passes."""
-    db = tmp_path / "ledger.db"
+    db = dry_run_target
     (tmp_path / "t.toml").write_text(config("1.00"))
     with Ledger.open(db) as ledger:
         Accountant(parse_config(tomllib.loads(config("1.00"))), ledger).seed_ledger()
