@@ -144,9 +144,7 @@ cdef extern from *:
 
 TG_MAGIC = 0x54474154454c4c54
 TG_ABI = 3  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags
-MAX_RULES = 16  # TG_MAX_RULES
-MAX_DEPTH = 8  # TG_MAX_DEPTH
-NO_GROUP = 0xFFFFFFFF
+MAX_RULES = 32  # TG_MAX_RULES: rules along a prefix's chain (its own, then its shorter prefixes')
 # TG_ZONE_NOT_FORWARDED: the zone of a rule whose addresses the gateway delivers to itself; the program passes
 # such packets uncounted, as the forward hook never sees them (see "Not forwarded" in tollgate.bpf.c)
 ZONE_NOT_FORWARDED = 0xFF
@@ -158,6 +156,9 @@ F_SUB4_LPM = 4  # tg_sub4_lpm is not empty
 F_SUB6_LPM = 8  # tg_sub6_lpm is not empty
 F_SUB6_LONG = 16  # tg_sub6_lpm may hold a prefix longer than /64 (looked up before the /64 hash)
 F_SUB6_HOST = 32  # tg_sub6, the /128 hash, is not empty
+# some slot is blocked: an upload's destination is looked up too (a packet to a blocked subscriber is dropped
+# before its sender is charged, as in the engine)
+F_ANY_BLOCKED = 64
 F_SUB_LPM = F_SUB4_LPM | F_SUB6_LPM | F_SUB6_LONG | F_SUB6_HOST
 C_BLOCKED = 1
 GRANT_FREE = (1 << 64) - 1
@@ -178,7 +179,7 @@ OBJECT = Path(__file__).resolve().parent / "bpf" / "tollgate.bpf.o"
 
 cdef enum:
     COUNTER_SIZE = 64
-    GROUP_SIZE = 8 + 8 * 16
+    GROUP_SIZE = 8 + 8 * 32
     BATCH = 65536
 
 cdef packed struct tg_sub:
@@ -213,8 +214,8 @@ cdef packed struct tg_rule:
 
 cdef packed struct tg_group:
     uint32_t n_rules
-    uint32_t fallback
-    tg_rule rules[16]
+    uint32_t reserved
+    tg_rule rules[32]
 
 
 cdef int _err(long rc):
@@ -285,9 +286,11 @@ cdef class Maps:
     cdef uint64_t *_dirty
     cdef unsigned long long n_words
     cdef int ncpus
+    cdef object _blocked  # the blocked slots (None: not read from the counters yet)
 
     def __cinit__(self):
         self.fds = {}
+        self._blocked = None
         self.prog_fds[0] = self.prog_fds[1] = -1
         self._counters = NULL
         self._dirty = NULL
@@ -580,13 +583,14 @@ cdef class Maps:
                         need |= F_SUB6_LONG
                         break
                 if need & ~self.flags:
-                    self._set_flags(self.flags | need)
+                    self._update_flags(need, 0)
             for k in range(5):
                 if counts[k]:
                     self._write(names[k], keys[k], ksize[k], <uint8_t *> vals[k], sizeof(tg_sub), counts[k],
                                 remove)
             if remove and (counts[1] or counts[3] or counts[4]):  # after the entries went: what is left
-                self._set_flags((self.flags & ~F_SUB_LPM) | self._lpm_flags())
+                now = self._lpm_flags()
+                self._update_flags(now, F_SUB_LPM & ~now)
         finally:
             for k in range(5):
                 free(keys[k])
@@ -610,16 +614,16 @@ cdef class Maps:
             rc = bpf_map_get_next_key(self.fds["tg_sub6_lpm"], key, nxt)
         return out
 
-    cdef _set_flags(self, unsigned int flags):
-        """Rewrite tg_info's flags (the rest as it is)."""
+    cdef _update_flags(self, unsigned int add, unsigned int clear):
+        """Set ``add`` and clear ``clear`` in tg_info's flags (the rest as the kernel has it)."""
         cdef tg_info info
         cdef uint32_t zero = 0
         if bpf_map_lookup_elem(self.fds["tg_info"], &zero, &info):
             raise BpfError("cannot read tg_info", errno)
-        info.flags = flags
+        info.flags = (info.flags & ~clear) | add
         if bpf_map_update_elem(self.fds["tg_info"], &zero, &info, 0):
             raise BpfError("cannot write tg_info", errno)
-        self.flags = flags
+        self.flags = info.flags
 
     cdef _write(self, str name, uint8_t *keys, int ksize, uint8_t *vals, int vsize, Py_ssize_t n, bint remove):
         """Batched update (or delete) of ``n`` elements; element by element
@@ -707,6 +711,14 @@ cdef class Maps:
         """Mirror the engine's blocked state of ``slot`` (every zone and direction)."""
         cdef unsigned int z, d
         cdef uint64_t *e
+        cdef unsigned int s
+        self._entry(slot, 0, 0)  # slot checked before anything changes
+        if self._blocked is None:  # the flags a previous process left
+            self._blocked = {s for s in range(self.max_slots) if tg_load64(&self._entry(s, 0, 1)[7]) & C_BLOCKED}
+        if blocked:
+            self._blocked.add(slot)
+            if not self.flags & F_ANY_BLOCKED:  # before the slot's flags: a lookup too many, never one too few
+                self._update_flags(F_ANY_BLOCKED, 0)
         for z in range(self.n_zones):
             for d in range(2):
                 e = self._entry(slot, z, d)
@@ -714,6 +726,10 @@ cdef class Maps:
                     tg_or64(&e[7], <uint64_t> C_BLOCKED)
                 else:
                     tg_and64(&e[7], ~(<uint64_t> C_BLOCKED))
+        if not blocked:
+            self._blocked.discard(slot)
+            if not self._blocked and self.flags & F_ANY_BLOCKED:
+                self._update_flags(0, F_ANY_BLOCKED)
 
     def counter(self, unsigned int slot, unsigned int zone, unsigned int direction):
         """One entry as a ``Counter`` (a copy)."""
@@ -853,41 +869,30 @@ cdef class Maps:
             capacity //= 2
         if len(compiled) > capacity:
             raise BpfError(f"{len(compiled)} prefixes, {groups_name} holds {capacity}")
+        chains = []  # each prefix's rules, then those of its shorter prefixes, in order (the program's one loop)
         for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
-            if len(group_rules) > MAX_RULES:
-                raise BpfError(f"{len(group_rules)} rules for one prefix ({ipaddress.ip_network((net, plen))}): "
-                               f"the program takes {MAX_RULES}")
-            depth, j = 1, fallback
+            chain, j = [ZoneRule(*r) for r in group_rules], fallback
             while j >= 0:
-                depth, j = depth + 1, compiled[j][4]
-            if depth > MAX_DEPTH:
-                raise BpfError(f"{depth} nested prefixes around {ipaddress.ip_network((net, plen))}: "
-                               f"the program walks {MAX_DEPTH}")
+                chain += [ZoneRule(*r) for r in compiled[j][3]]
+                j = compiled[j][4]
+            if len(chain) > MAX_RULES:
+                raise BpfError(f"{len(chain)} rules for {ipaddress.ip_network((net, plen))} and the prefixes "
+                               f"around it: the program takes {MAX_RULES}")
+            chains.append(chain)
         fd = self.fds[groups_name]
-        for i, (family, net, plen, group_rules, fallback) in enumerate(compiled):
-            memset(&g, 0, sizeof(g))
-            g.n_rules = len(group_rules)
-            g.fallback = NO_GROUP if fallback < 0 else fallback
-            for r, rule in enumerate(group_rules):
-                rule = ZoneRule(*rule)
-                g.rules[r].proto = rule.proto
-                g.rules[r].zone = rule.zone if n_zones is not None else 0
-                g.rules[r].port_lo = rule.port_lo
-                g.rules[r].port_hi = rule.port_hi
-            gi = i
-            if bpf_map_update_elem(fd, &gi, &g, 0):
-                raise BpfError(f"cannot write {groups_name}", errno)
-            if egress:
-                kept = [ZoneRule(*rule) for rule in group_rules if ZoneRule(*rule).zone != ZONE_NOT_FORWARDED]
+        for i, chain in enumerate(chains):
+            # egress reads a copy without the not-forwarded rules (see set_zones)
+            for half, rules_ in ((0, chain), (1, [r for r in chain if r.zone != ZONE_NOT_FORWARDED])):
+                if half and not egress:
+                    break
                 memset(&g, 0, sizeof(g))
-                g.fallback = NO_GROUP
-                g.n_rules = len(kept)
-                for r, rule in enumerate(kept):
-                    g.rules[r].proto, g.rules[r].zone = rule.proto, rule.zone
-                    g.rules[r].port_lo, g.rules[r].port_hi = rule.port_lo, rule.port_hi
-                if fallback >= 0:
-                    g.fallback = fallback + capacity
-                gi = i + capacity
+                g.n_rules = len(rules_)
+                for r, rule in enumerate(rules_):
+                    g.rules[r].proto = rule.proto
+                    g.rules[r].zone = rule.zone if n_zones is not None else 0
+                    g.rules[r].port_lo = rule.port_lo
+                    g.rules[r].port_hi = rule.port_hi
+                gi = i + half * capacity
                 if bpf_map_update_elem(fd, &gi, &g, 0):
                     raise BpfError(f"cannot write {groups_name}", errno)
         wanted = {4: set(), 6: set()}

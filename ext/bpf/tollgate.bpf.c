@@ -67,13 +67,16 @@
  * Zones and the allow-list (ext/engine_py.py compile_rules, flattened)
  * -------------------------------------------------------------------
  * tg_zone4/tg_zone6 (LPM) map the remote address's longest matching prefix
- * to a group in tg_zone_groups; a group holds that prefix's rules in order
- * and the index of the group of the next shorter matching prefix
- * (fallback). The first rule, longest prefix first, whose protocol (0: any)
- * and remote port range match gives the zone; nothing: the default zone. A
- * rule with the full port range 0-65535 matches packets without ports too.
- * Bounded for the verifier: TG_MAX_RULES rules per prefix, TG_MAX_DEPTH
- * nested prefixes; the loader refuses anything bigger before it writes.
+ * to a group in tg_zone_groups; a group holds that prefix's rules in order,
+ * followed by those of the next shorter matching prefix, and so on (the
+ * loader flattens the chain: one loop, no walk from group to group). The
+ * first rule, longest prefix first, whose protocol (0: any) and remote port
+ * range match gives the zone; nothing: the default zone. A rule with the
+ * full port range 0-65535 matches packets without ports too. Bounded for the
+ * verifier: TG_MAX_RULES rules along a prefix's chain; the loader refuses
+ * anything bigger before it writes. (Groups that pointed to their shorter
+ * prefix's group, up to 16 rules x 8 prefixes, cost the verifier 128 loop
+ * iterations per lookup walked: most of its million-instruction budget.)
  * The allow-list (tg_allow4/6, tg_allow_groups) has the same shape: any
  * rule of any matching prefix allows.
  *
@@ -129,6 +132,18 @@
  *           on the gateway is the nft input chain's business, as on the
  *           nfqueue path.
  *
+ * A packet to a blocked subscriber is dropped before its sender is charged,
+ * as in the engine (its step 2): at ingress, while some slot is blocked
+ * (TG_F_ANY_BLOCKED, kept by userspace), the destination is looked up too;
+ * if it is a blocked subscriber and the allow-list does not let the packet
+ * in for it (remote: the source), it is dropped and counted as the
+ * receiver's refusal (in its download counter of the zone the sender's
+ * upload has: the engine counts refusals per subscriber, not per zone; a
+ * lookup of the receiver's own zone did not fit the verifier's budget).
+ * Without this, the sender paid
+ * for what the nft blocked set (forward hook) or the receiver's egress
+ * refused: bytes never delivered.
+ *
  * tg_dirty (BPF_F_MMAPABLE array of __u64): bit (idx % 64) of word idx / 64
  * is set, with an atomic OR, whenever counter idx moves (passed, refused or
  * allowed), and only if it is not set already (a plain read first: the
@@ -156,11 +171,9 @@
 #define TG_ABI 3 /* 2: tg_dirty; 3: TG_ZONE_NOT_FORWARDED, STAT_LOCAL */
 
 #define TG_MAX_EXT_HDRS 16
-#define TG_MAX_RULES 16
-#define TG_MAX_DEPTH 8
+#define TG_MAX_RULES 32
 #define TG_CAS_RETRIES 64
 #define TG_MAX_WIRE_LEN (1U << 20) /* as ext/constants.py's MAX_WIRE_LEN */
-#define TG_NO_GROUP 0xffffffffU
 /* A zone rule's zone for addresses the gateway delivers to itself (see "Not
  * forwarded" in the header comment). */
 #define TG_ZONE_NOT_FORWARDED 0xff
@@ -174,6 +187,7 @@
 #define TG_F_SUB6_LPM 8U
 #define TG_F_SUB6_LONG 16U /* tg_sub6_lpm may hold a prefix longer than /64 */
 #define TG_F_SUB6_HOST 32U /* tg_sub6 (the /128 hash) is not empty */
+#define TG_F_ANY_BLOCKED 64U /* some slot is blocked (see "Blocked" in the header comment) */
 #define TG_C_BLOCKED 1ULL
 
 enum tg_stat_id {
@@ -243,8 +257,8 @@ struct tg_rule {
 
 struct tg_group {
 	__u32 n_rules;
-	__u32 fallback; /* TG_NO_GROUP: none */
-	struct tg_rule rules[TG_MAX_RULES];
+	__u32 reserved;
+	struct tg_rule rules[TG_MAX_RULES]; /* the prefix's rules, then its shorter prefixes' */
 };
 
 /* Sizes are placeholders: the loader sets max_entries before loading. */
@@ -646,13 +660,14 @@ static __always_inline int rule_matches(const struct tg_rule *r, const struct tg
 }
 
 /* The first matching rule, longest prefix first: returns the group's rule's
- * zone, or -1. `groups` is tg_zone_groups or tg_allow_groups; the groups of
- * a prefix are at `base` + the index the trie holds (fallbacks are absolute). */
+ * zone, or -1. `groups` is tg_zone_groups or tg_allow_groups; the group of a
+ * prefix is at `base` + the index the trie holds. */
 static __always_inline int match_rules(void *lpm4, void *lpm6, void *groups, const struct tg_pkt *p,
 				       const __u8 *addr, __u16 port, __u32 base)
 {
+	struct tg_group *g;
 	__u32 *first, gi;
-	int d, r;
+	int r;
 
 	if (p->v6) {
 		struct tg_lpm6 k6 = {.prefixlen = 128};
@@ -668,20 +683,14 @@ static __always_inline int match_rules(void *lpm4, void *lpm6, void *groups, con
 	if (!first)
 		return -1;
 	gi = *first + base;
-	for (d = 0; d < TG_MAX_DEPTH; d++) {
-		struct tg_group *g = bpf_map_lookup_elem(groups, &gi);
-
-		if (!g)
-			return -1;
-		for (r = 0; r < TG_MAX_RULES; r++) {
-			if (r >= g->n_rules)
-				break;
-			if (rule_matches(&g->rules[r], p, port))
-				return g->rules[r].zone;
-		}
-		if (g->fallback == TG_NO_GROUP)
-			return -1;
-		gi = g->fallback;
+	g = bpf_map_lookup_elem(groups, &gi);
+	if (!g)
+		return -1;
+	for (r = 0; r < TG_MAX_RULES; r++) {
+		if (r >= g->n_rules)
+			break;
+		if (rule_matches(&g->rules[r], p, port))
+			return g->rules[r].zone;
 	}
 	return -1;
 }
@@ -740,6 +749,20 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 	if (sub->slot >= info->max_slots || zone >= info->n_zones) {
 		stat_add(STAT_NOSLOT, len);
 		return TC_ACT_SHOT;
+	}
+	if (direction == 0 && (info->flags & TG_F_ANY_BLOCKED)) { /* to a blocked subscriber? */
+		struct tg_sub *dst = lookup_sub(p, p->dst, info->flags);
+
+		if (dst && dst->slot < info->max_slots) {
+			/* the flag is the slot's, in every entry: this one is also where the refusal is
+			 * counted (the zone the sender's upload has, usually the receiver's download zone
+			 * too; the engine counts refusals per subscriber) */
+			idx = (dst->slot * info->n_zones + zone) * 2 + 1;
+			c = bpf_map_lookup_elem(&tg_counters, &idx);
+			if (c && (c->flags & TG_C_BLOCKED) &&
+			    match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, p, p->src, p->sport, 0) < 0)
+				goto drop;
+		}
 	}
 	idx = (sub->slot * info->n_zones + zone) * 2 + direction;
 	c = bpf_map_lookup_elem(&tg_counters, &idx);

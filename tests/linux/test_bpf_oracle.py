@@ -342,6 +342,38 @@ def check_stream(maps, impl, stream, priced, balances, exact):
 
 
 @needs_bpf
+@pytest.mark.parametrize("impl", sorted(ENGINES))
+@pytest.mark.parametrize("blocked", [(), (4,), (1,), (1, 4)], ids=["none", "receiver", "sender", "both"])
+def test_between_subscribers(maps, impl, blocked):
+    """A packet from one subscriber to another is the sender's upload (its ingress) and the receiver's
+    download (its egress). The engine drops a packet to a blocked receiver before anyone is charged: so must
+    the sender's ingress, or the sender pays for what the receiver's egress (or the nft blocked set in the
+    forward hook) refuses."""
+    data = ipv4("100.64.1.2", "100.64.4.4", 17, 0, 1000, 2000)
+    balances = {sid: (-1 if sid in blocked else 100) for sid in SUBSCRIBERS}
+    engine = new_engine(impl, (2, 0), balances)
+    grant(maps, (2, 0), balances)
+    try:
+        batch = PacketBatch(1, 4096)
+        batch.append(data, len(data), 0)
+        dropped0 = {sid: engine.subscriber(sid).dropped_bytes for sid in SUBSCRIBERS}
+        before = snapshot(maps)
+        engine.process(batch)
+        verdict = maps.test_run(0, frame(data, False))[0]
+        if verdict == 0:  # forwarded: the receiver's egress
+            verdict = maps.test_run(1, frame(data, False))[0]
+        changed, _stats = bpf_effect(before, snapshot(maps))
+        assert (verdict == 0) == (batch.verdict[0] == NF_ACCEPT)
+        counted = {(r.subscriber, r.zone, r.direction): (r.bytes, r.packets) for r in engine.drain()}
+        assert {key: v[:2] for key, v in changed.items() if v[:2] != (0, 0)} == counted
+        dropped = {sid: engine.subscriber(sid).dropped_bytes - dropped0[sid] for sid in SUBSCRIBERS}
+        assert {sid: sum(v[2] for (s, _z, _d), v in changed.items() if s == sid) for sid in SUBSCRIBERS} == dropped
+    finally:
+        for sid in SUBSCRIBERS:
+            maps.set_blocked(sid, False)
+
+
+@needs_bpf
 def test_vlan_and_non_ip(maps):
     """802.1Q frames parse like untagged ones; ARP and other EtherTypes pass uncounted."""
     data = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, 17, 0, ipaddress.ip_address("100.64.1.2").packed,
