@@ -1037,7 +1037,7 @@ class Ledger:
                     group_by=("zone", "direction"), bucket: int = 60) -> list[dict]:
         """:meth:`usage`, where ``group_by`` may also hold ``day`` (the UTC day's first second, under the
         key ``minute``), and ``minute`` means buckets of ``bucket`` seconds (a multiple of 60; under the key
-        ``minute``, the bucket's first second): summed by SQLite, not minute by minute in Python. One
+        ``minute``, the bucket's first second): summed by the database, not minute by minute in Python. One
         subscriber over a range reads that range of ``usage_subscriber_minute``, not the subscriber's whole
         history (the primary key orders by zone and direction before the minute)."""
         group_by = tuple(group_by)
