@@ -91,6 +91,7 @@ class Config:
     netflow_exporters: tuple | None = None  # [netflow] exporters: who may send flow records; None: anyone
     sessions: "SessionSettings" = None  # [sessions]: expiry of sessions whose end never came (issue 15)
     radius: "RadiusSettings" = None  # [radius]: the accounting server's sockets and clients
+    cluster: "ClusterSettings" = None  # [cluster]: this gateway's name and its credit grants (issue 13)
 
     def tariff_ids(self) -> dict[str, int]:
         """Engine ids of the tariffs: their position in the file."""
@@ -358,7 +359,7 @@ def _allowlist(gw: dict) -> list[ZoneRule]:
 def parse_config(doc: dict, path: str = "<config>") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     _check_keys(doc, "", {"gateway", "zone", "schedule", "tariff", "group", "subscriber", "notify", "netflow",
-                          "sessions", "radius"})
+                          "sessions", "radius", "cluster"})
     gw = _table(doc, "gateway")
     _check_keys(gw, "gateway", {"currency", "timezone", "local_networks", "malformed", "unknown", "allow", "database",
                                 "lan_interfaces", "wan_interfaces", "admin_networks"})
@@ -419,6 +420,7 @@ def parse_config(doc: dict, path: str = "<config>") -> Config:
     if cfg.sessions.voucher_tariff is not None and cfg.sessions.voucher_tariff not in cfg.tariffs:
         raise ConfigError("sessions.voucher_tariff", f"unknown tariff {cfg.sessions.voucher_tariff!r}")
     cfg.radius = _radius(doc)
+    cfg.cluster = _cluster(doc, currency)
     return cfg
 
 
@@ -566,6 +568,55 @@ def _radius(doc: dict) -> RadiusSettings:
             raise ConfigError(f"{where}.secret", "the shared secret: 1 to 128 bytes of text")
         clients.append(RadiusClient(name, net, secret.encode()))
     return RadiusSettings(listen or RadiusSettings.listen, tuple(clients), serve)
+
+
+# ---- many gateways on one ledger (issue 13) ---------------------------------------------------------------
+
+FAILURE_MODES = ("terminate", "retry_and_terminate", "continue")  # RFC 8506's Credit-Control-Failure-Handling
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: set ``gateway`` when several gateways share one ledger. This gateway then never
+    spends a balance directly: it rates against credit grants it reserves in the ledger
+    (gateway/daemon/credit.py), ``grant`` at a time (an amount; a subscriber spending faster gets
+    more per round), valid ``grant_validity`` seconds unless renewed (a gateway killed gives its grants
+    back after that). ``on_failure``, when the ledger cannot be reached: ``terminate`` (serve what is
+    granted, then block), ``retry_and_terminate`` (the same, retrying the ledger with backoff; the
+    default), ``continue`` (postpaid: keep serving on local credit and charge it when the ledger is back)."""
+
+    gateway: str | None = None
+    grant: int = 0
+    grant_validity: float = 60.0
+    on_failure: str = "retry_and_terminate"
+
+    @property
+    def grants(self) -> bool:
+        return self.gateway is not None
+
+
+def _cluster(doc: dict, currency) -> ClusterSettings:
+    raw = _table(doc, "cluster")
+    _check_keys(raw, "cluster", {"gateway", "grant", "grant_validity", "on_failure"})
+    if not raw:
+        return ClusterSettings()
+    name = raw.get("gateway")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+        raise ConfigError("cluster.gateway", "this gateway's name, unique among the gateways of the ledger "
+                                             "(letters, digits, . _ @ -)")
+    try:
+        grant = money.parse_amount(raw.get("grant", "1.00"), currency)
+    except (ValueError, money.MoneyError) as exc:
+        raise ConfigError("cluster.grant", f"an amount such as \"1.00\": {exc}") from None
+    if grant <= 0:
+        raise ConfigError("cluster.grant", "must be more than 0")
+    validity = raw.get("grant_validity", 60)
+    if isinstance(validity, bool) or not isinstance(validity, (int, float)) or not 3 <= validity <= 86400:
+        raise ConfigError("cluster.grant_validity", "seconds a grant lives unless renewed: 3 to 86400")
+    mode = raw.get("on_failure", "retry_and_terminate")
+    if mode not in FAILURE_MODES:
+        raise ConfigError("cluster.on_failure", f"one of {', '.join(FAILURE_MODES)}, not {mode!r}")
+    return ClusterSettings(name, grant, float(validity), mode)
 
 
 def _netflow_exporters(doc: dict) -> tuple | None:

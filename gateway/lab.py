@@ -436,11 +436,13 @@ class Cluster:
 
 
 def cluster_config(cluster: Cluster, k: int, balances: dict | None = None, price_mb: str = "0.01",
-                   upload_free: bool = False, warn: str | None = None) -> str:
+                   upload_free: bool = False, warn: str | None = None, grant: str = "1.00",
+                   grant_validity: float = 60, on_failure: str = "retry_and_terminate") -> str:
     """A Tollgate config for gateway ``k`` of the cluster, in the style of :func:`lab_config` (the same
     tariff and price): ALL the cluster's subscribers with all their networks, since the ledger is
     shared (one whose addresses gateway k never sees just has no traffic there); ``balances`` by
-    subscriber name, default 100.00 EUR; DNS on gateway k allowed while blocked."""
+    subscriber name, default 100.00 EUR; DNS on gateway k allowed while blocked; ``[cluster]``
+    names it ``g<k>`` and sets its credit grants (``grant`` at a time, ``grant_validity`` seconds)."""
     cluster.gateway(k)  # a KeyError for a gateway the cluster does not have
     balances = balances or {}
     upload = "0" if upload_free else price_mb
@@ -453,7 +455,9 @@ def cluster_config(cluster: Cluster, k: int, balances: dict | None = None, price
     return (f'[gateway]\ncurrency = "EUR"\nlocal_networks = ["100.64.0.0/10", "2001:db8:100::/48"]\n'
             f"allow = [{allow}]\n\n[[tariff]]\nname = \"lab\"\nprice_unit = \"MB\"\n"
             + (f'warn = ["{warn}"]\n' if warn else "")
-            + f'[tariff.prices]\nexternal = {{ upload = "{upload}", download = "{price_mb}" }}\n\n' + subs)
+            + f'[tariff.prices]\nexternal = {{ upload = "{upload}", download = "{price_mb}" }}\n\n'
+            + f'[cluster]\ngateway = "g{k}"\ngrant = "{grant}"\ngrant_validity = {grant_validity}\n'
+            + f'on_failure = "{on_failure}"\n\n' + subs)
 
 
 def cluster_namespaces(prefix: str) -> list[str]:

@@ -233,7 +233,8 @@ class Accountant:
             self.access_dirty.add(row["id"])
             self.since[row["id"]] = row.get("since")
             events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
-                                                 row["balance"], row["credit_limit"], tariff.allowance(),
+                                                 row["balance"], self.engine_credit(row["credit_limit"]),
+                                                 tariff.allowance(),
                                                  terms.volume_limit)
             for network in row["addresses"]:
                 try:
@@ -242,6 +243,12 @@ class Accountant:
                     raise TollgateError(f"subscriber {row['name']!r}: {exc}") from None
             self.subscribers[row["id"]] = SubscriberInfo(row["id"], row["name"], row["tariff"], tuple(row["addresses"]))
         return events
+
+    def engine_credit(self, credit: int) -> int:
+        """The credit the engine may spend beyond its balance: none on a gateway that rates against credit
+        grants (``[cluster]``), whose engine balance is its grant and the credit is in the ledger's reserve
+        (accounting/ledger.py Ledger.reserve); the subscriber's credit otherwise."""
+        return 0 if self.config.cluster is not None and self.config.cluster.grants else credit
 
     def config_rows(self) -> list[dict]:
         """Subscribers straight from the config (a dry run with no ledger)."""
@@ -289,7 +296,8 @@ class Accountant:
         if self.ledger is not None:
             self.ledger.assign_tariff(sid, tariff, now)
         state = self.engine.subscriber(sid)
-        events = self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount), credit=credit_limit,
+        events = self.engine.set_subscriber(sid, tariff=self.engine_tariff(tariff, terms.discount),
+                                            credit=self.engine_credit(credit_limit),
                                             allowance=self.config.tariffs[tariff].allowance())
         if terms.volume_since is None:
             # the new tariff's period volume starts now, as its billing account does
@@ -321,7 +329,7 @@ class Accountant:
         acct = self.biller.accounts[sid]
         state = self.engine.subscriber(sid)
         tid = self.engine_tariff(acct.terms.tariff, self.biller.discount(acct))
-        credit = acct.terms.credit_limit if acct.credit_on else 0
+        credit = self.engine_credit(acct.terms.credit_limit if acct.credit_on else 0)
         if tid == state.tariff and credit == state.credit:
             return []
         return self.engine.set_subscriber(sid, tariff=tid, credit=credit, allowance=state.allowance)

@@ -56,7 +56,9 @@ class ChangeFollower:
         for change in gw.ledger.balance_changes_since(self.last_payment, self.last_adjustment):
             events = []
             with gw.engine_lock:
-                if change["subscriber_id"] in gw.acct.subscribers:
+                if gw.credit is not None:  # the engine holds a grant, not the balance: there may be more to take
+                    gw.credit.want((change["subscriber_id"],))
+                elif change["subscriber_id"] in gw.acct.subscribers:
                     events = gw.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
                 gw.touch((change["subscriber_id"],))
                 if change["kind"] == "payment":
@@ -149,6 +151,8 @@ class ChangeFollower:
         finally:
             self.gw.limits.update(sid)
             self.gw.touch((sid,))
+            if self.gw.credit is not None:  # a credit limit changed: there may be more (or less) to take
+                self.gw.credit.want((sid,))
 
     def release(self, sid: int) -> None:
         """The first pass over a round of changes: the networks a subscriber
@@ -203,7 +207,8 @@ class ChangeFollower:
             if info is None:
                 with gw.enforcer_lock:
                     gw.enforcer.add_subscriber_addresses(row["addresses"])
-                events = acct.load_subscribers([{**row, "addresses": list(row["addresses"]),
+                balance = row["balance"] if gw.credit is None else gw.credit.grant_now(sid)
+                events = acct.load_subscribers([{**row, "balance": balance, "addresses": list(row["addresses"]),
                                                  "since": row["billing_since_ns"] or row["created_ns"]}])
                 events += acct.open_billing(sid, gw.calendar_now())[1]
                 gw.post(events)

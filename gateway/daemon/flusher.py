@@ -25,7 +25,6 @@ import logging
 import queue
 import time
 
-from accounting.ledger import Ledger
 from accounting.money import format_amount
 from accounting.notify import Notifier, enqueue
 from ext.errors import TollgateError
@@ -61,6 +60,8 @@ class Flusher:
         while not gw.stopping.wait(PAYMENT_POLL):
             try:
                 gw.changes.poll()
+                if gw.credit is not None:
+                    gw.credit.poll()  # grants renewed, refilled where a payment or spending asks
                 if time.monotonic() < next_flush:
                     continue
                 next_flush = time.monotonic() + gw.opts.flush_interval
@@ -128,6 +129,8 @@ class Flusher:
             files = [f for spool in spools for f in spool.take_files()]
             self.orphan_rows = []
             gw.acct.biller.observe(rows)
+            if gw.credit is not None:
+                gw.credit.note_spent(rows)
         for r in rows:
             self.engine_bytes[r.subscriber] = self.engine_bytes.get(r.subscriber, 0) + r.bytes
         if gw.quotas is not None:  # traffic moves a kernel quota (the eBPF source sees its own traffic at once)
@@ -148,7 +151,7 @@ class Flusher:
             gw.ledger.apply_flush_bpf(flush_id, rows, now, files=files)
         else:
             gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
-                                  kernel_marks=gw.opts.kernel_marked)
+                                  kernel_marks=gw.opts.kernel_marked, grants=gw.credit is not None)
         self.pending = None
         if gw.opts.kernel_marked:
             gw.kernel.note_flushed(rows)
@@ -200,7 +203,7 @@ class Flusher:
 
     def notify_loop(self) -> None:
         gw = self.gw
-        notifier = Notifier(Ledger.open(gw.opts.db_path), gw.config.notify)
+        notifier = Notifier(gw.open_ledger(), gw.config.notify)
         while not gw.stopping.wait(1.0):
             try:
                 notifier.deliver_due()

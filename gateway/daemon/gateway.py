@@ -30,6 +30,7 @@ from ext.errors import ConfigError, SourceError, TollgateError
 from ..config import Config, load_config
 from ..runtime import NS, Accountant, ledger_rows
 from .changes import ChangeFollower
+from .credit import GrantKeeper
 from .flusher import Flusher
 from .http import LiveView, listen_socket, serve
 from .kernel import KernelTruth
@@ -49,7 +50,10 @@ class Gateway:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
         self.config: Config = load_config(opts.config_path)
-        self.ledger = Ledger.open(opts.db_path)
+        if self.config.cluster.grants and opts.bpf_marked:
+            raise ConfigError("cluster.gateway", "credit grants run on the nfqueue, NFLOG, conntrack and flow "
+                                                 "sources; the eBPF source does not take them yet")
+        self.ledger = self.open_ledger()
         self.acct = Accountant(self.config, self.ledger, opts.engine)
         self.boot = uuid.uuid4().hex[:12]
         self.events: queue.Queue = queue.Queue()  # lists of (Event, packet ts) for the policy pusher
@@ -71,6 +75,7 @@ class Gateway:
         self.quotas = None  # .quotas.QuotaKeeper, under a passive source with kernel quotas
         self.view = LiveView(self)
         self.sessions = SessionHost(self)  # expiry, the hosted RADIUS server, address binding (.sessions)
+        self.credit = GrantKeeper(self) if self.config.cluster.grants else None  # a shared ledger (.credit)
 
     # ---- start and stop --------------------------------------------------
 
@@ -78,7 +83,8 @@ class Gateway:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
         self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
-        events = self.acct.load_subscribers(ledger_rows(self.ledger))
+        rows = ledger_rows(self.ledger)
+        events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
         self.changes.start_from_ledger()
         now = time.time_ns()
         self.acct.ensure_timeline(now, since_ns=now)
@@ -159,6 +165,8 @@ class Gateway:
                 t.join(timeout=5)
         self.pusher.drain()
         self.flusher.flush()
+        if self.credit is not None:
+            self.credit.release()
         for reader in self.readers:
             reader.close()
         self.ledger.close()
@@ -286,11 +294,17 @@ class Gateway:
         shifted by ``--clock-offset`` (drills and tests; packets keep the kernel's time)."""
         return time.time_ns() + int(self.opts.clock_offset * NS)
 
+    def open_ledger(self) -> Ledger:
+        """A new connection to the ledger, writing kernel state and grants as this gateway ([cluster] gateway)."""
+        ledger = Ledger.open(self.opts.db_path)
+        ledger.gateway = self.config.cluster.gateway or ""
+        return ledger
+
     def thread_ledger(self) -> Ledger:
         """This thread's own connection to the ledger (the flusher owns ``self.ledger``)."""
         ledger = getattr(self.http_local, "ledger", None)
         if ledger is None:
-            ledger = self.http_local.ledger = Ledger.open(self.opts.db_path)
+            ledger = self.http_local.ledger = self.open_ledger()
         return ledger
 
     def networks(self, sid: int) -> tuple:

@@ -46,6 +46,7 @@ class LiveView:
                 "source": gw.opts.source,
                 "kernel_quotas": gw.quotas.quotas.counts if gw.quotas is not None else None,
                 "failed_threads": gw.failed,
+                "credit": gw.credit.stats() if gw.credit is not None else None,
                 "queue": {gw.reader_label(r): r.stats() for r in gw.readers}}
 
     def subscriber_page(self, address: str) -> dict | None:
@@ -63,7 +64,9 @@ class LiveView:
         if row is None:
             return None
         reasons = [name for bit, name in BLOCK_REASONS.items() if state.blocked & bit]
-        return subscriber_summary(gw.thread_ledger(), gw.config, row, reasons, balance=state.balance)
+        # the live balance; on a shared ledger ([cluster]) the engine holds a grant: the ledger's balance then
+        balance = state.balance if gw.credit is None else row["balance"]
+        return subscriber_summary(gw.thread_ledger(), gw.config, row, reasons, balance=balance)
 
     def live_balance(self, sid: int) -> int | None:
         """The engine's balance (the ledger's lags by up to a flush); None if not loaded."""

@@ -90,7 +90,7 @@ class SessionHost:
 
     def loop(self) -> None:
         gw = self.gw
-        ledger = Ledger.open(gw.opts.db_path)
+        ledger = gw.open_ledger()
         try:
             ops = Operations(ledger, gw.config, "gateway")
             interval = min(BIND_POLL, self.timing.expiry_check) if self.bind_sources else self.timing.expiry_check

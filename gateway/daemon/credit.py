@@ -1,0 +1,193 @@
+"""Credit grants: how a gateway that shares its ledger with other gateways spends balances (issue 13).
+
+With ``[cluster] gateway`` set, no gateway spends a subscriber's balance directly. The engine's
+balance of each subscriber here is this gateway's *grant*: money it reserved in the ledger
+(:meth:`accounting.ledger.Ledger.reserve`, one conditional UPDATE: never more than balance +
+credit can pay, whichever gateways ask) and has not charged yet; the engine's credit is 0. The
+engine rates and enforces per packet against the grant as it would against a balance, each flush
+charges the grant (``apply_flush(grants=True)``), and this keeper asks for more before it runs
+out, so a subscriber with money is not blocked by the round trip:
+
+- after each drain, a subscriber that spent is refilled when less than ``LOW_WATER`` of its slice
+  is left; its slice grows to cover ``COVER_SECONDS`` of what it spends, at least ``[cluster]
+  grant``;
+- a payment or a change in the ledger (from any gateway: the change follower reads them) asks
+  for a refill at the next poll (0.2 s), which unblocks a subscriber whose grant ran out;
+- when the ledger has nothing left to grant, the engine spends the last grant and blocks at the
+  byte, and the subscriber lands on the block page as with a balance: the last grant is the final
+  unit;
+- grants live ``grant_validity`` seconds and are renewed every third of it; a gateway that dies
+  stops renewing, and any other gateway gives its grants back to the balance when they expire;
+  a clean stop gives them back at once, after the last flush.
+
+When the ledger cannot be reached (``[cluster] on_failure``): ``terminate`` serves what is
+granted and asks again only at the next need; ``retry_and_terminate`` retries with backoff
+(``RETRY_MAX``); both block when the grant runs out. ``continue`` (postpaid) gives a subscriber
+that runs low a slice of local credit instead, counted in ``local_credit``, and its traffic is
+charged when the ledger is back (flushes wait in the flusher's pending slot and are retried with
+the same id, never lost, never charged twice; charges beyond a grant are charged all the same).
+
+Runs in the flusher thread, which owns the ledger connection. Locks: engine reads and balance
+changes under ``engine_lock``, never held across a ledger round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..runtime import NS
+
+log = logging.getLogger("tollgate.daemon")
+LOW_WATER = 0.5  # refill when less than this share of a subscriber's slice is left
+COVER_SECONDS = 10  # a slice covers this many seconds of what the subscriber spends (per flush interval: 1 s)
+RETRY_MAX = 5.0  # seconds between attempts when the ledger cannot be reached (retry_and_terminate)
+
+
+class GrantKeeper:
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        cluster = gw.config.cluster
+        self.slice = cluster.grant
+        self.validity_ns = int(cluster.grant_validity * NS)
+        self.mode = cluster.on_failure
+        self.size: dict[int, int] = {}  # a subscriber's slice, when it spends more than [cluster] grant
+        self.wanted: set[int] = set()  # refill at the next poll
+        self.next_renew = 0
+        self.retry_at = 0.0  # monotonic: no ledger round trip before (a failure's backoff)
+        self.backoff = 0.2
+        self.local_credit: dict[int, int] = {}  # on_failure = continue: given without the ledger
+        self.reserved = 0  # taken from the ledger since start
+        self.failures = 0
+        self.last_error: str | None = None
+
+    # ---- start and stop ------------------------------------------------------------------------
+
+    def load(self, rows: list[dict]) -> list[dict]:
+        """The rows to fill the engine with, each balance this gateway's grant: what it held
+        before (a restart within the grants' validity: still its own) topped up to a slice."""
+        ledger = self.gw.ledger
+        now = time.time_ns()
+        held = {sid: amount for sid, (amount, _until) in ledger.grants().items()}
+        asks = {r["id"]: self.slice - held.get(r["id"], 0) for r in rows if held.get(r["id"], 0) < self.slice}
+        taken = self._reserve(asks, now) or {}
+        self.next_renew = now + self.validity_ns // 3
+        log.info("credit grants: %d subscribers, %d held from before, %d granted now (gateway %r)", len(rows),
+                 len(held), len(taken), ledger.gateway)
+        return [{**r, "balance": held.get(r["id"], 0) + taken.get(r["id"], 0)} for r in rows]
+
+    def grant_now(self, sid: int) -> int:
+        """A first grant for a subscriber added while running (its engine balance)."""
+        return (self._reserve({sid: self.slice}, time.time_ns()) or {}).get(sid, 0)
+
+    def release(self) -> None:
+        """At a clean stop, after the last flush: every grant back to the balance."""
+        try:
+            returned = self.gw.ledger.release_grants()
+            log.info("credit grants: %d returned to the ledger", len(returned))
+        except Exception as exc:  # the grants come back when they expire: said, not fatal
+            log.error("credit grants: cannot return them now (%s); they return when they expire", exc)
+
+    # ---- while running ---------------------------------------------------------------------------
+
+    def want(self, sids) -> None:
+        """Refill these at the next poll (a payment, a changed credit limit: there may be more to take)."""
+        self.wanted.update(sids)
+
+    def note_spent(self, rows) -> None:
+        """After a drain (under ``engine_lock``): the slices follow what each subscriber spends, and those
+        running low are refilled at the next poll."""
+        spent: dict[int, int] = {}
+        for r in rows:
+            spent[r.subscriber] = spent.get(r.subscriber, 0) + r.charged
+        engine = self.gw.acct.engine
+        for sid, amount in spent.items():
+            if sid not in self.gw.acct.subscribers:
+                continue
+            size = max(self.slice, amount * COVER_SECONDS)
+            if size != self.slice:
+                self.size[sid] = size
+            else:
+                self.size.pop(sid, None)
+            if engine.subscriber(sid).balance < size * LOW_WATER:
+                self.wanted.add(sid)
+
+    def poll(self) -> None:
+        """Renew this gateway's grants, return dead gateways' expired ones, refill what is wanted."""
+        gw = self.gw
+        reachable = time.monotonic() >= self.retry_at  # not while backing off after a failure
+        if not reachable and self.mode != "continue":  # (continue lends meanwhile)
+            return
+        now = time.time_ns()
+        if reachable and now >= self.next_renew:
+            reachable = self._ledger(lambda: (gw.ledger.renew_grants(now + self.validity_ns),
+                                              gw.ledger.expire_grants(now)))
+            if reachable:
+                self.next_renew = now + self.validity_ns // 3
+        wanted, self.wanted = self.wanted, set()
+        if not wanted:
+            return
+        with gw.engine_lock:
+            asks = {}
+            for sid in wanted:
+                if sid not in gw.acct.subscribers:
+                    continue
+                size = self.size.get(sid, self.slice)
+                left = gw.acct.engine.subscriber(sid).balance
+                if left < size * LOW_WATER:
+                    asks[sid] = size - max(left, 0)
+        taken = self._reserve(asks, now) if reachable else None
+        if taken is None:
+            if self.mode == "retry_and_terminate":
+                self.wanted |= set(asks)  # asked again after the backoff
+            elif self.mode == "continue":
+                taken = self._lend(asks)
+            if not taken:
+                return
+        events = []
+        with gw.engine_lock:
+            for sid, took in taken.items():
+                if sid in gw.acct.subscribers:
+                    events += gw.acct.engine.adjust_balance(sid, took)
+        gw.touch(taken)
+        gw.post(events)
+
+    def stats(self) -> dict:
+        return {"gateway": self.gw.ledger.gateway, "on_failure": self.mode, "reserved": self.reserved,
+                "failures": self.failures, "last_error": self.last_error,
+                "local_credit": sum(self.local_credit.values())}
+
+    # ---- the ledger's round trips ------------------------------------------------------------------
+
+    def _reserve(self, asks: dict[int, int], now: int) -> dict[int, int] | None:
+        """``Ledger.reserve``; None when the ledger cannot be reached (after noting the failure)."""
+        if not asks:
+            return {}
+        result: list = []
+        if not self._ledger(lambda: result.append(self.gw.ledger.reserve(asks, now + self.validity_ns))):
+            return None
+        taken = result[0]
+        self.reserved += sum(taken.values())
+        return taken
+
+    def _ledger(self, call) -> bool:
+        """Run one ledger call; on failure note it and, retrying, back off. True if it ran."""
+        try:
+            call()
+        except Exception as exc:  # psycopg's OperationalError, SQLite busy: the ledger is away, not us broken
+            self.failures += 1
+            self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.error("credit grants: the ledger cannot be reached (%s); on_failure = %s", self.last_error, self.mode)
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(RETRY_MAX, self.backoff * 2)
+            return False
+        self.backoff = 0.2
+        self.last_error = None
+        return True
+
+    def _lend(self, asks: dict[int, int]) -> dict[int, int]:
+        """``continue``: a slice on local credit to each subscriber running low; charged when the ledger is back."""
+        for sid, amount in asks.items():
+            self.local_credit[sid] = self.local_credit.get(sid, 0) + amount
+        log.warning("credit grants: %d subscribers served on local credit while the ledger is away", len(asks))
+        return dict(asks)
