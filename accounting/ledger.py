@@ -918,9 +918,15 @@ class Ledger:
                     returned.append((gateway, sid, amount))
         return returned
 
-    def release_grants(self) -> list[tuple[str, int, int]]:
-        """At shutdown, after the last flush: all of this gateway's grants back to the balance."""
-        return self._return_grants("gateway = ?", (self.gateway,))
+    def release_grants(self, subscribers=None) -> list[tuple[str, int, int]]:
+        """At shutdown, after the last flush: all of this gateway's grants back to the balance (or those
+        of ``subscribers``: they left this gateway, and their last traffic is flushed)."""
+        if subscribers is None:
+            return self._return_grants("gateway = ?", (self.gateway,))
+        returned = []
+        for sid in sorted(subscribers):
+            returned += self._return_grants("gateway = ? AND subscriber_id = ?", (self.gateway, _int(sid, "subscriber")))
+        return returned
 
     def expire_grants(self, now_ns: int) -> list[tuple[str, int, int]]:
         """Grants of any gateway not renewed by ``now_ns`` (a gateway killed or cut off) back to the balance."""

@@ -583,21 +583,39 @@ class ClusterSettings:
     more per round), valid ``grant_validity`` seconds unless renewed (a gateway killed gives its grants
     back after that). ``on_failure``, when the ledger cannot be reached: ``terminate`` (serve what is
     granted, then block), ``retry_and_terminate`` (the same, retrying the ledger with backoff; the
-    default), ``continue`` (postpaid: keep serving on local credit and charge it when the ledger is back)."""
+    default), ``continue`` (postpaid: keep serving on local credit and charge it when the ledger is back).
+    ``networks``: the subscriber networks this gateway sees; it loads and follows only the subscribers
+    with an address inside them (all of their addresses), so ten gateways do not each hold everyone.
+    Empty: every subscriber of the ledger."""
 
     gateway: str | None = None
     grant: int = 0
     grant_validity: float = 60.0
     on_failure: str = "retry_and_terminate"
+    networks: tuple = ()  # (version, network as int, prefix length) of each
 
     @property
     def grants(self) -> bool:
         return self.gateway is not None
 
+    def serves(self, addresses) -> bool:
+        """True if one of ``addresses`` (a subscriber's networks, as text) lies inside ``networks``."""
+        if not self.networks:
+            return True
+        from ext import netaddr
+
+        for text in addresses:
+            version, value, length = netaddr.parse(text)
+            bits = 32 if version == 4 else 128
+            for v, net, plen in self.networks:
+                if v == version and length >= plen and value >> (bits - plen) == net >> (bits - plen):
+                    return True
+        return False
+
 
 def _cluster(doc: dict, currency) -> ClusterSettings:
     raw = _table(doc, "cluster")
-    _check_keys(raw, "cluster", {"gateway", "grant", "grant_validity", "on_failure"})
+    _check_keys(raw, "cluster", {"gateway", "grant", "grant_validity", "on_failure", "networks"})
     if not raw:
         return ClusterSettings()
     name = raw.get("gateway")
@@ -616,7 +634,11 @@ def _cluster(doc: dict, currency) -> ClusterSettings:
     mode = raw.get("on_failure", "retry_and_terminate")
     if mode not in FAILURE_MODES:
         raise ConfigError("cluster.on_failure", f"one of {', '.join(FAILURE_MODES)}, not {mode!r}")
-    return ClusterSettings(name, grant, float(validity), mode)
+    from ext import netaddr
+
+    networks = tuple(netaddr.parse(_network(n, f"cluster.networks[{i}]"))
+                     for i, n in enumerate(_list(raw, "networks", "cluster.networks")))
+    return ClusterSettings(name, grant, float(validity), mode, networks)
 
 
 def _netflow_exporters(doc: dict) -> tuple | None:

@@ -24,6 +24,7 @@ each gateway's config, ``cluster_down`` removes it. Its address plan is at
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -437,12 +438,14 @@ class Cluster:
 
 def cluster_config(cluster: Cluster, k: int, balances: dict | None = None, price_mb: str = "0.01",
                    upload_free: bool = False, warn: str | None = None, grant: str = "1.00",
-                   grant_validity: float = 60, on_failure: str = "retry_and_terminate") -> str:
+                   grant_validity: float = 60, on_failure: str = "retry_and_terminate", scoped: bool = False) -> str:
     """A Tollgate config for gateway ``k`` of the cluster, in the style of :func:`lab_config` (the same
     tariff and price): ALL the cluster's subscribers with all their networks, since the ledger is
     shared (one whose addresses gateway k never sees just has no traffic there); ``balances`` by
     subscriber name, default 100.00 EUR; DNS on gateway k allowed while blocked; ``[cluster]``
-    names it ``g<k>`` and sets its credit grants (``grant`` at a time, ``grant_validity`` seconds)."""
+    names it ``g<k>`` and sets its credit grants (``grant`` at a time, ``grant_validity`` seconds);
+    ``scoped``: ``[cluster] networks`` are the networks of gateway k's links, so it holds only the
+    subscribers it serves."""
     cluster.gateway(k)  # a KeyError for a gateway the cluster does not have
     balances = balances or {}
     upload = "0" if upload_free else price_mb
@@ -452,12 +455,15 @@ def cluster_config(cluster: Cluster, k: int, balances: dict | None = None, price
         for s in cluster.subscribers)
     allow = ", ".join(f'{{ network = "{s.via(k).gw_addr4}/32", protocol = "udp", ports = "53" }}'
                       for s in cluster.gateway(k).subscribers)
+    # its links' networks: the /24 of each IPv4 address, each IPv6 /64
+    scope = ", ".join(f'"{ipaddress.ip_network(n).supernet(new_prefix=24) if "." in n else n}"'
+                      for s in cluster.gateway(k).subscribers for n in s.via(k).networks)
     return (f'[gateway]\ncurrency = "EUR"\nlocal_networks = ["100.64.0.0/10", "2001:db8:100::/48"]\n'
             f"allow = [{allow}]\n\n[[tariff]]\nname = \"lab\"\nprice_unit = \"MB\"\n"
             + (f'warn = ["{warn}"]\n' if warn else "")
             + f'[tariff.prices]\nexternal = {{ upload = "{upload}", download = "{price_mb}" }}\n\n'
             + f'[cluster]\ngateway = "g{k}"\ngrant = "{grant}"\ngrant_validity = {grant_validity}\n'
-            + f'on_failure = "{on_failure}"\n\n' + subs)
+            + f'on_failure = "{on_failure}"\n' + (f"networks = [{scope}]\n" if scoped else "") + "\n" + subs)
 
 
 def cluster_namespaces(prefix: str) -> list[str]:

@@ -165,8 +165,8 @@ class ChangeFollower:
         if info is None:
             return
         row = gw.ledger.get_subscriber(sid)
-        if row is None or not row.get("active", 1):
-            self.refresh(sid)  # a deactivation is all leaving
+        if not gw.serves(row):
+            self.refresh(sid)  # a deactivation (or addresses gone from this gateway's networks) is all leaving
             return
         gone = sorted(set(info.addresses) - set(row["addresses"]))
         if gone:
@@ -198,7 +198,7 @@ class ChangeFollower:
         gw = self.gw
         acct = gw.acct
         row = gw.ledger.get_subscriber(sid)
-        active = row is not None and row.get("active", 1)
+        active = gw.serves(row)  # not ours any more (inactive, or gone from [cluster] networks): it leaves
         info = acct.subscribers.get(sid)
         events = []
         with gw.engine_lock:
@@ -222,6 +222,8 @@ class ChangeFollower:
                 acct.close_billing(sid, gw.calendar_now())
                 gw.flusher.orphan_rows += acct.engine.remove_subscriber(sid)
                 del acct.subscribers[sid]
+                if gw.credit is not None:
+                    gw.credit.left(sid)
                 gw.kernel.subscribers_changed()
             else:
                 for net in gone:

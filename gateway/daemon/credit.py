@@ -53,6 +53,7 @@ class GrantKeeper:
         self.mode = cluster.on_failure
         self.size: dict[int, int] = {}  # a subscriber's slice, when it spends more than [cluster] grant
         self.wanted: set[int] = set()  # refill at the next poll
+        self.leaving: set[int] = set()  # left the engine: their grants go back after their last flush
         self.next_renew = 0
         self.retry_at = 0.0  # monotonic: no ledger round trip before (a failure's backoff)
         self.backoff = 0.2
@@ -89,6 +90,17 @@ class GrantKeeper:
             log.error("credit grants: cannot return them now (%s); they return when they expire", exc)
 
     # ---- while running ---------------------------------------------------------------------------
+
+    def left(self, sid: int) -> None:
+        """``sid`` left the engine (deactivated, or gone from ``[cluster] networks``); under ``engine_lock``."""
+        self.leaving.add(sid)
+        self.size.pop(sid, None)
+
+    def flushed(self) -> None:
+        """After a flush is written: the grants of subscribers that left go back (their last traffic is in)."""
+        leaving, self.leaving = self.leaving, set()
+        if leaving and not self._ledger(lambda: self.gw.ledger.release_grants(leaving)):
+            self.leaving |= leaving
 
     def want(self, sids) -> None:
         """Refill these at the next poll (a payment, a changed credit limit: there may be more to take)."""

@@ -110,6 +110,8 @@ class Flusher:
         self._drain()
         if self.pending is not None:
             self._write_pending()
+        if gw.credit is not None:
+            gw.credit.flushed()  # everything drained is written: the grants of those who left can go back
         self.last_flush = time.time()
 
     def _drain(self) -> None:

@@ -83,7 +83,7 @@ class Gateway:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
         self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
-        rows = ledger_rows(self.ledger)
+        rows = [r for r in ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"])]
         events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
         self.changes.start_from_ledger()
         now = time.time_ns()
@@ -306,6 +306,10 @@ class Gateway:
         if ledger is None:
             ledger = self.http_local.ledger = self.open_ledger()
         return ledger
+
+    def serves(self, row: dict | None) -> bool:
+        """A ledger row this gateway holds: active, and (``[cluster] networks``) with an address it sees."""
+        return row is not None and bool(row.get("active", 1)) and self.config.cluster.serves(row["addresses"])
 
     def networks(self, sid: int) -> tuple:
         return self.acct.subscribers[sid].addresses

@@ -361,3 +361,28 @@ def test_one_balance_spent_through_two_gateways_at_once_is_never_overspent(clust
         assert row["balance"] == 5 * EUR // 100 + paid - charged >= 0  # no money spent that was not there
         assert row["reserved"] == 0  # every grant returned: at the stops, and g2's at expiry
         assert led.check_invariants() == []
+
+
+def health_of(gw: Gateway) -> dict:
+    return json.loads(netns(gw.ns, "curl", "-s", "-m", "2", "http://127.0.0.1:8080/healthz").stdout)
+
+
+def test_a_gateway_holds_only_the_subscribers_of_its_networks(cluster, pg_gateways):
+    """``[cluster] networks``: each gateway loads only the subscribers with an address it sees (x on g1
+    and g2), still charges exactly, and a subscriber added later reaches only the gateway of its network."""
+    gws = pg_gateways(scoped=True)
+    held = {k: health_of(gw)["subscribers"] for k, gw in enumerate(gws, 1)}
+    assert held == {1: 3, 2: 3, 3: 2}  # its two own subscribers, and x on g1 and g2: not all 7 each
+    run_downloads(cluster, downloads(cluster))
+    charged, kernel = settle(cluster, gws)
+    assert not mismatches(charged, kernel), (mismatches(charged, kernel), log_lines(gws))
+    # a new subscriber with an address in g3's networks: g3 holds it, the others do not
+    added = gws[0].tollgate("subscriber", "add", "newcomer", "--tariff", "lab", "--address", "100.67.1.77/32")
+    assert added.returncode == 0, added.stderr
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 and health_of(gws[2])["subscribers"] != 3:
+        time.sleep(0.1)
+    assert {k: health_of(gw)["subscribers"] for k, gw in enumerate(gws, 1)} == {1: 3, 2: 3, 3: 3}
+    for gw in gws:
+        gw.stop()
+    check_ledger(cluster, gws[0].db, gws)
