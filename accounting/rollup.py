@@ -50,6 +50,13 @@ Cost. Work is in proportion to the rows rolled: each row is read once through
 a partial index and deleted, plus two index lookups per subscriber per run.
 Each transaction touches about ``batch_rows`` rows (default 5000: a few ms),
 so a flush waits at most that long for the write lock.
+
+Writers beside it. On SQLite a flush waits for the rollup's transaction (one
+writer); between two of them it may commit. On PostgreSQL flushes do not wait
+(row locks only), so a flush may write into a bucket being rolled at any
+moment: a bucket's sums are those of the rows its ``DELETE ... RETURNING``
+removed, never of an earlier read, and minutes landing before the day cutoff
+after the day stage are left for the next run's day stage.
 """
 
 from __future__ import annotations
@@ -232,17 +239,26 @@ _FINER = {
 }
 
 
+def _span(stage: str, s: RollupSummary) -> tuple[int, int]:
+    """``[from, to)`` (in the table's time unit) of the rows a stage rolls: a day stage everything before the day
+    cutoff, an hour stage what lies between the two cutoffs. Minutes before the day cutoff that come after the
+    day stage (a late flush between two stages, or beside the rollup on PostgreSQL) wait for the next run's
+    day stage: an hour starting at a day's start would be the key of that day's row."""
+    _table, level, _finer, unit = _FINER[stage]
+    return (0, s.day_cutoff * unit) if level == "day" else (s.day_cutoff * unit, s.hour_cutoff * unit)
+
+
 def _with_rows(db, stage: str, s: RollupSummary) -> list[int]:
     """The subscribers that have rows to roll in this stage, found before any transaction: one scan of the
     finer rows' partial indexes (the recent window: in proportion to the active subscribers), not a look at
     every subscriber (a million subscribers: 95 s, much of it inside the write transactions, before this)."""
     table, level, finer, unit = _FINER[stage]
-    cutoff = (s.day_cutoff if level == "day" else s.hour_cutoff) * unit
+    start, cutoff = _span(stage, s)
     col = "minute" if table == "usage" else "ts_ns"
     sids: set[int] = set()
     for index, where in finer:
         sids.update(sid for (sid,) in db.execute(f"SELECT DISTINCT subscriber_id FROM {table}{db.index_hint(index)}"
-                                                 f" WHERE {where} AND {col} < ?", (cutoff,)))
+                                                 f" WHERE {where} AND {col} >= ? AND {col} < ?", (start, cutoff)))
     return sorted(sids)
 
 
@@ -250,10 +266,10 @@ def _units(db, stage: str, sids, s: RollupSummary):
     """(stage, subscriber, start, end) of each bucket with rows to roll, in order; read lazily, so each is
     looked for in the transaction that rolls the one before."""
     table, level, finer, unit = _FINER[stage]
-    cutoff = (s.day_cutoff if level == "day" else s.hour_cutoff) * unit
+    start, cutoff = _span(stage, s)
     col = "minute" if table == "usage" else "ts_ns"
     for sid in sids:
-        pos = 0
+        pos = start
         while True:
             first = None
             for index, where in finer:
@@ -297,9 +313,11 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
     if table == "usage":
         sums: dict[tuple[int, int], list[int]] = {}
         for index, where in finer:
-            rows = db.execute(f"SELECT zone, direction, minute + span, bytes, packets, amount FROM usage"
-                              f"{db.index_hint(index)} WHERE {where}"
-                              " AND subscriber_id = ? AND minute >= ? AND minute < ?", (sid, lo, hi)).fetchall()
+            # the rows summed are the rows deleted, in one statement: a flush may add into one of them or write
+            # another between two statements (on PostgreSQL flushes do not wait for the rollup)
+            rows = db.execute(f"DELETE FROM usage{db.index_hint(index)} WHERE {where}"
+                              " AND subscriber_id = ? AND minute >= ? AND minute < ?"
+                              " RETURNING zone, direction, minute + span, bytes, packets, amount", (sid, lo, hi)).fetchall()
             for z, d, end, nbytes, packets, amount in rows:
                 if end > hi:  # a bucket of other bounds: never written by this module in one time zone
                     raise LedgerError(f"usage of subscriber {sid} at {end} crosses the bucket {b0}..{b1}: "
@@ -309,9 +327,6 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 acc[1] += packets
                 acc[2] += amount
             touched += len(rows)
-            db.execute(f"DELETE FROM usage{db.index_hint(index)} WHERE {where} AND subscriber_id = ? AND minute >= ?"
-                       " AND minute < ?",
-                       (sid, lo, hi))
         # a coarse row of this bucket already there (a late flush rolled since): added into
         for (z, d), (nbytes, packets, amount) in sorted(sums.items()):
             prior = db.execute("SELECT span, bytes, packets, amount FROM usage WHERE subscriber_id = ? AND zone = ?"
@@ -329,9 +344,9 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
     else:
         amount = flushes = 0
         for index, where in finer:
-            rows = db.execute(f"SELECT ts_ns + span_ns, amount, flush_count FROM charges{db.index_hint(index)}"
-                              f" WHERE {where}"
-                              " AND subscriber_id = ? AND ts_ns >= ? AND ts_ns < ?", (sid, lo, hi)).fetchall()
+            rows = db.execute(f"DELETE FROM charges{db.index_hint(index)} WHERE {where}"
+                              " AND subscriber_id = ? AND ts_ns >= ? AND ts_ns < ?"
+                              " RETURNING ts_ns + span_ns, amount, flush_count", (sid, lo, hi)).fetchall()
             for end, a, n in rows:
                 if end > hi:
                     raise LedgerError(f"a charge of subscriber {sid} ending at {end} ns crosses the bucket "
@@ -339,9 +354,6 @@ def _roll(db, stage: str, sid: int, b0: int, b1: int) -> int:
                 amount += a
                 flushes += n
             touched += len(rows)
-            db.execute(f"DELETE FROM charges{db.index_hint(index)} WHERE {where} AND subscriber_id = ? AND ts_ns >= ?"
-                       " AND ts_ns < ?",
-                       (sid, lo, hi))
         prior = db.execute("SELECT id, amount, flush_count FROM charges WHERE subscriber_id = ? AND span_ns = ?"
                            " AND ts_ns = ?", (sid, span, lo)).fetchone()
         _fits(db, f"charges of subscriber {sid}", b0, b1, amount, flushes,

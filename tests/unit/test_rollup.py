@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import sqlite3
+import threading
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -364,3 +365,65 @@ def test_main_is_what_the_command_line_runs(world):
         rollup.main(path, w.tz, minute_window=60)
     with pytest.raises(LedgerError, match="unknown time zone"):
         rollup.main(path, "Mars/Olympus")
+
+
+def test_a_flush_landing_in_a_bucket_being_rolled_is_counted(ledger_target, monkeypatch):
+    """On PostgreSQL flushes do not wait for a rollup (Ledger.apply_flush runs beside other writers), so a late
+    flush may land in the bucket being rolled between two statements of the rollup. Here one does, from another
+    connection, before every statement of the rollup that reads one-minute usage rows: each byte is in the
+    ledger once after (the rows summed are the rows deleted, by one statement)."""
+    target = ledger_target()
+    with Ledger.open(target) as led, Ledger.open(target) as other:
+        if led.db.dialect == "sqlite":
+            pytest.skip("SQLite has one writer at a time: no flush commits inside the rollup's transaction")
+        a = led.add_subscriber("a", "t", "EUR")
+        day = 1_700_000_000 // 86400 * 86400
+        led.apply_flush("f0", [(a, 1, 0, day + 60 * m, 100, 1, 0) for m in range(3)], day * NS)
+        late = []  # minutes of the same day no row holds yet: a flush into them waits for nobody
+        execute = led.db.execute
+
+        def racing(sql, params=()):
+            if "span = 60" in sql:
+                minute = day + 60 * (3 + len(late))
+                flush = threading.Thread(target=other.apply_flush,
+                                         args=(f"late{len(late)}", [(a, 1, 0, minute, 1, 1, 0)], day * NS))
+                flush.start()
+                flush.join(10)
+                assert not flush.is_alive(), "a flush waited for the rollup"
+                late.append(minute)
+            return execute(sql, params)
+
+        monkeypatch.setattr(led.db, "execute", racing)
+        s = rollup.roll_up(led, (day + 40 * 86400) * NS, "UTC")
+        monkeypatch.undo()
+        assert s.usage_rows_replaced >= 3 and len(late) >= 3
+        assert led.usage(group_by=()) == [{"bytes": 300 + len(late), "packets": 3 + len(late), "amount": 0}]
+        assert led.check_invariants() == []
+
+
+def test_a_late_flush_between_the_day_and_the_hour_stage(ledger_target, monkeypatch):
+    """Between two stages of a rollup a flush may commit on either backend (each stage is transactions of its own),
+    here one into the first hour of a day the day stage has just rolled: the hour stage leaves it to the next run's
+    day stage (that hour's row would have the key of the day's row), and nothing is lost."""
+    with Ledger.open(ledger_target()) as led:
+        a = led.add_subscriber("a", "t", "EUR")
+        day = 1_700_000_000 // 86400 * 86400
+        led.apply_flush("f0", [(a, 1, 0, day + 600, 100, 1, 0)], day * NS)
+        with_rows = rollup._with_rows
+
+        def flush_first(db, stage, s):
+            if stage == "usage-hour":
+                led.apply_flush("late", [(a, 1, 0, day + 60, 5, 1, 0)], day * NS)
+            return with_rows(db, stage, s)
+
+        monkeypatch.setattr(rollup, "_with_rows", flush_first)
+        now = (day + 40 * 86400) * NS
+        rollup.roll_up(led, now, "UTC")
+        monkeypatch.undo()
+        assert led.usage(group_by=("minute",)) == [{"minute": day, "span": 86400, "bytes": 100, "packets": 1,
+                                                    "amount": 0},
+                                                   {"minute": day + 60, "span": 60, "bytes": 5, "packets": 1, "amount": 0}]
+        assert led.check_invariants() == []
+        rollup.roll_up(led, now, "UTC")  # the next run folds it into its day
+        assert led.usage(group_by=("minute",)) == [{"minute": day, "span": 86400, "bytes": 105, "packets": 2,
+                                                    "amount": 0}]
