@@ -75,6 +75,15 @@ def test_zero_and_the_largest_numbers_a_row_holds(led):
     ints(volumes)
     led.add_payment(a, TOP)
     assert led.balance(a) == 0 and led.check_invariants() == []
+    # the other ends: the smallest opening balance, the largest credit limit, adjustments and postings of +-2^63-1
+    c = led.add_subscriber("c", "t", "EUR", opening_balance=-TOP - 1, credit_limit=TOP)
+    assert (led.get_subscriber(c)["balance"], led.get_subscriber(c)["credit_limit"]) == (-TOP - 1, TOP)
+    d = led.add_subscriber("d", "t", "EUR")
+    led.add_adjustment(d, -TOP, "a correction as large as a row holds", "ops")
+    led.add_adjustment(d, TOP, "and back", "ops")
+    assert led.add_posting(d, "fee", TOP, 1, "fee:d") and led.balance(d) == -TOP
+    assert [x["amount"] for x in led.adjustments(d)] == [-TOP, TOP] and led.postings(d)[0]["amount"] == TOP
+    assert led.check_invariants() == []
 
 
 def test_sums_past_2_63_are_exact_or_refused(led):
