@@ -177,7 +177,8 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
     for the run (restored after): the rows deleted are spread over every
     index of usage and charges, and with the default 2 MiB cache a large
     ledger is read from the OS again and again (the gain is not measured
-    apart yet: benches/README.md).
+    apart yet: benches/README.md). PostgreSQL's cache is the server's
+    shared buffers: nothing is set there (``Backend.page_cache``).
     """
     from .ledger import _int
 
