@@ -73,6 +73,10 @@ test-linux: build
 demo: build
 	$(BIN)/python -m gateway.demo
 
+# Two gateways sharing one PostgreSQL ledger (a throwaway cluster it starts and removes itself).
+demo-cluster: build
+	$(BIN)/python -m gateway.demo_cluster
+
 demo-replay: build
 	$(BIN)/python -m gateway.demo_replay
 
