@@ -7,6 +7,8 @@ Through the lab's gateway, four ways, in one run on one lab:
 * the eBPF path: ``tollgate run --source ebpf`` (the tc program of
   ext/bpf/tollgate.bpf.c on the subscriber veths, grants from the engine),
   started with ``nsenter --net`` so that its pins live in the host's bpffs;
+  and the same program alone (loaded and attached by the bench, grants
+  free, no daemon), which tells the program's cost from the daemon's;
 * the nfqueue path: ``tollgate run`` (batched nfqueue reader, compiled
   engine, nftables; 1 queue);
 * Python NetfilterQueue (the ``NetfilterQueue`` PyPI package, one callback
@@ -275,6 +277,58 @@ class Ebpf(Path_):
                 ns("gw", "nft", "delete", "table", "inet", "tollgate")
 
 
+class EbpfNoAccount(Ebpf):
+    """``--source ebpf`` with our nft table's ``account`` chain emptied after the start: the table's
+    per-subscriber nft counters count every forwarded packet again, for nothing (the eBPF source charges
+    from the program's counters; its drift check is off). A diagnostic column (``--diagnose``): what
+    that chain costs the eBPF path."""
+
+    def up(self, work, args):
+        super().up(work, args)
+        ns("gw", "nft", "flush", "chain", "inet", "tollgate", "account")
+
+
+class EbpfProgram(Ebpf):
+    """The tc program alone: loaded, filled and attached by the bench (grants free), no daemon. Beside
+    the eBPF column it tells the program's cost from the daemon's (its polls, grants and heartbeat
+    share the two CPUs with the traffic)."""
+
+    def up(self, work, args):
+        from bench_scale import v4_of
+        from ext.bpfmaps import GRANT_FREE, Maps
+        from ext.engine_py import ZoneRule
+        from policy import bpf
+
+        Maps.unpin(PIN)
+        slots = 16 + self.fill
+        maps = Maps.load(PIN, max_slots=slots, n_zones=2, default_zone=1, max_hosts4=slots)
+        try:
+            maps.set_zones([ZoneRule("100.64.0.0/10", 0), ZoneRule("2001:db8:100::/48", 0)])
+            maps.set_subscribers([1, 1, 2, 2] + [16 + i for i in range(self.fill)],
+                                 ["100.64.1.2/32", "2001:db8:100:1::/64", "100.64.2.2/32", "2001:db8:100:2::/64"]
+                                 + [v4_of(i) + "/32" for i in range(self.fill)])
+            view = maps.counters()
+            for i in range(view.shape[0]):
+                view[i, 1] = GRANT_FREE
+            del view
+        finally:
+            maps.close()
+        bpf.attach(["s1", "s2"], PIN, netns=f"{PREFIX}-gw")
+        self.gw = None
+
+    def alive(self):
+        return True
+
+    def down(self):
+        from ext.bpfmaps import Maps
+        from policy import bpf
+
+        try:
+            bpf.detach(None, PIN, netns=f"{PREFIX}-gw", unpin=False)
+        finally:
+            Maps.unpin(PIN)
+
+
 class PyNfq(Path_):
     def up(self, work, args):
         # --queue-bypass: should the consumer die, packets pass instead of waiting on a queue nobody reads
@@ -343,6 +397,8 @@ def main() -> int:
     ap.add_argument("--fill-large", type=int, default=0, help="a second eBPF column with this many (0: none)")
     ap.add_argument("--rounds", type=int, default=10, help="block/top-up rounds for the nfqueue block latency "
                                                            "(0: skip)")
+    ap.add_argument("--diagnose", action="store_true", help="also the eBPF path with our nft table's account "
+                                                             "chain emptied (what that chain costs it)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -352,7 +408,10 @@ def main() -> int:
     missing = netfilterqueue_missing()
     if missing:
         say(f"SKIPPING the Python NetfilterQueue column: {missing}")
-    paths: list[Path_] = [Bare("bare forwarding"), Ebpf(f"eBPF (--source ebpf, {args.fill:,} in maps)", args.fill)]
+    paths: list[Path_] = [Bare("bare forwarding"), Ebpf(f"eBPF (--source ebpf, {args.fill:,} in maps)", args.fill),
+                          EbpfProgram(f"eBPF program alone (no daemon, {args.fill:,} in maps)", args.fill)]
+    if args.diagnose:
+        paths.append(EbpfNoAccount(f"eBPF, nft account chain emptied ({args.fill:,} in maps)", args.fill))
     if args.fill_large:
         paths.append(Ebpf(f"eBPF ({args.fill_large:,} in maps)", args.fill_large))
     paths.append(Nfqueue("nfqueue (tollgate run, 1 queue)"))
