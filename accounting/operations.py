@@ -31,6 +31,7 @@ from . import bulk, prepaid, sessions
 from .audit import AuditLog
 from .ledger import Ledger, LedgerError
 from .money import MoneyError, format_amount, get_currency, parse_amount
+from .settings import Settings
 
 MAX_PAGE = 1000
 MAX_ADDRESSES = 64  # per subscriber and request
@@ -79,12 +80,12 @@ class Operations:
     ``portal:SUBSCRIBER``, ``cli:USER`` or ``config:FILE`` (seeds)."""
 
     ledger: Ledger
-    config: object  # gateway.config.Config: tariffs, zones, currency
+    config: Settings  # what of the operator's configuration accounting reads (accounting.settings)
     actor: str
 
     @property
     def currency(self) -> str:
-        return getattr(self.config.currency, "code", self.config.currency)
+        return self.config.currency.code
 
     def _amount(self, value, what: str, positive: bool = False) -> int:
         # minor=True: what people enter is whole cents (or yen...); finer amounts would be shown rounded and the
@@ -1137,7 +1138,7 @@ class Operations:
         nets = self._device_networks(address, others)
         key = str(ipaddress.ip_network(nets[0]).network_address)
         now = self._ns(now)
-        ttl = getattr(getattr(self.config, "sessions", None), "portal_session", 86400) * 10**9
+        ttl = self.config.sessions.portal_session * 10**9
         expires = now + ttl if ends_ns is None else min(now + ttl, ends_ns)
         with self.ledger.transaction():
             sid = self._row(subscriber)["id"]
@@ -1193,8 +1194,7 @@ class Operations:
             raise OperationError("a device limit is 1 to 1000")
         if isinstance(redeem_days, bool) or not isinstance(redeem_days, int) or not 1 <= redeem_days <= 3650:
             raise OperationError("vouchers are redeemable for 1 to 3650 days")
-        tariff = tariff if tariff is not None else getattr(getattr(self.config, "sessions", None), "voucher_tariff",
-                                                           None)
+        tariff = tariff if tariff is not None else self.config.sessions.voucher_tariff
         if tariff is None:
             raise OperationError("name the guests' tariff (--tariff, or [sessions] voucher_tariff)")
         self._tariff(tariff)

@@ -7,7 +7,7 @@ HTTP is redirected here by the kernel (``policy``), with its source address
 intact, so the page knows who is asking without a login: it shows why access
 is paused, the balance, the usage and how to top up, and leads into the
 portal. ``LedgerView`` serves the same app from a ledger alone, without the
-gateway (``python -m api``).
+gateway (``tollgate api``).
 """
 
 from __future__ import annotations

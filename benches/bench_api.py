@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The HTTP service under abuse, measured in one run (no root needed).
 
-``python -m api`` serves a real ledger on loopback (one uvicorn worker, as
+``tollgate api`` serves a real ledger on loopback (one uvicorn worker, as
 in the gateway). Meanwhile:
 
 1. an attacker sends 1,000 bad portal logins within a minute (16.7 per
@@ -81,7 +81,7 @@ def main() -> int:
     ledger.close()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "api", "--config", str(work / "t.toml"), "--db",
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "api", "--config", str(work / "t.toml"), "--db",
                                str(work / "l.db"), "--port", str(port)], cwd=REPO)
     try:
         for _ in range(100):

@@ -1064,6 +1064,21 @@ def cmd_radius(args) -> int:
     return serve(cfg, db, listen, metrics)
 
 
+def cmd_api(args) -> int:
+    """``tollgate api``: the admin API and the portal from a ledger alone, without the gateway (a gateway
+    on the same ledger picks up the changes within a second)."""
+    import uvicorn
+
+    from api.app import LedgerView, create_app
+
+    cfg = _config(args)
+    db = args.db or cfg.database
+    if db is None:
+        return _fail("no ledger: give --db FILE (or a PostgreSQL conninfo) or set gateway.database", EXIT_USAGE)
+    uvicorn.run(create_app(LedgerView(cfg, db)), host=args.listen, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 def cmd_dhcp_hook(args) -> int:
     from accounting.operations import OperationError
 
@@ -1171,10 +1186,23 @@ def _session_parsers(sub, with_config) -> None:
     p.set_defaults(func=cmd_radius)
 
     p = with_config(sub.add_parser(
+        "api", **_raw("the admin API and the portal from a ledger alone, without the gateway",
+                      "Serve /api/v1 and the portal on a ledger (a file or a PostgreSQL conninfo) without "
+                      "running the gateway; a gateway on the same ledger picks the changes up within a second.",
+                      "example:\n  tollgate api -c /etc/tollgate/tollgate.toml --db ledger.db --port 8081")))
+    p.add_argument("--db", help="the ledger (default: gateway.database)")
+    p.add_argument("--listen", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8081, help="port (default 8081)")
+    p.set_defaults(func=cmd_api)
+
+    p = with_config(sub.add_parser(
         "dhcp-hook", **_raw("the lease script of dnsmasq (--dhcp-script) or Kea (libdhcp_run_script.so)",
                             "Bind leases to subscribers by their bindings (tollgate binding): dnsmasq's add, old "
                             "and del; Kea's leases4_committed, lease4_renew, lease4_recover, lease4_release, "
-                            "lease4_expire, lease4_decline. Exit 0 done, 1 refused, 2 garbage arguments.",
+                            "lease4_expire, lease4_decline, and for DHCPv6 leases6_committed, lease6_renew, "
+                            "lease6_rebind, lease6_recover, lease6_release, lease6_expire, lease6_decline "
+                            "(addresses and delegated prefixes; --by client_id binds by the DUID). "
+                            "Exit 0 done, 1 refused, 2 garbage arguments.",
                             "examples (through a wrapper script, see the README):\n"
                             "  tollgate dhcp-hook -c tollgate.toml dnsmasq add 52:54:00:12:34:56 100.64.7.9\n"
                             "  tollgate dhcp-hook -c tollgate.toml --server kea1 kea lease4_release")))

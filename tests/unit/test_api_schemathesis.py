@@ -1,5 +1,5 @@
 """schemathesis against the admin API's own OpenAPI document, every check on,
-over HTTP to a real server (``python -m api``) on a real ledger: no server
+over HTTP to a real server (``tollgate api``) on a real ledger: no server
 error and no route that ignores authentication. The cases run per operation
 are printed (``pytest -s``). Semantic checks the schema cannot express (an
 address that is syntactically a network, a known zone) may still be reported
@@ -43,7 +43,7 @@ def test_schemathesis_all_checks(tmp_path):
     ledger.add_subscriber("A", "lab", "EUR", 10**10, addresses=["100.64.1.2/32"])
     ledger.close()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "api", "--config", str(tmp_path / "t.toml"), "--db",
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "api", "--config", str(tmp_path / "t.toml"), "--db",
                                str(tmp_path / "l.db"), "--port", str(port)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
