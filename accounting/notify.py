@@ -33,6 +33,7 @@ from .ledger import Ledger
 
 log = logging.getLogger("tollgate.notify")
 NS = 1_000_000_000
+CLAIM_SLACK = 30  # seconds a claim outlives the send's own timeout before another gateway may retry it
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,17 @@ class Notifier:
         if not (self.settings.webhook or self.settings.command):
             return 0
         now = time.time_ns() if now is None else now
-        due = self.ledger.db.execute(
-            "SELECT id, key, event, payload, attempts FROM notifications WHERE delivered_ns IS NULL"
-            " AND failed_ns IS NULL AND next_try_ns <= ? ORDER BY id LIMIT 100", (now,)).fetchall()
+        db = self.ledger.db
+        # Claimed before they are sent, so that gateways sharing the ledger send each one once: the rows
+        # are locked as they are read (PostgreSQL's SKIP LOCKED: rows another gateway is claiming are
+        # passed over, not waited for; SQLite's one writer does the same) and pushed past the send's
+        # timeout; a gateway that dies while sending leaves them to be retried when the claim runs out.
+        claim = now + int((self.settings.timeout + CLAIM_SLACK) * NS)
+        with self.ledger.transaction(serialized=False):
+            due = db.execute(
+                "SELECT id, key, event, payload, attempts FROM notifications WHERE delivered_ns IS NULL"
+                f" AND failed_ns IS NULL AND next_try_ns <= ? ORDER BY id LIMIT 100{db.SKIP_LOCKED}", (now,)).fetchall()
+            db.executemany("UPDATE notifications SET next_try_ns = ? WHERE id = ?", [(claim, d[0]) for d in due])
         delivered = 0
         for nid, key, event, payload, attempts in due:
             error = self._send(key, event, payload)

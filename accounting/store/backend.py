@@ -59,6 +59,7 @@ class Backend(abc.ABC):
     GREATEST: str  # the scalar maximum of two values: max(a, b) in SQLite, greatest(a, b) in PostgreSQL
     LEAST: str  # the scalar minimum: min(a, b) in SQLite, least(a, b) in PostgreSQL
     FOR_UPDATE: str  # after a SELECT: lock the rows read until commit (PostgreSQL); SQLite's writer holds the file
+    SKIP_LOCKED: str  # the same, passing over rows another transaction holds (a queue shared by gateways)
     ILIKE: str  # LIKE ignoring ASCII case: SQLite's LIKE does already, PostgreSQL's ILIKE
     INT_MAX = (1 << 63) - 1  # the largest integer a column holds on every backend (SQLite INTEGER, bigint)
 

@@ -83,6 +83,7 @@ class PostgresBackend(Backend):
     GREATEST = "greatest"
     LEAST = "least"
     FOR_UPDATE = " FOR UPDATE"
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     ILIKE = "ILIKE"
 
     def __init__(self, conn: psycopg.Connection, target: str) -> None:

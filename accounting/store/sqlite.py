@@ -36,6 +36,7 @@ class SqliteBackend(Backend):
     GREATEST = "max"
     LEAST = "min"
     FOR_UPDATE = ""
+    SKIP_LOCKED = ""
     ILIKE = "LIKE"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:

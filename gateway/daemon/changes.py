@@ -141,6 +141,8 @@ class ChangeFollower:
         with gw.engine_lock:
             has = bool(gw.acct.engine.subscriber(sid).blocked & BLOCK_MANUAL)
             events = [] if wanted == has else (gw.acct.engine.block if wanted else gw.acct.engine.unblock)(sid, BLOCK_MANUAL)
+            if events:
+                gw.touch((sid,))  # the eBPF source and kernel quotas follow at their next round, not their sweep
         gw.post(events)
 
     def refresh(self, sid: int) -> None:

@@ -102,3 +102,39 @@ def test_command_gets_the_event_on_stdin(ledger, tmp_path):
     enqueue(ledger, "quota:1:0:100", "quota", 1, {"percent": 100}, now=T0)
     failing.deliver_due(T0)
     assert pending(ledger)[-1]["last_error"] == "command exited 3: nope"
+
+
+def test_gateways_sharing_a_ledger_send_each_notification_once(ledger_target, tmp_path):
+    """Three gateways' notifiers deliver from one ledger at once (a command that appends the key to a
+    file): every notification is sent exactly once, because each round claims its rows before sending
+    (PostgreSQL: FOR UPDATE SKIP LOCKED)."""
+    target = ledger_target()
+    with Ledger.open(target) as led:
+        led.add_subscriber("alice", "basic", "EUR")
+        for i in range(60):
+            enqueue(led, f"k{i}", "warning", 1, {"n": i}, now=T0)
+    sent = tmp_path / "sent"
+    settings = NotifySettings(command=f"cat >/dev/null; echo $TOLLGATE_KEY >> {sent}", timeout=5)
+    start = threading.Barrier(3)
+    errors = []
+
+    def gateway():
+        try:
+            with Ledger.open(target) as own:
+                notifier = Notifier(own, settings)
+                start.wait(timeout=30)
+                for _ in range(5):
+                    notifier.deliver_due(now=T0 + NS)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=gateway) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    keys = sent.read_text().split()
+    assert sorted(keys) == sorted(f"k{i}" for i in range(60))  # each once: none twice, none missing
+    with Ledger.open(target) as led:
+        assert all(n["delivered_ns"] and n["attempts"] == 1 for n in pending(led))
