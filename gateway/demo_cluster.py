@@ -29,8 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = "tgdc"
 EUR = 10 ** 9
 BALANCE = "0.05"  # x's: 5 MB of downloads at 0.01 EUR per MB (uploads free)
-GRANT = BALANCE  # a gateway's first grant: g1, started first, holds all of x's money, g2 nothing
-RATE = "2M"  # x's downloads, as on a 16 Mbit/s line (a grant refill waits for a flush: 1 s)
+# A gateway's slice: g1, started first, takes all of x's money as its grant, g2 gets nothing. Larger
+# than the balance so that after the top-up each gateway holds far more than a download spends: a
+# refill waits for the next flush (1 s), and the first burst of a TCP download (its receive window:
+# megabytes on a veth) spent a slice of 0.05 EUR in 0.2 s and was blocked with money in the ledger.
+GRANT = "0.50"
+RATE = "2M"  # x's downloads, as on a 16 Mbit/s line
 
 
 def say(text: str) -> None:
