@@ -204,6 +204,12 @@ class Backend(abc.ABC):
 
     # ---- tools -----------------------------------------------------------------------------
 
+    def listener(self):
+        """Something whose ``wait(timeout)`` returns True soon after another connection commits a payment,
+        an adjustment or a change-feed row (PostgreSQL: LISTEN/NOTIFY, schema 23), so a gateway reads the
+        feed at once; None where the database cannot tell (SQLite: poll)."""
+        return None
+
     def integrity_problems(self) -> list[str]:
         """What the database itself finds wrong with its pages, indexes and keys, one line each."""
         return []

@@ -25,6 +25,7 @@ the comment :data:`MARK`; a database with other tables and no mark is refused.
 from __future__ import annotations
 
 import functools
+import time
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -86,9 +87,10 @@ class PostgresBackend(Backend):
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     ILIKE = "ILIKE"
 
-    def __init__(self, conn: psycopg.Connection, target: str) -> None:
+    def __init__(self, conn: psycopg.Connection, target: str, conninfo: str = "") -> None:
         self.conn = conn
         self.target = target
+        self.conninfo = conninfo
 
     @classmethod
     def open(cls, conninfo: str, connect_timeout: float = 10.0) -> PostgresBackend:
@@ -99,7 +101,7 @@ class PostgresBackend(Backend):
         conn.adapters.register_loader("numeric", _WholeNumeric)
         conn.adapters.register_dumper(bool, _BoolAsInt)
         info = conn.info
-        backend = cls(conn, f"postgresql database {info.dbname!r} on {info.host}:{info.port}")
+        backend = cls(conn, f"postgresql database {info.dbname!r} on {info.host}:{info.port}", conninfo)
         try:
             tables = backend.table_names()
             if tables:
@@ -161,6 +163,9 @@ class PostgresBackend(Backend):
         except psycopg.Error as exc:
             raise LedgerError(f"migration {name} failed on {self.target}: {exc}") from None
 
+    def listener(self) -> FeedListener:
+        return FeedListener(self.conninfo)
+
     def integrity_problems(self) -> list[str]:
         """Nothing to ask: PostgreSQL enforces foreign keys and NOT NULL on every write, and a damaged
         page is an error of the query that reads it."""
@@ -175,3 +180,34 @@ class PostgresBackend(Backend):
 
     def close(self) -> None:
         self.conn.close()
+
+
+class FeedListener:
+    """``LISTEN tollgate_ledger`` on a connection of its own. ``wait(timeout)``: True if a notification
+    came (the feed moved), False on timeout. A lost connection is opened again at the next wait, after
+    ``timeout`` (the feed is the truth: a missed notification only delays the read to the next poll)."""
+
+    CHANNEL = "tollgate_ledger"
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.conn: psycopg.Connection | None = None
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+                self.conn.execute(f"LISTEN {self.CHANNEL}")
+            return any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
+        except psycopg.Error:
+            self.close()
+            time.sleep(timeout)
+            return False
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+            self.conn = None

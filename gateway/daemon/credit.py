@@ -13,28 +13,40 @@ out, so a subscriber with money is not blocked by the round trip:
   grant``;
 - a payment or a change in the ledger (from any gateway: the change follower reads them) asks
   for a refill at the next poll (0.2 s), which unblocks a subscriber whose grant ran out;
-- when the ledger has nothing left to grant, the engine spends the last grant and blocks at the
-  byte, and the subscriber lands on the block page as with a balance: the last grant is the final
-  unit;
+- a grant spent before its refill came (a burst faster than a poll) stops the subscriber's packets
+  in the engine at the byte, but it is not a block: the policy pusher asks this keeper
+  (:meth:`GrantKeeper.hold_block`), which refills it at the next poll, and the kernel, the block
+  page and the subscriber's connections are left alone;
+- when the ledger has nothing left to grant (the last ask got less than it asked: ``final``), the
+  engine spends the last grant and blocks at the byte, and the subscriber lands on the block page
+  as with a balance: the last grant is the final unit;
 - grants live ``grant_validity`` seconds and are renewed every third of it; a gateway that dies
   stops renewing, and any other gateway gives its grants back to the balance when they expire;
   a clean stop gives them back at once, after the last flush.
 
 When the ledger cannot be reached (``[cluster] on_failure``): ``terminate`` serves what is
-granted and asks again only at the next need; ``retry_and_terminate`` retries with backoff
-(``RETRY_MAX``); both block when the grant runs out. ``continue`` (postpaid) gives a subscriber
-that runs low a slice of local credit instead, counted in ``local_credit``, and its traffic is
-charged when the ledger is back (flushes wait in the flusher's pending slot and are retried with
-the same id, never lost, never charged twice; charges beyond a grant are charged all the same).
+granted and asks again only once the ledger answers again (after the backoff a renewal probes
+it); ``retry_and_terminate`` retries its asks with backoff (``RETRY_MAX``); both block when the
+grant runs out. ``continue`` (postpaid) gives a subscriber that runs low a slice of local credit
+instead, counted in ``local_credit``, and its traffic is charged when the ledger is back (flushes
+wait in the flusher's outbox and are written in order with their ids, never lost, never charged
+twice; charges beyond a grant are charged all the same). A connection PostgreSQL dropped is opened
+again by the flusher (``flusher.reconnect_if_lost``).
 
-Runs in the flusher thread, which owns the ledger connection. Locks: engine reads and balance
-changes under ``engine_lock``, never held across a ledger round trip.
+Runs in the flusher thread, which owns the ledger connection, except :meth:`hold_block` and
+:meth:`want`, which the pusher calls too. Locks: ``lock`` (its own) for ``wanted``, ``final`` and
+``held_back``, taken alone; engine reads and balance changes under ``engine_lock``, never held
+across a ledger round trip.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+
+from ext import Event
+from ext.constants import BLOCK_LIMIT, EV_BLOCK
 
 from ..runtime import NS
 
@@ -52,13 +64,19 @@ class GrantKeeper:
         self.validity_ns = int(cluster.grant_validity * NS)
         self.mode = cluster.on_failure
         self.size: dict[int, int] = {}  # a subscriber's slice, when it spends more than [cluster] grant
+        self.lock = threading.Lock()
         self.wanted: set[int] = set()  # refill at the next poll
+        self.final: set[int] = set()  # the ledger gave less than asked at the last ask: their blocks are real
+        self.held_back: set[int] = set()  # spent grants whose block the pusher held back for a refill
+        self.spending: set[int] = set()  # spent in the last drain: their grants are looked at every poll
+        self.unasked: set[int] = set()  # terminate: refills the ledger could not be asked for, asked once it answers
         self.leaving: set[int] = set()  # left the engine: their grants go back after their last flush
         self.next_renew = 0
         self.retry_at = 0.0  # monotonic: no ledger round trip before (a failure's backoff)
         self.backoff = 0.2
         self.local_credit: dict[int, int] = {}  # on_failure = continue: given without the ledger
         self.reserved = 0  # taken from the ledger since start
+        self.round_trips = 0  # reserve calls that reached the ledger
         self.failures = 0
         self.last_error: str | None = None
 
@@ -72,6 +90,7 @@ class GrantKeeper:
         held = {sid: amount for sid, (amount, _until) in ledger.grants().items()}
         asks = {r["id"]: self.slice - held.get(r["id"], 0) for r in rows if held.get(r["id"], 0) < self.slice}
         taken = self._reserve(asks, now) or {}
+        self._note_final(asks, taken)
         self.next_renew = now + self.validity_ns // 3
         log.info("credit grants: %d subscribers, %d held from before, %d granted now (gateway %r)", len(rows),
                  len(held), len(taken), ledger.gateway)
@@ -104,7 +123,26 @@ class GrantKeeper:
 
     def want(self, sids) -> None:
         """Refill these at the next poll (a payment, a changed credit limit: there may be more to take)."""
-        self.wanted.update(sids)
+        with self.lock:
+            self.wanted.update(sids)
+
+    def hold_block(self, sid: int) -> bool:
+        """The pusher's question for an engine block for the balance: True if it is only a spent grant
+        with money left in the ledger (refilled at the next poll: not a block), False if it is real."""
+        with self.lock:
+            if sid in self.final:
+                return False
+            self.wanted.add(sid)
+            self.held_back.add(sid)
+            return True
+
+    def _note_final(self, asks: dict[int, int], taken: dict[int, int]) -> None:
+        with self.lock:
+            for sid, asked in asks.items():
+                if taken.get(sid, 0) < asked:
+                    self.final.add(sid)
+                else:
+                    self.final.discard(sid)
 
     def note_spent(self, rows) -> None:
         """After a drain (under ``engine_lock``): the slices follow what each subscriber spends, and those
@@ -113,6 +151,7 @@ class GrantKeeper:
         for r in rows:
             spent[r.subscriber] = spent.get(r.subscriber, 0) + r.charged
         engine = self.gw.acct.engine
+        self.spending = {sid for sid, amount in spent.items() if amount}
         for sid, amount in spent.items():
             if sid not in self.gw.acct.subscribers:
                 continue
@@ -122,7 +161,7 @@ class GrantKeeper:
             else:
                 self.size.pop(sid, None)
             if engine.subscriber(sid).balance < size * LOW_WATER:
-                self.wanted.add(sid)
+                self.want((sid,))
 
     def poll(self) -> None:
         """Renew this gateway's grants, return dead gateways' expired ones, refill what is wanted."""
@@ -136,7 +175,9 @@ class GrantKeeper:
                                               gw.ledger.expire_grants(now)))
             if reachable:
                 self.next_renew = now + self.validity_ns // 3
-        wanted, self.wanted = self.wanted, set()
+        with self.lock:
+            wanted, self.wanted = self.wanted, set()
+        wanted |= self.spending  # between drains too: a fast spender's low water is seen within a poll
         if not wanted:
             return
         with gw.engine_lock:
@@ -149,9 +190,16 @@ class GrantKeeper:
                 if left < size * LOW_WATER:
                     asks[sid] = size - max(left, 0)
         taken = self._reserve(asks, now) if reachable else None
+        if taken is not None:
+            self._note_final(asks, taken)
         if taken is None:
             if self.mode == "retry_and_terminate":
-                self.wanted |= set(asks)  # asked again after the backoff
+                self.want(asks)  # asked again after the backoff
+            elif self.mode == "terminate":
+                # not asked again while the ledger is away, but once it answers: a subscriber blocked on a spent
+                # grant sends nothing the engine sees (the kernel drops it), so no "next need" would ever come
+                # and it stayed blocked with money in the ledger (tests/linux/test_cluster_faults.py)
+                self.unasked |= set(asks)
             elif self.mode == "continue":
                 taken = self._lend(asks)
             if not taken:
@@ -161,11 +209,20 @@ class GrantKeeper:
             for sid, took in taken.items():
                 if sid in gw.acct.subscribers:
                     events += gw.acct.engine.adjust_balance(sid, took)
+            with self.lock:
+                # held back for a refill that did not come: the ledger is out, the block is real now
+                real = [sid for sid in self.held_back - set(taken) if sid in self.final and sid in gw.acct.subscribers]
+                self.held_back -= set(taken) | set(real)
+            for sid in real:
+                state = gw.acct.engine.subscriber(sid)
+                if state.blocked & BLOCK_LIMIT:
+                    events.append(Event(EV_BLOCK, sid, -1, BLOCK_LIMIT, state.balance))
         gw.touch(taken)
         gw.post(events)
 
     def stats(self) -> dict:
         return {"gateway": self.gw.ledger.gateway, "on_failure": self.mode, "reserved": self.reserved,
+                "round_trips": self.round_trips, "held_back": len(self.held_back),
                 "failures": self.failures, "last_error": self.last_error,
                 "local_credit": sum(self.local_credit.values())}
 
@@ -179,6 +236,7 @@ class GrantKeeper:
         if not self._ledger(lambda: result.append(self.gw.ledger.reserve(asks, now + self.validity_ns))):
             return None
         taken = result[0]
+        self.round_trips += 1
         self.reserved += sum(taken.values())
         return taken
 
@@ -192,9 +250,13 @@ class GrantKeeper:
             log.error("credit grants: the ledger cannot be reached (%s); on_failure = %s", self.last_error, self.mode)
             self.retry_at = time.monotonic() + self.backoff
             self.backoff = min(RETRY_MAX, self.backoff * 2)
+            self.next_renew = 0  # after the backoff the renewal is the probe: is the ledger back?
             return False
         self.backoff = 0.2
         self.last_error = None
+        if self.unasked:  # terminate: the ledger answers again, ask for what could not be asked
+            self.want(self.unasked)
+            self.unasked = set()
         return True
 
     def _lend(self, asks: dict[int, int]) -> dict[int, int]:

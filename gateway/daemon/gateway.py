@@ -58,6 +58,7 @@ class Gateway:
         self.boot = uuid.uuid4().hex[:12]
         self.events: queue.Queue = queue.Queue()  # lists of (Event, packet ts) for the policy pusher
         self.stopping = threading.Event()
+        self.ledger_moved = threading.Event()  # set by the ledger-listen thread, and at stop (wait_for_ledger)
         self.readers: list = []
         self.threads: list[threading.Thread] = []
         self.engine_lock = threading.Lock()
@@ -118,6 +119,9 @@ class Gateway:
         if self.quotas is not None:
             self._spawn("quotas", self.quotas.loop)
         self._spawn("flusher", self.flusher.loop)
+        listener = self.ledger.db.listener()
+        if listener is not None:
+            self._spawn("ledger-listen", lambda: self._listen(listener))
         if not self.opts.bpf_marked:  # the eBPF source has its own heartbeat instead (gateway/sources/ebpf.py)
             self._spawn("drift", self.kernel.loop)
         self._spawn("rollup", self.flusher.rollup_loop)
@@ -157,6 +161,7 @@ class Gateway:
             return
         log.info("stopping: flushing counters, leaving blocks in place")
         self.stopping.set()
+        self.ledger_moved.set()
         self.sessions.stop()  # the hosted RADIUS server, before the ledger closes
         for reader in self.readers:
             reader.stop()
@@ -293,6 +298,22 @@ class Gateway:
         """The clock of the billing calendar and the access hours: the system's,
         shifted by ``--clock-offset`` (drills and tests; packets keep the kernel's time)."""
         return time.time_ns() + int(self.opts.clock_offset * NS)
+
+    def wait_for_ledger(self, timeout: float) -> bool:
+        """The flusher's pause between looks at the ledger: ``timeout``, or less when the ledger says its
+        feed moved (PostgreSQL's NOTIFY, the ``ledger-listen`` thread); True when stopping."""
+        self.ledger_moved.wait(timeout)
+        self.ledger_moved.clear()
+        return self.stopping.is_set()
+
+    def _listen(self, listener) -> None:
+        """The ``ledger-listen`` thread: a payment or change committed by anyone wakes the flusher at once."""
+        try:
+            while not self.stopping.is_set():
+                if listener.wait(1.0):
+                    self.ledger_moved.set()
+        finally:
+            listener.close()
 
     def open_ledger(self) -> Ledger:
         """A new connection to the ledger, writing kernel state and grants as this gateway ([cluster] gateway)."""

@@ -87,6 +87,9 @@ class PolicyPusher:
     def push(self, events: list) -> None:
         """One batched kernel update for ``(Event, packet ts)`` pairs."""
         gw = self.gw
+        if gw.credit is not None:  # a spent grant with money left in the ledger is refilled, not blocked
+            events = [(ev, ts) for ev, ts in events
+                      if not (ev.kind == EV_BLOCK and ev.reason == BLOCK_LIMIT and gw.credit.hold_block(ev.subscriber))]
         block, unblock = [], []
         for ev, _ts in events:
             if ev.kind == EV_BLOCK:

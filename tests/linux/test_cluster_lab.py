@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -158,10 +159,9 @@ def pg_gateways(cluster, tmp_path, pg_cluster):
     there), each with its own config (all subscribers) and log. Stopped and their kernel state
     removed after the test."""
     gws: list[Gateway] = []
-    made = iter(range(1, 100))
 
     def start(balances=None, **config) -> list[Gateway]:
-        db = pg_cluster.create_database(f"cluster{id(tmp_path) % 10 ** 6}_{next(made)}")
+        db = pg_cluster.create_database(f"cluster_{uuid.uuid4().hex[:12]}")
         for g in cluster.gateways:
             work = tmp_path / f"g{g.k}"
             work.mkdir(exist_ok=True)

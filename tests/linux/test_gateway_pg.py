@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 
 import pytest
 
@@ -20,11 +21,10 @@ EUR = 10 ** 9
 @pytest.fixture
 def pg_gateway(lab, tmp_path, pg_cluster):
     gws = []
-    names = iter(range(1, 100))
 
     def start(balances=None, extra=(), **kw) -> Gateway:
         gw = Gateway(lab.gw, tmp_path, lab_config(lab.n, balances or {}, **kw), extra)
-        gw.db = pg_cluster.create_database(f"gw{id(tmp_path) % 10 ** 6}_{next(names)}")
+        gw.db = pg_cluster.create_database(f"gw_{uuid.uuid4().hex[:12]}")
         gws.append(gw)
         return gw.start()
 
