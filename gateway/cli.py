@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from accounting.store import ledger_exists
 from ext.errors import CaptureError, ConfigError, LedgerError, TollgateError
 
 from .config import parse_instant
@@ -63,7 +64,7 @@ def cmd_replay(args) -> int:
     if args.tariff:
         if not args.dry_run:
             return _fail("--tariff rates with another version: only with --dry-run (nothing charged)", EXIT_USAGE)
-        if db is None or not os.path.exists(db):
+        if db is None or not ledger_exists(db):
             return _fail("--tariff NAME@VERSION reads the versions from the ledger: give --db", EXIT_USAGE)
         with _ledger(args, cfg) as ledger:
             for choice in args.tariff:
@@ -604,7 +605,7 @@ def _ledger_rollup(args) -> int:
     db = args.db or cfg.database
     if db is None:
         return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
-    if not os.path.isfile(db):
+    if not ledger_exists(db):
         return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
     windows = {k: v for k, v in (("minute_window", args.minute_window), ("hour_window", args.hour_window),
                                  ("flush_horizon", args.flush_horizon)) if v is not None}
@@ -620,20 +621,25 @@ def cmd_ledger(args) -> int:
     ``tollgate ledger rollup``: accounting.rollup, in the config's time zone."""
     if args.action == "rollup":
         return _ledger_rollup(args)
-    import sqlite3
-
     from accounting.checks import check_ledger, summary
     from accounting.ledger import Ledger
-    from accounting.store.sqlite import SqliteBackend
+    from accounting.store import is_conninfo
 
     db = args.db or _config(args).database
     if db is None:
         return _fail("no ledger: give --db FILE or set gateway.database", EXIT_USAGE)
-    if not os.path.isfile(db):  # opening would create an empty ledger, which is sound but not the one meant
+    if not ledger_exists(db):  # opening would create an empty ledger, which is sound but not the one meant
         return _fail(f"cannot read {db}: no such ledger file", EXIT_USAGE)
-    # read only, and not through Ledger.open, which would migrate an older schema: a check changes nothing
+    # not through Ledger.open, which would migrate an older schema: a check changes nothing (SQLite: read only)
     try:
-        backend = SqliteBackend.open(db, read_only=True)
+        if is_conninfo(db):
+            from accounting.store.postgres import PostgresBackend
+
+            backend = PostgresBackend.open(db)
+        else:
+            from accounting.store.sqlite import SqliteBackend
+
+            backend = SqliteBackend.open(db, read_only=True)
     except LedgerError as exc:
         return _fail(str(exc), EXIT_USAGE if "not a Tollgate ledger" in str(exc) else EXIT_FAILED)
     try:
@@ -642,8 +648,9 @@ def cmd_ledger(args) -> int:
         if not problems:
             print(f"ledger ok ({summary(ledger)})")
             return EXIT_OK
-    except sqlite3.DatabaseError as exc:  # a page that does not read
-        return _fail(f"{db}: not a readable SQLite database ({exc})", EXIT_FAILED)
+    except backend.errors as exc:  # a page that does not read
+        return _fail(f"{db}: not a readable {backend.dialect} database ({exc})".replace("sqlite", "SQLite"),
+                     EXIT_FAILED)
     finally:
         backend.close()
     for problem in problems:

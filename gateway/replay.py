@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from accounting.ledger import Ledger
+from accounting.store import ledger_exists
 from ext.constants import BLOCK_REASONS, DIRECTIONS, EV_BLOCK, EV_WARN
 from ext.errors import CaptureError, TollgateError
 
@@ -112,7 +113,7 @@ def replay(config: Config, capture: str, db_path: str | None, *, engine: str | N
         raise FileNotFoundError(capture)
     reader = CaptureReader(capture)
     ledger = None
-    if db_path is not None and (not dry_run or os.path.exists(db_path)):
+    if db_path is not None and (not dry_run or ledger_exists(db_path)):
         ledger = Ledger.open(db_path)
     try:
         acct = Accountant(config, None if dry_run else ledger, engine)

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 from .backend import Backend
 
-__all__ = ["Backend", "is_conninfo", "open_backend"]
+__all__ = ["Backend", "is_conninfo", "ledger_exists", "open_backend"]
 
 
 def is_conninfo(target: str) -> bool:
     """True if ``target`` names a PostgreSQL database rather than a file."""
     return target.startswith(("postgresql://", "postgres://")) or "dbname=" in target
+
+
+def ledger_exists(target) -> bool:
+    """True if opening ``target`` would open a ledger rather than create a file: a conninfo names a
+    database (which must exist already), a path exists or not."""
+    import os
+
+    return is_conninfo(str(target)) or os.path.exists(target)
 
 
 def open_backend(target) -> Backend:

@@ -137,6 +137,17 @@ def test_the_checks_pass_a_sound_ledger_and_name_each_damage_on_both_backends(le
     assert len(check_ledger(ledger)) >= len(DAMAGE) - 2 * (ledger.db.dialect != "sqlite")
 
 
+def test_the_command_checks_a_postgresql_ledger_too(ledger):
+    """``tollgate ledger check --db CONNINFO``: the same command on either backend."""
+    if ledger.db.dialect == "sqlite":
+        pytest.skip("the file form is the tests above")
+    out = check(ledger.path)
+    assert out.returncode == 0 and out.stdout.startswith("ledger ok (2 subscribers"), (out.stdout, out.stderr)
+    ledger.db.execute("UPDATE subscribers SET balance = balance + 1 WHERE id = 1")
+    out = check(ledger.path)
+    assert out.returncode == 1 and "balance" in out.stdout and "1 problem" in out.stderr, (out.stdout, out.stderr)
+
+
 def test_sqlite_integrity(db):
     """A NOT NULL column holding NULL, as a damaged file may: only PRAGMA integrity_check sees it."""
     con = sqlite3.connect(db)

@@ -11,7 +11,6 @@ import tomllib
 import pytest
 
 from accounting.ledger import Ledger
-from accounting.store import is_conninfo
 from ext.errors import LedgerError
 from gateway.config import parse_config
 from gateway.runtime import Accountant
@@ -50,17 +49,11 @@ def tollgate(*args):
 
 
 @pytest.fixture
-def dry_run_target(request, ledger_target):
-    """A new ledger for tests whose replays are dry runs reading it. On PostgreSQL they fail for now:
-    gateway/replay.py opens a dry run's ledger only if ``os.path.exists(db_path)``, and gateway/cli.py's
-    ``replay --tariff`` asks the same of --db, never true of a conninfo (so the versions and terms of a
-    PostgreSQL ledger are not read); strict, so that the fix shows here (with both lines taking
-    ``accounting.store.is_conninfo`` too, all three pass: checked on a copy of the tree)."""
-    target = ledger_target()
-    if is_conninfo(target):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="gateway/replay.py and cli.py: a dry run reads a "
-                                                                  "ledger only where os.path.exists(db)"))
-    return target
+def dry_run_target(ledger_target):
+    """A new ledger for tests whose replays are dry runs reading it: a file, or a PostgreSQL conninfo
+    (gateway/replay.py and cli.py's ``replay --tariff`` read a dry run's ledger where it exists: a
+    conninfo always does)."""
+    return ledger_target()
 
 
 def test_replay_dry_run_under_an_older_version(tmp_path, dry_run_target):
