@@ -233,8 +233,13 @@ def lab_down(prefix: str = "tg") -> None:
     _check_prefix(prefix)
     run_dir = Path(f"/run/tollgate-lab-{prefix}")
     mine = lab_namespaces(prefix)
+    _tear_down(mine, run_dir, f"lab {prefix!r}")
+
+
+def _tear_down(mine: list[str], run_dir: Path, what: str) -> None:
+    """Stop every process living in the namespaces ``mine`` (TERM, then KILL), delete them and ``run_dir``."""
     if mine:
-        say(f"stopping processes in and deleting {len(mine)} namespaces of lab {prefix!r}")
+        say(f"stopping processes in and deleting {len(mine)} namespaces of {what}")
     pids = [int(pid) for ns in mine for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
         for pid in pids:
@@ -584,26 +589,7 @@ def cluster_down(prefix: str = "tc") -> None:
     mine = cluster_namespaces(prefix)
     if f"{prefix}-gw" in lab_namespaces(prefix) and not run_dir.exists():
         mine = [ns for ns in mine if ns != f"{prefix}-up"]  # that upstream is a one-gateway lab's: lab_down's
-    if mine:
-        say(f"stopping processes in and deleting {len(mine)} namespaces of cluster {prefix!r}")
-    pids = [int(pid) for ns in mine for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while (pids := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not pids:
-            break
-    for ns in mine:
-        sh("ip", "netns", "del", ns, check=False)
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-    if mine:
-        say(f"removed {len(mine)} namespaces")
+    _tear_down(mine, run_dir, f"cluster {prefix!r}")
 
 
 def cluster_status(prefix: str = "tc") -> dict:
