@@ -639,9 +639,6 @@ class Ledger:
 
     # ---- the change feed (migrations/0014_change_feed.sql) -----------------------------
 
-    def last_change_id(self) -> int:
-        return self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
-
     def changes_since(self, change_id: int, limit: int = 100_000) -> tuple[int, dict[int, set[str]]]:
         """``(newest id read, {subscriber: {what changed}})`` of the changes
         after ``change_id`` (at most ``limit`` of them: call again while the
@@ -1075,8 +1072,8 @@ class Ledger:
         return [dict(zip(cols, r)) for r in rows]
 
     def last_change_id(self) -> int:
-        """The newest row of the change feed (migrations/0014): a change to any subscriber or address since
-        a reading of this shows as a higher number."""
+        """The newest row of the change feed (store/migrations/*/0014_change_feed.sql): a change to any
+        subscriber or address since a reading of this shows as a higher number."""
         return self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
 
     def import_of_file(self, sha256: str) -> dict | None:
