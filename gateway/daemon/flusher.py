@@ -37,12 +37,36 @@ ROLLUP_FIRST = 300.0  # seconds after start before the first rollup (a restart l
 ROLLUP_INTERVAL = 3600.0  # seconds between rollups
 
 
+def reconnect_if_lost(ledger) -> bool:
+    """A ledger connection that PostgreSQL dropped (the server restarted, crashed, failed over) is
+    closed for good: psycopg does not reconnect, and every call on it fails with "the connection is
+    closed" long after the server is back (tests/linux/test_cluster_faults.py: no flush, no grant,
+    no session round ever again). Open a new one in its place, in the same ``Ledger`` object, so
+    that everyone holding it (the accountant, the grant keeper, the change follower) writes through
+    it again. False while the server is still away: the next round tries again. A SQLite
+    connection is never lost."""
+    conn = getattr(ledger.db, "conn", None)
+    if not getattr(conn, "closed", False):  # (sqlite3's connection has no such attribute)
+        return True
+    from accounting.store import open_backend
+
+    try:
+        ledger.db = open_backend(ledger.path)
+    except TollgateError:  # cannot connect yet
+        return False
+    log.warning("ledger connection lost; connected again to %s", ledger.db.target)
+    return True
+
+
 class Flusher:
     def __init__(self, gw) -> None:
         self.gw = gw
         self.boot = gw.boot
         self.seq = 0
-        self.pending: tuple | None = None  # a drained flush not yet in the ledger
+        # drained flushes not yet in the ledger, oldest first, each with its id: while the ledger is away
+        # the engine is still drained every round (the grant keeper sees what is spent and, under on_failure
+        # = continue, lends before a subscriber runs out) and this outbox grows, written in order when it is back
+        self.pending: list[tuple] = []
         self.orphan_rows: list = []  # counters of subscribers removed live, for the next flush
         self.active: set[int] = set()  # subscribers with traffic since the last look at their volumes
         self.engine_bytes: dict[int, int] = {}  # bytes drained from the engine since start, per subscriber
@@ -57,14 +81,29 @@ class Flusher:
     def loop(self) -> None:
         gw = self.gw
         next_flush = time.monotonic() + gw.opts.flush_interval
+        away = False  # the last look at the ledger failed (said once, not every 0.2 s)
         while not gw.stopping.wait(PAYMENT_POLL):
+            # Each step on its own: with the ledger away (PostgreSQL stopped) a failed change poll must not
+            # skip the grant keeper (on_failure is its to apply) nor the drain (see self.pending).
             try:
+                reconnect_if_lost(gw.ledger)
                 gw.changes.poll()
+                away = False
+            except Exception as exc:
+                if not away:
+                    log.error("ledger changes cannot be read (%s); trying again every %.1f s",
+                              str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                              PAYMENT_POLL)
+                away = True
+            try:
                 if gw.credit is not None:
                     gw.credit.poll()  # grants renewed, refilled where a payment or spending asks
-                if time.monotonic() < next_flush:
-                    continue
-                next_flush = time.monotonic() + gw.opts.flush_interval
+            except Exception:
+                log.exception("credit grants: round failed; retrying next round")
+            if time.monotonic() < next_flush:
+                continue
+            next_flush = time.monotonic() + gw.opts.flush_interval
+            try:
                 gw.changes.apply_tariff_changes(gw.calendar_now())
                 drift = gw.kernel.before_flush()
                 self.flush()
@@ -72,8 +111,12 @@ class Flusher:
                     gw.kernel.check_drift(*drift)
                 self._bill()
                 self._check_quotas()
-            except Exception:  # the ledger may be busy or full: drained rows wait in self.pending
+            except Exception:  # the ledger may be busy, full or away: drained rows wait in self.pending
                 log.exception("flush round failed; retrying next round")
+                try:
+                    self._drain()  # (a round that failed before its drain) the outbox takes this second's rows
+                except Exception:
+                    log.exception("drain failed")
 
     def _bill(self) -> None:
         gw = self.gw
@@ -105,11 +148,11 @@ class Flusher:
             except queue.Empty:
                 break
             enqueue(gw.ledger, key, event, sid, payload)
-        if self.pending is not None:
+        try:
             self._write_pending()
-        self._drain()
-        if self.pending is not None:
-            self._write_pending()
+        finally:  # drained even when the ledger is away: the outbox keeps each flush under its own id
+            self._drain()
+        self._write_pending()
         if gw.credit is not None:
             gw.credit.flushed()  # everything drained is written: the grants of those who left can go back
         self.last_flush = time.time()
@@ -142,23 +185,25 @@ class Flusher:
         self.seq += 1
         now = time.time_ns()
         minute = (now - now % MINUTE_NS) // NS
-        self.pending = (f"{self.boot}:{self.seq}", now,
-                        [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged) for r in rows],
-                        files)
+        self.pending.append((f"{self.boot}:{self.seq}", now,
+                             [(r.subscriber, r.zone, r.direction, minute, r.bytes, r.packets, r.charged)
+                              for r in rows], files))
 
     def _write_pending(self) -> None:
+        """The outbox into the ledger, oldest first; a failure leaves it, from the failed flush on, in place."""
         gw = self.gw
-        flush_id, now, rows, files = self.pending
-        if gw.opts.bpf_marked:  # its marks per zone advance in the flush's transaction (gateway/sources/ebpf.py)
-            gw.ledger.apply_flush_bpf(flush_id, rows, now, files=files)
-        else:
-            gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
-                                  kernel_marks=gw.opts.kernel_marked, grants=gw.credit is not None)
-        self.pending = None
-        if gw.opts.kernel_marked:
-            gw.kernel.note_flushed(rows)
-        for spool in (r for r in gw.readers if hasattr(r, "take_files")):
-            spool.committed(files)
+        while self.pending:
+            flush_id, now, rows, files = self.pending[0]
+            if gw.opts.bpf_marked:  # its marks per zone advance in the flush's transaction (gateway/sources/ebpf.py)
+                gw.ledger.apply_flush_bpf(flush_id, rows, now, files=files)
+            else:
+                gw.ledger.apply_flush(flush_id, rows, now, source=gw.opts.source, files=files,
+                                      kernel_marks=gw.opts.kernel_marked, grants=gw.credit is not None)
+            self.pending.pop(0)
+            if gw.opts.kernel_marked:
+                gw.kernel.note_flushed(rows)
+            for spool in (r for r in gw.readers if hasattr(r, "take_files")):
+                spool.committed(files)
 
     def _check_quotas(self) -> None:
         """A notification when a period's free volume ("quota") or volume limit
@@ -196,6 +241,7 @@ class Flusher:
         while not gw.stopping.wait(wait):
             wait = ROLLUP_INTERVAL
             try:
+                reconnect_if_lost(gw.thread_ledger())
                 summary = roll_up(gw.thread_ledger(), time.time_ns(), gw.config.timezone)
                 log.info("rollup: %s", summary.text())
             except TollgateError as exc:  # e.g. a ledger rolled up under another time zone: said, not fatal
@@ -208,6 +254,7 @@ class Flusher:
         notifier = Notifier(gw.open_ledger(), gw.config.notify)
         while not gw.stopping.wait(1.0):
             try:
+                reconnect_if_lost(notifier.ledger)
                 notifier.deliver_due()
             except Exception:
                 log.exception("notification round failed; retrying")

@@ -151,7 +151,9 @@ class PolicyPusher:
             records = self.unsaved_records
             try:
                 gw.thread_ledger().save_block_state(states, ts, records)
-            except TollgateError:
+            # (and PostgreSQL away: psycopg's errors are no TollgateError, and this thread died of them with
+            # the gateway, tests/linux/test_cluster_faults.py; thread_ledger connects again when it is back)
+            except (TollgateError, *gw.ledger.db.errors):
                 log.exception("block state not written; retrying with the next flush")
                 return
             self.unsaved_records = self.unsaved_records[len(records):]

@@ -35,6 +35,8 @@ from accounting.ledger import Ledger
 from accounting.operations import OperationError, Operations
 from ext.errors import LedgerError, TollgateError
 
+from .flusher import reconnect_if_lost
+
 log = logging.getLogger("tollgate.daemon")
 BIND_POLL = 0.2  # seconds between looks at what changed for address binding
 
@@ -101,12 +103,15 @@ class SessionHost:
                 if gw.stopping.is_set():
                     return
                 try:
+                    reconnect_if_lost(ledger)  # a connection PostgreSQL dropped is opened again (.flusher)
                     if time.monotonic() >= next_expiry:
                         next_expiry = time.monotonic() + self.timing.expiry_check
                         self.expire(ops)
                     if self.bind_sources:
                         self.follow(ledger)
-                except (LedgerError, OperationError) as exc:  # busy or full: the next round tries again
+                # busy or full, or PostgreSQL away (psycopg's errors are no LedgerError: this thread died of a
+                # stopped server and the gateway with it, tests/linux/test_cluster_faults.py): the next round tries again
+                except (LedgerError, OperationError, *ledger.db.errors) as exc:
                     log.warning("sessions: round failed, trying again: %s", exc)
         finally:
             ledger.close()
