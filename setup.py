@@ -30,9 +30,8 @@ setup(
     version="0.1.0",
     description="Traffic accounting and prepaid enforcement gateway for Linux",
     python_requires=">=3.11",
-    packages=["gateway", "accounting", "accounting.credit", "accounting.store", "ext", "policy", "api"],
-    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting.store": ["migrations/*/*.sql"],
-                  "accounting.credit": ["migrations/*.sql"]},
+    packages=["gateway", "accounting", "accounting.store", "ext", "policy", "api"],
+    package_data={"ext": ["*.pxd", "*.pyx", "*.h", "bpf/*.c", "bpf/*.o"], "accounting.store": ["migrations/*/*.sql"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -1,7 +1,7 @@
 """Fixtures every suite shares: a throwaway PostgreSQL cluster, and the
 ledger on each backend.
 
-``pg_cluster``: one cluster per test session (accounting/credit/pgcluster.py:
+``pg_cluster``: one cluster per test session (accounting/store/pgcluster.py:
 its own directory, Unix socket and port, nothing on TCP), stopped and removed
 at the end whatever happens. Where the PostgreSQL binaries are missing the
 tests that need it skip, and the guard (tests/pg/test_pg_guard.py) fails
@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-from accounting.credit.pgcluster import PgCluster, find_bindir
+from accounting.store.pgcluster import PgCluster, find_bindir
 
 NO_PG = os.environ.get("TOLLGATE_NO_PG", "") not in ("", "0")
 _databases = itertools.count(1)

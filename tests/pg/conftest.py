@@ -1,6 +1,6 @@
-"""Fixtures of the credit-control tests: a test that wants a clean database
-takes ``pg_db`` (a fresh database with the credit schema, dropped after the
-test). The cluster itself (``pg_cluster``) is tests/conftest.py's.
+"""Fixtures of the PostgreSQL-only tests: ``pg_ledger`` is the conninfo of a fresh ledger database
+(copied from tests/conftest.py's migrated ``pg_ledger_template``), dropped after the test. The
+cluster itself (``pg_cluster``) is tests/conftest.py's.
 """
 
 from __future__ import annotations
@@ -13,24 +13,13 @@ import pytest
 _counter = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def pg_template(pg_cluster):
-    """A database with the credit schema, used as the template of ``pg_db``."""
-    from accounting.credit.pg import CreditStore
-
-    pg_cluster.create_database("credit_template")
-    store = CreditStore.open(pg_cluster.conninfo_for("credit_template"), pool_size=1)
-    store.close()  # a template must have no connections when it is copied
-    return "credit_template"
-
-
 @pytest.fixture
-def pg_db(pg_cluster, pg_template):
-    """conninfo of a fresh database with the credit schema, dropped after the test."""
+def pg_ledger(pg_cluster, pg_ledger_template):
+    """conninfo of a fresh, migrated ledger database, dropped after the test."""
     import psycopg
 
-    name = f"t{os.getpid()}_{next(_counter)}"
-    conninfo = pg_cluster.create_database(name, template=pg_template)
+    name = f"pgl{os.getpid()}_{next(_counter)}"
+    conninfo = pg_cluster.create_database(name, template=pg_ledger_template)
     try:
         yield conninfo
     finally:

@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from accounting.credit.pgcluster import find_bindir
+from accounting.store.pgcluster import find_bindir
 
 NO_PG = os.environ.get("TOLLGATE_NO_PG", "") not in ("", "0")
 

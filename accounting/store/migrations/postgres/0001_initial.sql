@@ -26,8 +26,8 @@
 -- sequence. A second writer waits for the lock until the first has committed
 -- (or rolled back), so every id it takes is above all of the first's, and the
 -- first's are visible by the time the second can take one: ids become visible
--- in order and "id > last seen" misses nothing. accounting/credit/pg.py's feed
--- does the same with `UPDATE feed_head SET last = last + 1 RETURNING last`;
+-- in order and "id > last seen" misses nothing. The older credit store's feed (retired)
+-- did the same with `UPDATE feed_head SET last = last + 1 RETURNING last`;
 -- here the lock is a FOR UPDATE and the number a sequence, because these ids
 -- come from row triggers and a bulk import writes a million of them in one
 -- transaction: a million updates of one row in one transaction leave a chain

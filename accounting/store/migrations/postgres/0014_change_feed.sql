@@ -17,7 +17,7 @@
 -- next writer of the feed (or of payments or adjustments: one lock for all
 -- three, so no two of them can deadlock on each other) waits for that commit
 -- before it can take an id, so ids become visible in commit order, as in
--- accounting/credit/pg.py's feed. Every row written to changes, by these
+-- the older credit store's feed (retired). Every row written to changes, by these
 -- triggers or by an INSERT of the code (Ledger.insert_subscribers writes the
 -- rows of a bulk import itself), gets its id so; an id given in the INSERT is
 -- replaced. AUTOINCREMENT (ids never reused after a prune) is what a sequence

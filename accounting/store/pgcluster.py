@@ -18,7 +18,7 @@ power cut). ``synchronous_commit`` stays ``on``: a commit is in the WAL
 (the server dies as if SIGKILLed, crash recovery at the next start) loses
 nothing a client was told was committed, which is what the fault tests need.
 
-Run alone (``python -m accounting.credit.pgcluster``) it starts a cluster,
+Run alone (``python -m accounting.store.pgcluster``) it starts a cluster,
 prints its conninfo and waits for Ctrl-C.
 """
 
@@ -156,7 +156,7 @@ class PgCluster:
                    "--no-sync", "--no-instructions")
         settings = dict(SETTINGS, port=str(self.port), unix_socket_directories=f"'{self.dir}'")
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write("\n# tollgate throwaway cluster (accounting/credit/pgcluster.py)\n")
+            conf.write("\n# tollgate throwaway cluster (accounting/store/pgcluster.py)\n")
             for key, value in settings.items():
                 conf.write(f"{key} = {value}\n")
         return self
