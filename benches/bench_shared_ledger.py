@@ -61,11 +61,9 @@ RENEW_SQL = "UPDATE grants SET valid_until_ns%"
 
 
 def pg_cluster_class():
-    """The throwaway PostgreSQL cluster helper, wherever it lives now."""
-    try:
-        from accounting.store.pgcluster import PgCluster
-    except ImportError:
-        from accounting.credit.pgcluster import PgCluster
+    """The throwaway PostgreSQL cluster helper (accounting/store/pgcluster.py)."""
+    from accounting.store.pgcluster import PgCluster
+
     return PgCluster
 
 

@@ -42,11 +42,9 @@ def say(text: str) -> None:
 
 
 def pg_cluster_class():
-    """The throwaway PostgreSQL cluster helper, wherever it lives now."""
-    try:
-        from accounting.store.pgcluster import PgCluster
-    except ImportError:
-        from accounting.credit.pgcluster import PgCluster
+    """The throwaway PostgreSQL cluster helper (accounting/store/pgcluster.py)."""
+    from accounting.store.pgcluster import PgCluster
+
     return PgCluster
 
 
