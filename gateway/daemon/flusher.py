@@ -82,7 +82,7 @@ class Flusher:
         gw = self.gw
         next_flush = time.monotonic() + gw.opts.flush_interval
         away = False  # the last look at the ledger failed (said once, not every 0.2 s)
-        while not gw.stopping.wait(PAYMENT_POLL):
+        while not gw.wait_for_ledger(PAYMENT_POLL):
             # Each step on its own: with the ledger away (PostgreSQL stopped) a failed change poll must not
             # skip the grant keeper (on_failure is its to apply) nor the drain (see self.pending).
             try:
