@@ -619,13 +619,15 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscriber_id, zone, direction, minute) DO UPDATE SET"
                 " bytes = usage.bytes + excluded.bytes, packets = usage.packets + excluded.packets,"
                 " amount = usage.amount + excluded.amount", rows)
-            for sid, amount in sorted(per_sub.items()):
-                if amount:
-                    self.db.execute("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
-                                    (sid, flush_id, amount, ts))
-                    self.db.execute("UPDATE subscribers SET balance = balance - ? WHERE id = ?", (amount, sid))
-                    if grants:  # the row is locked by the UPDATE above, then its grant: reserve's order
-                        self._charge_grant(sid, amount)
+            # a few statements per flush, whatever the number of subscribers in it (executemany: one
+            # pipelined round trip on PostgreSQL), the subscribers' rows in id order
+            charged = [(sid, amount) for sid, amount in sorted(per_sub.items()) if amount]
+            self.db.executemany("INSERT INTO charges (subscriber_id, flush_id, amount, ts_ns) VALUES (?, ?, ?, ?)",
+                                [(sid, flush_id, amount, ts) for sid, amount in charged])
+            self.db.executemany("UPDATE subscribers SET balance = balance - ? WHERE id = ?",
+                                [(amount, sid) for sid, amount in charged])
+            if grants and charged:  # the rows are locked by the UPDATE above, then their grants: reserve's order
+                self._charge_grants(dict(charged))
             self.db.executemany("INSERT INTO ingested_files (digest, name, flush_id, records, bytes)"
                                      " VALUES (?, ?, ?, ?, ?)", [(d, n, flush_id, r, b) for d, n, r, b in files])
             if kernel_marks:
@@ -880,14 +882,20 @@ class Ledger:
                 [(self.gateway, sid, took, valid_until_ns) for sid, took in sorted(taken.items())])
         return taken
 
-    def _charge_grant(self, sid: int, amount: int) -> None:
-        held = self.db.scalar(f"SELECT amount FROM grants WHERE gateway = ? AND subscriber_id = ?{self.db.FOR_UPDATE}",
-                              (self.gateway, sid)) or 0
-        covered = min(held, amount)
-        if covered:
-            self.db.execute("UPDATE grants SET amount = amount - ? WHERE gateway = ? AND subscriber_id = ?",
-                            (covered, self.gateway, sid))
-            self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (covered, sid))
+    def _charge_grants(self, charged: dict[int, int]) -> None:
+        """Take ``{subscriber: amount}`` off this gateway's grants, as far as they cover it."""
+        held: dict[int, int] = {}
+        sids = sorted(charged)
+        for i in range(0, len(sids), self._PAGE_CHUNK):
+            part = sids[i:i + self._PAGE_CHUNK]
+            held.update(self.db.execute(
+                f"SELECT subscriber_id, amount FROM grants WHERE gateway = ? AND subscriber_id IN"
+                f" ({', '.join('?' * len(part))}) ORDER BY subscriber_id{self.db.FOR_UPDATE}", (self.gateway, *part)))
+        covered = [(min(held.get(sid, 0), amount), sid) for sid, amount in sorted(charged.items())]
+        covered = [(c, sid) for c, sid in covered if c]
+        self.db.executemany("UPDATE grants SET amount = amount - ? WHERE gateway = ? AND subscriber_id = ?",
+                            [(c, self.gateway, sid) for c, sid in covered])
+        self.db.executemany("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", covered)
 
     def grants(self) -> dict[int, tuple[int, int]]:
         """This gateway's grants: ``{subscriber: (amount not yet charged, valid until ns)}``."""
