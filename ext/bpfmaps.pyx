@@ -37,7 +37,11 @@ slot is reused, its ``used`` goes on from where it was: grants are absolute,
 so the caller keeps ``used`` at the moment it took the slot as its base.
 ``set_blocked(slot, blocked)`` mirrors the engine's blocked state: a blocked
 slot's packets are dropped unless allow-listed, and allow-listed ones pass
-without touching the grant (``allowed_*``). ``set_zones(rules)`` and
+without touching the grant (``allowed_*``). ``set_redirected(slot, on)``:
+nft's blocked set holds the slot's networks, so its tcp/80 uploads, which
+nft redirects to the block page, pass uncounted (set only after the nft
+block, cleared before the nft unblock: "Redirected" in tollgate.bpf.c;
+``set_blocked(slot, False)`` clears it too). ``set_zones(rules)`` and
 ``set_allowlist(rules)`` take the engine's ``ZoneRule``s (same semantics,
 compiled with ``ext.engine_py.compile_rules``); each map element is replaced
 atomically, the table as a whole is not (a packet during the change may see
@@ -143,7 +147,8 @@ cdef extern from *:
 # ---- the program's ABI (keep in step with ext/bpf/tollgate.bpf.c) -------------
 
 TG_MAGIC = 0x54474154454c4c54
-TG_ABI = 3  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags
+TG_ABI = 4  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags; 4: C_REDIRECTED,
+# the "redirected" stat
 MAX_RULES = 32  # TG_MAX_RULES: rules along a prefix's chain (its own, then its shorter prefixes')
 # TG_ZONE_NOT_FORWARDED: the zone of a rule whose addresses the gateway delivers to itself; the program passes
 # such packets uncounted, as the forward hook never sees them (see "Not forwarded" in tollgate.bpf.c)
@@ -161,6 +166,7 @@ F_SUB6_HOST = 32  # tg_sub6, the /128 hash, is not empty
 F_ANY_BLOCKED = 64
 F_SUB_LPM = F_SUB4_LPM | F_SUB6_LPM | F_SUB6_LONG | F_SUB6_HOST
 C_BLOCKED = 1
+C_REDIRECTED = 2  # nft's blocked set holds the slot's networks: its tcp/80 goes to the block page, uncounted
 GRANT_FREE = (1 << 64) - 1
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -169,7 +175,7 @@ COUNTER_FIELDS = ("used", "grant", "packets", "dropped_bytes", "dropped_packets"
                   "allowed_packets", "flags")
 Counter = namedtuple("Counter", COUNTER_FIELDS)
 STATS = ("unknown", "malformed", "passed", "dropped", "allowed", "nonip", "cas_exhausted", "unconfigured",
-         "noslot", "local")
+         "noslot", "local", "redirected")
 MAPS = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm", "tg_zone4", "tg_zone6",
         "tg_zone_groups", "tg_allow4", "tg_allow6", "tg_allow_groups", "tg_counters", "tg_dirty", "tg_stats",
         "tg_info", "tg_scratch")
@@ -724,12 +730,43 @@ cdef class Maps:
                 e = self._entry(slot, z, d)
                 if blocked:
                     tg_or64(&e[7], <uint64_t> C_BLOCKED)
-                else:
-                    tg_and64(&e[7], ~(<uint64_t> C_BLOCKED))
+                else:  # redirected goes with it: a slot blocked again starts without (fail closed)
+                    tg_and64(&e[7], ~(<uint64_t> (C_BLOCKED | C_REDIRECTED)))
         if not blocked:
             self._blocked.discard(slot)
             if not self._blocked and self.flags & F_ANY_BLOCKED:
                 self._update_flags(0, F_ANY_BLOCKED)
+
+    def set_redirected(self, unsigned int slot, bint on):
+        """nft's blocked set holds (``on``) or is about to lose (not ``on``) the networks of ``slot``: while
+        set and the slot blocked, its tcp/80 uploads (which nft redirects to the block page and never forwards)
+        pass uncounted. Set it only after the nft block is committed, clear it before the nft unblock ("Redirected"
+        in tollgate.bpf.c). Every zone and direction, atomic per entry; the program reads the upload entry of
+        the packet's zone."""
+        cdef unsigned int z, d
+        cdef uint64_t *e
+        self._entry(slot, 0, 0)  # slot checked before anything changes
+        for z in range(self.n_zones):
+            for d in range(2):
+                e = self._entry(slot, z, d)
+                if on:
+                    tg_or64(&e[7], <uint64_t> C_REDIRECTED)
+                else:
+                    tg_and64(&e[7], ~(<uint64_t> C_REDIRECTED))
+
+    def clear_redirected(self):
+        """Clear every slot's redirected flag (a start, before nft's sets are restored); returns how many had it."""
+        cdef unsigned long long i
+        cdef uint64_t *e
+        cdef unsigned long long n = 0
+        if self._counters == NULL:
+            raise BpfError("the maps are closed or not configured")
+        for i in range(self.n_counters):
+            e = self._counters + i * 8
+            if tg_load64(&e[7]) & C_REDIRECTED:
+                tg_and64(&e[7], ~(<uint64_t> C_REDIRECTED))
+                n += 1
+        return n // (2 * self.n_zones)
 
     def counter(self, unsigned int slot, unsigned int zone, unsigned int direction):
         """One entry as a ``Counter`` (a copy)."""

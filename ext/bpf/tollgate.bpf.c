@@ -91,7 +91,7 @@
  *   dropped_bytes/packets  refused here (grant, or blocked)
  *   allowed_bytes/packets  passed by the allow-list while blocked: never
  *            charged
- *   flags    TG_C_BLOCKED, written by userspace
+ *   flags    TG_C_BLOCKED, TG_C_REDIRECTED, written by userspace
  * A packet passes only if used + len <= grant. `used` advances by
  * compare-and-swap, retried at most TG_CAS_RETRIES times (then dropped and
  * counted in STAT_CAS_EXHAUSTED: fail closed): a plain read-check-add would
@@ -105,6 +105,44 @@
  * apart and never touch the grant. A subscriber that is not blocked is
  * charged for allow-listed traffic too, as in the engine (step 4 of
  * ext/engine_py.py's docstring).
+ *
+ * Redirected to the block page (TG_C_REDIRECTED, STAT_REDIRECTED: passed,
+ * never counted against a grant, never a refusal)
+ * -------------------------------------------------------------------------
+ * tc ingress runs before netfilter, so dropping every packet of a blocked
+ * subscriber here also dropped the HTTP that nft's portal chain (nat
+ * prerouting, policy/nft.py) redirects to the gateway's own block-page
+ * server: the browser never got the block page. A blocked subscriber's
+ * upload that nft redirects to the gateway is passed, uncounted, only
+ * while the slot's TG_C_REDIRECTED flag is set, which userspace sets only
+ * while nft's blocked set holds the subscriber's networks. What nft does
+ * with such a packet: `ip saddr @blocked* tcp dport 80 jump portal_redirect`
+ * (IPv4 and IPv6, every slot of the blocked sets), which returns for an
+ * allow-listed destination (allowed here already, as above) and otherwise
+ * `redirect to :portal_port`: the packet is delivered to the gateway itself
+ * and never forwarded; a packet of an older connection (no NAT binding) or
+ * anything else nat lets by reaches the forward hook, where nft's block
+ * chain (priority -10, before anything can forward it) rejects every packet
+ * from the blocked set that the allow-list does not let out. So the rule
+ * here is exactly: blocked, TG_C_REDIRECTED, upload, TCP, ports present (a
+ * first fragment), destination port 80, not allow-listed: pass uncounted.
+ * Every other packet of a blocked subscriber (another port, UDP, ICMP,
+ * later fragments) is dropped as before. Downloads need nothing: the block
+ * page's replies come from the gateway itself (STAT_LOCAL at egress).
+ * The order of operations (userspace, gateway/daemon/pusher.py and
+ * gateway/sources/ebpf.py), so that no packet is ever forwarded uncounted:
+ *   block:   nft adds the networks to the blocked set (the transaction is
+ *            committed: nat redirects, forward rejects), THEN the flag is
+ *            set. Before the flag, the packet is dropped here (the block
+ *            page is late, nothing leaks).
+ *   unblock: the flag is cleared, THEN nft removes the networks from the
+ *            blocked set. Between the two, the packet is dropped here (or,
+ *            once userspace cleared TG_C_BLOCKED, metered against the grant).
+ *   start:   a daemon that starts clears every flag before it restores nft's
+ *            sets from the ledger (which may unblock), and sets them again
+ *            for the blocked subscribers once they are restored.
+ * Clearing TG_C_BLOCKED clears TG_C_REDIRECTED with it (set_blocked in
+ * ext/bpfmaps.pyx), so a slot blocked again later starts without it.
  *
  * Not forwarded (STAT_LOCAL: passed, never counted against a grant)
  * ------------------------------------------------------------------
@@ -168,7 +206,7 @@
 #include <bpf/bpf_endian.h>
 
 #define TG_MAGIC 0x54474154454c4c54ULL /* "TLLETAGT" */
-#define TG_ABI 3 /* 2: tg_dirty; 3: TG_ZONE_NOT_FORWARDED, STAT_LOCAL */
+#define TG_ABI 4 /* 2: tg_dirty; 3: TG_ZONE_NOT_FORWARDED, STAT_LOCAL; 4: TG_C_REDIRECTED, STAT_REDIRECTED */
 
 #define TG_MAX_EXT_HDRS 16
 #define TG_MAX_RULES 32
@@ -189,6 +227,10 @@
 #define TG_F_SUB6_HOST 32U /* tg_sub6 (the /128 hash) is not empty */
 #define TG_F_ANY_BLOCKED 64U /* some slot is blocked (see "Blocked" in the header comment) */
 #define TG_C_BLOCKED 1ULL
+/* nft's blocked set holds the slot's networks: its tcp/80 is redirected to the block page (see
+ * "Redirected" in the header comment); only looked at with TG_C_BLOCKED */
+#define TG_C_REDIRECTED 2ULL
+#define TG_HTTP_PORT 80
 
 enum tg_stat_id {
 	STAT_UNKNOWN = 0,      /* IP, but no subscriber on our side */
@@ -201,7 +243,8 @@ enum tg_stat_id {
 	STAT_UNCONFIGURED = 7, /* tg_info not written yet */
 	STAT_NOSLOT = 8,       /* subscriber slot/zone outside tg_counters */
 	STAT_LOCAL = 9,        /* not forwarded: to or from the gateway itself */
-	STAT_MAX = 10,
+	STAT_REDIRECTED = 10,  /* blocked, tcp/80 that nft redirects to the block page */
+	STAT_MAX = 11,
 };
 
 struct tg_stat {
@@ -776,6 +819,12 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 			__sync_fetch_and_add(&c->allowed_packets, 1);
 			mark_dirty(idx);
 			stat_add(STAT_ALLOWED, len);
+			return TC_ACT_OK;
+		}
+		/* nft sends it to the block page and never forwards it (see "Redirected") */
+		if (direction == 0 && (c->flags & TG_C_REDIRECTED) && p->proto == 6 && p->has_ports &&
+		    p->dport == TG_HTTP_PORT) {
+			stat_add(STAT_REDIRECTED, len);
 			return TC_ACT_OK;
 		}
 		goto drop;

@@ -90,17 +90,26 @@ class PolicyPusher:
         if gw.credit is not None:  # a spent grant with money left in the ledger is refilled, not blocked
             events = [(ev, ts) for ev, ts in events
                       if not (ev.kind == EV_BLOCK and ev.reason == BLOCK_LIMIT and gw.credit.hold_block(ev.subscriber))]
-        block, unblock = [], []
+        block, unblock, blocked, unblocked = [], [], [], []
         for ev, _ts in events:
             if ev.kind == EV_BLOCK:
                 block += gw.networks(ev.subscriber)
+                blocked.append(ev.subscriber)
             elif ev.kind == EV_UNBLOCK and not gw.acct.engine.subscriber(ev.subscriber).blocked:
                 unblock += gw.networks(ev.subscriber)
+                unblocked.append(ev.subscriber)
+        # the eBPF source passes a blocked subscriber's tcp/80 (nft sends it to the block page) only while nft
+        # blocks its networks: told after the block, before the unblock (gateway/sources/ebpf.py, redirected)
+        redirected = [r.redirected for r in gw.readers if hasattr(r, "redirected")]
         started = time.perf_counter()
         with gw.enforcer_lock:
             if block:
                 gw.enforcer.block(block)
+                for tell in redirected:
+                    tell(blocked, True)
             if unblock:
+                for tell in redirected:
+                    tell(unblocked, False)
                 gw.enforcer.unblock(unblock)
         done = time.time_ns()
         if block or unblock:

@@ -36,6 +36,20 @@ alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again;
 with it, the gateway's own destinations (its local routing table) are looked
 at again: packets to them are not forwarded, so not counted (``NOT_FORWARDED``).
 
+The block page (``redirected``): tc ingress runs before netfilter, so a
+blocked subscriber's HTTP, which nft's portal chain redirects to the
+gateway's block-page server, would be dropped by the program before nft
+could redirect it. The maps' per-slot redirected flag says "nft's blocked
+set holds this subscriber's networks"; while it is set, the program passes
+the blocked subscriber's tcp/80 uploads uncounted (nft delivers them to the
+gateway itself, or rejects them in its forward block chain: never
+forwarded), everything else stays dropped ("Redirected" in tollgate.bpf.c).
+Order: the pusher sets the flag after its nft block and clears it before its
+nft unblock (``redirected``); a start clears every flag before the daemon
+restores nft's sets from the ledger (``__init__``, made before the restore)
+and sets it in ``begin`` for the subscribers whose networks the restored
+blocked set holds, read back from nft.
+
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
 
@@ -107,6 +121,21 @@ class EbpfSource:
                        "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False,
                        "last_alarm_time": 0}
         self.queue_num = "ebpf"
+        self._clear_stale_redirects()
+
+    def _clear_stale_redirects(self) -> None:
+        """A previous process's redirected flags, cleared before the daemon restores nft's sets from the
+        ledger (which may unblock someone: a payment while it was down): until ``begin`` sets them again from
+        what nft holds, a blocked subscriber's tcp/80 is dropped (no block page for a moment), never passed
+        for a network nft no longer blocks."""
+        from ext.bpfmaps import Maps
+
+        try:
+            with Maps.open(self.pin_dir) as maps:
+                if maps.n_counters:
+                    maps.clear_redirected()
+        except BpfError:  # nothing pinned, or another ABI (replaced in begin): no flag of ours to clear
+            pass
 
     # ---- start ------------------------------------------------------------------
 
@@ -235,6 +264,32 @@ class EbpfSource:
         self.next_boundary = self.keeper.next_boundary(time.time_ns())
         self.sweep = list(subs)
         self.cursor = 0
+        self._redirect_restored(subs)
+
+    def _redirect_restored(self, subs) -> None:
+        """The redirected flag for every subscriber whose networks nft's blocked set holds now (restored from
+        the ledger before ``begin``; read back, not assumed), so that a blocked subscriber gets the block page
+        after a restart. Later blocks and unblocks: the pusher calls ``redirected``."""
+        from ext import netaddr
+
+        gw = self.gw
+        with gw.enforcer_lock:
+            held = gw.enforcer.blocked()
+        sids = [sid for sid, info in subs.items()
+                if info.addresses and all(netaddr.canonical(n) in held for n in info.addresses)]
+        self.redirected(sids, True)
+
+    def redirected(self, sids, on: bool) -> None:
+        """nft's blocked set holds (``on``: called after the nft block is committed) or is about to lose (not
+        ``on``: called before the nft unblock) these subscribers' networks (gateway/daemon/pusher.py): the
+        program passes a blocked subscriber's tcp/80 uploads, which nft redirects to the block page, only
+        while the flag is set."""
+        maps = self.maps
+        if maps is None:
+            return
+        for sid in set(sids):
+            if 0 <= sid < maps.max_slots:
+                maps.set_redirected(sid, on)
 
     # ---- the loop -----------------------------------------------------------------
 

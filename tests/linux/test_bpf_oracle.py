@@ -10,6 +10,16 @@ daemon will: a block event of the engine sets the slot blocked in the maps.
 Both must agree, packet by packet, on malformed/unknown, the subscriber, the
 zone, the direction, the bytes and the verdict.
 
+The block page (``redirected``, "Redirected" in tollgate.bpf.c): with the
+slot's redirected flag set, a blocked subscriber's upload that nft's portal
+chain redirects to the gateway (TCP, ports present, destination port 80) never
+reaches the forward hook, so the engine of the nfqueue path never sees it. The
+model: where the engine drops a packet for its blocked sender (the refusal is
+the sender's) and the packet is such an upload, the program passes it with
+nothing counted (no grant, no refusal) but the "redirected" stat; everything
+else as the engine says. The flag is drawn for every subscriber, blocked or
+not (it means nothing without the block).
+
 ``test_two_cpus_never_pass_beyond_the_grant``: two threads (two CPUs) run the
 program on one slot at once; ``used`` ends exactly at the bytes passed and
 never beyond the grant.
@@ -239,11 +249,13 @@ def new_engine(impl: str, priced: tuple[int, int], balances: dict[int, int]):
     return engine
 
 
-def grant(maps, priced, balances):
-    """What the engine's balances buy, as grants on top of what each slot has used."""
+def grant(maps, priced, balances, redirected=False):
+    """What the engine's balances buy, as grants on top of what each slot has used; ``redirected``: every
+    slot's redirected flag (the daemon sets it for a blocked one once nft's blocked set holds it)."""
     for sid in SUBSCRIBERS:
         blocked = balances[sid] < 0
         maps.set_blocked(sid, blocked)
+        maps.set_redirected(sid, redirected)
         for zone in range(N_ZONES):
             for direction in (0, 1):
                 used = maps.counter(sid, zone, direction).used
@@ -287,6 +299,35 @@ def test_bpf_agrees_on_ports_and_fragments(maps, impl, example):
     check_stream(maps, impl, [((0, EXAMPLES[example]), False)], (2, 0), {sid: 100 for sid in SUBSCRIBERS}, None)
 
 
+# A blocked subscriber's packets with the redirected flag: only tcp/80 uploads, first fragments, not allow-listed,
+# pass (nft sends them to the block page); another port, UDP/80, a later fragment, the download, ICMP: dropped
+BLOCK_PAGE = [ipv4("100.64.1.2", "198.18.0.9", 6, 0, 40000, 80), ipv4("100.64.1.2", "198.18.0.9", 6, 0x2000, 40000, 80),
+              ipv4("100.64.1.2", "198.18.0.9", 6, 185, 40000, 80), ipv4("100.64.1.2", "198.18.0.9", 6, 0, 40000, 81),
+              ipv4("100.64.1.2", "198.18.0.9", 17, 0, 40000, 80), ipv4("100.64.1.2", "198.18.0.9", 1, 0, 0x0800, 80),
+              ipv4("100.64.1.2", "198.18.1.9", 6, 0, 40000, 80),  # allow-listed: allowed, as without the flag
+              ipv4("100.64.1.2", "198.18.0.9", 6, 0, 40000, 80, ihl=7)]
+
+
+@needs_bpf
+@pytest.mark.parametrize("impl", sorted(ENGINES))
+@pytest.mark.parametrize("example", range(len(BLOCK_PAGE)))
+@pytest.mark.parametrize("redirected", [False, True], ids=["plain", "redirected"])
+@pytest.mark.parametrize("direction", [0, 1], ids=["up", "down"])
+def test_block_page_redirect(maps, impl, example, redirected, direction):
+    data = BLOCK_PAGE[example]
+    if direction == 1:  # the same packet turned round: a download (the subscriber the destination)
+        data = ipv4("198.18.0.9", "100.64.1.2", data[9], struct.unpack("!H", data[6:8])[0], 80, 40000,
+                    ihl=data[0] & 0xf)
+    balances = {sid: (-1 if sid == 1 else 100) for sid in SUBSCRIBERS}
+    try:
+        passed = check_stream(maps, impl, [((direction, data), False)], (2, direction), balances, None, redirected)
+        expect = redirected and direction == 0 and example in (0, 1, 7)
+        assert passed == expect
+    finally:
+        for sid in SUBSCRIBERS:
+            maps.set_blocked(sid, False)
+
+
 @needs_bpf
 @pytest.mark.parametrize("impl", sorted(ENGINES))
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -295,12 +336,22 @@ def test_bpf_agrees_on_ports_and_fragments(maps, impl, example):
        priced=st.tuples(st.integers(0, N_ZONES - 1), st.integers(0, 1)),
        balances=st.fixed_dictionaries({sid: st.one_of(st.integers(-1, 3000), st.sampled_from([-1, 0, 20, 40]))
                                        for sid in SUBSCRIBERS}),
-       exact=st.sampled_from([None, None, 0, -1]))
-def test_bpf_agrees_with_the_engine(maps, impl, stream, priced, balances, exact):
-    check_stream(maps, impl, stream, priced, balances, exact)
+       exact=st.sampled_from([None, None, 0, -1]), redirected=st.booleans())
+def test_bpf_agrees_with_the_engine(maps, impl, stream, priced, balances, exact, redirected):
+    check_stream(maps, impl, stream, priced, balances, exact, redirected)
 
 
-def check_stream(maps, impl, stream, priced, balances, exact):
+def redirect_candidate(data: bytes, direction: int) -> bool:
+    """An upload nft's portal chain would redirect if its sender is blocked: TCP, ports, destination port 80."""
+    parsed = parse_packet(data, len(data))
+    if parsed is None or direction != 0:
+        return False
+    _family, _src, _dst, proto, has_ports, _sport, dport, _length = parsed
+    return proto == 6 and bool(has_ports) and dport == 80
+
+
+def check_stream(maps, impl, stream, priced, balances, exact, redirected=False):
+    """Returns the number of packets the program passed to the block page (the redirect model above)."""
     if exact is not None:  # the grant ends exactly at the first packet: it must pass, a byte more must not
         (direction, data), _vlan = stream[0]
         parsed = parse_packet(data, len(data))
@@ -312,7 +363,9 @@ def check_stream(maps, impl, stream, priced, balances, exact):
                 balances = {**balances, owner: parsed[7] + exact}
                 priced = (expected_zone(new_engine("py", priced, balances), data, direction), direction)
     engine = new_engine(impl, priced, balances)
-    grant(maps, priced, balances)
+    grant(maps, priced, balances, redirected)
+    blocked = {sid for sid in SUBSCRIBERS if balances[sid] < 0}  # what the maps say
+    passed_to_page = 0
     for k, ((direction, data), vlan) in enumerate(stream):
         batch = PacketBatch(1, 4096)
         batch.append(data, len(data), 0)
@@ -324,6 +377,18 @@ def check_stream(maps, impl, stream, priced, balances, exact):
         changed, bstats = bpf_effect(before, snapshot(maps))
         stats1 = engine.stats()
         what = f"packet {k} ({'up' if direction == 0 else 'down'}load, {len(data)} B: {data[:64].hex()}...)"
+        dropped = {sid: engine.subscriber(sid).dropped_bytes - dropped0[sid] for sid in SUBSCRIBERS}
+        sender = [sid for sid, b in dropped.items() if b]
+        if (redirected and batch.verdict[0] != NF_ACCEPT and redirect_candidate(data, direction)
+                and len(sender) == 1 and sender[0] in blocked
+                and engine.lookup_subscriber(str(ipaddress.ip_address(parse_packet(data, len(data))[1]))) == sender[0]):
+            # refused by the engine for its blocked sender, and an upload nft redirects: the block page
+            assert retval == 0, what
+            assert changed == {} and bstats["redirected"] == (1, parse_packet(data, len(data))[7]), what
+            assert engine.drain() == [], what
+            passed_to_page += 1
+            continue
+        assert bstats["redirected"] == (0, 0), what
         assert (retval == 0) == (batch.verdict[0] == NF_ACCEPT), what
         assert bstats["malformed"] == (stats1.malformed_packets - stats0.malformed_packets,
                                        stats1.malformed_bytes - stats0.malformed_bytes), what
@@ -339,6 +404,8 @@ def check_stream(maps, impl, stream, priced, balances, exact):
         for event in events:  # what the daemon will do: mirror the engine's block
             if event.kind == EV_BLOCK:
                 maps.set_blocked(event.subscriber, True)
+                blocked.add(event.subscriber)
+    return passed_to_page
 
 
 @needs_bpf
