@@ -62,7 +62,7 @@ deps: system-deps $(VENV)/.deps
 build: deps $(VENV)/.built $(BPF_OBJ)
 
 test: build
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-unit: build
 	$(BIN)/python -m pytest -q tests/unit
