@@ -342,8 +342,9 @@ def test_the_first_to_take_an_id_commits_first(new_pg, kind):
             time.sleep(0.01)
         b_waited = thread.is_alive() and _waiting_on_a_lock(reader, b_pid)
         read()  # B committed here if it did not wait: the reader moves past B's id
-        a.commit()  # ... and A commits last, unless B waited for it
+        # noted before A's commit returns: a B that waited for it may finish before this thread runs again
         commits.append("a")
+        a.commit()  # ... and A commits last, unless B waited for it
         thread.join(10)
         assert not thread.is_alive()
         read()
