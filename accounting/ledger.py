@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from .store import Backend, open_backend
 from .store.backend import migrations as store_migrations
 
 __all__ = ["Ledger"]
+
+log = logging.getLogger("tollgate.ledger")
 
 USAGE_GROUPS = ("subscriber_id", "zone", "direction", "minute")
 
@@ -95,6 +98,21 @@ class Ledger:
         ledger = cls(db)
         ledger.path = str(target)  # what opens it again (another thread's connection), as given
         return ledger
+
+    def reconnect_if_lost(self) -> bool:
+        """A connection the server dropped (PostgreSQL restarted, crashed, failed over) is closed for
+        good: psycopg does not reconnect, and every call on it fails long after the server is back.
+        Open a new one in its place, in this same object, so that everyone holding it (the accountant,
+        the grant keeper, the change follower) writes through it again. False while the server is
+        still away: the caller's next round tries again."""
+        if not self.db.lost:
+            return True
+        try:
+            self.db = open_backend(self.path)
+        except LedgerError:  # cannot connect yet
+            return False
+        log.warning("ledger connection lost; connected again to %s", self.db.target)
+        return True
 
     def transaction(self, serialized: bool = True):
         """A write transaction (see :meth:`accounting.store.backend.Backend.transaction`): callers that

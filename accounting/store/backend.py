@@ -248,5 +248,10 @@ class Backend(abc.ABC):
             out.extend((table, *r) for r in sorted(rows, key=repr))
         return out
 
+    @property
+    def lost(self) -> bool:
+        """True once the server dropped this connection for good (a file is never lost)."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -171,12 +171,9 @@ class PostgresBackend(Backend):
         page is an error of the query that reads it."""
         return []
 
-    def dump(self) -> list[tuple]:
-        out = []
-        for table in self.table_names():
-            rows = self.conn.execute(f'SELECT * FROM "{table}"').fetchall()
-            out.extend((table, *r) for r in sorted(rows, key=repr))
-        return out
+    @property
+    def lost(self) -> bool:
+        return self.conn.closed
 
     def close(self) -> None:
         self.conn.close()

@@ -31,7 +31,7 @@ grant runs out. ``continue`` (postpaid) gives a subscriber that runs low a slice
 instead, counted in ``local_credit``, and its traffic is charged when the ledger is back (flushes
 wait in the flusher's outbox and are written in order with their ids, never lost, never charged
 twice; charges beyond a grant are charged all the same). A connection PostgreSQL dropped is opened
-again by the flusher (``flusher.reconnect_if_lost``).
+again by the flusher (``Ledger.reconnect_if_lost``).
 
 Runs in the flusher thread, which owns the ledger connection, except :meth:`hold_block` and
 :meth:`want`, which the pusher calls too. Locks: ``lock`` (its own) for ``wanted``, ``final`` and
@@ -118,7 +118,7 @@ class GrantKeeper:
     def flushed(self) -> None:
         """After a flush is written: the grants of subscribers that left go back (their last traffic is in)."""
         leaving, self.leaving = self.leaving, set()
-        if leaving and not self._ledger(lambda: self.gw.ledger.release_grants(leaving)):
+        if leaving and not self._ledger(lambda: self.gw.ledger.release_grants(leaving))[0]:
             self.leaving |= leaving
 
     def want(self, sids) -> None:
@@ -172,7 +172,7 @@ class GrantKeeper:
         now = time.time_ns()
         if reachable and now >= self.next_renew:
             reachable = self._ledger(lambda: (gw.ledger.renew_grants(now + self.validity_ns),
-                                              gw.ledger.expire_grants(now)))
+                                              gw.ledger.expire_grants(now)))[0]
             if reachable:
                 self.next_renew = now + self.validity_ns // 3
         with self.lock:
@@ -232,18 +232,17 @@ class GrantKeeper:
         """``Ledger.reserve``; None when the ledger cannot be reached (after noting the failure)."""
         if not asks:
             return {}
-        result: list = []
-        if not self._ledger(lambda: result.append(self.gw.ledger.reserve(asks, now + self.validity_ns))):
+        ok, taken = self._ledger(lambda: self.gw.ledger.reserve(asks, now + self.validity_ns))
+        if not ok:
             return None
-        taken = result[0]
         self.round_trips += 1
         self.reserved += sum(taken.values())
         return taken
 
-    def _ledger(self, call) -> bool:
-        """Run one ledger call; on failure note it and, retrying, back off. True if it ran."""
+    def _ledger(self, call) -> tuple[bool, object]:
+        """Run one ledger call: ``(True, its result)``; on failure note it, back off, ``(False, None)``."""
         try:
-            call()
+            result = call()
         except Exception as exc:  # psycopg's OperationalError, SQLite busy: the ledger is away, not us broken
             self.failures += 1
             self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -251,13 +250,13 @@ class GrantKeeper:
             self.retry_at = time.monotonic() + self.backoff
             self.backoff = min(RETRY_MAX, self.backoff * 2)
             self.next_renew = 0  # after the backoff the renewal is the probe: is the ledger back?
-            return False
+            return False, None
         self.backoff = 0.2
         self.last_error = None
         if self.unasked:  # terminate: the ledger answers again, ask for what could not be asked
             self.want(self.unasked)
             self.unasked = set()
-        return True
+        return True, result
 
     def _lend(self, asks: dict[int, int]) -> dict[int, int]:
         """``continue``: a slice on local credit to each subscriber running low; charged when the ledger is back."""

@@ -37,27 +37,6 @@ ROLLUP_FIRST = 300.0  # seconds after start before the first rollup (a restart l
 ROLLUP_INTERVAL = 3600.0  # seconds between rollups
 
 
-def reconnect_if_lost(ledger) -> bool:
-    """A ledger connection that PostgreSQL dropped (the server restarted, crashed, failed over) is
-    closed for good: psycopg does not reconnect, and every call on it fails with "the connection is
-    closed" long after the server is back (tests/linux/test_cluster_faults.py: no flush, no grant,
-    no session round ever again). Open a new one in its place, in the same ``Ledger`` object, so
-    that everyone holding it (the accountant, the grant keeper, the change follower) writes through
-    it again. False while the server is still away: the next round tries again. A SQLite
-    connection is never lost."""
-    conn = getattr(ledger.db, "conn", None)
-    if not getattr(conn, "closed", False):  # (sqlite3's connection has no such attribute)
-        return True
-    from accounting.store import open_backend
-
-    try:
-        ledger.db = open_backend(ledger.path)
-    except TollgateError:  # cannot connect yet
-        return False
-    log.warning("ledger connection lost; connected again to %s", ledger.db.target)
-    return True
-
-
 class Flusher:
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -86,7 +65,7 @@ class Flusher:
             # Each step on its own: with the ledger away (PostgreSQL stopped) a failed change poll must not
             # skip the grant keeper (on_failure is its to apply) nor the drain (see self.pending).
             try:
-                reconnect_if_lost(gw.ledger)
+                gw.ledger.reconnect_if_lost()
                 gw.changes.poll()
                 away = False
             except Exception as exc:
@@ -241,7 +220,7 @@ class Flusher:
         while not gw.stopping.wait(wait):
             wait = ROLLUP_INTERVAL
             try:
-                reconnect_if_lost(gw.thread_ledger())
+                gw.thread_ledger().reconnect_if_lost()
                 summary = roll_up(gw.thread_ledger(), time.time_ns(), gw.config.timezone)
                 log.info("rollup: %s", summary.text())
             except TollgateError as exc:  # e.g. a ledger rolled up under another time zone: said, not fatal
@@ -254,7 +233,7 @@ class Flusher:
         notifier = Notifier(gw.open_ledger(), gw.config.notify)
         while not gw.stopping.wait(1.0):
             try:
-                reconnect_if_lost(notifier.ledger)
+                notifier.ledger.reconnect_if_lost()
                 notifier.deliver_due()
             except Exception:
                 log.exception("notification round failed; retrying")

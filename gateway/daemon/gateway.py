@@ -31,7 +31,7 @@ from ..config import Config, load_config
 from ..runtime import NS, Accountant, ledger_rows
 from .changes import ChangeFollower
 from .credit import GrantKeeper
-from .flusher import Flusher, reconnect_if_lost
+from .flusher import Flusher
 from .http import LiveView, listen_socket, serve
 from .kernel import KernelTruth
 from .limits import SpeedLimits
@@ -326,7 +326,7 @@ class Gateway:
         ledger = getattr(self.http_local, "ledger", None)
         if ledger is None:
             ledger = self.http_local.ledger = self.open_ledger()
-        reconnect_if_lost(ledger)  # PostgreSQL restarted: a new connection, not a dead one for good (.flusher)
+        ledger.reconnect_if_lost()  # PostgreSQL restarted: a new connection, not a dead one for good
         return ledger
 
     def serves(self, row: dict | None) -> bool:

@@ -35,7 +35,6 @@ from accounting.ledger import Ledger
 from accounting.operations import OperationError, Operations
 from ext.errors import LedgerError, TollgateError
 
-from .flusher import reconnect_if_lost
 
 log = logging.getLogger("tollgate.daemon")
 BIND_POLL = 0.2  # seconds between looks at what changed for address binding
@@ -103,7 +102,7 @@ class SessionHost:
                 if gw.stopping.is_set():
                     return
                 try:
-                    reconnect_if_lost(ledger)  # a connection PostgreSQL dropped is opened again (.flusher)
+                    ledger.reconnect_if_lost()  # a connection PostgreSQL dropped is opened again
                     if time.monotonic() >= next_expiry:
                         next_expiry = time.monotonic() + self.timing.expiry_check
                         self.expire(ops)

@@ -49,3 +49,34 @@ def cluster(request):
         yield cluster
     finally:
         cluster_down(prefix)
+
+
+@pytest.fixture
+def pg_gateways(cluster, tmp_path, pg_cluster):
+    """``start(balances)``: one new database, and ``tollgate run`` on every gateway of the cluster
+    (one after another: the first seeds the ledger from its config, the others find the subscribers
+    there), each with its own config (all subscribers) and log. Stopped and their kernel state
+    removed after the test."""
+    import uuid
+
+    from gateway.lab import cluster_config
+    from lablib import Gateway, netns
+
+    gws = []
+
+    def start(balances=None, **config) -> list:
+        db = pg_cluster.create_database(f"cluster_{uuid.uuid4().hex[:12]}")
+        for g in cluster.gateways:
+            work = tmp_path / f"g{g.k}"
+            work.mkdir(exist_ok=True)
+            gw = Gateway(g.ns, work, cluster_config(cluster, g.k, balances or {}, **config))
+            gw.db = db
+            gws.append(gw)
+            gw.start()
+        return gws
+
+    yield start
+    for gw in gws:
+        gw.stop()
+    for g in cluster.gateways:
+        netns(g.ns, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")

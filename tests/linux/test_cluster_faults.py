@@ -39,8 +39,7 @@ import time
 
 import pytest
 
-from gateway.lab import cluster_config
-from lablib import Gateway, netns
+from lablib import netns
 from test_cluster_lab import URL4, down_bytes, log_lines, mismatches, settle
 
 PRICE_PER_BYTE = 10  # nano-EUR: 0.01 EUR per 10^6 bytes, the lab's price
@@ -167,32 +166,6 @@ def ensure_running(pg_cluster) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-
-
-@pytest.fixture
-def pg_gateways(cluster, tmp_path, pg_cluster):
-    """test_cluster_lab.py's fixture of the same name, with a database name of its own (that one's
-    ``id(tmp_path)`` can come round again within a module: "database already exists")."""
-    import uuid
-
-    gws: list[Gateway] = []
-
-    def start(balances=None, **config) -> list[Gateway]:
-        db = pg_cluster.create_database(f"faults_{uuid.uuid4().hex[:12]}")
-        for g in cluster.gateways:
-            work = tmp_path / f"g{g.k}"
-            work.mkdir(exist_ok=True)
-            gw = Gateway(g.ns, work, cluster_config(cluster, g.k, balances or {}, **config))
-            gw.db = db
-            gws.append(gw)
-            gw.start()
-        return gws
-
-    yield start
-    for gw in gws:
-        gw.stop()
-    for g in cluster.gateways:
-        netns(g.ns, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
 
 
 def blocked_since(samples, name: str) -> float | None:

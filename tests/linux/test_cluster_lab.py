@@ -15,11 +15,8 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 
-import pytest
-
-from gateway.lab import BIG_FILE, UPSTREAM4, UPSTREAM6, cluster_config
+from gateway.lab import BIG_FILE, UPSTREAM4, UPSTREAM6
 from lablib import Gateway, charged_bytes_of, cluster_kernel_bytes, netns
 
 EUR = 10 ** 9
@@ -151,32 +148,6 @@ def test_plain_forwarding_crosses_the_intended_gateways(cluster):
 
 
 # ---- Tollgate on every gateway, one PostgreSQL ledger ---------------------------------------------------
-
-@pytest.fixture
-def pg_gateways(cluster, tmp_path, pg_cluster):
-    """``start(balances)``: one new database, and ``tollgate run`` on every gateway of the cluster
-    (one after another: the first seeds the ledger from its config, the others find the subscribers
-    there), each with its own config (all subscribers) and log. Stopped and their kernel state
-    removed after the test."""
-    gws: list[Gateway] = []
-
-    def start(balances=None, **config) -> list[Gateway]:
-        db = pg_cluster.create_database(f"cluster_{uuid.uuid4().hex[:12]}")
-        for g in cluster.gateways:
-            work = tmp_path / f"g{g.k}"
-            work.mkdir(exist_ok=True)
-            gw = Gateway(g.ns, work, cluster_config(cluster, g.k, balances or {}, **config))
-            gw.db = db
-            gws.append(gw)
-            gw.start()
-        return gws
-
-    yield start
-    for gw in gws:
-        gw.stop()
-    for g in cluster.gateways:
-        netns(g.ns, "sh", "-c", "nft delete table inet tollgate; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD")
-
 
 def kernel_figures(cluster, gws) -> dict[str, dict[int, int]]:
     """``{subscriber: {gateway: bytes its kernel counters hold}}``."""

@@ -81,7 +81,7 @@ def test_three_gateways_reserving_flushing_and_100_payments_lose_no_update(pg_le
 
 class Outbox:
     """A gateway's calls, each repeated until it goes through, over a connection opened again when the
-    server took it away: what the daemon does (flusher.reconnect_if_lost, the outbox of flushes)."""
+    server took it away: what the daemon does (Ledger.reconnect_if_lost, the outbox of flushes)."""
 
     def __init__(self, target: str, gateway: str) -> None:
         self.target, self.gateway = target, gateway

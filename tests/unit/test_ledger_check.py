@@ -137,15 +137,18 @@ def test_the_checks_pass_a_sound_ledger_and_name_each_damage_on_both_backends(le
     assert len(check_ledger(ledger)) >= len(DAMAGE) - 2 * (ledger.db.dialect != "sqlite")
 
 
-def test_the_command_checks_a_postgresql_ledger_too(ledger):
-    """``tollgate ledger check --db CONNINFO``: the same command on either backend."""
-    if ledger.db.dialect == "sqlite":
-        pytest.skip("the file form is the tests above")
+def test_the_command_checks_a_postgresql_ledger_too(pg_cluster, pg_ledger_template, tmp_path):
+    """``tollgate ledger check --db CONNINFO``: the command of the file tests above, on PostgreSQL."""
+    import uuid
+
+    ledger = Ledger.open(pg_cluster.create_database(f"check_{uuid.uuid4().hex[:12]}", template=pg_ledger_template))
+    write_usual(ledger, tmp_path)
     out = check(ledger.path)
     assert out.returncode == 0 and out.stdout.startswith("ledger ok (2 subscribers"), (out.stdout, out.stderr)
     ledger.db.execute("UPDATE subscribers SET balance = balance + 1 WHERE id = 1")
     out = check(ledger.path)
     assert out.returncode == 1 and "balance" in out.stdout and "1 problem" in out.stderr, (out.stdout, out.stderr)
+    ledger.close()
 
 
 def test_sqlite_integrity(db):
