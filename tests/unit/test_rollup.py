@@ -12,7 +12,10 @@ the nano-unit before and after.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import itertools
+import os
 import random
 import sqlite3
 import threading
@@ -152,10 +155,8 @@ END = "2026-04-07T12:00"  # and here: Adelaide's long day in the hourly window, 
 WINDOWS = {"minute_window": 6 * 3600, "hour_window": 3 * 86400, "flush_horizon": 3600}
 
 
-@pytest.fixture(params=TZS)
-def world(request, ledger_target):
-    tzname = request.param
-    w = World(ledger_target(), tzname)
+def build_world(target: str, tzname: str) -> World:
+    w = World(target, tzname)
     w.run(local(tzname, START), local(tzname, MIDDLE))
     # late at night the gateway restarts: a new boot, seqs from 1 again
     w.boot, w.flushes = "gw2", 0
@@ -165,8 +166,71 @@ def world(request, ledger_target):
     # the last hour flushes every minute, as (by the minute) a live gateway's recent usage is
     for t in range(local(tzname, END) - 3600, local(tzname, END), 60):
         w.flush(t + 1)
+    return w
+
+
+@pytest.fixture(scope="module")
+def built_worlds(tmp_path_factory):
+    """Each (backend, time zone) world is built once per module (~1,800 flushes: seconds, most of this file's time)
+    and kept closed, as a SQLite file or a PostgreSQL database; every test gets a copy of it (the file's pages, or
+    ``CREATE DATABASE ... TEMPLATE``) and a deep copy of what was put into it. The flushes are the same ones (the
+    generator is seeded by the time zone), so each test starts from the very ledger and bookkeeping it built itself
+    before, and changes only its own copy."""
+    made: dict[tuple[str, str], tuple[str, dict]] = {}
+    pg = []
+    yield made, pg, tmp_path_factory.mktemp("worlds")
+    if pg:
+        cluster, names = pg[0], pg[1:]
+        if cluster.running:
+            with psycopg.connect(cluster.conninfo, autocommit=True) as conn:
+                for name in names:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_copies = itertools.count(1)
+
+
+@pytest.fixture(params=TZS)
+def world(request, ledger_target, built_worlds):
+    tzname = request.param
+    backend = request.node.callspec.params["ledger_target"]
+    made, pg, folder = built_worlds
+    key = (backend, tzname)
+    tag = "berlin" if tzname == "Europe/Berlin" else "adelaide"
+    if key not in made:
+        if backend == "sqlite":
+            target = str(folder / f"{tag}.db")
+        else:
+            cluster = request.getfixturevalue("pg_cluster")
+            name = f"rollup_{os.getpid()}_{tag}"
+            pg[:] = pg or [cluster]
+            pg.append(name)
+            target = cluster.create_database(name, template=request.getfixturevalue("pg_ledger_template"))
+        w = build_world(target, tzname)
+        w.led.close()  # no connection may stay on a template
+        state = {k: v for k, v in vars(w).items() if k not in ("led", "target")}
+        made[key] = (target, state)
+    source, state = made[key]
+    if backend == "sqlite":
+        target = str(request.getfixturevalue("tmp_path") / "world.db")
+        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
+        copy_name = None
+    else:
+        cluster = pg[0]
+        copy_name = f"rollup_{os.getpid()}_{tag}_{next(_copies)}"
+        target = cluster.create_database(copy_name, template=psycopg.conninfo.conninfo_to_dict(source)["dbname"])
+    w = World.__new__(World)
+    vars(w).update(copy.deepcopy(state))
+    w.target = target
+    w.led = Ledger.open(target)
     yield w
     w.led.close()
+    if copy_name and pg[0].running:
+        with psycopg.connect(pg[0].conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{copy_name}" WITH (FORCE)')
 
 
 def test_buckets_by_hand():
