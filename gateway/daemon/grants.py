@@ -34,9 +34,12 @@ passed since are inside the grant, so inside that sum). How:
   ``dropped_packets`` moved) and what the subscriber can still be granted
   there is less than the packets it refused, the engine blocks it
   (``BLOCK_LIMIT``, or ``BLOCK_VOLUME`` where the volume limit is what is
-  short), as the inline engine does at the breaching packet: the block event
-  puts it into the nft blocked set (block page, DNS, portal) and the maps'
-  blocked flag follows. A top-up lifts the block in the engine (the change
+  short), as the inline engine does at the breaching packet, and sets the
+  maps' blocked flag in the same step; the block event then puts it into the
+  nft blocked set (block page, DNS, portal). Every other block and unblock
+  reaches the maps' flag through the policy pusher's block step (before the
+  nft block, after the nft unblock: gateway/sources/ebpf.py), never through a
+  refresh, which would clear it before nft lets the subscriber through. A top-up lifts the block in the engine (the change
   follower), and the keeper, watching blocked and refused subscribers every
   ``WATCH_INTERVAL``, raises the grants.
 * **Time slots.** At a slot boundary every finite grant (and every free one
@@ -83,7 +86,6 @@ class GrantKeeper:
         self.pairs = [(z, d) for z in range(self.nz) for d in (0, 1)]
         self.grants: dict[int, int] = {}  # counter index -> the grant we stored
         self.rate: dict[int, float] = {}  # counter index -> bytes per second, recent
-        self.blocked: dict[int, bool] = {}  # slot -> the blocked flag in the maps
         self.refused: set[int] = set()  # subscribers refused for want of money or volume: watched
         self.masks: dict[int, list] = {}  # engine tariff id -> [(zone mask, direction mask)] of its buckets
         self.stats = {"raises": 0, "money_out_blocks": 0, "freezes": 0, "reclaims": 0}
@@ -109,7 +111,6 @@ class GrantKeeper:
             i = self.index(sid, z, d)
             self.grants.pop(i, None)
             self.rate.pop(i, None)
-        self.blocked.pop(sid, None)
         self.refused.discard(sid)
 
     # ---- the buckets of a tariff ------------------------------------------------
@@ -145,15 +146,12 @@ class GrantKeeper:
         return {p: [state.allowance[b] if owner.get(b) == p else 0 for b in range(len(masks))] for p in self.pairs}
 
     def refresh(self, sid: int, now: int, refused: dict | None = None) -> list:
-        """Bring ``sid``'s grants and blocked flag up to date; ``refused``:
+        """Bring ``sid``'s grants up to date; ``refused``:
         ``{(zone, direction): (packets, bytes)}`` the kernel refused it since
         the last look. Returns engine events (a money-out block)."""
         engine = self.gw.acct.engine
         state = engine.subscriber(sid)
-        blocked = bool(state.blocked)
-        if self.blocked.get(sid) != blocked:
-            self.maps.set_blocked(sid, blocked)
-            self.blocked[sid] = blocked
+        blocked = bool(state.blocked)  # the maps' flag is the block step's (see the module docstring)
         views = self._views(sid, state, now)
         vol_zones = engine.volume_zones if state.volume_left is not None else 0
         priced, committed, outstanding = [], {}, {}
@@ -216,8 +214,7 @@ class GrantKeeper:
         if out_of is not None and not state.blocked:
             events = engine.block(sid, out_of)
             self.stats["money_out_blocks"] += 1
-            self.maps.set_blocked(sid, True)
-            self.blocked[sid] = True
+            self.maps.set_blocked(sid, True)  # before the pusher's nft block: nothing more is metered
             log.info("subscriber %s: %s out, blocked (the kernel refused its packets at the grant)", sid,
                      "volume" if out_of == BLOCK_VOLUME else "money")
         if out_of is not None or blocked:

@@ -98,19 +98,26 @@ class PolicyPusher:
             elif ev.kind == EV_UNBLOCK and not gw.acct.engine.subscriber(ev.subscriber).blocked:
                 unblock += gw.networks(ev.subscriber)
                 unblocked.append(ev.subscriber)
-        # the eBPF source passes a blocked subscriber's tcp/80 (nft sends it to the block page) only while nft
-        # blocks its networks: told after the block, before the unblock (gateway/sources/ebpf.py, redirected)
-        redirected = [r.redirected for r in gw.readers if hasattr(r, "redirected")]
+        # The eBPF source's program meters at tc ingress, before nft's forward hook: what it passes of a
+        # subscriber that nft blocks is charged and never delivered. So it stops passing (and counting) before
+        # the nft block, counts again only after the nft unblock, and passes a blocked subscriber's tcp/80
+        # (nft sends it to the block page) only while nft blocks its networks: one step, here, under the
+        # enforcer lock (gateway/sources/ebpf.py, "The block step").
+        steps = [r for r in gw.readers if hasattr(r, "before_nft_block")]
         started = time.perf_counter()
         with gw.enforcer_lock:
             if block:
+                for r in steps:
+                    r.before_nft_block(blocked)
                 gw.enforcer.block(block)
-                for tell in redirected:
-                    tell(blocked, True)
+                for r in steps:
+                    r.after_nft_block(blocked)
             if unblock:
-                for tell in redirected:
-                    tell(unblocked, False)
+                for r in steps:
+                    r.before_nft_unblock(unblocked)
                 gw.enforcer.unblock(unblock)
+                for r in steps:
+                    r.after_nft_unblock(unblocked)
         done = time.time_ns()
         if block or unblock:
             gw.metrics.nft_latency.observe(time.perf_counter() - started)

@@ -36,19 +36,33 @@ alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again;
 with it, the gateway's own destinations (its local routing table) are looked
 at again: packets to them are not forwarded, so not counted (``NOT_FORWARDED``).
 
-The block page (``redirected``): tc ingress runs before netfilter, so a
-blocked subscriber's HTTP, which nft's portal chain redirects to the
-gateway's block-page server, would be dropped by the program before nft
-could redirect it. The maps' per-slot redirected flag says "nft's blocked
-set holds this subscriber's networks"; while it is set, the program passes
-the blocked subscriber's tcp/80 uploads uncounted (nft delivers them to the
-gateway itself, or rejects them in its forward block chain: never
-forwarded), everything else stays dropped ("Redirected" in tollgate.bpf.c).
-Order: the pusher sets the flag after its nft block and clears it before its
-nft unblock (``redirected``); a start clears every flag before the daemon
-restores nft's sets from the ledger (``__init__``, made before the restore)
-and sets it in ``begin`` for the subscribers whose networks the restored
-blocked set holds, read back from nft.
+The block step (``before_nft_block`` .. ``after_nft_unblock``, called by the
+policy pusher around its nft update, gateway/daemon/pusher.py): tc ingress
+runs before nft's forward hook, so whatever the program passes of a
+subscriber that nft blocks is metered, charged and then refused by nft:
+never delivered. The program's blocked flag is therefore set before the nft
+block and cleared after the nft unblock, in the same step (it used to follow
+at this source's next look at the subscriber: what the subscriber sent in
+between, flood pings, its answers to the resetter's probes, was charged;
+tests/linux/test_ebpf_block_step.py). Downloads cross nft before the egress
+program, so either order is right for them. In between the two, the program
+drops what nft would have refused anyway, uncounted. The one block the grant
+keeper makes itself (money out, gateway/daemon/grants.py) sets the flag in
+the same step as the engine's block, before the pusher's nft block.
+
+The block page (``C_REDIRECTED``): for the same reason, a blocked
+subscriber's HTTP, which nft's portal chain redirects to the gateway's
+block-page server, would be dropped by the program before nft could redirect
+it. The maps' per-slot redirected flag says "nft's blocked set holds this
+subscriber's networks"; while it is set, the program passes the blocked
+subscriber's tcp/80 uploads uncounted (nft delivers them to the gateway
+itself, or rejects them in its forward block chain: never forwarded),
+everything else stays dropped ("Redirected" in tollgate.bpf.c). Order: set
+after the nft block, cleared before the nft unblock (the block step); a
+start clears every flag before the daemon restores nft's sets from the ledger
+(``__init__``, made before the restore) and sets it in ``begin`` for the
+subscribers whose networks the restored blocked set holds, read back from
+nft.
 
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
@@ -250,6 +264,9 @@ class EbpfSource:
             events = []
             now = time.time_ns()
             for sid in subs:
+                # nft's sets were restored before this start: the program's flags follow them, as the block
+                # step keeps them from here on (a flag the previous process left for someone paid since goes)
+                maps.set_blocked(sid, bool(gw.acct.engine.subscriber(sid).blocked))
                 events += self.keeper.refresh(sid, now)
         gw.post(events)
         try:
@@ -280,16 +297,40 @@ class EbpfSource:
         self.redirected(sids, True)
 
     def redirected(self, sids, on: bool) -> None:
-        """nft's blocked set holds (``on``: called after the nft block is committed) or is about to lose (not
-        ``on``: called before the nft unblock) these subscribers' networks (gateway/daemon/pusher.py): the
-        program passes a blocked subscriber's tcp/80 uploads, which nft redirects to the block page, only
-        while the flag is set."""
+        """The redirected flag of these subscribers (see the module docstring): set only while nft's blocked
+        set holds their networks."""
+        for sid in self._slots(sids):
+            self.maps.set_redirected(sid, on)
+
+    def _slots(self, sids) -> list[int]:
         maps = self.maps
-        if maps is None:
-            return
-        for sid in set(sids):
-            if 0 <= sid < maps.max_slots:
-                maps.set_redirected(sid, on)
+        if maps is None:  # not begun, or closed: nothing of ours in the kernel to change
+            return []
+        return [sid for sid in set(sids) if 0 <= sid < maps.max_slots]
+
+    # ---- the block step (the policy pusher, around its nft update; see the module docstring) ----------------
+
+    def before_nft_block(self, sids) -> None:
+        """The program stops passing (and counting) these subscribers: before nft refuses them."""
+        for sid in self._slots(sids):
+            self.maps.set_blocked(sid, True)
+
+    def after_nft_block(self, sids) -> None:
+        """nft's blocked set holds their networks now: their tcp/80 may pass to the block page."""
+        self.redirected(sids, True)
+
+    def before_nft_unblock(self, sids) -> None:
+        """nft is about to let them through: no tcp/80 passes uncounted from here."""
+        self.redirected(sids, False)
+
+    def after_nft_unblock(self, sids) -> None:
+        """nft lets them through: the program passes (and counts) them again, against their grants. Not a
+        subscriber the engine blocked again meanwhile (the grant keeper's money-out block between the pusher's
+        look at the engine and now: its own block event follows)."""
+        engine = self.gw.acct.engine
+        for sid in self._slots(sids):
+            if not engine.subscriber(sid).blocked:
+                self.maps.set_blocked(sid, False)
 
     # ---- the loop -----------------------------------------------------------------
 

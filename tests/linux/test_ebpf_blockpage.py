@@ -14,8 +14,9 @@ the upstream), forwarded packets only (TTL 63: the gateway's own, neighbour disc
   the balance never below 0; a top-up flows again within 1 s;
 * a manual block, twice: the block page, the rest refused, nothing through the gateway and nothing charged
   while blocked (the far ends and the program's counters still); after the unblock the real page again;
-* the order of operations (no lab): the pusher sets the flag after the nft block and clears it before the
-  nft unblock, also for a block and an unblock in one batch.
+* the order of the block step (no lab): the pusher sets the program's blocked flag before the nft block
+  and the redirected flag after it, clears the redirected flag before the nft unblock and the blocked flag
+  after it, also for a block and an unblock in one batch.
 """
 
 from __future__ import annotations
@@ -210,11 +211,10 @@ def test_manual_block_block_page_and_unblock(blockpage_lab):
         proc = gw.tollgate("block", "s1", "--reason", "test: block page")
         assert proc.returncode == 0, proc.stderr
         wait_for("s1 blocked", lambda: blocked_in_kernel(lab))
-        # and in the maps: a manual block reaches them with the grant keeper's next look at s1, which may come
-        # after nft's block (what s1 sends meanwhile, here its answers to the resetter's probes, is metered by the
-        # program and refused by nft: charged, not delivered, as before this test; so no ledger == far end here)
+        # and in the maps, in the pusher's same step (blocked before nft's block, redirected after it; the
+        # ledger against the far ends across a manual block: tests/linux/test_ebpf_block_step.py)
         wait_for("s1 blocked and redirected in the maps", lambda: slot_flags() & (C_BLOCKED | C_REDIRECTED)
-                 == C_BLOCKED | C_REDIRECTED, timeout=70)
+                 == C_BLOCKED | C_REDIRECTED)
         before, used = far_end(lab), slot_used()
         assert_block_page(lab)
         assert_refused(lab)
@@ -262,9 +262,18 @@ def _pusher(blocked_now: set):
         def unblock(self, nets):
             log.calls.append(("nft unblock", tuple(nets)))
 
-    class Source:
-        def redirected(self, sids, on):
-            log.calls.append(("redirected", tuple(sids), on))
+    class Source:  # the eBPF source's block step, recorded as what it does to the program's flags
+        def before_nft_block(self, sids):
+            log.calls.append(("program blocked", tuple(sids)))
+
+        def after_nft_block(self, sids):
+            log.calls.append(("redirected", tuple(sids), True))
+
+        def before_nft_unblock(self, sids):
+            log.calls.append(("redirected", tuple(sids), False))
+
+        def after_nft_unblock(self, sids):
+            log.calls.append(("program unblocked", tuple(sids)))
 
     nets = {1: ["100.64.1.2/32"], 2: ["100.64.2.2/32"]}
     engine = SimpleNamespace(subscriber=lambda sid: SimpleNamespace(blocked=sid in blocked_now))
@@ -277,17 +286,20 @@ def _pusher(blocked_now: set):
     return pusher, log
 
 
-def test_order_flag_after_the_nft_block_and_cleared_before_the_nft_unblock():
-    """The flag may be set only while nft's blocked set holds the networks: set after the block is committed,
-    cleared before the unblock (a wrong order is a window in which the program passes tcp/80 that nft forwards)."""
+def test_order_of_the_block_step():
+    """The program's blocked flag is set before the nft block and cleared after the nft unblock (it meters
+    before nft's forward hook: what it passes of a subscriber nft refuses is charged, never delivered); the
+    redirected flag may be set only while nft's blocked set holds the networks: after the block is committed,
+    cleared before the unblock (a wrong order is a window in which the program passes tcp/80 that nft
+    forwards). Also for a block and an unblock in one batch."""
     import ext
     from ext.constants import BLOCK_LIMIT, BLOCK_MANUAL, EV_BLOCK, EV_UNBLOCK
 
     pusher, log = _pusher(blocked_now={1})
     pusher.push([(ext.Event(EV_BLOCK, 1, -1, BLOCK_LIMIT, 0), None), (ext.Event(EV_UNBLOCK, 2, 5, BLOCK_MANUAL, 0), None)])
-    assert log.calls == [("nft block", ("100.64.1.2/32",)), ("redirected", (1,), True),
-                         ("redirected", (2,), False), ("nft unblock", ("100.64.2.2/32",))]
-    pusher, log = _pusher(blocked_now=set())  # blocked and unblocked in one batch: nft ends unblocked, flag clear
+    assert log.calls == [("program blocked", (1,)), ("nft block", ("100.64.1.2/32",)), ("redirected", (1,), True),
+                         ("redirected", (2,), False), ("nft unblock", ("100.64.2.2/32",)), ("program unblocked", (2,))]
+    pusher, log = _pusher(blocked_now=set())  # blocked and unblocked in one batch: nft ends unblocked, flags clear
     pusher.push([(ext.Event(EV_BLOCK, 1, -1, BLOCK_LIMIT, 0), None), (ext.Event(EV_UNBLOCK, 1, 5, BLOCK_LIMIT, 0), None)])
-    assert log.calls == [("nft block", ("100.64.1.2/32",)), ("redirected", (1,), True),
-                         ("redirected", (1,), False), ("nft unblock", ("100.64.1.2/32",))]
+    assert log.calls == [("program blocked", (1,)), ("nft block", ("100.64.1.2/32",)), ("redirected", (1,), True),
+                         ("redirected", (1,), False), ("nft unblock", ("100.64.1.2/32",)), ("program unblocked", (1,))]

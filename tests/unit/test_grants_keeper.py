@@ -176,6 +176,9 @@ def test_money_out_blocks_and_top_up_regrants(cls):
     assert state.blocked & BLOCK_LIMIT and maps.blocked[1]
     assert state.balance >= 0 and passed <= 100_000 + 999
     assert passed >= 100_000 - 16 * 1024 - 1000  # the idle upload keeps at most RECLAIM_KEEP
-    e.adjust_balance(1, 1000)  # a top-up: the engine lifts the block, the keeper follows and grants
+    e.adjust_balance(1, 1000)  # a top-up: the engine lifts the block, the keeper grants
     keeper.refresh(1, T0)
-    assert not maps.blocked[1] and maps.entry(1, 0, 1)["grant"] > maps.entry(1, 0, 1)["used"]
+    assert maps.entry(1, 0, 1)["grant"] > maps.entry(1, 0, 1)["used"]
+    # the flag is the policy pusher's to clear, after nft's unblock (gateway/sources/ebpf.py, the block step):
+    # a refresh that cleared it would let the program meter what nft still refuses
+    assert maps.blocked[1]

@@ -1,0 +1,106 @@
+"""A manual block and unblock under traffic with ``tollgate run --source ebpf``: nothing is charged that
+did not arrive. Truth from outside the gateway, as in tests/linux/test_ebpf_blockpage.py (whose lab
+helpers this module uses): nft counters in the upstream namespace and in s1's, forwarded packets only.
+
+The tc program runs at ingress, before nft's forward hook. Its blocked flag used to follow an nft block
+at the eBPF source's next look at the subscriber (its next poll: ``interval``), so what s1 sent in
+between (flood pings, its answers to the resetter's probes) was metered and charged by the program and
+then refused by nft; and an unblock cleared the flag before nft's unblock, the same window the other way
+round. Now the policy pusher's block step sets the flag before the nft block and clears it after the nft
+unblock (gateway/daemon/pusher.py). The gateway here polls every 2 s (``interval=2``), so that a flag that
+waits for a poll is a window of up to 2 s, not of a few milliseconds that a run may miss; the step itself
+does not depend on the polls.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from gateway.lab import UPSTREAM4, UPSTREAM6
+from lablib import lab_config, netns
+from test_ebpf_blockpage import (C_BLOCKED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
+                                 far_end_tables, ledger, slot_flags, wait_for)
+
+
+def external_used() -> int:
+    """What the program has passed against s1's external-zone grants, both directions (live, no flush)."""
+    from ext.bpfmaps import Maps
+
+    with Maps.open(PIN) as maps:
+        return sum(maps.counter(S1, 1, d).used for d in (0, 1))
+
+
+def flushed(db) -> int:
+    """Waits until the ledger holds everything the program passed for s1 (external zone); returns it."""
+    wait_for("the ledger up to date with the program's counters", lambda: ledger(db)[0] == external_used())
+    return ledger(db)[0]
+
+
+@pytest.fixture(scope="module")
+def slow_poll_lab(lab, tmp_path_factory):
+    from ext.bpfmaps import BpfError, Maps
+    from policy import bpf
+
+    far_end_tables(lab)
+    try:
+        Maps.unpin(PIN)
+    except BpfError:
+        pass
+    extra = ("--source-option", "interval=2", *os.environ.get("TG_TEST_EBPF_OPTIONS", "").split())
+    gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockstep"), lab_config(lab.n, {S1: "5.00"}), extra)
+    try:
+        gw.start()
+        yield lab, gw
+    finally:
+        gw.stop(signal.SIGKILL)
+        try:
+            bpf.detach([f"s{i}" for i in SUBS], PIN, netns=lab.gw, unpin=False)
+        finally:
+            Maps.unpin(PIN)
+            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
+            for ns in (lab.up, lab.sub(S1)):
+                netns(ns, "nft", "delete", "table", "inet", "tgblock")
+        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"
+
+
+def test_manual_block_under_traffic_charges_only_what_arrived(slow_poll_lab):
+    """Two manual blocks and unblocks under traffic, IPv4 and IPv6 at once: the ledger equals what the far
+    ends received, to the byte, and the program refuses s1 as soon as nft does."""
+    lab, gw = slow_poll_lab
+    charged0, far0 = flushed(gw.db), far_end(lab)
+    sub = ["ip", "netns", "exec", lab.sub(S1)]
+    # bounded in count and time: flood pings (paced by their replies) and rate-limited downloads whose TCP
+    # connections the block resets (the resetter's probes make s1 answer)
+    traffic = [subprocess.Popen(sub + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in (
+        ["ping", "-q", "-f", "-c", "40000", "-w", "9", UPSTREAM4],
+        ["ping", "-6", "-q", "-f", "-c", "40000", "-w", "9", UPSTREAM6],
+        ["curl", "-s", "-o", "/dev/null", "-m", "9", "--limit-rate", "300k", f"http://{UPSTREAM4}/big.bin"],
+        ["curl", "-s", "-g", "-o", "/dev/null", "-m", "9", "--limit-rate", "300k", f"http://[{UPSTREAM6}]/big.bin"])]
+    try:
+        time.sleep(0.5)  # traffic flowing
+        for _ in range(2):
+            assert gw.tollgate("block", "s1", "--reason", "test: under traffic").returncode == 0
+            wait_for("s1 blocked", lambda: blocked_in_kernel(lab))
+            assert slot_flags() & C_BLOCKED, "nft blocks s1 and the program does not"
+            time.sleep(0.5)  # the flood runs into the block
+            assert gw.tollgate("unblock", "s1", "--reason", "test: under traffic").returncode == 0
+            wait_for("s1 unblocked", lambda: not blocked_in_kernel(lab))
+            time.sleep(0.5)  # and flows again
+    finally:
+        for p in traffic:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    charged, far = flushed(gw.db) - charged0, far_end(lab) - far0
+    print(f"\n  across two manual blocks under traffic: {charged:,} B charged, {far:,} B arrived at the far ends")
+    assert far > 0, "no traffic crossed the gateway"
+    assert charged == far, f"charged {charged - far:+,} B against what arrived"
+    assert ledger(gw.db)[1] >= 0
+
