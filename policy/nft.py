@@ -47,6 +47,13 @@ counted once, by the first set that matches, in that order.
   crosses a veth. Traffic to or from the gateway itself (DNS, portal) is not
   forwarded and not counted. A packet between two subscribers counts as
   upload for one and download for the other.
+  Not there with ``count=False`` (the eBPF source: its tc program's maps are
+  the kernel's count, and the daemon reads no nft counter under it, no
+  crash recovery from them and no drift check): neither the chain nor the
+  ``up``/``down`` sets, so a forwarded packet is not looked up ten times
+  more and counted again for nothing; ``install`` deletes the chains and
+  sets a run that counted left. Blocks, the portal, the guests' sets and
+  bindings stay.
 * ``passive`` (forward, 0), instead of the queue when a passive source
   counts: first the per-subscriber kernel quotas, ``quota name ip saddr map
   @quota4 drop`` (and daddr, and the other slots): a named quota object
@@ -127,6 +134,7 @@ SLOTS = (("ip", "4", "ipv4_addr", 32, ""),
          ("ip6", "6_64", "ipv6_addr", 64, " & ffff:ffff:ffff:ffff::"),
          ("ip6", "6_net", "ipv6_addr", None, ""))
 PURPOSES = ("blocked", "up", "down")
+COUNTED = ("up", "down")  # the purposes whose sets count (left out with count=False)
 PREFIX_OF = {suffix: plen for _f, suffix, _t, plen, _m in SLOTS}
 QUOTA_MAP = "quota"  # quota4, quota6_64, ...: network -> the subscriber's quota object
 QUOTA_PREFIX = "q"   # the quota object of subscriber 12 is q12
@@ -268,13 +276,15 @@ class Enforcer:
     ``log_group``: log the local networks' forwarded packets to this NFLOG
     group (the NFLOG source; use with ``queues=()``), ``log_snaplen`` bytes of
     each, ``log_threshold`` packets per netlink datagram;
-    ``quotas``: per-subscriber kernel quotas (``set_quotas``).
+    ``quotas``: per-subscriber kernel quotas (``set_quotas``);
+    ``count``: the ``account`` chain and its counted sets (False: the eBPF
+    source, which counts in its own maps; see the module docstring).
     """
 
     def __init__(self, queues=(0,), fail_open: bool = True, portal_port: int = 8080,
                  local_networks=("100.64.0.0/10",), allow=(), dns_port: int = 53, log_group: int | None = None,
                  log_snaplen: int = 128, log_threshold: int = 64, quotas: bool = False, guests: bool = False,
-                 bindings: bool = False) -> None:
+                 bindings: bool = False, count: bool = True) -> None:
         self.nft = nftables.Nftables()
         self.nft.set_json_output(True)
         queues = sorted(queues)
@@ -299,6 +309,8 @@ class Enforcer:
         self.quotas_on = bool(quotas)
         self.guests = bool(guests)  # see the module docstring: guests
         self.bindings = bool(bindings)  # see the module docstring: bindings
+        self.count = bool(count)
+        self.purposes = PURPOSES if self.count else tuple(p for p in PURPOSES if p not in COUNTED)
 
     @classmethod
     def from_config(cls, config, **kw) -> Enforcer:
@@ -396,7 +408,7 @@ class Enforcer:
         sets = "".join(
             f"  set {purpose}{suffix} {{ type {kind};{'' if plen else ' flags interval;'}"
             f"{' counter;' if purpose != 'blocked' else ''} }}\n"
-            for purpose in PURPOSES for _fam, suffix, kind, plen, _mask in SLOTS)
+            for purpose in self.purposes for _fam, suffix, kind, plen, _mask in SLOTS)
         if self.quotas_on:
             sets += "".join(f"  map {QUOTA_MAP}{suffix} {{ type {kind} : quota;{'' if plen else ' flags interval;'} }}\n"
                             for _fam, suffix, kind, plen, _mask in SLOTS)
@@ -447,12 +459,13 @@ class Enforcer:
             + "  }\n"
             + queue
             + passive
-            + "  chain account {\n    type filter hook forward priority 10; policy accept;\n"
-            + lines(["jump count_up", "jump count_down"])
-            # return at the first match: each packet counted once per direction
-            + "  }\n  chain count_up {\n" + lines(each("up", "s", "return"))
-            + "  }\n  chain count_down {\n" + lines(each("down", "d", "return"))
-            + "  }\n  chain local {\n    type filter hook input priority -10; policy accept;\n"
+            + (("  chain account {\n    type filter hook forward priority 10; policy accept;\n"
+                + lines(["jump count_up", "jump count_down"])
+                # return at the first match: each packet counted once per direction
+                + "  }\n  chain count_up {\n" + lines(each("up", "s", "return"))
+                + "  }\n  chain count_down {\n" + lines(each("down", "d", "return"))
+                + "  }\n") if self.count else "")
+            + "  chain local {\n    type filter hook input priority -10; policy accept;\n"
             + lines(each("blocked", "s", "jump blocked_local"))
             + "  }\n  chain blocked_local {\n"
             + lines(local_allowed + [f"{r.match('d')} accept" for r in self.allow] + reject)
@@ -504,6 +517,14 @@ class Enforcer:
         rc, _out, _err = self.nft.cmd(f"add table inet {TABLE}\nflush table inet {TABLE}\n" + self.ruleset())
         if rc != 0:
             self._text(f"table inet {TABLE}\ndelete table inet {TABLE}\n" + self.ruleset())
+        if not self.count:
+            # what a counting run left: flush table empties chains and keeps them (an empty base chain in the
+            # forward hook is still walked by every packet) and keeps sets, elements and all; each delete fails
+            # where there is nothing to delete (nft 1.0.6 has no destroy); chains first (they referenced the sets)
+            stale = [("chain", c) for c in ("account", "count_up", "count_down")]
+            stale += [("set", purpose + suffix) for purpose in COUNTED for _f, suffix, _k, _p, _m in SLOTS]
+            for kind, name in stale:
+                self.nft.cmd(f"delete {kind} inet {TABLE} {name}")
         if self.has_native_queue():
             self._xtables_remove()  # left by an earlier run on another kernel's rules
         else:
@@ -564,12 +585,14 @@ class Enforcer:
         self._delete(networks, "blocked")
 
     def add_subscriber_addresses(self, networks) -> None:
-        """Start counting these subscriber networks (one transaction)."""
-        self._run(self._element_cmds("add", ("up", "down"), networks))
+        """Start counting these subscriber networks (one transaction; nothing with ``count=False``)."""
+        if self.count:
+            self._run(self._element_cmds("add", COUNTED, networks))
 
     def remove_subscriber_addresses(self, networks) -> None:
         """Stop counting these networks (their counters go with them)."""
-        self._delete(networks, "up", "down")
+        if self.count:
+            self._delete(networks, *COUNTED)
 
     def _delete(self, networks, *purposes) -> None:
         """Delete elements in one transaction. nft 1.0.6 has no ``destroy``
@@ -603,23 +626,25 @@ class Enforcer:
         recovery reads as a delta (gateway/daemon/kernel.py). Running it twice
         changes nothing. Returns the counters of the subscriber networks as
         :meth:`counters` would have read them just before (an element added
-        here starts at zero), so that a start lists the table once."""
-        have = self._read()
-        want = {"blocked": {_canon(n) for n in blocked}, "up": {_canon(n) for n in subscribers}}
-        want["down"] = want["up"]
+        here starts at zero), so that a start lists the table once (with
+        ``count=False``: the blocked sets only, and nothing counted: {})."""
+        have = self._read(self.purposes)
+        want = {"blocked": {_canon(n) for n in blocked}}
+        if self.count:
+            want["up"] = want["down"] = {_canon(n) for n in subscribers}
         adds, deletes = [], []
-        missing = {purpose: sorted(want[purpose] - set(have[purpose])) for purpose in PURPOSES}
-        if missing["up"] == missing["down"]:  # as usual: parsed once for both
-            adds += self._element_cmds("add", ("up", "down"), missing.pop("up"))
+        missing = {purpose: sorted(want[purpose] - set(have[purpose])) for purpose in self.purposes}
+        if self.count and missing["up"] == missing["down"]:  # as usual: parsed once for both
+            adds += self._element_cmds("add", COUNTED, missing.pop("up"))
             missing.pop("down")
         for purpose, nets in missing.items():
             adds += self._element_cmds("add", purpose, nets)
-        for purpose in PURPOSES:
+        for purpose in self.purposes:
             # "a-b": an interval the kernel merged (our sets never ask it to): nothing to delete it by
             deletes += self._element_cmds("delete", purpose, sorted(k for k in set(have[purpose]) - want[purpose]
                                                                     if "-" not in k))
         self._run(adds + deletes)
-        return {net: row for net, row in _counter_rows(have).items() if net in want["up"]}
+        return {net: row for net, row in _counter_rows(have).items() if net in want.get("up", ())}
 
     # ---- reading back ------------------------------------------------------------
 

@@ -151,6 +151,13 @@ class EbpfSource:
         except BpfError:  # nothing pinned, or another ABI (replaced in begin): no flag of ours to clear
             pass
 
+    def enforcer_options(self) -> dict:
+        """Our nft table without the ``account`` chain and its counted sets (policy/nft.py, ``count``): the
+        program's maps are the kernel's count here (charges, marks, crash recovery: ``begin``), the daemon reads
+        no nft counter under this source (gateway/daemon/kernel.py: its recovery and drift checks are for the
+        nft-marked sources), and the chain cost every forwarded packet ten set lookups and a count for nothing."""
+        return {"count": False}
+
     # ---- start ------------------------------------------------------------------
 
     def begin(self, gw) -> None:

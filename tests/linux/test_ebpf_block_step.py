@@ -10,19 +10,25 @@ round. Now the policy pusher's block step sets the flag before the nft block and
 unblock (gateway/daemon/pusher.py). The gateway here polls every 2 s (``interval=2``), so that a flag that
 waits for a poll is a window of up to 2 s, not of a few milliseconds that a run may miss; the step itself
 does not depend on the polls.
+
+Our nft table under this source: no ``account`` chain and no counted sets (the program's maps are the
+kernel's count; the chain counted every forwarded packet again for nothing), also when a counting run
+(nfqueue) left them; the blocked sets stay.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from gateway.lab import UPSTREAM4, UPSTREAM6
-from lablib import lab_config, netns
+from lablib import REPO, lab_config, netns
 from test_ebpf_blockpage import (C_BLOCKED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
                                  far_end_tables, ledger, slot_flags, wait_for)
 
@@ -51,6 +57,11 @@ def slow_poll_lab(lab, tmp_path_factory):
         Maps.unpin(PIN)
     except BpfError:
         pass
+    # the table a counting run (nfqueue) leaves: account chain, counted sets with the subscribers in them
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.nft import Enforcer; "
+            f"e = Enforcer(queues=(), local_networks=['100.64.0.0/10', '2001:db8:100::/48']); e.install(); "
+            f"e.add_subscriber_addresses({[lab.sub_addr4(i) + '/32' for i in SUBS]!r})")
+    netns(lab.gw, sys.executable, "-c", code, check=True)
     extra = ("--source-option", "interval=2", *os.environ.get("TG_TEST_EBPF_OPTIONS", "").split())
     gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockstep"), lab_config(lab.n, {S1: "5.00"}), extra)
     try:
@@ -104,3 +115,15 @@ def test_manual_block_under_traffic_charges_only_what_arrived(slow_poll_lab):
     assert charged == far, f"charged {charged - far:+,} B against what arrived"
     assert ledger(gw.db)[1] >= 0
 
+
+def test_nft_table_counts_nothing_under_ebpf(slow_poll_lab):
+    """No chain of ours in the forward hook but ``block``, no counted set (the counting run's are gone), the
+    blocked sets there; what the table holds is read from the kernel."""
+    lab, _gw = slow_poll_lab
+    doc = json.loads(netns(lab.gw, "nft", "-j", "list", "table", "inet", "tollgate", check=True).stdout)["nftables"]
+    forward = sorted(i["chain"]["name"] for i in doc if "chain" in i and i["chain"].get("hook") == "forward")
+    sets = {i["set"]["name"]: i["set"] for i in doc if "set" in i}
+    assert forward == ["block"], f"chains in the forward hook: {forward}"
+    assert not [n for n in sets if n.startswith(("up", "down"))], f"counted sets left: {sorted(sets)}"
+    assert not [n for n, st in sets.items() if "counter" in json.dumps(st.get("stmt", []))]
+    assert {"blocked4", "blocked6", "blocked6_64", "blocked4_net", "blocked6_net"} <= set(sets)
