@@ -113,7 +113,7 @@ class AuditLog:
         before_text, before_value = _stored(before, "before")
         after_text, after_value = _stored(after, "after")
         db = self.ledger.db
-        with self.ledger.transaction(serialized=False):
+        with self.ledger.transaction():
             row_id, prev_hash = db.execute("UPDATE audit_head SET id = id + 1 WHERE one = 1 RETURNING id, hash"
                                            ).fetchone()
             digest = _row_hash(prev_hash, row_id, ts_ns, actor, action, target, before_value, after_value)

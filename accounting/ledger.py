@@ -114,10 +114,12 @@ class Ledger:
         log.warning("ledger connection lost; connected again to %s", self.db.target)
         return True
 
-    def transaction(self, serialized: bool = True):
+    def transaction(self, serialized: bool = True):  # TODO(serialized): the argument goes when no caller passes it
         """A write transaction (see :meth:`accounting.store.backend.Backend.transaction`): callers that
-        make several changes (a change and its audit row) commit all of them or none."""
-        return self.db.transaction(serialized)
+        make several changes (a change and its audit row) commit all of them or none. No lock for the
+        whole ledger is taken: what a method checks before it writes, it locks (the backend's docstring
+        lists how)."""
+        return self.db.transaction()
 
     def snapshot(self):
         """A read transaction: the reads inside see one moment of the ledger."""
@@ -180,21 +182,25 @@ class Ledger:
                 self._insert_address(sid, net)
         return sid
 
-    def get_subscriber(self, key) -> dict | None:
+    def get_subscriber(self, key, lock: bool = False) -> dict | None:
         """By id (int) or name (str; a name of digits that is nobody's name is
         taken as an id); None if there is no such subscriber.
 
         The dict has the ``subscribers`` columns and ``addresses``, a sorted list.
+        ``lock`` (inside a write transaction): the row is this writer's until
+        commit, so what it read is still so when it writes (PostgreSQL; SQLite's
+        one writer has it anyway); writers of other subscribers do not wait.
         """
         cols = ", ".join(self._COLS)
+        lock = self.db.LOCK_ROW if lock else ""
         if isinstance(key, bool):
             return None
         if isinstance(key, int):
-            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?", (key,)).fetchone()
+            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?{lock}", (key,)).fetchone()
         elif isinstance(key, str):
-            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE name = ?", (key,)).fetchone()
+            row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE name = ?{lock}", (key,)).fetchone()
             if row is None and key.isdigit():
-                row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?", (int(key),)).fetchone()
+                row = self.db.execute(f"SELECT {cols} FROM subscribers WHERE id = ?{lock}", (int(key),)).fetchone()
         else:
             return None
         return None if row is None else self._subscriber(row)
@@ -304,6 +310,7 @@ class Ledger:
             networks = [networks]
         nets = sorted({_network(n) for n in networks})
         with self.transaction():
+            self.get_subscriber(sid, lock=True)  # two replacements of one subscriber's addresses take turns
             self.db.execute("DELETE FROM addresses WHERE subscriber_id = ? AND session_id IS NULL", (sid,))
             for net in nets:
                 self._insert_address(sid, net)
@@ -320,6 +327,7 @@ class Ledger:
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"tariff {name!r}: spec is not JSON-serialisable ({exc})") from None
         with self.transaction():
+            self.db.lock(f"tariff:{name}")  # the next version is numbered from the newest: one writer per name
             row = self.db.execute("SELECT version, spec FROM tariffs WHERE name = ? ORDER BY version DESC LIMIT 1",
                                   (name,)).fetchone()
             if row and row[1] == text:
@@ -351,6 +359,7 @@ class Ledger:
         _text(tariff, "a subscriber's tariff")
         effective = _ts(effective)
         with self.transaction():
+            self.get_subscriber(sid, lock=True)  # one change to come per subscriber: schedules take turns
             self.db.execute("DELETE FROM tariff_changes WHERE subscriber_id = ? AND applied_ns IS NULL", (sid,))
             return self.db.scalar("INSERT INTO tariff_changes (subscriber_id, tariff, effective_ns, created_ns)"
                                   " VALUES (?, ?, ?, ?) RETURNING id", (sid, tariff, effective, time.time_ns()))
@@ -362,8 +371,14 @@ class Ledger:
         return [dict(zip(cols, r)) for r in rows]
 
     def apply_tariff_change(self, change_id: int, now: int) -> None:
-        """Assign the scheduled tariff and mark the change applied, at once."""
+        """Assign the scheduled tariff and mark the change applied, at once (once, whichever of the
+        gateways sharing the ledger comes first)."""
         with self.transaction():
+            sid = self.db.scalar("SELECT subscriber_id FROM tariff_changes WHERE id = ?", (change_id,))
+            if sid is None:
+                return
+            # the subscriber's row first, as schedule_tariff takes it, then the change as it is now
+            self.get_subscriber(sid, lock=True)
             row = self.db.execute("SELECT subscriber_id, tariff, effective_ns FROM tariff_changes WHERE id = ?"
                                   " AND applied_ns IS NULL", (change_id,)).fetchone()
             if row is None:
@@ -397,6 +412,7 @@ class Ledger:
         if len(set(names)) != len(names):
             raise LedgerError(f"zone names repeat: {names}")
         with self.transaction():
+            self.db.lock("zones")  # gateways starting at once on a new ledger name the same zones
             known = dict(self.db.execute("SELECT id, name FROM zones").fetchall())
             for zid, name in enumerate(names):
                 if zid in known:
@@ -427,11 +443,10 @@ class Ledger:
         ts = _ts(ts)
         _text(method, "payment method")
         _text(idempotency_key, "idempotency key", optional=True)
-        # Not serialized: the unique key on idempotency_key holds "once per key" (two writers racing with
-        # one key: the second is refused whole, and its retry finds the first here). The balance row is
-        # locked before the payment's feed id (PostgreSQL: schema 1's feed_head), the order in which a
-        # change of the subscriber's terms takes them too, so the two never deadlock.
-        with self.transaction(serialized=False):
+        # The unique key on idempotency_key holds "once per key" (two writers racing with one key: the
+        # second is refused whole, and its retry finds the first here). The balance row is locked before
+        # the payment's feed id (PostgreSQL: schema 1's feed_head), the order every writer takes them in.
+        with self.transaction():
             if idempotency_key is not None:
                 prior = self.db.execute("SELECT id, subscriber_id, amount FROM payments WHERE idempotency_key = ?",
                                         (idempotency_key,)).fetchone()
@@ -474,7 +489,7 @@ class Ledger:
         _text(key, "posting key")
         _int(amount, "amount")
         ts = _ts(ts)
-        with self.transaction(serialized=False):  # once per key: the unique key holds it, on every backend
+        with self.transaction():  # once per key: the unique key holds it, on every backend
             if self.db.scalar("INSERT INTO postings (subscriber_id, kind, amount, ts_ns, key, detail)"
                               " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
                               (sid, kind, amount, ts, key, detail)) is None:
@@ -616,11 +631,11 @@ class Ledger:
             if min(zone, minute, nbytes, packets, charged) < 0:
                 raise LedgerError(f"bad flush row {r!r}: zone, minute, bytes, packets and charged are >= 0")
             per_sub[sid] = per_sub.get(sid, 0) + charged
-        # Not serialized: many gateways flush at once. The flush id's primary key makes a replay (or the
-        # same flush from two processes) change nothing; usage rows and balances are changed by atomic
-        # upserts and updates, taken in key order in every flush, so concurrent flushes never deadlock.
+        # Many gateways flush at once. The flush id's primary key makes a replay (or the same flush from
+        # two processes) change nothing; usage rows and balances are changed by atomic upserts and
+        # updates, taken in key order in every flush, so concurrent flushes never deadlock.
         rows.sort()
-        with self.transaction(serialized=False):
+        with self.transaction():
             if per_sub:  # checked before the replay test, so bad rows are an error whether or not replayed
                 marks = ", ".join("?" * len(per_sub))
                 known = {s for (s,) in self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({marks})",

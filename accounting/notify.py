@@ -51,7 +51,7 @@ def enqueue(ledger: Ledger, key: str, event: str, subscriber: int | None, payloa
     """Queue a notification; False when ``key`` was queued before."""
     now = time.time_ns() if now is None else now
     body = json.dumps({"event": event, "key": key, **payload}, sort_keys=True)
-    with ledger.transaction(serialized=False):  # once per key: the unique key holds it, on every backend
+    with ledger.transaction():  # once per key: the unique key holds it, on every backend
         return ledger.db.scalar(
             "INSERT INTO notifications (key, subscriber_id, event, payload, created_ns, next_try_ns)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
@@ -82,7 +82,7 @@ class Notifier:
         # passed over, not waited for; SQLite's one writer does the same) and pushed past the send's
         # timeout; a gateway that dies while sending leaves them to be retried when the claim runs out.
         claim = now + int((self.settings.timeout + CLAIM_SLACK) * NS)
-        with self.ledger.transaction(serialized=False):
+        with self.ledger.transaction():
             due = db.execute(
                 "SELECT id, key, event, payload, attempts FROM notifications WHERE delivered_ns IS NULL"
                 f" AND failed_ns IS NULL AND next_try_ns <= ? ORDER BY id LIMIT 100{db.SKIP_LOCKED}", (now,)).fetchall()

@@ -18,6 +18,7 @@ prefix overlapping it) has one owner.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -25,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ext.errors import TollgateError
+from ext.errors import LedgerConflict, TollgateError
 
 from . import bulk, prepaid, sessions
 from .audit import AuditLog
@@ -177,11 +178,26 @@ class Operations:
     def _money(self, units: int) -> str:
         return format_amount(units, self.currency)
 
-    def _row(self, key) -> dict:
-        row = self.ledger.get_subscriber(key)
+    def _row(self, key, lock: bool = False) -> dict:
+        """The subscriber (404 if none). ``lock``, inside the write transaction of a change: its row is
+        this change's until commit, so the checks and the audit row's "before" read what the change
+        replaces, whatever other front ends or gateways write meanwhile (``Ledger.get_subscriber``)."""
+        row = self.ledger.get_subscriber(key, lock=lock)
         if row is None:
             raise OperationError(f"no subscriber {key!r}", 404)
         return row
+
+    @contextlib.contextmanager
+    def _change(self):
+        """A change's write transaction (the change and its audit row, or nothing). A row that another
+        writer holds and the checks before the write did not see (on PostgreSQL: written by a writer
+        that passed the same checks at the same moment; the database refuses the second) is a 409, as
+        when the checks find it."""
+        try:
+            with self.ledger.transaction():
+                yield
+        except LedgerConflict as exc:
+            raise OperationError(str(exc), 409) from None
 
     def _audit(self, action: str, target: str, before=None, after=None) -> None:
         AuditLog(self.ledger).append(self.actor, action, target, before, after)
@@ -257,7 +273,7 @@ class Operations:
         if credit < 0:
             raise OperationError("credit_limit cannot be negative")
         nets = self._networks(addresses)
-        with self.ledger.transaction():
+        with self._change():
             if self.ledger.db.execute("SELECT 1 FROM subscribers WHERE name = ?", (name,)).fetchone():
                 raise OperationError(f"subscriber {name!r} exists", 409)
             self._refuse_overlaps(None, nets)
@@ -266,7 +282,8 @@ class Operations:
                 if since_ns is not None:
                     self.ledger.set_billing_since(sid, since_ns)
             except LedgerError as exc:
-                raise OperationError(str(exc), 409 if "exists" in str(exc) or "belongs" in str(exc) else 422) from None
+                raise OperationError(str(exc), 409 if isinstance(exc, LedgerConflict) or "exists" in str(exc)
+                                     or "belongs" in str(exc) else 422) from None
             after = self.view(self.ledger.get_subscriber(sid))
             self._audit("subscriber.add", f"subscriber:{sid}", None, after)
         return after
@@ -276,8 +293,7 @@ class Operations:
         """Change what is given. A tariff change is scheduled for ``effective_ns``
         (default now): the gateway applies it at that time, closing the old
         tariff's billing and opening the new one's."""
-        row = self._row(key)
-        sid = row["id"]
+        sid = self._row(key)["id"]
         if tariff is not None:
             self._tariff(tariff)
         credit = None if credit_limit is None else self._amount(credit_limit, "credit_limit")
@@ -288,7 +304,8 @@ class Operations:
             raise OperationError(f"effective_ns is a time in ns since the epoch, 0..{MAX_TS}")
         nets = None if addresses is None else self._networks(addresses)
         effective = effective_ns if effective_ns is not None else _now()
-        with self.ledger.transaction():
+        with self._change():
+            row = self._row(sid, lock=True)
             before = self.view(row)
             if nets is not None:
                 self._refuse_overlaps(sid, nets)
@@ -302,7 +319,8 @@ class Operations:
                 if active is not None:
                     self.ledger.set_active(sid, active)
             except LedgerError as exc:
-                raise OperationError(str(exc), 409 if "belongs" in str(exc) else 422) from None
+                raise OperationError(str(exc), 409 if isinstance(exc, LedgerConflict) or "belongs" in str(exc)
+                                     else 422) from None
             after = self.view(self.ledger.get_subscriber(sid))
             if tariff is not None and tariff != row["tariff"]:
                 after["tariff_change"] = {"tariff": tariff, "effective_ns": effective}
@@ -354,11 +372,12 @@ class Operations:
         ``credit_until_ns``, ``volume_limit``, ``speed_up_bps``, ``speed_down_bps``, ``max_connections``,
         ``access_hours``; None clears one), in internal values: the front end parses "15%" or "50M".
         ``credit_limit`` is :meth:`update`'s, with its amount checks."""
-        row = self._row(key)
         self._terms(terms)
-        before = {k: row[k] for k in terms}
-        if terms and before != terms:
-            with self.ledger.transaction():
+        row = self._row(key)
+        if terms and {k: row[k] for k in terms} != terms:
+            with self._change():
+                row = self._row(row["id"], lock=True)
+                before = {k: row[k] for k in terms}
                 try:
                     self.ledger.set_terms(row["id"], **terms)
                 except LedgerError as exc:
@@ -380,7 +399,8 @@ class Operations:
             raise OperationError("an idempotency key of 1 to 200 characters is required")
         self._name(method, "method")
         comment = self._text(comment, "comment")
-        with self.ledger.transaction():
+        with self._change():
+            row = self._row(row["id"], lock=True)  # the audit row's balance before is the one paid into
             known = self.ledger.db.execute("SELECT id FROM payments WHERE idempotency_key = ?",
                                            (idempotency_key,)).fetchone()
             try:
@@ -403,7 +423,8 @@ class Operations:
         if units == 0:
             raise OperationError("an adjustment of zero changes nothing")
         reason = self._text(reason, "an adjustment's reason", required=True)
-        with self.ledger.transaction():
+        with self._change():
+            row = self._row(row["id"], lock=True)
             aid = self.ledger.add_adjustment(row["id"], units, reason, self.actor)
             after = {"balance": self._money(self.ledger.balance(row["id"])), "adjustment_id": aid,
                      "amount": self._money(units), "reason": reason}
@@ -419,7 +440,8 @@ class Operations:
         row = self._row(key)
         if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
             raise OperationError("a card's code is 1 to 64 printable characters")
-        with self.ledger.transaction():
+        with self._change():
+            row = self._row(row["id"], lock=True)
             try:
                 card = prepaid.activate(self.ledger, row["id"], code)
             except prepaid.CardError as exc:
@@ -449,7 +471,7 @@ class Operations:
         elif isinstance(expires_ns, bool) or not isinstance(expires_ns, int) or not 0 <= expires_ns <= MAX_TS:
             raise OperationError(f"expires_ns is a time in ns since the epoch, 0..{MAX_TS}")
         batch = self._text(batch, "batch", most=64)
-        with self.ledger.transaction():
+        with self._change():
             try:
                 cards = prepaid.generate(self.ledger, count, units, self.currency, expires_ns, batch)
             except prepaid.CardError as exc:
@@ -488,10 +510,12 @@ class Operations:
     def _manual(self, key, kind: str, reason: str) -> dict:
         row = self._row(key)
         reason = self._text(reason, "reason", required=True)
-        blocked = self.ledger.block_states_of([row["id"]])[row["id"]][1]
-        if (kind == "block") == blocked:
-            raise OperationError(f"subscriber {row['name']} is {'already' if blocked else 'not'} blocked by hand", 409)
-        with self.ledger.transaction():
+        with self._change():
+            self._row(row["id"], lock=True)  # two blocks at once: the second finds the first
+            blocked = self.ledger.block_states_of([row["id"]])[row["id"]][1]
+            if (kind == "block") == blocked:
+                raise OperationError(f"subscriber {row['name']} is {'already' if blocked else 'not'} blocked by hand",
+                                     409)
             self.ledger.record_block(row["id"], kind, f"manual: {reason}", _now())
             self._audit(f"subscriber.{kind}", f"subscriber:{row['id']}", {"manually_blocked": blocked},
                         {"manually_blocked": not blocked, "reason": reason})
@@ -660,7 +684,7 @@ class Operations:
             raise ImportRefused(source, sorted(errors), bad, 422 if invalid else 409)
         # the rows are made before the lock too, numbered from the next id as it is now (checked under it)
         first, rows, addresses = self._import_rows(new)
-        with self.ledger.bulk_cache(len(checked)), self.ledger.transaction():
+        with self.ledger.bulk_cache(len(checked)), self._change():
             # (a new id too: a subscriber added whose feed rows were pruned at once would not show in the feed)
             if self.ledger.last_change_id() != seen_change or self.ledger.max_subscriber_id() + 1 != first:
                 new, unchanged = against_ledger()
@@ -915,8 +939,8 @@ class Operations:
         expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger.transaction():
-            sid = self._row(subscriber)["id"]
+        with self._change():
+            sid = self._row(subscriber, lock=True)["id"]
             mine = sessions.live_rows_of_key(db, source, client, key)
             if mine and {r["network"] for r in mine} == set(nets) and all(r["subscriber_id"] == sid for r in mine):
                 sessions.touch_rows(db, [r["id"] for r in mine], now, expires, up, down)
@@ -972,7 +996,7 @@ class Operations:
         expires = None if expires_ns is None else self._ns(expires_ns, "expires_ns")
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger.transaction():
+        with self._change():
             live = sessions.live_rows_of_key(db, source, client, key)
             if subscriber is not None and networks is not None:
                 nets = self._networks(networks)
@@ -996,13 +1020,15 @@ class Operations:
         now = self._ns(now)
         up, down = self._count(up_bytes, "up_bytes"), self._count(down_bytes, "down_bytes")
         db = self.ledger.db
-        with self.ledger.transaction():
+        with self._change():
             live = sessions.live_rows_of_key(db, source, client, key)
             if not live:
                 return {"status": "unknown", "sessions": [], "closed": []}
             ids = [r["id"] for r in live]
             sessions.touch_rows(db, ids, now, live[0]["expires_ns"], up, down)
-            sessions.close_rows(db, ids, now, reason)
+            ids = sessions.close_rows(db, ids, now, reason)
+            if not ids:  # another writer ended it meanwhile (the same Stop twice): that one told
+                return {"status": "unknown", "sessions": [], "closed": []}
             rows = [self._session_view(r) for r in sessions.rows_by_ids(db, ids)]
             self._audit("session.stop", f"session:{source}:{client}:{key}",
                         {"subscriber_id": live[0]["subscriber_id"], "networks": [r["network"] for r in live]},
@@ -1018,15 +1044,14 @@ class Operations:
         self._name(reason, "a reason")
         now = self._ns(now)
         db = self.ledger.db
-        with self.ledger.transaction():
+        with self._change():
             live = sessions.live_rows_of_client(db, source, client)
-            if not live:
+            ids = sessions.close_rows(db, [r["id"] for r in live], now, reason)
+            if not ids:
                 return {"status": "none", "closed": []}
-            sessions.close_rows(db, [r["id"] for r in live], now, reason)
+            live = sessions.rows_by_ids(db, ids)
             self._audit("session.close_client", f"client:{source}:{client}", None,
-                        {"reason": reason, "ids": [r["id"] for r in live],
-                         "networks": sorted({r["network"] for r in live})})
-            live = sessions.rows_by_ids(db, [r["id"] for r in live])
+                        {"reason": reason, "ids": ids, "networks": sorted({r["network"] for r in live})})
         return {"status": "closed", "closed": [self._session_view(r) for r in live]}
 
     def expire_sessions(self, now: int | None = None) -> dict:
@@ -1035,14 +1060,12 @@ class Operations:
         db = self.ledger.db
         if not sessions.due_rows(db, now):  # the usual call: no write lock taken
             return {"status": "none", "closed": []}
-        with self.ledger.transaction():
-            due = sessions.due_rows(db, now)
-            if not due:
+        with self._change():
+            ids = sessions.close_rows(db, [r["id"] for r in sessions.due_rows(db, now)], now, "expired")
+            if not ids:  # none due, or every gateway sharing the ledger expires them and another came first
                 return {"status": "none", "closed": []}
-            sessions.close_rows(db, [r["id"] for r in due], now, "expired")
-            self._audit("session.expire", "sessions", None,
-                        {"ids": [r["id"] for r in due], "networks": sorted({r["network"] for r in due})})
-            due = sessions.rows_by_ids(db, [r["id"] for r in due])
+            due = sessions.rows_by_ids(db, ids)
+            self._audit("session.expire", "sessions", None, {"ids": ids, "networks": sorted({r["network"] for r in due})})
         return {"status": "closed", "closed": [self._session_view(r) for r in due]}
 
     def who_had(self, address, at: int | None = None) -> list[dict]:
@@ -1070,7 +1093,7 @@ class Operations:
     def bind(self, subscriber, kind: str, value: str) -> dict:
         """A DHCP lease with this MAC, client id or circuit id is the subscriber's (one subscriber per value)."""
         value = self._binding_value(kind, value)
-        with self.ledger.transaction():
+        with self._change():
             sid = self._row(subscriber)["id"]
             owner = sessions.binding_owner(self.ledger.db, kind, value)
             if owner == sid:
@@ -1084,7 +1107,7 @@ class Operations:
 
     def unbind(self, kind: str, value: str) -> dict:
         value = self._binding_value(kind, value)
-        with self.ledger.transaction():
+        with self._change():
             owner = sessions.binding_owner(self.ledger.db, kind, value)
             if owner is None:
                 raise OperationError(f"{kind} {value} is bound to nobody", 404)
@@ -1140,8 +1163,8 @@ class Operations:
         now = self._ns(now)
         ttl = self.config.sessions.portal_session * 10**9
         expires = now + ttl if ends_ns is None else min(now + ttl, ends_ns)
-        with self.ledger.transaction():
-            sid = self._row(subscriber)["id"]
+        with self._change():
+            sid = self._row(subscriber, lock=True)["id"]  # its devices counted and added by one writer at a time
             if devices is not None:
                 others_live = [k for k in self.portal_devices(sid) if k != key]
                 if len(others_live) >= devices:
@@ -1199,7 +1222,7 @@ class Operations:
             raise OperationError("name the guests' tariff (--tariff, or [sessions] voucher_tariff)")
         self._tariff(tariff)
         batch = self._text(batch, "batch", most=64)
-        with self.ledger.transaction():
+        with self._change():
             try:
                 made = prepaid.generate_vouchers(self.ledger, count, units, self.currency, nbytes, valid, devices,
                                                  tariff, _now() + redeem_days * 86_400 * 10**9, batch)
@@ -1226,8 +1249,8 @@ class Operations:
             raise OperationError(f"too many wrong codes: try again in {prepaid.WINDOW_NS // 60 // 10**9} minutes", 429)
         failed = None
         try:
-            with self.ledger.transaction():
-                v = prepaid.voucher_by_code(self.ledger, code)
+            with self._change():
+                v = prepaid.voucher_by_code(self.ledger, code, lock=True)
                 if v is None:
                     raise OperationError("no voucher has this code", 404)
                 first = v["first_used_ns"] is None

@@ -64,6 +64,7 @@ def _issue(ledger: Ledger, table: str, count: int, serial_format: str, insert: s
     code grouped by four for reading aloud."""
     out = []
     with ledger.transaction():
+        ledger.db.lock(table)  # serials are numbered on from the last: one batch of a kind at a time
         start = ledger.db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
         for k in range(count):
             code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
@@ -144,9 +145,11 @@ VOUCHER_COLUMNS = ("id", "batch", "serial", "value", "currency", "volume", "vali
                    "created_ns", "expires_ns", "first_used_ns", "ends_ns", "subscriber_id")
 
 
-def voucher_by_code(ledger: Ledger, code: str) -> dict | None:
-    row = ledger.db.execute(f"SELECT {', '.join(VOUCHER_COLUMNS)} FROM vouchers WHERE code_sha256 = ?",
-                            (_digest(code),)).fetchone()
+def voucher_by_code(ledger: Ledger, code: str, lock: bool = False) -> dict | None:
+    """``lock`` (inside a write transaction): the voucher's row is the caller's until commit, so two
+    devices redeeming one code at once take turns and the second sees the first's use."""
+    row = ledger.db.execute(f"SELECT {', '.join(VOUCHER_COLUMNS)} FROM vouchers WHERE code_sha256 = ?"
+                            f"{ledger.db.LOCK_ROW if lock else ''}", (_digest(code),)).fetchone()
     return None if row is None else dict(zip(VOUCHER_COLUMNS, row))
 
 

@@ -49,7 +49,7 @@ charges are not rolled up yet are never pruned.
 Cost. Work is in proportion to the rows rolled: each row is read once through
 a partial index and deleted, plus two index lookups per subscriber per run.
 Each transaction touches about ``batch_rows`` rows (default 5000: a few ms),
-so a flush waits at most that long for the write lock.
+so a flush waits at most that long for SQLite's write lock.
 
 Writers beside it. On SQLite a flush waits for the rollup's transaction (one
 writer); between two of them it may commit. On PostgreSQL flushes do not wait
@@ -148,10 +148,13 @@ class RollupSummary:
     flushes_pruned: int = 0
     transactions: int = 0
     seconds: float = 0.0
+    skipped: bool = False  # another process was rolling the ledger up: nothing done, that one does it
 
     def text(self) -> str:
         def when(t):
             return dt.datetime.fromtimestamp(t, ZoneInfo(self.timezone)).strftime("%Y-%m-%d %H:%M %Z")
+        if self.skipped:
+            return "rollup skipped: another process (a gateway sharing the ledger, a command) is rolling it up"
         return (f"rolled up ({self.timezone}): usage rows {self.usage_rows_replaced} -> {self.usage_rows_written}, "
                 f"charges {self.charge_rows_replaced} -> {self.charge_rows_written}, {self.flushes_pruned} flushes "
                 f"pruned, in {self.transactions} transactions, {self.seconds:.1f} s; hours before "
@@ -193,7 +196,12 @@ def roll_up(ledger, now_ns: int, timezone: str, minute_window: int = DEFAULT_MIN
     day_cut = min(day_bounds(now - hour_window, timezone)[0], hour_cut)
     _int(cache_mib, "cache (MiB)", 1)
     db = ledger.db
-    with db.page_cache(cache_mib * 1024):
+    # One rollup at a time: gateways sharing a ledger each run theirs, and two of them would do the same
+    # work twice over (each bucket's sums would still be right: every DELETE ... RETURNING takes rows
+    # the other's cannot, and coarse rows are added into).
+    with db.exclusive("rollup") as mine, db.page_cache(cache_mib * 1024):
+        if not mine:
+            return RollupSummary(timezone, hour_cut, day_cut, skipped=True)
         return _roll_up(ledger, db, now, timezone, hour_cut, day_cut, flush_horizon, batch_rows, progress, t0)
 
 

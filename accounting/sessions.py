@@ -80,25 +80,32 @@ def open_row(db, network: str, sid: int, source: str, client: str, key: str, mac
     return session_id
 
 
-def close_rows(db, ids, now: int, reason: str) -> int:
-    """End the live rows ``ids`` at ``now`` (never before they started); their address rows go."""
+def close_rows(db, ids, now: int, reason: str) -> list[int]:
+    """End the live rows ``ids`` at ``now`` (never before they started); their address rows go. Returns
+    the ids this call ended: a row that another writer ended meanwhile (two gateways expiring the same
+    sessions, a Stop sent twice; PostgreSQL runs them side by side) is not one, so it is audited once."""
+    closed: list[int] = []
     ids = list(ids)
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
         marks = ", ".join("?" * len(part))
-        db.execute(f"DELETE FROM addresses WHERE session_id IN ({marks})", part)
-        db.execute(f"UPDATE sessions SET ended_ns = {db.GREATEST}(?, started_ns, last_seen_ns), end_reason = ? "
-                   f"WHERE id IN ({marks}) AND ended_ns IS NULL", (now, reason, *part))
-    return len(ids)
+        ended = [r for (r,) in db.execute(
+            f"UPDATE sessions SET ended_ns = {db.GREATEST}(?, started_ns, last_seen_ns), end_reason = ? "
+            f"WHERE id IN ({marks}) AND ended_ns IS NULL RETURNING id", (now, reason, *part))]
+        if ended:
+            db.execute(f"DELETE FROM addresses WHERE session_id IN ({', '.join('?' * len(ended))})", ended)
+        closed += ended
+    return sorted(closed)
 
 
 def touch_rows(db, ids, now: int, expires: int | None, up_bytes: int | None, down_bytes: int | None) -> None:
     """Seen again (an Interim-Update, a lease renewed): last seen, expiry and the source's byte counts
-    (which only grow: a late duplicate with smaller counts changes none)."""
+    (which only grow: a late duplicate with smaller counts changes none). A row ended meanwhile stays
+    as it ended."""
     for session_id in ids:
         db.execute(f"UPDATE sessions SET last_seen_ns = {db.GREATEST}(last_seen_ns, ?), expires_ns = ?,"
                    f" up_bytes = {db.GREATEST}(up_bytes, coalesce(?, 0)),"
-                   f" down_bytes = {db.GREATEST}(down_bytes, coalesce(?, 0)) WHERE id = ?",
+                   f" down_bytes = {db.GREATEST}(down_bytes, coalesce(?, 0)) WHERE id = ? AND ended_ns IS NULL",
                    (now, expires, up_bytes, down_bytes, session_id))
 
 

@@ -181,11 +181,10 @@ class TokenStore:
             row = self.ledger.db.execute("SELECT revoked_ns FROM api_tokens WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise AuthError(f"no token named {name!r}")
-            if row[0] is not None:
-                return False
-            self.ledger.db.execute("UPDATE api_tokens SET revoked_ns = ? WHERE name = ?",
-                                   (time.time_ns() if now_ns is None else now_ns, name))
-        return True
+            # conditional, so that of two revocations at once (PostgreSQL runs them side by side) one is "now"
+            return row[0] is None and self.ledger.db.execute(
+                "UPDATE api_tokens SET revoked_ns = ? WHERE name = ? AND revoked_ns IS NULL",
+                (time.time_ns() if now_ns is None else now_ns, name)).rowcount == 1
 
     def get(self, name: str) -> dict | None:
         """One token's public columns (never the digest), or None."""
@@ -436,7 +435,7 @@ def session_secret(ledger: Ledger) -> bytes:
         return row[0]
     # two processes starting at once agree on one key: the second's insert waits on the name's key, then
     # does nothing, and reads the first's
-    with ledger.transaction(serialized=False):
+    with ledger.transaction():
         ledger.db.execute("INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
                           (SESSION_SECRET_NAME, secrets.token_bytes(32)))
         return ledger.db.execute(query, (SESSION_SECRET_NAME,)).fetchone()[0]

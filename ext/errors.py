@@ -45,6 +45,12 @@ class LedgerError(TollgateError):
     database that is not a Tollgate ledger)."""
 
 
+class LedgerConflict(LedgerError):
+    """The database refused a row that another holds: a name, an address or a key someone has (on
+    PostgreSQL, often a writer that passed the same checks at the same moment). Front ends answer
+    409, as to the checks that find it first."""
+
+
 class SourceError(TollgateError, OSError):
     """A packet source (nfqueue, NFLOG) could not be opened or bound:
     ``errno`` is the kernel's (EBUSY: the queue or group has another reader)."""

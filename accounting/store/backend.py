@@ -17,13 +17,31 @@ in the syntax SQLite (3.35 or newer) and PostgreSQL (15) share: ``RETURNING``,
   :class:`LedgerError`.
 
 Writers. SQLite has one writer at a time for the whole file (``BEGIN
-IMMEDIATE``), and the ledger's older methods rely on that: they check, then
-write. PostgreSQL runs writers concurrently; until each such method holds
-its invariant in the schema (a unique key, ``ON CONFLICT``, a row lock), its
-transaction asks for ``serialized=True`` (the default), which on PostgreSQL
-takes one transaction-level advisory lock, the same guarantee SQLite gives.
-A method whose invariants the schema holds opens ``serialized=False`` and
-runs beside the others.
+IMMEDIATE``). PostgreSQL runs writers side by side under READ COMMITTED, and
+the ledger takes no lock for the whole database there: each invariant is held
+by the schema or by the rows a writer changes, so that two writers wait for
+each other only when they write the same thing:
+
+- one of a kind: primary and unique keys (a subscriber's name, an address, a
+  payment's idempotency key, a tariff's version, a card's serial), partial
+  unique indexes (one live session per network, one pending tariff change per
+  subscriber), ``ON CONFLICT`` where a second writer should change nothing;
+- one owner per address, any prefix overlapping it: an exclusion constraint
+  on PostgreSQL (schema 24); the check of ``accounting.operations`` is what
+  says so in words, on both;
+- check, then write, on one subscriber (an update and its audit row's
+  "before", a block that must not be there yet, a device limit): the
+  subscriber's row is read with :attr:`Backend.LOCK_ROW`, so writers of one
+  subscriber take turns and writers of others do not wait;
+- numbers taken from what is there (a batch of card serials, the next tariff
+  version): :meth:`Backend.lock` for that one name, until commit;
+- jobs that should run once at a time across gateways (a rollup):
+  :meth:`Backend.exclusive`, skipped where another process holds it.
+
+Lock order, on PostgreSQL, so that writers never deadlock: a subscriber's row
+first (the feed's trigger takes it before ``feed_head`` too, migration 1),
+then named locks, ``feed_head``, and ``audit_head`` last (an audit row is the
+end of every change).
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import abc
 import contextlib
 from pathlib import Path
 
-from ext.errors import LedgerError
+from ext.errors import LedgerConflict, LedgerError
 
 __all__ = ["Backend", "MIGRATIONS", "migrations"]
 
@@ -59,6 +77,7 @@ class Backend(abc.ABC):
     GREATEST: str  # the scalar maximum of two values: max(a, b) in SQLite, greatest(a, b) in PostgreSQL
     LEAST: str  # the scalar minimum: min(a, b) in SQLite, least(a, b) in PostgreSQL
     FOR_UPDATE: str  # after a SELECT: lock the rows read until commit (PostgreSQL); SQLite's writer holds the file
+    LOCK_ROW: str  # the same for a row about to change (FOR NO KEY UPDATE: inserts that refer to it do not wait)
     SKIP_LOCKED: str  # the same, passing over rows another transaction holds (a queue shared by gateways)
     ILIKE: str  # LIKE ignoring ASCII case: SQLite's LIKE does already, PostgreSQL's ILIKE
     INT_MAX = (1 << 63) - 1  # the largest integer a column holds on every backend (SQLite INTEGER, bigint)
@@ -94,7 +113,7 @@ class Backend(abc.ABC):
         """True inside a transaction of this connection."""
 
     @abc.abstractmethod
-    def _begin(self, serialized: bool) -> None: ...
+    def _begin(self) -> None: ...
 
     @abc.abstractmethod
     def _begin_read(self) -> None: ...
@@ -109,8 +128,20 @@ class Backend(abc.ABC):
     def _refused(self, exc: BaseException) -> bool:
         """True if ``exc`` is the database refusing a row (a constraint): bad input, not a fault."""
 
+    def _conflicted(self, exc: BaseException) -> bool:
+        """True if the refusal is a key or an exclusion that another row holds (:class:`LedgerConflict`)."""
+        return False
+
+    def _describe(self, exc: BaseException) -> str:
+        """What a refusal says to the person who asked."""
+        return str(exc)
+
+    def _refusal(self, exc: BaseException) -> LedgerError:
+        kind = LedgerConflict if self._conflicted(exc) else LedgerError
+        return kind(f"refused by the database: {self._describe(exc)}")
+
     @contextlib.contextmanager
-    def transaction(self, serialized: bool = True):
+    def transaction(self, serialized: bool = True):  # TODO(serialized): the argument goes when no caller passes it
         """A write transaction: all of it or, on any error (the commit's
         included), nothing. Inside another transaction of this connection it
         is part of that one. A constraint the database enforces that the
@@ -120,17 +151,17 @@ class Backend(abc.ABC):
                 yield self
             except Exception as exc:
                 if self._refused(exc):
-                    raise LedgerError(f"refused by the database: {exc}") from exc
+                    raise self._refusal(exc) from exc
                 raise
             return
-        self._begin(serialized)
+        self._begin()
         try:
             yield self
         except BaseException as exc:
             if self.in_transaction:
                 self._rollback()
             if self._refused(exc):
-                raise LedgerError(f"refused by the database: {exc}") from exc
+                raise self._refusal(exc) from exc
             raise
         try:
             self._commit()
@@ -138,7 +169,7 @@ class Backend(abc.ABC):
             if self.in_transaction:
                 self._rollback()
             if self._refused(exc):  # PostgreSQL checks deferred constraints at COMMIT
-                raise LedgerError(f"refused by the database: {exc}") from exc
+                raise self._refusal(exc) from exc
             raise
 
     @contextlib.contextmanager
@@ -155,6 +186,19 @@ class Backend(abc.ABC):
         finally:
             if self.in_transaction:
                 self._commit()  # nothing written: ends the read
+
+    def lock(self, name: str) -> None:
+        """Inside a write transaction: wait until no other transaction holds ``name``, and hold it to
+        the end of this one (PostgreSQL: a transaction-level advisory lock keyed by the name). For
+        writers that number what they add from what is there, where no row exists yet to lock.
+        SQLite's one writer holds every name already."""
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str):
+        """Outside a transaction: yields True while this connection alone runs the job ``name`` (a
+        session-level advisory lock on PostgreSQL, released at the end), False at once if another
+        connection runs it (the caller skips its turn). SQLite: always True, its writer takes turns."""
+        yield True
 
     # ---- schema ----------------------------------------------------------------------------
 

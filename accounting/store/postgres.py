@@ -14,9 +14,10 @@ What the ledger's SQL assumes, made true here:
   of a bigint is a ``numeric`` in PostgreSQL, loaded back as a Python int
   when it is whole (amounts never have fractions); Python's ``bool`` is
   stored as 0/1, as SQLite stores it;
-- ``serialized=True`` write transactions take one transaction-level
-  advisory lock (:data:`WRITE_LOCK`): the one-writer guarantee SQLite gives
-  every transaction, for the methods that still check, then write.
+- no lock for the whole database: writers hold their invariants in the
+  schema and in the rows they change (the list in
+  :mod:`accounting.store.backend`); :meth:`lock` and :meth:`exclusive` are
+  advisory locks keyed by a name.
 
 A database is a Tollgate ledger when its ``schema_version`` table carries
 the comment :data:`MARK`; a database with other tables and no mark is refused.
@@ -24,6 +25,7 @@ the comment :data:`MARK`; a database with other tables and no mark is refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -36,10 +38,9 @@ from ext.errors import LedgerError
 
 from .backend import Backend
 
-__all__ = ["MARK", "PostgresBackend", "WRITE_LOCK", "pg_sql"]
+__all__ = ["MARK", "PostgresBackend", "pg_sql"]
 
 MARK = "Tollgate ledger"
-WRITE_LOCK = 0x546F6C6C_4C454447  # pg_advisory_xact_lock key of serialized writers: "TollLEDG"
 MIGRATION_LOCK = 0x546F6C6C_4D494752  # "TollMIGR"
 
 
@@ -84,6 +85,7 @@ class PostgresBackend(Backend):
     GREATEST = "greatest"
     LEAST = "least"
     FOR_UPDATE = " FOR UPDATE"
+    LOCK_ROW = " FOR NO KEY UPDATE"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     ILIKE = "ILIKE"
 
@@ -124,10 +126,22 @@ class PostgresBackend(Backend):
     def in_transaction(self) -> bool:
         return self.conn.info.transaction_status != TransactionStatus.IDLE
 
-    def _begin(self, serialized: bool) -> None:
+    def _begin(self) -> None:
         self.conn.execute("BEGIN")
-        if serialized:
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+
+    def lock(self, name: str) -> None:
+        # hashtextextended: the name's 64-bit hash, so names of different jobs do not share a key by accident
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("tollgate:" + name,))
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str):
+        key = "tollgate:" + name
+        got = self.scalar("SELECT pg_try_advisory_lock(hashtextextended(?, 0))", (key,))
+        try:
+            yield bool(got)
+        finally:
+            if got and not self.lost:
+                self.execute("SELECT pg_advisory_unlock(hashtextextended(?, 0))", (key,))
 
     def _begin_read(self) -> None:
         self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")  # not READ ONLY: reads may fill a TEMP table
@@ -141,6 +155,20 @@ class PostgresBackend(Backend):
     def _refused(self, exc: BaseException) -> bool:
         # (and a number no column holds: a parameter or a result past 2^63-1 for a bigint)
         return isinstance(exc, pg_errors.IntegrityError) or self._overflowed(exc)
+
+    def _conflicted(self, exc: BaseException) -> bool:
+        return isinstance(exc, (pg_errors.UniqueViolation, pg_errors.ExclusionViolation))
+
+    def _describe(self, exc: BaseException) -> str:
+        # Two writers side by side can both pass a check that the second's write then breaks: these are
+        # that case, said in the words the checks use (and the front ends answer 409 to).
+        detail = getattr(getattr(exc, "diag", None), "message_detail", None) or str(exc)
+        if isinstance(exc, pg_errors.ExclusionViolation):
+            return (f"{detail}: the address overlaps one that belongs to another subscriber (written at the same "
+                    "moment); an address has one owner")
+        if isinstance(exc, pg_errors.UniqueViolation):
+            return f"{detail}: it exists already (written at the same moment)"
+        return str(exc)
 
     def _overflowed(self, exc: BaseException) -> bool:
         return isinstance(exc, pg_errors.NumericValueOutOfRange)  # a bigint result out of range

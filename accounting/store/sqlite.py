@@ -8,8 +8,8 @@ engine has already forgotten (traffic never charged). FULL costs one fsync
 per commit; the gateway commits about once a second, so that is nothing.
 
 Writers queue at ``BEGIN IMMEDIATE`` (a busy timeout of 30 s) instead of
-failing half-way: one writer at a time for the whole file, whatever
-``serialized`` says. A file that is not a Tollgate ledger (SQLite's
+failing half-way: one writer at a time for the whole file, which holds
+every row lock and named lock the PostgreSQL backend takes. A file that is not a Tollgate ledger (SQLite's
 ``application_id``) is refused.
 """
 
@@ -36,6 +36,7 @@ class SqliteBackend(Backend):
     GREATEST = "max"
     LEAST = "min"
     FOR_UPDATE = ""
+    LOCK_ROW = ""
     SKIP_LOCKED = ""
     ILIKE = "LIKE"
 
@@ -85,7 +86,7 @@ class SqliteBackend(Backend):
     def in_transaction(self) -> bool:
         return self.conn.in_transaction
 
-    def _begin(self, serialized: bool) -> None:
+    def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
 
     def _begin_read(self) -> None:
@@ -100,6 +101,9 @@ class SqliteBackend(Backend):
     def _refused(self, exc: BaseException) -> bool:
         # (and a number no column holds: a parameter past 2^63-1 (sqlite3's OverflowError), a sum() past it)
         return isinstance(exc, (sqlite3.IntegrityError, OverflowError)) or self._overflowed(exc)
+
+    def _conflicted(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith("UNIQUE constraint failed")
 
     def table_names(self) -> list[str]:
         return self.db.table_names()
