@@ -175,9 +175,12 @@
  * (TG_F_ANY_BLOCKED, kept by userspace), the destination is looked up too;
  * if it is a blocked subscriber and the allow-list does not let the packet
  * in for it (remote: the source), it is dropped and counted as the
- * receiver's refusal (in its download counter of the zone the sender's
- * upload has: the engine counts refusals per subscriber, not per zone; a
- * lookup of the receiver's own zone did not fit the verifier's budget).
+ * receiver's refusal, in its download counter of the zone its own egress
+ * would rate the packet in (remote: the source, the egress groups), where
+ * its other refusals of the same traffic are counted; it used to land in the
+ * zone of the sender's upload, and the grant keeper, which reads a refusal
+ * as a pair that wants more, looked at the wrong pair. (That second zone
+ * lookup is made only on this drop path: the passing path pays nothing.)
  * Without this, the sender paid
  * for what the nft blocked set (forward hook) or the receiver's egress
  * refused: bytes never delivered.
@@ -797,14 +800,23 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 		struct tg_sub *dst = lookup_sub(p, p->dst, info->flags);
 
 		if (dst && dst->slot < info->max_slots) {
-			/* the flag is the slot's, in every entry: this one is also where the refusal is
-			 * counted (the zone the sender's upload has, usually the receiver's download zone
-			 * too; the engine counts refusals per subscriber) */
-			idx = (dst->slot * info->n_zones + zone) * 2 + 1;
+			/* the flags are the slot's, in every entry: read from its zone-0 download */
+			idx = dst->slot * info->n_zones * 2 + 1;
 			c = bpf_map_lookup_elem(&tg_counters, &idx);
 			if (c && (c->flags & TG_C_BLOCKED) &&
-			    match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, p, p->src, p->sport, 0) < 0)
-				goto drop;
+			    match_rules(&tg_allow4, &tg_allow6, &tg_allow_groups, p, p->src, p->sport, 0) < 0) {
+				/* the receiver's refusal, in the zone its egress rates the packet in (remote:
+				 * the sender, egress groups), as its refusals at egress are counted */
+				z = match_rules(&tg_zone4, &tg_zone6, &tg_zone_groups, p, p->src, p->sport,
+						info->egress_groups);
+				zone = z < 0 ? info->default_zone : (__u32)z;
+				idx += zone * 2;
+				c = zone < info->n_zones ? bpf_map_lookup_elem(&tg_counters, &idx) : NULL;
+				if (c)
+					goto drop;
+				stat_add(STAT_NOSLOT, len);
+				return TC_ACT_SHOT;
+			}
 		}
 	}
 	idx = (sub->slot * info->n_zones + zone) * 2 + direction;

@@ -415,8 +415,10 @@ def test_between_subscribers(maps, impl, blocked):
     """A packet from one subscriber to another is the sender's upload (its ingress) and the receiver's
     download (its egress). The engine drops a packet to a blocked receiver before anyone is charged: so must
     the sender's ingress, or the sender pays for what the receiver's egress (or the nft blocked set in the
-    forward hook) refuses."""
-    data = ipv4("100.64.1.2", "100.64.4.4", 17, 0, 1000, 2000)
+    forward hook) refuses. A blocked receiver's refusal is counted in its own download zone (remote: the
+    sender, port 1000, the default zone), not in the zone of the sender's upload (remote port 5000: zone 0,
+    ZoneRule("0.0.0.0/0", 0, 17, 5000, 6000))."""
+    data = ipv4("100.64.1.2", "100.64.4.4", 17, 0, 1000, 5000)
     balances = {sid: (-1 if sid in blocked else 100) for sid in SUBSCRIBERS}
     engine = new_engine(impl, (2, 0), balances)
     grant(maps, (2, 0), balances)
@@ -435,6 +437,12 @@ def test_between_subscribers(maps, impl, blocked):
         assert {key: v[:2] for key, v in changed.items() if v[:2] != (0, 0)} == counted
         dropped = {sid: engine.subscriber(sid).dropped_bytes - dropped0[sid] for sid in SUBSCRIBERS}
         assert {sid: sum(v[2] for (s, _z, _d), v in changed.items() if s == sid) for sid in SUBSCRIBERS} == dropped
+        assert expected_zone(engine, data, 0) != expected_zone(engine, data, 1)  # the case tells them apart
+        refusals = {(s, z, d) for (s, z, d), v in changed.items() if v[2]}
+        if 4 in blocked:  # refused for the receiver: where its egress would have counted the packet
+            assert refusals == {(4, expected_zone(engine, data, 1), 1)}
+        elif 1 in blocked:  # refused for the sender: its upload
+            assert refusals == {(1, expected_zone(engine, data, 0), 0)}
     finally:
         for sid in SUBSCRIBERS:
             maps.set_blocked(sid, False)
