@@ -678,7 +678,8 @@ class Ledger:
         """``(newest id read, {subscriber: {what changed}})`` of the changes
         after ``change_id`` (at most ``limit`` of them: call again while the
         id moves). ``what``: ``subscriber`` (its row: tariff, terms, active,
-        name), ``addresses`` or ``manual`` (a manual block record)."""
+        name), ``addresses``, ``manual`` (a manual block record) or ``grant``
+        (money came back to a subscriber that had none free: :meth:`_freed`)."""
         rows = self.db.execute("SELECT id, subscriber_id, what FROM changes WHERE id > ? ORDER BY id LIMIT ?",
                                (change_id, limit)).fetchall()
         out: dict[int, set[str]] = {}
@@ -885,34 +886,51 @@ class Ledger:
 
     # ---- credit grants (schema 22): gateways sharing the ledger ------------------------------
 
+    # Bulk grant statements take this many subscribers each (2 to 4 parameters a row: within PostgreSQL's
+    # 65535 and SQLite's 32766), their VALUES padded to a power of two (_values): a few statement texts
+    # for any count, so the backends' statement caches (and pg_sql's) hold them instead of one per count.
+    _GRANT_CHUNK = 4096
+
     def reserve(self, amounts: dict[int, int], valid_until_ns: int) -> dict[int, int]:
         """Grants for this connection's gateway: ``{subscriber: asked}`` -> ``{subscriber: taken}``, each
         taken = min(asked, balance + credit - reserved), none where nothing is left (a subscriber out of
-        money is absent from the result). Each subscriber's take is one conditional UPDATE of its row
-        (its row lock orders concurrent takes, from any gateway), then the gateway's grant grows by it
-        and lives until ``valid_until_ns``: at most what the balance can pay is ever outstanding."""
+        money is absent from the result). Then the gateway's grant grows by it and lives until
+        ``valid_until_ns``: at most what the balance can pay is ever outstanding.
+
+        A few statements per ``_GRANT_CHUNK`` subscribers, whatever their number (a gateway's start
+        reserves one grant per subscriber it holds): on PostgreSQL the chunk's rows are locked first in
+        id order (the order of apply_flush and of the grants' return: concurrent gateways queue, never
+        deadlock), then one conditional ``UPDATE ... FROM (VALUES ...)`` takes each subscriber's grant
+        from its row as it is then (under READ COMMITTED the statement reads the rows committed before
+        it, and nobody else can change them until we commit); SQLite has one writer at a time."""
         if not self.gateway:
             raise LedgerError("grants need a gateway name ([cluster] gateway)")
         _ts(valid_until_ns, "grant valid until")
+        asks = sorted((_int(sid, "subscriber"), _int(asked, "grant asked", 0)) for sid, asked in amounts.items())
+        asks = [(sid, asked) for sid, asked in asks if asked]
         taken: dict[int, int] = {}
-        least = self.db.LEAST
-        # the subscriber's row, then its grant: the order apply_flush takes them in too
-        with self.transaction(serialized=False):
-            for sid, asked in sorted(amounts.items()):
-                if _int(asked, "grant asked", 0) == 0:
-                    continue
-                took = self.db.scalar(
-                    f"UPDATE subscribers SET last_reserve = {least}(?, balance + credit_limit - reserved),"
-                    f" reserved = reserved + {least}(?, balance + credit_limit - reserved)"
-                    " WHERE id = ? AND balance + credit_limit - reserved > 0 RETURNING last_reserve",
-                    (asked, asked, _int(sid, "subscriber")))
-                if took:
-                    taken[sid] = took
-            self.db.executemany(
-                "INSERT INTO grants (gateway, subscriber_id, amount, valid_until_ns) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (gateway, subscriber_id) DO UPDATE SET amount = grants.amount + excluded.amount,"
-                " valid_until_ns = excluded.valid_until_ns",
-                [(self.gateway, sid, took, valid_until_ns) for sid, took in sorted(taken.items())])
+        left = "balance + credit_limit - reserved"
+        take = f"{self.db.LEAST}(v.column2, {left})"
+        with self.transaction():
+            for i in range(0, len(asks), self._GRANT_CHUNK):
+                part = asks[i:i + self._GRANT_CHUNK]
+                if self.db.LOCK_ROW:
+                    ids = _pad([sid for sid, _ in part], -1)
+                    self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({', '.join('?' * len(ids))})"
+                                    f" ORDER BY id{self.db.LOCK_ROW}", ids)
+                values, params = _values(part, (-1, 0))  # -1: no subscriber's id
+                taken.update(self.db.execute(
+                    f"UPDATE subscribers SET last_reserve = {take}, reserved = reserved + {take}"
+                    f" FROM ({values}) AS v WHERE subscribers.id = v.column1 AND {left} > 0"
+                    " RETURNING subscribers.id, subscribers.last_reserve", params).fetchall())
+            took = sorted(taken.items())
+            for i in range(0, len(took), self._GRANT_CHUNK):
+                values, params = _values(took[i:i + self._GRANT_CHUNK], (-1, 0))
+                self.db.execute(
+                    "INSERT INTO grants (gateway, subscriber_id, amount, valid_until_ns)"
+                    f" SELECT ?, column1, column2, ? FROM ({values}) AS v WHERE column2 > 0"
+                    " ON CONFLICT (gateway, subscriber_id) DO UPDATE SET amount = grants.amount + excluded.amount,"
+                    " valid_until_ns = excluded.valid_until_ns", (self.gateway, valid_until_ns, *params))
         return taken
 
     def _charge_grants(self, charged: dict[int, int]) -> None:
@@ -930,6 +948,37 @@ class Ledger:
                             [(c, self.gateway, sid) for c, sid in covered])
         self.db.executemany("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", covered)
 
+    def add_posting_on_grant(self, subscriber, kind: str, amount: int, ts: int, key: str, detail: str = "") -> int | None:
+        """:meth:`add_posting` by a gateway that rates against grants (its engine's balance is its grant):
+        ``None`` when ``key`` is recorded already (nothing changed), else what of ``amount`` came out of
+        this gateway's grant, for the caller to take off the engine's balance as well.
+
+        A fee is owed whatever is reserved, so it comes off the balance in full. What no grant holds
+        (balance + credit - reserved) pays it first, so the grants, and the engines spending them, are
+        left alone where it can; only what that cannot pay comes out of this gateway's grant (and its
+        ``reserved``), so that the grants outstanding stay within what the balance can pay. (A fee
+        greater than that and this gateway's grant together is more than the subscriber has; other
+        gateways' grants are theirs to spend, and what it exceeds by is owed like any negative balance.)
+        A refund (negative) frees money like a returned grant (:meth:`_freed`)."""
+        if not self.gateway:
+            raise LedgerError("grants need a gateway name ([cluster] gateway)")
+        sid = self._sid(subscriber)
+        with self.transaction():  # the subscriber's row first, then its grant: reserve's order
+            free = self.db.scalar(f"SELECT balance + credit_limit - reserved FROM subscribers WHERE id = ?"
+                                  f"{self.db.LOCK_ROW}", (sid,))
+            if not self.add_posting(sid, kind, amount, ts, key, detail):
+                return None
+            held = self.db.scalar("SELECT amount FROM grants WHERE gateway = ? AND subscriber_id = ?",
+                                  (self.gateway, sid)) or 0
+            cut = min(max(amount - max(free, 0), 0), held)
+            if cut:
+                self.db.execute("UPDATE grants SET amount = amount - ? WHERE gateway = ? AND subscriber_id = ?",
+                                (cut, self.gateway, sid))
+                self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (cut, sid))
+            if amount < 0 and free <= 0:
+                self._freed((sid,))
+            return cut
+
     def grants(self) -> dict[int, tuple[int, int]]:
         """This gateway's grants: ``{subscriber: (amount not yet charged, valid until ns)}``."""
         return {sid: (amount, until) for sid, amount, until in self.db.execute(
@@ -937,24 +986,39 @@ class Ledger:
 
     def renew_grants(self, valid_until_ns: int) -> None:
         """The gateway is alive: its grants stay its own until ``valid_until_ns``."""
-        with self.transaction(serialized=False):
+        with self.transaction():
             self.db.execute("UPDATE grants SET valid_until_ns = ? WHERE gateway = ?", (valid_until_ns, self.gateway))
 
     def _return_grants(self, where: str, params) -> list[tuple[str, int, int]]:
         """Give grants back to the balance: ``(gateway, subscriber, amount)`` of each returned. Row by
         row, the subscriber's row first (the order of reserve and apply_flush: no deadlock), and only
         what is still there when its row is locked (a flush may have charged it meanwhile)."""
-        returned = []
-        with self.transaction(serialized=False):
+        returned, freed = [], []
+        with self.transaction():
             for gateway, sid in self.db.execute(f"SELECT gateway, subscriber_id FROM grants WHERE {where}"
                                                 " ORDER BY subscriber_id, gateway", params).fetchall():
-                self.db.execute(f"SELECT 1 FROM subscribers WHERE id = ?{self.db.FOR_UPDATE}", (sid,))
+                free = self.db.scalar(f"SELECT balance + credit_limit - reserved FROM subscribers WHERE id = ?"
+                                      f"{self.db.LOCK_ROW}", (sid,))
                 amount = self.db.scalar(f"DELETE FROM grants WHERE gateway = ? AND subscriber_id = ? AND {where}"
                                         " RETURNING amount", (gateway, sid, *params))
                 if amount is not None:
                     self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (amount, sid))
                     returned.append((gateway, sid, amount))
+                    if amount and free <= 0:
+                        freed.append(sid)
+            self._freed(freed)
         return returned
+
+    def _freed(self, sids) -> None:
+        """Money came back to these subscribers without a payment (a grant returned, a refund) when none
+        of theirs was free: a gateway may have blocked them as final (its last ask got less than it
+        asked, and only a payment would make it ask again), so the change feed says ``grant``
+        (PostgreSQL's NOTIFY wakes every gateway at the commit) and each asks again. Where money was
+        free already no gateway's last ask fell short since (it would have taken it): nothing to say,
+        and a stop returning the grants of 100k subscribers with money writes no feed rows. Written
+        last, once every subscriber's row is locked: the feed's head lock comes after the rows."""
+        self.db.executemany("INSERT INTO changes (subscriber_id, what) VALUES (?, 'grant')",
+                            [(sid,) for sid in sorted(set(sids))])
 
     def release_grants(self, subscribers=None) -> list[tuple[str, int, int]]:
         """At shutdown, after the last flush: all of this gateway's grants back to the balance (or those
@@ -1347,6 +1411,19 @@ def _when(t: int, tzname: str) -> str:
     from zoneinfo import ZoneInfo
 
     return dt.datetime.fromtimestamp(t, ZoneInfo(tzname)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _pad(items: list, filler) -> list:
+    """``items`` and as many ``filler`` as make their number a power of two (see Ledger._GRANT_CHUNK)."""
+    return items + [filler] * ((1 << max(len(items) - 1, 0).bit_length()) - len(items))
+
+
+def _values(rows, filler: tuple) -> tuple[str, list]:
+    """``VALUES (?, ?), ...`` and its parameters for ``rows`` (tuples of one width), padded with ``filler``
+    rows (:func:`_pad`). Its columns are column1, column2, ... on every backend."""
+    rows = _pad(list(rows), filler)
+    row = "(" + ", ".join("?" * len(filler)) + ")"
+    return "VALUES " + ", ".join([row] * len(rows)), [v for r in rows for v in r]
 
 
 def _network(text) -> str:

@@ -13,8 +13,12 @@ per second and flush reports (``apply_flush(..., grants=True)``) per second.
   flush every second with 100 active subscribers).
 * ``gateways``: that many threads at once, each its own connection and gateway name (on SQLite they
   queue on its one writer; on PostgreSQL they run beside each other, on different subscribers).
+* ``bulk reserve`` (``--bulk``): a grant gateway's start, one ``reserve`` of every subscriber of a
+  ledger of that many (1k and 100k by default), each call by a gateway of a new name (so each takes
+  a grant anew); grants per second, the best of ``--repeat`` calls.
 
-    .venv/bin/python benches/bench_grants.py [--seconds 2] [--subscribers 1000] [--markdown]
+    .venv/bin/python benches/bench_grants.py [--seconds 2] [--subscribers 1000] [--bulk 1000,100000]
+                                             [--repeat 3] [--no-calls] [--markdown]
 """
 
 from __future__ import annotations
@@ -121,9 +125,34 @@ def bench_backend(target: str, subs: list[int], seconds: float, gateways: tuple[
 
 
 def seed(target: str, n: int) -> list[int]:
+    """``n`` subscribers with a balance that never runs out, written in bulk (100k in seconds)."""
+    now = time.time_ns()
+    terms = (None,) * (len(Ledger.BULK_COLUMNS) - 10)
     with Ledger.open(target) as led:
-        with led.transaction():
-            return [led.add_subscriber(f"s{i}", "t", "EUR", opening_balance=BALANCE) for i in range(n)]
+        first = led.max_subscriber_id() + 1
+        ids = list(range(first, first + n))
+        with led.transaction(), led.bulk_cache(n):
+            led.insert_subscribers([(i, f"s{i}", None, "t", "EUR", BALANCE, BALANCE, 0, 1, now, *terms) for i in ids], [])
+    return ids
+
+
+def bench_bulk(target: str, subs: list[int], repeat: int) -> tuple[int, float]:
+    """A gateway's start: ``(grants, seconds)`` of the fastest of ``repeat`` reserves of every subscriber
+    in one call, each by a new gateway; its grants are released after (untimed)."""
+    best = None
+    with Ledger.open(target) as led:
+        for k in range(repeat):
+            led.gateway = f"bulk{k}"
+            t0 = time.perf_counter()
+            taken = led.reserve({sid: 1000 for sid in subs}, LATER)
+            took = time.perf_counter() - t0
+            assert len(taken) == len(subs) and set(taken.values()) == {1000}, "a bulk reserve fell short"
+            best = took if best is None else min(best, took)
+            led.release_grants()
+        problems = led.check_invariants()
+        if problems:
+            raise SystemExit(f"{target}: inconsistent after the bulk bench: {problems[:3]}")
+    return len(subs), best
 
 
 def main() -> None:
@@ -131,16 +160,29 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="per row and backend")
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--gateways", default="1,3", help="comma-separated numbers of gateway threads")
+    ap.add_argument("--bulk", default="1000,100000", help="comma-separated ledger sizes of the bulk reserve ('' none)")
+    ap.add_argument("--repeat", type=int, default=3, help="bulk reserves per size and backend (the best is shown)")
+    ap.add_argument("--no-calls", action="store_true", help="only the bulk reserve rows")
     ap.add_argument("--markdown", action="store_true", help="a markdown table (for benches/README.md)")
     args = ap.parse_args()
     gateways = tuple(int(g) for g in args.gateways.split(","))
-    results = {}
+    sizes = [int(n) for n in args.bulk.split(",") if n]
+    results = {"SQLite": {}, "PostgreSQL": {}}
+    bulk = {"SQLite": {}, "PostgreSQL": {}}
     with tempfile.TemporaryDirectory(prefix="bench-grants-") as tmp:
         target = str(Path(tmp) / "ledger.db")
-        results["SQLite"] = bench_backend(target, seed(target, args.subscribers), args.seconds, gateways)
+        if not args.no_calls:
+            results["SQLite"] = bench_backend(target, seed(target, args.subscribers), args.seconds, gateways)
+        for n in sizes:
+            target = str(Path(tmp) / f"bulk-{n}.db")
+            bulk["SQLite"][n] = bench_bulk(target, seed(target, n), args.repeat)
     with PgCluster() as cluster:
-        target = cluster.create_database("bench_grants")
-        results["PostgreSQL"] = bench_backend(target, seed(target, args.subscribers), args.seconds, gateways)
+        if not args.no_calls:
+            target = cluster.create_database("bench_grants")
+            results["PostgreSQL"] = bench_backend(target, seed(target, args.subscribers), args.seconds, gateways)
+        for n in sizes:
+            target = cluster.create_database(f"bench_bulk_{n}")
+            bulk["PostgreSQL"][n] = bench_bulk(target, seed(target, n), args.repeat)
     load = os.getloadavg()[0]
     keys = list(results["SQLite"])
     if args.markdown:
@@ -164,6 +206,14 @@ def main() -> None:
                   f"| {s_ms:.2f} / {p_ms:.2f} |")
         else:
             print(f"{name:<14}{per:>9}{threads:>9}{s_rate:>12,.0f}{p_rate:>14,.0f}")
+    for n in sizes:  # grants per second of one start-sized reserve
+        (s_n, s_took), (p_n, p_took) = bulk["SQLite"][n], bulk["PostgreSQL"][n]
+        if args.markdown:
+            print(f"| bulk reserve (grants/s) | {n:,} | 1 | {1 / s_took:,.2f} | {s_n / s_took:,.0f} | {1 / p_took:,.2f} "
+                  f"| {p_n / p_took:,.0f} | {1000 * s_took:.0f} / {1000 * p_took:.0f} |")
+        else:
+            print(f"{'bulk reserve':<14}{n:>9}{1:>9}{s_n / s_took:>12,.0f}{p_n / p_took:>14,.0f}"
+                  f"   grants/s ({1000 * s_took:.0f} / {1000 * p_took:.0f} ms per call)")
 
 
 if __name__ == "__main__":

@@ -248,7 +248,12 @@ class Accountant:
         """The credit the engine may spend beyond its balance: none on a gateway that rates against credit
         grants (``[cluster]``), whose engine balance is its grant and the credit is in the ledger's reserve
         (accounting/ledger.py Ledger.reserve); the subscriber's credit otherwise."""
-        return 0 if self.config.cluster is not None and self.config.cluster.grants else credit
+        return 0 if self.on_grants else credit
+
+    @property
+    def on_grants(self) -> bool:
+        """This gateway rates against credit grants (``[cluster] gateway``): its engine's balances are grants."""
+        return self.config.cluster is not None and self.config.cluster.grants
 
     def config_rows(self) -> list[dict]:
         """Subscribers straight from the config (a dry run with no ledger)."""
@@ -423,10 +428,17 @@ class Accountant:
     def _post(self, postings: list[Posting]) -> tuple[list[Posting], list]:
         applied, events = [], []
         for p in postings:
-            if self.ledger is not None and not self.ledger.add_posting(p.subscriber, p.kind, p.amount, p.ts, p.key,
-                                                                       p.detail):
+            off = p.amount  # what comes off the engine's balance
+            if self.ledger is not None and self.on_grants:
+                # the engine holds a grant, not the balance: it loses only what the ledger took from the grant
+                # (a refund is money in the ledger no grant holds: the grant keeper takes it as a grant)
+                off = self.ledger.add_posting_on_grant(p.subscriber, p.kind, p.amount, p.ts, p.key, p.detail)
+                if off is None:
+                    continue  # recorded before (a restart, another gateway billing it too)
+            elif self.ledger is not None and not self.ledger.add_posting(p.subscriber, p.kind, p.amount, p.ts, p.key,
+                                                                         p.detail):
                 continue  # recorded before (a restart, the same file again): already in the balance
-            events += self.engine.adjust_balance(p.subscriber, -p.amount)
+            events += self.engine.adjust_balance(p.subscriber, -off)
             applied.append(p)
         return applied, events
 

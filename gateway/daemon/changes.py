@@ -1,7 +1,8 @@
 """Changes made in the ledger by anyone (CLI, API, portal, an import, another
 process) brought into the running engine and kernel, in proportion to what
-changed: payments and adjustments by id, subscribers, addresses, terms and
-manual blocks from the ledger's change feed (migrations/0014_change_feed.sql),
+changed: payments and adjustments by id, subscribers, addresses, terms,
+manual blocks and money come back to a subscriber without a payment (a
+returned grant: ``grant``) from the ledger's change feed (migrations/0014_change_feed.sql),
 tariff changes when they fall due. Run by the flusher thread every
 ``PAYMENT_POLL`` seconds, so a top-up unblocks well within a second.
 
@@ -57,7 +58,7 @@ class ChangeFollower:
             events = []
             with gw.engine_lock:
                 if gw.credit is not None:  # the engine holds a grant, not the balance: there may be more to take
-                    gw.credit.want((change["subscriber_id"],))
+                    gw.credit.freed((change["subscriber_id"],))
                 elif change["subscriber_id"] in gw.acct.subscribers:
                     events = gw.acct.engine.adjust_balance(change["subscriber_id"], change["amount"])
                 gw.touch((change["subscriber_id"],))
@@ -107,6 +108,8 @@ class ChangeFollower:
                         self.refresh(sid)
                     if "manual" in what:
                         self.sync_manual_blocks(sid)
+                    if "grant" in what and self.gw.credit is not None:  # money back, none was free: ask again
+                        self.gw.credit.freed((sid,))
                 except TollgateError as exc:
                     log.error("subscriber %s changed in the ledger but cannot be applied: %s", sid, exc)
 

@@ -12,7 +12,10 @@ out, so a subscriber with money is not blocked by the round trip:
   is left; its slice grows to cover ``COVER_SECONDS`` of what it spends, at least ``[cluster]
   grant``;
 - a payment or a change in the ledger (from any gateway: the change follower reads them) asks
-  for a refill at the next poll (0.2 s), which unblocks a subscriber whose grant ran out;
+  for a refill at the next poll (0.2 s), which unblocks a subscriber whose grant ran out; so does
+  money that comes back without a payment, when none of the subscriber's was free: another
+  gateway's grant returned (its stop, its expiry) or a refund (the change feed's ``grant``,
+  ``Ledger._freed``), so a subscriber blocked as ``final`` (below) is asked for again;
 - a grant spent before its refill came (a burst faster than a poll) stops the subscriber's packets
   in the engine at the byte, but it is not a block: the policy pusher asks this keeper
   (:meth:`GrantKeeper.hold_block`), which refills it at the next poll, and the kernel, the block
@@ -20,6 +23,9 @@ out, so a subscriber with money is not blocked by the round trip:
 - when the ledger has nothing left to grant (the last ask got less than it asked: ``final``), the
   engine spends the last grant and blocks at the byte, and the subscriber lands on the block page
   as with a balance: the last grant is the final unit;
+- a periodic fee comes off the balance, from what no grant holds first; only what that cannot pay
+  comes out of this gateway's grant, and the engine's balance loses that part only
+  (``Ledger.add_posting_on_grant``), so the engine and the ledger agree on the grant;
 - grants live ``grant_validity`` seconds and are renewed every third of it; a gateway that dies
   stops renewing, and any other gateway gives its grants back to the balance when they expire;
   a clean stop gives them back at once, after the last flush.
@@ -122,8 +128,17 @@ class GrantKeeper:
             self.leaving |= leaving
 
     def want(self, sids) -> None:
-        """Refill these at the next poll (a payment, a changed credit limit: there may be more to take)."""
+        """Refill these at the next poll (running low, a changed credit limit: there may be more to take)."""
         with self.lock:
+            self.wanted.update(sids)
+
+    def freed(self, sids) -> None:
+        """Money came to these in the ledger (a payment; a grant returned by another gateway or a refund,
+        the change feed's ``grant``): asked again at the next poll, and their last ask's shortfall is
+        not theirs any more (``final`` is what the ledger said then: a block while it stood would be
+        taken as real, with money in the ledger, and a refill left to the next payment)."""
+        with self.lock:
+            self.final.difference_update(sids)
             self.wanted.update(sids)
 
     def hold_block(self, sid: int) -> bool:
