@@ -64,7 +64,8 @@ def far_end(lab) -> dict[str, int]:
 
 
 def traffic(lab, i: int, seconds: int) -> subprocess.Popen:
-    """Downloads of the 8 MB file at 2 MB/s, IPv4 and IPv6 in turn, bounded in count and time."""
+    """Downloads of the 8 MB file at 2 MB/s, IPv4 and IPv6 in turn, bounded in count and time (the test ends
+    them sooner: ``terminate()`` reaches ``timeout``, which passes the signal to the loop and its curl)."""
     loop = (f"for k in $(seq 1 40); do curl -s -m 8 --limit-rate 2M -o /dev/null http://{UP4}:{PORT + i}/big.bin; "
             f"curl -s -g -m 8 --limit-rate 2M -o /dev/null 'http://[{UP6}]:{PORT + i}/big.bin'; done")
     return subprocess.Popen(["ip", "netns", "exec", lab.sub(i), "timeout", str(seconds), "sh", "-c", loop],
@@ -126,8 +127,12 @@ def test_kill_matrix(lab, tmp_path):
                 gw.start()
                 restarts.append(("SIGTERM", 1.0))
             assert far_end(lab)["s3"] == s3_at_block, f"s3 received bytes after its block (kill {k + 1})"
+        # the kills are over: the traffic ends now, as its own time bound would end it (timeout(1) passes the
+        # SIGTERM to the loop and its curl), instead of s3's blocked loop running out its 95 s
         for p in procs:
-            p.wait(timeout=120)
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
         # one last start charges what passed while it was down; the stop flushes it
         gw.stop(signal.SIGKILL)
         gw.start()
