@@ -36,11 +36,12 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from lablib import netns
-from test_cluster_lab import URL4, down_bytes, log_lines, mismatches, settle
+from test_cluster_lab import URL4, log_lines, mismatches, settle
 
 PRICE_PER_BYTE = 10  # nano-EUR: 0.01 EUR per 10^6 bytes, the lab's price
 RATE = "250k"  # curl --limit-rate per download: bytes per second
@@ -112,8 +113,14 @@ def small_windows(cluster):
 
 
 def served_down(cluster, gws) -> dict[str, int]:
-    """Download bytes each subscriber was served, summed over the gateways (the kernel's counters)."""
-    return {name: sum(down_bytes(gw, cluster.subscriber(name)) for gw in gws) for name in SERVED}
+    """Download bytes each subscriber was served, summed over the gateways (the kernel's counters). Each
+    gateway's counters are read once per call (a Python process in its namespace, ~0.3 s), not once per
+    subscriber, and the gateways at once: a round of samples during the outage takes a fraction of the
+    time, so the samples are denser and a blocked subscriber is seen blocked sooner."""
+    with ThreadPoolExecutor(len(gws)) as pool:
+        counters = list(pool.map(lambda gw: gw.kernel_counters(), gws))
+    return {name: sum(counters[k][n]["down_bytes"] for k in range(len(gws)) for n in cluster.subscriber(name).networks
+                      if n in counters[k]) for name in SERVED}
 
 
 def health(gw) -> dict | None:
@@ -198,7 +205,8 @@ def test_postgres_stopped_under_traffic(cluster, pg_gateways, pg_cluster, mode):
             before = served_down(cluster, gws)
             while time.monotonic() - t_stop < outage:
                 samples.append((time.monotonic() - t_stop, served_down(cluster, gws)))
-                credit += [h["credit"] for h in map(health, gws) if h and h.get("credit")]
+                with ThreadPoolExecutor(len(gws)) as pool:  # the gateways at once, as served_down
+                    credit += [h["credit"] for h in pool.map(health, gws) if h and h.get("credit")]
                 if mode != "continue" and all(blocked_since(samples, name) is not None for name in SERVED):
                     break  # every grant spent, every prepaid subscriber blocked: the point is made
                 time.sleep(0.5)
