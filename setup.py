@@ -48,7 +48,7 @@ setup(
         "python-multipart>=0.0.9",  # the portal's forms
         "sqlite-utils>=3.35",
         "pyrad>=2.4",  # RADIUS accounting packets (gateway/sessions)
-        "psycopg[binary]>=3.1",  # the PostgreSQL ledger backend (accounting/store/postgres.py)
+        "psycopg[binary,pool]>=3.1",  # the PostgreSQL ledger backend and its pool (accounting/store/postgres.py)
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6.80", "httpx>=0.24", "schemathesis>=4.0"]},
     entry_points={"console_scripts": ["tollgate = gateway.cli:main"]},

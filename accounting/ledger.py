@@ -99,6 +99,17 @@ class Ledger:
         ledger.path = str(target)  # what opens it again (another thread's connection), as given
         return ledger
 
+    @classmethod
+    def open_pooled(cls, conninfo: str, size: int) -> Ledger:
+        """A PostgreSQL ledger that many threads share, over a pool of at most ``size`` connections
+        (:mod:`accounting.thread_ledgers`); checked and migrated first, as :meth:`open` does."""
+        from .store.postgres import PooledPostgresBackend
+
+        cls.open(conninfo).close()
+        ledger = cls(PooledPostgresBackend.open_pool(conninfo, size))
+        ledger.path = str(conninfo)
+        return ledger
+
     def reconnect_if_lost(self) -> bool:
         """A connection the server dropped (PostgreSQL restarted, crashed, failed over) is closed for
         good: psycopg does not reconnect, and every call on it fails long after the server is back.

@@ -17,7 +17,6 @@ import ipaddress
 import json
 import math
 import re
-import threading
 from typing import Protocol
 
 from fastapi import FastAPI, Request
@@ -27,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from accounting.ledger import Ledger
+from accounting.thread_ledgers import ThreadLedgers
 from accounting.money import format_volume
 from accounting.operations import ImportRefused, OperationError
 
@@ -120,13 +120,10 @@ class LedgerView:
         self.config = config
         self.db_path = db_path
         self.registry = CollectorRegistry()
-        self.local = threading.local()
+        self.ledgers = ThreadLedgers(db_path)  # on PostgreSQL: one pool for every request thread
 
     def thread_ledger(self) -> Ledger:
-        led = getattr(self.local, "ledger", None)
-        if led is None:
-            led = self.local.ledger = Ledger.open(self.db_path)
-        return led
+        return self.ledgers.get()
 
     def health(self) -> dict:
         return {"status": "ok", "mode": "ledger only (no gateway in this process)"}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 
 import psycopg
@@ -38,7 +39,7 @@ from ext.errors import LedgerError
 
 from .backend import Backend
 
-__all__ = ["MARK", "PostgresBackend", "pg_sql"]
+__all__ = ["MARK", "PooledPostgresBackend", "PostgresBackend", "pg_sql"]
 
 MARK = "Tollgate ledger"
 MIGRATION_LOCK = 0x546F6C6C_4D494752  # "TollMIGR"
@@ -79,6 +80,12 @@ class _BoolAsInt(Int8Dumper):
         return b"1" if obj else b"0"
 
 
+def _configure(conn: psycopg.Connection) -> None:
+    """What every connection to a ledger loads and dumps its own way (the module doc)."""
+    conn.adapters.register_loader("numeric", _WholeNumeric)
+    conn.adapters.register_dumper(bool, _BoolAsInt)
+
+
 class PostgresBackend(Backend):
     dialect = "postgres"
     errors = (psycopg.DatabaseError,)
@@ -100,8 +107,7 @@ class PostgresBackend(Backend):
             conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=int(connect_timeout))
         except psycopg.Error as exc:
             raise LedgerError(f"cannot connect to the PostgreSQL ledger: {exc}".strip()) from None
-        conn.adapters.register_loader("numeric", _WholeNumeric)
-        conn.adapters.register_dumper(bool, _BoolAsInt)
+        _configure(conn)
         info = conn.info
         backend = cls(conn, f"postgresql database {info.dbname!r} on {info.host}:{info.port}", conninfo)
         try:
@@ -174,7 +180,7 @@ class PostgresBackend(Backend):
         return isinstance(exc, pg_errors.NumericValueOutOfRange)  # a bigint result out of range
 
     def table_names(self) -> list[str]:
-        return [t for (t,) in self.conn.execute(
+        return [t for (t,) in self.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename")]
 
     def _mark_new(self) -> None:
@@ -205,6 +211,99 @@ class PostgresBackend(Backend):
 
     def close(self) -> None:
         self.conn.close()
+
+
+class PooledPostgresBackend(PostgresBackend):
+    """One ledger for the many threads of a front end (the admin API's and the portal's request
+    threads, the daemon's helpers), over a psycopg pool of at most ``size`` connections instead of
+    a connection per thread: a gateway's API serves any number of threads on a few connections, and
+    ten gateways do not each hold dozens of the server's ``max_connections``.
+
+    A transaction, a snapshot or an :meth:`exclusive` job holds one connection of the pool from its
+    start to its end (the thread's own meanwhile: nested ones join it); a statement outside them
+    borrows one for itself. psycopg reads a statement's whole result into memory before the
+    connection goes back, so the cursor it returns is read afterwards as any other. A connection
+    the server dropped is discarded by the pool when it comes back, and a new one is made: nothing
+    to reconnect by hand (:attr:`lost` stays False)."""
+
+    def __init__(self, pool, target: str, conninfo: str) -> None:  # noqa: D107 - no base __init__: no one connection
+        self.pool = pool
+        self.target = target
+        self.conninfo = conninfo
+        self._local = threading.local()
+
+    @classmethod
+    def open_pool(cls, conninfo: str, size: int, connect_timeout: float = 10.0) -> PooledPostgresBackend:
+        """The pool, opened with its first connection (``Ledger.open_pooled`` has checked and migrated
+        the ledger on a connection of its own before)."""
+        from psycopg_pool import ConnectionPool
+
+        pool = ConnectionPool(conninfo, min_size=1, max_size=size, kwargs={"autocommit": True}, configure=_configure,
+                              timeout=connect_timeout, name="tollgate-ledger", open=False)
+        try:
+            pool.open(wait=True, timeout=connect_timeout)
+        except Exception as exc:  # noqa: BLE001 - psycopg_pool's PoolTimeout and the connection's errors
+            pool.close()
+            raise LedgerError(f"cannot open a pool of connections to the PostgreSQL ledger: {exc}") from None
+        with pool.connection() as conn:
+            info = conn.info
+            target = f"postgresql database {info.dbname!r} on {info.host}:{info.port}"
+        return cls(pool, target, conninfo)
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:  # every caller below holds one; a path that does not is a bug, said so
+            raise LedgerError("a pooled ledger used a connection outside a transaction or a statement")
+        return conn
+
+    @contextlib.contextmanager
+    def _held(self):
+        """This thread's connection: the one it holds already, or one of the pool until the block ends."""
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        with self.pool.connection() as conn:  # back to the pool at the end; rolled back if left in a transaction
+            self._local.conn = conn
+            try:
+                yield
+            finally:
+                self._local.conn = None
+
+    def execute(self, sql: str, params=()):
+        with self._held():
+            return super().execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self._held():
+            super().executemany(sql, rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        conn = getattr(self._local, "conn", None)
+        return conn is not None and conn.info.transaction_status != TransactionStatus.IDLE
+
+    @contextlib.contextmanager
+    def transaction(self, serialized: bool = True):
+        with self._held(), super().transaction():
+            yield self
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        with self._held(), super().snapshot():
+            yield self
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str):
+        with self._held(), super().exclusive(name) as got:  # a session lock: taken and given back on one connection
+            yield got
+
+    @property
+    def lost(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 class FeedListener:

@@ -25,6 +25,7 @@ import uuid
 
 from accounting.ledger import Ledger
 from accounting.money import format_amount
+from accounting.thread_ledgers import ThreadLedgers
 from ext.errors import ConfigError, SourceError, TollgateError
 
 from ..config import Config, load_config
@@ -64,7 +65,11 @@ class Gateway:
         self.engine_lock = threading.Lock()
         self.enforcer_lock = threading.Lock()
         self.enforcer = None  # policy.nft.Enforcer, made at start
-        self.http_local = threading.local()  # per-thread read connections to the ledger
+        self.http_local = threading.local()  # the daemon's helper threads' own connections (thread_ledger)
+        # the HTTP request threads' ledger: on PostgreSQL one pool for all of them, so that a busy API holds
+        # a few of the server's connections (a pool that waits, unlike the helper threads' own connections:
+        # the pusher must not wait for a pool while the ledger is away)
+        self.request_ledgers = ThreadLedgers(opts.db_path, prepare=self._name_gateway)
         self.failed: dict[str, str] = {}  # thread name -> why it died: /healthz goes red, run() ends
         self.fatal = threading.Event()
         self.metrics = Metrics(self)
@@ -175,6 +180,7 @@ class Gateway:
         for reader in self.readers:
             reader.close()
         self.ledger.close()
+        self.request_ledgers.close()
 
     def reload(self) -> None:
         """SIGHUP: a new config for zones, tariffs, slots and the allow-list."""
@@ -317,7 +323,9 @@ class Gateway:
 
     def open_ledger(self) -> Ledger:
         """A new connection to the ledger, writing kernel state and grants as this gateway ([cluster] gateway)."""
-        ledger = Ledger.open(self.opts.db_path)
+        return self._name_gateway(Ledger.open(self.opts.db_path))
+
+    def _name_gateway(self, ledger: Ledger) -> Ledger:
         ledger.gateway = self.config.cluster.gateway or ""
         return ledger
 

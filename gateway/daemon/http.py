@@ -2,9 +2,10 @@
 the admin API, the block page and the portal, served by uvicorn on a socket
 bound at start; and the live view of the gateway the app reads.
 
-Locks: none. The live view reads the engine (which locks inside) and a
-per-thread ledger connection (``Gateway.thread_ledger``); changes the API
-makes reach the engine through the flusher (``ChangeFollower.request``).
+Locks: none. The live view reads the engine (which locks inside) and the
+request threads' ledger (``Gateway.request_ledgers``: on PostgreSQL one pool
+for all of them); changes the API makes reach the engine through the flusher
+(``ChangeFollower.request``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class LiveView:
         return self.gw.config  # the reloaded one after SIGHUP
 
     def thread_ledger(self):
-        return self.gw.thread_ledger()
+        return self.gw.request_ledgers.get()
 
     def refresh_subscriber(self, sid: int) -> None:
         self.gw.changes.request(sid)
@@ -60,13 +61,14 @@ class LiveView:
         from api.app import subscriber_summary
 
         state = gw.acct.engine.subscriber(sid)  # the live balance: the ledger's lags by a flush
-        row = gw.thread_ledger().get_subscriber(sid)
+        ledger = self.thread_ledger()
+        row = ledger.get_subscriber(sid)
         if row is None:
             return None
         reasons = [name for bit, name in BLOCK_REASONS.items() if state.blocked & bit]
         # the live balance; on a shared ledger ([cluster]) the engine holds a grant: the ledger's balance then
         balance = state.balance if gw.credit is None else row["balance"]
-        return subscriber_summary(gw.thread_ledger(), gw.config, row, reasons, balance=balance)
+        return subscriber_summary(ledger, gw.config, row, reasons, balance=balance)
 
     def live_balance(self, sid: int) -> int | None:
         """The engine's balance (the ledger's lags by up to a flush); None if not loaded."""

@@ -22,10 +22,12 @@ LOCAL = ("127.0.0.1", 50000)  # inside gateway.admin_networks
 
 
 @pytest.fixture
-def api(tmp_path):
+def api(tmp_path, ledger_target):
+    """The admin API over a ledger alone, on SQLite and on PostgreSQL (whose request threads share one pool
+    of connections: accounting/thread_ledgers.py)."""
     path = tmp_path / "tollgate.toml"
     path.write_text(lab_config(2))
-    db = tmp_path / "ledger.db"
+    db = ledger_target()
     ledger = Ledger.open(db)
     tokens = {role: TokenStore(ledger).create(f"{role}-token", role) for role in ("admin", "operator", "cashier")}
     TokenStore(ledger).create("victim", "operator")
@@ -34,8 +36,10 @@ def api(tmp_path):
     b = ledger.add_subscriber("B", "lab", "EUR", 10 * 10**9, addresses=["100.64.2.2/32"])
     signer = SessionSigner(session_secret(ledger))
     cookies = {"subscriber A": signer.issue(str(a), "portal", 3600), "subscriber B": signer.issue(str(b), "portal", 3600)}
-    client = TestClient(create_app(LedgerView(config, db)), client=LOCAL)
+    view = LedgerView(config, db)
+    client = TestClient(create_app(view), client=LOCAL)
     yield client, ledger, tokens, cookies
+    view.ledgers.close()
     ledger.close()
 
 
