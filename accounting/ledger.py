@@ -1000,25 +1000,37 @@ class Ledger:
         with self.transaction():
             self.db.execute("UPDATE grants SET valid_until_ns = ? WHERE gateway = ?", (valid_until_ns, self.gateway))
 
-    def _return_grants(self, where: str, params) -> list[tuple[str, int, int]]:
-        """Give grants back to the balance: ``(gateway, subscriber, amount)`` of each returned. Row by
-        row, the subscriber's row first (the order of reserve and apply_flush: no deadlock), and only
-        what is still there when its row is locked (a flush may have charged it meanwhile)."""
+    def _return_grants(self, where: str, params, subscribers=None) -> list[tuple[str, int, int]]:
+        """Give grants back to the balance: ``(gateway, subscriber, amount)`` of each returned, by
+        subscriber and gateway. A few statements per ``_GRANT_CHUNK`` subscribers (a stop returns one
+        grant per subscriber the gateway holds): the subscribers' rows first, in id order (the order of
+        reserve and apply_flush: no deadlock), then their grants, only what is still there once the rows
+        are locked (a flush may have charged it meanwhile, another gateway's expiry returned it).
+        ``subscribers``: only theirs (their ids); else every subscriber with a grant ``where`` says."""
         returned, freed = [], []
         with self.transaction():
-            for gateway, sid in self.db.execute(f"SELECT gateway, subscriber_id FROM grants WHERE {where}"
-                                                " ORDER BY subscriber_id, gateway", params).fetchall():
-                free = self.db.scalar(f"SELECT balance + credit_limit - reserved FROM subscribers WHERE id = ?"
-                                      f"{self.db.LOCK_ROW}", (sid,))
-                amount = self.db.scalar(f"DELETE FROM grants WHERE gateway = ? AND subscriber_id = ? AND {where}"
-                                        " RETURNING amount", (gateway, sid, *params))
-                if amount is not None:
-                    self.db.execute("UPDATE subscribers SET reserved = reserved - ? WHERE id = ?", (amount, sid))
-                    returned.append((gateway, sid, amount))
-                    if amount and free <= 0:
-                        freed.append(sid)
+            if subscribers is None:
+                subscribers = [sid for (sid,) in self.db.execute(
+                    f"SELECT DISTINCT subscriber_id FROM grants WHERE {where}", params)]
+            sids = sorted(set(subscribers))
+            for i in range(0, len(sids), self._GRANT_CHUNK):
+                part = _pad(sids[i:i + self._GRANT_CHUNK], -1)
+                marks = ", ".join("?" * len(part))
+                free = dict(self.db.execute(f"SELECT id, balance + credit_limit - reserved FROM subscribers"
+                                            f" WHERE id IN ({marks}) ORDER BY id{self.db.LOCK_ROW}", part))
+                back = self.db.execute(f"DELETE FROM grants WHERE subscriber_id IN ({marks}) AND {where}"
+                                       " RETURNING gateway, subscriber_id, amount", (*part, *params)).fetchall()
+                per: dict[int, int] = {}
+                for _gateway, sid, amount in back:
+                    per[sid] = per.get(sid, 0) + amount
+                if per:
+                    values, rows = _values(sorted(per.items()), (-1, 0))
+                    self.db.execute(f"UPDATE subscribers SET reserved = reserved - v.column2 FROM ({values}) AS v"
+                                    " WHERE subscribers.id = v.column1", rows)
+                returned += back
+                freed += [sid for sid, amount in per.items() if amount and free[sid] <= 0]
             self._freed(freed)
-        return returned
+        return sorted(returned, key=lambda r: (r[1], r[0]))
 
     def _freed(self, sids) -> None:
         """Money came back to these subscribers without a payment (a grant returned, a refund) when none
@@ -1028,18 +1040,17 @@ class Ledger:
         free already no gateway's last ask fell short since (it would have taken it): nothing to say,
         and a stop returning the grants of 100k subscribers with money writes no feed rows. Written
         last, once every subscriber's row is locked: the feed's head lock comes after the rows."""
-        self.db.executemany("INSERT INTO changes (subscriber_id, what) VALUES (?, 'grant')",
-                            [(sid,) for sid in sorted(set(sids))])
+        sids = sorted(set(sids))
+        for i in range(0, len(sids), self._GRANT_CHUNK):
+            values, rows = _values([(sid,) for sid in sids[i:i + self._GRANT_CHUNK]], (-1,))
+            self.db.execute(f"INSERT INTO changes (subscriber_id, what) SELECT column1, 'grant' FROM ({values}) AS v"
+                            " WHERE column1 > 0 ORDER BY column1", rows)
 
     def release_grants(self, subscribers=None) -> list[tuple[str, int, int]]:
         """At shutdown, after the last flush: all of this gateway's grants back to the balance (or those
         of ``subscribers``: they left this gateway, and their last traffic is flushed)."""
-        if subscribers is None:
-            return self._return_grants("gateway = ?", (self.gateway,))
-        returned = []
-        for sid in sorted(subscribers):
-            returned += self._return_grants("gateway = ? AND subscriber_id = ?", (self.gateway, _int(sid, "subscriber")))
-        return returned
+        return self._return_grants("gateway = ?", (self.gateway,), None if subscribers is None else
+                                   [_int(sid, "subscriber") for sid in subscribers])
 
     def expire_grants(self, now_ns: int) -> list[tuple[str, int, int]]:
         """Grants of any gateway not renewed by ``now_ns`` (a gateway killed or cut off) back to the balance."""

@@ -15,7 +15,8 @@ per second and flush reports (``apply_flush(..., grants=True)``) per second.
   queue on its one writer; on PostgreSQL they run beside each other, on different subscribers).
 * ``bulk reserve`` (``--bulk``): a grant gateway's start, one ``reserve`` of every subscriber of a
   ledger of that many (1k and 100k by default), each call by a gateway of a new name (so each takes
-  a grant anew); grants per second, the best of ``--repeat`` calls.
+  a grant anew); grants per second, the best of ``--repeat`` calls. ``bulk release``: its clean
+  stop, ``release_grants()`` of them all.
 
     .venv/bin/python benches/bench_grants.py [--seconds 2] [--subscribers 1000] [--bulk 1000,100000]
                                              [--repeat 3] [--no-calls] [--markdown]
@@ -136,23 +137,26 @@ def seed(target: str, n: int) -> list[int]:
     return ids
 
 
-def bench_bulk(target: str, subs: list[int], repeat: int) -> tuple[int, float]:
-    """A gateway's start: ``(grants, seconds)`` of the fastest of ``repeat`` reserves of every subscriber
-    in one call, each by a new gateway; its grants are released after (untimed)."""
-    best = None
+def bench_bulk(target: str, subs: list[int], repeat: int) -> tuple[int, float, float]:
+    """A gateway's start and its clean stop: ``(grants, seconds, seconds)`` of the fastest of ``repeat``
+    reserves of every subscriber in one call, each by a new gateway, and of the fastest release of them
+    all (``release_grants()``)."""
+    best, best_release = None, None
     with Ledger.open(target) as led:
         for k in range(repeat):
             led.gateway = f"bulk{k}"
             t0 = time.perf_counter()
             taken = led.reserve({sid: 1000 for sid in subs}, LATER)
-            took = time.perf_counter() - t0
+            t1 = time.perf_counter()
             assert len(taken) == len(subs) and set(taken.values()) == {1000}, "a bulk reserve fell short"
-            best = took if best is None else min(best, took)
-            led.release_grants()
+            assert len(led.release_grants()) == len(subs)
+            t2 = time.perf_counter()
+            best = t1 - t0 if best is None else min(best, t1 - t0)
+            best_release = t2 - t1 if best_release is None else min(best_release, t2 - t1)
         problems = led.check_invariants()
         if problems:
             raise SystemExit(f"{target}: inconsistent after the bulk bench: {problems[:3]}")
-    return len(subs), best
+    return len(subs), best, best_release
 
 
 def main() -> None:
@@ -206,14 +210,15 @@ def main() -> None:
                   f"| {s_ms:.2f} / {p_ms:.2f} |")
         else:
             print(f"{name:<14}{per:>9}{threads:>9}{s_rate:>12,.0f}{p_rate:>14,.0f}")
-    for n in sizes:  # grants per second of one start-sized reserve
-        (s_n, s_took), (p_n, p_took) = bulk["SQLite"][n], bulk["PostgreSQL"][n]
-        if args.markdown:
-            print(f"| bulk reserve (grants/s) | {n:,} | 1 | {1 / s_took:,.2f} | {s_n / s_took:,.0f} | {1 / p_took:,.2f} "
-                  f"| {p_n / p_took:,.0f} | {1000 * s_took:.0f} / {1000 * p_took:.0f} |")
-        else:
-            print(f"{'bulk reserve':<14}{n:>9}{1:>9}{s_n / s_took:>12,.0f}{p_n / p_took:>14,.0f}"
-                  f"   grants/s ({1000 * s_took:.0f} / {1000 * p_took:.0f} ms per call)")
+    for n in sizes:  # grants per second of one start-sized reserve, and of the stop's release
+        (s_n, *s_times), (p_n, *p_times) = bulk["SQLite"][n], bulk["PostgreSQL"][n]
+        for name, s_took, p_took in zip(("bulk reserve", "bulk release"), s_times, p_times):
+            if args.markdown:
+                print(f"| {name} (grants/s) | {n:,} | 1 | {1 / s_took:,.2f} | {s_n / s_took:,.0f} | {1 / p_took:,.2f} "
+                      f"| {p_n / p_took:,.0f} | {1000 * s_took:.0f} / {1000 * p_took:.0f} |")
+            else:
+                print(f"{name:<14}{n:>9}{1:>9}{s_n / s_took:>12,.0f}{p_n / p_took:>14,.0f}"
+                      f"   grants/s ({1000 * s_took:.0f} / {1000 * p_took:.0f} ms per call)")
 
 
 if __name__ == "__main__":

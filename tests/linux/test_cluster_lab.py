@@ -357,3 +357,44 @@ def test_a_gateway_holds_only_the_subscribers_of_its_networks(cluster, pg_gatewa
     for gw in gws:
         gw.stop()
     check_ledger(cluster, gws[0].db, gws)
+
+
+def test_a_grant_returned_by_one_gateway_unblocks_a_subscriber_another_blocked_as_final(cluster, pg_gateways):
+    """x has 0.05 EUR and a grant is 0.03: g1 starts first and takes 0.03, g2 gets the 0.02 left (less than
+    it asked: final). x spends g2's 0.02 through g2 (2,000,000 downloaded bytes at 0.01 EUR/MB) and is
+    blocked there, rightly: the ledger had nothing more. Then g1 stops and gives its 0.03 back, without any
+    payment: the ledger's change feed says so ('grant', with a NOTIFY), g2 asks again and x is let through
+    on g2 (before, g2 never asked again: x stayed blocked with 0.03 EUR in the ledger)."""
+    from accounting.ledger import Ledger
+
+    x = cluster.shared
+    gws = pg_gateways({x.name: "0.05"}, upload_free=True, grant="0.03", scoped=True)
+    g2 = next(link for link in x.links if link.gateway == 2)
+    with Ledger.open(gws[0].db) as led:
+        sid = led.get_subscriber(x.name)["id"]
+        held = {}
+        for name in ("g1", "g2", "g3"):
+            led.gateway = name
+            held[name] = led.grants().get(sid, (0, 0))[0]
+        assert held == {"g1": 3 * EUR // 100, "g2": 2 * EUR // 100, "g3": 0}  # g3 does not hold x (scoped)
+    size, _code = fetch(cluster, x.name, g2.addr4, URL4, timeout=10)
+    time.sleep(1.5)  # the last flush and the block
+    assert 0 < down_bytes(gws[1], x) <= 2_000_000 and size < 2_000_000
+    assert fetch(cluster, x.name, g2.addr4, URL4, timeout=2)[0] < 10_000  # blocked on g2
+    gws[0].stop()  # g1's grant of x back to the balance, at its clean stop
+    deadline = time.monotonic() + 10
+    code = ""
+    while time.monotonic() < deadline and code != "200":
+        code = fetch(cluster, x.name, g2.addr4, f"http://{UPSTREAM4}/index.html", timeout=1)[1]
+        time.sleep(0.1)
+    assert code == "200", ("x stays blocked on g2 with g1's grant back in the ledger", log_lines(gws))
+    size, _code = fetch(cluster, x.name, g2.addr4, URL4, timeout=10)
+    time.sleep(1.5)
+    assert 2_000_000 < down_bytes(gws[1], x) <= 5_000_000  # g2 now spends the rest, and no more
+    for gw in gws:
+        gw.stop()
+    with Ledger.open(gws[0].db) as led:
+        row = led.get_subscriber(x.name)
+        charged = sum(c["amount"] for c in led.charges(x.name))
+        assert row["balance"] == 5 * EUR // 100 - charged >= 0 and row["reserved"] == 0
+        assert led.check_invariants() == []

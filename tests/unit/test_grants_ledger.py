@@ -138,6 +138,23 @@ def test_a_start_reserves_thousands_in_a_few_statements_each_what_is_left(ledger
         assert g1.reserve({sid: 1 for sid in subs}, LATER).keys() == {
             sid for k, sid in enumerate(subs) if (k % 5) * 100 - 100 + (k % 3) * 50 - held.get(sid, 0)
             - expected.get(sid, 0) > 0}  # a second round takes the rest, as one by one
+        again = {sid: 1 for k, sid in enumerate(subs) if (k % 5) * 100 - 100 + (k % 3) * 50 - held.get(sid, 0)
+                 - expected.get(sid, 0) > 0}
+        # the stop gives them back in bulk too: a select, then per chunk a lock, a delete and an update, and
+        # the feed's rows (nothing was free of any subscriber g1 holds a grant of now) in one insert each
+        sent = statements(g1)
+        back = g1.release_grants()
+        assert len(sent) <= 1 + 2 * 3 + 2, sent
+        assert back == sorted((("g1", sid, expected.get(sid, 0) + again.get(sid, 0)) for sid in expected.keys() | again.keys()),
+                              key=lambda r: r[1])
+        assert g1.grants() == {} and dict(g1.db.execute("SELECT id, reserved FROM subscribers")) == {
+            sid: held.get(sid, 0) for sid in subs}
+        # the feed's 'grant' rows: subscribers whose money g1 held to the last unit (nothing free before)
+        left = {sid: (k % 5) * 100 - 100 + (k % 3) * 50 - held.get(sid, 0) - expected.get(sid, 0) - again.get(sid, 0)
+                for k, sid in enumerate(subs)}
+        _last, feed = g1.changes_since(0)
+        assert {sid for sid, what in feed.items() if "grant" in what} == {
+            sid for sid in expected.keys() | again.keys() if left[sid] <= 0}
         assert g1.check_invariants() == []
 
 
