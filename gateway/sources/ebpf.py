@@ -58,11 +58,14 @@ subscriber's networks"; while it is set, the program passes the blocked
 subscriber's tcp/80 uploads uncounted (nft delivers them to the gateway
 itself, or rejects them in its forward block chain: never forwarded),
 everything else stays dropped ("Redirected" in tollgate.bpf.c). Order: set
-after the nft block, cleared before the nft unblock (the block step); a
-start clears every flag before the daemon restores nft's sets from the ledger
-(``__init__``, made before the restore) and sets it in ``begin`` for the
-subscribers whose networks the restored blocked set holds, read back from
-nft.
+after the nft block, cleared before the nft unblock (the block step).
+
+A start is the block step too: before the daemon restores nft's sets from
+the ledger (``__init__``, made before the restore) every redirected flag is
+cleared and the subscribers the engine has blocked are blocked in the
+program; after it (``begin``) every slot's blocked flag is set from the
+engine and the redirected flag for the subscribers whose networks the
+restored blocked set holds, read back from nft.
 
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
@@ -79,7 +82,7 @@ import logging
 import threading
 import time
 
-from ext.errors import BpfError, ConfigError
+from ext.errors import BpfError, ConfigError, EngineError
 
 log = logging.getLogger("tollgate.sources.ebpf")
 
@@ -135,20 +138,25 @@ class EbpfSource:
                        "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False,
                        "last_alarm_time": 0}
         self.queue_num = "ebpf"
-        self._clear_stale_redirects()
+        self._before_nft_restore()
 
-    def _clear_stale_redirects(self) -> None:
-        """A previous process's redirected flags, cleared before the daemon restores nft's sets from the
-        ledger (which may unblock someone: a payment while it was down): until ``begin`` sets them again from
-        what nft holds, a blocked subscriber's tcp/80 is dropped (no block page for a moment), never passed
-        for a network nft no longer blocks."""
+    def _before_nft_restore(self) -> None:
+        """The block step of a start, its first half (the daemon restores nft's sets from the ledger next; the
+        second half is in ``begin``). A previous process's redirected flags are cleared (the restore may unblock
+        someone: a payment while it was down): until ``begin`` sets them again from what nft holds, a blocked
+        subscriber's tcp/80 is dropped (no block page for a moment), never passed for a network nft no longer
+        blocks. And whoever the engine has blocked (billing at this start, a block from before it) is blocked
+        in the program before nft's restore blocks them: nothing the restore refuses was metered."""
         from ext.bpfmaps import Maps
 
         try:
             with Maps.open(self.pin_dir) as maps:
                 if maps.n_counters:
                     maps.clear_redirected()
-        except BpfError:  # nothing pinned, or another ABI (replaced in begin): no flag of ours to clear
+                    for sid in self.engine.subscribers():
+                        if sid < maps.max_slots and self.engine.subscriber(sid).blocked:
+                            maps.set_blocked(sid, True)
+        except BpfError:  # nothing pinned, or another ABI (replaced in begin): no flag of ours to change
             pass
 
     def enforcer_options(self) -> dict:
@@ -336,8 +344,12 @@ class EbpfSource:
         look at the engine and now: its own block event follows)."""
         engine = self.gw.acct.engine
         for sid in self._slots(sids):
-            if not engine.subscriber(sid).blocked:
-                self.maps.set_blocked(sid, False)
+            try:
+                if engine.subscriber(sid).blocked:
+                    continue
+            except EngineError:  # gone meanwhile: its prefixes leave the maps, the flag stays (fail closed)
+                continue
+            self.maps.set_blocked(sid, False)
 
     # ---- the loop -----------------------------------------------------------------
 
