@@ -22,7 +22,11 @@ namespace), TCP bulk (iperf3, Gbit/s at the receiver), and CPU per packet:
 the busy jiffies of all CPUs in /proc/stat over the small-packet run (sender,
 gateway, receiver and softirqs: everything the machine did) divided by the
 packets received; its difference to bare forwarding is the CPU each path
-adds per packet. Each figure is measured ``--repeat`` times per path (median
+adds per packet. "Our process": the user + system time of the path's own
+process (the daemon, the NetfilterQueue consumer; /proc/<pid>/stat) over the
+small-packet run, as a share of one CPU: on two CPUs that the sender, the
+forwarding and the receiver already fill, what it takes is what the packet
+rate loses. Each figure is measured ``--repeat`` times per path (median
 and range printed), the paths interleaved round by round so that a noisy
 neighbour hits all of them alike.
 
@@ -41,7 +45,7 @@ consumer is alive before it measures, and tears down its rules at once).
 Then, as before, the nfqueue path's block latency (``--rounds``): subscribers run out of money again
 and again, the gateway times breaching packet -> kernel set, p50 and p99.
 
-    sudo .venv/bin/python benches/bench_dataplane.py [--seconds 3] [--repeat 2] [--fill-large 1000000] [--markdown]
+    sudo .venv/bin/python benches/bench_dataplane.py [--seconds 3] [--repeat 2] [--fill-large 1000000] [--diagnose] [--markdown]
 """
 
 from __future__ import annotations
@@ -185,6 +189,12 @@ def fill_maps(n: int, first_slot: int) -> None:
         maps.set_subscribers([first_slot + i for i in range(n)], [v4_of(i) + "/32" for i in range(n)])
 
 
+def proc_jiffies(pid: int) -> int:
+    """User + system time of a process so far (its threads included), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 class Path_:
     """One way through the gateway: set up, measured in rounds, torn down."""
 
@@ -193,6 +203,7 @@ class Path_:
         self.tcp: list[float] = []
         self.udp: list[dict] = []
         self.prog: list[float] = []
+        self.daemon: list[float] = []  # share of one CPU its consumer process took in the small-packet runs
         self.note = ""
 
     def up(self, work: Path, args) -> None:
@@ -204,13 +215,28 @@ class Path_:
     def alive(self) -> bool:
         return True
 
+    def consumer(self) -> int | None:
+        """The pid of the process of ours on this path (a daemon, a queue consumer), if any."""
+        return None
+
     def measure(self, args) -> None:
         if not self.alive():
             raise RuntimeError(f"{self.label}: its consumer is gone")
         self.tcp.append(tcp_gbps(args.seconds) or 0.0)
         if not self.alive():
             raise RuntimeError(f"{self.label}: its consumer is gone")
+        pid = self.consumer()
+        j0, p0 = proc_jiffies(pid) if pid else 0, self.prog_stats()
         self.udp.append(udp_pps(args.seconds))
+        j1, p1 = proc_jiffies(pid) if pid else 0, self.prog_stats()
+        if pid:
+            self.daemon.append((j1 - j0) / HZ / args.seconds)
+        if p0 and p1[1] > p0[1]:
+            self.prog.append((p1[0] - p0[0]) / (p1[1] - p0[1]))
+
+    def prog_stats(self) -> tuple[int, int] | None:
+        """(run_time_ns, run_cnt) of our tc program, where the path has one."""
+        return None
 
 
 class Bare(Path_):
@@ -223,6 +249,9 @@ class Nfqueue(Path_):
 
     def alive(self):
         return self.gw.poll() is None
+
+    def consumer(self):
+        return self.gw.pid  # ip netns exec execs the daemon
 
     def down(self):
         try:
@@ -253,15 +282,11 @@ class Ebpf(Path_):
     def alive(self):
         return self.gw.poll() is None
 
-    def measure(self, args):
-        if not self.alive():
-            raise RuntimeError(f"{self.label}: the gateway is gone")
-        self.tcp.append(tcp_gbps(args.seconds) or 0.0)
-        t0, n0 = prog_stats()
-        self.udp.append(udp_pps(args.seconds))
-        t1, n1 = prog_stats()
-        if n1 > n0:
-            self.prog.append((t1 - t0) / (n1 - n0))
+    def consumer(self):
+        return self.gw.pid  # nsenter execs the daemon
+
+    def prog_stats(self):
+        return prog_stats()
 
     def down(self):
         from ext.bpfmaps import Maps
@@ -277,15 +302,24 @@ class Ebpf(Path_):
                 ns("gw", "nft", "delete", "table", "inet", "tollgate")
 
 
-class EbpfNoAccount(Ebpf):
-    """``--source ebpf`` with our nft table's ``account`` chain emptied after the start: the table's
-    per-subscriber nft counters count every forwarded packet again, for nothing (the eBPF source charges
-    from the program's counters; its drift check is off). A diagnostic column (``--diagnose``): what
-    that chain costs the eBPF path."""
+class EbpfWithAccount(Ebpf):
+    """``--source ebpf`` with our nft table as a counting source has it (``--diagnose``): after the start the
+    table is installed again with ``count=True`` and the lab's subscribers put in its counted sets, so every
+    forwarded packet goes through the ``account`` chain, as it did under this source before it left the chain
+    out (policy/nft.py, ``count``). Beside the eBPF column, in the same run and the same noise, it tells what
+    leaving the chain out saves."""
 
     def up(self, work, args):
         super().up(work, args)
-        ns("gw", "nft", "flush", "chain", "inet", "tollgate", "account")
+        from gateway.lab import Lab
+
+        nets = [f"{Lab.sub_addr4(i)}/32" for i in (1, 2)] + [f"2001:db8:100:{i:x}::/64" for i in (1, 2)]
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.nft import Enforcer; "
+                "e = Enforcer(queues=(), local_networks=['100.64.0.0/10', '2001:db8:100::/48']); e.install(); "
+                f"e.add_subscriber_addresses({nets!r})")
+        out = ns("gw", sys.executable, "-c", code)
+        if out.returncode:
+            raise RuntimeError(f"{self.label}: {out.stderr[-500:]}")
 
 
 class EbpfProgram(Ebpf):
@@ -319,6 +353,9 @@ class EbpfProgram(Ebpf):
     def alive(self):
         return True
 
+    def consumer(self):
+        return None
+
     def down(self):
         from ext.bpfmaps import Maps
         from policy import bpf
@@ -341,6 +378,9 @@ class PyNfq(Path_):
 
     def alive(self):
         return self.proc.poll() is None
+
+    def consumer(self):
+        return self.proc.pid
 
     def down(self):
         try:
@@ -397,8 +437,8 @@ def main() -> int:
     ap.add_argument("--fill-large", type=int, default=0, help="a second eBPF column with this many (0: none)")
     ap.add_argument("--rounds", type=int, default=10, help="block/top-up rounds for the nfqueue block latency "
                                                            "(0: skip)")
-    ap.add_argument("--diagnose", action="store_true", help="also the eBPF path with our nft table's account "
-                                                             "chain emptied (what that chain costs it)")
+    ap.add_argument("--diagnose", action="store_true", help="also the eBPF path with the nft account chain of a "
+                                                             "counting source added back (what leaving it out saves)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -411,7 +451,7 @@ def main() -> int:
     paths: list[Path_] = [Bare("bare forwarding"), Ebpf(f"eBPF (--source ebpf, {args.fill:,} in maps)", args.fill),
                           EbpfProgram(f"eBPF program alone (no daemon, {args.fill:,} in maps)", args.fill)]
     if args.diagnose:
-        paths.append(EbpfNoAccount(f"eBPF, nft account chain emptied ({args.fill:,} in maps)", args.fill))
+        paths.append(EbpfWithAccount(f"eBPF, nft account chain added back ({args.fill:,} in maps)", args.fill))
     if args.fill_large:
         paths.append(Ebpf(f"eBPF ({args.fill_large:,} in maps)", args.fill_large))
     paths.append(Nfqueue("nfqueue (tollgate run, 1 queue)"))
@@ -439,7 +479,7 @@ def main() -> int:
     bare = paths[0]
     b_pps, b_tcp, b_cpu = (med([u["pps"] for u in bare.udp]), med(bare.tcp), med([u["cpu_ns"] for u in bare.udp]))
     head = ["path", "64-byte kpps received", "vs bare", "UDP lost %", "TCP bulk Gbit/s", "vs bare",
-            "CPU ns/packet (all CPUs)", "added vs bare", "program ns/packet (BPF stats)"]
+            "CPU ns/packet (all CPUs)", "added vs bare", "program ns/packet (BPF stats)", "our process, % of a CPU"]
     lines = []
     for p in paths:
         pps = [u["pps"] for u in p.udp]
@@ -448,7 +488,8 @@ def main() -> int:
                       f"{med([u['lost'] for u in p.udp]):.1f}", span(p.tcp, lambda v: f"{v:.2f}"),
                       f"{med(p.tcp) / b_tcp:.0%}", span(cpu, lambda v: f"{v:.0f}"),
                       "-" if p is bare else f"{med(cpu) - b_cpu:+.0f}",
-                      span(p.prog, lambda v: f"{v:.0f}") if p.prog else "-"])
+                      span(p.prog, lambda v: f"{v:.0f}") if p.prog else "-",
+                      span(p.daemon, lambda v: f"{100 * v:.0f}") if p.daemon else "-"])
     if args.markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for line in lines:
