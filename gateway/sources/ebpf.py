@@ -67,6 +67,24 @@ program; after it (``begin``) every slot's blocked flag is set from the
 engine and the redirected flag for the subscribers whose networks the
 restored blocked set holds, read back from nft.
 
+Known gaps, both from metering before the forward hook. (1) A network that
+leaves a blocked subscriber leaves nft's blocked set at once (the change
+follower's ``_drop_networks``, gateway/daemon/changes.py) but the maps only
+at the next ``sync_addresses`` (``SYNC_INTERVAL``): until then its tcp/80
+passes the program uncounted (the slot is redirected) and nft, no longer
+blocking it, forwards it. The fix is a call into this source before that nft
+unblock (``maps.remove_subscribers(gone)``, the block step's order). (2)
+Uploads the kernel drops between tc ingress and the forward hook (no route,
+rp_filter, an invalid conntrack state, an operator's prerouting rule) are
+charged: the program cannot see those verdicts; the nft-marked sources count
+in the forward hook and do not charge them (qdisc drops after the forward
+hook are charged by every source). Among them, the one Tollgate makes
+itself: a packet from a bound address with a MAC that is not allowed
+(``[sessions] bind_mac``, nft's ``bound_mac`` rule at the top of the forward
+block chain) is metered against the address's subscriber and then dropped,
+so a spoofer's traffic is charged to its victim; the program would need the
+bindings (address -> MACs) in a map of its own to refuse it first.
+
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
 
