@@ -909,8 +909,8 @@ class Ledger:
         ``valid_until_ns``: at most what the balance can pay is ever outstanding.
 
         A few statements per ``_GRANT_CHUNK`` subscribers, whatever their number (a gateway's start
-        reserves one grant per subscriber it holds): on PostgreSQL the chunk's rows are locked first in
-        id order (the order of apply_flush and of the grants' return: concurrent gateways queue, never
+        reserves one grant per subscriber it holds; a refill, one: two statements): on PostgreSQL the
+        chunk's rows are locked first in id order (the order of apply_flush and of the grants' return: concurrent gateways queue, never
         deadlock), then one conditional ``UPDATE ... FROM (VALUES ...)`` takes each subscriber's grant
         from its row as it is then (under READ COMMITTED the statement reads the rows committed before
         it, and nobody else can change them until we commit); SQLite has one writer at a time."""
@@ -925,7 +925,7 @@ class Ledger:
         with self.transaction():
             for i in range(0, len(asks), self._GRANT_CHUNK):
                 part = asks[i:i + self._GRANT_CHUNK]
-                if self.db.LOCK_ROW:
+                if self.db.LOCK_ROW and len(part) > 1:  # (one row: its UPDATE locks it, no order to keep)
                     ids = _pad([sid for sid, _ in part], -1)
                     self.db.execute(f"SELECT id FROM subscribers WHERE id IN ({', '.join('?' * len(ids))})"
                                     f" ORDER BY id{self.db.LOCK_ROW}", ids)
