@@ -429,9 +429,10 @@ class Accountant:
         applied, events = [], []
         for p in postings:
             off = p.amount  # what comes off the engine's balance
-            if self.ledger is not None and self.on_grants:
+            if self.ledger is not None and self.on_grants and self.ledger.gateway:
                 # the engine holds a grant, not the balance: it loses only what the ledger took from the grant
-                # (a refund is money in the ledger no grant holds: the grant keeper takes it as a grant)
+                # (a refund is money in the ledger no grant holds: the grant keeper takes it as a grant).
+                # (A replay of a cluster's config writes as no gateway and holds no grants: the plain posting.)
                 off = self.ledger.add_posting_on_grant(p.subscriber, p.kind, p.amount, p.ts, p.key, p.detail)
                 if off is None:
                     continue  # recorded before (a restart, another gateway billing it too)
