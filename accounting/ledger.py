@@ -125,7 +125,7 @@ class Ledger:
         log.warning("ledger connection lost; connected again to %s", self.db.target)
         return True
 
-    def transaction(self, serialized: bool = True):  # TODO(serialized): the argument goes when no caller passes it
+    def transaction(self):
         """A write transaction (see :meth:`accounting.store.backend.Backend.transaction`): callers that
         make several changes (a change and its audit row) commit all of them or none. No lock for the
         whole ledger is taken: what a method checks before it writes, it locks (the backend's docstring
@@ -890,7 +890,7 @@ class Ledger:
         """Remember a replayed capture; False if its digest was recorded before."""
         _text(digest, "import digest")
         _int(packets, "packets", 0)
-        with self.transaction(serialized=False):
+        with self.transaction():
             return self.db.scalar("INSERT INTO imports (digest, path, packets, ts_ns) VALUES (?, ?, ?, ?)"
                                   " ON CONFLICT DO NOTHING RETURNING 1",
                                   (digest, str(path), packets, time.time_ns())) is not None

@@ -141,7 +141,7 @@ class Backend(abc.ABC):
         return kind(f"refused by the database: {self._describe(exc)}")
 
     @contextlib.contextmanager
-    def transaction(self, serialized: bool = True):  # TODO(serialized): the argument goes when no caller passes it
+    def transaction(self):
         """A write transaction: all of it or, on any error (the commit's
         included), nothing. Inside another transaction of this connection it
         is part of that one. A constraint the database enforces that the

@@ -284,7 +284,7 @@ class PooledPostgresBackend(PostgresBackend):
         return conn is not None and conn.info.transaction_status != TransactionStatus.IDLE
 
     @contextlib.contextmanager
-    def transaction(self, serialized: bool = True):
+    def transaction(self):
         with self._held(), super().transaction():
             yield self
 
