@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 from zoneinfo import ZoneInfo
@@ -23,15 +24,12 @@ ME = f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    # Berlin, not UTC: dates on the command line must be read in the config's zone
-    (tmp_path / "tollgate.toml").write_text(f"""
+CONFIG = """
 [gateway]
 currency = "EUR"
 timezone = "Europe/Berlin"
 local_networks = ["100.64.0.0/10"]
-database = "{tmp_path / 'ledger.db'}"
+database = "{db}"
 
 [[tariff]]
 name = "basic"
@@ -44,7 +42,40 @@ name = "premium"
 price_unit = "MB"
 [tariff.prices]
 external = "0.005"
-""")
+"""
+
+THREE = (["alice", "--tariff", "basic", "--address", "100.64.0.2/32", "--balance", "10.00", "--credit-limit", "2.50",
+          "--contract", "C-17"],
+         ["bob", "--tariff", "basic", "--address", "100.64.0.3/32", "100.64.0.4/32"],
+         ["carol", "--tariff", "premium"])
+
+
+def cli(config_path, *args):
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "-c", str(config_path)],
+                          check=False, capture_output=True, text=True, input="")
+
+
+@pytest.fixture(scope="module")
+def three_built(tmp_path_factory):
+    """The ledger ``three`` stands for, made once per module by the same three ``subscriber add`` commands (a
+    process each, ~0.4 s: most of this file's time when each test ran them), closed; ``ledger`` gives each test
+    that asks for ``three`` a copy of the file instead of running them again."""
+    folder = tmp_path_factory.mktemp("three")
+    (folder / "tollgate.toml").write_text(CONFIG.format(db=folder / "ledger.db"))
+    Ledger.open(folder / "ledger.db").close()
+    for args in THREE:
+        out = cli(folder / "tollgate.toml", "subscriber", "add", *args)
+        assert out.returncode == 0, out.stderr
+    assert not os.path.exists(folder / "ledger.db-wal") or os.path.getsize(folder / "ledger.db-wal") == 0
+    return folder / "ledger.db"
+
+
+@pytest.fixture
+def ledger(request, tmp_path):
+    # Berlin, not UTC: dates on the command line must be read in the config's zone
+    (tmp_path / "tollgate.toml").write_text(CONFIG.format(db=tmp_path / "ledger.db"))
+    if "three" in request.fixturenames:  # alice, bob and carol as the commands added them (see three_built)
+        shutil.copyfile(request.getfixturevalue("three_built"), tmp_path / "ledger.db")
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         ledger.config_path = str(tmp_path / "tollgate.toml")
         yield ledger
@@ -53,20 +84,14 @@ external = "0.005"
 @pytest.fixture
 def tollgate(ledger):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "-c", ledger.config_path],
-                              check=False, capture_output=True, text=True, input="")
+        return cli(ledger.config_path, *args)
     return run
 
 
 @pytest.fixture
 def three(tollgate):
-    """alice and bob on basic, carol on premium."""
-    for args in (["alice", "--tariff", "basic", "--address", "100.64.0.2/32", "--balance", "10.00",
-                  "--credit-limit", "2.50", "--contract", "C-17"],
-                 ["bob", "--tariff", "basic", "--address", "100.64.0.3/32", "100.64.0.4/32"],
-                 ["carol", "--tariff", "premium"]):
-        out = tollgate("subscriber", "add", *args)
-        assert out.returncode == 0, out.stderr
+    """alice and bob on basic, carol on premium: ``subscriber add`` with THREE's arguments, run once per module
+    (three_built) and copied into this test's ledger by ``ledger``."""
 
 
 def audit(ledger) -> list[tuple]:
