@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import tomllib
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -441,7 +442,7 @@ def test_scenario_through_the_engines(name, engine):
 
 
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not (len(s) > 6 and s[6])])
-def test_scenario_through_replay(name, tmp_path, ledger_target):
+def test_scenario_through_replay(name, tmp_path, ledger_target, sqlite_ledger_template):
     scenario = SCENARIOS[name]
     cfg = parse_config(tomllib.loads(config_text(scenario)))
     capture = tmp_path / "scenario.pcap"
@@ -452,6 +453,8 @@ def test_scenario_through_replay(name, tmp_path, ledger_target):
         frame.time = Decimal(min(cfg.subscribers[0].since or at(scenario[4]), at(scenario[4]))) / NS
         wrpcap(str(capture), [frame], linktype=228)  # raw IPv4
     db = ledger_target()  # written by the replay, on each backend
+    if "dbname=" not in db:  # a SQLite path: a copy of the migrated empty ledger, as PostgreSQL's is (no migrations run)
+        shutil.copyfile(sqlite_ledger_template, db)
     result = replay(cfg, str(capture), db, progress=False, bill_until=at(scenario[4]))
     assert result.subscribers[0].balance == expected(scenario), name
     doc = result_json(result, cfg)["subscribers"][0]
