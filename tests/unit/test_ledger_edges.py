@@ -168,14 +168,10 @@ def test_a_number_no_column_holds_is_refused_and_changes_nothing(led):
         assert led.db.dump() == before
 
 
-def test_a_write_whose_result_would_pass_2_63_is_refused(led, request):
+def test_a_write_whose_result_would_pass_2_63_is_refused(led):
     """A balance or a usage row added into past 2^63-1. PostgreSQL refuses the bigint out of range (a
-    LedgerError, nothing written). SQLite's ``+`` turns the result into a float without an error and the row
-    holds 9.223372036854776e+18: Ledger.add_payment and Ledger.apply_flush bound nothing yet (strict: the fix
-    shows here)."""
-    if led.db.dialect == "sqlite":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="SQLite: integer + integer past 2^63-1 is a "
-                                                                  "float; add_payment/apply_flush do not bound it"))
+    LedgerError, nothing written). SQLite's ``+`` turns the result into a float without an error (the row
+    would hold 9.223372036854776e+18): schema 25's triggers refuse it there, the same LedgerError."""
     a = led.add_subscriber("a", "t", "EUR", opening_balance=TOP)
     led.apply_flush("f1", [(a, 1, 0, HOUR, TOP, 1, 0)], 1)
     before = led.db.dump()
@@ -183,3 +179,17 @@ def test_a_write_whose_result_would_pass_2_63_is_refused(led, request):
         with pytest.raises(LedgerError, match="out of range|2\\^63"):
             call()
         assert led.db.dump() == before
+
+
+def test_a_sum_past_2_63_is_refused_below_zero_and_in_the_kernel_marks_too(led):
+    """The other sums the ledger adds in SQL: a charge taking a balance below -2^63 (a debt no column holds),
+    a kernel mark added past 2^63-1 (SQLite: schema 25's triggers; PostgreSQL: bigint out of range)."""
+    a = led.add_subscriber("a", "t", "EUR", opening_balance=-TOP)
+    led.adjust_kernel_marks({(a, 0): (TOP, 1)})
+    before = led.db.dump()
+    for call in (lambda: led.apply_flush("f1", [(a, 1, 0, HOUR, 1, 1, 5)], 1),
+                 lambda: led.adjust_kernel_marks({(a, 0): (1, 1)})):
+        with pytest.raises(LedgerError, match="out of range|2\\^63"):
+            call()
+        assert led.db.dump() == before
+    assert led.balance(a) == -TOP and led.kernel_marks() == {(a, 0): (TOP, 1)}
