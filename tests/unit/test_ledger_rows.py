@@ -1,0 +1,86 @@
+"""``gateway.runtime.ledger_rows`` (one pass over ``Ledger.subscriber_rows``) gives what it gave when it was
+built from ``Ledger.subscribers()``: the same subscribers, addresses and terms, and the same ``Terms``
+once through ``Accountant.terms_for`` (which shares one object between subscribers of equal inputs)."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+
+from accounting import prepaid
+from accounting.ledger import Ledger
+from gateway.config import parse_config
+from gateway.runtime import Accountant, ledger_rows
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_tariff_scenarios import BASE  # noqa: E402
+
+CONFIG = BASE.format(currency="EUR") + """
+[[tariff]]
+name = "flat"
+price_unit = "MB"
+[tariff.prices]
+external = "1.00"
+peering = "1.00"
+
+[[tariff]]
+name = "other"
+price_unit = "MB"
+[tariff.prices]
+external = "2.00"
+peering = "2.00"
+"""
+
+
+def old_rows(ledger, created_is_since=True):
+    """ledger_rows as it was (HEAD 2dcb2b8): two dicts a subscriber, from Ledger.subscribers()."""
+    starts = prepaid.volume_starts(ledger)
+    return [{**{k: s[k] for k in ("id", "name", "tariff", "balance", *Ledger.TERMS)},
+             "addresses": list(s["addresses"]),
+             "since": s["billing_since_ns"] or (s["created_ns"] if created_is_since else None),
+             "volume_since": starts.get(s["id"])}
+            for s in ledger.subscribers() if s.get("active", 1)]
+
+
+def same(new, old):
+    """new rows carry the terms they set and addresses as a tuple: equal otherwise."""
+    assert [r["id"] for r in new] == [r["id"] for r in old]
+    for n, o in zip(new, old):
+        assert {**{k: None for k in Ledger.TERMS}, **n, "addresses": list(n["addresses"])} == o
+
+
+def test_ledger_rows_as_before(tmp_path):
+    ledger = Ledger.open(tmp_path / "l.db")
+    a = ledger.add_subscriber("a", "flat", "EUR", 5, addresses=["100.64.0.2/32", "2001:db8:100:1::/64"])
+    b = ledger.add_subscriber("b", "flat", "EUR", 7, credit_limit=3, addresses=["100.64.0.3/32"])
+    c = ledger.add_subscriber("c", "other", "EUR", 0)  # no address
+    d = ledger.add_subscriber("d", "flat", "EUR", 1, addresses=["100.64.0.9/32", "100.64.0.8/32", "100.64.1.0/24"])
+    e = ledger.add_subscriber("e", "flat", "EUR", 1, addresses=["100.64.0.10/32"])
+    f = ledger.add_subscriber("f", "flat", "EUR", 9, addresses=["2001:db8:100:2::/64"])
+    ledger.set_terms(b, discount_bp=2500, discount_until_ns=10 ** 18, volume_limit=10 ** 9, speed_up_bps=10 ** 6,
+                     access_hours="mon-fri 08:00-18:00")
+    ledger.set_terms(d, credit_until_ns=5 * 10 ** 17, max_connections=10)
+    ledger.set_billing_since(d, 4 * 10 ** 17)
+    ledger.set_active(e, False)
+    same(ledger_rows(ledger, created_is_since=False), old_rows(ledger, created_is_since=False))
+    new, old = ledger_rows(ledger), old_rows(ledger)
+    same(new, old)
+    assert [r["name"] for r in new] == ["a", "b", "c", "d", "f"]
+    assert [r["addresses"] for r in new] == [("100.64.0.2/32", "2001:db8:100:1::/64"), ("100.64.0.3/32",), (),
+                                             ("100.64.0.8/32", "100.64.0.9/32", "100.64.1.0/24"),
+                                             ("2001:db8:100:2::/64",)]
+    assert new[3]["since"] == 4 * 10 ** 17 and new[0]["since"] == old[0]["since"] is not None
+    assert {k for k in new[0] if k in Ledger.TERMS} == {"credit_limit"}  # terms not set are not in the row
+
+    cfg = parse_config(tomllib.loads(CONFIG))
+    acct, before = Accountant(cfg, ledger), Accountant(cfg, ledger)
+    acct.load_subscribers(new)
+    before.load_subscribers(old)
+    assert acct.terms == before.terms  # the same terms, field by field
+    assert acct.terms[a] is acct.terms[f]  # a and f differ in no input: one object
+    assert acct.terms[d] is not acct.terms[a] and acct.terms[d].credit_until == 5 * 10 ** 17
+    assert acct.terms[a].credit_limit == 0 and acct.terms[b].credit_limit == 3 and acct.terms[c].tariff == "other"
+    assert acct.terms[b].discount == 2500 and acct.terms[b].volume_limit == 10 ** 9
+    assert acct.terms[b].access is not None and acct.terms[a].access is None
+    assert {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()} == \
+        {s: (i.name, i.tariff, i.addresses) for s, i in before.subscribers.items()}
