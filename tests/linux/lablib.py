@@ -108,3 +108,42 @@ def charged_bytes_of(target: str) -> dict[str, int]:
     with Ledger.open(target) as led:
         names = {s["id"]: s["name"] for s in led.subscribers()}
         return {names[u["subscriber_id"]]: u["bytes"] for u in led.usage(group_by="subscriber_id")}
+
+
+class EbpfGateway(Gateway):
+    """``tollgate run --source ebpf``, entered with nsenter --net, not ip netns exec: the latter mounts a
+    sysfs of its own, and with it a bpffs that dies with the process (the pins must outlive it). A test
+    module names its pin directory and its subscribers' interfaces (``pin``, ``subs``: s1, s2, ...)."""
+
+    pin = ""
+    subs: tuple = ()
+
+    def start(self) -> "EbpfGateway":
+        log = open(self.dir / "gateway.log", "a")
+        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-m", "gateway.cli",
+                                      "-v", "run", "-c", str(self.config), "--db", str(self.db), "--source", "ebpf",
+                                      "--source-option", f"pin_dir={self.pin}", "--source-option",
+                                      f"interfaces={','.join(f's{i}' for i in self.subs)}", *self.extra],
+                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+
+    def remove(self, lab) -> None:
+        """Killed, its program detached and unpinned and our nft table deleted (what stays of a gateway
+        after a SIGKILL, on purpose: no fail-open window); fails if a tc filter of ours stayed."""
+        from ext.bpfmaps import Maps
+        from policy import bpf
+
+        self.stop(signal.SIGKILL)
+        try:
+            bpf.detach([f"s{i}" for i in self.subs], self.pin, netns=lab.gw, unpin=False)
+        finally:
+            Maps.unpin(self.pin)
+            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
+        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"

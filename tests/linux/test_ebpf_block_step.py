@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -50,7 +49,6 @@ def flushed(db) -> int:
 @pytest.fixture(scope="module")
 def slow_poll_lab(lab, tmp_path_factory):
     from ext.bpfmaps import BpfError, Maps
-    from policy import bpf
 
     far_end_tables(lab)
     try:
@@ -68,15 +66,11 @@ def slow_poll_lab(lab, tmp_path_factory):
         gw.start()
         yield lab, gw
     finally:
-        gw.stop(signal.SIGKILL)
         try:
-            bpf.detach([f"s{i}" for i in SUBS], PIN, netns=lab.gw, unpin=False)
+            gw.remove(lab)
         finally:
-            Maps.unpin(PIN)
-            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
             for ns in (lab.up, lab.sub(S1)):
                 netns(ns, "nft", "delete", "table", "inet", "tgblock")
-        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"
 
 
 def test_manual_block_under_traffic_charges_only_what_arrived(slow_poll_lab):

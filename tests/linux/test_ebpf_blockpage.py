@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 
 from gateway.lab import GATEWAY_UP4, GATEWAY_UP6, UPSTREAM4, UPSTREAM6
-from lablib import REPO, Gateway, lab_config, netns
+import lablib
+from lablib import lab_config, netns
 
 PIN = f"/sys/fs/bpf/tollgate-test-blockpage-{os.getpid()}"
 C_BLOCKED, C_REDIRECTED = 1, 2  # ext.bpfmaps
@@ -40,24 +39,8 @@ SUBS = (1, 2, 3, 4)
 S1 = 1
 
 
-class EbpfGateway(Gateway):
-    """As in test_ebpf_gateway.py: entered with nsenter --net (the pins must outlive the process)."""
-
-    def start(self) -> "EbpfGateway":
-        log = open(self.dir / "gateway.log", "a")
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-m", "gateway.cli",
-                                      "-v", "run", "-c", str(self.config), "--db", str(self.db), "--source", "ebpf",
-                                      "--source-option", f"pin_dir={PIN}", "--source-option",
-                                      f"interfaces={','.join(f's{i}' for i in SUBS)}", *self.extra],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-3000:]}")
-            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+class EbpfGateway(lablib.EbpfGateway):
+    pin, subs = PIN, SUBS
 
 
 def far_end_tables(lab) -> None:
@@ -159,17 +142,11 @@ def blockpage_lab(lab, tmp_path_factory):
         gw.start()
         yield lab, gw
     finally:
-        gw.stop(signal.SIGKILL)
-        from policy import bpf
-
         try:
-            bpf.detach([f"s{i}" for i in SUBS], PIN, netns=lab.gw, unpin=False)
+            gw.remove(lab)
         finally:
-            Maps.unpin(PIN)
-            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
             for ns in (lab.up, lab.sub(S1)):
                 netns(ns, "nft", "delete", "table", "inet", "tgblock")
-        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"
 
 
 def test_money_out_block_page_and_top_up(blockpage_lab):

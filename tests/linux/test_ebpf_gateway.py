@@ -24,13 +24,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 
 from gateway.lab import GATEWAY_UP4, GATEWAY_UP6, UPSTREAM4, UPSTREAM6, spawn
-from lablib import REPO, Gateway, lab_config, netns
+import lablib
+from lablib import lab_config, netns
 
 PIN = f"/sys/fs/bpf/tollgate-test-ebpf-{os.getpid()}"
 SUBS = (1, 2, 3, 4)
@@ -40,25 +40,8 @@ POOR = 3  # 0.05 EUR: 5 MB of downloads at 0.01 EUR/MB
 ALWAYS_POOR = 4  # runs out before the kills
 
 
-class EbpfGateway(Gateway):
-    """``tollgate run --source ebpf`` entered with nsenter --net, not ip netns exec: the latter mounts a
-    sysfs of its own, and with it a bpffs that dies with the process (the pins must outlive it)."""
-
-    def start(self) -> "EbpfGateway":
-        log = open(self.dir / "gateway.log", "a")
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-m", "gateway.cli",
-                                      "-v", "run", "-c", str(self.config), "--db", str(self.db), "--source", "ebpf",
-                                      "--source-option", f"pin_dir={PIN}", "--source-option",
-                                      f"interfaces={','.join(f's{i}' for i in SUBS)}", *self.extra],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-3000:]}")
-            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+class EbpfGateway(lablib.EbpfGateway):
+    pin, subs = PIN, SUBS
 
 
 def config(lab, peak_from: str, peak_to: str) -> str:
@@ -170,15 +153,7 @@ def ebpf_lab(lab, tmp_path_factory):
         gw.start()
         yield lab, gw, boundary.timestamp()
     finally:
-        gw.stop(signal.SIGKILL)
-        from policy import bpf
-
-        try:
-            bpf.detach([f"s{i}" for i in SUBS], PIN, netns=lab.gw, unpin=False)
-        finally:
-            Maps.unpin(PIN)
-            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
-        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"
+        gw.remove(lab)
 
 
 def test_exact_across_zones_slots_and_kills(ebpf_lab):

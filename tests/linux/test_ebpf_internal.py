@@ -35,14 +35,13 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
 
 from gateway.lab import GATEWAY_UP4, GATEWAY_UP6, sh, spawn
-from lablib import REPO, Gateway, lab_config, netns
+import lablib
+from lablib import Gateway, lab_config, netns
 
 PIN = f"/sys/fs/bpf/tollgate-test-internal-{os.getpid()}"
 SUBS = (1, 2, 3, 4)
@@ -63,24 +62,8 @@ def config(n: int) -> str:
     return head[:at] + zone + head[at:] + "[[subscriber]]" + subs
 
 
-class EbpfGateway(Gateway):
-    """Entered with nsenter --net (ip netns exec would mount a sysfs, and a bpffs, that die with it)."""
-
-    def start(self) -> "EbpfGateway":
-        log = open(self.dir / "gateway.log", "a")
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-m", "gateway.cli",
-                                      "-v", "run", "-c", str(self.config), "--db", str(self.db), "--source", "ebpf",
-                                      "--source-option", f"pin_dir={PIN}", "--source-option",
-                                      f"interfaces={','.join(f's{i}' for i in SUBS)}"],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-3000:]}")
-            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+class EbpfGateway(lablib.EbpfGateway):
+    pin, subs = PIN, SUBS
 
 
 def server_ns(lab) -> str:
@@ -277,7 +260,6 @@ def engine_cost(config_path, far: dict) -> dict:
 def test_internal_traffic_charged_as_the_engine_says(internal_lab, tmp_path, source):
     lab = internal_lab
     from ext.bpfmaps import BpfError, Maps
-    from policy import bpf
 
     try:
         Maps.unpin(PIN)
@@ -294,15 +276,11 @@ def test_internal_traffic_charged_as_the_engine_says(internal_lab, tmp_path, sou
         assert gw.proc.returncode == 0, (gw.dir / "gateway.log").read_text()[-3000:]
         far = minus(far_end(lab), far0)
     finally:
-        gw.stop(signal.SIGKILL)
         if source == "ebpf":
-            try:
-                bpf.detach([f"s{i}" for i in SUBS], PIN, netns=lab.gw, unpin=False)
-            finally:
-                Maps.unpin(PIN)
-        netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
-    if source == "ebpf":
-        assert not bpf.attached(lab.gw), "a tc filter of ours was left behind"
+            gw.remove(lab)
+        else:
+            gw.stop(signal.SIGKILL)
+            netns(lab.gw, "nft", "delete", "table", "inet", "tollgate")
     usage, subs = ledger(gw.db)
     gw_bytes = far.pop("gw", 0)
     print(f"\n  {source}: far ends {sorted(far.items())}\n  ledger {sorted(usage.items())}\n  the gateway's own "
