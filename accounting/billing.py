@@ -423,7 +423,10 @@ class Biller:
         ``end``: ``now`` is an exclusive end (``replay --bill-until``): what
         happens before it is billed, a period ending at it is settled, but
         nothing that starts at it: not the next period's fee or free volume,
-        not that day's share of a daily fee, not an expiry falling on it."""
+        not that day's share of a daily fee, not an expiry falling on it.
+
+        An account that crossed several period starts has one ``renew``
+        change, the last start's (renewing is the same each time)."""
         postings: list[Posting] = []
         changes: list[EngineChange] = []
         for acct in self._due_now(now, end):
@@ -434,17 +437,29 @@ class Biller:
                 if on and until is not None and (now > until or (now == until and not end)):
                     setattr(acct, f"{what}_on", False)
                     changes.append(EngineChange(acct.sid, what, 0, until))
+            # A tariff with no fee whose traffic went off the balance as it passed (regular) posts nothing at a
+            # boundary (_daily_fees, _settle and _fee_at_start return nothing for it): its periods are only
+            # walked. One renew stands for several boundaries crossed at once (an account opened months
+            # ago, at a restart): a renew sets the period's free volume and volume limit afresh, so the
+            # engine ends in the same state with the same events whether it is told once or k times in a row.
+            plan = self._plan(acct)
+            quiet = not plan.fee and plan.scheme == "regular"
+            renewed = None
             while now >= acct.end:
                 boundary = acct.end
                 if acct.settled_to != boundary:
-                    postings += self._daily_fees(acct, boundary)
-                    postings += self._settle(acct, boundary, final=True)
+                    if not quiet:
+                        postings += self._daily_fees(acct, boundary)
+                        postings += self._settle(acct, boundary, final=True)
                     acct.settled_to = boundary
                 if end and now == boundary:  # the next period starts at the end: not billed here
                     break
                 self._enter_period(acct, boundary)
-                changes.append(EngineChange(acct.sid, "renew", 0, boundary))
-                postings += self._fee_at_start(acct, boundary)
+                renewed = boundary
+                if not quiet:
+                    postings += self._fee_at_start(acct, boundary)
+            if renewed is not None:
+                changes.append(EngineChange(acct.sid, "renew", 0, renewed))
             self._schedule(acct, now)
             if acct.settled_to == acct.end:
                 continue  # closed at an exclusive end, nothing of the next period yet

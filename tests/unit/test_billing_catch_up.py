@@ -1,0 +1,95 @@
+"""An account that crosses many period starts in one ``Biller.advance`` (a restart of a ledger whose
+subscribers joined months ago) gets the postings it gets when billed boundary by boundary, and one
+``renew`` (the last start's) instead of one per start; the engine ends in the same state."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+
+from accounting.billing import Biller, Terms
+from gateway.config import parse_config
+from gateway.runtime import Accountant
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_billing_incremental import CONFIG, DAY, START  # noqa: E402
+
+FREE = CONFIG + """
+[[tariff]]
+name = "free"
+prices = { external = "0.01", peering = "0.005" }
+price_unit = "MB"
+volume_limit = "1 GB"
+"""
+
+
+def terms(name: str, until=None) -> Terms:
+    return Terms(name, 1000 if until else 0, until, 10 ** 9, until, None, None, None, None, None)
+
+
+def stepwise(biller: Biller, now: int) -> tuple[list, list]:
+    """Billed at each instant something falls due, up to now."""
+    postings, changes = [], []
+    t = biller.next_event(START)
+    while t is not None and t <= now:
+        p, c = biller.advance(t)
+        postings += p
+        changes += c
+        t = biller.next_event(t)
+    p, c = biller.advance(now)
+    return postings + p, changes + c
+
+
+def test_catching_up_posts_what_billing_each_boundary_does():
+    cfg = parse_config(tomllib.loads(FREE))
+    names = sorted(cfg.tariffs)
+    now = START + 200 * DAY + 12345
+    at_once, each = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
+    for biller in (at_once, each):
+        for sid, name in enumerate(names * 2, start=1):
+            # (a discount or credit ending between the boundaries is not the point here: advance applies an
+            # expiry before the boundaries it crosses, so an expiry is put after now)
+            until = now + sid * DAY if sid > len(names) else None
+            biller.open(sid, terms(name, until), START + sid * DAY // 3)
+    p1, c1 = at_once.advance(now)
+    p2, c2 = each.advance(START)
+    more = stepwise(each, now)
+    p2, c2 = p2 + more[0], c2 + more[1]
+    assert sorted(p1, key=repr) == sorted(p2, key=repr)
+    assert len(p1) > 50  # fees and settlements of months (the free tariff's: none)
+    last_renew = {}
+    for c in c2:
+        if c.what == "renew":
+            last_renew[c.subscriber] = c
+    assert sorted((c for c in c1 if c.what == "renew"), key=repr) == sorted(last_renew.values(), key=repr)
+    assert len([c for c in c1 if c.what == "renew"]) == len(names) * 2  # one each, several starts crossed
+    assert sorted((c for c in c1 if c.what != "renew"), key=repr) == sorted((c for c in c2 if c.what != "renew"),
+                                                                           key=repr)
+    assert {(a.sid, a.start, a.end, a.fee_days_done, a.settled_to) for a in at_once.accounts.values()} == \
+        {(a.sid, a.start, a.end, a.fee_days_done, a.settled_to) for a in each.accounts.values()}
+
+
+def test_the_engine_ends_the_same_after_one_renew_for_many():
+    """A subscriber past its volume limit months ago (blocked): renewed once or at every period start, it is
+    unblocked with its free volume and limit back, and the events are the same."""
+    cfg = parse_config(tomllib.loads(FREE))
+    now = START + 100 * DAY
+    states, events = [], []
+    for stepped in (False, True):
+        acct = Accountant(cfg, None)
+        rows = [{"id": 1, "name": "v", "tariff": "free", "balance": 10 ** 12, "credit_limit": 0,
+                 "addresses": ("100.64.0.2/32",), "since": START, "volume_since": None}]
+        got = list(acct.load_subscribers(rows))
+        got += acct.start_billing(START)[1]
+        got += acct.engine.set_volume(1, -5)  # used past the limit: blocked (BLOCK_VOLUME)
+        if stepped:
+            t = acct.next_event(START)
+            while t is not None and t < now:
+                got += acct.bill(t)[1]
+                t = acct.next_event(t)
+        got += acct.bill(now)[1]
+        states.append(acct.engine.subscriber(1))
+        events.append(got)
+    assert states[0] == states[1]
+    assert states[0].volume_left == 10 ** 9 and not states[0].blocked
+    assert events[0] == events[1]
