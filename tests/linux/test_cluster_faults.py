@@ -46,6 +46,7 @@ from test_cluster_lab import URL4, log_lines, mismatches, settle
 PRICE_PER_BYTE = 10  # nano-EUR: 0.01 EUR per 10^6 bytes, the lab's price
 RATE = "250k"  # curl --limit-rate per download: bytes per second
 OUTAGE = 30.0  # seconds, the issue's; prepaid modes end it sooner once every subscriber is blocked
+MTU = 1500  # bytes: one packet
 BLOCKED_FOR = 3.0  # a prepaid subscriber has delivered nothing for this long before the database is back
 
 
@@ -266,7 +267,9 @@ def test_postgres_stopped_under_traffic(cluster, pg_gateways, pg_cluster, mode):
         else:  # prepaid: nothing beyond what the grants held when the database went away, then blocked
             paid_for = at_stop[name]["charged"] + sum(at_stop[name]["grants"].values())
             assert during[name] * price <= paid_for, (mode, name, during[name], at_stop[name])
-            assert during[name] == late, (mode, name, "still served late in the outage", samples[-5:], during)
+            # and blocked: nothing late in the outage but what a grant's last cents still paid for (one packet:
+            # a retransmission after a quiet while; seen once, 156 B), never more than the grants (above)
+            assert during[name] - late <= MTU, (mode, name, "still served late in the outage", samples[-5:], during)
     if mode == "continue":
         assert lent > 0, credit[-3:]
     for h in final_health:
