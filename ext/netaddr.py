@@ -15,38 +15,63 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-_FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+_AF4, _AF6 = socket.AF_INET, socket.AF_INET6
+_PTON, _NTOP = socket.inet_pton, socket.inet_ntop
+# The canonical texts of prefix lengths, "0" to "128" (no sign, no leading zero, ASCII digits only):
+# one look-up instead of five checks of the text and an int()
+_LENGTHS = {str(n): n for n in range(129)}
+
+
+def _fast_int(text) -> tuple[int, bytes, int, str, int] | None:
+    """(version, packed address, prefix length, address text, address as int) of a network in
+    canonical text with no host bits set, else None."""
+    if type(text) is not str:
+        return None
+    addr, _sep, plen = text.partition("/")
+    length = _LENGTHS.get(plen)  # no "/" gives "": not a length either
+    if length is None:
+        return None
+    if ":" in addr:
+        if length > 128 or "." in addr:
+            return None  # a mapped address ipaddress prints otherwise: the slow path decides
+        try:
+            packed = _PTON(_AF6, addr)
+        except (OSError, ValueError):
+            return None
+        if _NTOP(_AF6, packed) != addr:
+            return None  # not the canonical spelling
+        value = int.from_bytes(packed, "big")
+        if value & ((1 << (128 - length)) - 1):
+            return None  # host bits: strict parsing refuses, loose parsing masks; ipaddress does either
+        return 6, packed, length, addr, value
+    if length > 32:
+        return None
+    try:
+        packed = _PTON(_AF4, addr)
+    except (OSError, ValueError):
+        return None
+    if _NTOP(_AF4, packed) != addr:
+        return None
+    value = int.from_bytes(packed, "big")
+    if value & ((1 << (32 - length)) - 1):
+        return None
+    return 4, packed, length, addr, value
 
 
 def _fast(text) -> tuple[int, bytes, int, str] | None:
     """(version, packed address, prefix length, address text) of a network in
     canonical text with no host bits set, else None."""
-    if type(text) is not str:
-        return None
-    addr, sep, plen = text.partition("/")
-    if not sep or not (plen.isascii() and plen.isdigit()) or len(plen) > 3 or (len(plen) > 1 and plen[0] == "0"):
-        return None
-    version = 6 if ":" in addr else 4
-    family, bits = _FAMILY[version]
-    try:
-        packed = socket.inet_pton(family, addr)
-    except (OSError, ValueError):
-        return None
-    length = int(plen)
-    if length > bits or socket.inet_ntop(family, packed) != addr or "." in addr and version == 6:
-        return None  # not the canonical spelling (or a mapped address ipaddress prints otherwise): the slow path decides
-    if int.from_bytes(packed, "big") & ((1 << (bits - length)) - 1):
-        return None  # host bits: strict parsing refuses, loose parsing masks; ipaddress does either
-    return version, packed, length, addr
+    fast = _fast_int(text)
+    return None if fast is None else fast[:4]
 
 
 def parse(text, strict: bool = True) -> tuple[int, int, int]:
     """``"100.64.0.0/10"`` -> (version 4|6, network as int, prefix length),
     as ``ipaddress.ip_network(text, strict)`` would give it; its ValueError
     (or TypeError) for what is not a network."""
-    fast = _fast(text)
+    fast = _fast_int(text)
     if fast is not None:
-        return fast[0], int.from_bytes(fast[1], "big"), fast[2]
+        return fast[0], fast[4], fast[2]
     net = ipaddress.ip_network(text, strict=strict)
     return net.version, int(net.network_address), net.prefixlen
 
@@ -54,7 +79,7 @@ def parse(text, strict: bool = True) -> tuple[int, int, int]:
 def split(text) -> tuple[int, str, int]:
     """(version, canonical network address text, prefix length), host bits
     masked (``ip_network(text, strict=False)``)."""
-    fast = _fast(text)
+    fast = _fast_int(text)
     if fast is not None:
         return fast[0], fast[3], fast[2]
     net = ipaddress.ip_network(text, strict=False)
@@ -63,6 +88,6 @@ def split(text) -> tuple[int, str, int]:
 
 def canonical(text) -> str:
     """``str(ipaddress.ip_network(text, strict=False))``: ``100.64.1.2/32``, ``2001:db8:100:1::/64``."""
-    if _fast(text) is not None:
+    if _fast_int(text) is not None:
         return text
     return str(ipaddress.ip_network(text, strict=False))
