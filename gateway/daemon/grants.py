@@ -16,7 +16,10 @@ passed since are inside the grant, so inside that sum). How:
   the lowest price now (``quote`` of a volume without buckets). If another
   pair draws on it first, that pair pays less than its grant assumed and the
   owner pays its own, lower or equal, price for what it lost: the total stays
-  within the budget (cost change ``(p_owner - p_other) * drawn <= 0``).
+  within the budget (cost change ``(p_owner - p_other) * drawn <= 0``). A
+  bucket dearer than the price after it (a tier: the first megabytes cost
+  more) is the other way round: every pair it covers counts on it, since a
+  pair drawing it pays more than its price alone, never more than that quote.
 * **Budget.** What is not committed to outstanding grants (``spare``) is
   shared out in equal parts among the pairs that need more (below their
   low-water mark: half a second of their recent rate, at least
@@ -138,12 +141,22 @@ class GrantKeeper:
         engine = self.gw.acct.engine
         zeros = [0] * len(masks)
         unit = {(z, d): engine.quote_bytes(sid, z, d, UNIT, now, zeros) for z, d in self.pairs}
-        owner = {}
+        views = {p: list(zeros) for p in self.pairs}
         for b, (zmask, dmask) in enumerate(masks):
             covered = [(z, d) for z, d in self.pairs if zmask >> z & 1 and dmask >> d & 1]
-            if covered and state.allowance[b] > 0:
-                owner[b] = min(covered, key=lambda p: unit[p])  # the first of the cheapest
-        return {p: [state.allowance[b] if owner.get(b) == p else 0 for b in range(len(masks))] for p in self.pairs}
+            left = state.allowance[b]
+            if not covered or left <= 0:
+                continue
+            owner = min(covered, key=lambda p: unit[p])  # the first of the cheapest
+            alone = [left if k == b else 0 for k in range(len(masks))]
+            for p in covered:
+                # the owner counts on the bucket; so does every pair for which drawing it costs more than not
+                # (a tier dearer than the price after it: first MB at 3, then 1): whoever draws it, a pair's
+                # cost lies between its two quotes (linear in what it draws), so the dearer one bounds it
+                if p == owner or engine.quote_bytes(sid, *p, left, now, alone) > engine.quote_bytes(sid, *p, left, now,
+                                                                                                     zeros):
+                    views[p][b] = left
+        return views
 
     def refresh(self, sid: int, now: int, refused: dict | None = None) -> list:
         """Bring ``sid``'s grants up to date; ``refused``:
