@@ -213,7 +213,7 @@ def prevailing_cost(tariff, pairs: tuple, volumes: dict, discount: int = 0) -> t
 
 # ---- following subscribers ----------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class Account:
     """Billing state of one subscriber in its current period."""
 
