@@ -22,17 +22,18 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from gateway.lab import UPSTREAM4
-from lablib import REPO, Gateway, lab_config, netns
+import lablib
+from lablib import REPO, lab_config, netns
 from test_ebpf_gateway import wait_for
 
 PIN = f"/sys/fs/bpf/tollgate-test-ops-{os.getpid()}"
-IFACES = ("s1", "s2")
+SUBS = (1, 2)
+IFACES = tuple(f"s{i}" for i in SUBS)
 
 
 def run_ebpf(lab, work: Path, *options: str, port: int = 8091) -> subprocess.CompletedProcess:
@@ -115,24 +116,14 @@ def pinged(lab, i: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-class OpsGateway(Gateway):
-    """Entered with nsenter --net (see test_ebpf_gateway.EbpfGateway), a heartbeat every 0.5 s."""
+class OpsGateway(lablib.EbpfGateway):
+    """lablib's eBPF gateway with this module's pins and a heartbeat every 0.5 s."""
 
-    def start(self) -> "OpsGateway":
-        self.extra = ["--source-option", f"pin_dir={PIN}", "--source-option", "heartbeat=0.5"]
-        log = open(self.dir / "gateway.log", "a")
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-m", "gateway.cli",
-                                      "-v", "run", "-c", str(self.config), "--db", str(self.db), "--source", "ebpf",
-                                      "--source-option", f"interfaces={','.join(IFACES)}", *self.extra],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {(self.dir / 'gateway.log').read_text()[-3000:]}")
-            if netns(self.ns, "curl", "-s", "-m", "1", "http://127.0.0.1:8080/healthz").returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"gateway did not come up: {(self.dir / 'gateway.log').read_text()[-3000:]}")
+    pin, subs = PIN, SUBS
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.extra = ["--source-option", "heartbeat=0.5", *self.extra]
 
 
 def test_heartbeat_alarms_and_attaches_again(clean, tmp_path):
