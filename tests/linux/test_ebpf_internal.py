@@ -293,7 +293,10 @@ def test_internal_traffic_charged_as_the_engine_says(internal_lab, tmp_path, sou
                 assert usage.get((sid, zone, d), 0) == far.get((i, zone, d), 0), \
                     f"s{i} zone {zone} {'down' if d else 'up'}load: ledger {usage.get((sid, zone, d), 0)} B, " \
                     f"far end {far.get((i, zone, d), 0)} B"
-    assert far[(1, LOCAL, 0)] > 3_000_000 and far[(3, LANSRV, 1)] > 2_000_000 and far[(1, LANSRV, 1)] > 500_000
+    # that the traffic flowed in these zones (the exact comparison is above): iperf3 ends its test when the
+    # sender has written -n bytes, and what is still in flight then may be cut (seen once under load: 2.84 MB
+    # of s1's 3 MB), so half of each transfer is asked for, not all of it
+    assert far[(1, LOCAL, 0)] > 1_500_000 and far[(3, LANSRV, 1)] > 1_000_000 and far[(1, LANSRV, 1)] > 250_000
     # the money: what the engine makes of the far ends' bytes, to the nano-unit
     cost = engine_cost(gw.config, far)
     charged = {name: 100_000_000_000 - bal for name, (_sid, bal) in subs.items()}
