@@ -86,6 +86,12 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.adapters.register_dumper(bool, _BoolAsInt)
 
 
+def _target(conn: psycopg.Connection) -> str:
+    """The database as messages name it (no password)."""
+    info = conn.info
+    return f"postgresql database {info.dbname!r} on {info.host}:{info.port}"
+
+
 class PostgresBackend(Backend):
     dialect = "postgres"
     errors = (psycopg.DatabaseError,)
@@ -108,8 +114,7 @@ class PostgresBackend(Backend):
         except psycopg.Error as exc:
             raise LedgerError(f"cannot connect to the PostgreSQL ledger: {exc}".strip()) from None
         _configure(conn)
-        info = conn.info
-        backend = cls(conn, f"postgresql database {info.dbname!r} on {info.host}:{info.port}", conninfo)
+        backend = cls(conn, _target(conn), conninfo)
         try:
             tables = backend.table_names()
             if tables:
@@ -246,8 +251,7 @@ class PooledPostgresBackend(PostgresBackend):
             pool.close()
             raise LedgerError(f"cannot open a pool of connections to the PostgreSQL ledger: {exc}") from None
         with pool.connection() as conn:
-            info = conn.info
-            target = f"postgresql database {info.dbname!r} on {info.host}:{info.port}"
+            target = _target(conn)
         return cls(pool, target, conninfo)
 
     @property
