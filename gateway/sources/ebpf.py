@@ -182,7 +182,9 @@ class EbpfSource:
         program's maps are the kernel's count here (charges, marks, crash recovery: ``begin``), the daemon reads
         no nft counter under this source (gateway/daemon/kernel.py: its recovery and drift checks are for the
         nft-marked sources), and the chain cost every forwarded packet ten set lookups and a count for nothing."""
-        return {"count": False}
+        # the block chain tests only tcp/80: the program refuses the rest of a blocked subscriber's traffic
+        # first (the block step, this module's docstring)
+        return {"count": False, "refused_at_tc": True}
 
     # ---- start ------------------------------------------------------------------
 

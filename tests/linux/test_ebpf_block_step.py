@@ -121,3 +121,46 @@ def test_nft_table_counts_nothing_under_ebpf(slow_poll_lab):
     assert not [n for n in sets if n.startswith(("up", "down"))], f"counted sets left: {sorted(sets)}"
     assert not [n for n, st in sets.items() if "counter" in json.dumps(st.get("stmt", []))]
     assert {"blocked4", "blocked6", "blocked6_64", "blocked4_net", "blocked6_net"} <= set(sets)
+
+
+# TCP with no flags: conntrack calls it INVALID and tracks nothing, so neither nat chain sees it (no portal
+# redirect, no masquerade); only a forward rule stops it. To port 80 from a blocked s1, the program passes it
+# uncounted (the slot is redirected), as it does a block-page request.
+INVALID_HTTP = """
+import sys
+from scapy.all import IP, IPv6, TCP, Raw, send
+src4, src6, dst4, dst6 = sys.argv[1:5]
+for i in range(20):
+    send(IP(src=src4, dst=dst4) / TCP(sport=40000 + i, dport=80, flags="") / Raw(b"x" * 100), verbose=False)
+    send(IPv6(src=src6, dst=dst6) / TCP(sport=40000 + i, dport=80, flags="") / Raw(b"x" * 100), verbose=False)
+"""
+HTTP_ARRIVALS = ("table inet tghttp {\n  chain c { type filter hook prerouting priority -300; policy accept;\n"
+                 "    tcp dport 80 counter\n  }\n}\n")
+
+
+def test_blocked_http_that_no_nat_redirects_is_rejected(slow_poll_lab):
+    """Under this source our forward hook holds one rule for blocked subscribers, ``tcp dport 80 jump
+    blocked_http`` (policy/nft.py, ``refused_at_tc``): the program refuses everything else of theirs first.
+    That rule is what keeps the tcp/80 the program passes, and the portal does not redirect, from being
+    forwarded: here TCP packets conntrack finds invalid, from blocked s1 to the upstream's port 80, v4 and v6.
+    None arrives upstream (counted there at prerouting, before anything of the upstream's), and the program
+    charges none. It fails with the rule taken out of the table."""
+    lab, gw = slow_poll_lab
+    subprocess.run(["ip", "netns", "exec", lab.up, "nft", "-f", "-"], input=HTTP_ARRIVALS, text=True, check=True)
+    try:
+        assert gw.tollgate("block", "s1", "--reason", "test: http").returncode == 0
+        wait_for("s1 blocked", lambda: blocked_in_kernel(lab))
+        wait_for("s1 redirected", lambda: slot_flags() & 2)
+        used0 = external_used()
+        netns(lab.sub(S1), sys.executable, "-c", INVALID_HTTP, lab.sub_addr4(S1), lab.sub_addr6(S1),
+              UPSTREAM4, UPSTREAM6, check=True, timeout=60)
+        time.sleep(0.5)
+        doc = json.loads(netns(lab.up, "nft", "-j", "list", "table", "inet", "tghttp", check=True).stdout)
+        arrived = sum(x["counter"]["packets"] for i in doc["nftables"] if "rule" in i
+                      for x in i["rule"]["expr"] if "counter" in x)
+        assert arrived == 0, f"{arrived} of 40 tcp/80 packets of a blocked subscriber were forwarded"
+        assert external_used() == used0
+    finally:
+        netns(lab.up, "nft", "delete", "table", "inet", "tghttp")
+        assert gw.tollgate("unblock", "s1").returncode == 0
+        wait_for("s1 unblocked", lambda: not blocked_in_kernel(lab))
