@@ -31,8 +31,10 @@ and range printed), the paths interleaved round by round so that a noisy
 neighbour hits all of them alike.
 
 The eBPF program's own cost per packet, under that traffic: the kernel's BPF
-statistics (``sysctl kernel.bpf_stats_enabled=1``, set back to its old value
-at the end; ``run_time_ns / run_cnt`` of the pinned programs) with the maps
+statistics (``sysctl kernel.bpf_stats_enabled=1``, ``run_time_ns / run_cnt``
+of the pinned programs) in a small-packet run of its own after the measured
+ones (the statistics cost every program run two clock reads, so the rates
+are measured with them off, as a gateway runs), with the maps
 holding the lab's subscribers plus ``--fill`` bulk /32s (default 1000), and
 again with ``--fill-large`` (e.g. 1000000; 0 skips it). The same figure
 without traffic is benches/bench_bpf_load.py's (BPF_PROG_TEST_RUN).
@@ -41,6 +43,11 @@ Every queue, rule, table, tc filter and pin this bench makes is removed in a
 ``finally``, per stage and for the whole run (a consumer that dies does not
 leave the lab's TCP waiting on a queue nobody reads: each stage checks its
 consumer is alive before it measures, and tears down its rules at once).
+
+``--diagnose`` adds three columns that split the eBPF path's cost: our nft
+table as under ``--source ebpf`` alone (no program, no daemon: its hooks'
+cost to every forwarded packet), the program and that table (no daemon), and
+the eBPF path with the account chain of a counting source added back.
 
 Then, as before, the nfqueue path's block latency (``--rounds``): subscribers run out of money again
 and again, the gateway times breaching packet -> kernel set, p50 and p99.
@@ -51,6 +58,7 @@ and again, the gateway times breaching packet -> kernel set, p50 and p99.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -78,6 +86,7 @@ signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 print("bound", flush=True)
 q.run()
 """
+LAB_NETS = ("100.64.1.2/32", "100.64.2.2/32", "2001:db8:100:1::/64", "2001:db8:100:2::/64")
 CLEAN_NFQ = "nft delete table inet tollgate 2>/dev/null; iptables-nft -F FORWARD; ip6tables-nft -F FORWARD; true"
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -189,6 +198,32 @@ def fill_maps(n: int, first_slot: int) -> None:
         maps.set_subscribers([first_slot + i for i in range(n)], [v4_of(i) + "/32" for i in range(n)])
 
 
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+STATS_SECONDS = 1.0  # the small-packet run that reads the program's own cost
+
+
+@contextlib.contextmanager
+def bpf_stats():
+    """The kernel's BPF run-time statistics on for the block, then back as they were."""
+    old = STATS.read_text().strip()
+    STATS.write_text("1")
+    try:
+        yield
+    finally:
+        STATS.write_text(old)
+
+
+def install_table(label: str, nets=(), count: bool = False) -> None:
+    """Our nft table in the gateway namespace as the daemon installs it (``count=False``: as under the eBPF
+    source), with ``nets`` in its counted sets, and no daemon."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.nft import Enforcer; "
+            f"e = Enforcer(queues=(), local_networks=['100.64.0.0/10', '2001:db8:100::/48'], count={count!r}); "
+            f"e.install(); e.add_subscriber_addresses({list(nets)!r})")
+    out = ns("gw", sys.executable, "-c", code)
+    if out.returncode:
+        raise RuntimeError(f"{label}: {out.stderr[-500:]}")
+
+
 def proc_jiffies(pid: int) -> int:
     """User + system time of a process so far (its threads included), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -226,13 +261,20 @@ class Path_:
         if not self.alive():
             raise RuntimeError(f"{self.label}: its consumer is gone")
         pid = self.consumer()
-        j0, p0 = proc_jiffies(pid) if pid else 0, self.prog_stats()
+        j0 = proc_jiffies(pid) if pid else 0
         self.udp.append(udp_pps(args.seconds))
-        j1, p1 = proc_jiffies(pid) if pid else 0, self.prog_stats()
         if pid:
-            self.daemon.append((j1 - j0) / HZ / args.seconds)
-        if p0 and p1[1] > p0[1]:
-            self.prog.append((p1[0] - p0[0]) / (p1[1] - p0[1]))
+            self.daemon.append((proc_jiffies(pid) - j0) / HZ / args.seconds)
+        p0 = self.prog_stats()
+        if p0 is not None:
+            # The program's own cost, in a run of its own: BPF statistics cost every run of every program
+            # two clock reads and a per-CPU update, so the rate runs above are made with them off.
+            with bpf_stats():
+                p0 = self.prog_stats()
+                udp_pps(STATS_SECONDS)
+                p1 = self.prog_stats()
+            if p1[1] > p0[1]:
+                self.prog.append((p1[0] - p0[0]) / (p1[1] - p0[1]))
 
     def prog_stats(self) -> tuple[int, int] | None:
         """(run_time_ns, run_cnt) of our tc program, where the path has one."""
@@ -311,15 +353,7 @@ class EbpfWithAccount(Ebpf):
 
     def up(self, work, args):
         super().up(work, args)
-        from gateway.lab import Lab
-
-        nets = [f"{Lab.sub_addr4(i)}/32" for i in (1, 2)] + [f"2001:db8:100:{i:x}::/64" for i in (1, 2)]
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.nft import Enforcer; "
-                "e = Enforcer(queues=(), local_networks=['100.64.0.0/10', '2001:db8:100::/48']); e.install(); "
-                f"e.add_subscriber_addresses({nets!r})")
-        out = ns("gw", sys.executable, "-c", code)
-        if out.returncode:
-            raise RuntimeError(f"{self.label}: {out.stderr[-500:]}")
+        install_table(self.label, LAB_NETS, count=True)
 
 
 class EbpfProgram(Ebpf):
@@ -364,6 +398,32 @@ class EbpfProgram(Ebpf):
             bpf.detach(None, PIN, netns=f"{PREFIX}-gw", unpin=False)
         finally:
             Maps.unpin(PIN)
+
+
+class TableOnly(Path_):
+    """Our nft table as under the eBPF source (``--diagnose``), with neither program nor daemon: beside bare
+    forwarding it tells what the table's hooks cost every forwarded packet."""
+
+    def up(self, work, args):
+        install_table(self.label)
+
+    def down(self):
+        ns("gw", "nft", "delete", "table", "inet", "tollgate")
+
+
+class EbpfProgramAndTable(EbpfProgram):
+    """The program alone plus our nft table as under the eBPF source (``--diagnose``), no daemon: with the
+    two columns above, the whole path's cost is split into program, table and daemon."""
+
+    def up(self, work, args):
+        super().up(work, args)
+        install_table(self.label)
+
+    def down(self):
+        try:
+            super().down()
+        finally:
+            ns("gw", "nft", "delete", "table", "inet", "tollgate")
 
 
 class PyNfq(Path_):
@@ -451,17 +511,17 @@ def main() -> int:
     paths: list[Path_] = [Bare("bare forwarding"), Ebpf(f"eBPF (--source ebpf, {args.fill:,} in maps)", args.fill),
                           EbpfProgram(f"eBPF program alone (no daemon, {args.fill:,} in maps)", args.fill)]
     if args.diagnose:
-        paths.append(EbpfWithAccount(f"eBPF, nft account chain added back ({args.fill:,} in maps)", args.fill))
+        paths += [TableOnly("our nft table alone (as under --source ebpf; no program, no daemon)"),
+                  EbpfProgramAndTable(f"eBPF program and our nft table (no daemon, {args.fill:,} in maps)", args.fill),
+                  EbpfWithAccount(f"eBPF, nft account chain added back ({args.fill:,} in maps)", args.fill)]
     if args.fill_large:
         paths.append(Ebpf(f"eBPF ({args.fill_large:,} in maps)", args.fill_large))
     paths.append(Nfqueue("nfqueue (tollgate run, 1 queue)"))
     if not missing:
         paths.append(PyNfq("Python NetfilterQueue"))
-    old_stats = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
     lab_down(PREFIX)
     lab_up(2, PREFIX)
     try:
-        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
         for rnd in range(args.repeat):
             for p in paths:
                 say(f"round {rnd + 1}/{args.repeat}: {p.label}")
@@ -472,10 +532,7 @@ def main() -> int:
                     p.down()
         latency = block_latency(work, args.rounds) if args.rounds else None
     finally:
-        try:
-            lab_down(PREFIX)
-        finally:
-            Path("/proc/sys/kernel/bpf_stats_enabled").write_text(old_stats)
+        lab_down(PREFIX)
     bare = paths[0]
     b_pps, b_tcp, b_cpu = (med([u["pps"] for u in bare.udp]), med(bare.tcp), med([u["cpu_ns"] for u in bare.udp]))
     head = ["path", "64-byte kpps received", "vs bare", "UDP lost %", "TCP bulk Gbit/s", "vs bare",
