@@ -432,41 +432,56 @@ class Biller:
         for acct in self._due_now(now, end):
             self._schedule(acct, now)  # (again below, once its period may have moved on)
             terms = acct.terms
-            for what, until, on in (("discount", terms.discount_until, acct.discount_on),
-                                    ("credit", terms.credit_until, acct.credit_on)):
-                if on and until is not None and (now > until or (now == until and not end)):
-                    setattr(acct, f"{what}_on", False)
-                    changes.append(EngineChange(acct.sid, what, 0, until))
-            # A tariff with no fee whose traffic went off the balance as it passed (regular) posts nothing at a
-            # boundary (_daily_fees, _settle and _fee_at_start return nothing for it): its periods are only
-            # walked. One renew stands for several boundaries crossed at once (an account opened months
-            # ago, at a restart): a renew sets the period's free volume and volume limit afresh, so the
-            # engine ends in the same state with the same events whether it is told once or k times in a row.
-            plan = self._plan(acct)
-            quiet = not plan.fee and plan.scheme == "regular"
+            # A discount or credit that ended by now ends where it ended, not at now: what fell due before
+            # it (fees of earlier periods and days, a settlement at a boundary before or at it) is billed
+            # first, with it, as billing at each instant would have (an account catching up at a restart
+            # crosses expiries and boundaries in one call). Billing up to the expiry is billing to an
+            # exclusive end there: nothing that starts at it is billed with it.
+            expiries = sorted((until, what) for what, until, on in (
+                ("discount", terms.discount_until, acct.discount_on), ("credit", terms.credit_until, acct.credit_on))
+                if on and until is not None and (now > until or (now == until and not end)))
             renewed = None
-            while now >= acct.end:
-                boundary = acct.end
-                if acct.settled_to != boundary:
-                    if not quiet:
-                        postings += self._daily_fees(acct, boundary)
-                        postings += self._settle(acct, boundary, final=True)
-                    acct.settled_to = boundary
-                if end and now == boundary:  # the next period starts at the end: not billed here
-                    break
-                self._enter_period(acct, boundary)
-                renewed = boundary
-                if not quiet:
-                    postings += self._fee_at_start(acct, boundary)
+            for until, what in expiries:
+                renewed = self._walk(acct, until, True, postings) or renewed
+                setattr(acct, f"{what}_on", False)
+                changes.append(EngineChange(acct.sid, what, 0, until))
+            renewed = self._walk(acct, now, end, postings) or renewed
             if renewed is not None:
                 changes.append(EngineChange(acct.sid, "renew", 0, renewed))
             self._schedule(acct, now)
-            if acct.settled_to == acct.end:
-                continue  # closed at an exclusive end, nothing of the next period yet
-            # an exclusive end: the days begun before it (now - 1 is the last instant billed)
-            postings += self._daily_fees(acct, now - 1 if end else now)
-            postings += self._settle(acct, now, final=False)
         return postings, changes
+
+    def _walk(self, acct: Account, now: int, end: bool, postings: list[Posting]) -> int | None:
+        """``advance`` of one account up to ``now``, its expiries aside: the periods it crosses settled and
+        entered, then the running period's fees and settlement; returns the last period start entered.
+
+        A tariff with no fee whose traffic went off the balance as it passed (regular) posts nothing at a
+        boundary (_daily_fees, _settle and _fee_at_start return nothing for it): its periods are only
+        walked. One renew stands for several boundaries crossed at once (an account opened months ago, at
+        a restart): a renew sets the period's free volume and volume limit afresh, so the engine ends in the
+        same state with the same events whether it is told once or k times in a row."""
+        plan = self._plan(acct)
+        quiet = not plan.fee and plan.scheme == "regular"
+        renewed = None
+        while now >= acct.end:
+            boundary = acct.end
+            if acct.settled_to != boundary:
+                if not quiet:
+                    postings += self._daily_fees(acct, boundary)
+                    postings += self._settle(acct, boundary, final=True)
+                acct.settled_to = boundary
+            if end and now == boundary:  # the next period starts at the end: not billed here
+                break
+            self._enter_period(acct, boundary)
+            renewed = boundary
+            if not quiet:
+                postings += self._fee_at_start(acct, boundary)
+        if acct.settled_to == acct.end:
+            return renewed  # closed at an exclusive end, nothing of the next period yet
+        # an exclusive end: the days begun before it (now - 1 is the last instant billed)
+        postings += self._daily_fees(acct, now - 1 if end else now)
+        postings += self._settle(acct, now, final=False)
+        return renewed
 
     # ---- inside ---------------------------------------------------------------------------
 

@@ -47,9 +47,7 @@ def test_catching_up_posts_what_billing_each_boundary_does():
     at_once, each = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
     for biller in (at_once, each):
         for sid, name in enumerate(names * 2, start=1):
-            # (a discount or credit ending between the boundaries is not the point here: advance applies an
-            # expiry before the boundaries it crosses, so an expiry is put after now)
-            until = now + sid * DAY if sid > len(names) else None
+            until = now + sid * DAY if sid > len(names) else None  # expiries: the next test
             biller.open(sid, terms(name, until), START + sid * DAY // 3)
     p1, c1 = at_once.advance(now)
     p2, c2 = each.advance(START)
@@ -93,3 +91,30 @@ def test_the_engine_ends_the_same_after_one_renew_for_many():
     assert states[0] == states[1]
     assert states[0].volume_left == 10 ** 9 and not states[0].blocked
     assert events[0] == events[1]
+
+
+def test_an_expiry_crossed_while_catching_up_ends_where_it_ended():
+    """A discount and credit that ended between the boundaries an account catches up over (some exactly at a
+    boundary, some inside a period, some inside a day): the fees and settlements before the expiry keep the
+    discount, those after lose it, as billing at each instant gives; before, the catch-up applied the expiry
+    first and billed every earlier period without the discount."""
+    cfg = parse_config(tomllib.loads(FREE))
+    names = sorted(cfg.tariffs)
+    now = START + 200 * DAY + 12345
+    at_once, each = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
+    for biller in (at_once, each):
+        for sid, name in enumerate(names * 4, start=1):
+            since = START + sid * DAY // 3
+            until = [since + 45 * DAY + 3 * 3600 * 10 ** 9, since + 100 * DAY, START + 31 * DAY, now][sid % 4]
+            biller.open(sid, terms(name, until), since)
+    p1, c1 = at_once.advance(now)
+    p2, c2 = each.advance(START)
+    more = stepwise(each, now)
+    p2, c2 = p2 + more[0], c2 + more[1]
+    assert sorted(p1, key=repr) == sorted(p2, key=repr)
+    discounted = [p for p in p1 if "off" in (p.detail or "")]
+    assert discounted and len(discounted) < len([p for p in p1 if p.kind == "fee"])  # both kinds are there
+    assert sorted((c for c in c1 if c.what != "renew"), key=repr) == sorted((c for c in c2 if c.what != "renew"),
+                                                                           key=repr)
+    assert {(a.sid, a.discount_on, a.credit_on) for a in at_once.accounts.values()} == \
+        {(a.sid, False, False) for a in each.accounts.values()}
