@@ -37,6 +37,26 @@ ROLLUP_FIRST = 300.0  # seconds after start before the first rollup (a restart l
 ROLLUP_INTERVAL = 3600.0  # seconds between rollups
 
 
+def levels_reached(biller, sid: int, allowance: int, allowance_left: int, levels) -> list[tuple[str, str, int]]:
+    """(notification key, event, level) of each level a subscriber's use has reached: "quota", its
+    tariff's free volume (``allowance`` bytes a period, ``allowance_left`` of them left: the engine's live
+    figure), and "volume", its volume limit. A key names the window it counts over, so each level is
+    noted once in it: the period for both, but a guest's voucher volume is one allotment for the voucher's
+    life (``Terms.volume_since``, gateway/runtime.py), so its "volume" levels are noted once for the voucher
+    and not again at each period start (a new period would have noted 80% again, with a percentage of the
+    new period's bytes only)."""
+    acct = biller.accounts[sid]
+    used = []  # (event, percent, window start)
+    if allowance:
+        used.append(("quota", 100 * (allowance - allowance_left) // allowance, acct.start))
+    limit = acct.terms.volume_limit
+    if limit:
+        window = acct.start if acct.terms.volume_since is None else acct.terms.volume_since
+        used.append(("volume", 100 * (limit - biller.volume_left(sid)) // limit, window))
+    return [(f"{event}:{sid}:{window}:{level}", event, level)
+            for event, percent, window in used for level in levels if percent >= level]
+
+
 class Flusher:
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -191,22 +211,14 @@ class Flusher:
         levels = gw.config.notify.quota_levels
         active, self.active = self.active, set()  # only traffic moves how much of a volume is used
         for sid in sorted(active):
-            acct = gw.acct.biller.accounts.get(sid)
-            if acct is None or sid not in gw.acct.subscribers:
+            if sid not in gw.acct.subscribers or sid not in gw.acct.biller.accounts:
                 continue
-            used = {}  # event -> percent used this period
-            total = sum(gw.config.tariffs[acct.terms.tariff].allowance())
-            if total:
-                used["quota"] = 100 * (total - sum(gw.acct.engine.subscriber(sid).allowance)) // total
-            if acct.terms.volume_limit:
-                volume = sum(v for (zone, _d), v in acct.volumes.items() if zone != 0)
-                used["volume"] = 100 * volume // acct.terms.volume_limit
-            for event, percent in used.items():
-                for level in (lvl for lvl in levels if percent >= lvl):
-                    key = f"{event}:{sid}:{acct.start}:{level}"
-                    if key not in self.quota_noted:
-                        self.quota_noted.add(key)
-                        enqueue(gw.ledger, key, event, sid, gw.payload(sid, time.time_ns(), percent=level))
+            total = sum(gw.config.tariffs[gw.acct.biller.accounts[sid].terms.tariff].allowance())
+            left = sum(gw.acct.engine.subscriber(sid).allowance) if total else 0
+            for key, event, level in levels_reached(gw.acct.biller, sid, total, left, levels):
+                if key not in self.quota_noted:
+                    self.quota_noted.add(key)
+                    enqueue(gw.ledger, key, event, sid, gw.payload(sid, time.time_ns(), percent=level))
 
     def rollup_loop(self) -> None:
         """Every ROLLUP_INTERVAL: the ledger's old minute rows into hours, old
