@@ -18,7 +18,11 @@ take the ledger's marks (migrations/0019_bpf_marks.sql) as the counters'
 last charged values so that the first poll charges exactly kernel - mark
 (what was forwarded and never flushed: rated but lost in a crash, or passed
 while the daemon was down), grant, and attach to ``interfaces`` (default:
-``gateway.lan_interfaces``).
+``gateway.lan_interfaces``). Granting everyone is most of a large start, so
+the first ``START_GRANTS`` subscribers are granted before the attach and the
+rest from the loop (``start_grants_left`` in /healthz counts them down);
+meanwhile the others pass on the grants the kernel kept (a restart) or, on
+fresh maps, are refused until a poll sees the refusal and grants them.
 
 The loop (``run``), every ``interval`` seconds: one scan of the mmapped
 counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
@@ -109,7 +113,16 @@ WATCH_INTERVAL = 0.2  # seconds between looks at blocked and refused subscribers
 # traffic (refreshed at each poll) or a touch (payments, fees, changes); at 5 s, 100k subscribers cost 20k
 # refreshes a second, a third of a core idle
 SWEEP_SECONDS = 60.0
+# ... but never more than SWEEP_RATE refreshes a second (some 40 us each): at a million subscribers a sweep of
+# 60 s was 17k refreshes a second, 27% of a core with no traffic at all; capped, a sweep there takes half an hour
+SWEEP_RATE = 500
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
+# A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers /healthz, and the rest from
+# the loop, up to START_BUDGET seconds of each poll (a grant costs some 40 us of Python: a million took 40 s of
+# a 90 s start). Until then a subscriber passes on the grants the kernel kept (a restart) or is refused (fresh
+# maps: grants 0); a refused subscriber is granted at the next poll, as the watch grants anyone refused.
+START_GRANTS = 20_000
+START_BUDGET = 0.02
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
 # discovery to solicited-node multicast, MLD, mDNS, broadcasts, and everything to the gateway's own addresses
 # (DNS, the portal, pings). None of it is forwarded, so the forward hook, where the nfqueue path meters, never
@@ -127,10 +140,13 @@ class EbpfSource:
                "interval": "seconds between polls of the kernel's counters (default 0.05)",
                "max_slots": "slots (subscriber ids 0..max_slots-1) when the maps are loaded (default 65536)",
                "heartbeat": "seconds between checks that the program is still attached (default 2)",
-               "object": "the compiled program, a .bpf.o (default ext/bpf/tollgate.bpf.o, built by make build)"}
+               "object": "the compiled program, a .bpf.o (default ext/bpf/tollgate.bpf.o, built by make build)",
+               "start_grants": "subscribers granted before the program is attached at start; the rest are granted "
+                               f"by the loop (default {START_GRANTS}; 0: everyone first)"}
 
     def __init__(self, engine, on_events, interfaces: str = "", pin_dir: str = "", interval: str = "0.05",
-                 max_slots: str = "65536", heartbeat: str = "2", object: str = "") -> None:
+                 max_slots: str = "65536", heartbeat: str = "2", object: str = "",
+                 start_grants: str = str(START_GRANTS)) -> None:
         from ext.bpfmaps import DEFAULT_PIN_DIR
 
         self.engine = engine
@@ -138,6 +154,7 @@ class EbpfSource:
         self.interfaces = [i for i in interfaces.split(",") if i]
         self.pin_dir = pin_dir or DEFAULT_PIN_DIR
         self.interval = float(interval)
+        self.start_grants = int(start_grants)
         self.max_slots = int(max_slots)
         self.heartbeat = float(heartbeat)
         self.obj_path = object or None
@@ -154,7 +171,8 @@ class EbpfSource:
         self.touched_addresses: set[int] = set()  # for the next sync_addresses
         self.counts = {"polls": 0, "charged_bytes": 0, "charged_packets": 0, "start_charged_bytes": 0,
                        "heartbeat_alarms": 0, "reattached": 0, "unowned_bytes": 0, "attached": False,
-                       "last_alarm_time": 0}
+                       "last_alarm_time": 0, "start_grants_left": 0}
+        self.ungranted: list[int] = []  # subscribers the start has not granted yet (begin, START_GRANTS)
         self.queue_num = "ebpf"
         self._before_nft_restore()
 
@@ -302,7 +320,12 @@ class EbpfSource:
                 # nft's sets were restored before this start: the program's flags follow them, as the block
                 # step keeps them from here on (a flag the previous process left for someone paid since goes)
                 maps.set_blocked(sid, bool(gw.acct.engine.subscriber(sid).blocked))
+            self.ungranted = sorted(subs)  # the start's grants: the first here, the rest in run (START_GRANTS)
+            first = self.start_grants or len(self.ungranted)
+            for sid in self.ungranted[:first]:
                 events += self.keeper.refresh(sid, now)
+            del self.ungranted[:first]
+            self.counts["start_grants_left"] = len(self.ungranted)
         gw.post(events)
         try:
             bpf.attach(self.interfaces, self.pin_dir)
@@ -450,7 +473,7 @@ class EbpfSource:
                 todo = set(moved) | touched
                 if watch:
                     todo |= keeper.refused
-                step = max(1, int(len(self.sweep) * self.interval / SWEEP_SECONDS) + 1)
+                step = max(1, int(min(len(self.sweep) / SWEEP_SECONDS, SWEEP_RATE) * self.interval) + 1)
                 if self.sweep:
                     start_at = self.cursor % len(self.sweep)
                     todo |= set(self.sweep[start_at:start_at + step])
@@ -458,9 +481,29 @@ class EbpfSource:
             for sid in todo:
                 if sid in subs:
                     events += keeper.refresh(sid, now, moved.get(sid))
+            if at_boundary:
+                self.ungranted = []
+            elif self.ungranted:
+                events += self._grant_the_rest(subs, now)
         self.counts["polls"] += 1
         gw.post(events)
         return charged
+
+    def _grant_the_rest(self, subs, now: int) -> list:
+        """The start's grants that ``begin`` left (START_GRANTS), for up to START_BUDGET seconds of this poll."""
+        events = []
+        deadline = time.monotonic() + START_BUDGET
+        done = 0
+        while done < len(self.ungranted) and time.monotonic() < deadline:
+            for sid in self.ungranted[done:done + 64]:
+                if sid in subs:
+                    events += self.keeper.refresh(sid, now)
+            done += 64
+        del self.ungranted[:done]
+        self.counts["start_grants_left"] = len(self.ungranted)
+        if not self.ungranted:
+            log.info("start: every subscriber granted")
+        return events
 
     def sync_addresses(self) -> None:
         """Follow the subscribers and addresses the change follower applied to the engine."""
