@@ -22,7 +22,8 @@ while the daemon was down), grant, and attach to ``interfaces`` (default:
 the first ``START_GRANTS`` subscribers are granted before the attach and the
 rest from the loop (``start_grants_left`` in /healthz counts them down);
 meanwhile the others pass on the grants the kernel kept (a restart) or, on
-fresh maps, are refused until a poll sees the refusal and grants them.
+fresh maps, are refused until a poll sees the refusal and grants them. A
+time-slot boundary grants everyone again the same way.
 
 The loop (``run``), every ``interval`` seconds: one scan of the mmapped
 counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
@@ -464,9 +465,13 @@ class EbpfSource:
                 return charged
             now = time.time_ns()
             if at_boundary:
+                # everyone is granted again at the new prices: those the freeze refused now, the rest by the
+                # loop (START_BUDGET of each poll), as at a start: at a million subscribers, granting them all
+                # in this poll held the engine for most of a minute
                 self.next_boundary = keeper.next_boundary(now)
-                todo = set(subs)
-                log.info("time-slot boundary: %d subscribers granted again at the new prices", len(todo))
+                todo = set(moved)
+                self.ungranted = sorted(subs)
+                log.info("time-slot boundary: %d subscribers to be granted again at the new prices", len(subs))
             else:
                 with self.touch_lock:
                     touched, self.touched = self.touched, set()
@@ -481,9 +486,7 @@ class EbpfSource:
             for sid in todo:
                 if sid in subs:
                     events += keeper.refresh(sid, now, moved.get(sid))
-            if at_boundary:
-                self.ungranted = []
-            elif self.ungranted:
+            if self.ungranted:
                 events += self._grant_the_rest(subs, now)
         self.counts["polls"] += 1
         gw.post(events)
@@ -502,7 +505,7 @@ class EbpfSource:
         del self.ungranted[:done]
         self.counts["start_grants_left"] = len(self.ungranted)
         if not self.ungranted:
-            log.info("start: every subscriber granted")
+            log.info("every subscriber granted (a start or a time-slot boundary)")
         return events
 
     def sync_addresses(self) -> None:
