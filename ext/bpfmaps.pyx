@@ -620,6 +620,14 @@ cdef class Maps:
             rc = bpf_map_get_next_key(self.fds["tg_sub6_lpm"], key, nxt)
         return out
 
+    def set_verdicts(self, bint malformed_drop, bint unknown_drop):
+        """What the program does with malformed packets and with forwarded packets of no subscriber (the
+        config's ``malformed``/``unknown`` verdicts; ``Maps.load`` sets them at a load, a reopen by a daemon
+        whose config changed meanwhile sets them here). An unknown address's packets to the gateway itself
+        pass either way, as the forward hook never sees them."""
+        want = (F_MALFORMED_DROP if malformed_drop else 0) | (F_UNKNOWN_DROP if unknown_drop else 0)
+        self._update_flags(want, (F_MALFORMED_DROP | F_UNKNOWN_DROP) & ~want)
+
     cdef _update_flags(self, unsigned int add, unsigned int clear):
         """Set ``add`` and clear ``clear`` in tg_info's flags (the rest as the kernel has it)."""
         cdef tg_info info

@@ -779,7 +779,17 @@ static __always_inline int tollgate(struct __sk_buff *skb, const __u32 direction
 	sub = lookup_sub(p, local, info->flags);
 	if (!sub) {
 		stat_add(STAT_UNKNOWN, len);
-		return info->flags & TG_F_UNKNOWN_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+		if (!(info->flags & TG_F_UNKNOWN_DROP))
+			return TC_ACT_OK;
+		/* The unknown verdict is the forward hook's (the nfqueue path sees nothing else): what an
+		 * unknown address sends to the gateway itself (neighbour discovery from a link-local source,
+		 * DHCP, DNS) passes, or no address nobody owns yet could ever get one. The zone lookup only
+		 * on this path: a known subscriber's packets pay nothing for it. */
+		if (direction == 0 && (never_forwarded(p) ||
+				       match_rules(&tg_zone4, &tg_zone6, &tg_zone_groups, p, remote, port, 0) ==
+				       TG_ZONE_NOT_FORWARDED))
+			return TC_ACT_OK;
+		return TC_ACT_SHOT;
 	}
 	if (direction == 0 && never_forwarded(p)) {
 		stat_add(STAT_LOCAL, len);

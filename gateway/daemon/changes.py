@@ -188,6 +188,11 @@ class ChangeFollower:
         if gw.opts.kernel_marked:
             gw.kernel.forget(sid, gone)
         with gw.enforcer_lock:
+            # the eBPF program meters before nft: it lets them go first (the block step's order), or what it
+            # still passes as the subscriber's (a blocked one's tcp/80, uncounted) nft would forward
+            for reader in gw.readers:
+                if hasattr(reader, "before_nft_release"):
+                    reader.before_nft_release(gone)
             gw.enforcer.unblock(gone)
             gw.enforcer.remove_subscriber_addresses(gone)
 

@@ -72,23 +72,27 @@ program; after it (``begin``) every slot's blocked flag is set from the
 engine and the redirected flag for the subscribers whose networks the
 restored blocked set holds, read back from nft.
 
-Known gaps, both from metering before the forward hook. (1) A network that
-leaves a blocked subscriber leaves nft's blocked set at once (the change
-follower's ``_drop_networks``, gateway/daemon/changes.py) but the maps only
-at the next ``sync_addresses`` (``SYNC_INTERVAL``): until then its tcp/80
-passes the program uncounted (the slot is redirected) and nft, no longer
-blocking it, forwards it. The fix is a call into this source before that nft
-unblock (``maps.remove_subscribers(gone)``, the block step's order). (2)
-Uploads the kernel drops between tc ingress and the forward hook (no route,
-rp_filter, an invalid conntrack state, an operator's prerouting rule) are
-charged: the program cannot see those verdicts; the nft-marked sources count
-in the forward hook and do not charge them (qdisc drops after the forward
-hook are charged by every source). Among them, the one Tollgate makes
-itself: a packet from a bound address with a MAC that is not allowed
-(``[sessions] bind_mac``, nft's ``bound_mac`` rule at the top of the forward
-block chain) is metered against the address's subscriber and then dropped,
-so a spoofer's traffic is charged to its victim; the program would need the
-bindings (address -> MACs) in a map of its own to refuse it first.
+Networks that leave a subscriber (``before_nft_release``, called by the
+change follower before nft unblocks and forgets them: ``_drop_networks`` in
+gateway/daemon/changes.py) leave the maps first, the block step's order: they
+used to stay until the next ``sync_addresses`` (``SYNC_INTERVAL``), and while
+the subscriber was blocked its tcp/80 from them passed the program uncounted
+(redirected) and nft, no longer blocking them, forwarded it. From there they
+are unknown: the config's ``unknown`` verdict (``Maps.set_verdicts``) drops
+or passes them, uncounted, as the forward hook would; what an unknown address
+sends to the gateway itself passes either way.
+
+Known gap, from metering before the forward hook: uploads the kernel drops
+between tc ingress and the forward hook (no route, rp_filter, an invalid
+conntrack state, an operator's prerouting rule) are charged: the program
+cannot see those verdicts; the nft-marked sources count in the forward hook
+and do not charge them (qdisc drops after the forward hook are charged by
+every source). Among them, the one Tollgate makes itself: a packet from a
+bound address with a MAC that is not allowed (``[sessions] bind_mac``, nft's
+``bound_mac`` rule at the top of the forward block chain) is metered against
+the address's subscriber and then dropped, so a spoofer's traffic is charged
+to its victim; the program would need the bindings (address -> MACs) in a
+map of its own to refuse it first.
 
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
@@ -105,6 +109,7 @@ import logging
 import threading
 import time
 
+from ext.constants import NF_DROP
 from ext.errors import BpfError, ConfigError, EngineError
 
 log = logging.getLogger("tollgate.sources.ebpf")
@@ -263,8 +268,8 @@ class EbpfSource:
                 Maps.unpin(self.pin_dir)  # a half-made directory (no tg_info): nothing of value in it
                 self.maps = Maps.load(self.pin_dir, max_slots=self.max_slots, n_zones=n_zones,
                                       default_zone=gw.acct.engine.default_zone,
-                                      malformed_drop=gw.config.malformed_verdict == 0,
-                                      unknown_drop=False, obj_path=self.obj_path)
+                                      malformed_drop=gw.config.malformed_verdict == NF_DROP,
+                                      unknown_drop=gw.config.unknown_verdict == NF_DROP, obj_path=self.obj_path)
                 self.loaded = True
                 log.info("loaded the tc program and its maps, pinned at %s (load %08x, %d slots)", self.pin_dir,
                          self.maps.load_id, self.max_slots)
@@ -272,6 +277,8 @@ class EbpfSource:
             raise ConfigError("--source ebpf", f"the kernel's BPF data path is not available here ({exc}); "
                                                "run with --source nfqueue (the inline path) instead") from None
         maps = self.maps
+        # the config's verdicts, also over maps a run with another config left
+        maps.set_verdicts(gw.config.malformed_verdict == NF_DROP, gw.config.unknown_verdict == NF_DROP)
         too_big = [sid for sid in gw.acct.subscribers if sid >= maps.max_slots]
         if too_big:
             raise ConfigError("--source ebpf", f"subscriber ids up to {max(too_big)} do not fit the maps' "
@@ -394,6 +401,16 @@ class EbpfSource:
             except EngineError:  # gone meanwhile: its prefixes leave the maps, the flag stays (fail closed)
                 continue
             self.maps.set_blocked(sid, False)
+
+    def before_nft_release(self, networks) -> None:
+        """Networks that leave their subscriber (the change follower, before nft's unblock and removal of
+        them: gateway/daemon/changes.py) leave the maps first, in the block step's order. Until then the
+        program still held them as the subscriber's: a blocked one's tcp/80 passed uncounted (redirected),
+        and nft, no longer blocking them, would forward it; an unblocked one's would be charged to a
+        subscriber who no longer owns them. From here they are unknown (the config's unknown verdict).
+        ``sync_addresses`` finds them gone later and removes them again: a no-op."""
+        if self.maps is not None and networks:
+            self.maps.remove_subscribers(list(networks))
 
     # ---- the loop -----------------------------------------------------------------
 

@@ -11,6 +11,13 @@ unblock (gateway/daemon/pusher.py). The gateway here polls every 2 s (``interval
 waits for a poll is a window of up to 2 s, not of a few milliseconds that a run may miss; the step itself
 does not depend on the polls.
 
+An address that leaves a blocked subscriber (``tollgate subscriber set``): the change follower takes it out
+of nft's blocked set at once. It used to stay in the program's maps until the source's next
+``sync_addresses`` (here: its next loop, up to 2 s), a window in which the program passed its tcp/80 as the
+blocked subscriber's (redirected to the block page: uncounted) and nft, no longer blocking it, forwarded it
+to the far end, which no nft counter saw and nobody paid for. Now it leaves the maps before nft's unblock
+(``before_nft_release``); from there it is unknown and ``unknown = "drop"`` drops it.
+
 Our nft table under this source: no ``account`` chain and no counted sets (the program's maps are the
 kernel's count; the chain counted every forwarded packet again for nothing), also when a counting run
 (nfqueue) left them; the blocked sets stay.
@@ -28,8 +35,8 @@ import pytest
 
 from gateway.lab import UPSTREAM4, UPSTREAM6
 from lablib import REPO, lab_config, netns
-from test_ebpf_blockpage import (C_BLOCKED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
-                                 far_end_tables, ledger, slot_flags, wait_for)
+from test_ebpf_blockpage import (C_BLOCKED, C_REDIRECTED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
+                                 far_end_parts, far_end_tables, ledger, slot_flags, wait_for)
 
 
 def external_used() -> int:
@@ -61,7 +68,8 @@ def slow_poll_lab(lab, tmp_path_factory):
             f"e.add_subscriber_addresses({[lab.sub_addr4(i) + '/32' for i in SUBS]!r})")
     netns(lab.gw, sys.executable, "-c", code, check=True)
     extra = ("--source-option", "interval=2", *os.environ.get("TG_TEST_EBPF_OPTIONS", "").split())
-    gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockstep"), lab_config(lab.n, {S1: "5.00"}), extra)
+    config = lab_config(lab.n, {S1: "5.00"}).replace("[gateway]\n", '[gateway]\nunknown = "drop"\n', 1)
+    gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockstep"), config, extra)
     try:
         gw.start()
         yield lab, gw
@@ -164,3 +172,63 @@ def test_blocked_http_that_no_nat_redirects_is_rejected(slow_poll_lab):
         netns(lab.up, "nft", "delete", "table", "inet", "tghttp")
         assert gw.tollgate("unblock", "s1").returncode == 0
         wait_for("s1 unblocked", lambda: not blocked_in_kernel(lab))
+
+
+def connect_attempts(lab, host: str, count: int, seconds: float) -> subprocess.Popen:
+    """From s1: ``count`` TCP connects to ``host``:80, one new connection (a new SYN) about every 20-40 ms,
+    each given up after 20 ms, for at most ``seconds``: HTTP starting again and again, so that every moment of a change
+    has a packet in it. Bounded in count and time."""
+    code = (f"import socket, time\nend = time.monotonic() + {seconds}\n"
+            f"for _ in range({count}):\n    if time.monotonic() > end: break\n"
+            "    s = socket.socket()\n    s.settimeout(0.02)\n"
+            f"    try: s.connect(({host!r}, 80)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+            "    except OSError: pass\n    s.close()\n    time.sleep(0.02)\n")
+    return subprocess.Popen(["ip", "netns", "exec", lab.sub(S1), sys.executable, "-c", code],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def program_unknown() -> int:
+    from ext.bpfmaps import Maps
+
+    with Maps.open(PIN) as maps:
+        return maps.stats()["unknown"][0]
+
+
+def test_address_leaving_a_blocked_subscriber_is_never_forwarded(slow_poll_lab):
+    """s1 blocked (its tcp/80 to the block page), its IPv4 address taken away under HTTP from it: not one
+    byte of it reaches the far end (the upstream's count of what the gateway forwards), during the change or
+    after it, and nothing is charged; after it the address is unknown: the program drops it (``unknown =
+    "drop"``). Run last in this module: s1 keeps only its IPv6 network."""
+    from ext.bpfmaps import Maps
+
+    lab, gw = slow_poll_lab
+    assert gw.tollgate("block", "s1", "--reason", "test: address leaves").returncode == 0
+    wait_for("s1 blocked and redirected", lambda: blocked_in_kernel(lab) and slot_flags() & C_REDIRECTED)
+    with Maps.open(PIN) as maps:
+        hosts4 = maps.subscriber_count()["tg_sub4"]
+    charged0, up0 = flushed(gw.db), far_end_parts(lab)[0]
+    attempts = connect_attempts(lab, UPSTREAM4, count=600, seconds=12)
+    try:
+        time.sleep(0.5)  # HTTP running into the block page
+        proc = gw.tollgate("subscriber", "set", "s1", "--address", f"2001:db8:100:{S1:x}::/64")
+        assert proc.returncode == 0, proc.stderr
+        wait_for("s1's IPv4 address out of nft's blocked set", lambda: not blocked_in_kernel(lab))
+        unknown0 = program_unknown()
+
+        def gone_from_maps():
+            with Maps.open(PIN) as maps:
+                return maps.subscriber_count()["tg_sub4"] == hosts4 - 1
+
+        wait_for("s1's IPv4 address out of the maps", gone_from_maps)
+        time.sleep(1.0)  # and HTTP from it goes on: unknown now
+        assert attempts.poll() is None, "the connects ended before the change was over"
+    finally:
+        attempts.kill()
+        attempts.wait()
+    up = far_end_parts(lab)[0] - up0
+    unknown = program_unknown() - unknown0
+    print(f"\n  s1's IPv4 address taken away under HTTP: {up:,} B reached the far end, {unknown} packets of it "
+          "dropped as unknown after the change")
+    assert up == 0, f"{up:,} B of the address that left reached the far end, uncounted"
+    assert unknown > 0, "the address is not refused as unknown after the change"
+    assert flushed(gw.db) == charged0, "charged for an address that left"
