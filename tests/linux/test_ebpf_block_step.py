@@ -26,7 +26,6 @@ kernel's count; the chain counted every forwarded packet again for nothing), als
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import pytest
 from gateway.lab import UPSTREAM4, UPSTREAM6
 from lablib import REPO, lab_config, netns
 from test_ebpf_blockpage import (C_BLOCKED, C_REDIRECTED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
-                                 far_end_parts, far_end_tables, ledger, slot_flags, wait_for)
+                                 far_end_gateway, far_end_parts, ledger, slot_flags, wait_for)
 
 
 def external_used() -> int:
@@ -55,30 +54,15 @@ def flushed(db) -> int:
 
 @pytest.fixture(scope="module")
 def slow_poll_lab(lab, tmp_path_factory):
-    from ext.bpfmaps import BpfError, Maps
-
-    far_end_tables(lab)
-    try:
-        Maps.unpin(PIN)
-    except BpfError:
-        pass
     # the table a counting run (nfqueue) leaves: account chain, counted sets with the subscribers in them
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from policy.nft import Enforcer; "
             f"e = Enforcer(queues=(), local_networks=['100.64.0.0/10', '2001:db8:100::/48']); e.install(); "
             f"e.add_subscriber_addresses({[lab.sub_addr4(i) + '/32' for i in SUBS]!r})")
     netns(lab.gw, sys.executable, "-c", code, check=True)
-    extra = ("--source-option", "interval=2", *os.environ.get("TG_TEST_EBPF_OPTIONS", "").split())
     config = lab_config(lab.n, {S1: "5.00"}).replace("[gateway]\n", '[gateway]\nunknown = "drop"\n', 1)
-    gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockstep"), config, extra)
-    try:
-        gw.start()
+    with far_end_gateway(lab, EbpfGateway, tmp_path_factory.mktemp("blockstep"), config,
+                         ("--source-option", "interval=2")) as gw:
         yield lab, gw
-    finally:
-        try:
-            gw.remove(lab)
-        finally:
-            for ns in (lab.up, lab.sub(S1)):
-                netns(ns, "nft", "delete", "table", "inet", "tgblock")
 
 
 def test_manual_block_under_traffic_charges_only_what_arrived(slow_poll_lab):

@@ -21,6 +21,7 @@ the upstream), forwarded packets only (TTL 63: the gateway's own, neighbour disc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -126,27 +127,35 @@ def assert_refused(lab) -> None:
     assert netns(lab.sub(S1), "ping", "-6", "-c", "1", "-W", "1", UPSTREAM6).returncode != 0
 
 
-@pytest.fixture(scope="module")
-def blockpage_lab(lab, tmp_path_factory):
+@contextlib.contextmanager
+def far_end_gateway(lab, gateway_class, workdir, config: str, extra=()):
+    """``gateway_class`` (an ``lablib.EbpfGateway``, its pins fresh) started with ``config`` behind the far
+    ends' counters (``far_end_tables``), and ``TG_TEST_EBPF_OPTIONS`` from the environment (e.g.
+    ``--source-option object=OLD.bpf.o``); on exit the gateway removed and the counters' tables deleted."""
     from ext.bpfmaps import BpfError, Maps
 
     far_end_tables(lab)
     try:
-        Maps.unpin(PIN)
+        Maps.unpin(gateway_class.pin)
     except BpfError:
         pass
-    # s1: 0.02 EUR at 0.01 EUR/MB both ways: 2,000,000 bytes
-    extra = tuple(os.environ.get("TG_TEST_EBPF_OPTIONS", "").split())  # e.g. --source-option object=OLD.bpf.o
-    gw = EbpfGateway(lab.gw, tmp_path_factory.mktemp("blockpage"), lab_config(lab.n, {S1: "0.02"}), extra)
+    gw = gateway_class(lab.gw, workdir, config, (*extra, *os.environ.get("TG_TEST_EBPF_OPTIONS", "").split()))
     try:
         gw.start()
-        yield lab, gw
+        yield gw
     finally:
         try:
             gw.remove(lab)
         finally:
             for ns in (lab.up, lab.sub(S1)):
                 netns(ns, "nft", "delete", "table", "inet", "tgblock")
+
+
+@pytest.fixture(scope="module")
+def blockpage_lab(lab, tmp_path_factory):
+    # s1: 0.02 EUR at 0.01 EUR/MB both ways: 2,000,000 bytes
+    with far_end_gateway(lab, EbpfGateway, tmp_path_factory.mktemp("blockpage"), lab_config(lab.n, {S1: "0.02"})) as gw:
+        yield lab, gw
 
 
 def test_money_out_block_page_and_top_up(blockpage_lab):
