@@ -47,6 +47,16 @@ compiled with ``ext.engine_py.compile_rules``); each map element is replaced
 atomically, the table as a whole is not (a packet during the change may see
 part old, part new).
 
+Refunds: what the kernel dropped after the program counted it in an
+entry's ``used`` and ``packets`` (``tollgate_drop`` on skb:kfree_skb,
+"Refunds" in tollgate.bpf.c), per entry, monotonic: ``refund(slot, zone,
+direction)`` and ``refunds_view()`` (zero-copy, shape ``(n_counters, 2)``).
+The program's link is pinned with the maps (``unpin`` detaches it);
+``refunds_attached()`` and ``attach_refunds()`` are the heartbeat's.
+``refunds`` says whether the pinned maps have them at all (a kernel without
+BTF or ``bpf_cast_to_kern_ctx`` loads the programs without; ``refunds_error``
+says why). ``set_verdicts`` sets the malformed and unknown verdicts.
+
 ``stats()``: the program's global counters (per-CPU, summed). ``test_run``:
 BPF_PROG_TEST_RUN of one program on an Ethernet frame (tests, benches).
 ``map_memory()``: what each map takes (the kernel's memlock figure).
@@ -94,6 +104,13 @@ cdef extern from "<bpf/libbpf.h>" nogil:
     int bpf_map__pin(bpf_map *map, const char *path)
     long libbpf_get_error(const void *ptr)
     int libbpf_num_possible_cpus()
+    struct bpf_link:
+        pass
+    int bpf_program__set_autoload(bpf_program *prog, bint autoload)
+    bpf_link *bpf_program__attach(const bpf_program *prog)
+    int bpf_link__pin(bpf_link *link, const char *path)
+    void bpf_link__disconnect(bpf_link *link)
+    int bpf_link__destroy(bpf_link *link)
 
 cdef extern from "<bpf/bpf.h>" nogil:
     struct bpf_map_batch_opts:
@@ -119,11 +136,19 @@ cdef extern from "<bpf/bpf.h>" nogil:
                              const bpf_map_batch_opts *opts)
     int bpf_map_delete_batch(int fd, const void *keys, uint32_t *count, const bpf_map_batch_opts *opts)
     int bpf_obj_get(const char *pathname)
+    int bpf_obj_pin(int fd, const char *pathname)
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len)
+    int bpf_raw_tracepoint_open(const char *name, int prog_fd)
     int bpf_prog_test_run_opts(int prog_fd, bpf_test_run_opts *opts)
 
 cdef extern from "<linux/bpf.h>" nogil:
     ctypedef struct sk_buff_ctx "struct __sk_buff":
         uint32_t ingress_ifindex
+    struct bpf_prog_info:
+        uint32_t id
+    struct bpf_link_info:
+        uint32_t id
+        uint32_t prog_id
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -147,8 +172,8 @@ cdef extern from *:
 # ---- the program's ABI (keep in step with ext/bpf/tollgate.bpf.c) -------------
 
 TG_MAGIC = 0x54474154454c4c54
-TG_ABI = 4  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags; 4: C_REDIRECTED,
-# the "redirected" stat
+TG_ABI = 5  # 2: tg_dirty; 3: ZONE_NOT_FORWARDED, the "local" stat, tg_scratch, the F_SUB* flags; 4: C_REDIRECTED,
+# the "redirected" stat; 5: tg_refunds, tg_inflight, tollgate_drop and its link, the "refunded" stat
 MAX_RULES = 32  # TG_MAX_RULES: rules along a prefix's chain (its own, then its shorter prefixes')
 # TG_ZONE_NOT_FORWARDED: the zone of a rule whose addresses the gateway delivers to itself; the program passes
 # such packets uncounted, as the forward hook never sees them (see "Not forwarded" in tollgate.bpf.c)
@@ -175,16 +200,21 @@ COUNTER_FIELDS = ("used", "grant", "packets", "dropped_bytes", "dropped_packets"
                   "allowed_packets", "flags")
 Counter = namedtuple("Counter", COUNTER_FIELDS)
 STATS = ("unknown", "malformed", "passed", "dropped", "allowed", "nonip", "cas_exhausted", "unconfigured",
-         "noslot", "local", "redirected")
+         "noslot", "local", "redirected", "refunded")
 MAPS = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm", "tg_zone4", "tg_zone6",
         "tg_zone_groups", "tg_allow4", "tg_allow6", "tg_allow_groups", "tg_counters", "tg_dirty", "tg_stats",
-        "tg_info", "tg_scratch")
+        "tg_info", "tg_scratch", "tg_refunds", "tg_inflight")
 PROGRAMS = ("tollgate_ingress", "tollgate_egress")  # index = direction (UPLOAD 0, DOWNLOAD 1)
+# the same without refunds (a kernel without bpf_cast_to_kern_ctx or BTF), pinned under PROGRAMS' names
+PLAIN_PROGRAMS = ("tollgate_ingress_plain", "tollgate_egress_plain")
+DROP_PROGRAM = "tollgate_drop"  # tp_btf/kfree_skb: the refunds ("Refunds" in tollgate.bpf.c)
+DROP_LINK = "tollgate_drop_link"  # its attachment, pinned: refunds go on while no daemon runs
 DEFAULT_PIN_DIR = "/sys/fs/bpf/tollgate"
 OBJECT = Path(__file__).resolve().parent / "bpf" / "tollgate.bpf.o"
 
 cdef enum:
     COUNTER_SIZE = 64
+    REFUND_SIZE = 16
     GROUP_SIZE = 8 + 8 * 32
     BATCH = 65536
 
@@ -226,6 +256,61 @@ cdef packed struct tg_group:
 
 cdef int _err(long rc):
     return <int> (-rc if rc < 0 else errno)
+
+
+cdef str _attach_drop(bpf_object *obj, pin):
+    """``tollgate_drop`` pinned and attached, its link pinned (the kernel keeps both while the pins do):
+    "" done, or why not (the program unpinned again: the maps run without refunds)."""
+    cdef bpf_program *prog = bpf_object__find_program_by_name(obj, DROP_PROGRAM.encode())
+    cdef bpf_link *link
+    cdef long rc = bpf_program__pin(prog, str(pin / DROP_PROGRAM).encode())
+    if rc:
+        return f"cannot pin {DROP_PROGRAM}: {strerror(_err(rc)).decode()}"
+    link = bpf_program__attach(prog)
+    rc = libbpf_get_error(link)
+    if rc == 0:
+        rc = bpf_link__pin(link, str(pin / DROP_LINK).encode())
+        bpf_link__disconnect(link)  # the pin holds the attachment, not our fd
+        bpf_link__destroy(link)
+    if rc:
+        (pin / DROP_PROGRAM).unlink()
+        return f"cannot attach {DROP_PROGRAM} to skb:kfree_skb: {strerror(_err(rc)).decode()}"
+    return ""
+
+
+cdef bpf_object *_load_object(str path, dict sizes, bint refunds) except NULL:
+    """``path`` opened, its maps sized and loaded: with refunds, the tc programs that remember what they
+    counted and ``tollgate_drop``; without, the plain tc programs only (nothing of the kernel's BTF needed)."""
+    cdef bpf_object *obj
+    cdef bpf_map *m
+    cdef bpf_program *prog
+    cdef long rc
+    obj = bpf_object__open_file(path.encode(), NULL)
+    rc = libbpf_get_error(obj)
+    if rc:
+        raise BpfError(f"cannot open {path}", _err(rc))
+    try:
+        for name, size in sizes.items():
+            m = bpf_object__find_map_by_name(obj, name.encode())
+            if m == NULL:
+                raise BpfError(f"{path} has no map {name}: built from another version?")
+            rc = bpf_map__set_max_entries(m, size)
+            if rc:
+                raise BpfError(f"cannot size {name} to {size}", _err(rc))
+        for names, on in ((PROGRAMS + (DROP_PROGRAM,), refunds), (PLAIN_PROGRAMS, not refunds)):
+            for name in names:
+                prog = bpf_object__find_program_by_name(obj, name.encode())
+                if prog == NULL:
+                    raise BpfError(f"{path} has no program {name}: built from another version?")
+                bpf_program__set_autoload(prog, on)
+        rc = bpf_object__load(obj)
+        if rc:
+            raise BpfError(f"the kernel refused {path}{'' if refunds else ' (its programs without refunds)'} "
+                           "(verifier log above, on stderr)", _err(rc))
+    except BaseException:
+        bpf_object__close(obj)
+        raise
+    return obj
 
 
 def ensure_bpffs(path=DEFAULT_PIN_DIR):
@@ -273,6 +358,46 @@ cdef bint _parse_prefix(object text, int *family, uint8_t *addr, int *plen) exce
     return True
 
 
+cdef class _Mapped:
+    """An array map made BPF_F_MMAPABLE, shared with the program: mapped into this process (whole pages),
+    its buffer held, so that ``ptr`` stays valid until ``close``."""
+
+    cdef object mm
+    cdef Py_buffer buf
+    cdef bint held
+    cdef uint64_t *ptr
+
+    def __cinit__(self, int fd, str name, nbytes):
+        size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
+        try:
+            self.mm = _mmap.mmap(fd, size, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        except OSError as exc:
+            raise BpfError(f"cannot mmap {name} (BPF_F_MMAPABLE)", exc.errno) from None
+        PyObject_GetBuffer(self.mm, &self.buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        self.held = True
+        self.ptr = <uint64_t *> self.buf.buf
+
+    cdef object view(self, unsigned long long n, unsigned int width):
+        """The first ``n`` entries of ``width`` uint64 each, zero-copy: format ``Q``, shape ``(n, width)``."""
+        return memoryview(self.mm).cast("B")[:n * width * 8].cast("Q", (n, width))
+
+    cdef close(self):
+        self.ptr = NULL
+        if self.held:
+            PyBuffer_Release(&self.buf)
+            self.held = False
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view handed out is still alive: unmapped when the last one goes
+                pass
+            self.mm = None
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.buf)
+
+
 cdef class Maps:
     """The loaded program's maps; see the module docstring."""
 
@@ -282,15 +407,17 @@ cdef class Maps:
     cdef readonly unsigned int load_id  # random at each load: the counters of another load start again at 0
     cdef dict fds
     cdef int prog_fds[2]
-    cdef object _mm
-    cdef Py_buffer _buf
-    cdef bint _has_buf
+    cdef _Mapped _cmap  # tg_counters
     cdef uint64_t *_counters
-    cdef object _dmm
-    cdef Py_buffer _dbuf
-    cdef bint _has_dbuf
+    cdef _Mapped _dmap  # tg_dirty
     cdef uint64_t *_dirty
     cdef unsigned long long n_words
+    cdef _Mapped _rmap  # tg_refunds
+    cdef uint64_t *_refunds
+    cdef int drop_fd  # tollgate_drop, pinned: -1 without refunds
+    # the kernel takes back what it drops after the program counted it (tg_refunds, tollgate_drop pinned)
+    cdef readonly bint refunds
+    cdef readonly str refunds_error  # why a load runs without refunds ("": it has them, or was not loaded here)
     cdef int ncpus
     cdef object _blocked  # the blocked slots (None: not read from the counters yet)
 
@@ -298,8 +425,11 @@ cdef class Maps:
         self.fds = {}
         self._blocked = None
         self.prog_fds[0] = self.prog_fds[1] = -1
+        self.drop_fd = -1
+        self.refunds_error = ""
         self._counters = NULL
         self._dirty = NULL
+        self._refunds = NULL
 
     # ---- life cycle -----------------------------------------------------------
 
@@ -307,13 +437,20 @@ cdef class Maps:
     def load(pin_dir=DEFAULT_PIN_DIR, *, unsigned int max_slots, unsigned int n_zones, unsigned int default_zone=1,
              max_hosts4=None, max_hosts6=None, max_nets6_64=None, unsigned int max_nets4=65536,
              unsigned int max_nets6=65536, unsigned int max_zone_prefixes=4096, unsigned int max_allow_prefixes=1024,
-             bint malformed_drop=False, bint unknown_drop=False, obj_path=None):
+             bint malformed_drop=False, bint unknown_drop=False, obj_path=None, bint refunds=True):
         """Load, size, pin and configure a fresh program and its maps.
 
         ``max_hosts4``/``max_hosts6``/``max_nets6_64`` size the hash maps of
         /32, /128 and /64 subscriber prefixes (default: ``max_slots``);
         ``max_nets4``/``max_nets6`` the LPM tries of other lengths. The
-        counters take ``max_slots * n_zones * 2 * 64`` bytes."""
+        counters take ``max_slots * n_zones * 2 * 64`` bytes, their refunds
+        ``* 16``.
+
+        Refunds (``refunds``, the default): ``tollgate_drop`` is loaded and
+        attached to skb:kfree_skb, its link pinned with the maps. A kernel
+        that refuses it (no BTF, no bpf_cast_to_kern_ctx: before 6.3) gets
+        the programs without refunds, and ``refunds_error`` says why; so does
+        ``refunds=False``."""
         cdef Maps self = Maps.__new__(Maps)
         cdef bpf_object *obj
         cdef bpf_map *m
@@ -337,21 +474,17 @@ cdef class Maps:
                  "tg_allow4": max_allow_prefixes, "tg_allow6": max_allow_prefixes,
                  "tg_allow_groups": max_allow_prefixes, "tg_counters": max_slots * n_zones * 2,
                  "tg_dirty": (max_slots * n_zones * 2 + 63) // 64}
-        obj = bpf_object__open_file(path.encode(), NULL)
-        rc = libbpf_get_error(obj)
-        if rc:
-            raise BpfError(f"cannot open {path}", _err(rc))
+        sizes["tg_refunds"] = max_slots * n_zones * 2
+        if refunds:
+            try:
+                obj = _load_object(path, sizes, True)
+            except BpfError as exc:
+                refunds, self.refunds_error = False, str(exc)
+        else:
+            self.refunds_error = "loaded without refunds"
+        if not refunds:
+            obj = _load_object(path, sizes, False)
         try:
-            for name, size in sizes.items():
-                m = bpf_object__find_map_by_name(obj, name.encode())
-                if m == NULL:
-                    raise BpfError(f"{path} has no map {name}: built from another version?")
-                rc = bpf_map__set_max_entries(m, size)
-                if rc:
-                    raise BpfError(f"cannot size {name} to {size}", _err(rc))
-            rc = bpf_object__load(obj)
-            if rc:
-                raise BpfError(f"the kernel refused {path} (verifier log above, on stderr)", _err(rc))
             pin.mkdir(parents=True, exist_ok=True)
             try:
                 for name in MAPS:
@@ -360,12 +493,12 @@ cdef class Maps:
                     if rc:
                         raise BpfError(f"cannot pin {name} at {pin}", _err(rc))
                 for i, name in enumerate(PROGRAMS):
-                    prog = bpf_object__find_program_by_name(obj, name.encode())
-                    if prog == NULL:
-                        raise BpfError(f"{path} has no program {name}")
+                    prog = bpf_object__find_program_by_name(obj, (name if refunds else PLAIN_PROGRAMS[i]).encode())
                     rc = bpf_program__pin(prog, str(pin / name).encode())
                     if rc:
                         raise BpfError(f"cannot pin {name} at {pin}", _err(rc))
+                if refunds:
+                    self.refunds_error = _attach_drop(obj, pin)
             except BaseException:
                 Maps.unpin(pin)
                 raise
@@ -398,8 +531,8 @@ cdef class Maps:
         if not pin.exists():
             return
         for entry in pin.iterdir():
-            if entry.name in MAPS or entry.name in PROGRAMS:
-                entry.unlink()
+            if entry.name in MAPS or entry.name in PROGRAMS or entry.name in (DROP_PROGRAM, DROP_LINK):
+                entry.unlink()  # the link's pin is its last holder: unpinned, tollgate_drop is detached
         try:
             pin.rmdir()
         except OSError as exc:
@@ -421,6 +554,9 @@ cdef class Maps:
                 if fd < 0:
                     raise BpfError(f"no program {name} pinned at {pin}", _err(fd))
                 self.prog_fds[i] = fd
+            fd = bpf_obj_get(str(pin / DROP_PROGRAM).encode())
+            self.drop_fd = fd if fd >= 0 else -1
+            self.refunds = fd >= 0
             self.ncpus = libbpf_num_possible_cpus()
             if bpf_map_lookup_elem(self.fds["tg_info"], &zero, &info) == 0 and info.magic == TG_MAGIC:
                 if info.abi != TG_ABI:
@@ -435,25 +571,16 @@ cdef class Maps:
                      unsigned int flags):
         self.n_zones, self.default_zone, self.max_slots, self.flags = n_zones, default_zone, max_slots, flags
         self.n_counters = <unsigned long long> max_slots * n_zones * 2
-        if self._mm is None:
-            self._mm = self._mmap("tg_counters", int(self.n_counters) * COUNTER_SIZE)
-            PyObject_GetBuffer(self._mm, &self._buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
-            self._has_buf = True
-            self._counters = <uint64_t *> self._buf.buf
-        if self._dmm is None:
-            self.n_words = (self.n_counters + 63) // 64
-            self._dmm = self._mmap("tg_dirty", int(self.n_words) * 8)
-            PyObject_GetBuffer(self._dmm, &self._dbuf, PyBUF_SIMPLE | PyBUF_WRITABLE)
-            self._has_dbuf = True
-            self._dirty = <uint64_t *> self._dbuf.buf
-
-    def _mmap(self, str name, nbytes):
-        """The array map ``name`` (made BPF_F_MMAPABLE) shared with the program, whole pages of it."""
-        size = (nbytes + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE * _mmap.PAGESIZE
-        try:
-            return _mmap.mmap(self.fds[name], size, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
-        except OSError as exc:
-            raise BpfError(f"cannot mmap {name} (BPF_F_MMAPABLE)", exc.errno) from None
+        self.n_words = (self.n_counters + 63) // 64
+        if self._cmap is None:
+            self._cmap = _Mapped(self.fds["tg_counters"], "tg_counters", int(self.n_counters) * COUNTER_SIZE)
+            self._counters = self._cmap.ptr
+        if self._dmap is None:
+            self._dmap = _Mapped(self.fds["tg_dirty"], "tg_dirty", int(self.n_words) * 8)
+            self._dirty = self._dmap.ptr
+        if self._rmap is None:
+            self._rmap = _Mapped(self.fds["tg_refunds"], "tg_refunds", int(self.n_counters) * REFUND_SIZE)
+            self._refunds = self._rmap.ptr
 
     cdef _write_info(self, unsigned int n_zones, unsigned int default_zone, unsigned int max_slots,
                      unsigned int flags):
@@ -472,20 +599,14 @@ cdef class Maps:
     def close(self):
         """Close our fds and the mmap (the pins keep everything loaded)."""
         cdef int i
-        self._counters = NULL
-        self._dirty = NULL
-        if self._has_buf:
-            PyBuffer_Release(&self._buf)
-            self._has_buf = False
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
-        if self._has_dbuf:
-            PyBuffer_Release(&self._dbuf)
-            self._has_dbuf = False
-        if self._dmm is not None:
-            self._dmm.close()
-            self._dmm = None
+        self._counters = self._dirty = self._refunds = NULL
+        for mapped in (self._cmap, self._dmap, self._rmap):
+            if mapped is not None:
+                (<_Mapped> mapped).close()
+        self._cmap = self._dmap = self._rmap = None
+        if self.drop_fd >= 0:
+            close(self.drop_fd)
+            self.drop_fd = -1
         for fd in self.fds.values():
             close(fd)
         self.fds.clear()
@@ -496,10 +617,8 @@ cdef class Maps:
 
     def __dealloc__(self):
         cdef int i
-        if self._has_buf:
-            PyBuffer_Release(&self._buf)
-        if self._has_dbuf:
-            PyBuffer_Release(&self._dbuf)
+        if self.drop_fd >= 0:
+            close(self.drop_fd)
         for fd in (self.fds or {}).values():
             close(fd)
         for i in range(2):
@@ -784,9 +903,67 @@ cdef class Maps:
     def counters(self):
         """The whole counter array, zero-copy: a memoryview of format ``Q``
         and shape ``(n_counters, 8)`` over the mmapped map. Valid until close()."""
-        if self._mm is None:
+        if self._cmap is None:
             raise BpfError("the maps are closed or not configured")
-        return memoryview(self._mm).cast("B")[:self.n_counters * COUNTER_SIZE].cast("Q", (self.n_counters, 8))
+        return self._cmap.view(self.n_counters, COUNTER_SIZE // 8)
+
+    def refund(self, unsigned int slot, unsigned int zone, unsigned int direction):
+        """``(bytes, packets)`` the kernel dropped after the program counted them in this entry's ``used``
+        and ``packets`` (monotonic, never reset; 0 without refunds)."""
+        cdef unsigned long long i = self.counter_index(slot, zone, direction)
+        if self._refunds == NULL:
+            raise BpfError("the maps are closed or not configured")
+        return tg_load64(&self._refunds[2 * i]), tg_load64(&self._refunds[2 * i + 1])
+
+    def refunds_view(self):
+        """Every entry's refund, zero-copy: a memoryview of format ``Q`` and shape ``(n_counters, 2)``
+        (bytes, packets) over the mmapped tg_refunds. Valid until close()."""
+        if self._rmap is None:
+            raise BpfError("the maps are closed or not configured")
+        return self._rmap.view(self.n_counters, REFUND_SIZE // 8)
+
+    def refunds_attached(self):
+        """``tollgate_drop`` attached through the link pinned here (the heartbeat's question): False
+        without refunds, or if the link's pin is gone or holds another program."""
+        cdef bpf_link_info link
+        cdef bpf_prog_info prog
+        cdef uint32_t n
+        cdef int fd
+        if self.drop_fd < 0:
+            return False
+        fd = bpf_obj_get(str(Path(self.pin_dir) / DROP_LINK).encode())
+        if fd < 0:
+            return False
+        try:
+            memset(&link, 0, sizeof(link))
+            n = sizeof(link)
+            if bpf_obj_get_info_by_fd(fd, &link, &n):
+                return False
+        finally:
+            close(fd)
+        memset(&prog, 0, sizeof(prog))
+        n = sizeof(prog)
+        if bpf_obj_get_info_by_fd(self.drop_fd, &prog, &n):
+            return False
+        return link.prog_id == prog.id
+
+    def attach_refunds(self):
+        """Attach the pinned ``tollgate_drop`` to skb:kfree_skb again and pin the new link (the heartbeat,
+        when ``refunds_attached`` is False). BpfError if it cannot."""
+        cdef int fd
+        if self.drop_fd < 0:
+            raise BpfError("these maps run without refunds")
+        path = Path(self.pin_dir) / DROP_LINK
+        fd = bpf_raw_tracepoint_open(NULL, self.drop_fd)
+        if fd < 0:
+            raise BpfError(f"cannot attach {DROP_PROGRAM} to skb:kfree_skb", _err(fd))
+        try:
+            if path.exists():
+                path.unlink()  # a link of another program, or detached: its pin goes
+            if bpf_obj_pin(fd, str(path).encode()):
+                raise BpfError(f"cannot pin {DROP_LINK} at {self.pin_dir}", errno)
+        finally:
+            close(fd)
 
     SCAN_FIELDS = ("used", "packets", "dropped_packets")
 

@@ -82,17 +82,34 @@ are unknown: the config's ``unknown`` verdict (``Maps.set_verdicts``) drops
 or passes them, uncounted, as the forward hook would; what an unknown address
 sends to the gateway itself passes either way.
 
-Known gap, from metering before the forward hook: uploads the kernel drops
-between tc ingress and the forward hook (no route, rp_filter, an invalid
-conntrack state, an operator's prerouting rule) are charged: the program
-cannot see those verdicts; the nft-marked sources count in the forward hook
-and do not charge them (qdisc drops after the forward hook are charged by
-every source). Among them, the one Tollgate makes itself: a packet from a
-bound address with a MAC that is not allowed (``[sessions] bind_mac``, nft's
-``bound_mac`` rule at the top of the forward block chain) is metered against
-the address's subscriber and then dropped, so a spoofer's traffic is charged
-to its victim; the program would need the bindings (address -> MACs) in a
-map of its own to refuse it first.
+Refunds (``tollgate_drop`` in tollgate.bpf.c, "Refunds"): whatever the
+kernel drops after the program counted it (an upload an operator's forward
+rule, rp_filter, a missing route, an invalid conntrack state or nft's
+``bound_mac`` rule of ``[sessions] bind_mac`` drops; a download a full qdisc
+drops) is given back in the maps' refund of its counter, as the nfqueue path,
+counting in the forward hook, never charged it. The program's link is pinned
+with the maps: refunds go on while no daemon runs; the heartbeat attaches it
+again if its link went (an alarm, as for the tc program). What a counter
+charges: ``used - refunded``, one poll late (``_settle``: a packet in flight at
+a poll, counted and not yet dropped, is settled by the next), never less than
+it charged already: a refund of bytes charged earlier (a late drop) charges
+nothing until the delivered total passes what was charged, never a negative
+charge. The grant keeper's base is what is settled, charged or refunded
+(``settled``): what the kernel passes beyond it is inside the grant and not
+paid yet, so grants never let a byte past what the balance buys, and a refund
+returns its bytes to the grant. At a time-slot boundary the grants are frozen
+at once and given again at the next poll, after what passed at the old prices
+is charged at them. Not refunded, so charged: drops after another packet of
+the same CPU and direction was counted (a qdisc that drops at dequeue, such as
+fq_codel's codel; segments of a GSO packet split after the program). A
+spoofer's packets that ``bound_mac`` drops are refunded, not charged to the
+address's owner, but they take its grant until the next poll settles them (a
+flood of them can hold its traffic back for that long): refusing them in the
+program would need the bindings (address -> MACs) in a map of its own. A
+kernel without BTF or ``bpf_cast_to_kern_ctx`` (before 6.3): the loader takes
+the programs without refunds, the start says so once in the log, and those
+drops are charged as before; maps pinned by an older load keep what they
+have (``tollgate policy remove`` and a start load them again).
 
 The flusher writes the engine's rows with ``Ledger.apply_flush_bpf``: the
 marks advance in the flush's own transaction.
@@ -285,9 +302,21 @@ class EbpfSource:
                                                f"{maps.max_slots} slots: `tollgate policy remove`, then "
                                                "--source-option max_slots=N")
         self.dropped_bytes: dict[int, int] = {}  # counter index -> dropped_bytes at the last refusal seen
-        self.snapshot = bytearray(maps.n_counters * 24)
+        self.snapshot = bytearray(maps.n_counters * 24)  # the scan's: used, packets, dropped_packets as last read
         self.snap = memoryview(self.snapshot).cast("Q")
-        self.keeper = GrantKeeper(gw, maps, lambda i: self.snap[3 * i])
+        # per counter, the bytes and packets charged (what the ledger's marks hold): used less refunds, one
+        # poll late (see "Refunds" in the module docstring), never more than what was delivered
+        self.charged = memoryview(bytearray(maps.n_counters * 16)).cast("Q")
+        self.refunds = maps.refunds_view()
+        self.unsettled: dict[int, tuple[int, int, int]] = {}  # counter index -> (used, packets, ts) read, not charged
+        self.regrant = False  # a time-slot boundary's grants wait for the next poll's charge at the old prices
+        if not maps.refunds:
+            log.warning("the kernel's drops after the tc program (an operator's forward rule, rp_filter, no route, "
+                        "a full qdisc, bind_mac) are charged: no refunds (%s)",
+                        maps.refunds_error or "the pinned program has none: `tollgate policy remove` and a "
+                        "start on a kernel with BTF and bpf_cast_to_kern_ctx, 6.3 or later, load them")
+        self.counts["refunds"] = bool(maps.refunds)
+        self.keeper = GrantKeeper(gw, maps, self.settled)
         with gw.engine_lock:
             subs = dict(gw.acct.subscribers)
             self.known = {sid: info.addresses for sid, info in subs.items()}
@@ -306,6 +335,7 @@ class EbpfSource:
                 if sid < maps.max_slots and zone < nz:
                     i = (sid * nz + zone) * 2 + d
                     self.snap[3 * i], self.snap[3 * i + 1] = nbytes, packets
+                    self.charged[2 * i], self.charged[2 * i + 1] = nbytes, packets
             for sid in subs:  # refusals from before this start are not news
                 for zone in range(nz):
                     for d in (0, 1):
@@ -316,6 +346,8 @@ class EbpfSource:
                             self.dropped_bytes[i] = c.dropped_bytes
             self.keeper.load_grants(subs)
         self.last_poll = time.monotonic()
+        self.poll(start=True)  # everything read (see Maps.scan) ...
+        time.sleep(self.interval)  # ... and charged once the kernel had the time to drop what was in flight
         charged = self.poll(start=True)
         self.counts["start_charged_bytes"] = charged
         if charged:
@@ -450,11 +482,11 @@ class EbpfSource:
         seconds, self.last_poll = mono - self.last_poll, mono
         nz = maps.n_zones
         ts = boundary - 1 if at_boundary else now
-        charged = 0
         events = []
         moved: dict[int, dict] = {}
         with gw.engine_lock:
             subs = gw.acct.subscribers
+            charged = self._settle(subs, events, seconds)
             for i, used, packets, dropped, old_used, old_packets, old_dropped in hits:
                 sid, rest = divmod(i, 2 * nz)
                 zone, d = divmod(rest, 2)
@@ -471,21 +503,21 @@ class EbpfSource:
                     log.error("eBPF counter of subscriber %s zone %d direction %d went back (%d < %d): taken as is",
                               sid, zone, d, used, old_used)
                     continue
-                if du or dp:
-                    events += gw.acct.engine.rate_volume(sid, zone, d, du, max(0, dp), ts)
-                    keeper.observe(i, du, seconds)
-                    charged += du
-                    self.counts["charged_bytes"] += du
-                    self.counts["charged_packets"] += max(0, dp)
+                if du or dp:  # charged at the next poll, less what the kernel drops meanwhile
+                    self.unsettled[i] = (used, packets, ts)
             if start:
                 gw.post(events)
                 return charged
             now = time.time_ns()
-            if at_boundary:
-                # everyone is granted again at the new prices: those the freeze refused now, the rest by the
-                # loop (START_BUDGET of each poll), as at a start: at a million subscribers, granting them all
-                # in this poll held the engine for most of a minute
+            if at_boundary:  # grants again once what passed at the old prices is charged: the next poll
                 self.next_boundary = keeper.next_boundary(now)
+                self.regrant = True
+                todo = set()
+            elif self.regrant:
+                # everyone is granted again at the new prices: those the freeze refused at once, the rest by
+                # the loop (START_BUDGET of each poll), as at a start: at a million subscribers, granting them
+                # all in this poll held the engine for most of a minute
+                self.regrant = False
                 todo = set(moved)
                 self.ungranted = sorted(subs)
                 log.info("time-slot boundary: %d subscribers to be granted again at the new prices", len(subs))
@@ -503,7 +535,7 @@ class EbpfSource:
             for sid in todo:
                 if sid in subs:
                     events += keeper.refresh(sid, now, moved.get(sid))
-            if self.ungranted:
+            if self.ungranted and not at_boundary:  # (new grants wait for the charge at the old prices)
                 events += self._grant_the_rest(subs, now)
         self.counts["polls"] += 1
         gw.post(events)
@@ -524,6 +556,36 @@ class EbpfSource:
         if not self.ungranted:
             log.info("every subscriber granted (a start or a time-slot boundary)")
         return events
+
+    def settled(self, i: int) -> int:
+        """Counter ``i``'s ``used`` that is settled: charged, or refunded (the grant keeper's base: whatever
+        the kernel passes beyond it is inside the grant and not yet paid)."""
+        return self.charged[2 * i] + self.refunds[i, 0]
+
+    def _settle(self, subs, events: list, seconds: float) -> int:
+        """What earlier polls read of the counters, charged: used less refunds, less what is charged already
+        (see "Refunds" in the module docstring). Under ``engine_lock``; returns the bytes charged."""
+        todo, self.unsettled = self.unsettled, {}
+        nz, charged = self.maps.n_zones, 0
+        engine, keeper, counts, done, refunds = self.gw.acct.engine, self.keeper, self.counts, self.charged, self.refunds
+        for i, (used, packets, ts) in todo.items():
+            sid, rest = divmod(i, 2 * nz)
+            if sid not in subs:  # gone meanwhile: counted as unowned when read
+                continue
+            # a refund of bytes charged at an earlier poll makes this negative: nothing is charged until the
+            # delivered total passes what was charged (never a negative charge)
+            du = max(0, used - refunds[i, 0] - done[2 * i])
+            dp = max(0, packets - refunds[i, 1] - done[2 * i + 1])
+            if du or dp:
+                zone, d = divmod(rest, 2)
+                events += engine.rate_volume(sid, zone, d, du, dp, ts)
+                done[2 * i] += du
+                done[2 * i + 1] += dp
+                keeper.observe(i, du, seconds)
+                charged += du
+                counts["charged_bytes"] += du
+                counts["charged_packets"] += dp
+        return charged
 
     def sync_addresses(self) -> None:
         """Follow the subscribers and addresses the change follower applied to the engine."""
@@ -593,6 +655,7 @@ class EbpfSource:
         from policy import bpf
 
         self.follow_local_destinations()
+        self.check_refunds()
         ok = bpf.present(self.interfaces, self.pin_dir)
         self.counts["attached"] = ok
         if ok:
@@ -610,6 +673,28 @@ class EbpfSource:
             log.error("heartbeat: attaching again failed: %s", exc)
         return False
 
+    def check_refunds(self) -> bool:
+        """The refund program still attached (its pinned link)? If not: alarm and attach it again. Maps
+        without refunds: nothing to check (said at start)."""
+        maps = self.maps
+        if not maps.refunds or maps.refunds_attached():
+            self.counts["refunds_attached"] = bool(maps.refunds)
+            return True
+        self.counts["refunds_attached"] = False
+        self.counts["heartbeat_alarms"] += 1
+        self.counts["last_alarm_time"] = round(time.time(), 3)
+        self.alarms.inc()
+        log.error("heartbeat: the refund program (tollgate_drop on skb:kfree_skb) is not attached (its link's pin "
+                  "at %s is gone or holds another program): attaching it again; the kernel's drops in between "
+                  "were charged", self.pin_dir)
+        try:
+            maps.attach_refunds()
+            self.counts["reattached"] += 1
+            self.counts["refunds_attached"] = maps.refunds_attached()
+        except BpfError as exc:
+            log.error("heartbeat: attaching the refund program again failed: %s", exc)
+        return False
+
     # ---- the passive source's interface -------------------------------------------------
 
     def stop(self) -> None:
@@ -619,6 +704,7 @@ class EbpfSource:
         """Close our fds; the program stays attached and pinned, its grants in force. What the
         kernel counted after the last flush is charged at the next start (kernel - mark)."""
         if self.maps is not None:
+            self.refunds.release()  # our view of the mmapped refunds, before the maps unmap them
             self.maps.close()
             self.maps = None
 
