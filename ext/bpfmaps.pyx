@@ -840,6 +840,10 @@ cdef class Maps:
         cdef uint64_t *e = self._entry(slot, zone, direction)
         tg_store64(&e[1], value)
 
+    def grant(self, unsigned int slot, unsigned int zone, unsigned int direction):
+        """The grant of (slot, zone, direction) in force: one atomic load."""
+        return tg_load64(&self._entry(slot, zone, direction)[1])
+
     def set_blocked(self, unsigned int slot, bint blocked):
         """Mirror the engine's blocked state of ``slot`` (every zone and direction)."""
         cdef unsigned int z, d

@@ -57,6 +57,11 @@ shrunk grant (and is charged at the new slot's price). Raising never races.
 Locks: called by the eBPF source's thread with the gateway's ``engine_lock``
 held (engine reads and the block); the maps' stores are single atomic
 64-bit writes.
+
+The grants are read from the maps, not kept here too: the kernel's are the
+ones in force (a restart's, the previous process's; a subscriber that left
+and came back, its old ones), and a copy of four grants a subscriber cost a
+million subscribers some 400 MB and their loading 8 s of the start.
 """
 
 from __future__ import annotations
@@ -87,19 +92,12 @@ class GrantKeeper:
         self.used_of = used_of
         self.nz = maps.n_zones
         self.pairs = [(z, d) for z in range(self.nz) for d in (0, 1)]
-        self.grants: dict[int, int] = {}  # counter index -> the grant we stored
         self.rate: dict[int, float] = {}  # counter index -> bytes per second, recent
         self.refused: set[int] = set()  # subscribers refused for want of money or volume: watched
         self.masks: dict[int, list] = {}  # engine tariff id -> [(zone mask, direction mask)] of its buckets
         self.stats = {"raises": 0, "money_out_blocks": 0, "freezes": 0, "reclaims": 0}
 
     # ---- what the source tells ------------------------------------------------
-
-    def load_grants(self, sids) -> None:
-        """The grants the maps hold (a restart: the previous process's stay in force)."""
-        for sid in sids:
-            for z, d in self.pairs:
-                self.grants[self.index(sid, z, d)] = self.maps.counter(sid, z, d).grant
 
     def index(self, sid: int, zone: int, direction: int) -> int:
         return (sid * self.nz + zone) * 2 + direction
@@ -112,7 +110,6 @@ class GrantKeeper:
     def forget(self, sid: int) -> None:
         for z, d in self.pairs:
             i = self.index(sid, z, d)
-            self.grants.pop(i, None)
             self.rate.pop(i, None)
         self.refused.discard(sid)
 
@@ -129,9 +126,8 @@ class GrantKeeper:
     # ---- grants ---------------------------------------------------------------------
 
     def _store(self, index: int, sid: int, zone: int, direction: int, grant: int) -> None:
-        if self.grants.get(index) != grant:
+        if self.maps.grant(sid, zone, direction) != grant:
             self.maps.set_grant(sid, zone, direction, grant)
-            self.grants[index] = grant
 
     def _views(self, sid: int, state, now: int) -> dict:
         """Per pair, the bucket bytes its grant may count on (see the module docstring)."""
@@ -177,7 +173,7 @@ class GrantKeeper:
                 self._store(i, sid, z, d, GRANT_FREE)
                 committed[(z, d)] = engine.quote_bytes(sid, z, d, BIG, now, view)
                 continue
-            grant = self.grants.get(i, 0)
+            grant = self.maps.grant(sid, z, d)
             if grant == GRANT_FREE:  # free before, priced now (a tariff or slot change): shrink to what is used
                 grant = max(used, self.maps.counter(sid, z, d).used)
                 self._store(i, sid, z, d, grant)
@@ -261,7 +257,7 @@ class GrantKeeper:
             live = self.maps.counter(sid, z, d).used
             used = self.used_of(i)
             grant = max(live, used + keep)
-            if grant >= self.grants.get(i, 0):
+            if grant >= self.maps.grant(sid, z, d):
                 continue
             self._store(i, sid, z, d, grant)
             self.stats["reclaims"] += 1
@@ -279,7 +275,7 @@ class GrantKeeper:
         for sid in sids:
             for z, d in self.pairs:
                 i = self.index(sid, z, d)
-                grant = self.grants.get(i, 0)
+                grant = self.maps.grant(sid, z, d)
                 if grant == GRANT_FREE:
                     try:
                         if engine.affordable_bytes(sid, z, d, next_now, 0) == GRANT_FREE:

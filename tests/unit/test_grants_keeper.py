@@ -44,6 +44,9 @@ class FakeMaps:
     def set_grant(self, sid, z, d, n) -> None:
         self.entry(sid, z, d)["grant"] = n
 
+    def grant(self, sid, z, d) -> int:
+        return self.entry(sid, z, d)["grant"]
+
     def set_blocked(self, sid, blocked) -> None:
         self.blocked[sid] = blocked
 
