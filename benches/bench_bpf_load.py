@@ -1,7 +1,7 @@
 """The eBPF data path at scale: loading 1M subscribers into the maps, the
 memory they take, and the program's own cost per packet at 1k and 1M.
 
-    sudo .venv/bin/python benches/bench_bpf_load.py [--subscribers 1000000] [--markdown]
+    sudo .venv/bin/python benches/bench_bpf_load.py [--subscribers 1000000] [--markdown] [--no-refunds]
 
 Subscribers are bench_scale's: subscriber i has the IPv4 /32 ``v4_of(i)`` and
 80% of them (i % 5 != 0) an IPv6 prefix ``v6_of(j)`` (65,279 /64s inside
@@ -18,7 +18,12 @@ repetition): "hot" repeats one frame 100k times (everything in cache), also
 while a subscriber is blocked (uploads then look their destination up too);
 "spread" runs one frame each for 20k random subscribers (repeat 1: closer to
 a real mix of subscribers, but each figure includes the kernel's clock reads,
-~20-40 ns). Nothing here is asserted.
+~20-40 ns). Nothing here is asserted. ``--no-refunds`` loads the programs without
+refunds (what a kernel without bpf_cast_to_kern_ctx gets, and the pass path
+as it was before them). ``--ab ROUNDS``: only the refunds' cost, both
+variants loaded side by side with ``--small`` subscribers and run
+interleaved, hot, the minimum of ROUNDS rounds each (single figures on a
+shared VM move by tens of ns; interleaving puts both under the same noise).
 """
 
 from __future__ import annotations
@@ -74,7 +79,56 @@ def layout(n: int):
     return slots, prefixes
 
 
-def measure(n: int) -> dict:
+def load(pin: str, n: int, n6: int, refunds: bool):
+    maps = Maps.load(pin, max_slots=n, n_zones=N_ZONES, default_zone=1, max_hosts4=n, max_hosts6=max(n6, 1),
+                     max_nets6_64=65536, max_nets4=16, max_nets6=16, refunds=refunds)
+    assert maps.refunds == refunds, maps.refunds_error
+    return maps
+
+
+def free_grants(maps) -> None:
+    view = maps.counters()
+    for i in range(view.shape[0]):  # every grant free, through the mmap (the daemon writes only what changed)
+        view[i, 1] = GRANT_FREE
+    del view
+
+
+def ab(n: int, rounds: int) -> None:
+    """The refunds' cost per packet: both variants side by side, interleaved (see the module docstring)."""
+    slots, prefixes = layout(n)
+    loaded = {}
+    try:
+        for refunds in (False, True):
+            pin = f"/sys/fs/bpf/tollgate-bench-{os.getpid()}-ab{int(refunds)}"
+            Maps.unpin(pin)
+            maps = loaded[refunds] = load(pin, n, len(prefixes) - n, refunds)
+            maps.set_zones([ZoneRule("198.18.0.0/15", 0), ZoneRule("2001:db8:198::/48", 0)])
+            maps.set_subscribers(slots, prefixes)
+            free_grants(maps)
+        cases = {"IPv4 /32, upload": (0, frame4(v4_of(7), UPSTREAM)),
+                 "IPv6 /64, upload": (0, frame6(host6(v6_of(1)), "2001:db8:198::2")),
+                 "IPv4 /32, download": (1, frame4(UPSTREAM, v4_of(7)))}
+        best = {(c, r): None for c in cases for r in loaded}
+        for _ in range(rounds):
+            for c, (direction, f) in cases.items():
+                for r, maps in loaded.items():  # ingress_ifindex 2: forwarded, as at egress a download is
+                    t = maps.test_run(direction, f, 50_000, ingress_ifindex=2)[1]
+                    best[(c, r)] = t if best[(c, r)] is None else min(best[(c, r)], t)
+        print(f"| ns per packet, {n:,} subscribers (BPF_PROG_TEST_RUN, min of {rounds} interleaved rounds) | "
+              "without refunds | with refunds | refunds' cost |")
+        print("| --- | --- | --- | --- |")
+        for c in cases:
+            print(f"| hot, {c} | {best[(c, False)]} | {best[(c, True)]} | {best[(c, True)] - best[(c, False)]:+d} |")
+        for maps in loaded.values():
+            stats = maps.stats()
+            assert stats["passed"][0] == rounds * len(cases) * 50_000 and stats["refunded"][0] == 0, stats
+    finally:
+        for r, maps in loaded.items():
+            maps.close()
+            Maps.unpin(f"/sys/fs/bpf/tollgate-bench-{os.getpid()}-ab{int(r)}")
+
+
+def measure(n: int, refunds: bool = True) -> dict:
     pin = f"/sys/fs/bpf/tollgate-bench-{os.getpid()}-{n}"
     Maps.unpin(pin)
     t0 = time.perf_counter()
@@ -82,8 +136,7 @@ def measure(n: int) -> dict:
     t_strings = time.perf_counter() - t0
     n6 = len(prefixes) - n
     t0 = time.perf_counter()
-    maps = Maps.load(pin, max_slots=n, n_zones=N_ZONES, default_zone=1, max_hosts4=n, max_hosts6=max(n6, 1),
-                     max_nets6_64=65536, max_nets4=16, max_nets6=16)
+    maps = load(pin, n, n6, refunds)
     t_create = time.perf_counter() - t0
     try:
         maps.set_zones([ZoneRule("198.18.0.0/15", 0), ZoneRule("2001:db8:198::/48", 0)])
@@ -91,12 +144,9 @@ def measure(n: int) -> dict:
         maps.set_subscribers(slots, prefixes)
         t_load = time.perf_counter() - t0
         counts = maps.subscriber_count()
-        view = maps.counters()
         t0 = time.perf_counter()
-        for i in range(view.shape[0]):  # every grant free, through the mmap (the daemon writes only what changed)
-            view[i, 1] = GRANT_FREE
+        free_grants(maps)
         t_grants = time.perf_counter() - t0
-        del view
         memory = maps.map_memory()
         rng = random.Random(1)
         v6_subs = [(i, host6(p)) for i, p in zip(slots, prefixes) if ":" in p]
@@ -138,10 +188,16 @@ def main() -> None:
     ap.add_argument("--subscribers", type=int, default=1_000_000)
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--refunds", action=argparse.BooleanOptionalAction, default=True,
+                    help="the programs with refunds (default) or without (--no-refunds)")
+    ap.add_argument("--ab", type=int, metavar="ROUNDS", help="only the refunds' cost: both variants, interleaved")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (bpf)")
-    results = [measure(args.small), measure(args.subscribers)]
+    if args.ab:
+        ab(args.small, args.ab)
+        return
+    results = [measure(args.small, args.refunds), measure(args.subscribers, args.refunds)]
     mib = 1 << 20
     print("| subscribers | prefixes (/32, /64, /128) | strings | load (set_subscribers) | "
           "maps created | grants via mmap | map memory |")
@@ -155,7 +211,7 @@ def main() -> None:
               f"sub4 {mem['tg_sub4'] / mib:.0f}, sub6 {mem['tg_sub6'] / mib:.0f}, "
               f"sub6_64 {mem['tg_sub6_64'] / mib:.0f}) |")
     print()
-    print("| program cost per packet (ns, BPF_PROG_TEST_RUN) | " + " | ".join(f"{r['n']:,} subscribers"
+    print(f"| program cost per packet (ns, BPF_PROG_TEST_RUN, {'with' if args.refunds else 'without'} refunds) | " + " | ".join(f"{r['n']:,} subscribers"
                                                                               for r in results) + " |")
     print("| --- | " + " | ".join("---" for _ in results) + " |")
     for name in results[-1]["hot"]:
