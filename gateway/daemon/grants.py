@@ -8,8 +8,9 @@ grants, from the engine (the one place that knows prices: ``quote_bytes``,
 
 The rule it keeps: the cost of everything the kernel may still pass for a
 subscriber, ``sum over its (zone, direction) of quote(grant - used)``, never
-exceeds ``balance + credit`` (``used`` as last charged: bytes the kernel
-passed since are inside the grant, so inside that sum). How:
+exceeds ``balance + credit`` (``used`` as last settled, charged or refunded by
+the kernel (the source's ``settled``): bytes the kernel passed since are
+inside the grant, so inside that sum). How:
 
 * **Buckets.** A free-volume or tier bucket that covers several (zone,
   direction) pairs is counted in the grant of one of them only: the pair with
@@ -86,7 +87,8 @@ RECLAIM_KEEP = 16 * 1024  # what an idle pair keeps when a busy one needs the mo
 
 class GrantKeeper:
     def __init__(self, gw, maps, used_of) -> None:
-        """``used_of(index)``: the counter's ``used`` as last charged (the source's scan snapshot)."""
+        """``used_of(index)``: the counter's ``used`` as last settled (charged, or refunded: the source's
+        ``settled``)."""
         self.gw = gw
         self.maps = maps
         self.used_of = used_of

@@ -316,6 +316,7 @@ class EbpfSource:
                         maps.refunds_error or "the pinned program has none: `tollgate policy remove` and a "
                         "start on a kernel with BTF and bpf_cast_to_kern_ctx, 6.3 or later, load them")
         self.counts["refunds"] = bool(maps.refunds)
+        self.counts["refunds_attached"] = maps.refunds_attached()
         self.keeper = GrantKeeper(gw, maps, self.settled)
         with gw.engine_lock:
             subs = dict(gw.acct.subscribers)
@@ -473,7 +474,8 @@ class EbpfSource:
                 self.check_heartbeat()
 
     def poll(self, start: bool = False, watch: bool = False) -> int:
-        """One scan: deltas charged, grants refreshed. Returns the bytes charged."""
+        """One scan: what earlier polls read charged (``_settle``), what moved since kept for the next poll,
+        grants refreshed. Returns the bytes charged."""
         gw, maps, keeper = self.gw, self.maps, self.keeper
         now = time.time_ns()
         boundary = self.next_boundary if not start else None
