@@ -15,15 +15,16 @@ and the nft table its blocks): open the maps pinned under ``pin_dir`` (or
 load them: ``max_slots`` slots, the config's zones), put every subscriber's
 prefixes (slot = subscriber id), the zones and the allow-list in, in bulk,
 take the ledger's marks (migrations/0019_bpf_marks.sql) as the counters'
-last charged values so that the first poll charges exactly kernel - mark
-(what was forwarded and never flushed: rated but lost in a crash, or passed
-while the daemon was down), grant, and attach to ``interfaces`` (default:
-``gateway.lan_interfaces``). Granting everyone is most of a large start, so
-the first ``START_GRANTS`` subscribers are granted before the attach and the
-rest from the loop (``start_grants_left`` in /healthz counts them down);
-meanwhile the others pass on the grants the kernel kept (a restart) or, on
-fresh maps, are refused until a poll sees the refusal and grants them. A
-time-slot boundary grants everyone again the same way.
+last charged values so that the start charges exactly kernel - refunds -
+mark (what was forwarded and never flushed: rated but lost in a crash, or
+passed while the daemon was down; read twice, ``interval`` apart, as every
+poll's reads are charged at the next), grant, and attach to ``interfaces``
+(default: ``gateway.lan_interfaces``). Granting everyone is most of a large
+start, so the first ``START_GRANTS`` subscribers are granted before the
+attach and the rest from the loop (``start_grants_left`` in /healthz counts
+them down); meanwhile the others pass on the grants the kernel kept (a
+restart) or, on fresh maps, are refused until a poll sees the refusal and
+grants them. A time-slot boundary grants everyone again the same way.
 
 The loop (``run``), every ``interval`` seconds: one scan of the mmapped
 counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
@@ -304,8 +305,9 @@ class EbpfSource:
         self.dropped_bytes: dict[int, int] = {}  # counter index -> dropped_bytes at the last refusal seen
         self.snapshot = bytearray(maps.n_counters * 24)  # the scan's: used, packets, dropped_packets as last read
         self.snap = memoryview(self.snapshot).cast("Q")
-        # per counter, the bytes and packets charged (what the ledger's marks hold): used less refunds, one
-        # poll late (see "Refunds" in the module docstring), never more than what was delivered
+        # per counter, the bytes and packets charged (what the ledger's marks hold): used less refunds as a
+        # poll read them, one poll late (see "Refunds" in the module docstring); a refund that came after its
+        # bytes were charged leaves it above that, carried until the delivered total passes it
         self.charged = memoryview(bytearray(maps.n_counters * 16)).cast("Q")
         self.refunds = maps.refunds_view()
         self.unsettled: dict[int, tuple[int, int, int]] = {}  # counter index -> (used, packets, ts) read, not charged

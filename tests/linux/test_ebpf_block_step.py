@@ -35,7 +35,7 @@ import pytest
 from gateway.lab import UPSTREAM4, UPSTREAM6
 from lablib import REPO, lab_config, netns
 from test_ebpf_blockpage import (C_BLOCKED, C_REDIRECTED, PIN, S1, SUBS, EbpfGateway, blocked_in_kernel, far_end,
-                                 far_end_gateway, far_end_parts, ledger, slot_flags, wait_for)
+                                 far_end_gateway, far_end_parts, finish, ledger, slot_flags, wait_for)
 
 
 def external_used() -> int:
@@ -89,12 +89,7 @@ def test_manual_block_under_traffic_charges_only_what_arrived(slow_poll_lab):
             wait_for("s1 unblocked", lambda: not blocked_in_kernel(lab))
             time.sleep(0.5)  # and flows again
     finally:
-        for p in traffic:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        finish(traffic, 20)
     charged, far = flushed(gw.db) - charged0, far_end(lab) - far0
     print(f"\n  across two manual blocks under traffic: {charged:,} B charged, {far:,} B arrived at the far ends")
     assert far > 0, "no traffic crossed the gateway"

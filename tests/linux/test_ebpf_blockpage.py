@@ -55,6 +55,16 @@ def far_end_tables(lab) -> None:
         "  }\n}\n"))
 
 
+def finish(procs, timeout: float = 30) -> None:
+    """Waits for bounded traffic (``procs``) to end; one that overruns ``timeout`` is killed."""
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def far_end(lab) -> int:
     """Bytes of s1's traffic that crossed the gateway: arrived upstream, and arrived from it."""
     return sum(far_end_parts(lab))

@@ -30,7 +30,7 @@ import pytest
 from gateway.lab import UPSTREAM4, UPSTREAM6
 import lablib
 from lablib import lab_config, netns
-from test_ebpf_blockpage import S1, far_end, far_end_gateway, ledger, wait_for
+from test_ebpf_blockpage import S1, far_end, far_end_gateway, finish, ledger, wait_for
 
 PIN = f"/sys/fs/bpf/tollgate-test-refunds-{os.getpid()}"
 SUBS = (1, 2, 3, 4)
@@ -83,15 +83,6 @@ def udp_sender(lab, host: str, port: int, count: int, size: int) -> subprocess.P
 def s1(lab, *cmd: str) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", lab.sub(S1), "timeout", "20", *cmd],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def finish(procs) -> None:
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @pytest.fixture(scope="module")
