@@ -196,6 +196,15 @@ class ChangeFollower:
             gw.enforcer.unblock(gone)
             gw.enforcer.remove_subscriber_addresses(gone)
 
+    def _add_networks(self, sid: int, added) -> None:
+        """Networks about to reach the engine reach the eBPF program first (under ``engine_lock``): counted
+        by the kernel before the engine rates them, as below. They used to wait for the source's next
+        ``sync_addresses``, and in between the program passed them as unknown (``unknown = "accept"``:
+        forwarded, charged to nobody) while the engine already had them as the subscriber's."""
+        for reader in self.gw.readers:
+            if hasattr(reader, "before_engine_add"):
+                reader.before_engine_add(sid, added)
+
     def _refresh_engine_and_sets(self, sid: int) -> None:
         """The live balance stays the engine's (the ledger's lags by a flush).
 
@@ -215,6 +224,7 @@ class ChangeFollower:
             if info is None and not active:
                 return
             if info is None:
+                self._add_networks(sid, row["addresses"])
                 with gw.enforcer_lock:
                     gw.enforcer.add_subscriber_addresses(row["addresses"])
                 balance = row["balance"] if gw.credit is None else gw.credit.grant_now(sid)
@@ -243,6 +253,7 @@ class ChangeFollower:
             if not active:
                 log.info("subscriber %s deactivated live", info.name)
                 return
+            self._add_networks(sid, added)
             with gw.enforcer_lock:
                 gw.enforcer.add_subscriber_addresses(added)
             for net in added:

@@ -81,7 +81,11 @@ the subscriber was blocked its tcp/80 from them passed the program uncounted
 (redirected) and nft, no longer blocking them, forwarded it. From there they
 are unknown: the config's ``unknown`` verdict (``Maps.set_verdicts``) drops
 or passes them, uncounted, as the forward hook would; what an unknown address
-sends to the gateway itself passes either way.
+sends to the gateway itself passes either way. Networks that arrive
+(``before_engine_add``) reach the maps before the engine has them, counted
+from the moment they are rated, not passed as unknown until the next sync;
+``sync_addresses`` rebinds a network handed from one subscriber to another
+without unbinding it in between.
 
 Refunds (``tollgate_drop`` in tollgate.bpf.c, "Refunds"): whatever the
 kernel drops after the program counted it (an upload an operator's forward
@@ -451,6 +455,16 @@ class EbpfSource:
         if self.maps is not None and networks:
             self.maps.remove_subscribers(list(networks))
 
+    def before_engine_add(self, sid: int, networks) -> None:
+        """Networks that reach a subscriber (the change follower, before the engine has them) reach the maps
+        first: counted against the subscriber's grants from the moment the engine would rate them, not passed
+        as unknown until the next ``sync_addresses`` (which finds them bound and binds them again: a no-op).
+        A new subscriber has no grant yet: its packets are refused until the next poll grants it (the change
+        follower touches it)."""
+        maps = self.maps
+        if maps is not None and networks and 0 <= sid < maps.max_slots:
+            maps.set_subscribers([sid] * len(networks), list(networks))
+
     # ---- the loop -----------------------------------------------------------------
 
     def touch(self, sids) -> None:
@@ -616,6 +630,9 @@ class EbpfSource:
             new = [n for n in nets if n not in set(known.get(sid, ()))]
             slots += [sid] * len(new)
             added += new
+        # a network handed from one subscriber to another is rebound, never unbound in between (a packet
+        # there would be unknown for a moment)
+        gone = [n for n in gone if n not in set(added)]
         with gw.engine_lock:
             if gone:
                 maps.remove_subscribers(gone)
