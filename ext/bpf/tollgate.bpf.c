@@ -41,6 +41,12 @@
  * Malformed packets are counted in STAT_MALFORMED (bytes = wirelen) and
  * passed, or dropped if TG_F_MALFORMED_DROP is set: never charged.
  * Ports: TCP, UDP, SCTP, UDP-Lite, first fragment, 4 bytes present.
+ * Unknown (no subscriber on our side: STAT_UNKNOWN, never charged): passed,
+ * or dropped if TG_F_UNKNOWN_DROP is set (the config's unknown verdict),
+ * except what an unknown address sends to the gateway itself (the tests of
+ * "Not forwarded" below), which the forward hook, where that verdict
+ * applies on the nfqueue path, never sees: neighbour discovery from a
+ * link-local source, DHCP, DNS.
  *
  * Bytes
  * -----
