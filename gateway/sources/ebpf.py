@@ -145,12 +145,14 @@ SWEEP_SECONDS = 60.0
 # 60 s was 17k refreshes a second, 27% of a core with no traffic at all; capped, a sweep there takes half an hour
 SWEEP_RATE = 500
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
-# A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers /healthz, and the rest from
-# the loop, up to START_BUDGET seconds of each poll (a grant costs some 40 us of Python: a million took 40 s of
-# a 90 s start). Until then a subscriber passes on the grants the kernel kept (a restart) or is refused (fresh
-# maps: grants 0); a refused subscriber is granted at the next poll, as the watch grants anyone refused.
+# A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers
+# /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the engine lock (a grant
+# costs some 40 us of Python: a million took 40 s of a 90 s start; at 50 ms a poll the loop grants them in
+# about a minute, and a flush or a payment waits at most 50 ms for the lock). Until then a subscriber passes
+# on the grants the kernel kept (a restart) or is refused (fresh maps: grants 0); a refused subscriber is
+# granted at the next poll, as the watch grants anyone refused.
 START_GRANTS = 20_000
-START_BUDGET = 0.02
+START_BUDGET = 0.05
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
 # discovery to solicited-node multicast, MLD, mDNS, broadcasts, and everything to the gateway's own addresses
 # (DNS, the portal, pings). None of it is forwarded, so the forward hook, where the nfqueue path meters, never
