@@ -143,6 +143,7 @@ cdef class EngineC:
     # internals (Cython wants every C method of the type declared here)
     cdef int _grow(self, uint32_t cap) except -1
     cdef tg_sub *_grant_view(self, sid, allowance, int64_t *view) except NULL
+    cdef bint _plain_volume(self, object zone, object direction, object ts_ns)
     cdef int _widen_buckets(self, int stride) except -1
     cdef int _load_rules(self, object rules, object n_zones, tg_trie *t4, tg_trie *t6, tg_rules *r) except -1
     cdef tg_sub *_sub(self, sid) except NULL
