@@ -40,19 +40,26 @@ def stepwise(biller: Biller, now: int) -> tuple[list, list]:
     return postings + p, changes + c
 
 
-def test_catching_up_posts_what_billing_each_boundary_does():
+def both_ways(accounts, now: int):
+    """Two billers with the same ``accounts`` ((sid, terms, since)): one catches up to ``now`` at once, the
+    other is billed at each instant something falls due. Returns (biller, postings, changes) of each."""
     cfg = parse_config(tomllib.loads(FREE))
-    names = sorted(cfg.tariffs)
-    now = START + 200 * DAY + 12345
     at_once, each = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
     for biller in (at_once, each):
-        for sid, name in enumerate(names * 2, start=1):
-            until = now + sid * DAY if sid > len(names) else None  # expiries: the next test
-            biller.open(sid, terms(name, until), START + sid * DAY // 3)
+        for sid, t, since in accounts:
+            biller.open(sid, t, since)
     p1, c1 = at_once.advance(now)
     p2, c2 = each.advance(START)
     more = stepwise(each, now)
-    p2, c2 = p2 + more[0], c2 + more[1]
+    return (at_once, p1, c1), (each, p2 + more[0], c2 + more[1])
+
+
+def test_catching_up_posts_what_billing_each_boundary_does():
+    names = sorted(parse_config(tomllib.loads(FREE)).tariffs)
+    now = START + 200 * DAY + 12345
+    (at_once, p1, c1), (each, p2, c2) = both_ways(  # expiries after now: the expiry test is the last one
+        [(sid, terms(name, now + sid * DAY if sid > len(names) else None), START + sid * DAY // 3)
+         for sid, name in enumerate(names * 2, start=1)], now)
     assert sorted(p1, key=repr) == sorted(p2, key=repr)
     assert len(p1) > 50  # fees and settlements of months (the free tariff's: none)
     last_renew = {}
@@ -98,19 +105,14 @@ def test_an_expiry_crossed_while_catching_up_ends_where_it_ended():
     boundary, some inside a period, some inside a day): the fees and settlements before the expiry keep the
     discount, those after lose it, as billing at each instant gives; before, the catch-up applied the expiry
     first and billed every earlier period without the discount."""
-    cfg = parse_config(tomllib.loads(FREE))
-    names = sorted(cfg.tariffs)
+    names = sorted(parse_config(tomllib.loads(FREE)).tariffs)
     now = START + 200 * DAY + 12345
-    at_once, each = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
-    for biller in (at_once, each):
-        for sid, name in enumerate(names * 4, start=1):
-            since = START + sid * DAY // 3
-            until = [since + 45 * DAY + 3 * 3600 * 10 ** 9, since + 100 * DAY, START + 31 * DAY, now][sid % 4]
-            biller.open(sid, terms(name, until), since)
-    p1, c1 = at_once.advance(now)
-    p2, c2 = each.advance(START)
-    more = stepwise(each, now)
-    p2, c2 = p2 + more[0], c2 + more[1]
+    accounts = []
+    for sid, name in enumerate(names * 4, start=1):
+        since = START + sid * DAY // 3
+        until = [since + 45 * DAY + 3 * 3600 * 10 ** 9, since + 100 * DAY, START + 31 * DAY, now][sid % 4]
+        accounts.append((sid, terms(name, until), since))
+    (at_once, p1, c1), (each, p2, c2) = both_ways(accounts, now)
     assert sorted(p1, key=repr) == sorted(p2, key=repr)
     discounted = [p for p in p1 if "off" in (p.detail or "")]
     assert discounted and len(discounted) < len([p for p in p1 if p.kind == "fee"])  # both kinds are there
