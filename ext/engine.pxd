@@ -149,6 +149,9 @@ cdef class EngineC:
     cdef tg_sub *_sub(self, sid) except NULL
     cdef list _check_allowance(self, int tariff, allowance)
     cdef int _set_allowance(self, uint32_t sid, list allowance) except -1
+    cdef int _put_subscriber(self, uint32_t id_, int tariff, int64_t bal, int64_t cred, list allowance,
+                             bint vol_on, int64_t left) except -1
+    cdef int _grow_to(self, uint32_t id_) except -1
     cdef int _levels_below(self, tg_sub *s) noexcept nogil
     cdef tuple _allowance_of(self, uint32_t sid)
     cdef int _remove_prefix_locked(self, object key) except -1

@@ -17,14 +17,14 @@ the write side.
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import ipaddress
 
 from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, BLOCK_VOLUME as _BLOCK_VOLUME, EV_BLOCK as _EV_BLOCK,
                         EV_UNBLOCK as _EV_UNBLOCK, MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
 from .engine_py import (CounterRow, EngineStats, Event, SubscriberState, check_grant_allowance, check_reason,
-                        check_subscriber_id, check_volume,
+                        check_bulk_lengths, check_subscriber_id, check_volume,
                         check_volume_left, compile_rules, parse_network, validate_engine_args, validate_tariff,
                         validate_timeline)
 from .errors import EngineError
@@ -291,6 +291,75 @@ def _pack(int family, object net, int plen):
 
 def _unpack(object packed):
     return (6 if packed & 1 else 4), packed >> 9, (packed >> 1) & 0xFF
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, uint32_t size)
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_INET
+        AF_INET6
+
+
+cdef int fast_network(str text, uint8_t *key, int *family, int *plen) except -1:
+    """``ext/netaddr.py``'s fast path in C: 1 and the 16-byte key (v4 in its first 4), family and
+    prefix length of a network in canonical text with no host bits set; 0 for anything else (the
+    Python ``parse_network`` decides it, with its error). The same libc inet_pton and inet_ntop
+    as Python's ``socket`` module, so the same texts pass."""
+    cdef Py_ssize_t n, slash = -1, i
+    cdef const char *p
+    cdef char addr[64]
+    cdef char back[64]
+    cdef int length = 0, bits, af
+    if not text.isascii():
+        return 0
+    b = text.encode("ascii")
+    p = b
+    n = len(b)
+    for i in range(n):
+        if p[i] == 47:  # "/"
+            slash = i
+            break
+    if slash < 1 or slash >= 63 or n - slash - 1 < 1 or n - slash - 1 > 3:
+        return 0
+    if p[slash + 1] == 48 and n - slash - 1 > 1:  # a leading zero: not the canonical text
+        return 0
+    for i in range(slash + 1, n):
+        if not 48 <= p[i] <= 57:
+            return 0
+        length = length * 10 + (p[i] - 48)
+    af = AF_INET
+    for i in range(slash):
+        if p[i] == 58:  # ":"
+            af = AF_INET6
+        elif p[i] == 0:
+            return 0
+    if af == AF_INET6:
+        for i in range(slash):
+            if p[i] == 46:  # "." in IPv6 text: a mapped address ipaddress prints otherwise
+                return 0
+    bits = 128 if af == AF_INET6 else 32
+    if length > bits:
+        return 0
+    memset(addr, 0, 64)
+    for i in range(slash):
+        addr[i] = p[i]
+    memset(key, 0, 16)
+    if inet_pton(af, addr, key) != 1:
+        return 0
+    if inet_ntop(af, key, back, 64) == NULL:
+        return 0
+    for i in range(slash + 1):  # the same text back (its NUL where the text has "/")
+        if back[i] != (addr[i] if i < slash else 0):
+            return 0
+    for i in range(length, bits):  # host bits
+        if key[i >> 3] & (0x80 >> (i & 7)):
+            return 0
+    family[0] = 6 if af == AF_INET6 else 4
+    plen[0] = length
+    return 1
 
 
 # ---- packets -----------------------------------------------------------------
@@ -645,6 +714,35 @@ cdef class EngineC:
                 n += 1
         return n
 
+    cdef int _put_subscriber(self, uint32_t id_, int tariff, int64_t bal, int64_t cred, list allowance,
+                             bint vol_on, int64_t left) except -1:
+        """A checked subscriber into its slot (under the write lock, the arrays grown to hold ``id_``)."""
+        cdef tg_sub *s = &self.subs[id_]
+        cdef uint8_t dirty = s.dirty  # it may still sit in the dirty list from a removed namesake
+        memset(s, 0, sizeof(tg_sub))
+        s.dirty = dirty
+        memset(self.counters + <size_t> id_ * self.n_zones * 2, 0, self.n_zones * 2 * sizeof(tg_counter))
+        s.tariff = <uint16_t> tariff
+        s.balance = bal
+        s.credit = cred
+        self._set_allowance(id_, allowance)
+        s.warned = self._levels_below(s)
+        s.vol_on = vol_on
+        s.volume_left = left
+        if in_debt(s):
+            s.blocked |= BLOCK_LIMIT
+        if s.vol_on and s.volume_left < 0:
+            s.blocked |= BLOCK_VOLUME
+        s.exists = 1
+        return 0
+
+    cdef int _grow_to(self, uint32_t id_) except -1:
+        cdef uint32_t cap = self.cap_subs
+        while cap <= id_:
+            cap *= 2
+        self._grow(min(cap, MAX_SUBSCRIBER_ID + 1))
+        return 0
+
     def add_subscriber(self, sid, tariff, balance, credit=0, allowance=(), volume_left=None):
         """Add a subscriber (no addresses yet); a block event if it is in debt
         beyond its credit or past its volume limit (see EnginePy)."""
@@ -653,9 +751,6 @@ cdef class EngineC:
         left = check_volume_left(volume_left)
         cdef uint8_t blocked_bits = 0
         cdef uint32_t id_ = sid
-        cdef uint32_t cap
-        cdef tg_sub *s
-        cdef uint8_t dirty
         wrlock(self)
         try:
             if id_ < self.cap_subs and self.subs[id_].exists:
@@ -665,33 +760,62 @@ cdef class EngineC:
             if not isinstance(tariff, int) or not 0 <= tariff < 65536:
                 raise EngineError(f"unknown tariff {tariff}")
             allowance = self._check_allowance(tariff, allowance)
-            cap = self.cap_subs
-            while cap <= id_:
-                cap *= 2
-            self._grow(min(cap, MAX_SUBSCRIBER_ID + 1))
-            s = &self.subs[id_]
-            dirty = s.dirty  # it may still sit in the dirty list from a removed namesake
-            memset(s, 0, sizeof(tg_sub))
-            s.dirty = dirty
-            memset(self.counters + <size_t> id_ * self.n_zones * 2, 0, self.n_zones * 2 * sizeof(tg_counter))
-            s.tariff = <uint16_t> tariff
-            s.balance = bal
-            s.credit = cred
-            self._set_allowance(id_, allowance)
-            s.warned = self._levels_below(s)
-            s.vol_on = left is not None
-            s.volume_left = left if left is not None else 0
-            if in_debt(s):
-                s.blocked |= BLOCK_LIMIT
-            if s.vol_on and s.volume_left < 0:
-                s.blocked |= BLOCK_VOLUME
-            blocked_bits = s.blocked
-            s.exists = 1
+            self._grow_to(id_)
+            self._put_subscriber(id_, tariff, bal, cred, allowance, left is not None, left if left is not None else 0)
+            blocked_bits = self.subs[id_].blocked
         finally:
             pthread_rwlock_unlock(&self.rwlock)
         if blocked_bits:  # one event, naming the first reason (as block() would)
             return [Event(_EV_BLOCK, sid, -1, blocked_bits & -blocked_bits, bal)]
         return []
+
+    def add_subscribers(self, const int64_t[:] ids, const int64_t[:] tariffs, const int64_t[:] balances,
+                        const int64_t[:] credits, allowances, volume_left):
+        """``add_subscriber`` for many at once, all or nothing (see EnginePy): every one is checked
+        before the first is added, under one write lock."""
+        check_bulk_lengths(ids, tariffs, balances, credits, allowances, volume_left)
+        cdef Py_ssize_t n = ids.shape[0], i
+        cdef int64_t sid, tariff, max_id = 0
+        checked = {}  # (tariff, id of an allowance) -> (the allowance, padded): a start shares one per tariff
+        padded, lefts, seen = [None] * n, [None] * n, set()
+        for i in range(n):
+            sid, tariff = ids[i], tariffs[i]
+            try:
+                check_subscriber_id(sid)
+                if (sid < self.cap_subs and self.subs[sid].exists) or sid in seen:
+                    raise EngineError(f"subscriber {sid} exists")
+                seen.add(sid)
+                if credits[i] < 0:
+                    raise EngineError("credit must not be negative")
+                if not 0 <= tariff < 65536:
+                    raise EngineError(f"unknown tariff {tariff}")
+                allowance = allowances[i]
+                key = (tariff, id(allowance))
+                hit = checked.get(key)
+                if hit is None:
+                    hit = checked[key] = (allowance, self._check_allowance(tariff, allowance))
+                padded[i] = hit[1]
+                lefts[i] = check_volume_left(volume_left[i])
+            except EngineError as exc:
+                exc.index = i
+                raise
+            max_id = max(max_id, sid)
+        events = []
+        cdef tg_sub *s
+        wrlock(self)
+        try:
+            if n:
+                self._grow_to(<uint32_t> max_id)
+            for i in range(n):
+                left = lefts[i]
+                self._put_subscriber(<uint32_t> ids[i], <int> tariffs[i], balances[i], credits[i], padded[i],
+                                     left is not None, left if left is not None else 0)
+                s = &self.subs[<uint32_t> ids[i]]
+                if s.blocked:
+                    events.append(Event(_EV_BLOCK, ids[i], -1, s.blocked & -s.blocked, balances[i]))
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
+        return events
 
     def remove_subscriber(self, sid):
         """Forget ``sid`` and its addresses; returns its undrained counters."""
@@ -751,6 +875,47 @@ cdef class EngineC:
                 raise EngineError(f"{network} already belongs to subscriber {owner}")
             trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, sid, False, 0)
             self.owner_prefixes[_pack(family, net, plen)] = sid
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
+
+    def add_addresses(self, const int64_t[:] sids, networks):
+        """``add_address(sids[i], networks[i])`` for each i, all or nothing (see EnginePy), under one
+        write lock; canonical network text is parsed here in C (``fast_network``), anything else
+        as ``add_address`` parses it."""
+        check_bulk_lengths(sids, networks)
+        cdef Py_ssize_t n = sids.shape[0], i = 0, j
+        cdef uint8_t k[32]
+        cdef int family = 0, plen = 0
+        packed = [None] * n
+        memset(k, 0, 32)
+        wrlock(self)
+        try:
+            try:
+                for i in range(n):
+                    network = networks[i]
+                    if type(network) is not str:
+                        raise EngineError(f"bad network {network!r}: not text")
+                    if fast_network(network, k, &family, &plen):
+                        net = int.from_bytes(k[:4 if family == 4 else 16], "big")
+                    else:
+                        family, net, plen = parse_network(network)
+                        slow = _key(family, net)
+                        memset(k, 0, 32)
+                        memcpy(k, <const char *> slow, len(slow))
+                    self._sub(sids[i])
+                    key = _pack(family, net, plen)
+                    owner = self.owner_prefixes.get(key)
+                    if owner is not None:
+                        raise EngineError(f"{network} already belongs to subscriber {owner}")
+                    trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, <uint32_t> sids[i], False, 0)
+                    self.owner_prefixes[key] = sids[i]
+                    packed[i] = key
+            except BaseException as exc:
+                for j in range(i - 1, -1, -1):  # the engine as it was: the ones before it out again
+                    self._remove_prefix_locked(_unpack(packed[j]))
+                if isinstance(exc, EngineError):
+                    exc.index = i
+                raise
         finally:
             pthread_rwlock_unlock(&self.rwlock)
 

@@ -345,6 +345,12 @@ def check_reason(reason) -> None:
         raise EngineError(f"a block reason is a combination of the BLOCK_* bits (1..{BLOCK_ANY}), not {reason!r}")
 
 
+def check_bulk_lengths(*columns) -> None:
+    """The columns of a bulk call (``add_subscribers``, ``add_addresses``) describe the same items."""
+    if len({len(c) for c in columns}) > 1:
+        raise EngineError(f"bulk columns of different lengths: {', '.join(str(len(c)) for c in columns)}")
+
+
 def check_subscriber_id(sid: int) -> None:
     if not 1 <= sid <= MAX_SUBSCRIBER_ID:
         raise EngineError(f"subscriber ids are 1..{MAX_SUBSCRIBER_ID}")
@@ -642,6 +648,41 @@ class EnginePy:
         if owner is not None:
             raise EngineError(f"{network} already belongs to subscriber {owner}")
         self._owners.insert(family, net, plen, sid)
+
+    def add_subscribers(self, ids, tariffs, balances, credits, allowances, volume_left) -> list[Event]:
+        """``add_subscriber`` for many at once (a start fills the engine in chunks), all or nothing:
+        subscriber i is ``ids[i]``, ``tariffs[i]``, ``balances[i]``, ``credits[i]`` (int64 arrays:
+        ``array('q')``), ``allowances[i]`` and ``volume_left[i]`` (sequences). Each is checked as
+        ``add_subscriber`` checks it (an id given twice: it exists); the first refused leaves the
+        engine as it was, its EngineError's ``index`` is i. Returns the block events, in order."""
+        check_bulk_lengths(ids, tariffs, balances, credits, allowances, volume_left)
+        events: list[Event] = []
+        for i in range(len(ids)):
+            try:
+                events += self.add_subscriber(ids[i], tariffs[i], balances[i], credits[i], allowances[i],
+                                              volume_left[i])
+            except EngineError as exc:
+                for sid in ids[:i]:
+                    del self._subs[sid]
+                exc.index = i
+                raise
+        return events
+
+    def add_addresses(self, sids, networks) -> None:
+        """``add_address(sids[i], networks[i])`` for each i (``sids`` an int64 array), all or nothing: the
+        first refused (an unknown subscriber, a network that is not one, one owned already or given
+        twice) leaves the engine as it was; its EngineError's ``index`` is i."""
+        check_bulk_lengths(sids, networks)
+        for i in range(len(networks)):
+            try:
+                if not isinstance(networks[i], str):
+                    raise EngineError(f"bad network {networks[i]!r}: not text")
+                self.add_address(sids[i], networks[i])
+            except EngineError as exc:
+                for network in networks[:i]:
+                    self.remove_address(network)
+                exc.index = i
+                raise
 
     def remove_address(self, network: str) -> None:
         family, net, plen = parse_network(network)

@@ -1,0 +1,205 @@
+"""The engine filled in bulk (``add_subscribers``, ``add_addresses``: a start's chunks) ends as the
+same calls one by one leave it: subscriber states, every address's owner, the events, and where a
+call is refused, the same error at the same item; a bulk call refused changes nothing. Both engines,
+hypothesis over subscribers and prefixes (v4, v6, /0 to /128, overlaps, malformed text, balances at
+the ends of 64 bits)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from array import array
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ext
+from ext.errors import EngineError, TollgateError
+
+if ext.EngineC is None and os.environ.get("TOLLGATE_NO_EXT", "") in ("", "0"):
+    pytest.fail(f"the compiled engine is not built: {ext.EXT_IMPORT_ERROR}", pytrace=False)
+IMPLS = ["py"] + ([] if ext.EngineC is None else ["c"])
+
+V4 = ["100.64.0.1", "100.64.0.2", "100.64.1.0", "100.64.255.255", "198.18.0.1", "0.0.0.0", "255.255.255.255"]
+V6 = ["2001:db8:100:1::", "2001:db8:100:1::1", "2001:db8:100:2::", "2001:db8::", "::", "ffff::1",
+      "2001:db8:100:ffff::12:3456"]
+# text ext/netaddr.py's fast path does not take: host bits, other spellings, mapped, no length, garbage
+MALFORMED = ["100.64.0.1/24", "2001:DB8:100:1::/64", "2001:db8:100:0001::/64", "100.64.0.1", "100.64.0.1/33",
+             "100.64.0.1/032", "100.64.0.1/+32", " 100.64.0.1/32", "100.64.0.1/32\x00", "::ffff:100.64.0.1/128",
+             "::ffff:6440:1/128", "2001:db8::1/129", "x/32", "/32", "100.64.0.1/", "", "100.64.1/32",
+             "2001:db8:100:1::/064", "1.2.3.4/3\u0662", "2001:db8::/32/1", "100.64.00.1/32", "0.0.0.0/0"]
+
+
+def text_of(address: str, plen: int) -> str:
+    return str(ipaddress.ip_network(f"{address}/{plen}", strict=False))
+
+
+prefixes = st.one_of(
+    st.builds(text_of, st.sampled_from(V4), st.sampled_from([0, 1, 8, 10, 16, 24, 31, 32])),
+    st.builds(text_of, st.sampled_from(V6), st.sampled_from([0, 1, 32, 48, 63, 64, 96, 127, 128])),
+    st.sampled_from(MALFORMED),
+)
+int64s = st.one_of(st.sampled_from([0, -1, 1, 2 ** 63 - 1, -2 ** 63]), st.integers(-2 ** 63, 2 ** 63 - 1))
+subscribers = st.tuples(
+    st.one_of(st.integers(1, 12), st.sampled_from([0, 1 << 24, 5000])),  # an id (0 and 2^24: refused)
+    st.sampled_from([0, 0, 1, 7]),  # tariff: 7 is not defined
+    int64s,  # balance
+    st.one_of(st.just(0), st.sampled_from([-1, 2 ** 63 - 1]), st.integers(0, 10 ** 12)),  # credit
+    st.sampled_from([(), (5,), (0, 0), (-1,), (1, 2, 3)]),  # allowance (tariff 1 has two buckets)
+    st.one_of(st.none(), st.sampled_from([-1, 0, 2 ** 63 - 1]), st.integers(-10, 10 ** 9)),  # volume left
+)
+
+
+def make(impl: str):
+    e = ext.engine_class(impl)(2)
+    e.set_tariff(0, [1000] * 4, [], [])
+    e.set_tariff(1, [1000] * 4, [(0b11, 0b11, 0), (0b10, 0b01, 0)], [500, 0])
+    return e
+
+
+def one_by_one(e, subs, addrs):
+    """(events, the first refusal as (stage, index, message) or None)."""
+    events = []
+    for i, s in enumerate(subs):
+        try:
+            events += e.add_subscriber(*s)
+        except EngineError as exc:
+            return events, ("subscribers", i, str(exc))
+    for i, (sid, network) in enumerate(addrs):
+        try:
+            e.add_address(sid, network)
+        except EngineError as exc:
+            return events, ("addresses", i, str(exc))
+    return events, None
+
+
+def in_bulk(e, subs, addrs):
+    events = []
+    try:
+        events = e.add_subscribers(*(array("q", [s[k] for s in subs]) for k in range(4)),
+                                   [s[4] for s in subs], [s[5] for s in subs])
+    except EngineError as exc:
+        return events, ("subscribers", exc.index, str(exc))
+    try:
+        e.add_addresses(array("q", [sid for sid, _ in addrs]), [network for _, network in addrs])
+    except EngineError as exc:
+        return events, ("addresses", exc.index, str(exc))
+    return events, None
+
+
+def probes(addrs) -> list[str]:
+    """Every address of interest: the pools, and the first and last of each valid prefix given."""
+    out = set(V4) | set(V6)
+    for _sid, text in addrs:
+        try:
+            net = ipaddress.ip_network(text)
+        except ValueError:
+            continue
+        out |= {str(net.network_address), str(net.broadcast_address)}
+    return sorted(out)
+
+
+def state(e, sids, addresses):
+    subs = {}
+    for sid in sorted(set(sids)):
+        try:
+            subs[sid] = e.subscriber(sid)
+        except EngineError:
+            subs[sid] = None
+    return subs, {a: e.lookup_subscriber(a) for a in addresses}
+
+
+@st.composite
+def worlds(draw):
+    """Subscribers, mostly valid ones, and prefixes, mostly of those subscribers (or of one not there)."""
+    valid = st.tuples(st.integers(1, 12), st.just(0), int64s, st.just(0), st.just(()),
+                      st.one_of(st.none(), st.integers(-1, 10)))
+    subs = draw(st.lists(st.one_of(valid, valid, valid, subscribers), max_size=8))
+    owners = st.sampled_from([s[0] for s in subs] + [13]) if subs else st.just(13)
+    ok_prefixes = st.one_of(
+        st.builds(text_of, st.sampled_from(V4), st.sampled_from([0, 24, 31, 32])),
+        st.builds(text_of, st.sampled_from(V6), st.sampled_from([0, 48, 64, 128])))
+    addrs = draw(st.lists(st.tuples(owners, st.one_of(ok_prefixes, ok_prefixes, prefixes)), max_size=14))
+    return subs, addrs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world=worlds())
+def test_bulk_is_the_calls_one_by_one(impl, world):
+    subs, addrs = world
+    sids = [s[0] for s in subs] + [sid for sid, _ in addrs]
+    where = probes(addrs)
+    single, bulk = make(impl), make(impl)
+    events1, refused1 = one_by_one(single, subs, addrs)
+    events2, refused2 = in_bulk(bulk, subs, addrs)
+    assert refused2 == refused1
+    if refused1 is None:
+        assert events2 == events1
+        assert state(bulk, sids, where) == state(single, sids, where)
+        return
+    stage, _index, _message = refused1
+    # a refused bulk call changes nothing: the subscribers alone (addresses refused), or none at all
+    before = make(impl)
+    if stage == "addresses":
+        assert events2 == events1
+        for s in subs:
+            before.add_subscriber(*s)
+    assert state(bulk, sids, where) == state(before, sids, where)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bulk_columns_of_different_lengths_are_refused(impl):
+    e = make(impl)
+    with pytest.raises(EngineError, match="different lengths"):
+        e.add_subscribers(array("q", [1, 2]), array("q", [0]), array("q", [0, 0]), array("q", [0, 0]),
+                          [(), ()], [None, None])
+    e.add_subscribers(array("q", [1]), array("q", [0]), array("q", [5]), array("q", [0]), [()], [None])
+    with pytest.raises(EngineError, match="different lengths"):
+        e.add_addresses(array("q", [1]), ["100.64.0.1/32", "100.64.0.2/32"])
+    with pytest.raises(EngineError, match="not text") as exc:
+        e.add_addresses(array("q", [1, 1]), ["100.64.0.1/32", 7])
+    assert exc.value.index == 1 and e.lookup_subscriber("100.64.0.1") == 0
+
+
+def accountant():
+    import tomllib
+
+    from gateway.config import parse_config
+    from gateway.lab import lab_config
+    from gateway.runtime import Accountant
+
+    return Accountant(parse_config(tomllib.loads(lab_config(1))), None, IMPLS[-1])
+
+
+def test_a_malformed_prefix_in_the_ledger_names_the_subscriber():
+    rows = [{"id": i, "name": f"b{i}", "tariff": "lab", "balance": 100, "credit_limit": 0,
+             "addresses": (f"100.64.10.{i}/32",)} for i in range(1, 6)]
+    rows[3]["addresses"] = ("100.64.10.4/32", "2001:db8:100:1::1/64")
+    with pytest.raises(TollgateError, match=r"subscriber 'b4': bad network '2001:db8:100:1::1/64'"):
+        accountant().load_subscribers(rows)
+    rows[3]["addresses"] = ("100.64.10.1/32",)
+    with pytest.raises(TollgateError, match=r"subscriber 'b4': 100.64.10.1/32 already belongs to subscriber 1"):
+        accountant().load_subscribers(iter(rows))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("text", MALFORMED + [text_of(a, p) for a in V4 for p in (0, 8, 32)]
+                         + [text_of(a, p) for a in V6 for p in (0, 64, 128)])
+def test_each_text_is_taken_or_refused_as_add_address_does(impl, text):
+    single, bulk = make(impl), make(impl)
+    for e in (single, bulk):
+        e.add_subscriber(1, 0, 100)
+    refused1 = refused2 = None
+    try:
+        single.add_address(1, text)
+    except EngineError as exc:
+        refused1 = str(exc)
+    try:
+        bulk.add_addresses(array("q", [1]), [text])
+    except EngineError as exc:
+        refused2 = str(exc)
+    assert refused2 == refused1
+    where = probes([(1, text)])
+    assert state(bulk, [1], where) == state(single, [1], where)
