@@ -56,7 +56,7 @@ def child(db: str, config: str, engine: str) -> dict:
     """The start's stages in this process: ``{stage: [seconds, RSS MB after]}``, peak, counts."""
     from accounting.ledger import Ledger
     from gateway.config import load_config
-    from gateway.runtime import Accountant, ledger_rows
+    from gateway.runtime import Accountant, iter_ledger_rows
 
     cfg = load_config(config)
     ledger = Ledger.open(db)
@@ -69,9 +69,9 @@ def child(db: str, config: str, engine: str) -> dict:
         out["stages"][name] = [time.perf_counter() - t0, status_mb("VmRSS")]
         return result
 
-    # as Gateway.start does it (no [cluster]: every row is served)
+    # as Gateway.start does it (no [cluster]: every row is served), streamed
     events = stage("load", lambda: acct.load_subscribers(
-        [r for r in ledger_rows(ledger) if cfg.cluster.serves(r["addresses"])]))
+        r for r in iter_ledger_rows(ledger) if cfg.cluster.serves(r["addresses"])))
     now = time.time_ns()
     acct.ensure_timeline(now, since_ns=now)
     events += stage("start_billing", lambda: acct.start_billing(now))[1]

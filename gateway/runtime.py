@@ -9,12 +9,15 @@ The engine owns live balances; the ledger owns history.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
+from itertools import islice
 
 from accounting import access, prepaid
 from accounting.billing import Biller, Posting, Terms, counted_volume, volume_zone_mask
 from accounting.ledger import Ledger
 from ext import engine_class
+from ext.engine_py import as_int64, check_subscriber_id
 from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
@@ -29,8 +32,19 @@ TIMELINE_SPAN_NS = 8 * DAY_NS  # how far ahead the timeline is computed each tim
 _ROW_COLUMNS = ("id", "name", "tariff", "balance", "active", "billing_since_ns", "created_ns", *Ledger.TERMS)
 
 
-def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
-    """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them.
+ROW_CHUNK = 10_000  # rows a start holds at once: the unit of the ledger's grants and the engine's bulk calls
+
+
+def chunked(items, size: int | None = None):
+    """Lists of at most ``size`` (default ``ROW_CHUNK``) of ``items`` (an iterable), in order."""
+    it, size = iter(items), size or ROW_CHUNK
+    while part := list(islice(it, size)):
+        yield part
+
+
+def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
+    """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them, one at a time
+    from the ledger's scan (a start holds a chunk of them, not a million: see ``Gateway.start``).
     Billing runs from ``billing_since_ns``, else (unless ``created_is_since``
     is false: a replay of older traffic) from when the subscriber was created.
     ``volume_since``: a guest account's voucher's first use (see :meth:`Accountant.terms_for`), all of them
@@ -38,11 +52,9 @@ def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
 
     A row holds id, name, tariff, balance, credit_limit, addresses (a tuple), since and volume_since,
     and of the subscriber's own terms (``Ledger.TERMS``) those it sets (a term not set is not in the row:
-    :meth:`Accountant.terms_for` reads them with ``get``). One small dict per subscriber, built from
-    the ledger's rows in one pass: at a million subscribers the rows are the start's peak of memory."""
+    :meth:`Accountant.terms_for` reads them with ``get``)."""
     starts = prepaid.volume_starts(ledger)
     intern = {}  # tariff name -> one string for all its subscribers
-    out = []
     for (sid, name, tariff, balance, active, billing_since, created, *terms), addresses in \
             ledger.subscriber_rows(_ROW_COLUMNS):
         if not active:
@@ -53,8 +65,12 @@ def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
         for key, value in zip(Ledger.TERMS, terms):
             if value is not None:
                 row[key] = value
-        out.append(row)
-    return out
+        yield row
+
+
+def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
+    """:func:`iter_ledger_rows` as a list (a replay, which adds the config's to them; tests)."""
+    return list(iter_ledger_rows(ledger, created_is_since))
 
 
 @dataclass(slots=True)
@@ -251,30 +267,61 @@ class Accountant:
     def load_subscribers(self, rows) -> list:
         """Put subscribers into the engine; returns the events (blocks) that raises.
 
-        ``rows`` are mappings with id, name, tariff, balance, credit_limit and
-        addresses, as the ledger returns them (or built from the config in a
-        dry run without a ledger).
+        ``rows`` (any iterable: a start streams them from the ledger) are mappings with id, name,
+        tariff, balance, credit_limit and addresses, as the ledger returns them (or built from the
+        config in a dry run without a ledger). The engine is filled ``ROW_CHUNK`` at a time, with one
+        bulk call for the chunk's subscribers and one for their addresses (the engine parses them).
         """
         events = []
+        for part in chunked(rows):
+            events += self._load_chunk(part)
+        return events
+
+    def _load_chunk(self, rows: list) -> list:
+        ids, tids, balances, credits, allowances, volumes = [], [], [], [], [], []
+        owners, networks = [], []  # per prefix: its subscriber, its text
+        allowance_of: dict[str, tuple] = {}  # one allowance per tariff: the engine checks it once
+        terms_of = []
         for row in rows:
-            if row["tariff"] not in self.tariff_ids:
-                raise TollgateError(f"subscriber {row['name']!r} has tariff {row['tariff']!r}, "
+            tariff = row["tariff"]
+            if tariff not in self.tariff_ids:
+                raise TollgateError(f"subscriber {row['name']!r} has tariff {tariff!r}, "
                                     f"which the config does not define")
-            tariff = self.config.tariffs[row["tariff"]]
             terms = self.terms_for(row)
-            self.terms[row["id"]] = terms
-            self.access_dirty.add(row["id"])
-            self.since[row["id"]] = row.get("since")
-            events += self.engine.add_subscriber(row["id"], self.engine_tariff(row["tariff"], terms.discount),
-                                                 row["balance"], self.engine_credit(row["credit_limit"]),
-                                                 tariff.allowance(),
-                                                 terms.volume_limit)
+            terms_of.append(terms)
+            ids.append(row["id"])
+            tids.append(self.engine_tariff(tariff, terms.discount))
+            balances.append(row["balance"])
+            credits.append(self.engine_credit(row["credit_limit"]))
+            if tariff not in allowance_of:
+                allowance_of[tariff] = self.config.tariffs[tariff].allowance()
+            allowances.append(allowance_of[tariff])
+            volumes.append(terms.volume_limit)
             for network in row["addresses"]:
-                try:
-                    self.engine.add_address(row["id"], network)
-                except EngineError as exc:
-                    raise TollgateError(f"subscriber {row['name']!r}: {exc}") from None
-            self.subscribers[row["id"]] = SubscriberInfo(row["id"], row["name"], row["tariff"], tuple(row["addresses"]))
+                owners.append(row["id"])
+                networks.append(network)
+        try:
+            ids, tids, balances, credits, owners = (array("q", c) for c in (ids, tids, balances, credits, owners))
+        except (OverflowError, TypeError):  # not a 64-bit integer: the engine's own checks say which
+            for sid, balance, credit in zip(ids, balances, credits):
+                check_subscriber_id(sid)
+                as_int64(balance, "balance")
+                as_int64(credit, "credit")
+            raise
+        events = self.engine.add_subscribers(ids, tids, balances, credits, allowances, volumes)
+        try:
+            self.engine.add_addresses(owners, networks)
+        except EngineError as exc:
+            if getattr(exc, "index", None) is None:
+                raise
+            name = next(r["name"] for r in rows if r["id"] == owners[exc.index])
+            raise TollgateError(f"subscriber {name!r}: {exc}") from None
+        for row, terms in zip(rows, terms_of):
+            sid = row["id"]
+            self.terms[sid] = terms
+            self.access_dirty.add(sid)
+            self.since[sid] = row.get("since")
+            self.subscribers[sid] = SubscriberInfo(sid, row["name"], row["tariff"], tuple(row["addresses"]))
         return events
 
     def engine_credit(self, credit: int) -> int:

@@ -29,7 +29,7 @@ from accounting.thread_ledgers import ThreadLedgers
 from ext.errors import ConfigError, SourceError, TollgateError
 
 from ..config import Config, load_config
-from ..runtime import NS, Accountant, ledger_rows
+from ..runtime import NS, Accountant, iter_ledger_rows
 from .changes import ChangeFollower
 from .credit import GrantKeeper
 from .flusher import Flusher
@@ -89,7 +89,8 @@ class Gateway:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
         self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
-        rows = [r for r in ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"])]
+        # streamed: the ledger's rows go into the engine a chunk at a time (a million would be 600 MB of rows)
+        rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
         events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
         self.changes.start_from_ledger()
         now = time.time_ns()

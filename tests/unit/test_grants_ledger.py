@@ -463,3 +463,32 @@ def test_grants_hold_the_rule_at_every_step(ledger_target):
                                               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
     GrantMachine.TestCase().runTest()
+
+
+def test_a_start_streams_its_rows_through_the_grants(ledger_target, monkeypatch):
+    """``GrantKeeper.load`` reserves a chunk at a time while the start's scan of the ledger is still open
+    (``iter_ledger_rows``; on SQLite one connection reads and writes): every row comes through once, in
+    order, its balance what it held before plus what this chunk's reserve took, as the ledger says."""
+    from types import SimpleNamespace
+
+    import gateway.runtime
+    from gateway.daemon.credit import GrantKeeper
+    from gateway.runtime import iter_ledger_rows
+
+    monkeypatch.setattr(gateway.runtime, "ROW_CHUNK", 3)
+    eur = 10 ** 9
+    with at(ledger_target(), "g1") as led:
+        sids = many(led, [(k * eur // 2, 0) for k in range(10)])  # 0.00, 0.50, ... 4.50
+        led.reserve({sids[4]: eur}, LATER)  # held from before: 1.00 of subscriber 4's 2.00
+        cluster = SimpleNamespace(grant=3 * eur, grant_validity=60.0, on_failure="terminate")
+        keeper = GrantKeeper(SimpleNamespace(ledger=led, config=SimpleNamespace(cluster=cluster)))
+        rows = list(keeper.load(iter_ledger_rows(led)))
+        assert [r["id"] for r in rows] == sids
+        # at most a slice of 3.00 each, what the balance pays: the held 1.00 of subscriber 4 topped up to 2.00
+        want = [min(k * eur // 2, 3 * eur) for k in range(10)]
+        assert [r["balance"] for r in rows] == want
+        assert {sid: amount for sid, (amount, _until) in led.grants().items()} == \
+            {sid: w for sid, w in zip(sids, want) if w}
+        assert keeper.round_trips == 4  # one reserve per chunk of 3
+        assert keeper.final == {sids[k] for k in range(6)}  # got less than a slice: their blocks are real
+        assert led.check_invariants() == []

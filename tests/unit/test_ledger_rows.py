@@ -10,7 +10,8 @@ import tomllib
 from accounting import prepaid
 from accounting.ledger import Ledger
 from gateway.config import parse_config
-from gateway.runtime import Accountant, ledger_rows
+import gateway.runtime
+from gateway.runtime import Accountant, iter_ledger_rows, ledger_rows
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_tariff_scenarios import BASE  # noqa: E402
@@ -49,7 +50,7 @@ def same(new, old):
         assert {**{k: None for k in Ledger.TERMS}, **n, "addresses": list(n["addresses"])} == o
 
 
-def test_ledger_rows_as_before(tmp_path):
+def test_ledger_rows_as_before(tmp_path, monkeypatch):
     ledger = Ledger.open(tmp_path / "l.db")
     a = ledger.add_subscriber("a", "flat", "EUR", 5, addresses=["100.64.0.2/32", "2001:db8:100:1::/64"])
     b = ledger.add_subscriber("b", "flat", "EUR", 7, credit_limit=3, addresses=["100.64.0.3/32"])
@@ -74,8 +75,8 @@ def test_ledger_rows_as_before(tmp_path):
 
     cfg = parse_config(tomllib.loads(CONFIG))
     acct, before = Accountant(cfg, ledger), Accountant(cfg, ledger)
-    acct.load_subscribers(new)
-    before.load_subscribers(old)
+    events = acct.load_subscribers(new)
+    assert before.load_subscribers(old) == events
     assert acct.terms == before.terms  # the same terms, field by field
     assert acct.terms[a] is acct.terms[f]  # a and f differ in no input: one object
     assert acct.terms[d] is not acct.terms[a] and acct.terms[d].credit_until == 5 * 10 ** 17
@@ -84,3 +85,17 @@ def test_ledger_rows_as_before(tmp_path):
     assert acct.terms[b].access is not None and acct.terms[a].access is None
     assert {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()} == \
         {s: (i.name, i.tariff, i.addresses) for s, i in before.subscribers.items()}
+
+    # streamed as a start does it, two rows at a time: the engine and the Accountant end the same
+    monkeypatch.setattr(gateway.runtime, "ROW_CHUNK", 2)
+    streamed = Accountant(cfg, ledger)
+    assert streamed.load_subscribers(iter_ledger_rows(ledger)) == events
+    assert streamed.terms == acct.terms and streamed.since == acct.since and streamed.access_dirty == acct.access_dirty
+    assert {s: (i.name, i.tariff, i.addresses) for s, i in streamed.subscribers.items()} == \
+        {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()}
+    for sid in acct.subscribers:
+        assert streamed.engine.subscriber(sid) == acct.engine.subscriber(sid)
+    for address in ("100.64.0.2", "2001:db8:100:1::5", "100.64.0.3", "100.64.0.8", "100.64.0.9", "100.64.1.77",
+                    "100.64.0.10", "2001:db8:100:2::1", "100.64.0.4"):
+        assert streamed.engine.lookup_subscriber(address) == acct.engine.lookup_subscriber(address)
+    assert acct.engine.lookup_subscriber("100.64.1.77") == d and acct.engine.lookup_subscriber("100.64.0.10") == 0
