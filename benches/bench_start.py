@@ -6,7 +6,8 @@ subscribers, in its order, on a ledger of N subscribers and without the
 kernel (no nft, no lab, no root): the ledger's rows into the engine
 (``load``), ``start_billing``, ``bill(now)`` and ``resume_from_ledger``.
 Each size runs in a fresh process (``--child``), which prints per stage its
-seconds and resident memory after it, and the process's peak (VmHWM).
+seconds, CPU seconds (steadier than the wall clock on a shared machine) and
+resident memory after it, and the process's peak (VmHWM).
 
 The ledger is ``benches/bench_scale.py``'s ``build_ledger`` (bulk subscriber
 i: an IPv4 /32, and for 80% an IPv6 prefix: 1.8M prefixes at 1M), built in
@@ -64,9 +65,9 @@ def child(db: str, config: str, engine: str) -> dict:
     out: dict = {"stages": {}, "rss_start_mb": status_mb("VmRSS")}
 
     def stage(name, call):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = call()
-        out["stages"][name] = [time.perf_counter() - t0, status_mb("VmRSS")]
+        out["stages"][name] = [time.perf_counter() - t0, status_mb("VmRSS"), time.process_time() - c0]
         return result
 
     # as Gateway.start does it (no [cluster]: every row is served), streamed
@@ -120,9 +121,10 @@ def table(results: list[tuple[str, dict]], markdown: bool) -> str:
     head = ["run", *STAGES, "all", "peak RSS"]
     lines = []
     for name, r in results:
-        cells = [f"{r['stages'][s][0]:.2f} s, {r['stages'][s][1]:,.0f} MB" for s in STAGES]
-        total = sum(r["stages"][s][0] for s in STAGES)
-        lines.append([name, *cells, f"{total:.2f} s", f"{r['peak_mb']:,.0f} MB"])
+        cells = [f"{r['stages'][s][0]:.2f} s (cpu {r['stages'][s][2]:.2f}), {r['stages'][s][1]:,.0f} MB"
+                 for s in STAGES]
+        total, cpu = (sum(r["stages"][s][k] for s in STAGES) for k in (0, 2))
+        lines.append([name, *cells, f"{total:.2f} s (cpu {cpu:.2f})", f"{r['peak_mb']:,.0f} MB"])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                          + ["| " + " | ".join(line) + " |" for line in lines])

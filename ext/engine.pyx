@@ -15,6 +15,7 @@ the write side.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -309,15 +310,13 @@ cdef int fast_network(str text, uint8_t *key, int *family, int *plen) except -1:
     Python ``parse_network`` decides it, with its error). The same libc inet_pton and inet_ntop
     as Python's ``socket`` module, so the same texts pass."""
     cdef Py_ssize_t n, slash = -1, i
-    cdef const char *p
+    cdef const char *p = PyUnicode_AsUTF8AndSize(text, &n)  # an ASCII str's own bytes, no copy
     cdef char addr[64]
     cdef char back[64]
     cdef int length = 0, bits, af
-    if not text.isascii():
-        return 0
-    b = text.encode("ascii")
-    p = b
-    n = len(b)
+    for i in range(n):
+        if <uint8_t> p[i] >= 128:  # not ASCII: not the canonical text
+            return 0
     for i in range(n):
         if p[i] == 47:  # "/"
             slash = i
@@ -895,20 +894,25 @@ cdef class EngineC:
                     network = networks[i]
                     if type(network) is not str:
                         raise EngineError(f"bad network {network!r}: not text")
-                    if fast_network(network, k, &family, &plen):
-                        net = int.from_bytes(k[:4 if family == 4 else 16], "big")
-                    else:
+                    if not fast_network(network, k, &family, &plen):
                         family, net, plen = parse_network(network)
                         slow = _key(family, net)
                         memset(k, 0, 32)
                         memcpy(k, <const char *> slow, len(slow))
-                    self._sub(sids[i])
-                    key = _pack(family, net, plen)
+                    if family == 4:  # _pack's int, made in C where it fits in 64 bits
+                        key = ((<uint64_t> k[0] << 24 | <uint64_t> k[1] << 16 | <uint64_t> k[2] << 8 | k[3]) << 9
+                               | <uint64_t> plen << 1)
+                    else:
+                        key = _pack(6, int.from_bytes(k[:16], "big"), plen)
+                    if not (1 <= sids[i] < self.cap_subs and self.subs[<uint32_t> sids[i]].exists):
+                        self._sub(sids[i])  # its error
                     owner = self.owner_prefixes.get(key)
                     if owner is not None:
                         raise EngineError(f"{network} already belongs to subscriber {owner}")
                     trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, <uint32_t> sids[i], False, 0)
-                    self.owner_prefixes[key] = sids[i]
+                    if i == 0 or sids[i] != sids[i - 1]:  # one int object for a subscriber's prefixes, not one each
+                        sid_object = sids[i]
+                    self.owner_prefixes[key] = sid_object
                     packed[i] = key
             except BaseException as exc:
                 for j in range(i - 1, -1, -1):  # the engine as it was: the ones before it out again

@@ -83,6 +83,8 @@ def test_ledger_rows_as_before(tmp_path, monkeypatch):
     assert acct.terms[a].credit_limit == 0 and acct.terms[b].credit_limit == 3 and acct.terms[c].tariff == "other"
     assert acct.terms[b].discount == 2500 and acct.terms[b].volume_limit == 10 ** 9
     assert acct.terms[b].access is not None and acct.terms[a].access is None
+    assert acct.access_dirty == {b}  # only hours can block a subscriber just loaded (check_access looks at those)
+    assert acct.since[d] == 4 * 10 ** 17
     assert {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()} == \
         {s: (i.name, i.tariff, i.addresses) for s, i in before.subscribers.items()}
 
@@ -99,3 +101,16 @@ def test_ledger_rows_as_before(tmp_path, monkeypatch):
                     "100.64.0.10", "2001:db8:100:2::1", "100.64.0.4"):
         assert streamed.engine.lookup_subscriber(address) == acct.engine.lookup_subscriber(address)
     assert acct.engine.lookup_subscriber("100.64.1.77") == d and acct.engine.lookup_subscriber("100.64.0.10") == 0
+    acct.start_billing(10 ** 18)
+    assert acct.since == {} and acct.biller.accounts[d].joined == 4 * 10 ** 17  # the account holds it now
+
+
+def test_subscriber_info_gives_back_its_networks():
+    from gateway.runtime import SubscriberInfo
+
+    for networks in ((), ("100.64.0.2/32",), ("100.64.0.2/32", "2001:db8:100:1::/64", "100.64.1.0/24")):
+        info = SubscriberInfo(7, "a", "flat", list(networks))
+        assert info.addresses == networks and (info.id, info.name, info.tariff) == (7, "a", "flat")
+        info.addresses = networks[1:]  # a change (gateway/daemon/changes.py)
+        assert info.addresses == networks[1:]
+    assert not hasattr(info, "__dict__")  # one small object a subscriber

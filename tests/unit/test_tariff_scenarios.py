@@ -376,8 +376,8 @@ def run_engine(scenario, engine: str, seen: dict | None = None) -> int:
                 seen["blocked"] = (number, local_iso(ts), BLOCK_REASONS[ev.reason])
 
     note(acct.load_subscribers(acct.config_rows()), None, first)
+    billed = min(first, acct.since.get(1) or first)  # (start_billing hands it to the billing account)
     note(acct.start_billing(first)[1], None, first)
-    billed = min(first, acct.since.get(1) or first)
 
     def flush(minute: int, ts: int) -> None:
         seen["counted"] += sum(r.bytes for r in acct.flush("scenario", minute, ts, "scenario"))
