@@ -21,6 +21,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 import ipaddress
+from array import array
 
 from .constants import (BLOCK_LIMIT as _BLOCK_LIMIT, BLOCK_VOLUME as _BLOCK_VOLUME, EV_BLOCK as _EV_BLOCK,
                         EV_UNBLOCK as _EV_UNBLOCK, MAX_SUBSCRIBER_ID, NF_ACCEPT as _NF_ACCEPT)
@@ -283,15 +284,131 @@ def _key(int family, object net):
     return (<object> net).to_bytes(4 if family == 4 else 16, "big")
 
 
-# The control plane's index of owned prefixes is a dict keyed by one int per
-# prefix (network << 9 | length << 1 | is_v6): a third of the memory of
-# (family, network, length) tuples at a million subscribers.
-def _pack(int family, object net, int plen):
-    return (net << 9) | (plen << 1) | (family == 6)
+# ---- the index of owned prefixes (tg_owners, see engine.pxd) ---------------------
+
+cdef inline void key_words(const uint8_t *k, bint v6, uint64_t *hi, uint64_t *lo) noexcept nogil:
+    """A trie key (network bytes, big-endian) as the index's two words."""
+    cdef int i
+    hi[0] = 0
+    lo[0] = 0
+    if not v6:
+        lo[0] = <uint64_t> k[0] << 24 | <uint64_t> k[1] << 16 | <uint64_t> k[2] << 8 | <uint64_t> k[3]
+        return
+    for i in range(8):
+        hi[0] = hi[0] << 8 | k[i]
+        lo[0] = lo[0] << 8 | k[8 + i]
 
 
-def _unpack(object packed):
-    return (6 if packed & 1 else 4), packed >> 9, (packed >> 1) & 0xFF
+cdef inline void words_key(uint64_t hi, uint64_t lo, bint v6, uint8_t *k) noexcept nogil:
+    """The index's words as a trie key (32 bytes, zero-padded)."""
+    cdef int i
+    memset(k, 0, 32)
+    if not v6:
+        for i in range(4):
+            k[i] = (lo >> (24 - 8 * i)) & 0xFF
+        return
+    for i in range(8):
+        k[i] = (hi >> (56 - 8 * i)) & 0xFF
+        k[8 + i] = (lo >> (56 - 8 * i)) & 0xFF
+
+
+cdef inline void mask_words(uint64_t *hi, uint64_t *lo, int plen, bint v6) noexcept nogil:
+    """The network's first ``plen`` bits kept, the rest cleared (no shift by 64: undefined in C)."""
+    if plen == 0:
+        hi[0] = lo[0] = 0
+    elif not v6:
+        lo[0] = (lo[0] >> (32 - plen) << (32 - plen)) & <uint64_t> 0xFFFFFFFF
+    elif plen <= 64:
+        hi[0] = hi[0] >> (64 - plen) << (64 - plen)
+        lo[0] = 0
+    else:
+        lo[0] = lo[0] >> (128 - plen) << (128 - plen)
+
+
+cdef inline size_t owner_hash(uint64_t hi, uint64_t lo, int plen, bint v6) noexcept nogil:
+    cdef uint64_t h = hi * <uint64_t> 0x9E3779B97F4A7C15 ^ lo * <uint64_t> 0xC2B2AE3D27D4EB4F ^ \
+        (<uint64_t> plen << 1 | v6) * <uint64_t> 0x165667B19E3779F9
+    h ^= h >> 31
+    h *= <uint64_t> 0xD6E8FEB86659FD93
+    h ^= h >> 32
+    return <size_t> h
+
+
+cdef inline tg_owner *owner_slot(const tg_owners *t, uint64_t hi, uint64_t lo, int plen, bint v6) noexcept nogil:
+    """The slot holding the prefix, or the empty one where it would go."""
+    cdef size_t mask = t.cap - 1
+    cdef size_t i = owner_hash(hi, lo, plen, v6) & mask
+    cdef tg_owner *s
+    while True:
+        s = &t.slots[i]
+        if s.sid == 0 or (s.lo == lo and s.hi == hi and s.plen == plen and s.v6 == v6):
+            return s
+        i = (i + 1) & mask
+
+
+cdef int owners_init(tg_owners *t, size_t cap) except -1:
+    t.slots = <tg_owner *> calloc(cap, sizeof(tg_owner))
+    if t.slots == NULL:
+        raise MemoryError()
+    t.cap = cap
+    t.n = 0
+    return 0
+
+
+cdef int owner_put(tg_owners *t, uint64_t hi, uint64_t lo, int plen, bint v6, uint32_t sid) except -1:
+    """Record (or re-own) a prefix; the table doubles before it is half full."""
+    cdef tg_owners grown
+    cdef size_t i
+    cdef tg_owner *s
+    if (t.n + 1) * 2 > t.cap:
+        owners_init(&grown, t.cap * 2)
+        for i in range(t.cap):
+            if t.slots[i].sid:
+                s = owner_slot(&grown, t.slots[i].hi, t.slots[i].lo, t.slots[i].plen, t.slots[i].v6)
+                s[0] = t.slots[i]
+        grown.n = t.n
+        free(t.slots)
+        t[0] = grown
+    s = owner_slot(t, hi, lo, plen, v6)
+    if s.sid == 0:
+        t.n += 1
+    s.hi, s.lo, s.plen, s.v6, s.sid = hi, lo, plen, v6, sid
+    return 0
+
+
+cdef void owner_del(tg_owners *t, uint64_t hi, uint64_t lo, int plen, bint v6) noexcept nogil:
+    """Take a prefix out, moving back the entries after it that probed past its slot (no tombstones)."""
+    cdef size_t mask = t.cap - 1
+    cdef tg_owner *s = owner_slot(t, hi, lo, plen, v6)
+    if s.sid == 0:
+        return
+    cdef size_t i = s - t.slots, j = i, home
+    while True:
+        j = (j + 1) & mask
+        if t.slots[j].sid == 0:
+            break
+        home = owner_hash(t.slots[j].hi, t.slots[j].lo, t.slots[j].plen, t.slots[j].v6) & mask
+        # the entry at j stays if its home lies cyclically in (i, j]; else it moves into the hole at i
+        if (i <= j and i < home <= j) or (i > j and (home > i or home <= j)):
+            continue
+        t.slots[i] = t.slots[j]
+        i = j
+    t.slots[i].sid = 0
+    t.n -= 1
+
+
+cdef int network_words(str network, uint8_t *k, uint64_t *hi, uint64_t *lo, int *plen, bint *v6) except -1:
+    """A network's text parsed (C for canonical text, else ``parse_network`` and its error): its trie
+    key in ``k`` (32 bytes) and its index words."""
+    cdef int family = 0
+    if not fast_network(network, k, &family, plen):
+        family, net, plen[0] = parse_network(network)
+        slow = _key(family, net)
+        memset(k, 0, 32)
+        memcpy(k, <const char *> slow, len(slow))
+    v6[0] = family == 6
+    key_words(k, v6[0], hi, lo)
+    return 0
 
 
 cdef extern from "<arpa/inet.h>" nogil:
@@ -450,6 +567,7 @@ cdef class EngineC:
         pthread_rwlock_init(&self.rwlock, &attr)
         pthread_rwlockattr_destroy(&attr)
         trie_init(&self.owners4, 4); trie_init(&self.owners6, 16)
+        owners_init(&self.owned, 1024)
         trie_init(&self.zones4, 4); trie_init(&self.zones6, 16)
         trie_init(&self.allow4, 4); trie_init(&self.allow6, 16)
         self.tariffs = <tg_tariff *> calloc(65536, sizeof(tg_tariff))
@@ -469,12 +587,12 @@ cdef class EngineC:
         self.default_zone = default_zone
         self.malformed_verdict = malformed_verdict
         self.unknown_verdict = unknown_verdict
-        self.owner_prefixes = {}
         self._grow(1024)
 
     def __dealloc__(self):
         cdef int i
         trie_free(&self.owners4); trie_free(&self.owners6)
+        free(self.owned.slots)
         trie_free(&self.zones4); trie_free(&self.zones6)
         trie_free(&self.allow4); trie_free(&self.allow6)
         rules_free(&self.zone_rules); rules_free(&self.allow_rules)
@@ -818,13 +936,18 @@ cdef class EngineC:
 
     def remove_subscriber(self, sid):
         """Forget ``sid`` and its addresses; returns its undrained counters."""
-        cdef list rows
+        cdef list rows, owned = []
+        cdef size_t i
+        cdef tg_owner *o
         wrlock(self)
         try:
             self._sub(sid)
-            for packed, owner in list(self.owner_prefixes.items()):
-                if owner == sid:
-                    self._remove_prefix_locked(_unpack(packed))
+            for i in range(self.owned.cap):  # (found first: taking one out moves others)
+                o = &self.owned.slots[i]
+                if o.sid == <uint32_t> sid:
+                    owned.append((o.hi, o.lo, o.plen, o.v6))
+            for hi, lo, plen, v6 in owned:
+                self._remove_prefix_locked(hi, lo, plen, v6)
             rows = self._take_counters(sid)
             self.subs[<uint32_t> sid].exists = 0
         finally:
@@ -864,18 +987,9 @@ cdef class EngineC:
 
     def add_address(self, sid, str network):
         """Give ``network`` (a CIDR prefix) to ``sid``; longest prefix wins."""
-        family, net, plen = parse_network(network)
-        cdef bytes k = _key(family, net) + bytes(16)
-        wrlock(self)
-        try:
-            self._sub(sid)
-            owner = self.owner_prefixes.get(_pack(family, net, plen))
-            if owner is not None:
-                raise EngineError(f"{network} already belongs to subscriber {owner}")
-            trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, sid, False, 0)
-            self.owner_prefixes[_pack(family, net, plen)] = sid
-        finally:
-            pthread_rwlock_unlock(&self.rwlock)
+        if not isinstance(sid, int) or not 1 <= sid < 1 << 32:
+            self._sub(sid)  # its error, not the array's (out of range: no array read without the lock)
+        self.add_addresses(array("q", [sid]), [network])
 
     def add_addresses(self, const int64_t[:] sids, networks):
         """``add_address(sids[i], networks[i])`` for each i, all or nothing (see EnginePy), under one
@@ -884,72 +998,71 @@ cdef class EngineC:
         check_bulk_lengths(sids, networks)
         cdef Py_ssize_t n = sids.shape[0], i = 0, j
         cdef uint8_t k[32]
-        cdef int family = 0, plen = 0
-        packed = [None] * n
-        memset(k, 0, 32)
+        cdef uint64_t hi, lo
+        cdef int plen = 0
+        cdef bint v6 = False
+        cdef uint32_t owner
+        cdef tg_owner *added = <tg_owner *> calloc(n if n else 1, sizeof(tg_owner))  # to undo them
+        if added == NULL:
+            raise MemoryError()
         wrlock(self)
         try:
-            try:
-                for i in range(n):
-                    network = networks[i]
-                    if type(network) is not str:
-                        raise EngineError(f"bad network {network!r}: not text")
-                    if not fast_network(network, k, &family, &plen):
-                        family, net, plen = parse_network(network)
-                        slow = _key(family, net)
-                        memset(k, 0, 32)
-                        memcpy(k, <const char *> slow, len(slow))
-                    if family == 4:  # _pack's int, made in C where it fits in 64 bits
-                        key = ((<uint64_t> k[0] << 24 | <uint64_t> k[1] << 16 | <uint64_t> k[2] << 8 | k[3]) << 9
-                               | <uint64_t> plen << 1)
-                    else:
-                        key = _pack(6, int.from_bytes(k[:16], "big"), plen)
-                    if not (1 <= sids[i] < self.cap_subs and self.subs[<uint32_t> sids[i]].exists):
-                        self._sub(sids[i])  # its error
-                    owner = self.owner_prefixes.get(key)
-                    if owner is not None:
-                        raise EngineError(f"{network} already belongs to subscriber {owner}")
-                    trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, <uint32_t> sids[i], False, 0)
-                    if i == 0 or sids[i] != sids[i - 1]:  # one int object for a subscriber's prefixes, not one each
-                        sid_object = sids[i]
-                    self.owner_prefixes[key] = sid_object
-                    packed[i] = key
-            except BaseException as exc:
-                for j in range(i - 1, -1, -1):  # the engine as it was: the ones before it out again
-                    self._remove_prefix_locked(_unpack(packed[j]))
-                if isinstance(exc, EngineError):
-                    exc.index = i
-                raise
+            for i in range(n):
+                network = networks[i]
+                if type(network) is not str:
+                    raise EngineError(f"bad network {network!r}: not text")
+                if not (1 <= sids[i] < self.cap_subs and self.subs[<uint32_t> sids[i]].exists):
+                    self._sub(sids[i])  # its error (before the network's, as the twin checks)
+                network_words(network, k, &hi, &lo, &plen, &v6)
+                owner = owner_slot(&self.owned, hi, lo, plen, v6).sid
+                if owner:
+                    raise EngineError(f"{network} already belongs to subscriber {owner}")
+                trie_insert(&self.owners6 if v6 else &self.owners4, k, plen, <uint32_t> sids[i], False, 0)
+                owner_put(&self.owned, hi, lo, plen, v6, <uint32_t> sids[i])
+                added[i].hi, added[i].lo, added[i].plen, added[i].v6 = hi, lo, plen, v6
+        except BaseException as exc:
+            for j in range(i - 1, -1, -1):  # the engine as it was: the ones before it out again
+                self._remove_prefix_locked(added[j].hi, added[j].lo, added[j].plen, added[j].v6)
+            if isinstance(exc, EngineError):
+                exc.index = i
+            raise
         finally:
             pthread_rwlock_unlock(&self.rwlock)
+            free(added)
 
     def remove_address(self, str network):
         """Take ``network`` away from its subscriber."""
-        key = parse_network(network)
+        cdef uint8_t k[32]
+        cdef uint64_t hi, lo
+        cdef int plen = 0
+        cdef bint v6 = False
+        network_words(network, k, &hi, &lo, &plen, &v6)
         wrlock(self)
         try:
-            if _pack(*key) not in self.owner_prefixes:
+            if owner_slot(&self.owned, hi, lo, plen, v6).sid == 0:
                 raise EngineError(f"{network} belongs to no subscriber")
-            self._remove_prefix_locked(key)
+            self._remove_prefix_locked(hi, lo, plen, v6)
         finally:
             pthread_rwlock_unlock(&self.rwlock)
 
-    cdef int _remove_prefix_locked(self, object key) except -1:
+    cdef int _remove_prefix_locked(self, uint64_t hi, uint64_t lo, int plen, bint v6) except -1:
         """Take a prefix out of the owners' trie (under the write lock): its
         slots go back to the longest shorter prefix still owned, which the
         control plane's index knows without walking the trie."""
-        family, net, plen = key
-        cdef uint32_t repl = 0
-        bits = 32 if family == 4 else 128
+        cdef uint32_t repl = 0, owner
+        cdef uint64_t mhi, mlo
+        cdef int shorter
+        cdef uint8_t k[32]
         for shorter in range(plen - 1, -1, -1):
-            masked = net >> (bits - shorter) << (bits - shorter) if shorter else 0
-            owner = self.owner_prefixes.get(_pack(family, masked, shorter))
-            if owner is not None:
-                repl = (<uint32_t> owner << 8) | <uint32_t> shorter
+            mhi, mlo = hi, lo
+            mask_words(&mhi, &mlo, shorter, v6)
+            owner = owner_slot(&self.owned, mhi, mlo, shorter, v6).sid
+            if owner:
+                repl = (owner << 8) | <uint32_t> shorter
                 break
-        cdef bytes k = _key(family, net) + bytes(16)
-        trie_insert(&self.owners4 if family == 4 else &self.owners6, k, plen, 0, True, repl)
-        del self.owner_prefixes[_pack(family, net, plen)]
+        words_key(hi, lo, v6, k)
+        trie_insert(&self.owners6 if v6 else &self.owners4, k, plen, 0, True, repl)
+        owner_del(&self.owned, hi, lo, plen, v6)
         return 0
 
     def adjust_balance(self, sid, delta):

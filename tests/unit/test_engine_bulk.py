@@ -203,3 +203,47 @@ def test_each_text_is_taken_or_refused_as_add_address_does(impl, text):
     assert refused2 == refused1
     where = probes([(1, text)])
     assert state(bulk, [1], where) == state(single, [1], where)
+
+
+@pytest.mark.skipif("c" not in IMPLS, reason="the compiled engine's index against the twin")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2 ** 32), n=st.integers(1500, 4000))
+def test_thousands_of_prefixes_added_and_taken_out_as_the_twin_does(seed, n):
+    """The compiled engine's index of owned prefixes (an open-addressing table that grows from 1,024
+    slots and takes entries out by moving back the ones after them) against the twin's dicts: nested
+    prefixes of a few networks (so that a prefix taken out hands its addresses to the longest shorter
+    owner), subscribers removed whole, the owner of every address looked up after."""
+    import random
+
+    rnd = random.Random(seed)
+    nets = []
+    for _ in range(n):
+        if rnd.random() < 0.5:
+            base = (100 << 24 | 64 << 16) + rnd.randrange(1 << 12) * 16
+            nets.append(text_of(str(ipaddress.IPv4Address(base + rnd.randrange(16))), rnd.choice([28, 30, 32])))
+        else:
+            base = 0x20010DB8_0100_0000 << 64 | rnd.randrange(1 << 10) << 64
+            nets.append(text_of(str(ipaddress.IPv6Address(base + rnd.randrange(4))), rnd.choice([56, 64, 127, 128])))
+    nets = list(dict.fromkeys(nets))
+    owners = array("q", [1 + rnd.randrange(300) for _ in nets])
+    c, py = make("c"), make("py")
+    for e in (c, py):
+        e.add_subscribers(*(array("q", v) for v in (range(1, 301), [0] * 300, [100] * 300, [0] * 300)),
+                          [()] * 300, [None] * 300)
+        e.add_addresses(owners, nets)
+    gone = rnd.sample(nets, len(nets) // 2)
+    for e in (c, py):
+        for network in gone:
+            e.remove_address(network)
+        for sid in range(1, 301, 7):
+            e.remove_subscriber(sid)
+    probes = sorted({str(ipaddress.ip_network(t)[k]) for t in nets for k in (0, -1)})
+    assert [c.lookup_subscriber(a) for a in probes] == [py.lookup_subscriber(a) for a in probes]
+    kept = [(sid, t) for sid, t in zip(owners, nets) if t not in set(gone) and (sid - 1) % 7]
+    with pytest.raises(EngineError, match="already belongs") as exc:  # the index still knows every owner
+        c.add_addresses(array("q", [2] * len(kept)), [t for _, t in kept])
+    assert exc.value.index == 0
+    for e in (c, py):
+        for _sid, network in kept:
+            e.remove_address(network)
+    assert {c.lookup_subscriber(a) for a in probes} == {0}
