@@ -57,7 +57,7 @@ def child(db: str, config: str, engine: str) -> dict:
     """The start's stages in this process: ``{stage: [seconds, RSS MB after]}``, peak, counts."""
     from accounting.ledger import Ledger
     from gateway.config import load_config
-    from gateway.runtime import Accountant, iter_ledger_rows
+    from gateway.runtime import Accountant, iter_ledger_rows, kept_for_life
 
     cfg = load_config(config)
     ledger = Ledger.open(db)
@@ -71,13 +71,14 @@ def child(db: str, config: str, engine: str) -> dict:
         return result
 
     # as Gateway.start does it (no [cluster]: every row is served), streamed
-    events = stage("load", lambda: acct.load_subscribers(
-        r for r in iter_ledger_rows(ledger) if cfg.cluster.serves(r["addresses"])))
-    now = time.time_ns()
-    acct.ensure_timeline(now, since_ns=now)
-    events += stage("start_billing", lambda: acct.start_billing(now))[1]
-    events += stage("bill", lambda: acct.bill(now))[1]
-    events += stage("resume", lambda: acct.resume_from_ledger(now))
+    with kept_for_life():
+        events = stage("load", lambda: acct.load_subscribers(
+            r for r in iter_ledger_rows(ledger) if cfg.cluster.serves(r["addresses"])))
+        now = time.time_ns()
+        acct.ensure_timeline(now, since_ns=now)
+        events += stage("start_billing", lambda: acct.start_billing(now))[1]
+        events += stage("bill", lambda: acct.bill(now))[1]
+        events += stage("resume", lambda: acct.resume_from_ledger(now))
     out["peak_mb"] = status_mb("VmHWM")
     out["subscribers"] = len(acct.subscribers)
     out["events"] = len(events)

@@ -29,7 +29,7 @@ from accounting.thread_ledgers import ThreadLedgers
 from ext.errors import ConfigError, SourceError, TollgateError
 
 from ..config import Config, load_config
-from ..runtime import NS, Accountant, iter_ledger_rows
+from ..runtime import NS, Accountant, iter_ledger_rows, kept_for_life
 from .changes import ChangeFollower
 from .credit import GrantKeeper
 from .flusher import Flusher
@@ -89,15 +89,16 @@ class Gateway:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
         self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
-        # streamed: the ledger's rows go into the engine a chunk at a time (a million would be 600 MB of rows)
-        rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
-        events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
-        self.changes.start_from_ledger()
-        now = time.time_ns()
-        self.acct.ensure_timeline(now, since_ns=now)
-        events += self.acct.start_billing(self.calendar_now())[1]
-        events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
-        events += self.acct.resume_from_ledger(self.calendar_now())  # a volume limit used up before the restart
+        with kept_for_life():  # (a million subscribers, their terms, their accounts)
+            # streamed: the ledger's rows go into the engine a chunk at a time (a million: 600 MB of rows)
+            rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
+            events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
+            self.changes.start_from_ledger()
+            now = time.time_ns()
+            self.acct.ensure_timeline(now, since_ns=now)
+            events += self.acct.start_billing(self.calendar_now())[1]
+            events += self.acct.bill(self.calendar_now())[1]  # fees and period ends that fell due while stopped
+            events += self.acct.resume_from_ledger(self.calendar_now())  # a volume limit used up before the restart
         self.pusher.restore()
         self._make_readers()
         for reader in self.readers:

@@ -114,3 +114,22 @@ def test_subscriber_info_gives_back_its_networks():
         info.addresses = networks[1:]  # a change (gateway/daemon/changes.py)
         assert info.addresses == networks[1:]
     assert not hasattr(info, "__dict__")  # one small object a subscriber
+
+
+def test_a_start_pauses_the_collector_and_freezes_what_it_made():
+    import gc
+
+    from gateway.runtime import gc_paused, kept_for_life
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with kept_for_life():
+            assert not gc.isenabled()
+            with gc_paused():  # (load_subscribers' and start_billing's own, inside the start's)
+                made = [[i] for i in range(1000)]
+            assert not gc.isenabled()  # the inner one leaves it as it found it
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.unfreeze()
+        gc.enable()
