@@ -123,6 +123,11 @@ class SubscriberInfo:
     def addresses(self) -> tuple:
         return tuple(self._networks.split(" ")) if self._networks else ()
 
+    @property
+    def networks_text(self) -> str:
+        """The networks as held: one text, joined by spaces ("" for none); the same object, no copy."""
+        return self._networks
+
     @addresses.setter
     def addresses(self, networks) -> None:
         networks = tuple(networks)
