@@ -347,8 +347,8 @@ struct tg_inflight {
 	__u64 net;  /* the network namespace it was counted in (struct net *, compared only) */
 	__u32 idx;  /* its counter index */
 	__u32 len;  /* the bytes it was counted with */
-	__u32 mark; /* its byte of skb->tc_index (direction 0: the low byte, 1: the high one), never 0 */
-	__u32 seq;  /* the last mark given on this CPU */
+	__u32 seq;  /* its mark: its byte of skb->tc_index (direction 0: the low byte, 1: the high one), never 0;
+		     * the last mark given on this CPU, which the next counted packet takes one past */
 };
 
 struct tg_sub {
@@ -598,7 +598,6 @@ static __always_inline void remember(struct __sk_buff *skb, __u32 direction, __u
 		seq = 1;
 	f->skb = 0; /* while the entry changes, it matches no skb */
 	f->seq = seq;
-	f->mark = seq;
 	f->idx = idx;
 	f->len = (__u32)len;
 	f->net = (__u64)k->dev->nd_net.net;
@@ -1056,7 +1055,7 @@ static __always_inline void refund(struct sk_buff *skb, const __u32 d)
 	if (!dev || (__u64)dev->nd_net.net != f->net)
 		return;
 	/* another packet in the memory of the one counted (freed unseen, allocated again): not ours */
-	if (((skb->tc_index >> (8 * d)) & 0xff) != f->mark)
+	if (((skb->tc_index >> (8 * d)) & 0xff) != f->seq)
 		return;
 	idx = f->idx;
 	r = bpf_map_lookup_elem(&tg_refunds, &idx);
