@@ -457,8 +457,13 @@ class Enforcer:
         # Under a tc program that refuses blocked subscribers first (refused_at_tc), what reaches the forward
         # hook of theirs is the tcp/80 it passes for the portal: one port test per forwarded packet, the
         # set lookups only for tcp/80 (blocked_http), instead of ten rules and four lookups for every packet.
-        blocks = (["tcp dport 80 jump blocked_http"] if self.refused_at_tc else
-                  each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in"))
+        if self.refused_at_tc:
+            blocks = ["tcp dport 80 jump blocked_http"]
+            blocked_chains = "  chain blocked_http {\n" + lines(each("blocked", "s", "jump blocked_out")) + "  }\n"
+        else:
+            blocks = each("blocked", "s", "jump blocked_out") + each("blocked", "d", "jump blocked_in")
+            blocked_chains = ("  chain blocked_in {\n" + lines([f"{r.match('s')} accept" for r in self.allow] + ["drop"])
+                              + "  }\n")
         local_allowed = [
             f"meta l4proto {{ tcp, udp }} th dport {self.dns_port} accept",
             f"tcp dport {self.portal_port} accept",
@@ -470,12 +475,10 @@ class Enforcer:
             + sets + self._guest_sets() + binding_sets(self.bindings)
             + "  chain block {\n    type filter hook forward priority -10; policy accept;\n"
             + lines(binding_rules(self.bindings) + blocks + self._guest_rules("jump guests_out"))
-            + "  }\n  chain blocked_http {\n"
-            + lines(each("blocked", "s", "jump blocked_out") if self.refused_at_tc else [])
-            + "  }\n  chain blocked_out {\n"
+            + "  }\n"
+            + blocked_chains
+            + "  chain blocked_out {\n"
             + lines([f"{r.match('d')} accept" for r in self.allow] + reject)
-            + "  }\n  chain blocked_in {\n"
-            + lines([f"{r.match('s')} accept" for r in self.allow] + ["drop"])
             + "  }\n"
             + queue
             + passive
