@@ -25,12 +25,18 @@ gateway namespace, and measures:
   * the compiled engine's packets per second with N subscribers loaded
     (``benches/bench_engine.py``'s world and packet mix, no traffic generator).
 
+``--source ebpf`` runs the gateway on the tc/eBPF data path instead (entered
+with ``nsenter --net`` so that its pins live in the host's bpffs; detached and
+unpinned at the end): the kernel's bytes are then the maps' counters, read
+through the pins, less the refunds.
+
 Every wait is bounded (--start-timeout, --measure-timeout) and so is each size
 (--size-timeout): what does not finish is recorded as "> T s" and the bench
 goes on. The lab and the gateway are removed whatever happens.
 
     sudo .venv/bin/python benches/bench_scale.py                      # 10k, 100k
     sudo .venv/bin/python benches/bench_scale.py --sizes 1000000 --json after.json
+    sudo .venv/bin/python benches/bench_scale.py --sizes 1000000 --source ebpf --active 10000 --no-import
     sudo .venv/bin/python benches/bench_scale.py --json after.json --compare before.json --markdown
     .venv/bin/python benches/bench_scale.py --compare before.json --json after.json   # compare two files only
 
@@ -70,6 +76,7 @@ TOLLGATE = [sys.executable, "-m", "gateway.cli"]
 LAB_SUBS = 4  # the lab's own subscribers; s1..s3 come from the config, s4 is added by the CLI during the run
 V6_64_FIRST, V6_64_LAST = 0x100, 0xFFFE  # /64 indices inside 2001:db8:100::/48 for the bulk subscribers
 HZ = os.sysconf("SC_CLK_TCK")
+EBPF_PIN = f"/sys/fs/bpf/tollgate-bench-scale-{os.getpid()}"  # --source ebpf: this run's pins, removed at the end
 
 
 def say(text: str) -> None:
@@ -199,6 +206,17 @@ def ledger_bytes(db: Path, name: str) -> int:
         con.close()
 
 
+def bulk_upload(db: Path, since: int) -> tuple[int, int]:
+    """(bulk subscribers with upload rows, their upload packets) in the ledger's minutes from ``since``."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("SELECT count(DISTINCT u.subscriber_id), coalesce(sum(u.packets), 0) FROM usage u "
+                           "JOIN subscribers s ON s.id = u.subscriber_id WHERE u.minute >= ? AND u.direction = 0 "
+                           "AND s.name LIKE 'b%'", (since,)).fetchone()
+    finally:
+        con.close()
+
+
 def has_import() -> bool:
     return run([*TOLLGATE, "subscriber", "import", "--help"], timeout=30).returncode == 0
 
@@ -240,22 +258,30 @@ def time_import(work: Path, config: Path, n: int, timeout: float) -> str | float
 
 
 class Gateway:
-    def __init__(self, lab, work: Path, config: Path, db: Path, extra=()) -> None:
+    def __init__(self, lab, work: Path, config: Path, db: Path, extra=(), n: int = 0, source: str = "nfqueue") -> None:
         self.lab, self.work, self.config, self.db, self.extra = lab, work, config, db, list(extra)
+        self.source = source
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
+        if source == "ebpf":  # the lab's four subscriber interfaces, slots for N and the lab's own, our own pins
+            self.extra += ["--source", "ebpf", "--source-option", f"pin_dir={EBPF_PIN}", "--source-option",
+                           "interfaces=s1,s2,s3,s4", "--source-option", f"max_slots={n + 64}"]
 
     def start(self) -> None:
         log = open(self.work / "gateway.log", "a")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.lab.gw, *TOLLGATE, "-v", "run", "-c",
+        # the eBPF source pins its maps in the host's bpffs: `ip netns exec` would mount a private /sys, so the
+        # gateway enters only the lab's network namespace
+        enter = ["nsenter", f"--net=/run/netns/{self.lab.gw}"] if self.source == "ebpf" else \
+            ["ip", "netns", "exec", self.lab.gw]
+        self.proc = subprocess.Popen([*enter, *TOLLGATE, "-v", "run", "-c",
                                       str(self.config), "--db", str(self.db), *self.extra],
                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash leaves its stacks
 
     @property
     def pid(self) -> int:
-        return self.proc.pid  # `ip netns exec` execs the command: the same process
+        return self.proc.pid  # `ip netns exec` and nsenter exec the command: the same process
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -322,7 +348,32 @@ def metric(text: str, name: str, subscriber: str | None = None) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def kernel_bytes(lab, i: int) -> int | None:
+def kernel_bytes(gw: "Gateway", i: int) -> int | None:
+    """Bytes the kernel counted for lab subscriber i, both ways, IPv4 and IPv6: our nft table's (nfqueue) or
+    the eBPF program's maps (ebpf)."""
+    if gw.source == "ebpf":
+        return map_bytes(gw.db, f"s{i}")
+    return nft_bytes(gw.lab, i)
+
+
+def map_bytes(db: Path, name: str) -> int | None:
+    """What the tc program passed for subscriber ``name`` in every zone and direction, less what the kernel
+    dropped after it (the refunds), read through the pins: what the ledger must hold once flushed."""
+    from ext.bpfmaps import Maps
+
+    con = sqlite3.connect(db)
+    try:
+        row = con.execute("SELECT id FROM subscribers WHERE name = ?", (name,)).fetchone()
+    finally:
+        con.close()
+    if row is None:
+        return None
+    with Maps.open(EBPF_PIN) as maps:
+        return sum(maps.counter(row[0], z, d).used - maps.refund(row[0], z, d)[0]
+                   for z in range(maps.n_zones) for d in (0, 1))
+
+
+def nft_bytes(lab, i: int) -> int | None:
     """Bytes our nft table counted for lab subscriber i, both ways, IPv4 and IPv6: four elements, read one by one
     (``nft get element``) so that the read does not cost a listing of the whole table."""
     total = 0
@@ -372,6 +423,7 @@ def measure(n: int, args, out: dict) -> None:
     from gateway.lab import lab_config, lab_down, lab_up
 
     dl = Deadline(args.size_timeout)
+    out["source"] = args.source
     out["commit"], dirty = git_commit()  # others' work in progress runs too: say which files differed
     out["dirty_files"] = " ".join(dirty)
     work = Path(tempfile.mkdtemp(prefix=f"tollgate-scale-{n}-", dir=args.workdir))
@@ -395,12 +447,14 @@ def measure(n: int, args, out: dict) -> None:
             lab = lab_up(LAB_SUBS, args.prefix)
         # replies to the bulk subscribers' addresses go back to lab subscriber 1, whose namespace sends for them
         netns(lab.gw, "ip", "route", "add", "100.64.0.0/10", "via", lab.sub_addr4(1), "dev", "s1", timeout=10)
-        gw = Gateway(lab, work, config, db, args.run_args)
+        gw = Gateway(lab, work, config, db, args.run_args, n, args.source)
         start_and_count(gw, lab, args, dl, out, "")
         if not gw.alive() or out.get("healthz_s") is None or isinstance(out.get("healthz_s"), str):
             return
         if not gw.alive():
             return
+        if args.source == "ebpf":  # the idle window begins once the loop has granted what the start left
+            all_granted(gw, dl, args, out, "")
         settle(gw, 3)
         steps = [lambda: idle_cpu(gw, args, out), lambda: flush_lag(gw, args, out, dl)]
         if args.py_spy:  # after the idle measures, which it would disturb
@@ -429,6 +483,8 @@ def measure(n: int, args, out: dict) -> None:
             say("  restart: SIGTERM, `tollgate run` again")
             gw.stop()
             start_and_count(gw, lab, args, dl, out, "restart_")
+            if args.source == "ebpf" and gw.alive():
+                all_granted(gw, dl, args, out, "restart_")
             if gw.alive() and not isinstance(out.get("restart_counted_s"), str):
                 time.sleep(min(10.0, dl.left(10)))  # a few flush rounds and a drift check after the restart
             if not gw.alive():
@@ -445,6 +501,13 @@ def measure(n: int, args, out: dict) -> None:
             if args.keep:
                 say(f"  gateway log: {work / 'gateway.log'}")
         if lab is not None:
+            if args.source == "ebpf":  # the program stays attached and pinned without a daemon: take it off
+                from ext.bpfmaps import Maps
+                from policy import bpf
+                try:
+                    bpf.detach(None, EBPF_PIN, netns=lab.gw, unpin=False)
+                finally:
+                    Maps.unpin(EBPF_PIN)
             with contextlib.redirect_stdout(sys.stderr):
                 lab_down(args.prefix)
         if not args.keep:
@@ -496,7 +559,7 @@ def start_and_count(gw: Gateway, lab, args, dl: Deadline, out: dict, tag: str) -
     last = [None]
 
     def still() -> bool:
-        pair = (ledger_bytes(gw.db, "s1"), kernel_bytes(lab, 1))
+        pair = (ledger_bytes(gw.db, "s1"), kernel_bytes(gw, 1))
         same = pair == last[0] and pair[0] == pair[1]
         last[0] = pair
         return same
@@ -553,6 +616,18 @@ def spy_done(spy, args, out: dict, key: str) -> None:
     say(f"  {key}: {out[key]}")
 
 
+def all_granted(gw: Gateway, dl: Deadline, args, out: dict, tag: str) -> None:
+    """eBPF: seconds from /healthz until the loop has granted every subscriber the start left to it
+    (``start_grants_left`` in /healthz, gateway/sources/ebpf.py START_GRANTS). Until then a subscriber's
+    first packets are refused, and the loop's work is not idle."""
+    bound = dl.left(args.start_timeout)
+    t0 = time.monotonic()
+    got = wait_until(lambda: not gw.alive() or ((gw.health() or {}).get("queue", {}).get("ebpf", {})
+                                                .get("start_grants_left") == 0), bound, 0.5)
+    out[f"{tag}granted_s"] = time.monotonic() - t0 if got is not None and gw.alive() else f"> {bound:.0f} s"
+    say(f"  every subscriber granted {fmt(out[f'{tag}granted_s'], 's')} after /healthz")
+
+
 def settle(gw: Gateway, seconds: float) -> None:
     time.sleep(seconds)
 
@@ -593,6 +668,8 @@ def active_lag(gw: Gateway, lab, n: int, args, out: dict, dl: Deadline, work: Pa
     srcs.write_text("\n".join(v4_of(i) for i in range(0, step * k, step)))
     m0 = gw.metrics()
     p0 = metric(m0, "tollgate_packets") or 0
+    since = int(time.time()) // 60 * 60  # the ledger's minute rows from the blast's first minute
+    l0 = bulk_upload(gw.db, since)
     seconds = dl.left(args.lag_seconds)
     say(f"  flush lag with {k:,} subscribers active ({args.active_pps} packets/s for {seconds:.0f} s)")
     blaster = subprocess.Popen(["ip", "netns", "exec", lab.sub(1), sys.executable, "-c", BLASTER, str(srcs),
@@ -610,10 +687,14 @@ def active_lag(gw: Gateway, lab, n: int, args, out: dict, dl: Deadline, work: Pa
     out["active_seen"] = seen
     out["active_sent"] = sent
     out["active_rated"] = int((metric(m1, "tollgate_packets") or 0) - p0)
+    # every packet sent is one bulk subscriber's upload in the ledger: the whole count, not /metrics' busiest 1000
+    l1 = bulk_upload(gw.db, since)
+    out["active_ledger_subscribers"], out["active_ledger_packets"] = l1[0], l1[1] - l0[1]
     if lags:
         out["lag_active_max_s"], out["lag_active_mean_s"] = max(lags), statistics.mean(lags)
     say(f"  flush lag active: max {fmt(out.get('lag_active_max_s'), 's')}; sent {sent}, engine packets +{out['active_rated']}, "
-        f"{seen} bulk subscribers in /metrics")
+        f"{seen} bulk subscribers in /metrics; ledger: +{out['active_ledger_packets']} upload packets of "
+        f"{out['active_ledger_subscribers']} bulk subscribers")
     return blaster
 
 
@@ -637,7 +718,9 @@ def topups(gw: Gateway, lab, args, out: dict, dl: Deadline) -> None:
             out["topup_s"] = f"topup failed: {(proc.stderr or proc.stdout).strip()[-80:]}"
             return
         bound = dl.left(args.measure_timeout)
-        got = wait_until(lambda: (metric(gw.metrics(), "tollgate_subscriber_balance", "s2") or 0) >= before + 1e9 - 1,
+        # 1.00 more, less what s2's own pings cost meanwhile (micro-units: the eBPF path charges them a poll
+        # after /metrics showed the balance read as ``before``)
+        got = wait_until(lambda: (metric(gw.metrics(), "tollgate_subscriber_balance", "s2") or 0) >= before + 0.99e9,
                          bound, 0.05)
         if got is None:
             times.append(float("inf"))
@@ -762,14 +845,17 @@ def engine_pps(n: int, args, out: dict) -> None:
 
 ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("commit", "commit measured (+dirty: uncommitted changes in the work tree)", "text"),
+    ("source", "data path (--source)", "text"),
     ("build_s", "ledger of N built by this bench (SQL executemany)", "s"),
     ("ledger_mb", "ledger file, MB", "MB"),
     ("import_s", "`tollgate subscriber import` of N", "s"),
     ("healthz_s", "`tollgate run` to /healthz (first start)", "s"),
     ("counted_s", "`tollgate run` to s1's traffic counted", "s"),
-    ("exact", "s1: ledger bytes = nft counters", "text"),
+    ("granted_s", "eBPF: then every subscriber granted (the start's grants the loop makes)", "s"),
+    ("exact", "s1: ledger bytes = the kernel's (nft counters, or the maps less refunds)", "text"),
     ("restart_healthz_s", "restart (SIGTERM, run) to /healthz", "s"),
     ("restart_counted_s", "restart to s1's traffic counted", "s"),
+    ("restart_granted_s", "eBPF: then every subscriber granted again", "s"),
     ("restart_alive", "restarted gateway still running 10 s after counting", "text"),
     ("rss_peak_mb", "peak resident memory (VmHWM), MB", "MB"),
     ("rss_now_mb", "resident memory after the measures, MB", "MB"),
@@ -778,7 +864,10 @@ ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("lag_idle_max_s", "flush lag idle, max (flush every 1 s)", "s"),
     ("lag_active_max_s", "flush lag with the bulk subscribers active, max", "s"),
     ("active_seen", "bulk subscribers in /metrics after (capped at 1000)", "n"),
-    ("active_rated", "their packets rated by the engine", "n"),
+    ("active_sent", "their packets sent (UDP, 64 B each)", "n"),
+    ("active_rated", "their packets rated by the engine (nfqueue; 0 on ebpf: the kernel meters)", "n"),
+    ("active_ledger_packets", "their upload packets in the ledger after", "n"),
+    ("active_ledger_subscribers", "bulk subscribers with upload in the ledger after", "n"),
     ("topup_worst_s", "a top-up reaching the engine, worst (after the CLI)", "s"),
     ("topup_median_s", "a top-up reaching the engine, median", "s"),
     ("topup_cli_s", "`tollgate topup` itself", "s"),
@@ -894,6 +983,9 @@ def main(argv=None) -> int:
                     "--lag-seconds of it idle (collapsed stacks in --workdir; the top steps in the results)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the ledgers are built")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (ledger, config, gateway log)")
+    ap.add_argument("--source", choices=("nfqueue", "ebpf"), default="nfqueue",
+                    help="the data path: nfqueue (nft's counted sets, the default) or ebpf (the tc program and its "
+                    "pinned maps; the kernel's bytes are read from the maps)")
     ap.add_argument("--run-arg", dest="run_args", action="append", default=[],
                     help="an extra argument for `tollgate run` (repeatable), e.g. --run-arg=--queues=0-1")
     args = ap.parse_args(argv)
