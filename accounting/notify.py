@@ -23,10 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 from .ledger import Ledger
@@ -109,6 +106,13 @@ class Notifier:
 
     def _send(self, key: str, event: str, payload: str) -> str | None:
         """None on success, else what went wrong (no secrets: the URL's query is left out)."""
+        # imported here, by the one caller that sends: urllib.request pulls in http.client, ssl and email
+        # (20 ms), and everything that reads the config (every CLI command) imports this module for
+        # NotifySettings
+        import subprocess
+        import urllib.error
+        import urllib.request
+
         s = self.settings
         if s.webhook:
             request = urllib.request.Request(s.webhook, data=payload.encode(), method="POST", headers={

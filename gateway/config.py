@@ -228,11 +228,13 @@ def _rule(r, where: str, slots: list) -> SlotRule:
 
 def _speed(raw, where: str) -> tuple:
     """``{ up = "10M", down = "20M" }`` -> (up, down) bits per second, None where not given."""
+    if not isinstance(raw, dict) or set(raw) - {"up", "down"}:
+        raise ConfigError(where, 'a table { up = "10M", down = "20M" } (bits per second)')
+    if not raw:  # every tariff without a speed: policy.limits (nftables, ctypes, subprocess: 10 ms) not needed
+        return (None, None)
     from policy.limits import parse_rate
     from policy.nft import PolicyError
 
-    if not isinstance(raw, dict) or set(raw) - {"up", "down"}:
-        raise ConfigError(where, 'a table { up = "10M", down = "20M" } (bits per second)')
     out = []
     for key in ("up", "down"):
         try:
