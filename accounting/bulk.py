@@ -22,7 +22,6 @@ of the import; the common canonical spellings take a fast path here that is chec
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import ipaddress
 import json
@@ -231,6 +230,8 @@ def read_records(data, fmt: str):
     once the iterator is exhausted (``digest()``)."""
     if fmt not in ("jsonl", "csv"):
         raise FileFormatError(f"the format is jsonl or csv, not {fmt!r}")
+    import hashlib  # here, once a file: operations imports this module for every command, most read nothing
+
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     sha = hashlib.sha256()
 

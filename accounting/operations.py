@@ -19,7 +19,6 @@ prefix overlapping it) has one owner.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import re
 import time
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 
 from ext.errors import LedgerConflict, TollgateError
 
-from . import bulk, prepaid, sessions
-from .audit import AuditLog
+# prepaid (secrets, hashlib), audit (hashlib) and hashlib itself are imported where they are used: a read
+# (list, show, usage, top: most of the command line and the admin API's GETs) needs none of them
+from . import bulk, sessions
 from .ledger import Ledger, LedgerError
 from .money import MoneyError, format_amount, get_currency, parse_amount
 from .settings import Settings
@@ -199,6 +199,8 @@ class Operations:
             raise OperationError(str(exc), 409) from None
 
     def _audit(self, action: str, target: str, before=None, after=None) -> None:
+        from .audit import AuditLog
+
         AuditLog(self.ledger).append(self.actor, action, target, before, after)
 
     # ---- subscribers --------------------------------------------------------------
@@ -438,6 +440,8 @@ class Operations:
                 for p in self.ledger.payments(row["id"])]
 
     def activate_card(self, key, code: str) -> dict:
+        from . import prepaid
+
         row = self._row(key)
         if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
             raise OperationError("a card's code is 1 to 64 printable characters")
@@ -462,6 +466,8 @@ class Operations:
                        batch: str | None = None) -> list[dict]:
         """``count`` cards of ``value``, valid for ``days`` (or until ``expires_ns``); the codes are returned
         this once, the ledger keeps their hashes."""
+        from . import prepaid
+
         units = self._amount(value, "value", positive=True)
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
             raise OperationError("a batch has 1 to 100000 cards")
@@ -606,6 +612,8 @@ class Operations:
         one audit row (``subscriber.import``: the file's SHA-256, the count and the ids added); the change
         feed's triggers tell a running gateway, which loads them within a second. ``data``: bytes or a
         binary file."""
+        import hashlib
+
         # a file imported before (its SHA-256 in an import's audit row) is known before a line is read
         if not isinstance(data, (bytes, bytearray)) and not (getattr(data, "seekable", None) and data.seekable()):
             data = data.read()  # a pipe: read once, hashed and parsed from memory
@@ -1190,6 +1198,7 @@ class Operations:
         allotment for the voucher's whole life whatever billing periods pass), valid ``days`` (or ``hours``)
         from the first use, on at most ``devices`` devices at once, redeemable for ``redeem_days``. The account's
         tariff is ``tariff`` or ``[sessions] voucher_tariff``. Codes are returned this once."""
+        from . import prepaid
         from .money import MoneyError, parse_volume
 
         units = 0 if value is None else self._amount(value, "value", positive=True)
@@ -1241,6 +1250,8 @@ class Operations:
         until first use + validity) in the same transaction that marks the voucher used; every use
         binds the device as a portal session (:meth:`portal_login`, the voucher's device limit, until the
         voucher ends). Guessing is limited per address as for cards (prepaid.MAX_FAILURES in WINDOW_NS)."""
+        from . import prepaid
+
         if not isinstance(code, str) or not code.strip() or len(code) > 64 or not _TEXT.fullmatch(code):
             raise OperationError("a voucher's code is 1 to 64 printable characters")
         nets = self._device_networks(address, others)
@@ -1296,6 +1307,8 @@ class Operations:
 
     def voucher_of(self, subscriber) -> dict | None:
         """The voucher a guest account was opened with (None: not a guest account)."""
+        from . import prepaid
+
         return prepaid.voucher_of(self.ledger, self._row(subscriber)["id"])
 
 _NO_TERMS = (None,) * (len(Ledger.BULK_COLUMNS) - 10)

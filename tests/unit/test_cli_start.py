@@ -26,6 +26,8 @@ from gateway import cli
 HEAVY = ("sqlite_utils", "click", "pluggy", "dateutil", "importlib.metadata", "urllib.request", "http.client", "ssl",
          "email", "fastapi", "starlette", "uvicorn", "pydantic", "policy.limits", "policy.nft", "nftables",
          "ctypes", "uuid", "platform")
+# and what only a change needs: the audit chain's and the cards' hashing (a read writes no audit row)
+CHANGE_ONLY = ("hashlib", "secrets", "accounting.audit", "accounting.prepaid")
 
 CONFIG = """
 [gateway]
@@ -113,6 +115,10 @@ def test_a_daily_command_prints_what_it_did_and_loads_none_of_the_heavy_modules(
         assert out.stdout == printed
     assert "accounting.operations" in modules  # it did its work: the check below is not of a process that failed early
     assert _heavy(modules) == []
+    if args[0] in ("top", "usage") or args[1] in ("list", "show"):
+        assert sorted(m for m in CHANGE_ONLY if m in modules) == []
+    else:
+        assert "accounting.audit" in modules  # the change wrote its audit row
 
 
 def test_a_topup_without_a_key_makes_one_and_loads_only_uuid_for_it(tmp_path, two):
