@@ -39,9 +39,8 @@ class SqliteBackend(Backend):
     ILIKE = "LIKE"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
-        # What sqlite_utils.Database(conn) did here, without importing it (60 ms of click, pluggy, dateutil
-        # and a plugin entry-point scan on every CLI command, for three statements): recursive triggers, as
-        # every ledger connection has had them, so that the schema's triggers fire the same way they always did
+        # recursive triggers, as sqlite_utils.Database(conn) turns them on: every ledger connection has had
+        # them, so that the schema's triggers fire the same way they always did
         conn.execute("PRAGMA recursive_triggers = ON")
         self.conn = conn
         self.target = path
@@ -62,11 +61,19 @@ class SqliteBackend(Backend):
                 conn.execute("PRAGMA synchronous = FULL")
             backend = cls(conn, path)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            if (read_only or backend.table_names()) and app_id != APPLICATION_ID:
-                raise LedgerError(f"{path} is not a Tollgate ledger" if read_only else
-                                  f"{path} is an SQLite database but not a Tollgate ledger")
-            if not read_only and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")  # outside a transaction: autocommit, as connected
+            # A ledger opened before is ours and in WAL mode already: two pragmas. A file seen for the first
+            # time (new, foreign, or not yet WAL) goes through sqlite-utils, imported only then (click, pluggy
+            # and dateutil with it: 60 ms of every CLI command if imported at the top)
+            if app_id != APPLICATION_ID or (not read_only and
+                                            conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"):
+                import sqlite_utils
+
+                db = sqlite_utils.Database(conn)
+                if (read_only or db.table_names()) and app_id != APPLICATION_ID:
+                    raise LedgerError(f"{path} is not a Tollgate ledger" if read_only else
+                                      f"{path} is an SQLite database but not a Tollgate ledger")
+                if not read_only:
+                    db.enable_wal()  # outside a transaction: autocommit, as connected
         except sqlite3.DatabaseError as exc:  # not even the header reads: damaged, or not SQLite
             if conn is not None:
                 conn.close()
