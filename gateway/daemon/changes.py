@@ -35,11 +35,22 @@ class ChangeFollower:
         self.requests: queue.Queue = queue.Queue()  # subscriber ids the API changed
 
     def start_from_ledger(self) -> None:
-        """What was loaded at start includes everything up to these ids."""
+        """Before the start's load (``Gateway.load_from_ledger``): the feed and balance ids to follow from.
+        Taken before, not after, so that what is committed while the load runs is replayed rather than
+        taken as loaded: a change of the feed replayed for a subscriber loaded as it is now changes
+        nothing (:meth:`refresh` compares with the ledger). Without grants :meth:`balances_read` takes the
+        balance ids again, in the load's snapshot."""
+        ledger = self.gw.ledger
+        self.last_change = ledger.last_change_id()
+        self.balances_read()
+
+    def balances_read(self) -> None:
+        """The payment and adjustment ids the balances read now include: called in the snapshot the
+        load reads the balances in (a payment adds to a balance: replaying one it holds would count it
+        twice; missing one the balance lacks would lose it)."""
         ledger = self.gw.ledger
         self.last_payment = ledger.last_payment_id()
         self.last_adjustment = ledger.last_adjustment_id()
-        self.last_change = ledger.last_change_id()
 
     def applied_ids(self) -> tuple[int, int]:
         """(payment id, adjustment id) the live balances include; read under ``engine_lock``."""

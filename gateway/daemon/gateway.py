@@ -90,10 +90,7 @@ class Gateway:
         self.sessions.open()  # the RADIUS sockets too
         self.acct.seed_ledger()
         with kept_for_life():  # (a million subscribers, their terms, their accounts)
-            # streamed: the ledger's rows go into the engine a chunk at a time (a million: 600 MB of rows)
-            rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
-            events = self.acct.load_subscribers(self.credit.load(rows) if self.credit else rows)
-            self.changes.start_from_ledger()
+            events = self.load_from_ledger()
             now = time.time_ns()
             self.acct.ensure_timeline(now, since_ns=now)
             events += self.acct.start_billing(self.calendar_now())[1]
@@ -136,6 +133,25 @@ class Gateway:
         if self.config.notify.webhook or self.config.notify.command:
             self._spawn("notify", self.flusher.notify_loop)
         self.sessions.start()
+
+    def load_from_ledger(self) -> list:
+        """The ledger's subscribers into the engine (the start), streamed: a chunk of rows at a time (a
+        million: 600 MB of rows otherwise). Returns the engine's events.
+
+        Nothing committed while it loads (seconds at a million) is lost: the change feed's id is read
+        before the load, so whatever changed during it is replayed by the first poll (a replayed change of
+        a subscriber loaded as it is now changes nothing: ``ChangeFollower.refresh`` brings the engine in
+        line with the ledger's row). Payments and adjustments are not replayable that way (each adds to
+        the balance): without grants the balances and their ids are read in one snapshot of the ledger,
+        so those the balances include are exactly those up to the ids. With grants (which write while
+        loading, so no read snapshot) a payment only frees credit to ask for again: replaying it is harmless."""
+        self.changes.start_from_ledger()
+        rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
+        if self.credit is not None:
+            return self.acct.load_subscribers(self.credit.load(rows))
+        with self.ledger.db.snapshot():
+            self.changes.balances_read()
+            return self.acct.load_subscribers(rows)
 
     def _recover_from_kernel(self, listing: dict) -> None:
         """What the kernel forwarded while we were down (see .kernel), from
