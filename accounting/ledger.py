@@ -860,31 +860,59 @@ class Ledger:
             self._check_bounds("usage", since, until, 1)
             return [dict(zip(cols, r)) for r in self.db.sums(sql, args, "usage")]
 
-    def period_totals(self, since_ns: dict[int, int], until_ns: int) -> tuple[dict, dict]:
-        """For a restart, in two scans whatever the number of subscribers:
+    # period_totals: up to this many distinct period starts are summed by a scan of the usage's minute index
+    # each (no table of every subscriber's start to fill); more, by a join with such a table
+    _PERIOD_STARTS_SCANNED = 4
+
+    def period_totals(self, since_ns: dict[int, int], until_ns: int, prevailing_of=None) -> tuple[dict, dict]:
+        """For a restart, in a few scans whatever the number of subscribers:
         ``({sid: {(zone, direction): bytes}}, {sid: prevailing charged})``
         over each subscriber's own period, from ``since_ns[sid]`` (its
         minute, as :meth:`usage` counts it, and its postings) up to
         ``until_ns``; the same sums as :meth:`usage` and :meth:`postings` of
-        each, and the same refusal of a bound inside a rolled-up bucket."""
+        each, and the same refusal of a bound inside a rolled-up bucket.
+        ``prevailing_of``: the subscribers whose prevailing charges are wanted (default: all of
+        ``since_ns``; a start asks for those on a prevailing tariff, a few if any).
+
+        Most subscribers share a period start (a million accounts on a few plans: a handful of instants).
+        With few distinct starts the usage is summed per start over the minutes from it (the covering
+        index ``usage_minute_totals``: the rows of the periods, never a subscriber's older history), the
+        sums of subscribers whose period starts elsewhere dropped; a million starts written into a
+        temporary table first cost seconds (SQLite) to minutes (PostgreSQL's executemany). Otherwise, and
+        for the prevailing charges, the starts go into a temporary table joined in SQL."""
         until_minute = until_ns // 1_000_000_000 + 60
+        starts = set(since_ns.values())
+        prevailing_of = since_ns if prevailing_of is None else {sid: since_ns[sid] for sid in prevailing_of}
+        volumes: dict[int, dict] = {}
+        prevailing: dict = {}
         with self.db.snapshot():
-            for since in set(since_ns.values()):
+            for since in starts:
                 self._check_bounds("usage", since // 1_000_000_000, until_minute, 1)
+            if len(starts) <= self._PERIOD_STARTS_SCANNED:
+                for since in sorted(starts):
+                    for sid, zone, direction, nbytes in self.db.sums(
+                            "SELECT subscriber_id, zone, direction, sum(bytes) FROM usage"
+                            " WHERE minute >= ? AND minute < ? GROUP BY 1, 2, 3",
+                            (since // 1_000_000_000, until_minute), "a period's usage"):
+                        if since_ns.get(sid) == since:
+                            volumes.setdefault(sid, {})[(zone, direction)] = nbytes
+                if not prevailing_of:
+                    return volumes, prevailing
             # a temporary table (unqualified: it shadows any other of its name on both backends) joined in SQL
             self.db.execute("CREATE TEMP TABLE IF NOT EXISTS period_start (sid BIGINT PRIMARY KEY, since_ns BIGINT)")
             self.db.execute("DELETE FROM period_start")
-            self.db.executemany("INSERT INTO period_start VALUES (?, ?)", since_ns.items())
-            volumes: dict[int, dict] = {}
-            for sid, zone, direction, nbytes in self.db.sums(
-                    "SELECT u.subscriber_id, u.zone, u.direction, sum(u.bytes) FROM period_start p"
-                    " JOIN usage u ON u.subscriber_id = p.sid AND u.minute >= p.since_ns / 1000000000"
-                    " AND u.minute < ? GROUP BY 1, 2, 3", (until_minute,), "a period's usage"):
-                volumes.setdefault(sid, {})[(zone, direction)] = nbytes
-            prevailing = dict(self.db.sums(
+            joined = since_ns if len(starts) > self._PERIOD_STARTS_SCANNED else prevailing_of
+            self.db.executemany("INSERT INTO period_start VALUES (?, ?)", joined.items())
+            if joined is since_ns:
+                for sid, zone, direction, nbytes in self.db.sums(
+                        "SELECT u.subscriber_id, u.zone, u.direction, sum(u.bytes) FROM period_start p"
+                        " JOIN usage u ON u.subscriber_id = p.sid AND u.minute >= p.since_ns / 1000000000"
+                        " AND u.minute < ? GROUP BY 1, 2, 3", (until_minute,), "a period's usage"):
+                    volumes.setdefault(sid, {})[(zone, direction)] = nbytes
+            prevailing = {sid: amount for sid, amount in self.db.sums(
                 "SELECT p.sid, sum(x.amount) FROM period_start p JOIN postings x ON x.subscriber_id = p.sid"
                 " AND x.ts_ns >= p.since_ns AND x.ts_ns < ? WHERE x.kind = 'prevailing' GROUP BY 1", (until_ns,),
-                "a period's prevailing charges"))
+                "a period's prevailing charges") if sid in prevailing_of}
             self.db.execute("DELETE FROM period_start")
         return volumes, prevailing
 

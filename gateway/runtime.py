@@ -548,8 +548,12 @@ class Accountant:
         is the limit less what the period used: a block if it is past it).
         Returns the engine's events."""
         events = []
-        volumes, prevailing = self.ledger.period_totals(
-            {sid: acct.start for sid, acct in self.biller.accounts.items()}, now)
+        accounts = self.biller.accounts
+        # the prevailing charges matter to accounts on a prevailing tariff only (Biller._settle): theirs are asked for
+        prevailing_tariffs = {name for name, t in self.config.tariffs.items() if t.plan.scheme == "prevailing"}
+        on_prevailing = [sid for sid, acct in accounts.items() if acct.terms.tariff in prevailing_tariffs]
+        volumes, prevailing = self.ledger.period_totals({sid: acct.start for sid, acct in accounts.items()}, now,
+                                                        on_prevailing)
         # A voucher's volume counts from its first use, whatever periods passed (Terms.volume_since). The guest
         # account was opened at that first use and has no usage before it, so the window may start earlier
         # without counting a byte more: at the start of its minute (usage minutes count by their start; the
@@ -558,9 +562,13 @@ class Accountant:
         windows = {sid: self.ledger.exact_range(acct.terms.volume_since // MINUTE_NS * 60, None)[0] * NS
                    for sid, acct in self.biller.accounts.items() if acct.terms.volume_since is not None}
         since_first = self.ledger.period_totals(windows, now)[0] if windows else {}
-        for sid, acct in self.biller.accounts.items():
-            acct.volumes.update(volumes.get(sid, {}))
-            acct.prevailing_charged = prevailing.get(sid, 0)
+        for sid, used in volumes.items():
+            acct = accounts.get(sid)
+            if acct is not None:
+                acct.volumes.update(used)
+        for sid in on_prevailing:
+            accounts[sid].prevailing_charged = prevailing.get(sid, 0)
+        for sid, acct in accounts.items():
             if sid in windows:
                 acct.since_volume = counted_volume(since_first.get(sid, {}))
             if acct.terms.volume_limit is not None:

@@ -111,3 +111,36 @@ def test_a_period_already_past_its_volume_limit_is_blocked_at_restart(ledger_tar
         acct = run(ledger, cfg, [], at("2026-03-20T12:00"))
         state = acct.engine.subscriber(1)
         assert (state.volume_left, state.blocked) == (10_000 - 12_000, BLOCK_VOLUME)
+
+
+PREVAILING = BASE.format(currency="EUR") + """
+[[tariff]]
+name = "prev"
+scheme = "prevailing"
+price_unit = "MB"
+[tariff.prices]
+external = "1.00"
+peering = "1.00"
+
+[[subscriber]]
+name = "a"
+tariff = "prev"
+balance = "100.00"
+since = "2026-03-01"
+addresses = ["100.64.0.2/32"]
+"""
+
+
+def test_prevailing_charges_posted_before_a_restart_are_not_charged_again(ledger_target):
+    cfg = parse_config(tomllib.loads(PREVAILING))
+    with Ledger.open(ledger_target()) as ledger:
+        acct = run(ledger, cfg, traffic("2026-03-05T12:00", 2 * MB, up=True), at("2026-03-05T12:00"))
+        (provisional,) = [p for p in acct.bill(at("2026-03-05T13:00"))[0] if p.kind == "prevailing"]
+        assert provisional.amount == 2 * 10 ** 9
+        # the gateway restarts on the 20th: the period's 2 MB and the 2.00 already charged come back; 1 MB more up
+        acct = run(ledger, cfg, traffic("2026-03-20T12:00", MB, up=True), at("2026-03-20T12:00"))
+        assert acct.biller.accounts[1].prevailing_charged == 2 * 10 ** 9
+        postings, _ = acct.bill(at("2026-04-01"))
+        (final,) = [p for p in postings if p.kind == "prevailing-final"]
+        assert final.amount == 10 ** 9  # 3 MB up at 1.00 in all, 2.00 of it charged before the restart
+        assert ledger.balance("a") == 97 * 10 ** 9
