@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+from array import array
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
 from ext.constants import DIRECTIONS, PRICE_SCALE
@@ -213,6 +215,11 @@ def prevailing_cost(tariff, pairs: tuple, volumes: dict, discount: int = 0) -> t
 
 # ---- following subscribers ----------------------------------------------------------
 
+# An account's volumes until its period sees traffic: one shared empty mapping, read like a dict, replaced by
+# a dict of its own at the first bytes (Biller.observe, Accountant.resume_from_ledger). An empty dict of
+# each account's own is 64 B: 64 MB at a million accounts, most of which see no traffic in a period.
+NO_VOLUMES = MappingProxyType({})
+
 @dataclass(slots=True)
 class Account:
     """Billing state of one subscriber in its current period."""
@@ -222,13 +229,15 @@ class Account:
     joined: int  # ns; billing for this tariff started then
     start: int = 0  # current period [start, end)
     end: int = 0
-    volumes: dict = field(default_factory=dict)  # (zone, direction) -> bytes this period
+    volumes: dict = field(default_factory=lambda: NO_VOLUMES)  # (zone, direction) -> bytes this period (its own
+    # dict once it has any)
     prevailing_charged: int = 0  # provisional charges posted this period
     since_volume: int = 0  # terms.volume_since set: bytes toward the volume limit since then, across periods
     settled_to: int | None = None  # the period ending here is settled (an exclusive end stopped at it)
     fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
     discount_on: bool = True
     credit_on: bool = True
+    due: int | None = field(default=None, repr=False, compare=False)  # Biller's: the instant it is due at
 
 
 class Biller:
@@ -247,11 +256,13 @@ class Biller:
         self.zone_names = list(zone_names or ())
         self.accounts: dict[int, Account] = {}
         # advance() looks only at accounts that something is due for: the work of a second is in proportion
-        # to what changed, not to the number of subscribers. due: (instant, sid) heap, entries made stale
-        # by a later one are skipped (due_at holds the live one); touched: accounts with new traffic or
+        # to what changed, not to the number of subscribers. due: a heap of the instants something is due
+        # at, due_sids: the accounts due at each (8 bytes an entry: a million accounts are due at a few
+        # instants, their period ends; a heap entry and a map entry each were ~150 B); an entry made stale
+        # by a later one is skipped (Account.due holds the live one); touched: accounts with new traffic or
         # just opened, whose provisional settlement must be looked at now.
-        self.due: list[tuple[int, int]] = []
-        self.due_at: dict[int, int] = {}
+        self.due: list[int] = []
+        self.due_sids: dict[int, array] = {}
         self.touched: set[int] = set()
         # The calendar's arithmetic, done once per distinct input instead of once per subscriber (a start
         # opens a million accounts, most on a few plans and days): each a pure function of its key in
@@ -348,6 +359,8 @@ class Biller:
             acct = self.accounts.get(r.subscriber)
             if acct is not None:
                 key = (r.zone, r.direction)
+                if acct.volumes is NO_VOLUMES:
+                    acct.volumes = {}
                 acct.volumes[key] = acct.volumes.get(key, 0) + r.bytes
                 if acct.terms.volume_since is not None and counts_toward_volume(r.zone):
                     acct.since_volume += r.bytes
@@ -399,23 +412,30 @@ class Biller:
     def _schedule(self, acct: Account, now: int) -> None:
         due = self._next_due(acct, now)
         if due is None:
-            self.due_at.pop(acct.sid, None)
-        elif self.due_at.get(acct.sid) != due:
-            self.due_at[acct.sid] = due
-            heapq.heappush(self.due, (due, acct.sid))
+            acct.due = None
+        elif acct.due != due:
+            acct.due = due
+            sids = self.due_sids.get(due)
+            if sids is None:
+                sids = self.due_sids[due] = array("q")
+                heapq.heappush(self.due, due)
+            sids.append(acct.sid)
 
     def _due_now(self, now: int, end: bool) -> list[Account]:
         """The accounts ``advance(now)`` must look at: touched ones and those
         whose next due instant has come (at an exclusive end: also those due
         exactly then, for what it settles)."""
-        sids = set(self.touched)
-        self.touched.clear()
-        while self.due and (self.due[0][0] <= now):
-            due, sid = heapq.heappop(self.due)
-            if self.due_at.get(sid) == due:
-                del self.due_at[sid]
-                sids.add(sid)
-        return [self.accounts[sid] for sid in sorted(sids) if sid in self.accounts]
+        sids = self.touched
+        self.touched = set()
+        accounts = self.accounts
+        while self.due and self.due[0] <= now:
+            due = heapq.heappop(self.due)
+            for sid in self.due_sids.pop(due):
+                acct = accounts.get(sid)
+                if acct is not None and acct.due == due:  # (else stale: closed, or due at another instant now)
+                    acct.due = None
+                    sids.add(sid)
+        return [accounts[sid] for sid in sorted(sids) if sid in accounts]
 
     def advance(self, now: int, end: bool = False) -> tuple[list[Posting], list[EngineChange]]:
         """Everything due up to ``now``, in time order per subscriber.
@@ -429,9 +449,20 @@ class Biller:
         change, the last start's (renewing is the same each time)."""
         postings: list[Posting] = []
         changes: list[EngineChange] = []
+        tariffs = self.tariffs
         for acct in self._due_now(now, end):
-            self._schedule(acct, now)  # (again below, once its period may have moved on)
             terms = acct.terms
+            plan = tariffs[terms.tariff].plan
+            if (now < acct.end and not plan.fee and plan.scheme == "regular"
+                    and (terms.discount_until is None or not acct.discount_on)
+                    and (terms.credit_until is None or not acct.credit_on)):
+                # Nothing to bill (most accounts at a start, every one of them touched): its period runs on,
+                # no fee, traffic already off the balance as it passed, no expiry ahead. The long way
+                # crosses no boundary and posts nothing (_walk: _daily_fees and _settle return nothing for
+                # it): only its next due instant is kept.
+                self._schedule(acct, now)
+                continue
+            self._schedule(acct, now)  # (again below, once its period may have moved on)
             # A discount or credit that ended by now ends where it ended, not at now: what fell due before
             # it (fees of earlier periods and days, a settlement at a boundary before or at it) is billed
             # first, with it, as billing at each instant would have (an account catching up at a restart
@@ -487,7 +518,7 @@ class Biller:
 
     def _enter_period(self, acct: Account, ts: int, first: bool = False) -> None:
         first_day, _nxt, acct.start, acct.end = self._period(self._plan(acct), ts)
-        acct.volumes = {}
+        acct.volumes = NO_VOLUMES
         acct.prevailing_charged = 0
         acct.fee_days_done = self._date(ts) if first else first_day
 

@@ -415,15 +415,27 @@ class Accountant:
         ledger's record) or else ``default_since`` (a replay: its first packet).
         Returns the postings applied (a first fee) and the engine's events."""
         applied, events = [], []
+        open_account, since = self.biller.open, self.since
         with gc_paused():  # an account per subscriber
-            for sid in self.terms:
-                more = self.open_billing(sid, default_since)
-                applied += more[0]
-                events += more[1]
+            for sid, terms in self.terms.items():
+                postings = open_account(sid, terms, since.pop(sid, None) or default_since)
+                if terms.discount_until is not None or terms.credit_until is not None:
+                    events += self._apply_terms(sid)
+                # (else the account's engine tariff and credit are its terms' own, as the load set them: see
+                # open_billing; reading the engine's state back for each of a million costs seconds)
+                if postings:
+                    more = self._post(postings)
+                    applied += more[0]
+                    events += more[1]
+        self.since = {}  # (emptied: a dict keeps its table when its keys are popped)
         return applied, events + self.check_access(default_since)
 
     def open_billing(self, sid: int, default_since: int) -> tuple[list[Posting], list]:
-        """Follow one loaded subscriber's billing; then :meth:`bill` brings it up to date."""
+        """Follow one loaded subscriber's billing; then :meth:`bill` brings it up to date.
+        Its engine tariff and credit follow the terms in force at ``since`` (a discount or credit limit
+        that ran out by then is not the engine's): :meth:`_apply_terms`, which changes nothing when the
+        terms have no expiry, since :meth:`load_subscribers` gave the engine the terms' tariff at their
+        discount and their credit limit (:meth:`start_billing` skips it then)."""
         # read once: from here the billing account holds it (a million entries kept for nothing otherwise)
         postings = self.biller.open(sid, self.terms[sid], self.since.pop(sid, None) or default_since)
         events = self._apply_terms(sid)
@@ -565,7 +577,7 @@ class Accountant:
         for sid, used in volumes.items():
             acct = accounts.get(sid)
             if acct is not None:
-                acct.volumes.update(used)
+                acct.volumes = {**acct.volumes, **used}  # (a dict of its own: see billing.NO_VOLUMES)
         for sid in on_prevailing:
             accounts[sid].prevailing_charged = prevailing.get(sid, 0)
         for sid, acct in accounts.items():

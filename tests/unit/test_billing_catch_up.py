@@ -120,3 +120,38 @@ def test_an_expiry_crossed_while_catching_up_ends_where_it_ended():
                                                                            key=repr)
     assert {(a.sid, a.discount_on, a.credit_on) for a in at_once.accounts.values()} == \
         {(a.sid, False, False) for a in each.accounts.values()}
+
+
+def test_a_start_opens_billing_as_opening_each_subscriber_does(tmp_path):
+    """``Accountant.start_billing`` (which leaves the engine's tariff and credit as the load set them when
+    the terms have no expiry) ends with the engine, events and accounts of ``open_billing`` of each: a
+    discount and a credit limit that ran out before the subscriber's billing started are not the engine's."""
+    from accounting.ledger import Ledger
+    from gateway.lab import lab_config
+    from gateway.runtime import ledger_rows
+
+    cfg = parse_config(tomllib.loads(lab_config(1)))
+    ledger = Ledger.open(str(tmp_path / "ledger.db"))
+    now = START + 40 * DAY
+    for i, (discount_until, credit_until) in enumerate([(None, None), (START, None), (None, START),
+                                                        (START, START), (now + DAY, now + DAY), (START, now + DAY)]):
+        sid = ledger.add_subscriber(f"x{i}", "lab", "EUR", 10 ** 10, 5 * 10 ** 9, addresses=[f"100.64.9.{i + 1}/32"])
+        ledger.set_terms(sid, discount_bp=2500 if discount_until else None, discount_until_ns=discount_until,
+                         credit_until_ns=credit_until)
+    rows = ledger_rows(ledger)
+    assert all(r["since"] > START for r in rows)  # created now: what ran out at START ran out before
+    started, opened = Accountant(cfg, None), Accountant(cfg, None)
+    for acct in (started, opened):
+        acct.ensure_timeline(now, since_ns=START)
+        acct.load_subscribers(rows)
+    _applied, events = started.start_billing(now)
+    more = []
+    for sid in list(opened.terms):
+        more += opened.open_billing(sid, now)[1]
+    more += opened.check_access(now)
+    assert events == more
+    for sid in started.terms:
+        assert started.engine.subscriber(sid) == opened.engine.subscriber(sid)
+        assert started.biller.accounts[sid] == opened.biller.accounts[sid]
+    expired = [r["id"] for r in rows if r.get("credit_until_ns") == START]
+    assert expired and all(started.engine.subscriber(sid).credit == 0 for sid in expired)
