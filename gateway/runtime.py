@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 from array import array
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -33,8 +34,7 @@ TIMELINE_SPAN_NS = 8 * DAY_NS  # how far ahead the timeline is computed each tim
 
 # credit_limit, which every row sets, first; then the terms a few subscribers set (most: none, one test a row)
 _OWN_TERMS = tuple(k for k in Ledger.TERMS if k != "credit_limit")
-_ROW_COLUMNS = ("id", "name", "tariff", "balance", "active", "billing_since_ns", "created_ns", "credit_limit",
-                *_OWN_TERMS)
+_ROW_COLUMNS = ("id", "name", "tariff", "balance", "active", "billing_since_ns", "created_ns", "credit_limit")
 
 
 ROW_CHUNK = 10_000  # rows a start holds at once: the unit of the ledger's grants and the engine's bulk calls
@@ -87,15 +87,14 @@ def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
     :meth:`Accountant.terms_for` reads them with ``get``)."""
     starts = prepaid.volume_starts(ledger)
     intern = {}  # tariff name -> one string for all its subscribers
-    unset = len(_OWN_TERMS)
-    for (sid, name, tariff, balance, active, billing_since, created, credit_limit, *terms), addresses in \
-            ledger.subscriber_rows(_ROW_COLUMNS):
+    for (sid, name, tariff, balance, active, billing_since, created, credit_limit), addresses, terms in \
+            ledger.subscriber_rows(_ROW_COLUMNS, _OWN_TERMS):
         if not active:
             continue
         row = {"id": sid, "name": name, "tariff": intern.setdefault(tariff, tariff), "balance": balance,
                "credit_limit": credit_limit, "addresses": addresses,
                "since": billing_since or (created if created_is_since else None), "volume_since": starts.get(sid)}
-        if terms.count(None) != unset:
+        if terms is not None:
             for key, value in zip(_OWN_TERMS, terms):
                 if value is not None:
                     row[key] = value
@@ -135,6 +134,25 @@ class SubscriberInfo:
 
     def __repr__(self) -> str:
         return f"SubscriberInfo({self.id!r}, {self.name!r}, {self.tariff!r}, {self.addresses!r})"
+
+
+class PeriodStarts(Mapping):
+    """``{sid: its account's period start}`` read through the billing accounts (``Biller.accounts``), for
+    ``Ledger.period_totals``: a dict of it would be a million entries made for one call (60 MB at a start)."""
+
+    __slots__ = ("accounts",)
+
+    def __init__(self, accounts: dict) -> None:
+        self.accounts = accounts
+
+    def __getitem__(self, sid: int) -> int:
+        return self.accounts[sid].start
+
+    def __iter__(self):
+        return iter(self.accounts)
+
+    def __len__(self) -> int:
+        return len(self.accounts)
 
 
 @dataclass
@@ -564,8 +582,7 @@ class Accountant:
         # the prevailing charges matter to accounts on a prevailing tariff only (Biller._settle): theirs are asked for
         prevailing_tariffs = {name for name, t in self.config.tariffs.items() if t.plan.scheme == "prevailing"}
         on_prevailing = [sid for sid, acct in accounts.items() if acct.terms.tariff in prevailing_tariffs]
-        volumes, prevailing = self.ledger.period_totals({sid: acct.start for sid, acct in accounts.items()}, now,
-                                                        on_prevailing)
+        volumes, prevailing = self.ledger.period_totals(PeriodStarts(accounts), now, on_prevailing)
         # A voucher's volume counts from its first use, whatever periods passed (Terms.volume_since). The guest
         # account was opened at that first use and has no usage before it, so the window may start earlier
         # without counting a byte more: at the start of its minute (usage minutes count by their start; the
