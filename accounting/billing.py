@@ -323,7 +323,12 @@ class Biller:
         acct.credit_on = terms.credit_until is None or since < terms.credit_until
         self.accounts[sid] = acct
         self._enter_period(acct, since, first=True)
-        self.touched.add(sid)
+        if self._quiet(acct):
+            # nothing for advance to do before its period ends (see _quiet): due then, as advance would
+            # have it after a look now (a start opens a million of these: no set of them all, no look)
+            self._schedule(acct, since)
+        else:
+            self.touched.add(sid)
         return self._fee_at_start(acct, since)
 
     def change_tariff(self, sid: int, terms: Terms, now: int) -> list[Posting]:
@@ -409,6 +414,15 @@ class Biller:
         if sid in self.accounts:
             self.touched.add(sid)
 
+    def _quiet(self, acct: Account) -> bool:
+        """Nothing to bill for ``acct`` but its period's end: no fee, traffic off the balance as it passed
+        (regular), no discount or credit that will expire (most accounts). ``advance`` before the end only
+        keeps its next due instant, which is the end (``_next_due``), whenever it looks."""
+        plan = self.tariffs[acct.terms.tariff].plan
+        terms = acct.terms
+        return (not plan.fee and plan.scheme == "regular" and (terms.discount_until is None or not acct.discount_on)
+                and (terms.credit_until is None or not acct.credit_on))
+
     def _schedule(self, acct: Account, now: int) -> None:
         due = self._next_due(acct, now)
         if due is None:
@@ -449,19 +463,14 @@ class Biller:
         change, the last start's (renewing is the same each time)."""
         postings: list[Posting] = []
         changes: list[EngineChange] = []
-        tariffs = self.tariffs
         for acct in self._due_now(now, end):
-            terms = acct.terms
-            plan = tariffs[terms.tariff].plan
-            if (now < acct.end and not plan.fee and plan.scheme == "regular"
-                    and (terms.discount_until is None or not acct.discount_on)
-                    and (terms.credit_until is None or not acct.credit_on)):
-                # Nothing to bill (most accounts at a start, every one of them touched): its period runs on,
-                # no fee, traffic already off the balance as it passed, no expiry ahead. The long way
-                # crosses no boundary and posts nothing (_walk: _daily_fees and _settle return nothing for
-                # it): only its next due instant is kept.
+            if now < acct.end and self._quiet(acct):
+                # Nothing to bill: its period runs on (the long way crosses no boundary and, for a quiet
+                # account, posts nothing: _walk's _daily_fees and _settle return nothing for it): only its
+                # next due instant is kept.
                 self._schedule(acct, now)
                 continue
+            terms = acct.terms
             self._schedule(acct, now)  # (again below, once its period may have moved on)
             # A discount or credit that ended by now ends where it ended, not at now: what fell due before
             # it (fees of earlier periods and days, a settlement at a boundary before or at it) is billed

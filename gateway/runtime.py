@@ -356,27 +356,33 @@ class Accountant:
         ids, tids, balances, credits, allowances, volumes = [], [], [], [], [], []
         owners, networks = [], []  # per prefix: its subscriber, its text
         allowance_of: dict[str, tuple] = {}  # one allowance per tariff: the engine checks it once
+        tid_of: dict[int, int] = {}  # id(terms) -> its engine tariff (terms are shared, and held by terms_of)
         terms_of = []
-        terms_for, engine_tariff, engine_credit = self.terms_for, self.engine_tariff, self.engine_credit
+        terms_for, engine_tariff, tariff_ids = self.terms_for, self.engine_tariff, self.tariff_ids
+        on_grants = self.on_grants  # (engine_credit's question, once a chunk)
         for row in rows:
             tariff = row["tariff"]
-            if tariff not in self.tariff_ids:
+            if tariff not in tariff_ids:
                 raise TollgateError(f"subscriber {row['name']!r} has tariff {tariff!r}, "
                                     f"which the config does not define")
             terms = terms_for(row)
             terms_of.append(terms)
             sid = row["id"]
             ids.append(sid)
-            tids.append(engine_tariff(tariff, terms.discount))
+            tid = tid_of.get(id(terms))
+            if tid is None:
+                tid = tid_of[id(terms)] = engine_tariff(tariff, terms.discount)
+            tids.append(tid)
             balances.append(row["balance"])
-            credits.append(engine_credit(row["credit_limit"]))
-            if tariff not in allowance_of:
-                allowance_of[tariff] = self.config.tariffs[tariff].allowance()
-            allowances.append(allowance_of[tariff])
+            credits.append(0 if on_grants else row["credit_limit"])  # engine_credit
+            allowance = allowance_of.get(tariff)
+            if allowance is None:
+                allowance = allowance_of[tariff] = self.config.tariffs[tariff].allowance()
+            allowances.append(allowance)
             volumes.append(terms.volume_limit)
-            for network in row["addresses"]:
-                owners.append(sid)
-                networks.append(network)
+            addresses = row["addresses"]
+            networks += addresses
+            owners += [sid] * len(addresses)
         try:
             ids, tids, balances, credits, owners = (array("q", c) for c in (ids, tids, balances, credits, owners))
         except (OverflowError, TypeError):  # not a 64-bit integer: the engine's own checks say which
@@ -393,13 +399,14 @@ class Accountant:
                 raise
             name = next(r["name"] for r in rows if r["id"] == owners[exc.index])
             raise TollgateError(f"subscriber {name!r}: {exc}") from None
+        held_terms, since, subscribers = self.terms, self.since, self.subscribers
         for row, terms in zip(rows, terms_of):
             sid = row["id"]
-            self.terms[sid] = terms
+            held_terms[sid] = terms
             if terms.access is not None:  # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
                 self.access_dirty.add(sid)
-            self.since[sid] = row.get("since")
-            self.subscribers[sid] = SubscriberInfo(sid, row["name"], row["tariff"], row["addresses"])
+            since[sid] = row.get("since")
+            subscribers[sid] = SubscriberInfo(sid, row["name"], row["tariff"], row["addresses"])
         return events
 
     def engine_credit(self, credit: int) -> int:
