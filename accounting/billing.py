@@ -464,10 +464,13 @@ class Biller:
         postings: list[Posting] = []
         changes: list[EngineChange] = []
         for acct in self._due_now(now, end):
-            if now < acct.end and self._quiet(acct):
-                # Nothing to bill: its period runs on (the long way crosses no boundary and, for a quiet
-                # account, posts nothing: _walk's _daily_fees and _settle return nothing for it): only its
-                # next due instant is kept.
+            if self._quiet(acct) and (now < acct.end or not end):
+                # Nothing to bill (_walk's _daily_fees and _settle post nothing for a quiet account): its
+                # period runs on, or it moves to the period holding now in one step (a restart: accounts
+                # opened months ago), to where the long way's boundaries would take it, with one renew;
+                # then only its next due instant is kept.
+                if now >= acct.end:
+                    changes.append(EngineChange(acct.sid, "renew", 0, self._jump(acct, now)))
                 self._schedule(acct, now)
                 continue
             terms = acct.terms
@@ -522,6 +525,17 @@ class Biller:
         postings += self._daily_fees(acct, now - 1 if end else now)
         postings += self._settle(acct, now, final=False)
         return renewed
+
+    def _jump(self, acct: Account, now: int) -> int:
+        """``_walk`` of a quiet account past its period's end (``now >= acct.end``), not to an exclusive
+        end: the state the boundaries it crosses leave, in one step. Periods follow each other (each
+        starts where the one before ends), so the last boundary it crosses is the start of the period
+        holding ``now``; each boundary crossed is settled (settled_to), with nothing to post. Returns
+        that start (the renew's)."""
+        start = self._period(self._plan(acct), now)[2]
+        acct.settled_to = start
+        self._enter_period(acct, start)
+        return start
 
     # ---- inside ---------------------------------------------------------------------------
 

@@ -155,3 +155,53 @@ def test_a_start_opens_billing_as_opening_each_subscriber_does(tmp_path):
         assert started.biller.accounts[sid] == opened.biller.accounts[sid]
     expired = [r["id"] for r in rows if r.get("credit_until_ns") == START]
     assert expired and all(started.engine.subscriber(sid).credit == 0 for sid in expired)
+
+
+QUIET = FREE + """
+[[tariff]]
+name = "weekly-free"
+period = "weekly"
+anchor = "wed"
+prices = { external = "0.01", peering = "0.005" }
+price_unit = "MB"
+
+[[tariff]]
+name = "daily-free"
+period = "daily"
+prices = { external = "0.01", peering = "0.005" }
+price_unit = "MB"
+
+[[tariff]]
+name = "monthly-15"
+anchor = 15
+prices = { external = "0.01", peering = "0.005" }
+price_unit = "MB"
+"""
+
+
+def test_a_quiet_account_jumps_to_where_walking_each_boundary_takes_it():
+    """``Biller.advance`` moves an account with nothing to bill (no fee, regular, no expiry) to the period
+    holding now in one step (``_jump``): the same period, settlement mark, fee day and renew instant as the
+    long way (``_walk``), boundary by boundary, over months and DST changes, with nothing posted."""
+    cfg = parse_config(tomllib.loads(QUIET))
+    quiet = ["free", "weekly-free", "daily-free", "monthly-15"]
+    for k, now in enumerate([START + 200 * DAY + 12345, START + 31 * DAY, START + 9 * DAY - 1]):
+        jumped, walked = Biller(cfg.tariffs, cfg.timezone), Biller(cfg.tariffs, cfg.timezone)
+        accounts = [(sid, Terms(quiet[sid % 4], 0, None, 10 ** 9, None, None, None, None, None, None),
+                     START + sid * DAY // 5 + k) for sid in range(1, 17)]
+        for biller in (jumped, walked):
+            for sid, t, since in accounts:
+                assert biller.open(sid, t, since) == []
+        assert all(jumped._quiet(a) for a in jumped.accounts.values())
+        postings, changes = jumped.advance(now)
+        assert postings == []
+        for sid, _t, _since in accounts:
+            a, b = jumped.accounts[sid], walked.accounts[sid]
+            out = []
+            renewed = walked._walk(b, now, False, out)
+            assert out == []
+            assert (a.start, a.end, a.settled_to, a.fee_days_done, a.volumes, a.prevailing_charged) == \
+                (b.start, b.end, b.settled_to, b.fee_days_done, b.volumes, b.prevailing_charged)
+            assert a.start <= now < a.end
+            renews = [c.ts for c in changes if c.subscriber == sid and c.what == "renew"]
+            assert renews == ([renewed] if renewed is not None else [])
