@@ -270,14 +270,32 @@ class Biller:
         # subscribers created in the same second share it); _midnights: local date -> its first instant;
         # _periods: (period, anchor, local date) -> (first day, next period's first day, start ns, end ns).
         self._dates: dict[int, dt.date] = {}
+        self._hours: dict[int, dt.date | bool] = {}  # hour -> its one local date, or False (see _date)
         self._midnights: dict[dt.date, int] = {}
         self._periods: dict[tuple, tuple] = {}
 
     _DATES_KEPT = 1 << 16
 
     def _date(self, ts: int) -> dt.date:
-        """``_local(ts, self.tz).date()``."""
+        """``_local(ts, self.tz).date()``.
+
+        Cached per hour of UTC where the hour holds one local date at one UTC offset (its first and last
+        second agree on both): no transition inside it (offsets change only at one, and two cannot fall
+        in an hour), so local time runs with UTC through it and the date is the same for every second.
+        Subscribers created a second apart (a ledger's restart: a million distinct seconds) share it.
+        Other hours (a local midnight or a transition inside) are cached per second."""
         sec = ts // NS
+        hour = sec // 3600
+        day = self._hours.get(hour)
+        if day is None:
+            if len(self._hours) >= self._DATES_KEPT:
+                self._hours.clear()
+            first = dt.datetime.fromtimestamp(hour * 3600, self.tz)
+            last = dt.datetime.fromtimestamp(hour * 3600 + 3599, self.tz)
+            same = first.date() == last.date() and first.utcoffset() == last.utcoffset()
+            day = self._hours[hour] = first.date() if same else False
+        if day is not False:
+            return day
         day = self._dates.get(sec)
         if day is None:
             if len(self._dates) >= self._DATES_KEPT:

@@ -205,3 +205,34 @@ def test_a_quiet_account_jumps_to_where_walking_each_boundary_takes_it():
             assert a.start <= now < a.end
             renews = [c.ts for c in changes if c.subscriber == sid and c.what == "renew"]
             assert renews == ([renewed] if renewed is not None else [])
+
+
+def test_the_calendar_date_cache_gives_the_local_date_of_every_second():
+    """``Biller._date`` (cached per UTC hour that holds one local date at one offset, else per second) is
+    ``_local(ts).date()`` at every instant tried: around local midnights, DST changes (also at midnight, by
+    half an hour, and with 30/45-minute offsets) and in between."""
+    import datetime as dt
+    import random
+    from zoneinfo import ZoneInfo
+
+    from accounting.billing import NS, _local
+
+    rng = random.Random(12)
+    for zone in ("UTC", "Europe/Berlin", "America/Santiago", "Australia/Lord_Howe", "Asia/Kolkata",
+                 "Pacific/Chatham", "America/Havana", "Asia/Kathmandu"):
+        biller, tz = Biller({}, zone), ZoneInfo(zone)
+        base = int(dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+        # every transition of the year and every local midnight near one, and seconds around each
+        marks = []
+        for hour in range(0, 366 * 24):
+            start = base + hour * 3600
+            before, a, b = (dt.datetime.fromtimestamp(t, tz) for t in (start - 1, start, start + 3599))
+            if len({before.utcoffset(), a.utcoffset(), b.utcoffset()}) > 1 or len({before.date(), a.date(), b.date()}) > 1:
+                marks.append(start)
+        assert len(marks) >= 365
+        seconds = [m + d for m in marks for d in (-1, 0, 1, 1799, 1800, 3599, 3600)]
+        seconds += [base + rng.randrange(366 * 86400) for _ in range(2000)]
+        rng.shuffle(seconds)
+        for sec in seconds:
+            ts = sec * NS + rng.randrange(NS)
+            assert biller._date(ts) == _local(ts, tz).date(), (zone, sec)
