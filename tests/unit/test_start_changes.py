@@ -1,6 +1,7 @@
 """What is committed to the ledger while a start loads it reaches the engine (gateway/daemon/gateway.py
 ``Gateway.load_from_ledger``, gateway/daemon/changes.py), without root: the load is the real one, the
-kernel's enforcer a stand-in that records what it is told.
+kernel's enforcer a stand-in that records what it is told; on both backends (``[sqlite]``, ``[pg]``: the load
+reads in one snapshot, SQLite's read transaction or PostgreSQL's REPEATABLE READ).
 
 The load takes seconds at a million subscribers; the CLI, the API and other processes keep writing meanwhile.
 The change feed's id used to be read after the load, so a subscriber added (or changed) during it was taken as
@@ -20,10 +21,10 @@ from gateway.daemon import Gateway, RunOptions
 from gateway.lab import lab_config
 
 
-def gateway(tmp_path) -> Gateway:
+def gateway(tmp_path, target: str) -> Gateway:
     config = tmp_path / "tollgate.toml"
     config.write_text(lab_config(3))
-    gw = Gateway(RunOptions(str(config), str(tmp_path / "ledger.db")))
+    gw = Gateway(RunOptions(str(config), target))
     gw.acct.seed_ledger()
     calls = []
     gw.enforcer = SimpleNamespace(add_subscriber_addresses=lambda nets: calls.append(("add", tuple(nets))),
@@ -54,14 +55,14 @@ def load_with(gw: Gateway, during) -> None:
         gw.acct.load_subscribers = load
 
 
-def other(tmp_path, gw):
-    ledger = Ledger.open(str(tmp_path / "ledger.db"))
+def other(gw):
+    ledger = Ledger.open(gw.opts.db_path)
     return ledger, Operations(ledger, gw.config, "test")
 
 
-def test_a_subscriber_added_during_the_load_reaches_the_engine(tmp_path):
-    gw = gateway(tmp_path)
-    ledger, ops = other(tmp_path, gw)
+def test_a_subscriber_added_during_the_load_reaches_the_engine(tmp_path, ledger_target):
+    gw = gateway(tmp_path, ledger_target())
+    ledger, ops = other(gw)
     load_with(gw, lambda: ops.add("late", "lab", ["100.64.7.7/32"], balance="5.00"))
     late = ledger.get_subscriber("late")["id"]
     gw.changes.poll()
@@ -71,9 +72,9 @@ def test_a_subscriber_added_during_the_load_reaches_the_engine(tmp_path):
     assert gw.acct.engine.lookup_subscriber("100.64.7.7") == late
 
 
-def test_a_change_replayed_for_a_subscriber_loaded_as_it_is_changes_nothing(tmp_path):
-    gw = gateway(tmp_path)
-    ledger, ops = other(tmp_path, gw)
+def test_a_change_replayed_for_a_subscriber_loaded_as_it_is_changes_nothing(tmp_path, ledger_target):
+    gw = gateway(tmp_path, ledger_target())
+    ledger, ops = other(gw)
     s3 = ledger.get_subscriber("s3")["id"]
     taken = gw.changes.start_from_ledger
 
@@ -95,9 +96,9 @@ def test_a_change_replayed_for_a_subscriber_loaded_as_it_is_changes_nothing(tmp_
 
 
 @pytest.mark.parametrize("who", ["s1", "s3"])  # the first row (read before the payment), a later one
-def test_a_payment_during_the_load_is_in_the_live_balance_once(tmp_path, who):
-    gw = gateway(tmp_path)
-    ledger, ops = other(tmp_path, gw)
+def test_a_payment_during_the_load_is_in_the_live_balance_once(tmp_path, ledger_target, who):
+    gw = gateway(tmp_path, ledger_target())
+    ledger, ops = other(gw)
     load_with(gw, lambda: ops.topup(who, "7.00", None))
     sid = ledger.get_subscriber(who)["id"]
     gw.changes.poll()
