@@ -1171,6 +1171,26 @@ cdef class EngineC:
                 out.append(sid)
         return out
 
+    def blocked_subscribers(self):
+        """Ids of the blocked subscribers, ascending (a start mirrors them in bulk: the eBPF maps' flags; a
+        ``subscriber`` call each was a second of a start at a million subscribers, for a few blocked)."""
+        cdef list out = []
+        cdef uint32_t sid
+        for sid in range(1, self.cap_subs):
+            if self.subs[sid].exists and self.subs[sid].blocked:
+                out.append(sid)
+        return out
+
+    def owner(self, str network):
+        """The subscriber that owns exactly ``network`` (a prefix it was given, not one around it), 0 for
+        none."""
+        cdef uint8_t k[32]
+        cdef uint64_t hi, lo
+        cdef int plen = 0
+        cdef bint v6 = False
+        network_words(network, k, &hi, &lo, &plen, &v6)
+        return owner_slot(&self.owned, hi, lo, plen, v6).sid
+
     def lookup_subscriber(self, str address):
         """The subscriber owning ``address`` (longest prefix), 0 for none."""
         addr = ipaddress.ip_address(address)

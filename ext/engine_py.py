@@ -744,6 +744,16 @@ class EnginePy:
     def subscribers(self) -> list[int]:
         return sorted(self._subs)
 
+    def blocked_subscribers(self) -> list[int]:
+        """Ids of the blocked subscribers, ascending."""
+        return sorted(sid for sid, s in self._subs.items() if s.blocked)
+
+    def owner(self, network: str) -> int:
+        """The subscriber that owns exactly ``network`` (not a prefix around it), 0 for none."""
+        family, net, plen = parse_network(network)
+        owner = self._owners.get(family, net, plen)
+        return 0 if owner is None else owner
+
     def lookup_subscriber(self, address: str) -> int:
         addr = ipaddress.ip_address(address)
         return next(self._owners.matches(addr.version, int(addr)), 0)

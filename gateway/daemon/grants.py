@@ -72,6 +72,11 @@ import time
 
 from ext.constants import BLOCK_LIMIT, BLOCK_VOLUME
 
+try:
+    from ext.grants import refresh_idle  # refresh_many's C half
+except ImportError:  # not built: one by one
+    refresh_idle = None
+
 log = logging.getLogger("tollgate.daemon.grants")
 
 GRANT_FREE = (1 << 64) - 1
@@ -86,12 +91,15 @@ RECLAIM_KEEP = 16 * 1024  # what an idle pair keeps when a busy one needs the mo
 
 
 class GrantKeeper:
-    def __init__(self, gw, maps, used_of) -> None:
+    def __init__(self, gw, maps, used_of, settled_views=None) -> None:
         """``used_of(index)``: the counter's ``used`` as last settled (charged, or refunded: the source's
-        ``settled``)."""
+        ``settled``). ``settled_views``: ``(charged, refunds)``, buffers of two uint64 a counter such that
+        ``used_of(i) == charged[2i] + refunds[2i]`` (the source's), for :meth:`refresh_many` in C; None: it
+        refreshes one by one."""
         self.gw = gw
         self.maps = maps
         self.used_of = used_of
+        self.settled_views = settled_views
         self.nz = maps.n_zones
         self.pairs = [(z, d) for z in range(self.nz) for d in (0, 1)]
         self.rate: dict[int, float] = {}  # counter index -> bytes per second, recent
@@ -232,6 +240,26 @@ class GrantKeeper:
             self.refused.add(sid)
         else:
             self.refused.discard(sid)
+        return events
+
+    def refresh_many(self, sids, now: int) -> list:
+        """:meth:`refresh` of each of ``sids`` (no refusals: a start's grants, a time-slot boundary's):
+        the idle ones of tariffs without buckets in C (ext/grants.pyx ``refresh_idle``: the same grants,
+        some 50 times faster: a million took 50 s here), the others one by one. Returns engine events."""
+        left = sids
+        if self.settled_views is not None and refresh_idle is not None:
+            charged, refunds = self.settled_views
+            counters = self.maps.counters()
+            try:
+                left, raises, reclaims = refresh_idle(self.gw.acct.engine, counters, charged, refunds, sids, now, self.nz,
+                                                      SLICE_MIN, RECLAIM_KEEP, self.refused, self.rate)
+            finally:
+                counters.release()  # before the maps unmap the counters (close)
+            self.stats["raises"] += raises
+            self.stats["reclaims"] += reclaims
+        events = []
+        for sid in left:
+            events += self.refresh(sid, now)
         return events
 
     def _reclaim(self, sid, now, views, priced, needy, outstanding, committed, spare) -> int:
