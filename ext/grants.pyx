@@ -66,7 +66,8 @@ cdef inline i128 quote(uint64_t nbytes, int64_t price, uint64_t carry) noexcept 
     return <i128> ((<u128> nbytes * <u128> price + <u128> carry) / SCALE)
 
 
-cdef inline uint64_t affordable(i128 budget, int64_t price, uint64_t carry, bint vol, int64_t volume_left) noexcept nogil:
+cdef inline uint64_t affordable(i128 budget, int64_t price, uint64_t carry, bint vol,
+                                int64_t volume_left) noexcept nogil:
     """``EngineC.affordable_bytes`` without buckets (budget below BUDGET_MAX)."""
     cdef u128 room, n
     if budget < 0:
@@ -146,7 +147,8 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
     try:
         slot = eng.tl_slots[eng._slot_index(now)]
         for sid_obj in sids:
-            if not 0 < sid_obj < eng.cap_subs or <unsigned long long> sid_obj * n_pairs + n_pairs > <unsigned long long> n_counters:
+            if (not 0 < sid_obj < eng.cap_subs
+                    or <unsigned long long> sid_obj * n_pairs + n_pairs > <unsigned long long> n_counters):
                 left.append(sid_obj)
                 continue
             sid = sid_obj

@@ -59,6 +59,12 @@ Locks: called by the eBPF source's thread with the gateway's ``engine_lock``
 held (engine reads and the block); the maps' stores are single atomic
 64-bit writes.
 
+Many at once (a start, a time-slot boundary: :meth:`refresh_many`): the
+subscribers none of whose pairs has a rate, of tariffs without buckets, are
+refreshed in C (ext/grants.pyx ``refresh_idle``, this rule written a second
+time for that case, tests/unit/test_grants_bulk.py holding the two equal),
+the others here.
+
 The grants are read from the maps, not kept here too: the kernel's are the
 ones in force (a restart's, the previous process's; a subscriber that left
 and came back, its old ones), and a copy of four grants a subscriber cost a
@@ -251,8 +257,8 @@ class GrantKeeper:
             charged, refunds = self.settled_views
             counters = self.maps.counters()
             try:
-                left, raises, reclaims = refresh_idle(self.gw.acct.engine, counters, charged, refunds, sids, now, self.nz,
-                                                      SLICE_MIN, RECLAIM_KEEP, self.refused, self.rate)
+                left, raises, reclaims = refresh_idle(self.gw.acct.engine, counters, charged, refunds, sids, now,
+                                                      self.nz, SLICE_MIN, RECLAIM_KEEP, self.refused, self.rate)
             finally:
                 counters.release()  # before the maps unmap the counters (close)
             self.stats["raises"] += raises

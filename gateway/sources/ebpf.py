@@ -19,8 +19,12 @@ last charged values so that the start charges exactly kernel - refunds -
 mark (what was forwarded and never flushed: rated but lost in a crash, or
 passed while the daemon was down; read twice, ``interval`` apart, as every
 poll's reads are charged at the next), grant, and attach to ``interfaces``
-(default: ``gateway.lan_interfaces``). Granting everyone is most of a large
-start, so the first ``START_GRANTS`` subscribers are granted before the
+(default: ``gateway.lan_interfaces``). The per-subscriber work is bulk:
+the networks bound from the Accountant's texts, the refusal snapshot and
+the blocked flags in C, the redirected flags from nft's blocked set, the
+idle subscribers' grants in C (``GrantKeeper.refresh_many``). Granting
+everyone was most of a large start, so the first ``START_GRANTS``
+subscribers are granted before the
 attach and the rest from the loop (``start_grants_left`` in /healthz counts
 them down); meanwhile the others pass on the grants the kernel kept (a
 restart) or, on fresh maps, are refused until a poll sees the refusal and
@@ -146,9 +150,10 @@ SWEEP_SECONDS = 60.0
 SWEEP_RATE = 500
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
 # A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers
-# /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the engine lock (a grant
-# costs some 40 us of Python: a million took 40 s of a 90 s start; at 50 ms a poll the loop grants them in
-# about a minute, and a flush or a payment waits at most 50 ms for the lock). Until then a subscriber passes
+# /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the engine lock (a flush or
+# a payment waits at most that long for the lock). Both through GrantKeeper.refresh_many: an idle subscriber of a
+# tariff without buckets is granted in C (ext/grants.pyx, about a microsecond), any other by the Python refresh
+# (some 40 us: at a million, 50 s of polls after /healthz before everyone had a grant). Until then a subscriber passes
 # on the grants the kernel kept (a restart) or is refused (fresh maps: grants 0); a refused subscriber is
 # granted at the next poll, as the watch grants anyone refused.
 START_GRANTS = 20_000
