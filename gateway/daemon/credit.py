@@ -91,22 +91,51 @@ class GrantKeeper:
     def load(self, rows):
         """The rows to fill the engine with (an iterable: a start streams them), each balance this
         gateway's grant: what it held before (a restart within the grants' validity: still its own)
-        topped up to a slice. One reserve per ``ROW_CHUNK`` rows: a few statements each."""
+        topped up to a slice. One reserve per ``ROW_CHUNK`` rows: a few statements each, on a
+        connection of their own (:meth:`_start_writer`)."""
         ledger = self.gw.ledger
         now = time.time_ns()
         held = {sid: amount for sid, (amount, _until) in ledger.grants().items()}
         loaded = granted = 0
-        for part in chunked(rows):
-            asks = {r["id"]: self.slice - held.get(r["id"], 0) for r in part if held.get(r["id"], 0) < self.slice}
-            taken = self._reserve(asks, now) or {}
-            self._note_final(asks, taken)
-            loaded += len(part)
-            granted += len(taken)
-            for r in part:
-                yield {**r, "balance": held.get(r["id"], 0) + taken.get(r["id"], 0)}
+        writer = self._start_writer(ledger)
+        try:
+            for part in chunked(rows):
+                asks = {r["id"]: self.slice - held.get(r["id"], 0) for r in part
+                        if held.get(r["id"], 0) < self.slice}
+                taken = self._reserve(asks, now, writer) or {}
+                self._note_final(asks, taken)
+                loaded += len(part)
+                granted += len(taken)
+                for r in part:
+                    yield {**r, "balance": held.get(r["id"], 0) + taken.get(r["id"], 0)}
+        finally:
+            if writer is not ledger:
+                writer.close()
         self.next_renew = now + self.validity_ns // 3
         log.info("credit grants: %d subscribers, %d held from before, %d granted now (gateway %r)", loaded,
                  len(held), granted, ledger.gateway)
+
+    @staticmethod
+    def _start_writer(ledger):
+        """The connection a start reserves on: not the one whose scan of the subscribers is still open
+        (``rows`` is read from ``ledger`` while the reserves are made). On SQLite a write on the connection
+        of an open read is refused at once, not waited for (SQLITE_BUSY_SNAPSHOT, "database is locked"),
+        whenever another writer committed since the read began: a top-up from the CLI during a start cost
+        the next chunk of ROW_CHUNK subscribers their grants (tests/unit/test_grants_ledger.py). The same
+        connection only where a second one would be another database (SQLite in memory) or cannot be
+        opened (its reserve then fails as it would have, and on_failure says what follows)."""
+        from accounting.ledger import Ledger
+
+        target = getattr(getattr(ledger, "db", None), "target", None)
+        if not isinstance(target, str) or not target or ":memory:" in target or "mode=memory" in target:
+            return ledger
+        try:
+            writer = Ledger.open(target)
+        except Exception as exc:  # noqa: BLE001 - the ledger away: the start's reserves say so as before
+            log.warning("credit grants: no second connection to the ledger for the start's grants (%s)", exc)
+            return ledger
+        writer.gateway = ledger.gateway
+        return writer
 
     def grant_now(self, sid: int) -> int:
         """A first grant for a subscriber added while running (its engine balance)."""
@@ -249,11 +278,13 @@ class GrantKeeper:
 
     # ---- the ledger's round trips ------------------------------------------------------------------
 
-    def _reserve(self, asks: dict[int, int], now: int) -> dict[int, int] | None:
-        """``Ledger.reserve``; None when the ledger cannot be reached (after noting the failure)."""
+    def _reserve(self, asks: dict[int, int], now: int, ledger=None) -> dict[int, int] | None:
+        """``Ledger.reserve`` (on ``ledger``, default the gateway's); None when the ledger cannot be reached
+        (after noting the failure)."""
         if not asks:
             return {}
-        ok, taken = self._ledger(lambda: self.gw.ledger.reserve(asks, now + self.validity_ns))
+        ledger = ledger or self.gw.ledger
+        ok, taken = self._ledger(lambda: ledger.reserve(asks, now + self.validity_ns))
         if not ok:
             return None
         self.round_trips += 1

@@ -492,3 +492,34 @@ def test_a_start_streams_its_rows_through_the_grants(ledger_target, monkeypatch)
         assert keeper.round_trips == 4  # one reserve per chunk of 3
         assert keeper.final == {sids[k] for k in range(6)}  # got less than a slice: their blocks are real
         assert led.check_invariants() == []
+
+
+def test_a_start_reserves_while_another_writer_commits(tmp_path, monkeypatch):
+    """SQLite: the start's scan of the subscribers stays open while ``GrantKeeper.load`` reserves chunk
+    after chunk; a write another process commits meanwhile (the CLI during a start) must not cost the
+    next chunk its grants. On the scan's own connection the reserve's write was refused at once
+    (SQLITE_BUSY_SNAPSHOT, "database is locked"): ROW_CHUNK subscribers started with nothing."""
+    from types import SimpleNamespace
+
+    import gateway.runtime
+    from gateway.daemon.credit import GrantKeeper
+    from gateway.runtime import iter_ledger_rows
+
+    monkeypatch.setattr(gateway.runtime, "ROW_CHUNK", 3)
+    eur = 10 ** 9
+    target = str(tmp_path / "ledger.db")
+    with at(target, "g1") as led:
+        sids = many(led, [(2 * eur, 0)] * 9)
+        cluster = SimpleNamespace(grant=eur, grant_validity=60.0, on_failure="terminate")
+        keeper = GrantKeeper(SimpleNamespace(ledger=led, config=SimpleNamespace(cluster=cluster)))
+        rows = []
+        with at(target, "cli") as other:
+            for row in keeper.load(iter_ledger_rows(led)):
+                rows.append(row)
+                if len(rows) == 1:  # the first chunk reserved, the scan open: another process commits
+                    many(other, [(eur, 0)])  # (a subscriber the scan, begun before, does not see)
+        assert keeper.failures == 0, keeper.last_error
+        assert [r["id"] for r in rows] == sids
+        assert [r["balance"] for r in rows] == [eur] * 9  # a slice each, every chunk
+        assert {sid: amount for sid, (amount, _until) in led.grants().items()} == {sid: eur for sid in sids}
+        assert led.check_invariants() == []
