@@ -1585,9 +1585,10 @@ cdef class EngineC:
             if not ((t.bucket_zones[b] >> z) & 1 and (t.bucket_dirs[b] >> d) & 1 and view[b] > 0):
                 continue
             q = t.bucket_price[b]
-            if q == 0 or view[b] * q <= room:
+            cost = <object> view[b] * q  # a Python int: a bucket's bytes times its price passes 2**63
+            if q == 0 or cost <= room:
                 n += view[b]
-                room -= view[b] * q
+                room -= cost
             else:
                 n += room // q
                 finite = True

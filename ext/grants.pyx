@@ -5,24 +5,29 @@
 ``refresh_idle`` gives each subscriber the grants that
 ``GrantKeeper.refresh(sid, now)`` (gateway/daemon/grants.py) gives it, to the
 byte, for the case a start is made of: no refusal to look at, no pair with a
-recent rate, a tariff without buckets. Those it cannot do so (a tariff with
-buckets, a figure that would leave the ranges reasoned about here, an engine
-that does not hold the subscriber) it leaves untouched and returns, for the
-keeper's Python refresh. At a million subscribers the Python refresh took
-some 50 us each, 50 s after /healthz before everyone had a grant.
+recent rate. Those it cannot do so (a busy pair, a figure that would leave
+the ranges reasoned about here, an engine that does not hold the subscriber)
+it leaves untouched and returns, for the keeper's Python refresh. At a
+million subscribers the Python refresh took some 30-50 us each: 50 s after
+/healthz before everyone had a grant.
 
 It is the keeper's rule (that module's docstring) written a second time, for
 one case: change one and the other follows (tests/unit/test_grants_bulk.py
-compares them, subscriber by subscriber, over tariffs, balances, volume
-limits, grants in force, free and blocked subscribers). For that case the
-refresh reduces to: a free pair (price 0, no volume limit on its zone) gets
-GRANT_FREE; a priced pair whose grant is GRANT_FREE (free before) is shrunk
-to what it used; every priced pair with less than ``reclaim_keep``
-outstanding is needy; if some are and the spare (balance + credit less the
-cost of what is outstanding) cannot raise them to ``slice_min``, the others
-are cut to ``reclaim_keep`` outstanding; then each needy pair, in order, gets
-an equal part of what is left (of the volume left too, on the volume zones),
-up to ``slice_min``.
+compares them, subscriber by subscriber, over tariffs with and without
+buckets, balances, volume limits, grants in force, free and blocked
+subscribers). For that case the refresh reduces to: the buckets each pair
+counts on (``_views``: the cheapest pair now, first of equals, and every
+pair for which drawing the bucket costs more than not); a free pair (nothing
+it passes would cost: ``affordable_bytes`` of nothing is GRANT_FREE) gets
+GRANT_FREE, committing what its tier buckets can cost; a priced pair whose
+grant is GRANT_FREE (free before) is shrunk to what it used; every priced
+pair with less than ``reclaim_keep`` outstanding is needy; if some are and
+the spare (balance + credit less the cost of what is outstanding) cannot
+raise them to ``slice_min``, the others are cut to ``reclaim_keep``
+outstanding; then each needy pair, in order, gets an equal part of what is
+left (of the volume left too, on the volume zones), up to ``slice_min``. The
+quotes are the engine's (``quote_bytes``, ``affordable_bytes``) in 128-bit
+integers.
 
 The engine's figures are read under the subscriber's lock, once; the grants
 are written with one atomic 64-bit store each, where they change. Called
@@ -32,7 +37,7 @@ with the gateway's ``engine_lock`` held (as ``refresh`` is).
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from libc.stdint cimport INT64_MAX, UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 
-from ext.engine cimport EngineC, tg_sub, tg_tariff
+from ext.engine cimport TG_MAX_BUCKETS, EngineC, tg_sub, tg_tariff
 
 from ext.constants import PRICE_SCALE as _PRICE_SCALE
 from ext.errors import EngineError
@@ -57,28 +62,58 @@ cdef enum:
     COUNTER_WORDS = 8  # the maps' counter: used, grant, ... (ext/bpfmaps.pyx COUNTER_FIELDS)
 
 cdef u128 SCALE = <u128> _PRICE_SCALE
+cdef uint64_t UNIT = (<uint64_t> 1) << 32  # gateway/daemon/grants.py's: bytes quoted to rank pairs by price
+cdef uint64_t BIG = (<uint64_t> 1) << 62  # ... and to price what a free grant can still cost (its tier buckets)
 cdef i128 BUDGET_MAX = (<i128> 1) << 100  # budgets beyond this: the Python refresh (room * PRICE_SCALE in 128 bits)
 GRANT_FREE = UINT64_MAX
 
 
-cdef inline i128 quote(uint64_t nbytes, int64_t price, uint64_t carry) noexcept nogil:
-    """``EngineC.quote_bytes`` without buckets: (bytes * price + carry) // PRICE_SCALE."""
-    return <i128> ((<u128> nbytes * <u128> price + <u128> carry) / SCALE)
+cdef inline bint covers(const tg_tariff *t, int b, int p) noexcept nogil:
+    """Bucket ``b`` of ``t`` covers pair ``p`` (zone p >> 1, direction p & 1)."""
+    return (t.bucket_zones[b] >> (p >> 1)) & 1 and (t.bucket_dirs[b] >> (p & 1)) & 1
 
 
-cdef inline uint64_t affordable(i128 budget, int64_t price, uint64_t carry, bint vol,
-                                int64_t volume_left) noexcept nogil:
-    """``EngineC.affordable_bytes`` without buckets (budget below BUDGET_MAX)."""
-    cdef u128 room, n
+cdef inline i128 quote(uint64_t nbytes, int p, const tg_tariff *t, int64_t price, uint64_t carry,
+                       const int64_t *view) noexcept nogil:
+    """``EngineC.quote_bytes(..., allowance=view)``: the buckets of ``view`` first, in order, then the price.
+    Below 2**127: every byte at a price below 2**63."""
+    cdef u128 amount = 0
+    cdef uint64_t n = nbytes, take
+    cdef int b
+    for b in range(t.n_buckets):
+        if n and covers(t, b, p) and view[b] > 0:
+            take = n if n < <uint64_t> view[b] else <uint64_t> view[b]
+            n -= take
+            amount += <u128> take * <u128> t.bucket_price[b]
+    return <i128> ((amount + <u128> n * <u128> price + <u128> carry) / SCALE)
+
+
+cdef inline uint64_t affordable(i128 budget, int p, const tg_tariff *t, int64_t price, uint64_t carry, bint vol,
+                                int64_t volume_left, const int64_t *view) noexcept nogil:
+    """``EngineC.affordable_bytes(..., budget, allowance=view)`` (budget below BUDGET_MAX)."""
+    cdef u128 room, n = 0, cost
+    cdef bint finite = False
+    cdef int b
+    cdef int64_t q
     if budget < 0:
         budget = 0
     room = <u128> (budget + 1) * SCALE - 1 - carry
-    if price == 0:
+    for b in range(t.n_buckets):
+        if not (covers(t, b, p) and view[b] > 0):
+            continue
+        q = t.bucket_price[b]
+        cost = <u128> view[b] * <u128> q
+        if q == 0 or cost <= room:
+            n += <u128> view[b]
+            room -= cost
+        else:
+            n += room / <u128> q
+            finite = True
+            break
+    if not finite:
+        n = <u128> UINT64_MAX if price == 0 else n + room / <u128> price
+    if n > UINT64_MAX:
         n = UINT64_MAX
-    else:
-        n = room / <u128> price
-        if n > UINT64_MAX:
-            n = UINT64_MAX
     if vol:
         if volume_left <= 0:
             return 0
@@ -131,6 +166,12 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
     cdef uint64_t live, total, want, new_out, vshare, g
     cdef i128 committed[MAX_PAIRS], spare, vol_spare, vol_out, want_cost, budget, cost
     cdef bint vol_on, blocked, is_vol[MAX_PAIRS], free_[MAX_PAIRS], needy[MAX_PAIRS], ok
+    cdef int64_t views[MAX_PAIRS][TG_MAX_BUCKETS]
+    cdef int64_t allow[TG_MAX_BUCKETS]
+    cdef int64_t zeros[TG_MAX_BUCKETS]
+    cdef int64_t alone[TG_MAX_BUCKETS]
+    cdef i128 unit[MAX_PAIRS]
+    cdef int b, c, owner, n_buckets
     cdef int p, q, n_pairs = 2 * n_zones
     cdef uint64_t volume_zones
     cdef long raises = 0, reclaims = 0, n_raises, n_reclaims
@@ -154,7 +195,7 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
             sid = sid_obj
             ok = True
             s = &eng.subs[sid]
-            if not s.exists or eng.tariffs[s.tariff].n_buckets:
+            if not s.exists:
                 left.append(sid_obj)
                 continue
             if rate:  # a pair with a recent rate: its low-water mark and slice follow the rate (Python)
@@ -166,36 +207,72 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
                     left.append(sid_obj)
                     continue
             t = &eng.tariffs[s.tariff]
+            n_buckets = t.n_buckets
             tg_lock(&s.lock)
             balance, credit, blocked = s.balance, s.credit, s.blocked != 0
             vol_on, volume_left = s.vol_on != 0, s.volume_left
             for p in range(n_pairs):
                 carry[p] = eng.counters[<size_t> sid * n_pairs + p].packets_carry & CARRY_MASK
+            for b in range(n_buckets):
+                allow[b] = eng.allowance[<size_t> sid * eng.bucket_stride + b]
             tg_unlock(&s.lock)
+            for p in range(n_pairs):
+                price[p] = t.prices[p * eng.n_slots + slot]
+                if price[p] < 0:
+                    ok = False
+            for b in range(n_buckets):
+                zeros[b] = 0
+                if t.bucket_price[b] < 0:
+                    ok = False
+            if not ok:
+                left.append(sid_obj)
+                continue
+            # _views: the bucket bytes each pair's grant may count on (the owner, the cheapest pair now,
+            # first of equals; and every pair for which drawing the bucket costs more than not)
+            for p in range(n_pairs):
+                for b in range(n_buckets):
+                    views[p][b] = 0
+                if n_buckets:
+                    unit[p] = quote(UNIT, p, t, price[p], carry[p], zeros)
+            for b in range(n_buckets):
+                if allow[b] <= 0:
+                    continue
+                owner = -1
+                for p in range(n_pairs):
+                    if covers(t, b, p) and (owner < 0 or unit[p] < unit[owner]):
+                        owner = p
+                if owner < 0:
+                    continue
+                for c in range(n_buckets):
+                    alone[c] = allow[b] if c == b else 0
+                for p in range(n_pairs):
+                    if covers(t, b, p) and (p == owner or quote(<uint64_t> allow[b], p, t, price[p], carry[p], alone)
+                                            > quote(<uint64_t> allow[b], p, t, price[p], carry[p], zeros)):
+                        views[p][b] = allow[b]
             # the pairs in refresh's order (zone, then direction: p = zone * 2 + direction = counter - first)
             n_priced = 0
             vol_out = 0
             spare = <i128> balance + credit
             for p in range(n_pairs):
                 j = <Py_ssize_t> sid * n_pairs + p
-                price[p] = t.prices[p * eng.n_slots + slot]
-                if price[p] < 0 or hv.p[2 * j] > UINT64_MAX - rv.p[2 * j]:
+                if hv.p[2 * j] > UINT64_MAX - rv.p[2 * j]:
                     ok = False
                     break
                 used[p] = hv.p[2 * j] + rv.p[2 * j]
                 e = cv.p + j * COUNTER_WORDS
                 old[p] = grant[p] = tg_load64(&e[1])
                 is_vol[p] = vol_on and (volume_zones >> (p >> 1)) & 1
-                free_[p] = price[p] == 0 and not is_vol[p]
+                free_[p] = affordable(0, p, t, price[p], carry[p], is_vol[p], volume_left, views[p]) == UINT64_MAX
                 needy[p] = False
-                if free_[p]:  # committed: quote(BIG) = carry // PRICE_SCALE = 0
+                if free_[p]:
                     grant[p] = UINT64_MAX
+                    spare -= quote(BIG, p, t, price[p], carry[p], views[p])  # what its tier buckets can cost
                     continue
                 if grant[p] == UINT64_MAX:  # free before, priced now: shrink to what is used
                     live = tg_load64(&e[0])
                     grant[p] = used[p] if used[p] > live else live
                 outstanding[p] = grant[p] - used[p] if grant[p] > used[p] else 0
-                committed[p] = quote(outstanding[p], price[p], carry[p])
+                committed[p] = quote(outstanding[p], p, t, price[p], carry[p], views[p])
                 spare -= committed[p]
                 if is_vol[p]:
                     vol_out += outstanding[p]
@@ -216,8 +293,8 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
                 want_cost = 0
                 for p in range(n_pairs):
                     if needy[p]:
-                        want_cost += quote(slice_min if slice_min > outstanding[p] else outstanding[p], price[p],
-                                           carry[p]) - committed[p]
+                        want_cost += quote(slice_min if slice_min > outstanding[p] else outstanding[p], p, t,
+                                           price[p], carry[p], views[p]) - committed[p]
                 if spare < want_cost:
                     for p in range(n_pairs):
                         if free_[p] or needy[p] or outstanding[p] <= reclaim_keep:
@@ -235,7 +312,7 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
                         grant[p] = g
                         n_reclaims += 1
                         outstanding[p] = g - used[p]
-                        cost = quote(outstanding[p], price[p], carry[p])
+                        cost = quote(outstanding[p], p, t, price[p], carry[p], views[p])
                         spare += committed[p] - cost
                         committed[p] = cost
             if not ok:
@@ -250,7 +327,7 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
                 if budget >= BUDGET_MAX:
                     ok = False
                     break
-                total = affordable(budget, price[p], carry[p], is_vol[p], volume_left)
+                total = affordable(budget, p, t, price[p], carry[p], is_vol[p], volume_left, views[p])
                 want = slice_min if slice_min > outstanding[p] else outstanding[p]
                 new_out = total if total < want else want
                 if is_vol[p]:  # vol_on: a volume limit, shared among the needy pairs of the volume zones
@@ -266,7 +343,7 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
                         break
                     grant[p] = used[p] + new_out
                     n_raises += 1
-                    spare -= quote(new_out, price[p], carry[p]) - committed[p]
+                    spare -= quote(new_out, p, t, price[p], carry[p], views[p]) - committed[p]
             if not ok:
                 left.append(sid_obj)
                 continue

@@ -151,8 +151,8 @@ SWEEP_RATE = 500
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
 # A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers
 # /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the engine lock (a flush or
-# a payment waits at most that long for the lock). Both through GrantKeeper.refresh_many: an idle subscriber of a
-# tariff without buckets is granted in C (ext/grants.pyx, about a microsecond), any other by the Python refresh
+# a payment waits at most that long for the lock). Both through GrantKeeper.refresh_many: an idle subscriber (no
+# pair with a rate) is granted in C (ext/grants.pyx, well under a microsecond), any other by the Python refresh
 # (some 40 us: at a million, 50 s of polls after /healthz before everyone had a grant). Until then a subscriber passes
 # on the grants the kernel kept (a restart) or is refused (fresh maps: grants 0); a refused subscriber is
 # granted at the next poll, as the watch grants anyone refused.

@@ -136,3 +136,18 @@ def test_refusals(cls):
     assert e.affordable_bytes(1, 1, 0, T0) == 50 + (101 * PRICE_SCALE - 1) // 10
     assert e.affordable_bytes(1, 0, 0, T0) == UINT64_MAX
     assert e.affordable_bytes(1, 1, 0, T0, allowance=[0], budget=0) == (PRICE_SCALE - 1) // 10
+
+
+@pytest.mark.parametrize("cls", ENGINES)
+def test_a_tier_bucket_whose_bytes_times_price_pass_int64(cls):
+    """A dear bucket of many bytes (212 GB at 43.5 per PRICE_SCALE bytes: 9.2e18, past 2**63) and nothing
+    priced after it: with no money, nothing is affordable, not everything. The compiled engine multiplied
+    in int64, the product wrapped negative and ``affordable_bytes`` said 2**64 - 1 (a free grant)."""
+    e = cls(1, 1, default_zone=0)
+    e.set_tariff(0, [0, 0], [(1, 1, 0), (1, 1, 43_505_359)])
+    e.add_subscriber(1, 0, 0, 0, [0, 212_005_422_984])
+    assert e.affordable_bytes(1, 0, 0, 10 ** 18, 0) == 0
+    assert e.affordable_bytes(1, 0, 0, 10 ** 18) == 0
+    budget = 10 ** 6  # 10**6 minor units: what they buy of the bucket, exactly
+    assert e.affordable_bytes(1, 0, 0, 10 ** 18, budget) == ((budget + 1) * PRICE_SCALE - 1) // 43_505_359
+    assert e.affordable_bytes(1, 0, 1, 10 ** 18, 0) == (1 << 64) - 1  # the download: no bucket, free
