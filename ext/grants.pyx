@@ -161,11 +161,21 @@ def refresh_idle(engine, counters, charged, refunds, sids, int64_t now, int n_zo
     cdef uint32_t sid, slot
     cdef tg_sub *s
     cdef const tg_tariff *t
-    cdef int64_t balance, credit, volume_left, price[MAX_PAIRS]
-    cdef uint64_t carry[MAX_PAIRS], used[MAX_PAIRS], grant[MAX_PAIRS], old[MAX_PAIRS], outstanding[MAX_PAIRS]
+    cdef int64_t balance, credit, volume_left
     cdef uint64_t live, total, want, new_out, vshare, g
-    cdef i128 committed[MAX_PAIRS], spare, vol_spare, vol_out, want_cost, budget, cost
-    cdef bint vol_on, blocked, is_vol[MAX_PAIRS], free_[MAX_PAIRS], needy[MAX_PAIRS], ok
+    cdef i128 spare, vol_spare, vol_out, want_cost, budget, cost
+    # per (zone, direction) pair (Cython wants each array declared alone)
+    cdef int64_t price[MAX_PAIRS]
+    cdef uint64_t carry[MAX_PAIRS]
+    cdef uint64_t used[MAX_PAIRS]
+    cdef uint64_t grant[MAX_PAIRS]
+    cdef uint64_t old[MAX_PAIRS]
+    cdef uint64_t outstanding[MAX_PAIRS]
+    cdef i128 committed[MAX_PAIRS]
+    cdef bint vol_on, blocked, ok
+    cdef bint is_vol[MAX_PAIRS]
+    cdef bint free_[MAX_PAIRS]
+    cdef bint needy[MAX_PAIRS]
     cdef int64_t views[MAX_PAIRS][TG_MAX_BUCKETS]
     cdef int64_t allow[TG_MAX_BUCKETS]
     cdef int64_t zeros[TG_MAX_BUCKETS]
