@@ -242,17 +242,9 @@ class Ledger:
                                          " ORDER BY subscriber_id, network"))
         pending = next(addresses, None)
         rows = self.db.execute(f"SELECT {', '.join(columns)} FROM subscribers ORDER BY id")
-        if not sparse:
-            for row in rows:
-                sid, networks = row[0], []
-                while pending is not None and pending[0] <= sid:
-                    if pending[0] == sid:
-                        networks.append(pending[1])
-                    pending = next(addresses, None)
-                yield row, tuple(networks)
-            return
         setting = iter(self.db.execute(f"SELECT id, {', '.join(sparse)} FROM subscribers"
-                                       f" WHERE {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} ORDER BY id"))
+                                       f" WHERE {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} ORDER BY id")
+                       if sparse else ())
         own = next(setting, None)
         for row in rows:
             sid, networks = row[0], []
@@ -260,6 +252,9 @@ class Ledger:
                 if pending[0] == sid:
                     networks.append(pending[1])
                 pending = next(addresses, None)
+            if not sparse:
+                yield row, tuple(networks)
+                continue
             values = None
             while own is not None and own[0] <= sid:
                 if own[0] == sid:
