@@ -22,13 +22,14 @@ poll's reads are charged at the next), grant, and attach to ``interfaces``
 (default: ``gateway.lan_interfaces``). The per-subscriber work is bulk:
 the networks bound from the Accountant's texts, the refusal snapshot and
 the blocked flags in C, the redirected flags from nft's blocked set, the
-idle subscribers' grants in C (``GrantKeeper.refresh_many``). Granting
-everyone was most of a large start, so the first ``START_GRANTS``
-subscribers are granted before the
-attach and the rest from the loop (``start_grants_left`` in /healthz counts
-them down); meanwhile the others pass on the grants the kernel kept (a
-restart) or, on fresh maps, are refused until a poll sees the refusal and
-grants them. A time-slot boundary grants everyone again the same way.
+idle subscribers' grants in C (``GrantKeeper.refresh_many``). Everyone is
+granted before the attach (a fraction of a second at a million: a start
+knows no rates, so everyone is idle). With the ``start_grants`` option N
+only the first N are, and the rest from the loop (``start_grants_left`` in
+/healthz counts them down); meanwhile the others pass on the grants the
+kernel kept (a restart) or, on fresh maps, are refused until a poll sees
+the refusal and grants them. A time-slot boundary grants everyone again
+from the loop.
 
 The loop (``run``), every ``interval`` seconds: one scan of the mmapped
 counters (ext/bpfmaps.pyx ``Maps.scan``: only the counters whose bit the
@@ -149,14 +150,15 @@ SWEEP_SECONDS = 60.0
 # 60 s was 17k refreshes a second, 27% of a core with no traffic at all; capped, a sweep there takes half an hour
 SWEEP_RATE = 500
 SYNC_INTERVAL = 1.0  # seconds between looks for new and removed addresses
-# A start grants the first START_GRANTS subscribers (option start_grants) before it attaches and answers
-# /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the engine lock (a flush or
-# a payment waits at most that long for the lock). Both through GrantKeeper.refresh_many: an idle subscriber (no
-# pair with a rate) is granted in C (ext/grants.pyx, well under a microsecond), any other by the Python refresh
-# (some 40 us: at a million, 50 s of polls after /healthz before everyone had a grant). Until then a subscriber passes
-# on the grants the kernel kept (a restart) or is refused (fresh maps: grants 0); a refused subscriber is
-# granted at the next poll, as the watch grants anyone refused.
-START_GRANTS = 20_000
+# A start grants the first START_GRANTS subscribers (option start_grants; 0: everyone, the default) before it
+# attaches and answers /healthz, and the rest from the loop, up to START_BUDGET seconds of each poll, under the
+# engine lock (a flush or a payment waits at most that long for the lock); a time-slot boundary's grants always
+# come from the loop. Both through GrantKeeper.refresh_many: an idle subscriber (no pair with a rate: everyone
+# at a start) is granted in C (ext/grants.pyx, 0.16 us), any other by the Python refresh (some 30 us: at a
+# million, 50 s of polls after /healthz before everyone had a grant, before refresh_many). Until then a
+# subscriber passes on the grants the kernel kept (a restart) or is refused (fresh maps: grants 0); a refused
+# subscriber is granted at the next poll, as the watch grants anyone refused.
+START_GRANTS = 0
 START_BUDGET = 0.05
 # The program sees what a subscriber sends on its link, not only what the gateway forwards: neighbour
 # discovery to solicited-node multicast, MLD, mDNS, broadcasts, and everything to the gateway's own addresses
@@ -177,7 +179,7 @@ class EbpfSource:
                "heartbeat": "seconds between checks that the program is still attached (default 2)",
                "object": "the compiled program, a .bpf.o (default ext/bpf/tollgate.bpf.o, built by make build)",
                "start_grants": "subscribers granted before the program is attached at start; the rest are granted "
-                               f"by the loop (default {START_GRANTS}; 0: everyone first)"}
+                               "by the loop (default 0: everyone first)"}
 
     def __init__(self, engine, on_events, interfaces: str = "", pin_dir: str = "", interval: str = "0.05",
                  max_slots: str = "65536", heartbeat: str = "2", object: str = "",
