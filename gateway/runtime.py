@@ -360,8 +360,8 @@ class Accountant:
         allowance_of: dict[str, tuple] = {}  # one allowance per tariff: the engine checks it once
         tid_of: dict[int, int] = {}  # id(terms) -> its engine tariff (terms are shared, and held by terms_of)
         terms_of = []
-        terms_for, engine_tariff, tariff_ids = self.terms_for, self.engine_tariff, self.tariff_ids
-        on_grants = self.on_grants  # (engine_credit's question, once a chunk)
+        terms_for, engine_tariff, engine_credit = self.terms_for, self.engine_tariff, self.engine_credit
+        tariff_ids = self.tariff_ids
         for row in rows:
             tariff = row["tariff"]
             if tariff not in tariff_ids:
@@ -376,7 +376,7 @@ class Accountant:
                 tid = tid_of[id(terms)] = engine_tariff(tariff, terms.discount)
             tids.append(tid)
             balances.append(row["balance"])
-            credits.append(0 if on_grants else row["credit_limit"])  # engine_credit
+            credits.append(engine_credit(row["credit_limit"]))
             allowance = allowance_of.get(tariff)
             if allowance is None:
                 allowance = allowance_of[tariff] = self.config.tariffs[tariff].allowance()
