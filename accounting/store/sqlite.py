@@ -60,20 +60,17 @@ class SqliteBackend(Backend):
                 conn.execute("PRAGMA foreign_keys = ON")
                 conn.execute("PRAGMA synchronous = FULL")
             backend = cls(conn, path)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            # A ledger opened before is ours and in WAL mode already: two pragmas. A file seen for the first
-            # time (new, foreign, or not yet WAL) goes through sqlite-utils, imported only then (click, pluggy
-            # and dateutil with it: 60 ms of every CLI command if imported at the top)
-            if app_id != APPLICATION_ID or (not read_only and
-                                            conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"):
+            app_id, has_tables = cls._identity(conn)
+            if (read_only or has_tables) and app_id != APPLICATION_ID:
+                raise LedgerError(f"{path} is not a Tollgate ledger" if read_only else
+                                  f"{path} is an SQLite database but not a Tollgate ledger")
+            # A ledger opened before is in WAL mode already: one pragma. A file seen for the first time (new,
+            # or not yet WAL) goes through sqlite-utils, imported only then (click, pluggy and dateutil with
+            # it: 60 ms of every CLI command if imported at the top)
+            if not read_only and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 import sqlite_utils
 
-                db = sqlite_utils.Database(conn)
-                if (read_only or db.table_names()) and app_id != APPLICATION_ID:
-                    raise LedgerError(f"{path} is not a Tollgate ledger" if read_only else
-                                      f"{path} is an SQLite database but not a Tollgate ledger")
-                if not read_only:
-                    db.enable_wal()  # outside a transaction: autocommit, as connected
+                sqlite_utils.Database(conn).enable_wal()  # outside a transaction: autocommit, as connected
         except sqlite3.DatabaseError as exc:  # not even the header reads: damaged, or not SQLite
             if conn is not None:
                 conn.close()
@@ -83,6 +80,19 @@ class SqliteBackend(Backend):
                 conn.close()
             raise
         return backend
+
+    @staticmethod
+    def _identity(conn: sqlite3.Connection) -> tuple[int, bool]:
+        """The file's application id and whether it has tables, read in one snapshot. Read apart, another
+        process (or thread) creating the same new ledger could commit its first migration in between, and
+        a file with tables but no id yet would look foreign: it is both or neither at every commit."""
+        conn.execute("BEGIN DEFERRED")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            has_tables = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1").fetchone()
+        finally:
+            conn.execute("COMMIT")
+        return app_id, has_tables is not None
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(sql, params)

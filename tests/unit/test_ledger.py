@@ -93,6 +93,35 @@ def test_failing_migration_is_rolled_back(tmp_path):
         Ledger.open(path, migrations=folder)
 
 
+OPEN_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from accounting.ledger import Ledger
+go = Path(sys.argv[2])
+for _ in range(10_000):  # at most 10 s
+    if go.exists():
+        break
+    time.sleep(0.001)
+led = Ledger.open(sys.argv[1])
+print(led.db.schema_version())
+led.close()
+"""
+
+
+def test_processes_creating_one_new_ledger_at_once_all_open_it(tmp_path):
+    # A CLI command and the daemon (or two CLI commands) started on a path with no ledger yet: whichever
+    # commits the first migration, the others must see a new file or a Tollgate ledger, never a "foreign"
+    # file with tables but no application id (read apart, the two had a window between them)
+    for round_ in range(4):
+        path, go = tmp_path / f"new{round_}.db", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_WHEN_TOLD, str(path), str(go)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        go.touch()
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and out.split() == [str(NEWEST)], err
+
+
 def test_foreign_and_newer_databases_are_refused(tmp_path):
     other = tmp_path / "other.db"
     con = sqlite3.connect(other)
