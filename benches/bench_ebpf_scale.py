@@ -64,6 +64,22 @@ def vm(pid: int, key: str) -> int:
     return 0
 
 
+def rss_split(pid: int) -> dict:
+    """The process's resident memory now, MB, by what it is: the BPF maps it has mapped (the counters and
+    refunds, shared with the kernel: resident once touched), its anonymous memory (Python's heap, the
+    engine's C arrays, the source's arrays) and files (libraries, the ledger's pages)."""
+    out = {"bpf_maps": 0, "anonymous": 0, "files": 0}
+    kind = "anonymous"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=6)
+        if "-" in first[0] and len(first) >= 5 and ":" in first[3]:  # a mapping's header line
+            name = first[5] if len(first) > 5 else ""
+            kind = "bpf_maps" if "bpf-map" in name else "files" if name.startswith("/") else "anonymous"
+        elif first[0] == "Rss:":
+            out[kind] += int(first[1]) * 1024 / 1e6
+    return out
+
+
 def start(lab, work: Path, n: int, timeout: float) -> tuple[subprocess.Popen, float | None]:
     t0 = time.monotonic()
     proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.gw}", sys.executable, "-m", "gateway.cli", "-v", "run",
@@ -196,6 +212,8 @@ def measure(n: int, args) -> dict:
             time.sleep(args.idle_seconds)
             out[f"idle_cpu_{tag}"] = (cpu(proc.pid) - c0) / (time.monotonic() - t0)
             out[f"rss_peak_{tag}_mb"] = vm(proc.pid, "VmHWM") / 1e6
+            out[f"rss_now_{tag}"] = split = rss_split(proc.pid)
+            say(f"  {tag}: resident now " + ", ".join(f"{k} {v:.0f} MB" for k, v in split.items()))
             polls = (health(lab.gw) or {}).get("queue", {}).get("ebpf", {}).get("polls")
             out[f"polls_{tag}"] = polls
             if tag == "fresh":
@@ -243,6 +261,10 @@ def main() -> int:
               f"{f('rss_peak_fresh_mb', '{:.0f} MB')} / {f('rss_peak_restart_mb', '{:.0f} MB')} | "
               f"{f('idle_cpu_fresh', '{:.1%}')} / {f('idle_cpu_restart', '{:.1%}')} | "
               f"{f('maps_mib', '{:.0f} MiB')} ({f('counters_mib', '{:.0f}')}) | {f('dirty_kib', '{:.0f} KiB')} |")
+        for tag in ("fresh", "restart"):
+            if r.get(f"rss_now_{tag}"):
+                print(f"\n{r['n']:,}, {tag}, resident after the idle window: " +
+                      ", ".join(f"{k.replace('_', ' ')} {v:,.0f} MB" for k, v in r[f"rss_now_{tag}"].items()))
         if r.get("ping_sent"):
             print(f"\n{r['n']:,}, the restart with s1 pinging every 0.1 s: longest gap between replies "
                   f"{r['ping_max_gap_s']:.2f} s, {r['ping_replies']} of {r['ping_sent']} answered; "
