@@ -128,6 +128,12 @@ class EngineChange:
 
 # ---- the calendar ---------------------------------------------------------------
 
+def _quiet_plan(plan: Plan) -> bool:
+    """A plan that posts nothing at a boundary and nothing by the day: no fee, and traffic off the balance
+    as it passed (regular)."""
+    return not plan.fee and plan.scheme == "regular"
+
+
 def _local(ts: int, tz: ZoneInfo) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts // NS, tz)
 
@@ -432,13 +438,23 @@ class Biller:
         if sid in self.accounts:
             self.touched.add(sid)
 
+    def set_tariffs(self, tariffs: dict) -> None:
+        """A new tariff table (SIGHUP). An account kept out of sight as quiet (``_quiet``: due at its period's
+        end, looked at by no advance before) whose tariff now has a fee or another scheme is quiet no longer:
+        the next advance looks at it, as an advance that looked at every account would have. (Else a daily
+        fee added to a fee-less tariff was posted at the period's end, days late, all at once.)"""
+        old, self.tariffs = self.tariffs, tariffs
+        woken = {name for name, tariff in tariffs.items()
+                 if name in old and _quiet_plan(old[name].plan) and not _quiet_plan(tariff.plan)}
+        if woken:  # a walk of the accounts once, on a reload that changed a fee-less tariff
+            self.touched.update(sid for sid, acct in self.accounts.items() if acct.terms.tariff in woken)
+
     def _quiet(self, acct: Account) -> bool:
         """Nothing to bill for ``acct`` but its period's end: no fee, traffic off the balance as it passed
         (regular), no discount or credit that will expire (most accounts). ``advance`` before the end only
         keeps its next due instant, which is the end (``_next_due``), whenever it looks."""
-        plan = self.tariffs[acct.terms.tariff].plan
         terms = acct.terms
-        return (not plan.fee and plan.scheme == "regular" and (terms.discount_until is None or not acct.discount_on)
+        return (_quiet_plan(self.tariffs[terms.tariff].plan) and (terms.discount_until is None or not acct.discount_on)
                 and (terms.credit_until is None or not acct.credit_on))
 
     def _schedule(self, acct: Account, now: int) -> None:
@@ -521,8 +537,7 @@ class Biller:
         walked. One renew stands for several boundaries crossed at once (an account opened months ago, at
         a restart): a renew sets the period's free volume and volume limit afresh, so the engine ends in the
         same state with the same events whether it is told once or k times in a row."""
-        plan = self._plan(acct)
-        quiet = not plan.fee and plan.scheme == "regular"
+        quiet = _quiet_plan(self._plan(acct))
         renewed = None
         while now >= acct.end:
             boundary = acct.end

@@ -199,7 +199,7 @@ class Accountant:
         for (name, discount), tid in known.items():
             if name in cfg.tariffs and (name, discount) not in self.engine_tariffs:
                 self.engine_tariff(name, discount, tid)
-        self.biller.tariffs = cfg.tariffs
+        self.biller.set_tariffs(cfg.tariffs)
         self._timeline_end = None  # recomputed from the (maybe new) schedule on next use
 
     def engine_tariff(self, name: str, discount: int, tid: int | None = None) -> int:

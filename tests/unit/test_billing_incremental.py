@@ -56,6 +56,19 @@ scheme = "prevailing"
 prices = {{ external = "0.03", peering = "0.02" }}
 price_unit = "MB"
 """
+FEELESS = """
+[[tariff]]
+name = "feeless"
+period = "weekly"
+anchor = "mon"
+prices = {{ external = "0.01", peering = "0.005" }}
+price_unit = "MB"
+{fee}
+"""
+# a reload (SIGHUP) gives the fee-less tariff, whose accounts billing keeps out of sight until their period
+# ends, a daily fee: from then on they are billed by the day, as looking at every account bills them
+RELOADED = CONFIG + FEELESS.format(fee='fee = "7.00"\nfee_mode = "daily"')
+CONFIG += FEELESS.format(fee="")
 START = int(dt.datetime(2026, 3, 20, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9  # DST on the 29th
 DAY = 86400 * 10 ** 9
 
@@ -63,6 +76,7 @@ DAY = 86400 * 10 ** 9
 def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
     cfg = parse_config(tomllib.loads(CONFIG))
     rng = random.Random(seed)
+    reload_at = rng.randrange(steps + 1)  # (steps: no reload)
     biller = Biller(cfg.tariffs, cfg.timezone)
     out = []
     names = sorted(cfg.tariffs)
@@ -72,8 +86,10 @@ def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
                       None, None)
         out.append(("open", sid, biller.open(sid, terms, START + rng.randrange(0, 3 * DAY))))
     now = START + 3 * DAY
-    for _ in range(steps):
+    for step in range(steps):
         now += rng.choice([1, 10 ** 9, 3600 * 10 ** 9, DAY // 3, DAY])
+        if step == reload_at:
+            biller.set_tariffs(parse_config(tomllib.loads(RELOADED)).tariffs)
         rows = [CounterRow(sid, 1, rng.randrange(2), rng.randrange(1, 10 ** 7), 1, 0)
                 for sid in rng.sample(range(1, n + 1), rng.randrange(0, n + 1))]
         biller.observe(rows)
