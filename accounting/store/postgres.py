@@ -43,6 +43,9 @@ __all__ = ["MARK", "PooledPostgresBackend", "PostgresBackend", "pg_sql"]
 
 MARK = "Tollgate ledger"
 MIGRATION_LOCK = 0x546F6C6C_4D494752  # "TollMIGR"
+# what the database rolled back whole because another transaction of the same moment needed the same rows
+# (SQLSTATE class 40; psycopg maps each code to its own class, not below TransactionRollback)
+ROLLED_BACK = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.TransactionRollback)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -165,10 +168,14 @@ class PostgresBackend(Backend):
 
     def _refused(self, exc: BaseException) -> bool:
         # (and a number no column holds: a parameter or a result past 2^63-1 for a bigint)
-        return isinstance(exc, pg_errors.IntegrityError) or self._overflowed(exc)
+        return isinstance(exc, (pg_errors.IntegrityError, *ROLLED_BACK)) or self._overflowed(exc)
 
     def _conflicted(self, exc: BaseException) -> bool:
-        return isinstance(exc, (pg_errors.UniqueViolation, pg_errors.ExclusionViolation))
+        # ROLLED_BACK (SQLSTATE class 40: a deadlock, a serialization failure): two writers side by side each
+        # waiting for the other, e.g. both inserting overlapping addresses, each one's exclusion check waiting
+        # on the other's uncommitted row; the database rolled this one back whole. A conflict with a write of
+        # the same moment, as a key the other holds is: nothing was written (409 at the front ends)
+        return isinstance(exc, (pg_errors.UniqueViolation, pg_errors.ExclusionViolation, *ROLLED_BACK))
 
     def _describe(self, exc: BaseException) -> str:
         # Two writers side by side can both pass a check that the second's write then breaks: these are
@@ -179,6 +186,9 @@ class PostgresBackend(Backend):
                     "moment); an address has one owner")
         if isinstance(exc, pg_errors.UniqueViolation):
             return f"{detail}: it exists already (written at the same moment)"
+        if isinstance(exc, ROLLED_BACK):
+            return (f"{exc.diag.message_primary or exc}: another write at the same moment needed the same rows; "
+                    "nothing of this one was written: try again")
         return str(exc)
 
     def _overflowed(self, exc: BaseException) -> bool:

@@ -135,6 +135,43 @@ def test_overlapping_prefixes_added_at_once_have_one_owner(pg_ledger, config):
     setup.ledger.close()
 
 
+def test_a_deadlock_between_two_writers_is_a_conflict_and_writes_nothing(pg_ledger, config):
+    """Two writers that each hold a row the other then asks for: the database finds the deadlock and rolls
+    one back whole. That one is told so as a conflict with a write of the same moment (409 at the front
+    ends, "try again"), not with the driver's own exception, and nothing of it is in the ledger; the other
+    commits. (Two writers adding overlapping addresses meet it in the exclusion check: the test above.)"""
+    from ext.errors import LedgerConflict
+
+    setup = operations(pg_ledger, config)
+    for name in ("a", "b"):
+        setup.add(name, "basic")
+    ids = [setup.ledger.get_subscriber(n)["id"] for n in ("a", "b")]
+    ledgers = [Ledger.open(pg_ledger) for _ in range(2)]
+    for led in ledgers:
+        led.db.execute("SET lock_timeout = 0")  # wait for the row, so that the deadlock is what ends it
+    holding = threading.Barrier(2, timeout=30)
+
+    def work(i: int) -> str:
+        led = ledgers[i]
+        with led.transaction():
+            led.db.execute("SELECT 1 FROM subscribers WHERE id = ? FOR UPDATE", (ids[i],))
+            holding.wait()  # each holds its own row: now each asks for the other's
+            led.db.execute("SELECT 1 FROM subscribers WHERE id = ? FOR UPDATE", (ids[1 - i],))
+            for sid in ids:
+                led.db.execute("UPDATE subscribers SET contract = ? WHERE id = ?", (f"by w{i}", sid))
+        return "committed"
+
+    results = side_by_side(2, work)
+    assert sorted(map(type, results), key=str) == sorted([str, LedgerConflict], key=str), results
+    loser = next(i for i, r in enumerate(results) if isinstance(r, LedgerConflict))
+    assert "try again" in str(results[loser]) and "deadlock" in str(results[loser])
+    winner = 1 - loser
+    assert [setup.ledger.get_subscriber(n)["contract"] for n in ("a", "b")] == [f"by w{winner}"] * 2
+    for led in ledgers:
+        led.close()
+    setup.ledger.close()
+
+
 def test_changes_of_one_subscriber_at_once_take_turns_and_chain_their_audit_rows(pg_ledger, config):
     """Four writers top one subscriber up 15 times each: the balance is the sum, and every payment's audit
     row says as "before" the balance the one before it left (read under the subscriber's row lock; a
