@@ -25,6 +25,7 @@ from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
+from .subscriber_table import SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401 (SubscriberInfo: theirs)
 
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS
@@ -106,39 +107,6 @@ def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
     return list(iter_ledger_rows(ledger, created_is_since))
 
 
-class SubscriberInfo:
-    """What the Accountant keeps of each subscriber it holds, for the daemon's life (a million of them).
-    ``addresses``, the subscriber's networks as a tuple of texts, is held as one text, the networks
-    joined by spaces (no network's text has one: the engine refused it first): a tuple and a string
-    for each network cost about 100 B a subscriber more, 100 MB at a million."""
-
-    __slots__ = ("id", "name", "tariff", "_networks", "since")
-
-    def __init__(self, id: int, name: str, tariff: str, addresses=(), since: int | None = None) -> None:
-        self.id, self.name, self.tariff = id, name, tariff
-        self.addresses = addresses
-        # when its billing starts, if known, until the billing account holds it (Accountant.open_billing):
-        # a slot, not a dict of a million entries alongside (40 MB at the start's peak, in start_billing)
-        self.since = since
-
-    @property
-    def addresses(self) -> tuple:
-        return tuple(self._networks.split(" ")) if self._networks else ()
-
-    @property
-    def networks_text(self) -> str:
-        """The networks as held: one text, joined by spaces ("" for none); the same object, no copy."""
-        return self._networks
-
-    @addresses.setter
-    def addresses(self, networks) -> None:
-        networks = tuple(networks)
-        self._networks = networks[0] if len(networks) == 1 else " ".join(networks)
-
-    def __repr__(self) -> str:
-        return f"SubscriberInfo({self.id!r}, {self.name!r}, {self.tariff!r}, {self.addresses!r})"
-
-
 class PeriodStarts(Mapping):
     """``{sid: its account's period start}`` read through the billing accounts (``Biller.accounts``), for
     ``Ledger.period_totals``: a dict of it would be a million entries made for one call (60 MB at a start)."""
@@ -165,7 +133,8 @@ class Accountant:
     config: Config
     ledger: Ledger | None
     engine_name: str | None = None
-    subscribers: dict = field(default_factory=dict)  # id -> SubscriberInfo
+    # id -> a view of its name, tariff, networks and since, held as columns (see gateway/subscriber_table.py)
+    subscribers: SubscriberTable = field(default_factory=SubscriberTable)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -176,7 +145,7 @@ class Accountant:
                           volume_zones=volume_zone_mask(len(cfg.zones)))
         self._timeline_end: int | None = None
         self.biller = Biller(cfg.tariffs, cfg.timezone, cfg.currency, cfg.zones.names)
-        self.terms: dict[int, Terms] = {}
+        self.terms: TermsTable = TermsTable()  # id -> its Terms (an index each into the distinct ones)
         self.cheapest_price: dict[int, int] = {}  # engine tariff id -> its lowest non-zero price (0: all free)
         self.access_verdicts: dict[int, tuple] = {}  # see check_access
         self.access_dirty: set[int] = set()  # subscribers whose access hours check_access must look at
@@ -401,13 +370,13 @@ class Accountant:
                 raise
             name = next(r["name"] for r in rows if r["id"] == owners[exc.index])
             raise TollgateError(f"subscriber {name!r}: {exc}") from None
-        held_terms, subscribers = self.terms, self.subscribers
-        for row, terms in zip(rows, terms_of):
-            sid = row["id"]
-            held_terms[sid] = terms
-            if terms.access is not None:  # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
-                self.access_dirty.add(sid)
-            subscribers[sid] = SubscriberInfo(sid, row["name"], row["tariff"], row["addresses"], row.get("since"))
+        # the chunk into the tables' columns, one call each (an object per subscriber was 250 MB at a million)
+        sids = [row["id"] for row in rows]
+        self.terms.fill(sids, terms_of)
+        self.access_dirty.update(  # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
+            sid for sid, terms in zip(sids, terms_of) if terms.access is not None)
+        self.subscribers.fill(sids, [row["name"] for row in rows], [row["tariff"] for row in rows],
+                              [row["addresses"] for row in rows], [row.get("since") for row in rows])
         return events
 
     def engine_credit(self, credit: int) -> int:
@@ -470,17 +439,13 @@ class Accountant:
     def _take_since(self, sid: int) -> int | None:
         """When a loaded subscriber's billing starts (``SubscriberInfo.since``), handed to its billing account
         once: read once, the account holds it from then on."""
-        info = self.subscribers.get(sid)
-        if info is None:
-            return None
-        since, info.since = info.since, None
-        return since
+        return self.subscribers.take_since(sid)
 
     @property
     def since(self) -> dict[int, int]:
         """``{id: when its billing starts}`` of the loaded subscribers whose billing is not open yet and whose
         start is known (tests and tools; computed: the start keeps it in ``SubscriberInfo.since``)."""
-        return {sid: info.since for sid, info in self.subscribers.items() if info.since is not None}
+        return self.subscribers.since_of()
 
     def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:
         """A new tariff from ``now``: the old one settled, the new one prorated."""
@@ -560,7 +525,7 @@ class Accountant:
     def next_event(self, now: int) -> int | None:
         """The next instant after ``now`` when billing or access hours change something."""
         tz = self.config.timezone
-        hours = {id(t.access): t.access for t in self.terms.values() if t.access is not None}
+        hours = {id(t.access): t.access for t in self.terms.distinct() if t.access is not None}
         times = [self.biller.next_event(now)] + [access.next_change(h, now, tz) for h in hours.values()]
         times = [t for t in times if t is not None]
         return min(times) if times else None
@@ -574,7 +539,7 @@ class Accountant:
         few times a day), and a subscriber whose terms changed (or that was
         just loaded) on its own."""
         if self.access_dirty or self.access_schedules is None:  # the distinct schedules, found again only on change
-            self.access_schedules = {id(t.access): t.access for t in self.terms.values() if t.access is not None}
+            self.access_schedules = {id(t.access): t.access for t in self.terms.distinct() if t.access is not None}
         verdicts = {key: (hours, access.allowed(hours, now, self.config.timezone))
                     for key, hours in self.access_schedules.items()}  # id(hours) -> (hours, allowed now)
         flipped = {key for key, (_h, allowed) in verdicts.items()
@@ -583,7 +548,8 @@ class Accountant:
         sids = set(self.access_dirty)
         self.access_dirty.clear()
         if flipped:
-            sids |= {sid for sid, t in self.terms.items() if t.access is not None and id(t.access) in flipped}
+            sids.update(self.terms.holding(t for t in self.terms.distinct()
+                                           if t.access is not None and id(t.access) in flipped))
         events = []
         for sid in sorted(sids):
             if sid not in self.subscribers:

@@ -250,6 +250,7 @@ class ChangeFollower:
             new = set(row["addresses"]) if active else set()
             gone, added = sorted(old - new), sorted(new - old)
             if not active:
+                name = info.name  # (a view of the table's row: read before the row goes)
                 acct.close_billing(sid, gw.calendar_now())
                 gw.flusher.orphan_rows += acct.engine.remove_subscriber(sid)
                 del acct.subscribers[sid]
@@ -262,7 +263,7 @@ class ChangeFollower:
             if gone:
                 self._drop_networks(sid, gone)
             if not active:
-                log.info("subscriber %s deactivated live", info.name)
+                log.info("subscriber %s deactivated live", name)
                 return
             self._add_networks(sid, added)
             with gw.enforcer_lock:
