@@ -518,13 +518,13 @@ class TermsTable(MutableMapping):
         for sid in sids:
             _check_sid(sid)
         with self.lock:
-            slots = array("I", map(self._slot, terms))
             top = max(sids)
             if top >= len(self.index):
                 _grow(self.index, _capacity(len(self.index), top + 1))
             index, users = self.index, self.users
             lo, hi = sids[0], sids[-1] + 1
-            if _contiguous(sids) and not any(index[lo:hi]):
+            if _contiguous(sids) and not any(index[lo:hi]):  # new ids: nothing released on the way
+                slots = array("I", map(self._slot, terms))
                 index[lo:hi] = slots
                 self.count += len(sids)
                 counts: dict[int, int] = {}
@@ -533,7 +533,8 @@ class TermsTable(MutableMapping):
                 for slot, n in counts.items():
                     users[slot] += n
             else:
-                for sid, slot in zip(sids, slots):
+                for sid, t in zip(sids, terms):
+                    slot = self._slot(t)  # (one at a time: a release on the way may free a slot)
                     users[slot] += 1  # before the old one's release: the same object stays
                     old = index[sid]
                     index[sid] = slot
