@@ -81,6 +81,9 @@ def child(db: str, config: str, engine: str) -> dict:
         events += stage("resume", lambda: acct.resume_from_ledger(now))
     out["peak_mb"] = status_mb("VmHWM")
     out["subscribers"] = len(acct.subscribers)
+    if hasattr(acct.subscribers, "nbytes"):  # the columns' bytes (gateway/subscriber_table.py) after the start
+        out["columns_mb"] = {k: v / 2 ** 20 for k, v in
+                             {**acct.subscribers.nbytes(), "terms": acct.terms.nbytes()}.items()}
     out["events"] = len(events)
     return out
 
@@ -168,6 +171,9 @@ def main(argv=None) -> int:
             name = f"{r['subscribers']:,}" + (" spread" if args.spread else "") + (f" #{i + 1}" if args.runs > 1 else "")
             print(f"{name}: " + ", ".join(f"{s} {r['stages'][s][0]:.2f} s" for s in STAGES)
                   + f", peak {r['peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
+            if "columns_mb" in r:
+                print("  subscriber table columns: " + ", ".join(f"{k} {v:,.1f} MB" for k, v in r["columns_mb"].items()),
+                      file=sys.stderr, flush=True)
             results.append((name, r))
     out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     print(f"commit {out.stdout.strip()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 from array import array
 from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
+from collections import Counter
 from itertools import accumulate, compress
 
 from ext.constants import MAX_SUBSCRIBER_ID
@@ -48,6 +49,18 @@ def _check_sid(sid) -> int:
     if not 0 <= sid <= MAX_SID:
         raise ValueError(f"subscriber id {sid} is outside 0..{MAX_SID}")
     return sid
+
+
+def _check_sids(sids: list) -> None:
+    """``_check_sid`` of each, in bulk: a start's chunk of 10k ids checked in C, each one only if one is bad."""
+    try:
+        col = array("q", sids)
+        if min(col) >= 0 and max(col) <= MAX_SID and bool not in set(map(type, sids)):
+            return
+    except (TypeError, OverflowError):
+        pass
+    for sid in sids:
+        _check_sid(sid)
 
 
 def _is_key(sid) -> bool:
@@ -108,7 +121,7 @@ class TextArena:
         if base + len(blob) >= MAX_ARENA:
             raise ValueError("the subscriber table's texts passed 1 TiB")
         starts = accumulate(lengths, initial=base)
-        return blob, [(start << LENGTH_BITS) | n if n else 0 for start, n in zip(starts, lengths)]
+        return blob, [(start << LENGTH_BITS) | n for start, n in zip(starts, lengths)]
 
     def append(self, blob: bytes) -> None:
         self.state[0].extend(blob)  # before any slot points into it
@@ -309,6 +322,17 @@ class SubscriberTable(MutableMapping):
             raise ValueError(f"since {since} is out of the 64-bit range of ns")
         return since
 
+    @classmethod
+    def _since_column(cls, sinces: list) -> array:
+        """``_since`` of each, in bulk (each one only if one is bad)."""
+        try:
+            col = array("q", [NO_SINCE if since is None else since for since in sinces])
+            if col.count(NO_SINCE) == sinces.count(None) and bool not in set(map(type, sinces)):
+                return col
+        except (TypeError, OverflowError):
+            pass
+        return array("q", map(cls._since, sinces))
+
     @staticmethod
     def _networks_text(networks) -> str:
         if isinstance(networks, str):
@@ -329,14 +353,19 @@ class SubscriberTable(MutableMapping):
             raise ValueError("fill: the columns differ in length")
         if not n:
             return
-        for sid in sids:
-            _check_sid(sid)
-        texts = list(map(self._networks_text, networks))
-        since_col = array("q", map(self._since, sinces))
+        _check_sids(sids)
+        if str in set(map(type, networks)):
+            raise TypeError("networks are a sequence of texts, not one str")
+        texts = list(map(" ".join, networks))
+        since_col = self._since_column(sinces)
+        if set(map(type, names)) != {str}:
+            raise TypeError(f"a name is a str, not {next(type(n).__name__ for n in names if type(n) is not str)}")
         with self.lock:
             name_blob, name_words = self.names.pack(names)
             net_blob, net_words = self.networks.pack(texts)
-            tariff_col = array("H", map(self._tariff, tariffs))
+            for tariff in set(tariffs) - self.tariff_index.keys():
+                self._tariff(tariff)
+            tariff_col = array("H", map(self.tariff_index.__getitem__, tariffs))
             self._reserve(max(sids))
             self.names.append(name_blob)
             self.networks.append(net_blob)
@@ -397,10 +426,11 @@ class SubscriberTable(MutableMapping):
     def take_since(self, sid: int) -> int | None:
         """A held subscriber's ``since``, set to None as it is read (its billing account holds it from
         then on); None for a subscriber not held. (No view made: a start asks it of every subscriber.)"""
-        if not self.__contains__(sid):
-            return None
         with self.lock:
-            since, self.sinces[sid] = self.sinces[sid], NO_SINCE
+            if not _is_key(sid) or sid >= len(self.present) or not self.present[sid]:
+                return None
+            sinces = self.sinces
+            since, sinces[sid] = sinces[sid], NO_SINCE
         return None if since == NO_SINCE else since
 
     def __delitem__(self, sid: int) -> None:
@@ -515,8 +545,7 @@ class TermsTable(MutableMapping):
             raise ValueError("fill: the columns differ in length")
         if not sids:
             return
-        for sid in sids:
-            _check_sid(sid)
+        _check_sids(sids)
         with self.lock:
             top = max(sids)
             if top >= len(self.index):
@@ -524,13 +553,12 @@ class TermsTable(MutableMapping):
             index, users = self.index, self.users
             lo, hi = sids[0], sids[-1] + 1
             if _contiguous(sids) and not any(index[lo:hi]):  # new ids: nothing released on the way
-                slots = array("I", map(self._slot, terms))
-                index[lo:hi] = slots
+                # a slot for each distinct object (one in most chunks), then the chunk's in C
+                ids = list(map(id, terms))
+                slot_of = {key: self._slot(t) for key, t in dict(zip(ids, terms)).items()}
+                index[lo:hi] = array("I", map(slot_of.__getitem__, ids))
                 self.count += len(sids)
-                counts: dict[int, int] = {}
-                for slot in slots:  # (one distinct Terms in most chunks: a dict's count, then one write each)
-                    counts[slot] = counts.get(slot, 0) + 1
-                for slot, n in counts.items():
+                for slot, n in Counter(index[lo:hi]).items():
                     users[slot] += n
             else:
                 for sid, t in zip(sids, terms):
