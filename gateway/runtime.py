@@ -25,7 +25,7 @@ from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
-from .subscriber_table import SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401 (SubscriberInfo: theirs)
+from .subscriber_table import NO_SINCE, SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401 (SubscriberInfo: theirs)
 
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS
@@ -411,9 +411,12 @@ class Accountant:
         Returns the postings applied (a first fee) and the engine's events."""
         applied, events = [], []
         open_account = self.biller.open
+        # when each one's billing starts, handed to its account (see _take_since), all read at once
+        sinces, none = self.subscribers.take_all_since(), NO_SINCE
         with gc_paused():  # an account per subscriber
             for sid, terms in self.terms.items():
-                postings = open_account(sid, terms, self._take_since(sid) or default_since)
+                since = sinces[sid] if sid < len(sinces) else none
+                postings = open_account(sid, terms, (since if since != none else None) or default_since)
                 if terms.discount_until is not None or terms.credit_until is not None:
                     events += self._apply_terms(sid)
                 # (else the account's engine tariff and credit are its terms' own, as the load set them: see

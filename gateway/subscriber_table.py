@@ -68,9 +68,9 @@ def _is_key(sid) -> bool:
     return isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid <= MAX_SID
 
 
-def _grow(col: array, size: int) -> None:
+def _grow(col: array, size: int, fill: int = 0) -> None:
     if len(col) < size:
-        col.frombytes(bytes((size - len(col)) * col.itemsize))
+        col.extend(array(col.typecode, [fill]) * (size - len(col)))
 
 
 def _capacity(current: int, needed: int) -> int:
@@ -234,8 +234,7 @@ class SubscriberView:
 
     @property
     def since(self) -> int | None:
-        since = self._held().sinces[self.id]
-        return None if since == NO_SINCE else since
+        return self._held().since(self.id)
 
     @since.setter
     def since(self, since: int | None) -> None:
@@ -283,7 +282,7 @@ class SubscriberTable(MutableMapping):
         self.tariffs = array("H")  # index into tariff_names
         self.tariff_names: list[str] = []
         self.tariff_index: dict[str, int] = {}
-        self.sinces = array("q")
+        self.sinces = array("q")  # (shorter than the others after take_all_since: NO_SINCE beyond its end)
         self.count = 0
         for sid, info in dict(items).items():
             self[sid] = info
@@ -295,8 +294,7 @@ class SubscriberTable(MutableMapping):
         if top < len(self.present):
             return
         size = _capacity(len(self.present), top + 1)
-        for col in (self.tariffs, self.sinces):
-            _grow(col, size)
+        _grow(self.tariffs, size)
         self.names.grow(size)
         self.networks.grow(size)
         self.present.extend(bytes(size - len(self.present)))  # last: a reader finds present only what it can read
@@ -367,6 +365,7 @@ class SubscriberTable(MutableMapping):
                 self._tariff(tariff)
             tariff_col = array("H", map(self.tariff_index.__getitem__, tariffs))
             self._reserve(max(sids))
+            _grow(self.sinces, len(self.present), NO_SINCE)  # (NO_SINCE in every row not held: take_all_since)
             self.names.append(name_blob)
             self.networks.append(net_blob)
             present = self.present
@@ -421,23 +420,34 @@ class SubscriberTable(MutableMapping):
         value = self._since(since)
         with self.lock:
             self._require(sid)
+            _grow(self.sinces, len(self.present), NO_SINCE)
             self.sinces[sid] = value
 
     def take_since(self, sid: int) -> int | None:
         """A held subscriber's ``since``, set to None as it is read (its billing account holds it from
         then on); None for a subscriber not held. (No view made: a start asks it of every subscriber.)"""
         with self.lock:
-            if not _is_key(sid) or sid >= len(self.present) or not self.present[sid]:
-                return None
             sinces = self.sinces
+            if not _is_key(sid) or sid >= len(sinces) or not self.present[sid]:
+                return None
             since, sinces[sid] = sinces[sid], NO_SINCE
         return None if since == NO_SINCE else since
+
+    def take_all_since(self) -> array:
+        """``take_since`` of everyone at once (a start's ``start_billing``: a call each for a million was a
+        second): an int64 per sid (up to the largest held, or shorter), ``NO_SINCE`` where none is known or
+        the sid is not held. The column is empty after it (and grows again with the next since known)."""
+        with self.lock:
+            taken, self.sinces = self.sinces, array("q")
+        return taken
 
     def __delitem__(self, sid: int) -> None:
         with self.lock:
             self._require(sid)
             # the row's columns stay as they are for its views (see SubscriberView), its texts counted stale
             self.present[sid] = 0
+            if sid < len(self.sinces):
+                self.sinces[sid] = NO_SINCE
             self.names.stale += self.names.length(sid)
             self.networks.stale += self.networks.length(sid)
             self.count -= 1
@@ -486,7 +496,13 @@ class SubscriberTable(MutableMapping):
     def since_of(self) -> dict[int, int]:
         """``{sid: since}`` of the held subscribers whose ``since`` is known (no view made)."""
         sinces = self.sinces
-        return {sid: sinces[sid] for sid in self if sinces[sid] != NO_SINCE}
+        return {sid: sinces[sid] for sid in compress(range(len(sinces)), self.present) if sinces[sid] != NO_SINCE}
+
+    def since(self, sid: int) -> int | None:
+        """``sid``'s since (None: not known)."""
+        sinces = self.sinces
+        since = sinces[sid] if sid < len(sinces) else NO_SINCE
+        return None if since == NO_SINCE else since
 
     def nbytes(self) -> dict[str, int]:
         """What each column holds, in bytes (benches): the arenas with their slots."""

@@ -97,6 +97,14 @@ class TableAgainstDict(RuleBasedStateMachine):
             self.model[sid] = (*self.model[sid][:4], None)
         assert self.table.take_since(99999) is None
 
+    @rule()
+    def take_all_since(self):
+        """A start's start_billing: everyone's since at once, none from then on."""
+        taken = self.table.take_all_since()
+        assert {sid: v for sid, v in enumerate(taken) if v != NO_SINCE} == \
+            {sid: f[4] for sid, f in self.model.items() if f[4] is not None}
+        self.model = {sid: (*f[:4], None) for sid, f in self.model.items()}
+
     @rule(sid=SIDS)
     def delete(self, sid):
         if sid in self.model:
