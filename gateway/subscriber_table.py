@@ -27,6 +27,8 @@ arena and its slots in one assignment, so a read sees the old or the new text, w
 
 from __future__ import annotations
 
+import operator
+import sys
 import threading
 from array import array
 from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
@@ -152,6 +154,27 @@ class TextArena:
     def nbytes(self) -> int:
         arena, words = self.state
         return len(arena) + len(words) * words.itemsize
+
+    def texts(self, present: bytearray) -> list[str]:
+        """The texts of the ``present`` slots, in slot order, made in C (a start's every network: a view and
+        a decode each were 1.8 s at a million subscribers, three times a dict's attribute)."""
+        arena, words = self.state
+        chosen = array("Q", compress(words, present))
+        if sys.byteorder != "little" or not arena.isascii():  # (byte offsets are not a str's indexes then)
+            return [arena[w >> LENGTH_BITS:(w >> LENGTH_BITS) + (w & MAX_TEXT)].decode("utf-8") for w in chosen]
+        # each word's start and length, taken apart as bytes (little-endian: the length's 3 bytes, then the
+        # start's 5), not as a million Python integers shifted and masked
+        raw, k = chosen.tobytes(), len(chosen)
+        start_bytes, length_bytes = bytearray(8 * k), bytearray(4 * k)
+        for j in range(LENGTH_BITS // 8):
+            length_bytes[j::4] = raw[j::8]
+        for j in range(8 - LENGTH_BITS // 8):
+            start_bytes[j::8] = raw[LENGTH_BITS // 8 + j::8]
+        starts, lengths = array("Q"), array("I")
+        starts.frombytes(start_bytes)
+        lengths.frombytes(length_bytes)
+        text = arena.decode("ascii")
+        return list(map(text.__getitem__, map(slice, starts, map(operator.add, starts, lengths))))
 
 
 class SubscriberInfo:
@@ -492,6 +515,14 @@ class SubscriberTable(MutableMapping):
 
     def values(self):
         return _Values(self)
+
+    def networks_texts(self) -> list[str]:
+        """Every held subscriber's networks' text, in ascending id (as iteration gives the ids), no view made."""
+        return self.networks.texts(self.present)
+
+    def all_networks(self) -> list[str]:
+        """Every held subscriber's networks, in ascending id."""
+        return " ".join(self.networks_texts()).split()  # (no network's text has a space; "" for none)
 
     def since_of(self) -> dict[int, int]:
         """``{sid: since}`` of the held subscribers whose ``since`` is known (no view made)."""

@@ -363,7 +363,8 @@ class Gateway:
         return self.acct.subscribers[sid].addresses
 
     def all_networks(self) -> list[str]:
-        return [n for sid in self.acct.subscribers for n in self.networks(sid)]
+        # read from the table's column at once (a view each was 1.8 s of a start at a million subscribers)
+        return self.acct.subscribers.all_networks()
 
     def blocked_networks(self) -> list[str]:
         # the engine's blocked ones, in the subscribers' order (a SubscriberState made for each of a million

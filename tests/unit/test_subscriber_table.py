@@ -43,6 +43,8 @@ def same(table: SubscriberTable, model: dict) -> None:
             assert sid not in table and table.get(sid) is None and table.get(sid, "x") == "x"
     assert table.since_of() == {sid: f[4] for sid, f in model.items() if f[4] is not None}
     assert dict(table) == {sid: table[sid] for sid in model}
+    assert table.networks_texts() == [model[s][3] for s in sorted(model)]  # (read in C, all at once)
+    assert table.all_networks() == [n for s in sorted(model) for n in model[s][2]]
 
 
 class TableAgainstDict(RuleBasedStateMachine):
@@ -145,6 +147,9 @@ def test_names_networks_and_ids_at_the_edges():
     assert t[0].addresses == () and t[0].networks_text == ""  # no networks
     assert t[1 << 20].addresses == many and t[1 << 20].networks_text == " ".join(many) and t[1 << 20].since == 5
     assert t.nbytes()["networks"] >= len(" ".join(many))
+    assert t.networks_texts() == ["", " ".join(many)] and t.all_networks() == list(many)
+    t[3] = SubscriberInfo(3, "n", "lab", ("réseau/32", "x/1"))  # (not a network the engine takes: the table's path
+    assert t.networks_texts() == ["", "réseau/32 x/1", " ".join(many)]  # for texts that are not ASCII)
 
 
 def test_the_largest_id_and_beyond(monkeypatch):
