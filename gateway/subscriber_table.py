@@ -33,7 +33,7 @@ import threading
 from array import array
 from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 from collections import Counter
-from itertools import accumulate, compress
+from itertools import accumulate, compress, repeat
 
 from ext.constants import MAX_SUBSCRIBER_ID
 
@@ -224,9 +224,19 @@ class SubscriberView:
             raise KeyError(f"subscriber {self.id} is no longer in the table")
         return table
 
+    def _text(self, arena: TextArena) -> str:
+        # (inline, not TextArena.text: the daemon reads a million of these at a start, quotas and drift checks)
+        data, words = arena.state
+        try:
+            word = words[self.id]
+        except IndexError:  # (a table cleared since)
+            raise KeyError(f"subscriber {self.id} is no longer in the table") from None
+        start = word >> LENGTH_BITS
+        return data[start:start + (word & MAX_TEXT)].decode("utf-8")
+
     @property
     def name(self) -> str:
-        return self._held().names.text(self.id)
+        return self._text(self.table.names)
 
     @name.setter
     def name(self, name: str) -> None:
@@ -244,11 +254,11 @@ class SubscriberView:
     @property
     def networks_text(self) -> str:
         """The networks as one text joined by spaces ("" for none), as the eBPF source hands them to C."""
-        return self._held().networks.text(self.id)
+        return self._text(self.table.networks)
 
     @property
     def addresses(self) -> tuple:
-        text = self.networks_text
+        text = self._text(self.table.networks)
         return tuple(text.split(" ")) if text else ()
 
     @addresses.setter
@@ -490,12 +500,16 @@ class SubscriberTable(MutableMapping):
         return SubscriberView(self, sid)
 
     def __getitem__(self, sid: int) -> SubscriberView:
-        if not self.__contains__(sid):
-            raise KeyError(sid)
-        return SubscriberView(self, sid)
+        present = self.present
+        if type(sid) is int and 0 <= sid < len(present) and present[sid] or self.__contains__(sid):
+            return SubscriberView(self, sid)
+        raise KeyError(sid)
 
     def get(self, sid, default=None):
-        return SubscriberView(self, sid) if self.__contains__(sid) else default
+        present = self.present  # (__contains__ inline for an int: the daemon's threads ask a million at times)
+        if type(sid) is int and 0 <= sid < len(present) and present[sid] or self.__contains__(sid):
+            return SubscriberView(self, sid)
+        return default
 
     def __contains__(self, sid) -> bool:
         return _is_key(sid) and sid < len(self.present) and self.present[sid] == 1
@@ -516,9 +530,20 @@ class SubscriberTable(MutableMapping):
     def values(self):
         return _Values(self)
 
+    def networks_by_id(self) -> tuple[list[int], list[str]]:
+        """(the held ids ascending, each one's networks' text), read at once from one state of the table
+        (its writers wait meanwhile), no view made."""
+        with self.lock:
+            present = bytes(self.present)
+            return list(compress(range(len(present)), present)), self.networks.texts(present)
+
     def networks_texts(self) -> list[str]:
-        """Every held subscriber's networks' text, in ascending id (as iteration gives the ids), no view made."""
-        return self.networks.texts(self.present)
+        """Every held subscriber's networks' text, in ascending id, no view made."""
+        return self.networks_by_id()[1]
+
+    def views(self, sids) -> dict:
+        """``{sid: its view}`` of these held ``sids`` (views made in C, not a look-up each)."""
+        return dict(zip(sids, map(SubscriberView, repeat(self), sids)))
 
     def all_networks(self) -> list[str]:
         """Every held subscriber's networks, in ascending id."""

@@ -95,19 +95,22 @@ class KernelTruth:
         ``sids`` (their elements asked for by value; through ``reader``, a
         context of the caller's own, without the shared one's lock)."""
         gw = self.gw
-        if listing is not None:
-            counters, subs = listing, gw.acct.subscribers
+        table = gw.acct.subscribers
+        if listing is not None:  # sid -> its networks, everyone's read from the table's column at once
+            counters = listing
+            subs = dict(zip(*table.networks_by_id()))
+            subs = {sid: text.split(" ") if text else () for sid, text in subs.items()}
         else:
-            subs = {sid: gw.acct.subscribers[sid] for sid in sids if sid in gw.acct.subscribers}
-            networks = [n for info in subs.values() for n in info.addresses]
+            subs = {sid: table[sid].addresses for sid in sids if sid in table}
+            networks = [n for nets in subs.values() for n in nets]
             if reader is not None:
                 counters = reader.counters_of(networks)
             else:
                 with gw.enforcer_lock:
                     counters = gw.enforcer.counters_of(networks)
         out = {}
-        for sid, info in subs.items():
-            rows = [counters[n] for n in info.addresses if n in counters]
+        for sid, nets in subs.items():
+            rows = [counters[n] for n in nets if n in counters]
             out[sid] = tuple((sum(r[f"{way}_bytes"] for r in rows), sum(r[f"{way}_packets"] for r in rows))
                              for way in ("up", "down"))
         return out

@@ -45,6 +45,8 @@ def same(table: SubscriberTable, model: dict) -> None:
     assert dict(table) == {sid: table[sid] for sid in model}
     assert table.networks_texts() == [model[s][3] for s in sorted(model)]  # (read in C, all at once)
     assert table.all_networks() == [n for s in sorted(model) for n in model[s][2]]
+    assert table.networks_by_id() == (sorted(model), [model[s][3] for s in sorted(model)])
+    assert {sid: facts(v) for sid, v in table.views(sorted(model)).items()} == model
 
 
 class TableAgainstDict(RuleBasedStateMachine):
