@@ -334,10 +334,10 @@ class EbpfSource:
         self.counts["refunds_attached"] = maps.refunds_attached()
         self.keeper = GrantKeeper(gw, maps, self.settled, settled_views=(self.charged, self.refunds))
         with gw.engine_lock:
-            subs = dict(gw.acct.subscribers.items())  # (ascending id)
-            # every subscriber's networks' text, in subs' order, read from the Accountant's column at once (a
-            # view's networks_text each, twice, was seconds at a million subscribers)
-            texts = gw.acct.subscribers.networks_texts()
+            # the subscribers (ascending id) and each one's networks' text, read from the Accountant's column at
+            # once (a view's networks_text each, twice, was seconds at a million subscribers)
+            sids, texts = gw.acct.subscribers.networks_by_id()
+            subs = gw.acct.subscribers.views(sids)
             # what the maps hold of each subscriber: its networks' text (one string; a tuple of new strings
             # each was some 150 MB at a million subscribers)
             self.known = dict(zip(subs, texts))
