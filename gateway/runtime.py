@@ -25,7 +25,8 @@ from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
-from .subscriber_table import NO_SINCE, SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401 (SubscriberInfo: theirs)
+# SubscriberInfo: re-exported from where it was defined before (tests and other branches import it from here)
+from .subscriber_table import NO_SINCE, SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401
 
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS

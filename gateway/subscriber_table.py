@@ -31,8 +31,8 @@ import operator
 import sys
 import threading
 from array import array
-from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 from collections import Counter
+from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 from itertools import accumulate, compress, repeat
 
 from ext.constants import MAX_SUBSCRIBER_ID
@@ -89,7 +89,8 @@ def _contiguous(sids: list) -> bool:
 
 
 class TextArena:
-    """Texts, one per slot, in one bytearray: a slot's word is ``start << LENGTH_BITS | length`` (0: "")."""
+    """Texts, one per slot, in one bytearray: a slot's word is ``start << LENGTH_BITS | length`` (a length
+    of 0: "", whatever the start)."""
 
     __slots__ = ("state", "stale")
 
