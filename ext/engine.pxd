@@ -170,6 +170,8 @@ cdef class EngineC:
     cdef int _levels_below(self, tg_sub *s) noexcept nogil
     cdef tuple _allowance_of(self, uint32_t sid)
     cdef int _remove_prefix_locked(self, uint64_t hi, uint64_t lo, int plen, bint v6) except -1
+    cdef int _own_network(self, const char *p, Py_ssize_t n, str piece, str text, uint32_t sid,
+                          tg_owner *out) except -1
     cdef list _reevaluate(self, uint32_t sid)
     cdef list _take_counters(self, uint32_t sid)
     cdef bint _allowed(self, const uint8_t *addr, bint v6, uint8_t proto, bint has_ports,

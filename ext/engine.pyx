@@ -15,7 +15,7 @@ the write side.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -376,6 +376,18 @@ cdef int owner_put(tg_owners *t, uint64_t hi, uint64_t lo, int plen, bint v6, ui
     return 0
 
 
+cdef tg_owner *grow_owners(tg_owner *a, Py_ssize_t used, Py_ssize_t *cap) except NULL:
+    """``a`` (``cap`` entries, ``used`` of them taken) with room for one more: doubled when full."""
+    cdef tg_owner *grown
+    if used < cap[0]:
+        return a
+    grown = <tg_owner *> realloc(a, 2 * cap[0] * sizeof(tg_owner))
+    if grown == NULL:
+        raise MemoryError()  # (``a`` is still the caller's, and freed by it)
+    cap[0] *= 2
+    return grown
+
+
 cdef void owner_del(tg_owners *t, uint64_t hi, uint64_t lo, int plen, bint v6) noexcept nogil:
     """Take a prefix out, moving back the entries after it that probed past its slot (no tombstones)."""
     cdef size_t mask = t.cap - 1
@@ -426,8 +438,19 @@ cdef int fast_network(str text, uint8_t *key, int *family, int *plen) except -1:
     prefix length of a network in canonical text with no host bits set; 0 for anything else (the
     Python ``parse_network`` decides it, with its error). The same libc inet_pton and inet_ntop
     as Python's ``socket`` module, so the same texts pass."""
-    cdef Py_ssize_t n, slash = -1, i
-    cdef const char *p = PyUnicode_AsUTF8AndSize(text, &n)  # an ASCII str's own bytes, no copy
+    cdef Py_ssize_t n
+    cdef const char *p
+    try:
+        p = PyUnicode_AsUTF8AndSize(text, &n)  # an ASCII str's own bytes, no copy
+    except UnicodeEncodeError:  # a lone surrogate: no network's text; parse_network refuses it, as the twin does
+        return 0
+    return fast_network_utf8(p, n, key, family, plen)
+
+
+cdef int fast_network_utf8(const char *p, Py_ssize_t n, uint8_t *key, int *family, int *plen) noexcept:
+    """:func:`fast_network` of a text's UTF-8 bytes (``n`` of them at ``p``; a piece of a longer text:
+    ``add_networks_texts``)."""
+    cdef Py_ssize_t slash = -1, i
     cdef char addr[64]
     cdef char back[64]
     cdef int length = 0, bits, af
@@ -1029,6 +1052,88 @@ cdef class EngineC:
         finally:
             pthread_rwlock_unlock(&self.rwlock)
             free(added)
+
+    def add_networks_texts(self, const int64_t[:] sids, texts):
+        """Subscriber ``sids[i]`` gets every network of ``texts[i]``, its networks joined by single spaces
+        ("" for none: a start's row, ``Ledger.subscriber_rows``), all or nothing (see EnginePy), under one
+        write lock: the text walked here in C, each canonical network parsed in place (no str, list or
+        tuple made for it: a million subscribers' 1.8M networks), anything else as ``add_address``
+        parses it. The first refused leaves the engine as it was; its EngineError's ``index`` is i."""
+        check_bulk_lengths(sids, texts)
+        cdef Py_ssize_t n = sids.shape[0], i = 0, j, size = 0, start, end, done = 0, cap = 2 * n + 16
+        cdef const char *p
+        cdef uint32_t sid
+        cdef tg_owner *added = <tg_owner *> malloc(cap * sizeof(tg_owner))  # to undo them
+        if added == NULL:
+            raise MemoryError()
+        wrlock(self)
+        try:
+            for i in range(n):
+                text = texts[i]
+                if type(text) is not str:
+                    raise EngineError(f"bad networks {text!r}: not text")
+                if not (1 <= sids[i] < self.cap_subs and self.subs[<uint32_t> sids[i]].exists):
+                    self._sub(sids[i])  # its error (before the text's, as the twin checks)
+                sid = <uint32_t> sids[i]
+                try:
+                    p = PyUnicode_AsUTF8AndSize(text, &size)  # an ASCII str's own bytes, no copy
+                except UnicodeEncodeError:  # a lone surrogate: no network's text; its pieces as str, refused
+                    for piece in text.split(" "):
+                        added = grow_owners(added, done, &cap)
+                        self._own_network(NULL, 0, piece, text, sid, &added[done])
+                        done += 1
+                    continue
+                start = 0
+                while size:  # each piece up to the next space or the end; "" has none
+                    end = start
+                    while end < size and p[end] != 32:  # " "
+                        end += 1
+                    added = grow_owners(added, done, &cap)
+                    self._own_network(p + start, end - start, None, text, sid, &added[done])
+                    done += 1
+                    if end == size:
+                        break
+                    start = end + 1
+        except BaseException as exc:
+            for j in range(done - 1, -1, -1):  # the engine as it was: the ones before it out again
+                self._remove_prefix_locked(added[j].hi, added[j].lo, added[j].plen, added[j].v6)
+            if isinstance(exc, EngineError):
+                exc.index = i
+            raise
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
+            free(added)
+
+    cdef int _own_network(self, const char *p, Py_ssize_t n, str piece, str text, uint32_t sid,
+                          tg_owner *out) except -1:
+        """One network of ``text`` given to ``sid``, under the write lock: its UTF-8 (``n`` bytes at ``p``)
+        or else ``piece`` parsed (:func:`fast_network_utf8`, else as ``add_address`` parses it), refused
+        if empty or owned already (by another subscriber, or given before in this text or call), then
+        in the trie and the index, and noted in ``out`` (to undo)."""
+        cdef uint8_t k[32]
+        cdef uint64_t hi, lo
+        cdef int plen = 0, family = 0
+        cdef bint v6 = False
+        cdef uint32_t owner
+        if (n == 0) if piece is None else not piece:
+            raise EngineError(f"bad networks {text!r}: an empty network (one space between networks, "
+                              f"none before the first or after the last)")
+        if piece is None and fast_network_utf8(p, n, k, &family, &plen):
+            v6 = family == 6
+            key_words(k, v6, &hi, &lo)
+        else:
+            if piece is None:
+                piece = PyUnicode_DecodeUTF8(p, n, NULL)
+            network_words(piece, k, &hi, &lo, &plen, &v6)
+        owner = owner_slot(&self.owned, hi, lo, plen, v6).sid
+        if owner:
+            if piece is None:
+                piece = PyUnicode_DecodeUTF8(p, n, NULL)
+            raise EngineError(f"{piece} already belongs to subscriber {owner}")
+        trie_insert(&self.owners6 if v6 else &self.owners4, k, plen, sid, False, 0)
+        owner_put(&self.owned, hi, lo, plen, v6, sid)
+        out.hi, out.lo, out.plen, out.v6 = hi, lo, plen, v6
+        return 0
 
     def remove_address(self, str network):
         """Take ``network`` away from its subscriber."""

@@ -684,6 +684,32 @@ class EnginePy:
                 exc.index = i
                 raise
 
+    def add_networks_texts(self, sids, texts) -> None:
+        """Subscriber ``sids[i]`` (an int64 array) gets every network of ``texts[i]``: its networks joined
+        by single spaces, "" for none (a start's row: ``Ledger.subscriber_rows``). All or nothing, as
+        ``add_addresses``: the first refused (an unknown subscriber, a text that is not one, an empty
+        network in it, a network that is not one, one owned already or given before in the same text
+        or call) leaves the engine as it was; its EngineError's ``index`` is i, the subscriber's."""
+        check_bulk_lengths(sids, texts)
+        added = []
+        for i in range(len(texts)):
+            try:
+                text = texts[i]
+                if not isinstance(text, str):
+                    raise EngineError(f"bad networks {text!r}: not text")
+                self._sub(sids[i])
+                for network in text.split(" ") if text else ():
+                    if not network:
+                        raise EngineError(f"bad networks {text!r}: an empty network (one space between networks, "
+                                          f"none before the first or after the last)")
+                    self.add_address(sids[i], network)
+                    added.append(network)
+            except EngineError as exc:
+                for network in reversed(added):
+                    self.remove_address(network)
+                exc.index = i
+                raise
+
     def remove_address(self, network: str) -> None:
         family, net, plen = parse_network(network)
         if self._owners.get(family, net, plen) is None:

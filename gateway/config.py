@@ -601,11 +601,14 @@ class ClusterSettings:
         return self.gateway is not None
 
     def serves(self, addresses) -> bool:
-        """True if one of ``addresses`` (a subscriber's networks, as text) lies inside ``networks``."""
+        """True if one of ``addresses`` (a subscriber's networks, as texts, or as one text joined by
+        spaces: a start's row, ``gateway.runtime.iter_ledger_rows``) lies inside ``networks``."""
         if not self.networks:
             return True
         from ext import netaddr
 
+        if isinstance(addresses, str):
+            addresses = addresses.split(" ") if addresses else ()
         for text in addresses:
             version, value, length = netaddr.parse(text)
             bits = 32 if version == 4 else 128

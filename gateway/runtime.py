@@ -84,12 +84,14 @@ def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
     ``volume_since``: a guest account's voucher's first use (see :meth:`Accountant.terms_for`), all of them
     in one query.
 
-    A row holds id, name, tariff, balance, credit_limit, addresses (a tuple), since and volume_since,
-    and of the subscriber's own terms (``Ledger.TERMS``) those it sets (a term not set is not in the row:
-    :meth:`Accountant.terms_for` reads them with ``get``)."""
+    A row holds id, name, tariff, balance, credit_limit, addresses (its networks as the ledger joins them:
+    one text, by single spaces, "" for none; ``Accountant.load_subscribers`` gives it to the engine and
+    to ``SubscriberInfo`` whole), since and volume_since, and of the subscriber's own terms
+    (``Ledger.TERMS``) those it sets (a term not set is not in the row: :meth:`Accountant.terms_for`
+    reads them with ``get``)."""
     starts = prepaid.volume_starts(ledger)
     intern = {}  # tariff name -> one string for all its subscribers
-    for (sid, name, tariff, balance, active, billing_since, created, credit_limit), addresses, terms in \
+    for (sid, name, tariff, balance, active, billing_since, created, credit_limit, addresses), terms in \
             ledger.subscriber_rows(_ROW_COLUMNS, _OWN_TERMS):
         if not active:
             continue
@@ -101,6 +103,17 @@ def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
                 if value is not None:
                     row[key] = value
         yield row
+
+
+def joined_networks(addresses, name: str) -> str:
+    """A row's networks given as texts (the config's subscribers, a change, a test) as the ledger gives
+    them to a start: one text, joined by single spaces. A network that is not a text, is empty or has a
+    space is refused here, by the subscriber's ``name``: joined, it would pass as none or as two."""
+    for network in addresses:
+        if type(network) is not str or not network or " " in network:
+            raise TollgateError(f"subscriber {name!r}: bad network {network!r}: "
+                                f"{'not text' if type(network) is not str else 'empty' if not network else 'a space in it'}")
+    return " ".join(addresses)
 
 
 def ledger_rows(ledger: Ledger, created_is_since: bool = True) -> list[dict]:
@@ -314,9 +327,11 @@ class Accountant:
         """Put subscribers into the engine; returns the events (blocks) that raises.
 
         ``rows`` (any iterable: a start streams them from the ledger) are mappings with id, name,
-        tariff, balance, credit_limit and addresses, as the ledger returns them (or built from the
-        config in a dry run without a ledger). The engine is filled ``ROW_CHUNK`` at a time, with one
-        bulk call for the chunk's subscribers and one for their addresses (the engine parses them).
+        tariff, balance, credit_limit and addresses, as :func:`iter_ledger_rows` gives them (addresses:
+        one text, the networks joined by spaces) or built from the config in a dry run without a ledger
+        (addresses: a sequence of texts). The engine is filled ``ROW_CHUNK`` at a time, with one bulk
+        call for the chunk's subscribers and one for their networks, a text a subscriber (the engine
+        parses them: no Python object a network).
         """
         events = []
         with gc_paused():
@@ -326,7 +341,7 @@ class Accountant:
 
     def _load_chunk(self, rows: list) -> list:
         ids, tids, balances, credits, allowances, volumes = [], [], [], [], [], []
-        owners, networks = [], []  # per prefix: its subscriber, its text
+        texts = []  # per subscriber: its networks joined by spaces, parsed whole by the engine
         allowance_of: dict[str, tuple] = {}  # one allowance per tariff: the engine checks it once
         tid_of: dict[int, int] = {}  # id(terms) -> its engine tariff (terms are shared, and held by terms_of)
         terms_of = []
@@ -353,10 +368,9 @@ class Accountant:
             allowances.append(allowance)
             volumes.append(terms.volume_limit)
             addresses = row["addresses"]
-            networks += addresses
-            owners += [sid] * len(addresses)
+            texts.append(addresses if type(addresses) is str else joined_networks(addresses, row["name"]))
         try:
-            ids, tids, balances, credits, owners = (array("q", c) for c in (ids, tids, balances, credits, owners))
+            ids, tids, balances, credits = (array("q", c) for c in (ids, tids, balances, credits))
         except (OverflowError, TypeError):  # not a 64-bit integer: the engine's own checks say which
             for sid, balance, credit in zip(ids, balances, credits):
                 check_subscriber_id(sid)
@@ -365,19 +379,18 @@ class Accountant:
             raise
         events = self.engine.add_subscribers(ids, tids, balances, credits, allowances, volumes)
         try:
-            self.engine.add_addresses(owners, networks)
+            self.engine.add_networks_texts(ids, texts)
         except EngineError as exc:
             if getattr(exc, "index", None) is None:
                 raise
-            name = next(r["name"] for r in rows if r["id"] == owners[exc.index])
-            raise TollgateError(f"subscriber {name!r}: {exc}") from None
+            raise TollgateError(f"subscriber {rows[exc.index]['name']!r}: {exc}") from None
         # the chunk into the tables' columns, one call each (an object per subscriber was 250 MB at a million)
         sids = [row["id"] for row in rows]
         self.terms.fill(sids, terms_of)
         self.access_dirty.update(  # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
             sid for sid, terms in zip(sids, terms_of) if terms.access is not None)
         self.subscribers.fill(sids, [row["name"] for row in rows], [row["tariff"] for row in rows],
-                              [row["addresses"] for row in rows], [row.get("since") for row in rows])
+                              texts, [row.get("since") for row in rows])
         return events
 
     def engine_credit(self, credit: int) -> int:

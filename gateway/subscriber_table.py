@@ -196,7 +196,7 @@ class SubscriberInfo:
 
     @addresses.setter
     def addresses(self, networks) -> None:
-        self._networks = " ".join(tuple(networks))
+        self._networks = SubscriberTable._networks_text(networks)
 
     @property
     def networks_text(self) -> str:
@@ -377,18 +377,18 @@ class SubscriberTable(MutableMapping):
 
     # ---- writes --------------------------------------------------------------
 
-    def fill(self, sids: list, names: list, tariffs: list, networks: list, sinces: list) -> None:
-        """Add (or replace) subscribers ``sids[i]`` at once: a start's chunk of rows, one call. ``networks``:
-        each a sequence of network texts; ``sinces``: ns or None. All checked before anything changes."""
+    def fill(self, sids: list, names: list, tariffs: list, texts: list, sinces: list) -> None:
+        """Add (or replace) subscribers ``sids[i]`` at once: a start's chunk of rows, one call. ``texts``:
+        each subscriber's networks as one text joined by spaces, as the ledger gives them to a start and the
+        engine took them ("" for none); ``sinces``: ns or None. All checked before anything changes."""
         n = len(sids)
-        if not n == len(names) == len(tariffs) == len(networks) == len(sinces):
+        if not n == len(names) == len(tariffs) == len(texts) == len(sinces):
             raise ValueError("fill: the columns differ in length")
         if not n:
             return
         _check_sids(sids)
-        if str in set(map(type, networks)):
-            raise TypeError("networks are a sequence of texts, not one str")
-        texts = list(map(" ".join, networks))
+        if set(map(type, texts)) != {str}:
+            raise TypeError("a subscriber's networks are one text joined by spaces")
         since_col = self._since_column(sinces)
         if set(map(type, names)) != {str}:
             raise TypeError(f"a name is a str, not {next(type(n).__name__ for n in names if type(n) is not str)}")
@@ -428,7 +428,8 @@ class SubscriberTable(MutableMapping):
     def __setitem__(self, sid: int, info) -> None:
         """``table[sid] = info``: anything with ``name``, ``tariff``, ``addresses`` and ``since``
         (a ``SubscriberInfo``, another table's view)."""
-        self.fill([sid], [info.name], [info.tariff], [tuple(info.addresses)], [getattr(info, "since", None)])
+        self.fill([sid], [info.name], [info.tariff], [self._networks_text(info.addresses)],
+                  [getattr(info, "since", None)])
 
     def set_name(self, sid: int, name: str) -> None:
         if not isinstance(name, str):

@@ -89,6 +89,13 @@ class Backend(abc.ABC):
         picks a partial index by its WHERE and the statistics)."""
         return ""
 
+    @abc.abstractmethod
+    def joined_in_order(self, column: str, rows: str) -> str:
+        """A scalar subquery: the texts of ``column`` of ``rows`` (the body of a FROM clause, with its
+        WHERE: correlated, one subscriber's addresses) in their ascending order (``ORDER BY column``),
+        joined by single spaces; NULL for no rows. One text a subscriber for a start's scan
+        (``Ledger.subscriber_rows``): a million rows out, not a row per address to walk alongside."""
+
     # ---- statements ------------------------------------------------------------------------
 
     @abc.abstractmethod

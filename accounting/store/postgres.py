@@ -129,6 +129,9 @@ class PostgresBackend(Backend):
             raise
         return backend
 
+    def joined_in_order(self, column: str, rows: str) -> str:
+        return f"(SELECT string_agg({column}, ' ' ORDER BY {column}) FROM {rows})"
+
     def execute(self, sql: str, params=()):
         return self.conn.execute(pg_sql(sql), tuple(params))
 
