@@ -129,8 +129,8 @@ class PostgresBackend(Backend):
             raise
         return backend
 
-    def joined_in_order(self, column: str, rows: str) -> str:
-        return f"(SELECT string_agg({column}, ' ' ORDER BY {column}) FROM {rows})"
+    def joined_in_order(self, key: str, column: str, table: str) -> str:
+        return f"SELECT {key}, string_agg({column}, ' ' ORDER BY {column}) FROM {table} GROUP BY {key} ORDER BY {key}"
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(pg_sql(sql), tuple(params))

@@ -28,7 +28,8 @@ V6 = ["2001:db8:100:1::", "2001:db8:100:1::1", "2001:db8:100:2::", "2001:db8::",
 MALFORMED = ["100.64.0.1/24", "2001:DB8:100:1::/64", "2001:db8:100:0001::/64", "100.64.0.1", "100.64.0.1/33",
              "100.64.0.1/032", "100.64.0.1/+32", " 100.64.0.1/32", "100.64.0.1/32\x00", "::ffff:100.64.0.1/128",
              "::ffff:6440:1/128", "2001:db8::1/129", "x/32", "/32", "100.64.0.1/", "", "100.64.1/32",
-             "2001:db8:100:1::/064", "1.2.3.4/3\u0662", "2001:db8::/32/1", "100.64.00.1/32", "0.0.0.0/0"]
+             "2001:db8:100:1::/064", "1.2.3.4/3\u0662", "2001:db8::/32/1", "100.64.00.1/32", "0.0.0.0/0",
+             "\ud800/32"]  # (a lone surrogate: no UTF-8; the compiled engine raised UnicodeEncodeError)
 
 
 def text_of(address: str, plen: int) -> str:
@@ -247,3 +248,120 @@ def test_thousands_of_prefixes_added_and_taken_out_as_the_twin_does(seed, n):
         for _sid, network in kept:
             e.remove_address(network)
     assert {c.lookup_subscriber(a) for a in probes} == {0}
+
+
+# ---- add_networks_texts: a start's chunk, each subscriber's networks one text (Ledger.subscriber_rows) ----
+
+def as_texts(addrs):
+    """``addrs`` [(sid, network)] as the runs of one subscriber joined: (sids, texts, for each address the
+    index of its text)."""
+    sids, texts, of = [], [], []
+    for sid, network in addrs:
+        if not sids or sids[-1] != sid:
+            sids.append(sid)
+            texts.append([])
+        texts[-1].append(network)
+        of.append(len(sids) - 1)
+    return sids, [" ".join(t) for t in texts], of
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world=worlds())
+def test_texts_are_the_calls_one_by_one(impl, world):
+    """``add_networks_texts`` of the networks joined per subscriber is ``add_address`` of each: the same
+    engine after, or the same refusal (its index the subscriber's text) and the engine as before."""
+    subs, addrs = world
+    addrs = [(sid, n) for sid, n in addrs if n and " " not in n]  # (a space or nothing: texts of their own, below)
+    sids = [s[0] for s in subs] + [sid for sid, _ in addrs]
+    where = probes(addrs)
+    single, bulk = make(impl), make(impl)
+    events1, refused1 = one_by_one(single, subs, addrs)
+    events2, refused2 = in_bulk(bulk, subs, [])
+    if refused2 is not None:
+        assert refused1 == refused2
+        return
+    owners, texts, of = as_texts(addrs)
+    try:
+        bulk.add_networks_texts(array("q", owners), texts)
+    except EngineError as exc:
+        refused2 = ("addresses", exc.index, str(exc))
+    assert events2 == events1
+    if refused1 is None:
+        assert refused2 is None
+        assert state(bulk, sids, where) == state(single, sids, where)
+        return
+    assert refused2 == ("addresses", of[refused1[1]], refused1[2])
+    before = make(impl)
+    for s in subs:
+        before.add_subscriber(*s)
+    assert state(bulk, sids, where) == state(before, sids, where)
+
+
+MANY = [text_of(f"100.64.{i >> 8}.{i & 255}", 32) for i in range(0, 1500, 3)] + \
+    [text_of(f"2001:db8:100:{i:x}::", 64) for i in range(300)]
+
+TEXTS_REFUSED = [  # (sids, texts, the index refused, the message)
+    ([1, 2], ["100.64.0.1/32", "100.64.0.2/24"], 1, "bad network '100.64.0.2/24'"),      # host bits
+    ([1, 2], ["100.64.0.1/32", "100.64.9.9/32 x"], 1, "bad network 'x'"),
+    ([1, 2], ["100.64.9.9/32", "100.64.5.5/32"], 1, "100.64.5.5/32 already belongs to subscriber 3"),
+    ([1], ["100.64.0.1/32 2001:db8::/64 100.64.0.1/32"], 0, "100.64.0.1/32 already belongs to subscriber 1"),
+    ([1, 2], ["100.64.0.1/32", "100.64.0.1/32"], 1, "100.64.0.1/32 already belongs to subscriber 1"),
+    ([1, 2], ["", " 100.64.0.1/32"], 1, "an empty network"),
+    ([1, 2], ["100.64.0.1/32 ", ""], 0, "an empty network"),
+    ([1], ["100.64.0.1/32  100.64.0.2/32"], 0, "an empty network"),
+    ([1], [" "], 0, "an empty network"),
+    ([1, 2], ["100.64.0.1/32", None], 1, "not text"),
+    ([1, 2], ["100.64.0.1/32", b"100.64.0.2/32"], 1, "not text"),
+    ([1, 2], ["100.64.0.1/32", ("100.64.0.2/32",)], 1, "not text"),
+    ([1, 9], ["100.64.0.1/32", ""], 1, "unknown subscriber 9"),  # no network, still its subscriber checked
+    ([1, 9], ["100.64.0.1/32", "100.64.0.2/32"], 1, "unknown subscriber 9"),
+    ([1, 2], [" ".join(MANY), "100.66.0.1/32 100.66.0.2/32 2001:db8:66::/48 100.66.1.1/32\u0662"], 1, "bad network"),
+    ([1, 2], [" ".join(MANY), "100.64.0.7/32 \ud800"], 1, "bad network '\\ud800'"),  # not UTF-8: no crash
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", TEXTS_REFUSED, ids=[str(i) for i in range(len(TEXTS_REFUSED))])
+def test_a_refused_text_names_its_subscriber_and_changes_nothing(impl, case):
+    sids, texts, index, message = case
+    e, untouched = make(impl), make(impl)
+    for x in (e, untouched):
+        for sid in (1, 2, 3):
+            x.add_subscriber(sid, 0, 100)
+        x.add_address(3, "100.64.5.5/32")
+    with pytest.raises(EngineError) as exc:
+        e.add_networks_texts(array("q", sids), texts)
+    assert exc.value.index == index and message in str(exc.value)
+    where = probes([(0, t) for t in MANY]) + ["100.64.0.1", "100.64.0.2", "100.64.9.9", "100.64.5.5", "2001:db8::1"]
+    assert state(e, [1, 2, 3], where) == state(untouched, [1, 2, 3], where)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_texts_of_none_one_and_many_networks_are_taken(impl):
+    e = make(impl)
+    for sid in (1, 2, 3, 4):
+        e.add_subscriber(sid, 0, 100)
+    e.add_networks_texts(array("q", [1, 2, 3, 4]), ["", "100.64.0.1/32", " ".join(MANY), "2001:db8:1::/48"])
+    assert e.lookup_subscriber("100.64.0.1") == 2 and e.lookup_subscriber("2001:db8:1:2::3") == 4
+    assert {e.lookup_subscriber(str(ipaddress.ip_network(t)[-1])) for t in MANY} == {3}
+    with pytest.raises(EngineError, match="different lengths"):
+        e.add_networks_texts(array("q", [1]), ["", ""])
+    e.add_networks_texts(array("q", []), [])
+
+
+def test_both_engines_refuse_a_text_alike():
+    if "c" not in IMPLS:
+        pytest.skip("the compiled engine is not built")
+    for sids, texts, _index, _message in TEXTS_REFUSED:
+        out = []
+        for impl in ("c", "py"):
+            e = make(impl)
+            for sid in (1, 2, 3):
+                e.add_subscriber(sid, 0, 100)
+            e.add_address(3, "100.64.5.5/32")
+            try:
+                e.add_networks_texts(array("q", sids), texts)
+            except EngineError as exc:
+                out.append((exc.index, str(exc)))
+        assert out[0] == out[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 
 import pytest
 
@@ -135,6 +136,12 @@ REFUSED = [
     ("add_address", (3, "100.64.0.3/32"), {}),
     ("add_address", (2, "100.64.0.1/32"), {}),                       # belongs to 1
     ("add_address", (2, "100.64.0.1/24"), {}),
+    ("add_networks_texts", (array("q", [2, 3]), ["100.64.0.9/32", ""]), {}),         # 3 is unknown
+    ("add_networks_texts", (array("q", [2]), ["100.64.0.9/32 100.64.0.1/32"]), {}),  # belongs to 1
+    ("add_networks_texts", (array("q", [2, 2]), ["100.64.0.9/32", "100.64.0.9/32"]), {}),  # given twice
+    ("add_networks_texts", (array("q", [2]), ["100.64.0.9/32 100.64.0.1/24"]), {}),  # host bits
+    ("add_networks_texts", (array("q", [2]), ["100.64.0.9/32 "]), {}),              # an empty network
+    ("add_networks_texts", (array("q", [2]), [["100.64.0.9/32"]]), {}),             # not a text
     ("remove_address", ("100.64.0.2/32",), {}),                      # inside 2's /24, not itself owned
     ("remove_address", ("2001:db8:100::/48",), {}),
     ("adjust_balance", (3, 10), {}),
