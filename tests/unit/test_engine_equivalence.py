@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,6 +162,10 @@ ops = st.one_of(
     st.tuples(st.just("unblock"), st.integers(0, 41), st.sampled_from([BLOCK_LIMIT, BLOCK_MANUAL, 4, 8, 12, 0, 16])),
     st.tuples(st.just("add_address"), st.integers(0, 41), prefixes),
     st.tuples(st.just("remove_address"), prefixes),
+    # a start's chunk: each subscriber's networks one text (some with an empty network, some owned already)
+    st.tuples(st.just("add_networks_texts"),
+              st.lists(st.tuples(st.integers(0, 41), st.lists(st.one_of(prefixes, st.just("")), max_size=4)
+                                 .map(" ".join)), max_size=4)),
     st.tuples(st.just("set_subscriber"), st.integers(0, 41), st.integers(0, 3), st.integers(-1, 300)),
     st.tuples(st.just("remove_subscriber"), st.integers(0, 41)),
     st.tuples(st.just("drain"),),
@@ -222,6 +227,12 @@ def run(e, stream, clock):
         elif name == "rate_volume":
             sid, zone, direction, nbytes, npackets, jitter = args
             out.append(outcome(e.rate_volume, sid, zone, direction, nbytes, npackets, clock + jitter * 10 ** 6))
+        elif name == "add_networks_texts":
+            try:
+                out.append(("ok", e.add_networks_texts(array("q", [sid for sid, _ in args[0]]),
+                                                       [text for _, text in args[0]])))
+            except EngineError as exc:  # which subscriber, and why: the same in both
+                out.append(("error", exc.index, str(exc)))
         elif name == "set_subscriber":
             sid, tariff, credit = args
             out.append(outcome(e.set_subscriber, sid, tariff=tariff, credit=None if credit < 0 else credit))
