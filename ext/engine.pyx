@@ -488,11 +488,15 @@ cdef int fast_network_utf8(const char *p, Py_ssize_t n, uint8_t *key, int *famil
     memset(key, 0, 16)
     if inet_pton(af, addr, key) != 1:
         return 0
-    if inet_ntop(af, key, back, 64) == NULL:
-        return 0
-    for i in range(slash + 1):  # the same text back (its NUL where the text has "/")
-        if back[i] != (addr[i] if i < slash else 0):
+    # IPv4 text inet_pton takes is its canonical text already (four decimal octets up to 255, no
+    # leading zero: glibc's inet_pton4, as POSIX has it), so only IPv6's is printed back to compare
+    # (a sprintf an IPv4 network: most of its parse, 0.3 s of a million subscribers' start)
+    if af == AF_INET6:
+        if inet_ntop(af, key, back, 64) == NULL:
             return 0
+        for i in range(slash + 1):  # the same text back (its NUL where the text has "/")
+            if back[i] != (addr[i] if i < slash else 0):
+                return 0
     for i in range(length, bits):  # host bits
         if key[i >> 3] & (0x80 >> (i & 7)):
             return 0
