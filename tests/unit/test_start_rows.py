@@ -71,3 +71,26 @@ def test_the_start_rows_hold_the_subscribers_networks_in_order(ledger_target):
             assert acct.engine.lookup_subscriber(str(ipaddress.ip_network(network)[-1])) == sid
     assert acct.engine.lookup_subscriber(v4(3000).split("/")[0]) == 0
     ledger.close()
+
+
+def test_a_row_of_networks_that_joined_would_pass_as_none_or_two_is_refused():
+    """Rows whose networks are a sequence (the config's, a change's) are joined for the engine: a network
+    that is empty, has a space or is not a text is refused by the subscriber's name, not taken as no
+    network or as two."""
+    import pytest
+
+    from ext.errors import TollgateError
+
+    for addresses, why in ((("100.64.0.1/32 100.64.0.2/32",), "a space in it"), (("",), "empty"),
+                           (("100.64.0.1/32", 7), "not text"), (["100.64.0.3/32", None], "not text")):
+        acct = Accountant(parse_config(tomllib.loads(lab_config(1))), None, "c")
+        rows = [{"id": 1, "name": "a", "tariff": "lab", "balance": 100, "credit_limit": 0, "addresses": ["100.64.9.1/32"]},
+                {"id": 2, "name": "b", "tariff": "lab", "balance": 100, "credit_limit": 0, "addresses": addresses}]
+        with pytest.raises(TollgateError, match=f"subscriber 'b': bad network .*: {why}"):
+            acct.load_subscribers(rows)
+    acct = Accountant(parse_config(tomllib.loads(lab_config(1))), None, "c")
+    acct.load_subscribers([{"id": 1, "name": "a", "tariff": "lab", "balance": 100, "credit_limit": 0,
+                            "addresses": ("100.64.9.1/32", "2001:db8:9::/48")},
+                           {"id": 2, "name": "b", "tariff": "lab", "balance": 100, "credit_limit": 0, "addresses": []}])
+    assert acct.subscribers[1].addresses == ("100.64.9.1/32", "2001:db8:9::/48") and acct.subscribers[2].addresses == ()
+    assert acct.engine.lookup_subscriber("2001:db8:9::1") == 1
