@@ -111,8 +111,8 @@ def joined_networks(addresses, name: str) -> str:
     space is refused here, by the subscriber's ``name``: joined, it would pass as none or as two."""
     for network in addresses:
         if type(network) is not str or not network or " " in network:
-            raise TollgateError(f"subscriber {name!r}: bad network {network!r}: "
-                                f"{'not text' if type(network) is not str else 'empty' if not network else 'a space in it'}")
+            why = "not text" if type(network) is not str else "empty" if not network else "a space in it"
+            raise TollgateError(f"subscriber {name!r}: bad network {network!r}: {why}")
     return " ".join(addresses)
 
 

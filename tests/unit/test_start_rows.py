@@ -27,7 +27,8 @@ def v6(i: int, plen: int = 64) -> str:
 def test_the_start_rows_hold_the_subscribers_networks_in_order(ledger_target):
     rnd = random.Random(12)
     ledger = Ledger.open(ledger_target())
-    many = [v4(i) for i in range(0, 400, 3)] + [v6(i) for i in range(0, 300, 7)] + [v4(1024, 24), "2001:db8:200::/48", "2001:db8:100:ffff::1/128"]
+    many = [v4(i) for i in range(0, 400, 3)] + [v6(i) for i in range(0, 300, 7)] + \
+        [v4(1024, 24), "2001:db8:200::/48", "2001:db8:100:ffff::1/128"]
     rnd.shuffle(many)  # inserted out of order: the rowids' order is not the networks'
     subs = {
         "none": [],
@@ -84,7 +85,8 @@ def test_a_row_of_networks_that_joined_would_pass_as_none_or_two_is_refused():
     for addresses, why in ((("100.64.0.1/32 100.64.0.2/32",), "a space in it"), (("",), "empty"),
                            (("100.64.0.1/32", 7), "not text"), (["100.64.0.3/32", None], "not text")):
         acct = Accountant(parse_config(tomllib.loads(lab_config(1))), None, "c")
-        rows = [{"id": 1, "name": "a", "tariff": "lab", "balance": 100, "credit_limit": 0, "addresses": ["100.64.9.1/32"]},
+        rows = [{"id": 1, "name": "a", "tariff": "lab", "balance": 100, "credit_limit": 0,
+                 "addresses": ["100.64.9.1/32"]},
                 {"id": 2, "name": "b", "tariff": "lab", "balance": 100, "credit_limit": 0, "addresses": addresses}]
         with pytest.raises(TollgateError, match=f"subscriber 'b': bad network .*: {why}"):
             acct.load_subscribers(rows)
