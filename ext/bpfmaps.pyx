@@ -286,7 +286,13 @@ cdef bpf_object *_load_object(str path, dict sizes, bint refunds) except NULL:
     cdef bpf_map *m
     cdef bpf_program *prog
     cdef long rc
-    obj = bpf_object__open_file(path.encode(), NULL)
+    cdef bytes cpath = path.encode()
+    cdef const char *cp = cpath
+    # without the GIL: the ELF and BTF parsed here, the verifier and the maps' allocation in bpf_object__load
+    # (seconds at a million slots) run while the daemon's other thread reads the ledger (gateway/sources/ebpf.py
+    # MapsLoad)
+    with nogil:
+        obj = bpf_object__open_file(cp, NULL)
     rc = libbpf_get_error(obj)
     if rc:
         raise BpfError(f"cannot open {path}", _err(rc))
@@ -304,7 +310,8 @@ cdef bpf_object *_load_object(str path, dict sizes, bint refunds) except NULL:
                 if prog == NULL:
                     raise BpfError(f"{path} has no program {name}: built from another version?")
                 bpf_program__set_autoload(prog, on)
-        rc = bpf_object__load(obj)
+        with nogil:
+            rc = bpf_object__load(obj)
         if rc:
             raise BpfError(f"the kernel refused {path}{'' if refunds else ' (its programs without refunds)'} "
                            "(verifier log above, on stderr)", _err(rc))
@@ -397,6 +404,30 @@ cdef int _parse_prefix_c(const char *p, Py_ssize_t n, int *family, uint8_t *addr
         if (addr[i] & (0xFF >> rem)) if (i == full and rem) else addr[i]:
             return 0
     return 1
+
+
+def pinned_program_ids(pin_dir=DEFAULT_PIN_DIR):
+    """The kernel's ids of the tc programs pinned under ``pin_dir`` (ingress, egress): what the attach and the
+    heartbeat compare tc's filters with (policy/bpf.py). Only the programs' pins are opened: ``Maps.open``
+    would map the counters and refunds too (320 MB at a million slots, resident while mapped: a second
+    mapping of them, next to the daemon's, was the start's peak). BpfError if one is not pinned."""
+    cdef bpf_prog_info info
+    cdef uint32_t n
+    cdef int fd
+    ids = []
+    for name in PROGRAMS:
+        fd = bpf_obj_get(str(Path(pin_dir) / name).encode())
+        if fd < 0:
+            raise BpfError(f"no program {name} pinned at {pin_dir}", _err(fd))
+        try:
+            memset(&info, 0, sizeof(info))
+            n = sizeof(info)
+            if bpf_obj_get_info_by_fd(fd, &info, &n):
+                raise BpfError(f"cannot read the id of {name} pinned at {pin_dir}", errno)
+            ids.append(info.id)
+        finally:
+            close(fd)
+    return ids[0], ids[1]
 
 
 cdef class _Mapped:

@@ -65,6 +65,7 @@ class Gateway:
         self.engine_lock = threading.Lock()
         self.enforcer_lock = threading.Lock()
         self.enforcer = None  # policy.nft.Enforcer, made at start
+        self.source_preload = None  # the source's kernel work begun before the ledger is read (_preload_source)
         self.http_local = threading.local()  # the daemon's helper threads' own connections (thread_ledger)
         # the HTTP request threads' ledger: on PostgreSQL one pool for all of them, so that a busy API holds
         # a few of the server's connections (a pool that waits, unlike the helper threads' own connections:
@@ -88,6 +89,29 @@ class Gateway:
     def start(self) -> None:
         self.http_socket = listen_socket(self.opts.listen, self.opts.port)  # a port in use stops us first
         self.sessions.open()  # the RADIUS sockets too
+        self.source_preload = self._preload_source()
+        try:
+            self._start()
+        except BaseException:
+            if self.source_preload is not None:  # not taken by the source's begin: joined, what it loaded unpinned
+                self.source_preload.discard()
+            raise
+
+    def _preload_source(self):
+        """What the source does in the kernel before it needs a subscriber, begun in a thread of its own
+        before the ledger is read: the eBPF source's maps, opened or loaded (the verifier on the other core
+        while this thread reads the subscribers: ``EbpfSource.preload``, gateway/sources/ebpf.py); the
+        reader made later takes it over. None: nothing to begin."""
+        if self.opts.inline:
+            return None
+        from ..sources import source_class
+
+        preload = getattr(source_class(self.opts.source), "preload", None)
+        if preload is None:
+            return None
+        return preload(self.acct.engine, self.config, **self.opts.source_options)
+
+    def _start(self) -> None:
         self.acct.seed_ledger()
         with kept_for_life():  # (a million subscribers, their terms, their accounts)
             events = self.load_from_ledger()
@@ -268,6 +292,8 @@ class Gateway:
 
         if not self.opts.inline:
             options = dict(self.opts.source_options)
+            if self.source_preload is not None:
+                options["preload"] = self.source_preload  # (not an option anyone can give: not in OPTIONS)
             if self.opts.source == "netflow" and self.config.netflow_exporters and "exporters" not in options:
                 options["exporters"] = ",".join(self.config.netflow_exporters)  # the command line wins
             try:

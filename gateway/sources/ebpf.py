@@ -169,6 +169,77 @@ START_BUDGET = 0.05
 NOT_FORWARDED = ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16", "127.0.0.0/8", "ff00::/8", "fe80::/10")
 
 
+class MapsLoad:
+    """The maps a start needs, reopened (pinned by an earlier run) or else loaded and pinned (``Maps.load``:
+    libbpf parses the object, the kernel allocates the maps and verifies the programs, 2-5 s at a million
+    slots, all of it without the GIL), in a thread of its own: begun at the top of the daemon's start, it
+    runs while the ledger is read (``EbpfSource.preload``). ``take`` hands the result over once (what the
+    load raised is raised there: the start's error, where it always was); a start that fails before that
+    discards it (``discard``): joined, closed, and unpinned if it was loaded here, as a failed ``begin`` leaves it."""
+
+    def __init__(self, pin_dir: str, **load) -> None:
+        self.pin_dir, self.load = pin_dir, load
+        self.maps = None
+        self.loaded = False  # loaded and pinned here (not reopened): what a failed start unpins
+        self.error: BaseException | None = None
+        self.done = False  # taken or discarded
+        self.thread = threading.Thread(target=self._run, name="tollgate-ebpf-load", daemon=True)
+
+    def start(self) -> MapsLoad:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from ext.bpfmaps import Maps
+
+        try:
+            try:
+                self.maps = Maps.open(self.pin_dir)
+                log.info("reopened the maps pinned at %s (load %08x): counters and grants as the kernel kept them",
+                         self.pin_dir, self.maps.load_id)
+            except BpfError:
+                Maps.unpin(self.pin_dir)  # a half-made directory (no tg_info): nothing of value in it
+                self.maps = Maps.load(self.pin_dir, **self.load)
+                self.loaded = True
+                log.info("loaded the tc program and its maps, pinned at %s (load %08x, %d slots)", self.pin_dir,
+                         self.maps.load_id, self.load["max_slots"])
+        except BaseException as exc:  # noqa: BLE001 - the taker's to raise, in the start's thread
+            self.error = exc
+
+    def wait(self):
+        """The maps once the thread is done (None: it failed; ``take`` says why), still this load's."""
+        self.thread.join()
+        return self.maps
+
+    def take(self) -> tuple:
+        """``(maps, loaded)``, now the caller's; or what the load raised (BpfError: no BPF data path here)."""
+        self.thread.join()
+        if self.done:
+            raise RuntimeError("the maps' load was taken or discarded already")
+        self.done = True
+        if self.error is not None:
+            raise self.error
+        return self.maps, self.loaded
+
+    def discard(self) -> None:
+        """The start failed before ``take``: the thread joined (a start never leaves it behind), the maps
+        closed, and what it loaded unpinned (attached nowhere, the kernel frees it); reopened pins stay."""
+        from ext.bpfmaps import Maps
+
+        self.thread.join()
+        if self.done:
+            return
+        self.done = True
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+        if self.loaded:
+            try:
+                Maps.unpin(self.pin_dir)
+            except BpfError as exc:
+                log.error("a failed start could not unpin %s: %s", self.pin_dir, exc)
+
+
 class EbpfSource:
     """See the module docstring; the daemon runs it for ``--source ebpf``."""
 
@@ -183,22 +254,13 @@ class EbpfSource:
 
     def __init__(self, engine, on_events, interfaces: str = "", pin_dir: str = "", interval: str = "0.05",
                  max_slots: str = "65536", heartbeat: str = "2", object: str = "",
-                 start_grants: str = str(START_GRANTS)) -> None:
-        from ext.bpfmaps import DEFAULT_PIN_DIR
-
+                 start_grants: str = str(START_GRANTS), preload: MapsLoad | None = None) -> None:
+        """``preload``: the maps' load the daemon began before it read the ledger (:meth:`preload`); None:
+        ``begin`` opens or loads them itself."""
         self.engine = engine
         self.on_events = on_events
-        self.interfaces = [i for i in interfaces.split(",") if i]
-        self.pin_dir = pin_dir or DEFAULT_PIN_DIR
-        self.interval = float(interval)
-        self.start_grants = int(start_grants)
-        self.max_slots = int(max_slots)
-        self.heartbeat = float(heartbeat)
-        self.obj_path = object or None
-        if not 0.005 <= self.interval <= 5:
-            raise ValueError("interval is 0.005..5 seconds")
-        if not 1 <= self.max_slots <= 1 << 24:
-            raise ValueError("max_slots is 1..16777216")
+        self._parse(interfaces, pin_dir, interval, max_slots, heartbeat, object, start_grants)
+        self.preloaded = preload
         self.stopping = threading.Event()
         self.maps = None
         self.keeper = None
@@ -213,6 +275,53 @@ class EbpfSource:
         self.queue_num = "ebpf"
         self._before_nft_restore()
 
+    def _parse(self, interfaces: str = "", pin_dir: str = "", interval: str = "0.05", max_slots: str = "65536",
+               heartbeat: str = "2", object: str = "", start_grants: str = str(START_GRANTS)) -> None:
+        """The options (``OPTIONS``, strings) checked and set; ValueError names a bad one."""
+        from ext.bpfmaps import DEFAULT_PIN_DIR
+
+        self.interfaces = [i for i in interfaces.split(",") if i]
+        self.pin_dir = pin_dir or DEFAULT_PIN_DIR
+        self.interval = float(interval)
+        self.start_grants = int(start_grants)
+        self.max_slots = int(max_slots)
+        self.heartbeat = float(heartbeat)
+        self.obj_path = object or None
+        if not 0.005 <= self.interval <= 5:
+            raise ValueError("interval is 0.005..5 seconds")
+        if not 1 <= self.max_slots <= 1 << 24:
+            raise ValueError("max_slots is 1..16777216")
+
+    @classmethod
+    def preload(cls, engine, config, **options) -> MapsLoad | None:
+        """The maps opened or loaded in a thread of their own, begun by the daemon at the top of its start,
+        before it reads the ledger (``Gateway.start``): they need no subscriber, and a fresh load (the kernel's
+        verifier, the maps' allocation: seconds at a million slots) then runs on the other core while this
+        process reads the subscribers; ``begin`` takes the result. None where the start fails before the load
+        anyway, with the reason said where it always was: an option the constructor refuses, an interface that
+        is not in this network namespace (``begin``: nothing loaded)."""
+        import socket
+
+        opts = cls.__new__(cls)
+        try:
+            opts._parse(**options)
+        except (TypeError, ValueError):
+            return None
+        ifaces = opts.interfaces or list(config.lan_interfaces)
+        try:
+            for iface in ifaces:
+                socket.if_nametoindex(iface)
+        except OSError:
+            return None
+        if not ifaces:
+            return None
+        return opts._maps_load(engine, config).start()
+
+    def _maps_load(self, engine, config) -> MapsLoad:
+        return MapsLoad(self.pin_dir, max_slots=self.max_slots, n_zones=len(config.zones),
+                        default_zone=engine.default_zone, malformed_drop=config.malformed_verdict == NF_DROP,
+                        unknown_drop=config.unknown_verdict == NF_DROP, obj_path=self.obj_path)
+
     def _before_nft_restore(self) -> None:
         """The block step of a start, its first half (the daemon restores nft's sets from the ledger next; the
         second half is in ``begin``). A previous process's redirected flags are cleared (the restore may unblock
@@ -222,15 +331,25 @@ class EbpfSource:
         in the program before nft's restore blocks them: nothing the restore refuses was metered."""
         from ext.bpfmaps import Maps
 
+        if self.preloaded is not None:  # the daemon's: its maps, once opened or loaded (no second mapping)
+            maps = self.preloaded.wait()
+            if maps is not None:
+                self._flags_before_restore(maps)
+            return  # (its error, if it failed, is begin's to say)
         try:
             with Maps.open(self.pin_dir) as maps:
-                if maps.n_counters:
-                    maps.clear_redirected()
-                    for sid in self.engine.subscribers():
-                        if sid < maps.max_slots and self.engine.subscriber(sid).blocked:
-                            maps.set_blocked(sid, True)
+                self._flags_before_restore(maps)
         except BpfError:  # nothing pinned, or another ABI (replaced in begin): no flag of ours to change
             pass
+
+    def _flags_before_restore(self, maps) -> None:
+        if maps.n_counters:
+            maps.clear_redirected()
+            # the engine's blocked ones (few), not a SubscriberState made for each subscriber to ask (2 s of a
+            # restart at a million)
+            for sid in sorted(self.engine.blocked_subscribers()):
+                if sid < maps.max_slots:
+                    maps.set_blocked(sid, True)
 
     def enforcer_options(self) -> dict:
         """Our nft table without the ``account`` chain and its counted sets (policy/nft.py, ``count``): the
@@ -270,6 +389,9 @@ class EbpfSource:
         except BaseException:
             # a start that fails leaves the kernel as it found it: what this start loaded is unpinned (and,
             # attached nowhere, freed); maps reopened from an earlier run keep their pins and grants
+            if self.preloaded is not None:  # failed before it took the daemon's load: joined, undone
+                self.preloaded.discard()
+                self.preloaded = None
             if self.maps is not None:
                 self.maps.close()
                 self.maps = None
@@ -281,32 +403,21 @@ class EbpfSource:
             raise
 
     def _begin(self, gw, n_zones: int) -> None:
-        from ext.bpfmaps import Maps
         from policy import bpf
 
         from ..daemon.grants import GrantKeeper
 
+        # the daemon's load, begun before it read the ledger (preload), or one made here (a begin without it)
+        load, self.preloaded = self.preloaded or self._maps_load(gw.acct.engine, gw.config).start(), None
         try:
-            try:
-                self.maps = Maps.open(self.pin_dir)
-                if self.maps.n_zones != n_zones:
-                    raise ConfigError("--source ebpf", f"the maps pinned at {self.pin_dir} have {self.maps.n_zones} "
-                                                       f"zones, the config {n_zones}: `tollgate policy remove` first "
-                                                       "(their counters go; the ledger has what was flushed)")
-                log.info("reopened the maps pinned at %s (load %08x): counters and grants as the kernel kept them",
-                         self.pin_dir, self.maps.load_id)
-            except BpfError:
-                Maps.unpin(self.pin_dir)  # a half-made directory (no tg_info): nothing of value in it
-                self.maps = Maps.load(self.pin_dir, max_slots=self.max_slots, n_zones=n_zones,
-                                      default_zone=gw.acct.engine.default_zone,
-                                      malformed_drop=gw.config.malformed_verdict == NF_DROP,
-                                      unknown_drop=gw.config.unknown_verdict == NF_DROP, obj_path=self.obj_path)
-                self.loaded = True
-                log.info("loaded the tc program and its maps, pinned at %s (load %08x, %d slots)", self.pin_dir,
-                         self.maps.load_id, self.max_slots)
+            self.maps, self.loaded = load.take()
         except BpfError as exc:
             raise ConfigError("--source ebpf", f"the kernel's BPF data path is not available here ({exc}); "
                                                "run with --source nfqueue (the inline path) instead") from None
+        if self.maps.n_zones != n_zones:  # (reopened: a load is sized by this config)
+            raise ConfigError("--source ebpf", f"the maps pinned at {self.pin_dir} have {self.maps.n_zones} "
+                                               f"zones, the config {n_zones}: `tollgate policy remove` first "
+                                               "(their counters go; the ledger has what was flushed)")
         maps = self.maps
         # the config's verdicts, also over maps a run with another config left
         maps.set_verdicts(gw.config.malformed_verdict == NF_DROP, gw.config.unknown_verdict == NF_DROP)
@@ -337,16 +448,18 @@ class EbpfSource:
             # the subscribers (ascending id) and each one's networks' text, read from the Accountant's column at
             # once (a view's networks_text each, twice, was seconds at a million subscribers)
             sids, texts = gw.acct.subscribers.networks_by_id()
-            subs = gw.acct.subscribers.views(sids)
+            # the rest asks the Accountant's own table, not a dict of a view each (some 100 MB at a million):
+            # nothing changes it until the start is over (the change follower's thread is spawned after begin)
+            subs = gw.acct.subscribers
             # what the maps hold of each subscriber: its networks' text (one string; a tuple of new strings
             # each was some 150 MB at a million subscribers)
-            self.known = dict(zip(subs, texts))
+            self.known = dict(zip(sids, texts))
             self.not_forwarded = self.local_destinations()
             maps.set_zones(gw.config.zones.rules(), self.not_forwarded)
             maps.set_allowlist(gw.config.allowlist)
             # each subscriber's networks as the one text the Accountant holds, parsed in C (a list of a
             # slot and a string for each of 1.8M prefixes was 1.5 s of a start at a million subscribers)
-            maps.set_subscriber_networks(list(subs), texts)
+            maps.set_subscriber_networks(sids, texts)
             # the marks are what the ledger holds: the first scan charges kernel - mark, exactly
             marks = gw.ledger.bpf_marks(self.pin_dir, maps.load_id)
             nz = maps.n_zones
@@ -357,7 +470,7 @@ class EbpfSource:
                     self.charged[2 * i], self.charged[2 * i + 1] = nbytes, packets
             # refusals from before this start are not news (one C pass over the counters: a Python loop over
             # their view was 1.7 s of the start at a million subscribers)
-            self.dropped_bytes = maps.refusals_into(self.snapshot, subs)
+            self.dropped_bytes = maps.refusals_into(self.snapshot, sids)
         self.last_poll = time.monotonic()
         self.poll(start=True)  # everything read (see Maps.scan) ...
         time.sleep(self.interval)  # ... and charged once the kernel had the time to drop what was in flight
@@ -373,7 +486,7 @@ class EbpfSource:
             # keeps them from here on (a flag the previous process left for someone paid since goes); written
             # where they change only (a set_blocked each was a second of the start at a million subscribers)
             maps.mirror_blocked([sid for sid in gw.acct.engine.blocked_subscribers() if sid in subs], subs)
-            self.ungranted = sorted(subs)  # the start's grants: the first here, the rest in run (START_GRANTS)
+            self.ungranted = list(sids)  # (ascending) the start's grants: the first here, the rest in run (START_GRANTS)
             first = self.start_grants or len(self.ungranted)
             events += self.keeper.refresh_many(self.ungranted[:first], now)
             del self.ungranted[:first]
@@ -389,7 +502,7 @@ class EbpfSource:
         self.alarms = Counter("tollgate_bpf_heartbeat_alarms", "heartbeat checks that found the tc program "
                               "detached (attached again)", registry=gw.metrics.registry)
         self.next_boundary = self.keeper.next_boundary(time.time_ns())
-        self.sweep = list(subs)
+        self.sweep = sids
         self.cursor = 0
         self._redirect_restored(subs)
 
