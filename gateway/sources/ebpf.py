@@ -39,9 +39,9 @@ the deltas rated, the grants of the subscribers that moved (and of the
 blocked and refused ones every ``WATCH_INTERVAL``, of those the daemon
 touched (payments, fees, changes: ``touch``), and of everyone in turn over
 ``SWEEP_SECONDS``, a safety net) brought up to date; at a time-slot boundary the
-keeper's freeze, a charge at the old slot and new grants for everyone; new
-and removed addresses of the touched subscribers followed every
-``SYNC_INTERVAL`` (never a comparison of everyone); the heartbeat
+keeper's freeze, a charge at the old slot and new grants for everyone;
+the touched subscribers' networks bound again every ``SYNC_INTERVAL`` (the change
+follower's hooks move them first, below; never a comparison of everyone); the heartbeat
 (``policy.bpf.present``) every ``heartbeat`` seconds: a program gone is an
 alarm (log, ``tollgate_bpf_heartbeat_alarms``, /healthz) and attached again;
 with it, the gateway's own destinations (its local routing table) are looked
@@ -451,9 +451,6 @@ class EbpfSource:
             # the rest asks the Accountant's own table, not a dict of a view each (some 100 MB at a million):
             # nothing changes it until the start is over (the change follower's thread is spawned after begin)
             subs = gw.acct.subscribers
-            # what the maps hold of each subscriber: its networks' text (one string; a tuple of new strings
-            # each was some 150 MB at a million subscribers)
-            self.known = dict(zip(sids, texts))
             self.not_forwarded = self.local_destinations()
             maps.set_zones(gw.config.zones.rules(), self.not_forwarded)
             maps.set_allowlist(gw.config.allowlist)
@@ -575,7 +572,8 @@ class EbpfSource:
         program still held them as the subscriber's: a blocked one's tcp/80 passed uncounted (redirected),
         and nft, no longer blocking them, would forward it; an unblocked one's would be charged to a
         subscriber who no longer owns them. From here they are unknown (the config's unknown verdict).
-        ``sync_addresses`` finds them gone later and removes them again: a no-op."""
+        This is where they leave the maps: ``sync_addresses`` binds the touched subscribers' networks as the
+        Accountant holds them, and keeps no copy of its own to find the gone ones by."""
         if self.maps is not None and networks:
             self.maps.remove_subscribers(list(networks))
 
@@ -674,10 +672,10 @@ class EbpfSource:
                 if watch:
                     todo |= keeper.refused
                 step = max(1, int(min(len(self.sweep) / SWEEP_SECONDS, SWEEP_RATE) * self.interval) + 1)
-                if self.sweep:
-                    start_at = self.cursor % len(self.sweep)
-                    todo |= set(self.sweep[start_at:start_at + step])
-                    self.cursor = start_at + step
+                if self.cursor >= len(self.sweep):  # a sweep done: the next one over who is here now (came and
+                    self.sweep, self.cursor = list(subs), 0  # went meanwhile: touched, refreshed by the poll)
+                todo |= set(self.sweep[self.cursor:self.cursor + step])
+                self.cursor += step
             for sid in todo:
                 if sid in subs:
                     events += keeper.refresh(sid, now, moved.get(sid))
@@ -734,48 +732,39 @@ class EbpfSource:
         return charged
 
     def sync_addresses(self) -> None:
-        """Follow the subscribers and addresses the change follower applied to the engine."""
+        """The touched subscribers' networks as the Accountant holds them now, bound again in the maps (each
+        bound already by the change follower's ``before_engine_add``, which binds before the engine has them:
+        a rebind is a no-op), and the subscribers that left forgotten by the keeper (their networks left the
+        maps at ``before_nft_release``, before nft let them go). Their grants are the poll's (a touch refreshes
+        them). Read and written in one hold of ``engine_lock``: a network the change follower moves meanwhile
+        is never bound again to the owner it left.
+
+        No copy of what the maps hold is kept to compare with: every change of a subscriber's networks passes
+        the change follower's two hooks, and a dict of every subscriber's networks was 40 MB at a million."""
         gw, maps = self.gw, self.maps
         with self.touch_lock:
             touched, self.touched_addresses = self.touched_addresses, set()
-        with gw.engine_lock:
-            subs = {sid: gw.acct.subscribers[sid].addresses for sid in touched if sid in gw.acct.subscribers}
-        known = {sid: tuple(self.known[sid].split(" ")) if self.known[sid] else () for sid in touched
-                 if sid in self.known}
-        if subs == known:
+        if not touched:
             return
-        gone, slots, added = [], [], []
-        for sid, nets in known.items():
-            gone += [n for n in nets if n not in set(subs.get(sid, ()))]
-        for sid, nets in subs.items():
-            if sid >= maps.max_slots:
-                log.error("subscriber %s does not fit the maps' %d slots: its traffic is not metered by the eBPF "
-                          "path (restart after `tollgate policy remove` with a larger max_slots)", sid, maps.max_slots)
-                continue
-            new = [n for n in nets if n not in set(known.get(sid, ()))]
-            slots += [sid] * len(new)
-            added += new
-        # a network handed from one subscriber to another is rebound, never unbound in between (a packet
-        # there would be unknown for a moment)
-        gone = [n for n in gone if n not in set(added)]
+        slots, nets, gone = [], [], []
         with gw.engine_lock:
-            if gone:
-                maps.remove_subscribers(gone)
-            for sid in set(known) - set(subs):
-                self.keeper.forget(sid)
-            now = time.time_ns()
-            events = []
-            for sid in set(subs) - set(known):
-                events += self.keeper.refresh(sid, now)
-            if added:
-                maps.set_subscribers(slots, added)
-        for sid in set(known) - set(subs):
-            del self.known[sid]
-        self.known.update((sid, " ".join(nets)) for sid, nets in subs.items())
-        if subs.keys() != known.keys():  # someone came or went
-            self.sweep = list(self.known)
-        gw.post(events)
-        log.info("eBPF maps follow the ledger: %d prefixes added, %d removed", len(added), len(gone))
+            subs = gw.acct.subscribers
+            for sid in sorted(touched):
+                info = subs.get(sid)
+                if info is None:
+                    gone.append(sid)
+                    self.keeper.forget(sid)
+                elif sid >= maps.max_slots:
+                    log.error("subscriber %s does not fit the maps' %d slots: its traffic is not metered by the "
+                              "eBPF path (restart after `tollgate policy remove` with a larger max_slots)", sid,
+                              maps.max_slots)
+                elif info.networks_text:
+                    slots.append(sid)
+                    nets.append(info.networks_text)
+            if nets:
+                maps.set_subscriber_networks(slots, nets)
+        if gone:
+            log.info("eBPF source: %d subscribers left (their networks left the maps with them)", len(gone))
 
     def local_destinations(self) -> list[str]:
         from policy import bpf
