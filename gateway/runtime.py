@@ -25,8 +25,7 @@ from ext.constants import BLOCK_SCHEDULE, PRICE_SCALE
 from ext.errors import EngineError, TollgateError
 
 from .config import Config
-# SubscriberInfo: re-exported from where it was defined before (tests and other branches import it from here)
-from .subscriber_table import NO_SINCE, SubscriberInfo, SubscriberTable, TermsTable  # noqa: F401
+from .subscriber_table import NO_SINCE, SubscriberTable, TermsTable
 
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS
@@ -86,7 +85,7 @@ def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
 
     A row holds id, name, tariff, balance, credit_limit, addresses (its networks as the ledger joins them:
     one text, by single spaces, "" for none; ``Accountant.load_subscribers`` gives it to the engine and
-    to ``SubscriberInfo`` whole), since and volume_since, and of the subscriber's own terms
+    to the subscriber table whole), since and volume_since, and of the subscriber's own terms
     (``Ledger.TERMS``) those it sets (a term not set is not in the row: :meth:`Accountant.terms_for`
     reads them with ``get``)."""
     starts = prepaid.volume_starts(ledger)
@@ -454,14 +453,14 @@ class Accountant:
         return applied, events + more
 
     def _take_since(self, sid: int) -> int | None:
-        """When a loaded subscriber's billing starts (``SubscriberInfo.since``), handed to its billing account
+        """When a loaded subscriber's billing starts (the subscriber table's ``since``), handed to its billing account
         once: read once, the account holds it from then on."""
         return self.subscribers.take_since(sid)
 
     @property
     def since(self) -> dict[int, int]:
         """``{id: when its billing starts}`` of the loaded subscribers whose billing is not open yet and whose
-        start is known (tests and tools; computed: the start keeps it in ``SubscriberInfo.since``)."""
+        start is known (tests and tools; computed: the start keeps it in the subscriber table's ``since``)."""
         return self.subscribers.since_of()
 
     def change_billing(self, sid: int, tariff: str, credit_limit: int, now: int) -> tuple[list[Posting], list]:

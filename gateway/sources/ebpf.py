@@ -169,6 +169,20 @@ START_BUDGET = 0.05
 NOT_FORWARDED = ("224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16", "127.0.0.0/8", "ff00::/8", "fe80::/10")
 
 
+def release(maps, loaded: bool, pin_dir: str) -> None:
+    """What a failed start leaves of its maps: ``maps`` closed and, if this start ``loaded`` them (not
+    reopened: those keep their pins and grants), unpinned; attached nowhere, the kernel frees them."""
+    from ext.bpfmaps import Maps
+
+    if maps is not None:
+        maps.close()
+    if loaded:
+        try:
+            Maps.unpin(pin_dir)
+        except BpfError as exc:
+            log.error("a failed start could not unpin %s: %s", pin_dir, exc)
+
+
 class MapsLoad:
     """The maps a start needs, reopened (pinned by an earlier run) or else loaded and pinned (``Maps.load``:
     libbpf parses the object, the kernel allocates the maps and verifies the programs, 2-5 s at a million
@@ -224,20 +238,12 @@ class MapsLoad:
     def discard(self) -> None:
         """The start failed before ``take``: the thread joined (a start never leaves it behind), the maps
         closed, and what it loaded unpinned (attached nowhere, the kernel frees it); reopened pins stay."""
-        from ext.bpfmaps import Maps
-
         self.thread.join()
         if self.done:
             return
         self.done = True
-        if self.maps is not None:
-            self.maps.close()
-            self.maps = None
-        if self.loaded:
-            try:
-                Maps.unpin(self.pin_dir)
-            except BpfError as exc:
-                log.error("a failed start could not unpin %s: %s", self.pin_dir, exc)
+        release(self.maps, self.loaded, self.pin_dir)
+        self.maps = None
 
 
 class EbpfSource:
@@ -366,8 +372,6 @@ class EbpfSource:
         """Maps, subscribers, marks, grants, attach (see the module docstring)."""
         import socket
 
-        from ext.bpfmaps import Maps
-
         self.gw = gw
         self.interfaces = self.interfaces or list(gw.config.lan_interfaces)
         if not self.interfaces:
@@ -392,14 +396,8 @@ class EbpfSource:
             if self.preloaded is not None:  # failed before it took the daemon's load: joined, undone
                 self.preloaded.discard()
                 self.preloaded = None
-            if self.maps is not None:
-                self.maps.close()
-                self.maps = None
-            if self.loaded:
-                try:
-                    Maps.unpin(self.pin_dir)
-                except BpfError as exc:
-                    log.error("a failed start could not unpin %s: %s", self.pin_dir, exc)
+            release(self.maps, self.loaded, self.pin_dir)
+            self.maps = None
             raise
 
     def _begin(self, gw, n_zones: int) -> None:

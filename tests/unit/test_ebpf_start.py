@@ -13,7 +13,7 @@ import pytest
 
 import ext
 from ext import netaddr
-from gateway.runtime import SubscriberInfo
+from gateway.subscriber_table import SubscriberInfo
 from gateway.sources.ebpf import EbpfSource
 
 ENGINES = [pytest.param(ext.EnginePy, id="py")] + ([pytest.param(ext.EngineC, id="c")] if ext.EngineC else [])

@@ -11,7 +11,7 @@ import threading
 from types import SimpleNamespace
 
 import ext
-from gateway.runtime import SubscriberInfo
+from gateway.subscriber_table import SubscriberInfo
 from gateway.sources.ebpf import EbpfSource
 
 

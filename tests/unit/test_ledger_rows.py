@@ -107,7 +107,7 @@ def test_ledger_rows_as_before(tmp_path, monkeypatch):
 
 
 def test_subscriber_info_gives_back_its_networks():
-    from gateway.runtime import SubscriberInfo
+    from gateway.subscriber_table import SubscriberInfo
 
     for networks in ((), ("100.64.0.2/32",), ("100.64.0.2/32", "2001:db8:100:1::/64", "100.64.1.0/24")):
         info = SubscriberInfo(7, "a", "flat", list(networks))
