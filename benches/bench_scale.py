@@ -519,11 +519,11 @@ def measure(n: int, args, out: dict) -> None:
 def start_and_count(gw: Gateway, lab, args, dl: Deadline, out: dict, tag: str) -> None:
     say(f"  {tag or 'first '}start: `tollgate run`, waiting for /healthz (bound {dl.left(args.start_timeout):.0f} s)")
     gw.start()
-    spy = profile(gw, args, f"{tag}start") if not tag else None
+    spy = profile(gw, args, f"{tag}start")
     bound = dl.left(args.start_timeout)
     up = wait_until(lambda: not gw.alive() or gw.health() is not None, bound, 0.2)
     if spy is not None:
-        spy_done(spy, args, out, "profile_start")
+        spy_done(spy, args, out, f"profile_{tag}start")
     if not gw.alive():
         out[f"{tag}healthz_s"] = "exited"
         say(f"  the gateway exited: {gw.log_tail()}")
@@ -888,6 +888,7 @@ ROWS = [  # key, label, unit (s: seconds; MB; %; n: a count; text)
     ("ledger_growth", "ledger bytes per active subscriber-day", "text"),
     ("profile_start", "py-spy, start: share of samples", "text"),
     ("profile_idle", "py-spy, idle: share of samples", "text"),
+    ("profile_restart_start", "py-spy, restart: share of samples", "text"),
 ]
 
 
@@ -979,7 +980,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-restart", dest="restart", action="store_false", help="skip the restart measure")
     ap.add_argument("--no-import", dest="import_", action="store_false", help="skip `tollgate subscriber import`")
     ap.add_argument("--pps-packets", type=int, default=200_000, help="packets for the engine-alone pps (0: skip)")
-    ap.add_argument("--py-spy", metavar="PATH", help="a py-spy binary: profile the gateway's first start and 2 x "
+    ap.add_argument("--py-spy", metavar="PATH", help="a py-spy binary: profile the gateway's first start, its restart and 2 x "
                     "--lag-seconds of it idle (collapsed stacks in --workdir; the top steps in the results)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the ledgers are built")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (ledger, config, gateway log)")
