@@ -40,12 +40,12 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 from array import array
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from ext.constants import DIRECTIONS, PRICE_SCALE
 
+from .account_book import NO_VOLUMES, Account, AccountBook
 from .money import format_amount, format_volume, get_currency
 from .zones import LOCAL
 
@@ -221,31 +221,6 @@ def prevailing_cost(tariff, pairs: tuple, volumes: dict, discount: int = 0) -> t
 
 # ---- following subscribers ----------------------------------------------------------
 
-# An account's volumes until its period sees traffic: one shared empty mapping, read like a dict, replaced by
-# a dict of its own at the first bytes (Biller.observe, Accountant.resume_from_ledger). An empty dict of
-# each account's own is 64 B: 64 MB at a million accounts, most of which see no traffic in a period.
-NO_VOLUMES = MappingProxyType({})
-
-@dataclass(slots=True)
-class Account:
-    """Billing state of one subscriber in its current period."""
-
-    sid: int
-    terms: Terms
-    joined: int  # ns; billing for this tariff started then
-    start: int = 0  # current period [start, end)
-    end: int = 0
-    volumes: dict = field(default_factory=lambda: NO_VOLUMES)  # (zone, direction) -> bytes this period (its own
-    # dict once it has any)
-    prevailing_charged: int = 0  # provisional charges posted this period
-    since_volume: int = 0  # terms.volume_since set: bytes toward the volume limit since then, across periods
-    settled_to: int | None = None  # the period ending here is settled (an exclusive end stopped at it)
-    fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
-    discount_on: bool = True
-    credit_on: bool = True
-    due: int | None = field(default=None, repr=False, compare=False)  # Biller's: the instant it is due at
-
-
 class Biller:
     """Follows subscribers through their periods; see the module docstring.
 
@@ -260,7 +235,7 @@ class Biller:
         self.tz = ZoneInfo(timezone)
         self.currency = currency if not isinstance(currency, str) else get_currency(currency)
         self.zone_names = list(zone_names or ())
-        self.accounts: dict[int, Account] = {}
+        self.accounts = AccountBook()  # an object for each account in use, a row of columns for the resting
         # advance() looks only at accounts that something is due for: the work of a second is in proportion
         # to what changed, not to the number of subscribers. due: a heap of the instants something is due
         # at, due_sids: the accounts due at each (8 bytes an entry: a million accounts are due at a few
@@ -342,14 +317,21 @@ class Biller:
         """Bill ``sid`` under ``terms`` from ``since`` (when it joined or took
         this tariff; a restart opens with the same ``since`` and gets the
         same keys). Then :meth:`advance` to the present."""
-        acct = Account(sid, terms, since)
-        acct.discount_on = terms.discount_until is None or since < terms.discount_until
-        acct.credit_on = terms.credit_until is None or since < terms.credit_until
+        discount_on = terms.discount_until is None or since < terms.discount_until
+        credit_on = terms.credit_until is None or since < terms.credit_until
+        plan = self.tariffs[terms.tariff].plan
+        if self._quiet_terms(terms, discount_on, credit_on):
+            # nothing for advance to do before its period ends (see _quiet): due then (its _next_due), as
+            # advance would have it after a look now, no fee at the start; and no object made, a row of the
+            # book's columns (a start opens a million of these: accounting/account_book.py)
+            _first, _nxt, start, end = self._period(plan, since)
+            if self.accounts.rest_new(sid, terms, since, start, end, self._date(since), discount_on, credit_on):
+                self._due_at(sid, end)
+                return []
+        acct = Account(sid, terms, since, discount_on=discount_on, credit_on=credit_on)
         self.accounts[sid] = acct
         self._enter_period(acct, since, first=True)
         if self._quiet(acct):
-            # nothing for advance to do before its period ends (see _quiet): due then, as advance would
-            # have it after a look now (a start opens a million of these: no set of them all, no look)
             self._schedule(acct, since)
         else:
             self.touched.add(sid)
@@ -398,7 +380,7 @@ class Biller:
     def volume_left(self, sid: int) -> int | None:
         """What the subscriber's volume limit still allows this period from the
         volumes observed (None: no limit); the engine holds the live figure."""
-        acct = self.accounts[sid]
+        acct = self.accounts.peek(sid)  # (read only: a resting account stays a row)
         if acct.terms.volume_limit is None:
             return None
         if acct.terms.volume_since is not None:  # one allotment, not the period's
@@ -429,7 +411,8 @@ class Biller:
     def next_event(self, now: int) -> int | None:
         """The earliest instant after ``now`` at which something falls due
         (a period or day boundary, an expiry): a replay bills there first."""
-        later = [t for t in (self._next_due(acct, now) for acct in self.accounts.values()) if t is not None]
+        accounts = self.accounts  # (peeked: a replay's look at everybody makes no object of a resting account)
+        later = [t for t in (self._next_due(accounts.peek(sid), now) for sid in accounts) if t is not None]
         return min(later) if later else None
 
     def touch(self, sid: int) -> None:
@@ -447,15 +430,17 @@ class Biller:
         woken = {name for name, tariff in tariffs.items()
                  if name in old and _quiet_plan(old[name].plan) and not _quiet_plan(tariff.plan)}
         if woken:  # a walk of the accounts once, on a reload that changed a fee-less tariff
-            self.touched.update(sid for sid, acct in self.accounts.items() if acct.terms.tariff in woken)
+            self.touched.update(self.accounts.sids_with(lambda terms: terms.tariff in woken))
 
     def _quiet(self, acct: Account) -> bool:
         """Nothing to bill for ``acct`` but its period's end: no fee, traffic off the balance as it passed
         (regular), no discount or credit that will expire (most accounts). ``advance`` before the end only
         keeps its next due instant, which is the end (``_next_due``), whenever it looks."""
-        terms = acct.terms
-        return (_quiet_plan(self.tariffs[terms.tariff].plan) and (terms.discount_until is None or not acct.discount_on)
-                and (terms.credit_until is None or not acct.credit_on))
+        return self._quiet_terms(acct.terms, acct.discount_on, acct.credit_on)
+
+    def _quiet_terms(self, terms: Terms, discount_on: bool, credit_on: bool) -> bool:
+        return (_quiet_plan(self.tariffs[terms.tariff].plan) and (terms.discount_until is None or not discount_on)
+                and (terms.credit_until is None or not credit_on))
 
     def _schedule(self, acct: Account, now: int) -> None:
         due = self._next_due(acct, now)
@@ -463,11 +448,15 @@ class Biller:
             acct.due = None
         elif acct.due != due:
             acct.due = due
-            sids = self.due_sids.get(due)
-            if sids is None:
-                sids = self.due_sids[due] = array("q")
-                heapq.heappush(self.due, due)
-            sids.append(acct.sid)
+            self._due_at(acct.sid, due)
+
+    def _due_at(self, sid: int, due: int) -> None:
+        """``sid`` is due at ``due`` (the account's ``due`` says so: an entry it no longer says is stale)."""
+        sids = self.due_sids.get(due)
+        if sids is None:
+            sids = self.due_sids[due] = array("q")
+            heapq.heappush(self.due, due)
+        sids.append(sid)
 
     def _due_now(self, now: int, end: bool) -> list[Account]:
         """The accounts ``advance(now)`` must look at: touched ones and those
@@ -506,6 +495,7 @@ class Biller:
                 if now >= acct.end:
                     changes.append(EngineChange(acct.sid, "renew", 0, self._jump(acct, now)))
                 self._schedule(acct, now)
+                self.accounts.rest(acct)  # (a row again if nothing of this period is on it: account_book.py)
                 continue
             terms = acct.terms
             self._schedule(acct, now)  # (again below, once its period may have moved on)
@@ -526,6 +516,7 @@ class Biller:
             if renewed is not None:
                 changes.append(EngineChange(acct.sid, "renew", 0, renewed))
             self._schedule(acct, now)
+            self.accounts.rest(acct)
         return postings, changes
 
     def _walk(self, acct: Account, now: int, end: bool, postings: list[Posting]) -> int | None:

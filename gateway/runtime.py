@@ -126,17 +126,20 @@ class PeriodStarts(Mapping):
 
     __slots__ = ("accounts",)
 
-    def __init__(self, accounts: dict) -> None:
+    def __init__(self, accounts) -> None:  # accounting.account_book.AccountBook
         self.accounts = accounts
 
     def __getitem__(self, sid: int) -> int:
-        return self.accounts[sid].start
+        return self.accounts.start_of(sid)
 
     def __iter__(self):
         return iter(self.accounts)
 
     def __len__(self) -> int:
         return len(self.accounts)
+
+    def values(self):
+        return self.accounts.period_starts()  # (Mapping's would look each up: a million calls)
 
 
 @dataclass
@@ -526,7 +529,7 @@ class Accountant:
         events = []
         for change in changes:
             if change.what == "renew":
-                acct = self.biller.accounts[change.subscriber]
+                acct = self.biller.accounts.peek(change.subscriber)  # (read: a period's end renews a million)
                 tariff = self.config.tariffs[acct.terms.tariff]
                 events += self.engine.set_subscriber(change.subscriber, allowance=tariff.allowance())
                 # a new period's volume: the engine counts it down packet by packet (and lifts BLOCK_VOLUME);
@@ -585,15 +588,19 @@ class Accountant:
         accounts = self.biller.accounts
         # the prevailing charges matter to accounts on a prevailing tariff only (Biller._settle): theirs are asked for
         prevailing_tariffs = {name for name, t in self.config.tariffs.items() if t.plan.scheme == "prevailing"}
-        on_prevailing = [sid for sid, acct in accounts.items() if acct.terms.tariff in prevailing_tariffs]
+        # (the accounts' terms read without making an object of a resting account: accounting/account_book.py)
+        on_prevailing = accounts.sids_with(lambda terms: terms.tariff in prevailing_tariffs)
         volumes, prevailing = self.ledger.period_totals(PeriodStarts(accounts), now, on_prevailing)
         # A voucher's volume counts from its first use, whatever periods passed (Terms.volume_since). The guest
         # account was opened at that first use and has no usage before it, so the window may start earlier
         # without counting a byte more: at the start of its minute (usage minutes count by their start; the
         # minute of the first use holds bytes after it) or of the rolled-up bucket holding it (a range must
         # not cut one).
-        windows = {sid: self.ledger.exact_range(acct.terms.volume_since // MINUTE_NS * 60, None)[0] * NS
-                   for sid, acct in self.biller.accounts.items() if acct.terms.volume_since is not None}
+        windows = {}
+        for sid in accounts.sids_with(lambda terms: terms.volume_since is not None):
+            first_use = accounts.peek(sid).terms.volume_since
+            windows[sid] = self.ledger.exact_range(first_use // MINUTE_NS * 60, None)[0] * NS
+        limited = accounts.sids_with(lambda terms: terms.volume_limit is not None)
         since_first = self.ledger.period_totals(windows, now)[0] if windows else {}
         for sid, used in volumes.items():
             acct = accounts.get(sid)
@@ -601,11 +608,12 @@ class Accountant:
                 acct.volumes = {**acct.volumes, **used}  # (a dict of its own: see billing.NO_VOLUMES)
         for sid in on_prevailing:
             accounts[sid].prevailing_charged = prevailing.get(sid, 0)
-        for sid, acct in accounts.items():
-            if sid in windows:
-                acct.since_volume = counted_volume(since_first.get(sid, {}))
-            if acct.terms.volume_limit is not None:
-                events += self.engine.set_volume(sid, self.biller.volume_left(sid))
+        for sid in windows:
+            used = counted_volume(since_first.get(sid, {}))
+            if used:  # (0 is every account's own: a resting one stays a row)
+                accounts[sid].since_volume = used
+        for sid in limited:
+            events += self.engine.set_volume(sid, self.biller.volume_left(sid))
         return events
 
     def _post(self, postings: list[Posting]) -> tuple[list[Posting], list]:

@@ -1,7 +1,11 @@
 """The billing calendar looks only at the accounts something is due for
 (issue 12): a biller that looks at every account every time (as it did) is the
 oracle. Both get the same random subscribers, terms and traffic over weeks of
-random instants and must post the same postings and engine changes."""
+random instants and must post the same postings and engine changes.
+
+The accounts at rest are rows of the account book's columns, not objects
+(accounting/account_book.py): a book that keeps every account an object (as
+it did) is the oracle of that, postings, changes and every account's state."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings, strategies as st
 
+from accounting.account_book import AccountBook
 from accounting.billing import Biller, Terms
 from ext.engine_py import CounterRow
 from gateway.config import parse_config
@@ -73,11 +78,23 @@ START = int(dt.datetime(2026, 3, 20, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9
 DAY = 86400 * 10 ** 9
 
 
-def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
+class EveryAccountAnObject(AccountBook):
+    """The book as it was: no account ever a row."""
+
+    def rest_new(self, *args) -> bool:
+        return False
+
+    def rest(self, acct) -> bool:
+        return False
+
+
+def run(seed: int, n: int, steps: int, look_at_all: bool, objects_only: bool = False) -> list:
     cfg = parse_config(tomllib.loads(CONFIG))
     rng = random.Random(seed)
     reload_at = rng.randrange(steps + 1)  # (steps: no reload)
     biller = Biller(cfg.tariffs, cfg.timezone)
+    if objects_only:
+        biller.accounts = EveryAccountAnObject()
     out = []
     names = sorted(cfg.tariffs)
     for sid in range(1, n + 1):
@@ -97,6 +114,8 @@ def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
             biller.touched |= set(biller.accounts)
         postings, changes = biller.advance(now)
         out.append(("advance", now, sorted(postings, key=repr), sorted(changes, key=repr)))
+    # every account's state at the end, as an object (made from its row if it rests) and when it is due
+    out.append(("accounts", [(biller.accounts.peek(sid), biller.accounts.peek(sid).due) for sid in range(1, n + 1)]))
     return out
 
 
@@ -104,6 +123,36 @@ def run(seed: int, n: int, steps: int, look_at_all: bool) -> list:
 @given(st.integers(0, 2 ** 32), st.integers(1, 12), st.integers(1, 60))
 def test_looking_only_at_what_is_due_posts_what_looking_at_everyone_does(seed, n, steps):
     assert run(seed, n, steps, look_at_all=False) == run(seed, n, steps, look_at_all=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 32), st.integers(1, 12), st.integers(1, 60))
+def test_accounts_at_rest_as_rows_bill_as_accounts_kept_as_objects(seed, n, steps):
+    assert run(seed, n, steps, look_at_all=False) == run(seed, n, steps, look_at_all=False, objects_only=True)
+
+
+def test_resting_accounts_are_rows_until_used_and_rows_again_after_their_period():
+    cfg = parse_config(tomllib.loads(CONFIG))
+    biller = Biller(cfg.tariffs, cfg.timezone)
+    feeless = Terms("feeless", 0, None, 0, None, None, None, None, None, None)
+    for sid in range(1, 1001):
+        assert biller.open(sid, feeless, START) == []
+    book = biller.accounts
+    assert (len(book), len(book.live), book.resting) == (1000, 0, 1000)  # no object made by the start
+    assert 7 in book and 1001 not in book and sorted(book) == list(range(1, 1001))
+    biller.observe([CounterRow(7, 1, 0, 100, 1, 0)])  # traffic: its volumes need an object
+    assert list(book.live) == [7] and book[7].volumes == {(1, 0): 100}
+    biller.advance(START + 1)
+    assert list(book.live) == [7]  # this period's volumes are on it: no row holds them
+    end = book.peek(1).end  # the feeless tariff is weekly from Monday: 2026-03-23 00:00 in Berlin
+    assert end == int(dt.datetime(2026, 3, 23, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9
+    _postings, changes = biller.advance(end)
+    assert len(changes) == 1000 and {c.what for c in changes} == {"renew"}
+    assert (len(book.live), book.resting) == (0, 1000)  # its period ended: a row again, settled to its start
+    acct = book[7]
+    monday = int(dt.datetime(2026, 3, 30, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9  # (an hour short: DST)
+    assert (acct.start, acct.settled_to, acct.volumes, acct.due) == (end, end, {}, monday)
+    assert book.pop(7) is acct and 7 not in book and len(book) == 999
 
 
 def test_an_idle_second_looks_at_nobody():

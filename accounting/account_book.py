@@ -1,0 +1,229 @@
+"""The billing accounts of every subscriber, most of them held as a row of
+columns instead of an object.
+
+A :class:`Biller` (accounting/billing.py) keeps an :class:`Account` per
+subscriber. At a million subscribers the objects and their dict were some
+160 MB and most of a start's billing time, yet nearly all of them are
+*resting*: a tariff with no fee whose traffic goes off the balance as it
+passes, no discount or credit that runs out, nothing seen this period
+(``Biller._quiet``). Such an account is fully described by a few numbers, so
+the book keeps it as one row of its columns (31 bytes: terms, joined, period
+start and end, the day fees are done to, and four flags) and makes the
+object only when somebody asks for it (``book[sid]``, ``get``, ``pop``):
+traffic, a tariff change, its period's end. The object made is the one the
+row was taken from, field by field; from then on it is an ordinary account
+in the book's dict, changed in place by whoever holds it. ``Biller.advance``
+hands an account back (:meth:`rest`) when, after a look, it is resting again
+(its period moved on with nothing posted): the row stays exact because only
+an account whose other fields hold their defaults is taken back.
+
+Reading without making (:meth:`peek`, :meth:`sids_with`, :meth:`start_of`)
+is for those who look at everybody (a restart's volumes from the ledger, a
+reload's tariffs, a replay's next event): they must not turn a million rows
+into a million objects. ``values()`` and ``items()`` (the Mapping mixins)
+make every account; nothing in the daemon's rounds calls them.
+
+Not thread-safe: the Biller's callers hold the daemon's ``engine_lock``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from array import array
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from itertools import chain, compress
+from types import MappingProxyType
+
+# An account's volumes until its period sees traffic: one shared empty mapping, read like a dict, replaced by
+# a dict of its own at the first bytes (Biller.observe, Accountant.resume_from_ledger). An empty dict of
+# each account's own is 64 B: 64 MB at a million accounts, most of which see no traffic in a period.
+NO_VOLUMES = MappingProxyType({})
+
+RESTING = 1  # the row holds an account
+SETTLED = 2  # its settled_to is its period's start (a period entered past a boundary), else None (its first)
+DISCOUNT_ON = 4
+CREDIT_ON = 8
+MAX_ROWS = 1 << 26  # ids beyond (sparse ones) keep their objects: the columns are indexed by id
+MAX_TERMS = 1 << 16  # distinct Terms the rows can name (one per tariff and own terms, usually a handful)
+
+
+@dataclass(slots=True)
+class Account:
+    """Billing state of one subscriber in its current period."""
+
+    sid: int
+    terms: object  # accounting.billing.Terms
+    joined: int  # ns; billing for this tariff started then
+    start: int = 0  # current period [start, end)
+    end: int = 0
+    volumes: dict = field(default_factory=lambda: NO_VOLUMES)  # (zone, direction) -> bytes this period (its own
+    # dict once it has any)
+    prevailing_charged: int = 0  # provisional charges posted this period
+    since_volume: int = 0  # terms.volume_since set: bytes toward the volume limit since then, across periods
+    settled_to: int | None = None  # the period ending here is settled (an exclusive end stopped at it)
+    fee_days_done: dt.date | None = None  # daily fee: days before this one are posted
+    discount_on: bool = True
+    credit_on: bool = True
+    due: int | None = field(default=None, repr=False, compare=False)  # Biller's: the instant it is due at
+
+
+class AccountBook(MutableMapping):
+    """``{sid: Account}``: objects for the accounts in use, a row of columns for the resting ones (see the
+    module docstring)."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, Account] = {}
+        self.flags = bytearray()  # per id: RESTING | SETTLED | DISCOUNT_ON | CREDIT_ON
+        self.terms_ix = array("H")  # per id: its Terms, an index into self.terms_list
+        self.joined = array("q")
+        self.starts = array("q")
+        self.ends = array("q")
+        self.fee_days = array("i")  # fee_days_done, as a proleptic ordinal (0: None)
+        self.terms_list: list = [None]  # index 0: none (the rows hold their Terms by index)
+        self.terms_index: dict[int, int] = {}  # id(terms) -> its index (terms_list keeps it alive)
+        self.resting = 0
+
+    # ---- the rows -------------------------------------------------------------------------
+
+    def rest_new(self, sid: int, terms, joined: int, start: int, end: int, fee_day: dt.date,
+                 discount_on: bool, credit_on: bool) -> bool:
+        """A new account as a row, as ``Account(sid, terms, joined, start, end, fee_days_done=fee_day, ...)``
+        with ``settled_to`` None and ``due`` its end: what ``Biller.open`` makes of a resting account, without
+        the object. False: it cannot be a row (an id too large, too many distinct terms): make the object."""
+        ix = self._terms_ix(terms)
+        if ix is None or not 0 <= sid < MAX_ROWS:
+            return False
+        self.live.pop(sid, None)
+        self._put(sid, ix, joined, start, end, fee_day, (DISCOUNT_ON if discount_on else 0)
+                  | (CREDIT_ON if credit_on else 0))
+        return True
+
+    def rest(self, acct: Account) -> bool:
+        """Take a live account back as a row, if the row can hold it exactly: nothing this period (no volumes,
+        no prevailing or voucher bytes), settled to nothing or to its period's start, due at its period's end.
+        Returns whether it did (the object is dropped from the book then)."""
+        if not (acct.volumes is NO_VOLUMES and acct.prevailing_charged == 0 and acct.since_volume == 0
+                and acct.settled_to in (None, acct.start) and acct.due == acct.end
+                and acct.fee_days_done is not None and 0 <= acct.sid < MAX_ROWS):
+            return False
+        ix = self._terms_ix(acct.terms)
+        if ix is None or self.live.get(acct.sid) is not acct:
+            return False
+        del self.live[acct.sid]
+        self._put(acct.sid, ix, acct.joined, acct.start, acct.end, acct.fee_days_done,
+                  (SETTLED if acct.settled_to is not None else 0) | (DISCOUNT_ON if acct.discount_on else 0)
+                  | (CREDIT_ON if acct.credit_on else 0))
+        return True
+
+    def _terms_ix(self, terms) -> int | None:
+        ix = self.terms_index.get(id(terms))
+        if ix is None:
+            if len(self.terms_list) >= MAX_TERMS:
+                return None
+            ix = self.terms_index[id(terms)] = len(self.terms_list)
+            self.terms_list.append(terms)
+        return ix
+
+    def _put(self, sid: int, ix: int, joined: int, start: int, end: int, fee_day: dt.date, flags: int) -> None:
+        if sid >= len(self.flags):
+            grow = max(sid + 1, 2 * len(self.flags)) - len(self.flags)
+            self.flags.extend(bytes(grow))
+            for column in (self.terms_ix, self.joined, self.starts, self.ends, self.fee_days):
+                column.frombytes(bytes(grow * column.itemsize))
+        if not self.flags[sid] & RESTING:
+            self.resting += 1
+        self.flags[sid] = flags | RESTING
+        self.terms_ix[sid], self.joined[sid], self.starts[sid], self.ends[sid] = ix, joined, start, end
+        self.fee_days[sid] = fee_day.toordinal()
+
+    def _is_row(self, sid) -> bool:
+        return type(sid) is int and 0 <= sid < len(self.flags) and self.flags[sid] & RESTING
+
+    def peek(self, sid: int) -> Account:
+        """The account, made from its row if it rests there but not kept: for reading only (a change to it is
+        lost). KeyError: no account."""
+        acct = self.live.get(sid)
+        if acct is not None:
+            return acct
+        if not self._is_row(sid):
+            raise KeyError(sid)
+        f = self.flags[sid]
+        start = self.starts[sid]
+        return Account(sid, self.terms_list[self.terms_ix[sid]], self.joined[sid], start, self.ends[sid],
+                       settled_to=start if f & SETTLED else None,
+                       fee_days_done=dt.date.fromordinal(self.fee_days[sid]),
+                       discount_on=bool(f & DISCOUNT_ON), credit_on=bool(f & CREDIT_ON), due=self.ends[sid])
+
+    def _take(self, sid: int) -> Account:
+        """The account as an object of the book's from now on (made from its row if it rested)."""
+        acct = self.peek(sid)
+        if self.live.get(sid) is not acct:
+            self._drop_row(sid)
+            self.live[sid] = acct
+        return acct
+
+    def _drop_row(self, sid: int) -> None:
+        if self._is_row(sid):
+            self.flags[sid] = 0
+            self.resting -= 1
+
+    # ---- reading everybody without making objects -------------------------------------------------
+
+    def sids_with(self, wanted) -> list[int]:
+        """The ids of the accounts whose terms ``wanted(terms)`` says yes to, ascending: asked once per
+        distinct terms, so a look at a million accounts that none of their terms wants is no walk of them."""
+        ixs = {ix for ix, terms in enumerate(self.terms_list) if ix and wanted(terms)}
+        sids = [sid for sid, acct in self.live.items() if wanted(acct.terms)]
+        if ixs:
+            terms_ix = self.terms_ix
+            sids += [sid for sid in self._row_ids() if terms_ix[sid] in ixs]
+        return sorted(sids)
+
+    def period_starts(self):
+        """Every account's period start, in no order (the rows' at C speed: a restart's few distinct starts
+        of a million accounts)."""
+        return chain((acct.start for acct in self.live.values()), compress(self.starts, self.flags))
+
+    def start_of(self, sid: int) -> int:
+        """The account's period start (KeyError: none)."""
+        acct = self.live.get(sid)
+        if acct is not None:
+            return acct.start
+        if not self._is_row(sid):
+            raise KeyError(sid)
+        return self.starts[sid]
+
+    def _row_ids(self):
+        return compress(range(len(self.flags)), self.flags)
+
+    # ---- the mapping ----------------------------------------------------------------------------
+
+    def __getitem__(self, sid: int) -> Account:
+        return self._take(sid)
+
+    def __setitem__(self, sid: int, acct: Account) -> None:
+        self._drop_row(sid)
+        self.live[sid] = acct
+
+    def __delitem__(self, sid: int) -> None:
+        if sid in self.live:
+            del self.live[sid]
+        elif self._is_row(sid):
+            self._drop_row(sid)
+        else:
+            raise KeyError(sid)
+
+    def __contains__(self, sid) -> bool:
+        return sid in self.live or bool(self._is_row(sid))
+
+    def __iter__(self):
+        yield from list(self.live)
+        yield from self._row_ids()
+
+    def __len__(self) -> int:
+        return len(self.live) + self.resting
+
+    def nbytes(self) -> dict[str, int]:
+        """What the rows' columns hold (benches), and how many accounts are objects."""
+        return {"rows": len(self.flags) * (1 + 2 + 8 + 8 + 8 + 4), "resting": self.resting, "live": len(self.live)}
