@@ -45,7 +45,7 @@ def levels_reached(biller, sid: int, allowance: int, allowance_left: int, levels
     life (``Terms.volume_since``, gateway/runtime.py), so its "volume" levels are noted once for the voucher
     and not again at each period start (a new period would have noted 80% again, with a percentage of the
     new period's bytes only)."""
-    acct = biller.accounts[sid]
+    acct = biller.accounts.peek(sid)  # (read only: a resting account stays a row, accounting/account_book.py)
     used = []  # (event, percent, window start)
     if allowance:
         used.append(("quota", 100 * (allowance - allowance_left) // allowance, acct.start))
@@ -213,7 +213,7 @@ class Flusher:
         for sid in sorted(active):
             if sid not in gw.acct.subscribers or sid not in gw.acct.biller.accounts:
                 continue
-            total = sum(gw.config.tariffs[gw.acct.biller.accounts[sid].terms.tariff].allowance())
+            total = sum(gw.config.tariffs[gw.acct.biller.accounts.peek(sid).terms.tariff].allowance())
             left = sum(gw.acct.engine.subscriber(sid).allowance) if total else 0
             for key, event, level in levels_reached(gw.acct.biller, sid, total, left, levels):
                 if key not in self.quota_noted:
