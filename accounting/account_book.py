@@ -8,14 +8,19 @@ subscriber. At a million subscribers the objects and their dict were some
 passes, no discount or credit that runs out, nothing seen this period
 (``Biller._quiet``). Such an account is fully described by a few numbers, so
 the book keeps it as one row of its columns (31 bytes: terms, joined, period
-start and end, the day fees are done to, and four flags) and makes the
-object only when somebody asks for it (``book[sid]``, ``get``, ``pop``):
-traffic, a tariff change, its period's end. The object made is the one the
+start and end, the day fees are done to, and four flags; 8 more for each
+(zone, direction) with traffic: its bytes this period, added to in place,
+``add_volume``) and makes the object only when somebody asks for it
+(``book[sid]``, ``get``, ``pop``): a tariff change, its period's end,
+traffic on a tariff that bills volumes. The object made is the one the
 row was taken from, field by field; from then on it is an ordinary account
 in the book's dict, changed in place by whoever holds it. ``Biller.advance``
 hands an account back (:meth:`rest`) when, after a look, it is resting again
 (its period moved on with nothing posted): the row stays exact because only
 an account whose other fields hold their defaults is taken back.
+Nothing but the book's own fields is saved: an account's period is
+``joined``, ``start`` and ``end`` as they were, never worked out again from
+a tariff that a reload may have changed since.
 
 Reading without making (:meth:`peek`, :meth:`sids_with`, :meth:`start_of`)
 is for those who look at everybody (a restart's volumes from the ledger, a
@@ -80,6 +85,9 @@ class AccountBook(MutableMapping):
         self.starts = array("q")
         self.ends = array("q")
         self.fee_days = array("i")  # fee_days_done, as a proleptic ordinal (0: None)
+        # per (zone, direction) seen, per id: the row's bytes this period (0: none): a resting account keeps
+        # resting under traffic (its volumes a dict of its own were some 230 B an account in use)
+        self.volumes: dict[tuple[int, int], array] = {}
         self.terms_list: list = [None]  # index 0: none (the rows hold their Terms by index)
         self.terms_index: dict[int, int] = {}  # id(terms) -> its index (terms_list keeps it alive)
         self.resting = 0
@@ -100,12 +108,12 @@ class AccountBook(MutableMapping):
         return True
 
     def rest(self, acct: Account) -> bool:
-        """Take a live account back as a row, if the row can hold it exactly: nothing this period (no volumes,
-        no prevailing or voucher bytes), settled to nothing or to its period's start, due at its period's end.
-        Returns whether it did (the object is dropped from the book then)."""
-        if not (acct.volumes is NO_VOLUMES and acct.prevailing_charged == 0 and acct.since_volume == 0
-                and acct.settled_to in (None, acct.start) and acct.due == acct.end
-                and acct.fee_days_done is not None and 0 <= acct.sid < MAX_ROWS):
+        """Take a live account back as a row, if the row can hold it exactly: its volumes (bytes > 0 of
+        (zone, direction) pairs), no prevailing charge or voucher bytes, settled to nothing or to its period's
+        start, due at its period's end. Returns whether it did (the object is dropped from the book then)."""
+        if not (acct.prevailing_charged == 0 and acct.since_volume == 0 and acct.settled_to in (None, acct.start)
+                and acct.due == acct.end and acct.fee_days_done is not None and 0 <= acct.sid < MAX_ROWS
+                and all(_pair(key) and type(v) is int and v > 0 for key, v in acct.volumes.items())):
             return False
         ix = self._terms_ix(acct.terms)
         if ix is None or self.live.get(acct.sid) is not acct:
@@ -114,7 +122,30 @@ class AccountBook(MutableMapping):
         self._put(acct.sid, ix, acct.joined, acct.start, acct.end, acct.fee_days_done,
                   (SETTLED if acct.settled_to is not None else 0) | (DISCOUNT_ON if acct.discount_on else 0)
                   | (CREDIT_ON if acct.credit_on else 0))
+        for key, nbytes in acct.volumes.items():
+            self._volume_column(key)[acct.sid] = nbytes
         return True
+
+    def row_terms(self, sid) -> tuple | None:
+        """``(terms, discount_on, credit_on)`` of a resting account; None: not a row."""
+        if not self._is_row(sid):
+            return None
+        f = self.flags[sid]
+        return self.terms_list[self.terms_ix[sid]], bool(f & DISCOUNT_ON), bool(f & CREDIT_ON)
+
+    def add_volume(self, sid: int, key: tuple, nbytes: int) -> bool:
+        """``nbytes`` more of ``key`` (zone, direction) this period on a resting account, which stays a row.
+        False (nothing done): not a row, or not a pair or a byte count a row holds."""
+        if not (self._is_row(sid) and _pair(key) and type(nbytes) is int and nbytes >= 0):
+            return False
+        self._volume_column(key)[sid] += nbytes
+        return True
+
+    def _volume_column(self, key: tuple) -> array:
+        column = self.volumes.get(key)
+        if column is None:
+            column = self.volumes[key] = array("q", bytes(8 * len(self.flags)))
+        return column
 
     def _terms_ix(self, terms) -> int | None:
         ix = self.terms_index.get(id(terms))
@@ -129,13 +160,15 @@ class AccountBook(MutableMapping):
         if sid >= len(self.flags):
             grow = max(sid + 1, 2 * len(self.flags)) - len(self.flags)
             self.flags.extend(bytes(grow))
-            for column in (self.terms_ix, self.joined, self.starts, self.ends, self.fee_days):
+            for column in (self.terms_ix, self.joined, self.starts, self.ends, self.fee_days, *self.volumes.values()):
                 column.frombytes(bytes(grow * column.itemsize))
         if not self.flags[sid] & RESTING:
             self.resting += 1
         self.flags[sid] = flags | RESTING
         self.terms_ix[sid], self.joined[sid], self.starts[sid], self.ends[sid] = ix, joined, start, end
         self.fee_days[sid] = fee_day.toordinal()
+        for column in self.volumes.values():
+            column[sid] = 0
 
     def _is_row(self, sid) -> bool:
         return type(sid) is int and 0 <= sid < len(self.flags) and self.flags[sid] & RESTING
@@ -150,8 +183,9 @@ class AccountBook(MutableMapping):
             raise KeyError(sid)
         f = self.flags[sid]
         start = self.starts[sid]
+        volumes = {key: column[sid] for key, column in self.volumes.items() if column[sid]}
         return Account(sid, self.terms_list[self.terms_ix[sid]], self.joined[sid], start, self.ends[sid],
-                       settled_to=start if f & SETTLED else None,
+                       volumes or NO_VOLUMES, settled_to=start if f & SETTLED else None,
                        fee_days_done=dt.date.fromordinal(self.fee_days[sid]),
                        discount_on=bool(f & DISCOUNT_ON), credit_on=bool(f & CREDIT_ON), due=self.ends[sid])
 
@@ -226,4 +260,11 @@ class AccountBook(MutableMapping):
 
     def nbytes(self) -> dict[str, int]:
         """What the rows' columns hold (benches), and how many accounts are objects."""
-        return {"rows": len(self.flags) * (1 + 2 + 8 + 8 + 8 + 4), "resting": self.resting, "live": len(self.live)}
+        return {"rows": len(self.flags) * (1 + 2 + 8 + 8 + 8 + 4 + 8 * len(self.volumes)), "resting": self.resting,
+                "live": len(self.live)}
+
+
+def _pair(key) -> bool:
+    """A (zone, direction) a row's volume columns hold."""
+    return (type(key) is tuple and len(key) == 2 and type(key[0]) is int and 0 <= key[0] < 256
+            and key[1] in (0, 1) and type(key[1]) is int)

@@ -366,8 +366,13 @@ class Biller:
     def observe(self, rows) -> None:
         """Drained engine counters (``CounterRow``): the period's volumes (postpaid,
         prevailing, volume limits)."""
+        book = self.accounts
         for r in rows:
-            acct = self.accounts.get(r.subscriber)
+            resting = book.row_terms(r.subscriber)
+            if resting is not None and resting[0].volume_since is None and self._quiet_terms(*resting) \
+                    and book.add_volume(r.subscriber, (r.zone, r.direction), r.bytes):
+                continue  # a row still (accounting/account_book.py), nothing for advance to look at (see _quiet)
+            acct = book.get(r.subscriber)
             if acct is not None:
                 key = (r.zone, r.direction)
                 if acct.volumes is NO_VOLUMES:

@@ -140,10 +140,17 @@ def test_resting_accounts_are_rows_until_used_and_rows_again_after_their_period(
     book = biller.accounts
     assert (len(book), len(book.live), book.resting) == (1000, 0, 1000)  # no object made by the start
     assert 7 in book and 1001 not in book and sorted(book) == list(range(1, 1001))
-    biller.observe([CounterRow(7, 1, 0, 100, 1, 0)])  # traffic: its volumes need an object
-    assert list(book.live) == [7] and book[7].volumes == {(1, 0): 100}
+    biller.observe([CounterRow(7, 1, 0, 100, 1, 0), CounterRow(7, 1, 0, 50, 1, 0), CounterRow(8, 0, 1, 9, 1, 0)])
+    assert not book.live and book.peek(7).volumes == {(1, 0): 150}  # traffic on a row: added in place
+    assert biller._due_now(START + 1, end=False) == []  # nothing for advance to look at (no fee, regular)
+    postpaid = Terms("postpaid", 0, None, 0, None, None, None, None, None, None)
+    biller.open(1001, postpaid, START)
     biller.advance(START + 1)
-    assert list(book.live) == [7]  # this period's volumes are on it: no row holds them
+    assert 1001 not in book.live  # looked at once (a first settlement to look at), then at rest
+    biller.observe([CounterRow(1001, 1, 1, 70, 1, 0)])
+    assert list(book.live) == [1001] and book[1001].volumes == {(1, 1): 70}  # a tariff that bills volumes
+    assert book.rest(book[1001]) and not book.live and book.peek(1001).volumes == {(1, 1): 70}
+    del book[1001]
     end = book.peek(1).end  # the feeless tariff is weekly from Monday: 2026-03-23 00:00 in Berlin
     assert end == int(dt.datetime(2026, 3, 23, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9
     _postings, changes = biller.advance(end)
