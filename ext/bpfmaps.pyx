@@ -18,9 +18,12 @@ Subscribers are *slots*: dense indices 0..max_slots-1 chosen by the caller
 (the daemon maps subscriber ids to slots). ``set_subscribers(slots,
 prefixes)`` binds prefixes (CIDR strings; /32 and /128 and IPv6 /64 go to
 hash maps, other lengths to LPM tries) to slots in bulk, batched;
-``remove_subscribers(prefixes)`` unbinds them. Every argument is checked
-before anything is written: a bad one raises ``BpfError`` and changes
-nothing.
+``remove_subscribers(prefixes)`` unbinds them. ``set_subscriber_networks(slots,
+texts)`` binds each slot's networks given as one text joined by spaces, and
+``set_subscriber_networks_arena(arena, words, present)`` the same read straight
+from a subscriber table's arena (a start's million subscribers, no str made).
+Every argument is checked before anything is written: a bad one raises
+``BpfError`` and changes nothing.
 
 Counters: one entry per (slot, zone, direction), index
 ``counter_index(slot, zone, direction) = (slot * n_zones + zone) * 2 +
@@ -68,7 +71,7 @@ from libc.stdlib cimport malloc, free, realloc
 from libc.errno cimport errno
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE, PyBUF_FORMAT
 
 import ipaddress
 import mmap as _mmap
@@ -76,6 +79,7 @@ import os
 from collections import namedtuple
 from pathlib import Path
 
+from ext.constants import TEXT_LENGTH_BITS
 from ext.errors import BpfError, TollgateError
 from ext.engine_py import ZoneRule, compile_rules
 
@@ -406,6 +410,26 @@ cdef int _parse_prefix_c(const char *p, Py_ssize_t n, int *family, uint8_t *addr
     return 1
 
 
+cdef struct _NetRef:
+    # what ``Maps._bind`` parses: one prefix, or one text of networks joined by spaces, and the slot it binds to
+    const char *p  # (into a str's UTF-8 or a subscriber table's arena, held by the caller meanwhile)
+    Py_ssize_t length
+    uint32_t slot
+
+
+cdef const char *_utf8(str text, Py_ssize_t *length) except NULL:
+    """``text``'s UTF-8 (cached by the str), or BpfError for one that has none (a lone surrogate)."""
+    try:
+        return PyUnicode_AsUTF8AndSize(text, length)
+    except UnicodeEncodeError:
+        raise BpfError(f"bad prefix {text!r}: not an address") from None
+
+
+# a subscriber table's arena (gateway/subscriber_table.py): a slot's word is start << this | length
+cdef unsigned int _TEXT_LENGTH_BITS = TEXT_LENGTH_BITS
+cdef unsigned long long _TEXT_MAX = (1 << TEXT_LENGTH_BITS) - 1
+
+
 def pinned_program_ids(pin_dir=DEFAULT_PIN_DIR):
     """The kernel's ids of the tc programs pinned under ``pin_dir`` (ingress, egress): what the attach and the
     heartbeat compare tc's filters with (policy/bpf.py). Only the programs' pins are opened: ``Maps.open``
@@ -726,34 +750,126 @@ cdef class Maps:
     def set_subscriber_networks(self, slots, texts):
         """``set_subscribers`` of every network of ``texts[i]`` (networks joined by single spaces, as the
         Accountant holds them: ``SubscriberInfo.networks_text``; "" for none) to ``slots[i]``, in the same
-        order, parsed here in C: a start binds 1.8M prefixes at a million subscribers, and a list of a text
-        and a slot for each took longer than the binding. Checked first; BpfError changes nothing."""
-        cdef Py_ssize_t n = len(texts), i, j, total = 0, length
+        order, parsed here in C: a list of a text and a slot for each network took longer than the binding.
+        Checked first; BpfError changes nothing. (A start binds from the table's arena instead:
+        ``set_subscriber_networks_arena``.)"""
+        cdef Py_ssize_t n = len(texts), i, m = 0, length
         cdef const char *p
+        cdef _NetRef *refs
         if len(slots) != n:
             raise BpfError(f"{len(slots)} slots for {n} texts")
-        for i in range(n):
-            text = texts[i]
-            if not isinstance(text, str):
-                raise BpfError(f"networks are a text, not {text!r}")
-            p = PyUnicode_AsUTF8AndSize(text, &length)
-            if length:
-                total += 1
-                for j in range(length):
-                    if p[j] == 32:
-                        total += 1
-        self._bind(slots, texts, total, True)
+        texts = list(texts)  # (held until bound: the records point into its strs' bytes)
+        refs = <_NetRef *> malloc(sizeof(_NetRef) * n + 1)
+        if refs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                text = texts[i]
+                if not isinstance(text, str):
+                    raise BpfError(f"networks are a text, not {text!r}")
+                p = _utf8(text, &length)
+                if length:
+                    slot_obj = slots[i]
+                    if not 0 <= slot_obj < self.max_slots:
+                        raise self._slot_error(slot_obj, text)
+                    refs[m].p, refs[m].length, refs[m].slot = p, length, slot_obj
+                    m += 1
+            self._bind(refs, m, True)
+        finally:
+            free(refs)
+
+    def set_subscriber_networks_arena(self, arena, words, present):
+        """``set_subscriber_networks`` of the networks' texts of a subscriber table, read straight from its
+        arena (``SubscriberTable.networks_arena()``: no str made; a start's million subscribers decoded to
+        strs first was 0.4 s of it): each slot ``sid`` with ``present[sid]`` set binds the networks of
+        ``arena[start:start + length]``, joined by single spaces ("" for none), where ``words[sid]`` (an
+        ``array('Q')``) is ``start << TEXT_LENGTH_BITS | length``. The same checks and errors as
+        ``set_subscriber_networks`` (BpfError changes nothing), and a word that points outside ``arena``
+        is one. The caller keeps the three as they are until it returns (the table's lock)."""
+        cdef Py_buffer data, slot_words, held
+        cdef int got = 0
+        cdef Py_ssize_t n, sid, m = 0
+        cdef unsigned long long word, start, length, size
+        cdef const char *base
+        cdef const unsigned long long *w
+        cdef const unsigned char *is_held
+        cdef _NetRef *refs = NULL
+        try:
+            PyObject_GetBuffer(arena, &data, PyBUF_SIMPLE)  # (a bytearray's: it cannot resize meanwhile)
+            got = 1
+            PyObject_GetBuffer(words, &slot_words, PyBUF_SIMPLE | PyBUF_FORMAT)
+            got = 2
+            PyObject_GetBuffer(present, &held, PyBUF_SIMPLE)
+            got = 3
+            if slot_words.itemsize != 8 or slot_words.format == NULL or slot_words.format not in (b"Q", b"L"):
+                raise BpfError(f"the words are 64-bit unsigned (an array('Q')), not {words!r:.40}")
+            n, size = held.len, <unsigned long long> data.len
+            if slot_words.len // 8 < n:
+                raise BpfError(f"{slot_words.len // 8} words for {n} slots")
+            base, w, is_held = <const char *> data.buf, <const unsigned long long *> slot_words.buf, \
+                <const unsigned char *> held.buf
+            refs = <_NetRef *> malloc(sizeof(_NetRef) * n + 1)
+            if refs == NULL:
+                raise MemoryError()
+            for sid in range(n):
+                word = w[sid]
+                length = word & _TEXT_MAX
+                if not is_held[sid] or not length:
+                    continue
+                start = word >> _TEXT_LENGTH_BITS
+                if start > size or length > size - start:
+                    raise BpfError(f"the text of slot {sid} is at {start}..{start + length}, beyond the arena's "
+                                   f"{size} bytes")
+                if sid >= self.max_slots:
+                    raise self._slot_error(sid, base[start:start + length].decode("utf-8", "replace"))
+                refs[m].p, refs[m].length, refs[m].slot = base + start, length, sid
+                m += 1
+            self._bind(refs, m, True)
+        finally:
+            free(refs)
+            if got >= 3:
+                PyBuffer_Release(&held)
+            if got >= 2:
+                PyBuffer_Release(&slot_words)
+            if got >= 1:
+                PyBuffer_Release(&data)
+
+    cdef _slot_error(self, slot, text):
+        return BpfError(f"slot {slot!r} of {text!r} is not in 0..{self.max_slots - 1}")
 
     cdef _subscribers(self, slots, prefixes, bint remove):
-        cdef Py_ssize_t n = len(prefixes)
+        cdef Py_ssize_t n = len(prefixes), i, length
+        cdef const char *p
+        cdef _NetRef *refs
+        cdef int family, plen
+        cdef uint8_t addr[16]
         if not remove and len(slots) != n:
             raise BpfError(f"{len(slots)} slots for {n} prefixes")
-        self._bind(slots, prefixes, n, False, remove)
+        prefixes = list(prefixes)  # (held until bound: the records point into its strs' bytes)
+        refs = <_NetRef *> malloc(sizeof(_NetRef) * n + 1)
+        if refs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                prefix = prefixes[i]
+                if not isinstance(prefix, str):
+                    _parse_prefix(prefix, &family, addr, &plen)  # (raises: not a CIDR string)
+                p = _utf8(prefix, &length)
+                refs[i].p, refs[i].length, refs[i].slot = p, length, 0
+                if not remove:
+                    slot_obj = slots[i]
+                    if not 0 <= slot_obj < self.max_slots:
+                        raise self._slot_error(slot_obj, prefix)
+                    refs[i].slot = slot_obj
+            self._bind(refs, n, False, remove)
+        finally:
+            free(refs)
 
-    cdef _bind(self, slots, items, Py_ssize_t n, bint texts, bint remove=False):
-        """Parse ``n`` prefixes, then write them: ``items[i]`` is one prefix of ``slots[i]``, or (``texts``)
-        ``n`` is the count of the networks ``items[i]`` joins by spaces, each of ``slots[i]``."""
-        cdef Py_ssize_t i, k, t = 0, m = len(items), start, end, length = 0
+    cdef _bind(self, _NetRef *refs, Py_ssize_t m, bint split, bint remove=False):
+        """Parse the prefixes of the ``m`` records, then write them: each record is one prefix of its slot,
+        or (``split``) a text of networks joined by single spaces (not empty), each of its slot. Every entry
+        point (a str list, a table's arena, a list of prefixes) makes the records; only this parses."""
+        cdef Py_ssize_t i, j, k, n = m, start, end, length
         cdef int family, plen
         cdef uint8_t addr[16]
         cdef uint32_t slot = 0
@@ -763,6 +879,12 @@ cdef class Maps:
         cdef int ksize[5]
         cdef int which
         cdef const char *p = NULL
+        if split:  # a network after each space, one more each
+            for i in range(m):
+                p = refs[i].p
+                for j in range(refs[i].length):
+                    if p[j] == 32:
+                        n += 1
         names = ("tg_sub4", "tg_sub6", "tg_sub6_64", "tg_sub4_lpm", "tg_sub6_lpm")
         ksize[0], ksize[1], ksize[2], ksize[3], ksize[4] = 4, 16, 8, 8, 20
         for k in range(5):
@@ -773,58 +895,41 @@ cdef class Maps:
             for k in range(5):
                 if keys[k] == NULL or vals[k] == NULL:
                     raise MemoryError()
-            end = -1
-            for i in range(n):
-                if texts:  # the next network of the texts: after the last one's space, or the next text's first
-                    while end < 0 or end >= length:
-                        text = items[t]
-                        p = PyUnicode_AsUTF8AndSize(text, &length)
-                        end = -1
-                        if length:
-                            slot_obj = slots[t]
-                            if not 0 <= slot_obj < self.max_slots:
-                                raise BpfError(f"slot {slot_obj!r} of {text!r} is not in 0..{self.max_slots - 1}")
-                            slot = slot_obj
-                            break
-                        t += 1
-                    start = end + 1
+            for i in range(m):
+                p, length, slot = refs[i].p, refs[i].length, refs[i].slot
+                start = 0
+                while True:  # each network of the record: up to the next space (split), or all of it
                     end = start
-                    while end < length and p[end] != 32:
-                        end += 1
+                    if split:
+                        while end < length and p[end] != 32:
+                            end += 1
+                    else:
+                        end = length
                     if not _parse_prefix_c(p + start, end - start, &family, addr, &plen):
                         _parse_prefix(p[start:end].decode("utf-8", "replace"), &family, addr, &plen)
+                    if family == 4:
+                        which = 0 if plen == 32 else 3
+                    else:
+                        which = 1 if plen == 128 else (2 if plen == 64 else 4)
+                    k = counts[which]
+                    if which == 0:
+                        memcpy(keys[0] + 4 * k, addr, 4)
+                    elif which == 1:
+                        memcpy(keys[1] + 16 * k, addr, 16)
+                    elif which == 2:
+                        memcpy(keys[2] + 8 * k, addr, 8)
+                    elif which == 3:
+                        (<tg_lpm4 *> (keys[3] + 8 * k)).prefixlen = plen
+                        memcpy((<tg_lpm4 *> (keys[3] + 8 * k)).addr, addr, 4)
+                    else:
+                        (<tg_lpm6 *> (keys[4] + 20 * k)).prefixlen = plen
+                        memcpy((<tg_lpm6 *> (keys[4] + 20 * k)).addr, addr, 16)
+                    vals[which][k].slot = slot
+                    vals[which][k].plen = plen
+                    counts[which] = k + 1
                     if end >= length:
-                        t += 1
-                else:
-                    prefix = items[i]
-                    if type(prefix) is not str or not _parse_prefix_c(
-                            PyUnicode_AsUTF8AndSize(prefix, &length), length, &family, addr, &plen):
-                        _parse_prefix(prefix, &family, addr, &plen)
-                    if not remove:
-                        slot_obj = slots[i]
-                        if not 0 <= slot_obj < self.max_slots:
-                            raise BpfError(f"slot {slot_obj!r} of {prefix!r} is not in 0..{self.max_slots - 1}")
-                        slot = slot_obj
-                if family == 4:
-                    which = 0 if plen == 32 else 3
-                else:
-                    which = 1 if plen == 128 else (2 if plen == 64 else 4)
-                k = counts[which]
-                if which == 0:
-                    memcpy(keys[0] + 4 * k, addr, 4)
-                elif which == 1:
-                    memcpy(keys[1] + 16 * k, addr, 16)
-                elif which == 2:
-                    memcpy(keys[2] + 8 * k, addr, 8)
-                elif which == 3:
-                    (<tg_lpm4 *> (keys[3] + 8 * k)).prefixlen = plen
-                    memcpy((<tg_lpm4 *> (keys[3] + 8 * k)).addr, addr, 4)
-                else:
-                    (<tg_lpm6 *> (keys[4] + 20 * k)).prefixlen = plen
-                    memcpy((<tg_lpm6 *> (keys[4] + 20 * k)).addr, addr, 16)
-                vals[which][k].slot = slot if not remove else 0
-                vals[which][k].plen = plen
-                counts[which] = k + 1
+                        break
+                    start = end + 1
             if not remove:  # the flags before the entries: a lookup too many, never one too few
                 need = (F_SUB4_LPM if counts[3] else 0) | (F_SUB6_LPM if counts[4] else 0) | \
                     (F_SUB6_HOST if counts[1] else 0)

@@ -43,6 +43,9 @@ MAX_COUNTER_PACKETS = (1 << 44) - 1
 MAX_BUCKETS = 4  # allowance buckets per tariff
 MAX_WARN_LEVELS = 4  # warning thresholds per tariff
 MAX_SUBSCRIBER_ID = (1 << 24) - 1  # ids index dense arrays in the engine
+# A subscriber table's text (gateway/subscriber_table.py's TextArena) is a 64-bit word per slot, start << this |
+# length; ext/bpfmaps.pyx reads the networks' texts straight from the arena by the same packing.
+TEXT_LENGTH_BITS = 24
 
 # IP protocol numbers that carry ports at the start of their header.
 IPPROTO_ICMP = 1

@@ -22,7 +22,9 @@ long-running daemon's tables do not grow with its changes.
 Threads: the daemon reads from several threads, mostly under its engine lock, and writes under it.
 Writes take the table's own lock as well (a compaction must not lose a concurrent write). A read
 takes no lock: a slot's text is one 64-bit word, read in one step, and a compaction swaps the
-arena and its slots in one assignment, so a read sees the old or the new text, whole.
+arena and its slots in one assignment, so a read sees the old or the new text, whole. A reader in C
+that takes the networks' arena itself (``networks_arena``: the eBPF start's binding) holds the lock
+meanwhile, so that what it reads stays one state.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import threading
 from array import array
 from collections import Counter
 from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
+from contextlib import contextmanager
 from itertools import accumulate, compress, repeat
 
-from ext.constants import MAX_SUBSCRIBER_ID
+from ext.constants import MAX_SUBSCRIBER_ID, TEXT_LENGTH_BITS
 
-LENGTH_BITS = 24  # a text's length in the low bits of its slot, its start in the arena in the others
+LENGTH_BITS = TEXT_LENGTH_BITS  # a text's length in the low bits of its slot, its start in the arena in the others
 MAX_TEXT = (1 << LENGTH_BITS) - 1  # 16 MiB: a name, or the networks of one subscriber (some 400k of them)
 MAX_ARENA = 1 << (64 - LENGTH_BITS)
 NO_SINCE = -(1 << 63)  # ``since`` is None
@@ -538,6 +541,20 @@ class SubscriberTable(MutableMapping):
         with self.lock:
             present = bytes(self.present)
             return list(compress(range(len(present)), present)), self.networks.texts(present)
+
+    @contextmanager
+    def networks_arena(self):
+        """``with table.networks_arena() as (arena, words, present):`` the networks' texts as the table holds
+        them, for a reader in C that takes them without a str each (the eBPF start binds a million
+        subscribers' from here: ``Maps.set_subscriber_networks_arena``). ``present[sid]`` is 1 where ``sid``
+        is held; its networks, joined by single spaces ("" for none), are ``arena[start:start + length]``
+        with ``words[sid] == start << LENGTH_BITS | length`` (``words`` may be longer than ``present``). The
+        table's lock is held for the block: its writers wait, so the three stay one consistent state
+        (a compaction swaps them). Read them only within the block, and write nothing to the table from it
+        (the lock is not reentrant)."""
+        with self.lock:
+            arena, words = self.networks.state
+            yield arena, words, self.present
 
     def networks_texts(self) -> list[str]:
         """Every held subscriber's networks' text, in ascending id, no view made."""

@@ -5,6 +5,11 @@ replace, one by one, on two loads side by side (root; real maps):
   parsed in C) binds exactly what ``set_subscribers`` of a slot and a prefix
   each binds: the same keys and values in every subscriber map (bpftool's
   dump), the same flags; a bad network in a text raises and binds nothing;
+* ``set_subscriber_networks_arena`` (the same texts read straight from a
+  ``SubscriberTable``'s arena, as the eBPF start binds them) binds the same:
+  held subscribers only, through changes, deletions and a compaction; a bad
+  network, a slot beyond the maps, a word outside the arena raise and bind
+  nothing;
 * ``mirror_blocked`` leaves the counters' flags, the F_ANY_BLOCKED flag and
   the blocked slots as ``set_blocked(slot, slot in blocked)`` for each slot
   does, from flags a previous process left (a slot blocked that is paid
@@ -23,6 +28,7 @@ import subprocess
 import pytest
 
 from ext.engine_py import ZoneRule
+from gateway.subscriber_table import LENGTH_BITS, SubscriberInfo
 
 PIN = f"/sys/fs/bpf/tollgate-test-bulk-{os.getpid()}"
 SLOTS = 300
@@ -113,6 +119,95 @@ def test_a_bad_network_in_a_text_binds_nothing(two, bad):
     with pytest.raises(BpfError):
         b.set_subscriber_networks([1], ["100.64.9.9/32", "100.64.9.10/32"])
     assert set(b.subscriber_count().values()) == {0}
+
+
+def table_of(nets_of: dict):
+    from gateway.subscriber_table import SubscriberInfo, SubscriberTable
+
+    return SubscriberTable({sid: SubscriberInfo(sid, f"s{sid}", "lab", nets) for sid, nets in nets_of.items()})
+
+
+def test_networks_from_the_arena_bind_what_prefixes_bind(two):
+    a, b = two
+    # 0, 1, 2, 3 and more networks, IPv4 and IPv6, hosts and LPM prefixes
+    nets_of = {sid: networks(sid) for sid in range(1, SLOTS) if sid % 3}
+    nets_of.update({3: [], 6: ["2001:db8:6::/64"], 9: ["100.64.0.9/32", "2001:db8:9::9"],
+                    12: ["10.12.0.0/16", "2001:db8:c::/64", "2001:dbb::/32"]})
+    table = table_of(nets_of)
+    # held no more (its text stays in the arena: not bound), changed (the old text stale), added again
+    del table[4]
+    del nets_of[4]
+    table[5].addresses = nets_of[5] = ["100.64.200.5/32"]
+    table[299] = SubscriberInfo(299, "back", "lab", ["2001:db8:12b::/64"])
+    nets_of[299] = ["2001:db8:12b::/64"]
+    slots = [sid for sid in sorted(nets_of) for _ in nets_of[sid]]
+    a.set_subscribers(slots, [n for sid in sorted(nets_of) for n in nets_of[sid]])
+    with table.networks_arena() as (arena, words, present):
+        b.set_subscriber_networks_arena(arena, words, present)
+    assert a.subscriber_count() == b.subscriber_count()
+    assert all(a.subscriber_count().values())
+    for name in SUBMAPS:
+        assert dump(a, name) == dump(b, name), name
+    assert a.flags == b.flags
+    # after a compaction (the arena copied, its words moved): the same again
+    before = table.networks.state
+    for sid in list(table) * 2:  # (the stale bytes pass half the arena)
+        table[sid].addresses = nets_of[sid]
+    assert table.networks.state is not before  # (compacted)
+    with table.networks_arena() as (arena, words, present):
+        b.set_subscriber_networks_arena(arena, words, present)
+    for name in SUBMAPS:
+        assert dump(a, name) == dump(b, name), name
+
+
+def test_an_empty_table_binds_nothing(two):
+    _a, b = two
+    with table_of({}).networks_arena() as state:
+        b.set_subscriber_networks_arena(*state)
+    with table_of({1: [], 2: []}).networks_arena() as state:
+        b.set_subscriber_networks_arena(*state)
+    assert set(b.subscriber_count().values()) == {0}
+
+
+@pytest.mark.parametrize("bad", ["100.64.0.1/33", "100.64.0.1/24", "2001:db8::/64 ", "nonsense", "100.64.0.2  "
+                                 "100.64.0.3", "100.64.0.1/+8", "2001:db8::1/129", "réseau/32"])
+def test_a_bad_network_in_the_arena_binds_nothing(two, bad):
+    from ext.bpfmaps import BpfError
+
+    _a, b = two
+    table = table_of({1: ["100.64.9.9/32", "2001:db8:1::/64"], 2: ["100.64.9.10/32"], 3: [bad]})
+    with table.networks_arena() as (arena, words, present):
+        with pytest.raises(BpfError, match="bad prefix"):
+            b.set_subscriber_networks_arena(arena, words, present)
+    assert set(b.subscriber_count().values()) == {0}
+    del table[3]  # held no more: its text is not read
+    with table.networks_arena() as state:
+        b.set_subscriber_networks_arena(*state)
+    assert b.subscriber_count()["tg_sub4"] == 2
+
+
+def test_the_arena_s_slots_and_words_are_checked(two):
+    from array import array
+
+    from ext.bpfmaps import BpfError
+
+    _a, b = two
+    table = table_of({1: ["100.64.9.9/32"], SLOTS: ["100.64.9.10/32"]})
+    with table.networks_arena() as (arena, words, present):
+        with pytest.raises(BpfError, match=f"slot {SLOTS} of '100.64.9.10/32' is not in 0..{SLOTS - 1}"):
+            b.set_subscriber_networks_arena(arena, words, present)
+        present = bytes(present[:SLOTS])  # (SLOTS left out: the rest binds)
+        bad = array("Q", words)
+        bad[1] = (len(arena) << LENGTH_BITS) | 3  # a word beyond the arena's end
+        with pytest.raises(BpfError, match="beyond the arena"):
+            b.set_subscriber_networks_arena(arena, bad, present)
+        with pytest.raises(BpfError, match="words for"):
+            b.set_subscriber_networks_arena(arena, words[:1], present)
+        with pytest.raises(BpfError, match="64-bit"):
+            b.set_subscriber_networks_arena(arena, array("I", bytes(8 * len(words))), present)
+        assert set(b.subscriber_count().values()) == {0}
+        b.set_subscriber_networks_arena(arena, words, present)
+    assert b.subscriber_count()["tg_sub4"] == 1
 
 
 def flags(m) -> list[int]:

@@ -47,6 +47,13 @@ def same(table: SubscriberTable, model: dict) -> None:
     assert table.all_networks() == [n for s in sorted(model) for n in model[s][2]]
     assert table.networks_by_id() == (sorted(model), [model[s][3] for s in sorted(model)])
     assert {sid: facts(v) for sid, v in table.views(sorted(model)).items()} == model
+    with table.networks_arena() as (arena, words, present):  # (what the eBPF start binds, read as C reads it)
+        assert table.lock.locked()  # its writers wait meanwhile
+        held = [sid for sid in range(len(present)) if present[sid]]
+        starts_lengths = [(words[sid] >> st_mod.LENGTH_BITS, words[sid] & st_mod.MAX_TEXT) for sid in held]
+        assert held == sorted(model)
+        assert [arena[a:a + n].decode() for a, n in starts_lengths] == [model[s][3] for s in held]
+    assert not table.lock.locked()
 
 
 class TableAgainstDict(RuleBasedStateMachine):
