@@ -25,6 +25,7 @@ newer than this code is refused.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import logging
@@ -225,42 +226,53 @@ class Ledger:
     def subscriber_rows(self, columns, sparse=()):
         """Every subscriber by id as a row: the values of ``columns`` (of ``subscribers``, the first
         ``id``) as the backend gives them and, after them, its networks as one text, joined by single
-        spaces in the order of :meth:`subscribers` ("" for none: no network's text has a space). The
-        database joins them (``Backend.joined_in_order``), walked alongside the subscribers: a start's
-        million subscribers are 2M rows to Python, not 2.8M, and the engine takes the texts whole
-        (``add_networks_texts``, ``gateway.runtime.iter_ledger_rows``).
+        spaces in the order of :meth:`subscribers` ("" for none: no network's text has a space);
+        with ``sparse``, each item is ``(row, values of sparse)``, the last None for a subscriber that
+        sets none of them. :meth:`subscriber_chunks`, a row at a time."""
+        for rows, texts, own in self.subscriber_chunks(columns, sparse):
+            if not sparse:
+                yield from map(lambda row, text: row + (text,), rows, texts)
+            else:
+                yield from zip(map(lambda row, text: row + (text,), rows, texts), own)
 
-        ``sparse``: columns most subscribers leave NULL (their own terms), read by a third scan of only
-        the rows that set one, walked alongside: each item is then ``(row, values of sparse)``, the
-        last None for a subscriber that sets none of them. A million rows of nine NULLs each cost
-        the database and the driver a second; the rows that set one are few, and found by the database."""
+    START_CHUNK = 4096  # rows of a start's scan handed on at once (subscriber_chunks)
+
+    def subscriber_chunks(self, columns, sparse=(), size: int = START_CHUNK):
+        """Every subscriber by id, ``size`` at a time: ``(rows, texts, own)``, three lists of one length:
+        each subscriber's ``columns`` (of ``subscribers``, the first ``id``) as the backend gives them,
+        its networks as one text (joined by single spaces in the order of :meth:`subscribers`, "" for
+        none: no network's text has a space) and, with ``sparse``, the values of those columns, or
+        None for a subscriber that sets none of them (``own`` is ``[]`` without ``sparse``).
+
+        The database joins the networks (``Backend.joined_in_order``, from the index of (subscriber,
+        network): migrations/sqlite/0027), in a scan walked alongside the subscribers': a start's
+        million subscribers are 2M rows to Python, not 2.8M, and the engine takes the texts whole
+        (``add_networks_texts``, ``gateway.runtime.iter_ledger_chunks``). ``sparse``: columns most
+        subscribers leave NULL (their own terms), read by a third scan of only the rows that set one
+        (a million rows of nine NULLs each cost the database and the driver a second). The scans are
+        matched a chunk at a time by dict, not row by row."""
         if not columns or columns[0] != "id":
             raise LedgerError("subscriber_rows: the first column is id")
         bad = (set(columns) | set(sparse)) - set(self._COLS)
         if bad:
             raise LedgerError(f"unknown subscriber columns {', '.join(sorted(bad))}")
-        networks = iter(self.db.execute(self.db.joined_in_order("subscriber_id", "network", "addresses")))
-        pending = next(networks, None)
+        networks = _KeyedScan(self.db.execute(self.db.joined_in_order("subscriber_id", "network", "addresses")))
         rows = self.db.execute(f"SELECT {', '.join(columns)} FROM subscribers ORDER BY id")
-        setting = iter(self.db.execute(f"SELECT id, {', '.join(sparse)} FROM subscribers"
-                                       f" WHERE {' OR '.join(f'{c} IS NOT NULL' for c in sparse)} ORDER BY id")
-                       if sparse else ())
-        own = next(setting, None)
-        for row in rows:
-            sid, text = row[0], ""
-            while pending is not None and pending[0] <= sid:
-                if pending[0] == sid:
-                    text = pending[1]
-                pending = next(networks, None)
-            if not sparse:
-                yield row + (text,)
-                continue
-            values = None
-            while own is not None and own[0] <= sid:
-                if own[0] == sid:
-                    values = own[1:]
-                own = next(setting, None)
-            yield row + (text,), values
+        setting = _KeyedScan(self.db.execute(
+            f"SELECT id, {', '.join(sparse)} FROM subscribers WHERE {' OR '.join(f'{c} IS NOT NULL' for c in sparse)}"
+            " ORDER BY id")) if sparse else None
+        while True:
+            chunk = rows.fetchmany(size)
+            if not chunk:
+                return
+            ids = [row[0] for row in chunk]
+            texts = dict(networks.upto(ids[-1]))
+            texts = [text or "" for text in map(texts.get, ids)]
+            own = []
+            if setting is not None:
+                values = {row[0]: row[1:] for row in setting.upto(ids[-1])}
+                own = list(map(values.get, ids))
+            yield chunk, texts, own
 
     def _subscriber(self, row) -> dict:
         d = dict(zip(self._COLS, row))
@@ -1485,6 +1497,34 @@ class Ledger:
                 " packets = bpf_marks.packets + excluded.packets",
                 [(sid, z, d, b, p) for (sid, z, d), (b, p) in sorted(marks.items())])
         return True
+
+
+class _KeyedScan:
+    """A scan of rows ordered by their first value, read on in steps: :meth:`upto` the rows up to a key."""
+
+    __slots__ = ("cursor", "pending")
+
+    def __init__(self, cursor) -> None:
+        self.cursor = cursor
+        self.pending: list = []  # rows fetched past the last key asked for
+
+    def upto(self, last) -> list:
+        """The rows not handed out yet whose key is at most ``last``."""
+        out = []
+        while True:
+            if not self.pending:
+                self.pending = self.cursor.fetchmany(Ledger.START_CHUNK)
+                if not self.pending:
+                    return out
+            rows = self.pending
+            if rows[-1][0] <= last:
+                out += rows
+                self.pending = []
+                continue
+            k = bisect.bisect_right(rows, last, key=lambda row: row[0])
+            out += rows[:k]
+            self.pending = rows[k:]
+            return out
 
 
 def _when(t: int, tzname: str) -> str:

@@ -57,7 +57,7 @@ def child(db: str, config: str, engine: str) -> dict:
     """The start's stages in this process: ``{stage: [seconds, RSS MB after]}``, peak, counts."""
     from accounting.ledger import Ledger
     from gateway.config import load_config
-    from gateway.runtime import Accountant, iter_ledger_rows, kept_for_life
+    from gateway.runtime import Accountant, iter_ledger_chunks, kept_for_life
 
     cfg = load_config(config)
     ledger = Ledger.open(db)
@@ -72,8 +72,8 @@ def child(db: str, config: str, engine: str) -> dict:
 
     # as Gateway.start does it (no [cluster]: every row is served), streamed
     with kept_for_life():
-        events = stage("load", lambda: acct.load_subscribers(
-            r for r in iter_ledger_rows(ledger) if cfg.cluster.serves(r["addresses"])))
+        events = stage("load", lambda: acct.load_chunks(  # as Gateway.load_from_ledger (no credit grants)
+            iter_ledger_chunks(ledger, serves=cfg.cluster.serves if cfg.cluster.networks else None)))
         now = time.time_ns()
         acct.ensure_timeline(now, since_ns=now)
         events += stage("start_billing", lambda: acct.start_billing(now))[1]

@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import compress, islice
 
 from accounting import access, prepaid
 from accounting.billing import Biller, Posting, Terms, counted_volume, volume_zone_mask
@@ -75,33 +75,96 @@ def kept_for_life():
     gc.freeze()
 
 
-def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
-    """The ledger's active subscribers, as ``Accountant.load_subscribers`` takes them, one at a time
-    from the ledger's scan (a start holds a chunk of them, not a million: see ``Gateway.start``).
-    Billing runs from ``billing_since_ns``, else (unless ``created_is_since``
-    is false: a replay of older traffic) from when the subscriber was created.
-    ``volume_since``: a guest account's voucher's first use (see :meth:`Accountant.terms_for`), all of them
-    in one query.
+@dataclass(slots=True)
+class RowChunk:
+    """Subscribers to load (``Accountant.load_chunks``), as columns of one length: a start's chunk of the
+    ledger (:func:`iter_ledger_chunks`: no dict made for a row), or rows given as dicts (``of_rows``).
+
+    ``addresses``: each one's networks, one text joined by single spaces ("" for none) or a sequence
+    of texts; ``since``: when its billing starts (None: not known); ``volume_since``: a guest account's
+    voucher's first use; ``own``: the terms of ``Ledger.TERMS`` but credit_limit that it sets, a dict,
+    or None for none (most). ``dicts``: the rows themselves when given as dicts (their terms are then
+    worked out from them as they are: ``Accountant.terms_for``)."""
+
+    ids: list
+    names: list
+    tariffs: list
+    balances: list
+    credit_limits: list
+    addresses: list
+    since: list
+    volume_since: list
+    own: list
+    dicts: list | None = None
+
+    @classmethod
+    def of_rows(cls, rows: list[dict]) -> RowChunk:
+        return cls([r["id"] for r in rows], [r["name"] for r in rows], [r["tariff"] for r in rows],
+                   [r["balance"] for r in rows], [r["credit_limit"] for r in rows], [r["addresses"] for r in rows],
+                   [r.get("since") for r in rows], [r.get("volume_since") for r in rows],
+                   [None] * len(rows), rows)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, i: int) -> dict:
+        """Row ``i`` as a dict, as :func:`iter_ledger_rows` gives it."""
+        if self.dicts is not None:
+            return self.dicts[i]
+        row = {"id": self.ids[i], "name": self.names[i], "tariff": self.tariffs[i], "balance": self.balances[i],
+               "credit_limit": self.credit_limits[i], "addresses": self.addresses[i], "since": self.since[i],
+               "volume_since": self.volume_since[i]}
+        if self.own[i]:
+            row.update(self.own[i])
+        return row
+
+    def rows(self) -> list[dict]:
+        return [self.row(i) for i in range(len(self))]
+
+    def where(self, keep: list) -> RowChunk:
+        """The rows ``keep`` says yes to."""
+        if all(keep):
+            return self
+        return RowChunk(*(None if c is None else list(compress(c, keep)) for c in (
+            self.ids, self.names, self.tariffs, self.balances, self.credit_limits, self.addresses, self.since,
+            self.volume_since, self.own, self.dicts)))
+
+
+def iter_ledger_chunks(ledger: Ledger, created_is_since: bool = True, serves=None):
+    """The ledger's active subscribers, as ``Accountant.load_chunks`` takes them: a :class:`RowChunk` of
+    ``ROW_CHUNK`` at a time from the ledger's scan (``Ledger.subscriber_chunks``), in columns (zip's, not a
+    dict a row: a start holds a chunk of them, not a million, see ``Gateway.start``). Billing runs from
+    ``billing_since_ns``, else (unless ``created_is_since`` is false: a replay of older traffic) from
+    when the subscriber was created. ``volume_since``: a guest account's voucher's first use (see
+    :meth:`Accountant.terms_for`), all of them in one query. ``serves``: a test of a subscriber's
+    networks' text (``ClusterSettings.serves``): the rows it refuses are left out.
 
     A row holds id, name, tariff, balance, credit_limit, addresses (its networks as the ledger joins them:
-    one text, by single spaces, "" for none; ``Accountant.load_subscribers`` gives it to the engine and
+    one text, by single spaces, "" for none; ``Accountant.load_chunks`` gives it to the engine and
     to the subscriber table whole), since and volume_since, and of the subscriber's own terms
-    (``Ledger.TERMS``) those it sets (a term not set is not in the row: :meth:`Accountant.terms_for`
-    reads them with ``get``)."""
+    (``Ledger.TERMS``) those it sets."""
     starts = prepaid.volume_starts(ledger)
-    intern = {}  # tariff name -> one string for all its subscribers
-    for (sid, name, tariff, balance, active, billing_since, created, credit_limit, addresses), terms in \
-            ledger.subscriber_rows(_ROW_COLUMNS, _OWN_TERMS):
-        if not active:
-            continue
-        row = {"id": sid, "name": name, "tariff": intern.setdefault(tariff, tariff), "balance": balance,
-               "credit_limit": credit_limit, "addresses": addresses,
-               "since": billing_since or (created if created_is_since else None), "volume_since": starts.get(sid)}
-        if terms is not None:
-            for key, value in zip(_OWN_TERMS, terms):
-                if value is not None:
-                    row[key] = value
-        yield row
+    for rows, texts, own in ledger.subscriber_chunks(_ROW_COLUMNS, _OWN_TERMS, ROW_CHUNK):
+        ids, names, tariffs, balances, actives, billing, created, credits = map(list, zip(*rows))
+        since = [b or c for b, c in zip(billing, created)] if created_is_since else [b or None for b in billing]
+        chunk = RowChunk(ids, names, tariffs, balances, credits, texts, since,
+                         list(map(starts.get, ids)) if starts else [None] * len(ids),
+                         [None if v is None else _set_terms(v) for v in own])
+        keep = actives if serves is None else [a and serves(t) for a, t in zip(actives, texts)]
+        chunk = chunk.where(keep)
+        if chunk.ids:
+            yield chunk
+
+
+def _set_terms(values) -> dict | None:
+    """The terms a row's sparse columns set (``_OWN_TERMS``), None for none."""
+    return {key: value for key, value in zip(_OWN_TERMS, values) if value is not None} or None
+
+
+def iter_ledger_rows(ledger: Ledger, created_is_since: bool = True):
+    """:func:`iter_ledger_chunks`, a row dict at a time (a replay, tests)."""
+    for chunk in iter_ledger_chunks(ledger, created_is_since):
+        yield from chunk.rows()
 
 
 def joined_networks(addresses, name: str) -> str:
@@ -328,53 +391,43 @@ class Accountant:
     def load_subscribers(self, rows) -> list:
         """Put subscribers into the engine; returns the events (blocks) that raises.
 
-        ``rows`` (any iterable: a start streams them from the ledger) are mappings with id, name,
-        tariff, balance, credit_limit and addresses, as :func:`iter_ledger_rows` gives them (addresses:
-        one text, the networks joined by spaces) or built from the config in a dry run without a ledger
-        (addresses: a sequence of texts). The engine is filled ``ROW_CHUNK`` at a time, with one bulk
-        call for the chunk's subscribers and one for their networks, a text a subscriber (the engine
-        parses them: no Python object a network).
-        """
+        ``rows`` (any iterable) are mappings with id, name, tariff, balance, credit_limit and addresses,
+        as :func:`iter_ledger_rows` gives them (addresses: one text, the networks joined by spaces) or
+        built from the config in a dry run without a ledger (addresses: a sequence of texts):
+        :meth:`load_chunks` of them, ``ROW_CHUNK`` at a time."""
+        return self.load_chunks(RowChunk.of_rows(part) for part in chunked(rows))
+
+    def load_chunks(self, chunks) -> list:
+        """Put the subscribers of ``chunks`` (:class:`RowChunk` s: a start's from :func:`iter_ledger_chunks`)
+        into the engine; returns the events (blocks) that raises. Each chunk is one bulk call for its
+        subscribers and one for their networks, a text a subscriber (the engine parses them: no Python
+        object a network), and one fill of each table's columns."""
         events = []
         with gc_paused():
-            for part in chunked(rows):
-                events += self._load_chunk(part)
+            for chunk in chunks:
+                events += self._load_chunk(chunk)
         return events
 
-    def _load_chunk(self, rows: list) -> list:
-        ids, tids, balances, credits, allowances, volumes = [], [], [], [], [], []
-        texts = []  # per subscriber: its networks joined by spaces, parsed whole by the engine
-        allowance_of: dict[str, tuple] = {}  # one allowance per tariff: the engine checks it once
-        tid_of: dict[int, int] = {}  # id(terms) -> its engine tariff (terms are shared, and held by terms_of)
-        terms_of = []
-        terms_for, engine_tariff, engine_credit = self.terms_for, self.engine_tariff, self.engine_credit
+    def _load_chunk(self, chunk: RowChunk) -> list:
         tariff_ids = self.tariff_ids
-        for row in rows:
-            tariff = row["tariff"]
-            if tariff not in tariff_ids:
-                raise TollgateError(f"subscriber {row['name']!r} has tariff {tariff!r}, "
-                                    f"which the config does not define")
-            terms = terms_for(row)
-            terms_of.append(terms)
-            sid = row["id"]
-            ids.append(sid)
-            tid = tid_of.get(id(terms))
-            if tid is None:
-                tid = tid_of[id(terms)] = engine_tariff(tariff, terms.discount)
-            tids.append(tid)
-            balances.append(row["balance"])
-            credits.append(engine_credit(row["credit_limit"]))
-            allowance = allowance_of.get(tariff)
-            if allowance is None:
-                allowance = allowance_of[tariff] = self.config.tariffs[tariff].allowance()
-            allowances.append(allowance)
-            volumes.append(terms.volume_limit)
-            addresses = row["addresses"]
-            texts.append(addresses if type(addresses) is str else joined_networks(addresses, row["name"]))
+        unknown = set(chunk.tariffs) - tariff_ids.keys()
+        if unknown:
+            i = next(i for i, tariff in enumerate(chunk.tariffs) if tariff in unknown)
+            raise TollgateError(f"subscriber {chunk.names[i]!r} has tariff {chunk.tariffs[i]!r}, "
+                                f"which the config does not define")
+        terms_of = self._chunk_terms(chunk)
+        distinct = dict(zip(map(id, terms_of), terms_of))  # id -> terms (shared: a few in a chunk, held by terms_of)
+        tid_of = {key: self.engine_tariff(t.tariff, t.discount) for key, t in distinct.items()}
+        tids = list(map(tid_of.__getitem__, map(id, terms_of)))
+        allowance_of = {tariff: self.config.tariffs[tariff].allowance() for tariff in set(chunk.tariffs)}
+        allowances = list(map(allowance_of.__getitem__, chunk.tariffs))  # one per tariff: the engine checks it once
+        volumes = [t.volume_limit for t in terms_of]
+        credits = [0] * len(chunk) if self.on_grants else chunk.credit_limits  # (engine_credit's rule)
+        texts = [a if type(a) is str else joined_networks(a, name) for a, name in zip(chunk.addresses, chunk.names)]
         try:
-            ids, tids, balances, credits = (array("q", c) for c in (ids, tids, balances, credits))
+            ids, tids, balances, credits = (array("q", c) for c in (chunk.ids, tids, chunk.balances, credits))
         except (OverflowError, TypeError):  # not a 64-bit integer: the engine's own checks say which
-            for sid, balance, credit in zip(ids, balances, credits):
+            for sid, balance, credit in zip(chunk.ids, chunk.balances, credits):
                 check_subscriber_id(sid)
                 as_int64(balance, "balance")
                 as_int64(credit, "credit")
@@ -385,15 +438,34 @@ class Accountant:
         except EngineError as exc:
             if getattr(exc, "index", None) is None:
                 raise
-            raise TollgateError(f"subscriber {rows[exc.index]['name']!r}: {exc}") from None
+            raise TollgateError(f"subscriber {chunk.names[exc.index]!r}: {exc}") from None
         # the chunk into the tables' columns, one call each (an object per subscriber was 250 MB at a million)
-        sids = [row["id"] for row in rows]
+        sids = chunk.ids
         self.terms.fill(sids, terms_of)
-        self.access_dirty.update(  # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
-            sid for sid, terms in zip(sids, terms_of) if terms.access is not None)
-        self.subscribers.fill(sids, [row["name"] for row in rows], [row["tariff"] for row in rows],
-                              texts, [row.get("since") for row in rows])
+        if any(t.access is not None for t in distinct.values()):
+            # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
+            self.access_dirty.update(sid for sid, terms in zip(sids, terms_of) if terms.access is not None)
+        self.subscribers.fill(sids, chunk.names, chunk.tariffs, texts, chunk.since)
         return events
+
+    def _chunk_terms(self, chunk: RowChunk) -> list:
+        """Each row's ``Terms``: :meth:`terms_for`'s. A ledger's row that sets no terms of its own and has
+        no config entry (nearly all) has the terms of its (tariff, volume_since, credit_limit), worked out
+        once per chunk for each: a row dict made for one row of those, not for each."""
+        terms_for = self.terms_for
+        if chunk.dicts is not None:
+            return [terms_for(row) for row in chunk.dicts]
+        seeds, shared, out = self.seeds, {}, []
+        for i, (name, key, own) in enumerate(zip(chunk.names, zip(chunk.tariffs, chunk.volume_since,
+                                                                   chunk.credit_limits), chunk.own)):
+            if own is None and name not in seeds:
+                terms = shared.get(key)
+                if terms is None:
+                    terms = shared[key] = terms_for(chunk.row(i))
+            else:
+                terms = terms_for(chunk.row(i))
+            out.append(terms)
+        return out
 
     def engine_credit(self, credit: int) -> int:
         """The credit the engine may spend beyond its balance: none on a gateway that rates against credit

@@ -29,7 +29,7 @@ from accounting.thread_ledgers import ThreadLedgers
 from ext.errors import ConfigError, SourceError, TollgateError
 
 from ..config import Config, load_config
-from ..runtime import NS, Accountant, iter_ledger_rows, kept_for_life
+from ..runtime import NS, Accountant, iter_ledger_chunks, kept_for_life
 from .changes import ChangeFollower
 from .credit import GrantKeeper
 from .flusher import Flusher
@@ -173,12 +173,13 @@ class Gateway:
         so those the balances include are exactly those up to the ids. With grants (which write while
         loading, so no read snapshot) a payment only frees credit to ask for again: replaying it is harmless."""
         self.changes.start_from_ledger()
-        rows = (r for r in iter_ledger_rows(self.ledger) if self.config.cluster.serves(r["addresses"]))
-        if self.credit is not None:
-            return self.acct.load_subscribers(self.credit.load(rows))
+        cluster = self.config.cluster
+        chunks = iter_ledger_chunks(self.ledger, serves=cluster.serves if cluster.networks else None)
+        if self.credit is not None:  # (rows: each balance becomes the gateway's grant)
+            return self.acct.load_subscribers(self.credit.load(r for chunk in chunks for r in chunk.rows()))
         with self.ledger.db.snapshot():
             self.changes.balances_read()
-            return self.acct.load_subscribers(rows)
+            return self.acct.load_chunks(chunks)
 
     def _recover_from_kernel(self, listing: dict) -> None:
         """What the kernel forwarded while we were down (see .kernel), from

@@ -105,6 +105,20 @@ def test_ledger_rows_as_before(tmp_path, monkeypatch):
     acct.start_billing(10 ** 18)
     assert acct.since == {} and acct.biller.accounts[d].joined == 4 * 10 ** 17  # the account holds it now
 
+    # the start's own path: chunks of columns (iter_ledger_chunks, load_chunks), the ledger's scans matched a
+    # chunk at a time (Ledger.subscriber_chunks: with one row a fetch, each scan read on across the chunks)
+    monkeypatch.setattr(Ledger, "START_CHUNK", 1)
+    chunked = Accountant(cfg, ledger)
+    assert chunked.load_chunks(gateway.runtime.iter_ledger_chunks(ledger)) == events
+    assert chunked.terms == acct.terms and (chunked.since, chunked.access_dirty) == (streamed.since, streamed.access_dirty)
+    assert chunked.terms[a] is chunked.terms[f]  # no own terms, the same tariff and credit: one object
+    assert {s: (i.name, i.tariff, i.addresses) for s, i in chunked.subscribers.items()} == \
+        {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()}
+    for sid in streamed.subscribers:  # (acct's engine has been billed since)
+        assert chunked.engine.subscriber(sid) == streamed.engine.subscriber(sid)
+    # a cluster gateway's start leaves out the subscribers whose networks it does not see
+    served = [c.ids for c in gateway.runtime.iter_ledger_chunks(ledger, serves=lambda text: text.startswith("2001:"))]
+    assert served == [[f]]
 
 def test_subscriber_info_gives_back_its_networks():
     from gateway.subscriber_table import SubscriberInfo
@@ -115,6 +129,7 @@ def test_subscriber_info_gives_back_its_networks():
         info.addresses = networks[1:]  # a change (gateway/daemon/changes.py)
         assert info.addresses == networks[1:]
     assert not hasattr(info, "__dict__")  # one small object a subscriber
+
 
 
 def test_a_start_pauses_the_collector_and_freezes_what_it_made():

@@ -37,22 +37,22 @@ def gateway(tmp_path, target: str) -> Gateway:
 
 def load_with(gw: Gateway, during) -> None:
     """``gw.load_from_ledger()`` with ``during()`` run (another connection's writes) once the load has read
-    its first row and before it reads the rest."""
-    load = gw.acct.load_subscribers
+    its first chunk of rows and before it reads the rest (here: all of them, a chunk holds thousands)."""
+    load = gw.acct.load_chunks
 
-    def rows_then(rows):
+    def chunks_then(chunks):
         def stream():
-            it = iter(rows)
+            it = iter(chunks)
             yield next(it)
             during()
             yield from it
         return load(stream())
 
-    gw.acct.load_subscribers = rows_then
+    gw.acct.load_chunks = chunks_then
     try:
         gw.load_from_ledger()
     finally:
-        gw.acct.load_subscribers = load
+        gw.acct.load_chunks = load
 
 
 def other(gw):
