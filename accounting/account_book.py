@@ -99,10 +99,11 @@ class AccountBook(MutableMapping):
         """A new account as a row, as ``Account(sid, terms, joined, start, end, fee_days_done=fee_day, ...)``
         with ``settled_to`` None and ``due`` its end: what ``Biller.open`` makes of a resting account, without
         the object. False: it cannot be a row (an id too large, too many distinct terms): make the object."""
-        ix = self._terms_ix(terms)
+        ix = self.terms_index.get(id(terms)) or self._terms_ix(terms)
         if ix is None or not 0 <= sid < MAX_ROWS:
             return False
-        self.live.pop(sid, None)
+        if self.live:  # (empty at a start, which opens a million here: each step of this counts)
+            self.live.pop(sid, None)
         self._put(sid, ix, joined, start, end, fee_day, (DISCOUNT_ON if discount_on else 0)
                   | (CREDIT_ON if credit_on else 0))
         return True
@@ -157,18 +158,20 @@ class AccountBook(MutableMapping):
         return ix
 
     def _put(self, sid: int, ix: int, joined: int, start: int, end: int, fee_day: dt.date, flags: int) -> None:
-        if sid >= len(self.flags):
-            grow = max(sid + 1, 2 * len(self.flags)) - len(self.flags)
-            self.flags.extend(bytes(grow))
+        row_flags = self.flags
+        if sid >= len(row_flags):
+            grow = max(sid + 1, 2 * len(row_flags)) - len(row_flags)
+            row_flags.extend(bytes(grow))
             for column in (self.terms_ix, self.joined, self.starts, self.ends, self.fee_days, *self.volumes.values()):
                 column.frombytes(bytes(grow * column.itemsize))
-        if not self.flags[sid] & RESTING:
+        if not row_flags[sid] & RESTING:
             self.resting += 1
-        self.flags[sid] = flags | RESTING
+        row_flags[sid] = flags | RESTING
         self.terms_ix[sid], self.joined[sid], self.starts[sid], self.ends[sid] = ix, joined, start, end
         self.fee_days[sid] = fee_day.toordinal()
-        for column in self.volumes.values():
-            column[sid] = 0
+        if self.volumes:
+            for column in self.volumes.values():
+                column[sid] = 0
 
     def _is_row(self, sid) -> bool:
         return type(sid) is int and 0 <= sid < len(self.flags) and self.flags[sid] & RESTING
