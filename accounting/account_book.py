@@ -50,6 +50,7 @@ SETTLED = 2  # its settled_to is its period's start (a period entered past a bou
 DISCOUNT_ON = 4
 CREDIT_ON = 8
 MAX_ROWS = 1 << 26  # ids beyond (sparse ones) keep their objects: the columns are indexed by id
+INT64_MAX = (1 << 63) - 1  # a volume column's cell
 MAX_TERMS = 1 << 16  # distinct Terms the rows can name (one per tariff and own terms, usually a handful)
 
 
@@ -114,7 +115,7 @@ class AccountBook(MutableMapping):
         start, due at its period's end. Returns whether it did (the object is dropped from the book then)."""
         if not (acct.prevailing_charged == 0 and acct.since_volume == 0 and acct.settled_to in (None, acct.start)
                 and acct.due == acct.end and acct.fee_days_done is not None and 0 <= acct.sid < MAX_ROWS
-                and all(_pair(key) and type(v) is int and v > 0 for key, v in acct.volumes.items())):
+                and all(_pair(key) and type(v) is int and 0 < v <= INT64_MAX for key, v in acct.volumes.items())):
             return False
         ix = self._terms_ix(acct.terms)
         if ix is None or self.live.get(acct.sid) is not acct:
@@ -139,7 +140,10 @@ class AccountBook(MutableMapping):
         False (nothing done): not a row, or not a pair or a byte count a row holds."""
         if not (self._is_row(sid) and _pair(key) and type(nbytes) is int and nbytes >= 0):
             return False
-        self._volume_column(key)[sid] += nbytes
+        column = self._volume_column(key)
+        if column[sid] + nbytes > INT64_MAX:  # (a column's int64 would overflow: the object's int does not)
+            return False
+        column[sid] += nbytes
         return True
 
     def _volume_column(self, key: tuple) -> array:

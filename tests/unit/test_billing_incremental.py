@@ -160,6 +160,12 @@ def test_resting_accounts_are_rows_until_used_and_rows_again_after_their_period(
     monday = int(dt.datetime(2026, 3, 30, tzinfo=ZoneInfo(TZ)).timestamp()) * 10 ** 9  # (an hour short: DST)
     assert (acct.start, acct.settled_to, acct.volumes, acct.due) == (end, end, {}, monday)
     assert book.pop(7) is acct and 7 not in book and len(book) == 999
+    # bytes past a column's int64 (2^63 and up: a corrupt counter, 2^64 - 1) go to an object, whose int holds them
+    biller.observe([CounterRow(8, 0, 1, 2 ** 63 - 1, 1, 0)])  # (a new period: its 9 B went with the last one)
+    assert 8 not in book.live and book.peek(8).volumes == {(0, 1): 2 ** 63 - 1}  # the most a row's cell holds
+    biller.observe([CounterRow(8, 0, 1, 2 ** 64 - 1, 1, 0)])
+    assert book.live[8].volumes == {(0, 1): 2 ** 63 - 1 + 2 ** 64 - 1}
+    assert not book.rest(book[8]) and 8 in book.live  # a row cannot hold it: stays an object
 
 
 def test_an_idle_second_looks_at_nobody():
