@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import time
+from itertools import repeat
 from pathlib import Path
 
 from ext.errors import LedgerError
@@ -229,20 +230,21 @@ class Ledger:
         spaces in the order of :meth:`subscribers` ("" for none: no network's text has a space);
         with ``sparse``, each item is ``(row, values of sparse)``, the last None for a subscriber that
         sets none of them. :meth:`subscriber_chunks`, a row at a time."""
-        for rows, texts, own in self.subscriber_chunks(columns, sparse):
+        for values, texts, own in self.subscriber_chunks(columns, sparse):
             if not sparse:
-                yield from map(lambda row, text: row + (text,), rows, texts)
+                yield from zip(*values, texts)
             else:
-                yield from zip(map(lambda row, text: row + (text,), rows, texts), own)
+                yield from zip(zip(*values, texts), own)
 
     START_CHUNK = 4096  # rows of a start's scan handed on at once (subscriber_chunks)
 
     def subscriber_chunks(self, columns, sparse=(), size: int = START_CHUNK):
-        """Every subscriber by id, ``size`` at a time: ``(rows, texts, own)``, three lists of one length:
-        each subscriber's ``columns`` (of ``subscribers``, the first ``id``) as the backend gives them,
-        its networks as one text (joined by single spaces in the order of :meth:`subscribers`, "" for
-        none: no network's text has a space) and, with ``sparse``, the values of those columns, or
-        None for a subscriber that sets none of them (``own`` is ``[]`` without ``sparse``).
+        """Every subscriber by id, ``size`` at a time, in columns: ``(values, texts, own)``: ``values`` a
+        list for each of ``columns`` (of ``subscribers``, the first ``id``: lists of one length, values as
+        the backend gives them), ``texts`` each subscriber's networks as one text (joined by single spaces
+        in the order of :meth:`subscribers`, "" for none: no network's text has a space) and ``own``, with
+        ``sparse``, each one's values of those columns, or None for a subscriber that sets none of them
+        (``[]`` without ``sparse``).
 
         The database joins the networks (``Backend.joined_in_order``, from the index of (subscriber,
         network): migrations/sqlite/0027), in a scan walked alongside the subscribers': a start's
@@ -265,14 +267,15 @@ class Ledger:
             chunk = rows.fetchmany(size)
             if not chunk:
                 return
-            ids = [row[0] for row in chunk]
+            values = list(map(list, zip(*chunk)))  # rows -> columns, in C
+            ids = values[0]
             texts = dict(networks.upto(ids[-1]))
-            texts = [text or "" for text in map(texts.get, ids)]
+            texts = list(map(texts.get, ids, repeat("")))
             own = []
             if setting is not None:
-                values = {row[0]: row[1:] for row in setting.upto(ids[-1])}
-                own = list(map(values.get, ids))
-            yield chunk, texts, own
+                sets = {row[0]: row[1:] for row in setting.upto(ids[-1])}
+                own = list(map(sets.get, ids))
+            yield values, texts, own
 
     def _subscriber(self, row) -> dict:
         d = dict(zip(self._COLS, row))

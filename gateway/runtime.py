@@ -144,8 +144,8 @@ def iter_ledger_chunks(ledger: Ledger, created_is_since: bool = True, serves=Non
     to the subscriber table whole), since and volume_since, and of the subscriber's own terms
     (``Ledger.TERMS``) those it sets."""
     starts = prepaid.volume_starts(ledger)
-    for rows, texts, own in ledger.subscriber_chunks(_ROW_COLUMNS, _OWN_TERMS, ROW_CHUNK):
-        ids, names, tariffs, balances, actives, billing, created, credits = map(list, zip(*rows))
+    for values, texts, own in ledger.subscriber_chunks(_ROW_COLUMNS, _OWN_TERMS, ROW_CHUNK):
+        ids, names, tariffs, balances, actives, billing, created, credits = values
         since = [b or c for b, c in zip(billing, created)] if created_is_since else [b or None for b in billing]
         chunk = RowChunk(ids, names, tariffs, balances, credits, texts, since,
                          list(map(starts.get, ids)) if starts else [None] * len(ids),
