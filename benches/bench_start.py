@@ -73,7 +73,7 @@ def child(db: str, config: str, engine: str) -> dict:
     # as Gateway.start does it (no [cluster]: every row is served), streamed
     with kept_for_life():
         events = stage("load", lambda: acct.load_chunks(  # as Gateway.load_from_ledger (no credit grants)
-            iter_ledger_chunks(ledger, serves=cfg.cluster.serves if cfg.cluster.networks else None)))
+            iter_ledger_chunks(ledger, cluster=cfg.cluster)))
         now = time.time_ns()
         acct.ensure_timeline(now, since_ns=now)
         events += stage("start_billing", lambda: acct.start_billing(now))[1]

@@ -13,8 +13,9 @@ import gc
 from array import array
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import compress, islice
+from operator import attrgetter
 
 from accounting import access, prepaid
 from accounting.billing import Biller, Posting, Terms, counted_volume, volume_zone_mask
@@ -80,11 +81,11 @@ class RowChunk:
     """Subscribers to load (``Accountant.load_chunks``), as columns of one length: a start's chunk of the
     ledger (:func:`iter_ledger_chunks`: no dict made for a row), or rows given as dicts (``of_rows``).
 
-    ``addresses``: each one's networks, one text joined by single spaces ("" for none) or a sequence
-    of texts; ``since``: when its billing starts (None: not known); ``volume_since``: a guest account's
-    voucher's first use; ``own``: the terms of ``Ledger.TERMS`` but credit_limit that it sets, a dict,
-    or None for none (most). ``dicts``: the rows themselves when given as dicts (their terms are then
-    worked out from them as they are: ``Accountant.terms_for``)."""
+    ``addresses``: each one's networks, one text joined by single spaces ("" for none: the engine and
+    the subscriber table take it whole); ``since``: when its billing starts (None: not known);
+    ``volume_since``: a guest account's voucher's first use; ``own``: the terms of ``Ledger.TERMS`` but
+    credit_limit that it sets, a dict, or None for none (most). ``dicts``: the rows themselves when given
+    as dicts (their terms are then worked out from them as they are: ``Accountant.terms_for``)."""
 
     ids: list
     names: list
@@ -99,8 +100,11 @@ class RowChunk:
 
     @classmethod
     def of_rows(cls, rows: list[dict]) -> RowChunk:
+        # networks given as texts (the config's, a change's, a test's) joined as the ledger's scan joins them
+        addresses = [r["addresses"] if type(r["addresses"]) is str else joined_networks(r["addresses"], r["name"])
+                     for r in rows]
         return cls([r["id"] for r in rows], [r["name"] for r in rows], [r["tariff"] for r in rows],
-                   [r["balance"] for r in rows], [r["credit_limit"] for r in rows], [r["addresses"] for r in rows],
+                   [r["balance"] for r in rows], [r["credit_limit"] for r in rows], addresses,
                    [r.get("since") for r in rows], [r.get("volume_since") for r in rows],
                    [None] * len(rows), rows)
 
@@ -125,25 +129,25 @@ class RowChunk:
         """The rows ``keep`` says yes to."""
         if all(keep):
             return self
-        return RowChunk(*(None if c is None else list(compress(c, keep)) for c in (
-            self.ids, self.names, self.tariffs, self.balances, self.credit_limits, self.addresses, self.since,
-            self.volume_since, self.own, self.dicts)))
+        return RowChunk(**{f.name: None if (c := getattr(self, f.name)) is None else list(compress(c, keep))
+                           for f in fields(self)})
 
 
-def iter_ledger_chunks(ledger: Ledger, created_is_since: bool = True, serves=None):
+def iter_ledger_chunks(ledger: Ledger, created_is_since: bool = True, cluster=None):
     """The ledger's active subscribers, as ``Accountant.load_chunks`` takes them: a :class:`RowChunk` of
     ``ROW_CHUNK`` at a time from the ledger's scan (``Ledger.subscriber_chunks``), in columns (zip's, not a
     dict a row: a start holds a chunk of them, not a million, see ``Gateway.start``). Billing runs from
     ``billing_since_ns``, else (unless ``created_is_since`` is false: a replay of older traffic) from
     when the subscriber was created. ``volume_since``: a guest account's voucher's first use (see
-    :meth:`Accountant.terms_for`), all of them in one query. ``serves``: a test of a subscriber's
-    networks' text (``ClusterSettings.serves``): the rows it refuses are left out.
+    :meth:`Accountant.terms_for`), all of them in one query. ``cluster``: a gateway's ``ClusterSettings``:
+    the rows whose networks it does not serve (``ClusterSettings.serves``) are left out.
 
     A row holds id, name, tariff, balance, credit_limit, addresses (its networks as the ledger joins them:
     one text, by single spaces, "" for none; ``Accountant.load_chunks`` gives it to the engine and
     to the subscriber table whole), since and volume_since, and of the subscriber's own terms
     (``Ledger.TERMS``) those it sets."""
     starts = prepaid.volume_starts(ledger)
+    serves = cluster.serves if cluster is not None and cluster.networks else None  # (no networks: all of them)
     for values, texts, own in ledger.subscriber_chunks(_ROW_COLUMNS, _OWN_TERMS, ROW_CHUNK):
         ids, names, tariffs, balances, actives, billing, created, credits = values
         since = [b or c for b, c in zip(billing, created)] if created_is_since else [b or None for b in billing]
@@ -421,9 +425,8 @@ class Accountant:
         tids = list(map(tid_of.__getitem__, map(id, terms_of)))
         allowance_of = {tariff: self.config.tariffs[tariff].allowance() for tariff in set(chunk.tariffs)}
         allowances = list(map(allowance_of.__getitem__, chunk.tariffs))  # one per tariff: the engine checks it once
-        volumes = [t.volume_limit for t in terms_of]
-        credits = [0] * len(chunk) if self.on_grants else chunk.credit_limits  # (engine_credit's rule)
-        texts = [a if type(a) is str else joined_networks(a, name) for a, name in zip(chunk.addresses, chunk.names)]
+        volumes = list(map(attrgetter("volume_limit"), terms_of))
+        credits = self.engine_credits(chunk.credit_limits)
         try:
             ids, tids, balances, credits = (array("q", c) for c in (chunk.ids, tids, chunk.balances, credits))
         except (OverflowError, TypeError):  # not a 64-bit integer: the engine's own checks say which
@@ -434,7 +437,7 @@ class Accountant:
             raise
         events = self.engine.add_subscribers(ids, tids, balances, credits, allowances, volumes)
         try:
-            self.engine.add_networks_texts(ids, texts)
+            self.engine.add_networks_texts(ids, chunk.addresses)
         except EngineError as exc:
             if getattr(exc, "index", None) is None:
                 raise
@@ -445,27 +448,33 @@ class Accountant:
         if any(t.access is not None for t in distinct.values()):
             # a subscriber just added has no BLOCK_SCHEDULE to lift: only hours matter
             self.access_dirty.update(sid for sid, terms in zip(sids, terms_of) if terms.access is not None)
-        self.subscribers.fill(sids, chunk.names, chunk.tariffs, texts, chunk.since)
+        self.subscribers.fill(sids, chunk.names, chunk.tariffs, chunk.addresses, chunk.since)
         return events
 
     def _chunk_terms(self, chunk: RowChunk) -> list:
-        """Each row's ``Terms``: :meth:`terms_for`'s. A ledger's row that sets no terms of its own and has
-        no config entry (nearly all) has the terms of its (tariff, volume_since, credit_limit), worked out
-        once per chunk for each: a row dict made for one row of those, not for each."""
-        terms_for = self.terms_for
+        """Each row's ``Terms``, :meth:`terms_for`'s, with :meth:`terms_for` called once per distinct input
+        rather than once per row. A ledger's row that sets no terms of its own and has no config entry
+        (nearly all) has the terms of its (tariff, volume_since, credit_limit): rows of the same are one
+        key, asked for with one of their rows' dict; the others (own terms, a config entry: few) are each
+        their own key, asked for alone. A chunk of rows given as dicts is asked for row by row, as they are."""
         if chunk.dicts is not None:
-            return [terms_for(row) for row in chunk.dicts]
-        seeds, shared, out = self.seeds, {}, []
-        for i, (name, key, own) in enumerate(zip(chunk.names, zip(chunk.tariffs, chunk.volume_since,
-                                                                   chunk.credit_limits), chunk.own)):
-            if own is None and name not in seeds:
-                terms = shared.get(key)
-                if terms is None:
-                    terms = shared[key] = terms_for(chunk.row(i))
-            else:
-                terms = terms_for(chunk.row(i))
-            out.append(terms)
-        return out
+            return list(map(self.terms_for, chunk.dicts))
+        # a row's key: the inputs that differ within the chunk (most chunks: none, one tariff and credit)
+        varying = [c for c in (chunk.tariffs, chunk.volume_since, chunk.credit_limits) if len(set(c)) > 1]
+        keys = list(zip(*varying)) if len(varying) > 1 else list(varying[0]) if varying else [None] * len(chunk)
+        alone = set(compress(range(len(keys)), chunk.own))  # (own: a dict of what it sets, else None)
+        if self.seeds and not self.seeds.keys().isdisjoint(chunk.names):
+            alone.update(i for i, name in enumerate(chunk.names) if name in self.seeds)
+        for i in alone:
+            keys[i] = object()  # equal to no other key
+        # a row of each key (the last), its terms; then each row's by its key, in C
+        terms_of = {key: self.terms_for(chunk.row(i)) for key, i in dict(zip(keys, range(len(keys)))).items()}
+        return list(map(terms_of.__getitem__, keys))
+
+    def engine_credits(self, credits: list) -> list:
+        """:meth:`engine_credit` of each of ``credits`` (a chunk's column): the column itself while that
+        is the identity (off grants), no list made a chunk."""
+        return list(map(self.engine_credit, credits)) if self.on_grants else credits
 
     def engine_credit(self, credit: int) -> int:
         """The credit the engine may spend beyond its balance: none on a gateway that rates against credit

@@ -173,8 +173,7 @@ class Gateway:
         so those the balances include are exactly those up to the ids. With grants (which write while
         loading, so no read snapshot) a payment only frees credit to ask for again: replaying it is harmless."""
         self.changes.start_from_ledger()
-        cluster = self.config.cluster
-        chunks = iter_ledger_chunks(self.ledger, serves=cluster.serves if cluster.networks else None)
+        chunks = iter_ledger_chunks(self.ledger, cluster=self.config.cluster)
         if self.credit is not None:  # (rows: each balance becomes the gateway's grant)
             return self.acct.load_subscribers(self.credit.load(r for chunk in chunks for r in chunk.rows()))
         with self.ledger.db.snapshot():

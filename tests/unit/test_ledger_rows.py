@@ -4,12 +4,13 @@ once through ``Accountant.terms_for`` (which shares one object between subscribe
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import tomllib
 
 from accounting import prepaid
 from accounting.ledger import Ledger
-from gateway.config import parse_config
+from gateway.config import ClusterSettings, parse_config
 import gateway.runtime
 from gateway.runtime import Accountant, iter_ledger_rows, ledger_rows
 
@@ -110,15 +111,18 @@ def test_ledger_rows_as_before(tmp_path, monkeypatch):
     monkeypatch.setattr(Ledger, "START_CHUNK", 1)
     chunked = Accountant(cfg, ledger)
     assert chunked.load_chunks(gateway.runtime.iter_ledger_chunks(ledger)) == events
-    assert chunked.terms == acct.terms and (chunked.since, chunked.access_dirty) == (streamed.since, streamed.access_dirty)
+    assert chunked.terms == acct.terms
+    assert (chunked.since, chunked.access_dirty) == (streamed.since, streamed.access_dirty)
     assert chunked.terms[a] is chunked.terms[f]  # no own terms, the same tariff and credit: one object
     assert {s: (i.name, i.tariff, i.addresses) for s, i in chunked.subscribers.items()} == \
         {s: (i.name, i.tariff, i.addresses) for s, i in acct.subscribers.items()}
     for sid in streamed.subscribers:  # (acct's engine has been billed since)
         assert chunked.engine.subscriber(sid) == streamed.engine.subscriber(sid)
     # a cluster gateway's start leaves out the subscribers whose networks it does not see
-    served = [c.ids for c in gateway.runtime.iter_ledger_chunks(ledger, serves=lambda text: text.startswith("2001:"))]
+    cluster = ClusterSettings(networks=((6, int(ipaddress.IPv6Address("2001:db8:100:2::")), 64),))
+    served = [c.ids for c in gateway.runtime.iter_ledger_chunks(ledger, cluster=cluster)]
     assert served == [[f]]
+
 
 def test_subscriber_info_gives_back_its_networks():
     from gateway.subscriber_table import SubscriberInfo
@@ -129,7 +133,6 @@ def test_subscriber_info_gives_back_its_networks():
         info.addresses = networks[1:]  # a change (gateway/daemon/changes.py)
         assert info.addresses == networks[1:]
     assert not hasattr(info, "__dict__")  # one small object a subscriber
-
 
 
 def test_a_start_pauses_the_collector_and_freezes_what_it_made():

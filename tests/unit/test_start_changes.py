@@ -17,6 +17,7 @@ import pytest
 
 from accounting.ledger import Ledger
 from accounting.operations import Operations
+from gateway import runtime
 from gateway.daemon import Gateway, RunOptions
 from gateway.lab import lab_config
 
@@ -37,8 +38,8 @@ def gateway(tmp_path, target: str) -> Gateway:
 
 def load_with(gw: Gateway, during) -> None:
     """``gw.load_from_ledger()`` with ``during()`` run (another connection's writes) once the load has read
-    its first chunk of rows and before it reads the rest (here: all of them, a chunk holds thousands)."""
-    load = gw.acct.load_chunks
+    its first chunk of rows and before it reads the rest (a chunk of one row here: the rest is read after)."""
+    load, chunk = gw.acct.load_chunks, runtime.ROW_CHUNK
 
     def chunks_then(chunks):
         def stream():
@@ -48,11 +49,11 @@ def load_with(gw: Gateway, during) -> None:
             yield from it
         return load(stream())
 
-    gw.acct.load_chunks = chunks_then
+    gw.acct.load_chunks, runtime.ROW_CHUNK = chunks_then, 1
     try:
         gw.load_from_ledger()
     finally:
-        gw.acct.load_chunks = load
+        gw.acct.load_chunks, runtime.ROW_CHUNK = load, chunk
 
 
 def other(gw):
