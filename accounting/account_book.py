@@ -100,13 +100,12 @@ class AccountBook(MutableMapping):
         """A new account as a row, as ``Account(sid, terms, joined, start, end, fee_days_done=fee_day, ...)``
         with ``settled_to`` None and ``due`` its end: what ``Biller.open`` makes of a resting account, without
         the object. False: it cannot be a row (an id too large, too many distinct terms): make the object."""
-        ix = self.terms_index.get(id(terms)) or self._terms_ix(terms)
+        ix = self._terms_ix(terms)
         if ix is None or not 0 <= sid < MAX_ROWS:
             return False
         if self.live:  # (empty at a start, which opens a million here: each step of this counts)
             self.live.pop(sid, None)
-        self._put(sid, ix, joined, start, end, fee_day, (DISCOUNT_ON if discount_on else 0)
-                  | (CREDIT_ON if credit_on else 0))
+        self._put(sid, ix, joined, start, end, fee_day, _flags(False, discount_on, credit_on))
         return True
 
     def rest(self, acct: Account) -> bool:
@@ -115,15 +114,14 @@ class AccountBook(MutableMapping):
         start, due at its period's end. Returns whether it did (the object is dropped from the book then)."""
         if not (acct.prevailing_charged == 0 and acct.since_volume == 0 and acct.settled_to in (None, acct.start)
                 and acct.due == acct.end and acct.fee_days_done is not None and 0 <= acct.sid < MAX_ROWS
-                and all(_pair(key) and type(v) is int and 0 < v <= INT64_MAX for key, v in acct.volumes.items())):
+                and all(_fits(key, v) and v for key, v in acct.volumes.items())):
             return False
         ix = self._terms_ix(acct.terms)
         if ix is None or self.live.get(acct.sid) is not acct:
             return False
         del self.live[acct.sid]
         self._put(acct.sid, ix, acct.joined, acct.start, acct.end, acct.fee_days_done,
-                  (SETTLED if acct.settled_to is not None else 0) | (DISCOUNT_ON if acct.discount_on else 0)
-                  | (CREDIT_ON if acct.credit_on else 0))
+                  _flags(acct.settled_to is not None, acct.discount_on, acct.credit_on))
         for key, nbytes in acct.volumes.items():
             self._volume_column(key)[acct.sid] = nbytes
         return True
@@ -137,13 +135,23 @@ class AccountBook(MutableMapping):
 
     def add_volume(self, sid: int, key: tuple, nbytes: int) -> bool:
         """``nbytes`` more of ``key`` (zone, direction) this period on a resting account, which stays a row.
-        False (nothing done): not a row, or not a pair or a byte count a row holds."""
-        if not (self._is_row(sid) and _pair(key) and type(nbytes) is int and nbytes >= 0):
+        False (nothing done): not a row, or not a pair or a byte count a row holds (an int64: the object's
+        int holds more)."""
+        if not (self._is_row(sid) and _fits(key, nbytes)):
             return False
         column = self._volume_column(key)
-        if column[sid] + nbytes > INT64_MAX:  # (a column's int64 would overflow: the object's int does not)
+        if not _fits(key, column[sid] + nbytes):
             return False
         column[sid] += nbytes
+        return True
+
+    def set_volumes(self, sid: int, volumes: dict) -> bool:
+        """A resting account's bytes of the pairs of ``volumes`` this period are these (a restart's, read from
+        the ledger; its other pairs stay), and it stays a row. False (nothing done): as :meth:`add_volume`."""
+        if not (self._is_row(sid) and all(_fits(key, nbytes) for key, nbytes in volumes.items())):
+            return False
+        for key, nbytes in volumes.items():
+            self._volume_column(key)[sid] = nbytes
         return True
 
     def _volume_column(self, key: tuple) -> array:
@@ -271,7 +279,12 @@ class AccountBook(MutableMapping):
                 "live": len(self.live)}
 
 
-def _pair(key) -> bool:
-    """A (zone, direction) a row's volume columns hold."""
+def _flags(settled: bool, discount_on: bool, credit_on: bool) -> int:
+    """A row's flags but RESTING."""
+    return (SETTLED if settled else 0) | (DISCOUNT_ON if discount_on else 0) | (CREDIT_ON if credit_on else 0)
+
+
+def _fits(key, nbytes) -> bool:
+    """A (zone, direction) and a byte count that a row's volume columns hold."""
     return (type(key) is tuple and len(key) == 2 and type(key[0]) is int and 0 <= key[0] < 256
-            and key[1] in (0, 1) and type(key[1]) is int)
+            and type(key[1]) is int and key[1] in (0, 1) and type(nbytes) is int and 0 <= nbytes <= INT64_MAX)

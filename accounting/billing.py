@@ -319,12 +319,11 @@ class Biller:
         same keys). Then :meth:`advance` to the present."""
         discount_on = terms.discount_until is None or since < terms.discount_until
         credit_on = terms.credit_until is None or since < terms.credit_until
-        plan = self.tariffs[terms.tariff].plan
         if self._quiet_terms(terms, discount_on, credit_on):
             # nothing for advance to do before its period ends (see _quiet): due then (its _next_due), as
             # advance would have it after a look now, no fee at the start; and no object made, a row of the
             # book's columns (a start opens a million of these: accounting/account_book.py)
-            _first, _nxt, start, end = self._period(plan, since)
+            _first, _nxt, start, end = self._period(self.tariffs[terms.tariff].plan, since)
             if self.accounts.rest_new(sid, terms, since, start, end, self._date(since), discount_on, credit_on):
                 self._due_at(sid, end)
                 return []
@@ -381,6 +380,13 @@ class Biller:
                 if acct.terms.volume_since is not None and counts_toward_volume(r.zone):
                     acct.since_volume += r.bytes
                 self.touched.add(r.subscriber)
+
+    def set_volumes(self, sid: int, volumes: dict) -> None:
+        """The period's bytes of these (zone, direction) pairs on ``sid``'s account (a restart's, from the
+        ledger; its other pairs stay): a resting account stays a row where its columns hold them."""
+        if not self.accounts.set_volumes(sid, volumes):
+            acct = self.accounts[sid]
+            acct.volumes = {**acct.volumes, **volumes}  # (a dict of its own: see account_book.NO_VOLUMES)
 
     def volume_left(self, sid: int) -> int | None:
         """What the subscriber's volume limit still allows this period from the

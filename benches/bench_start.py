@@ -84,9 +84,7 @@ def child(db: str, config: str, engine: str) -> dict:
     if hasattr(acct.subscribers, "nbytes"):  # the columns' bytes (gateway/subscriber_table.py) after the start
         out["columns_mb"] = {k: v / 2 ** 20 for k, v in
                              {**acct.subscribers.nbytes(), "terms": acct.terms.nbytes()}.items()}
-    book = acct.biller.accounts  # the billing accounts: rows and objects (accounting/account_book.py)
-    if hasattr(book, "nbytes"):
-        out["accounts"] = book.nbytes()
+    out["accounts"] = acct.biller.accounts.nbytes()  # the billing accounts: rows and objects (account_book.py)
     out["events"] = len(events)
     return out
 
@@ -177,10 +175,9 @@ def main(argv=None) -> int:
             if "columns_mb" in r:
                 print("  subscriber table columns: " + ", ".join(f"{k} {v:,.1f} MB" for k, v in r["columns_mb"].items()),
                       file=sys.stderr, flush=True)
-            if "accounts" in r:
-                a = r["accounts"]
-                print(f"  billing accounts: {a['resting']:,} resting as rows ({a['rows'] / 2 ** 20:,.1f} MB of columns), "
-                      f"{a['live']:,} objects", file=sys.stderr, flush=True)
+            a = r["accounts"]
+            print(f"  billing accounts: {a['resting']:,} resting as rows ({a['rows'] / 2 ** 20:,.1f} MB of columns), "
+                  f"{a['live']:,} objects", file=sys.stderr, flush=True)
             results.append((name, r))
     out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     print(f"commit {out.stdout.strip()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "

@@ -684,12 +684,8 @@ class Accountant:
         limited = accounts.sids_with(lambda terms: terms.volume_limit is not None)
         since_first = self.ledger.period_totals(windows, now)[0] if windows else {}
         for sid, used in volumes.items():
-            if sid not in accounts:
-                continue
-            if all(accounts.add_volume(sid, key, nbytes) for key, nbytes in used.items()):
-                continue  # (still a row: accounting/account_book.py; a fresh one, whose volumes were none)
-            acct = accounts[sid]
-            acct.volumes = {**acct.volumes, **used}  # (a dict of its own: see billing.NO_VOLUMES)
+            if sid in accounts:
+                self.biller.set_volumes(sid, used)
         for sid in on_prevailing:
             accounts[sid].prevailing_charged = prevailing.get(sid, 0)
         for sid in windows:

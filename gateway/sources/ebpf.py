@@ -135,7 +135,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from itertools import compress
 
 from ext.constants import NF_DROP
 from ext.errors import BpfError, ConfigError, EngineError
@@ -452,10 +451,10 @@ class EbpfSource:
             maps.set_allowlist(gw.config.allowlist)
             # each subscriber's networks as the one text the Accountant holds, parsed in C straight from its
             # table's arena (a list of a slot and a string for each of 1.8M prefixes was 1.5 s of a start at a
-            # million subscribers, a str of each one's text 0.4 s), and the held ids (ascending) with them
+            # million subscribers, a str of each one's text 0.4 s)
             with subs.networks_arena() as (arena, words, present):
                 maps.set_subscriber_networks_arena(arena, words, present)
-                sids = list(compress(range(len(present)), present))
+            sids = list(subs)  # (ascending: the table's own order)
             # the marks are what the ledger holds: the first scan charges kernel - mark, exactly
             marks = gw.ledger.bpf_marks(self.pin_dir, maps.load_id)
             nz = maps.n_zones
